@@ -1,0 +1,268 @@
+//! The one Backend implementation: a file descriptor onto a regular file, a
+//! block device or a memfd.
+
+use super::aligned::AlignedBuf;
+use super::{blockdev, Allocation, Backend, StoreInfo, ZeroMode};
+use nix::fcntl::{fallocate, posix_fadvise, FallocateFlags, PosixFadviseAdvice};
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    File,
+    BlockDevice,
+    Memory,
+}
+
+#[derive(Debug)]
+pub struct FdBackend {
+    file: File,
+    info: StoreInfo,
+    /// Set after any completed change that is not yet known durable; cleared
+    /// by `flush` just before it syncs. Lets FLUSH skip stores nobody wrote.
+    dirty: AtomicBool,
+    /// Serialises flushes so that a flush that finds `dirty` clear cannot
+    /// return while an earlier flush's fdatasync is still running.
+    flush_lock: Mutex<()>,
+}
+
+/// Chunk size for writing zeros by hand when the kernel cannot do it.
+const ZERO_CHUNK: usize = 1 << 20;
+
+fn errno(e: nix::errno::Errno) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::ENOTTY))
+}
+
+impl FdBackend {
+    pub fn new(file: File, info: StoreInfo) -> FdBackend {
+        FdBackend { file, info, dirty: AtomicBool::new(false), flush_lock: Mutex::new(()) }
+    }
+
+    fn mark_dirty(&self) {
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    /// After a metadata change (punch, zero): durable now if FUA, else later.
+    fn settle(&self, fua: bool) -> io::Result<()> {
+        if fua {
+            nix::unistd::fdatasync(self.file.as_raw_fd()).map_err(errno)
+        } else {
+            self.mark_dirty();
+            Ok(())
+        }
+    }
+
+    fn is_direct_aligned(&self, offset: u64, len: usize) -> bool {
+        let unit = self.info.min_io as u64;
+        offset % unit == 0 && (len as u64) % unit == 0
+    }
+
+    fn pwrite_all(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        if !fua {
+            return self.file.write_all_at(buf, offset);
+        }
+        // RWF_DSYNC makes just this write durable, instead of syncing every
+        // dirty page of the store as fdatasync would.
+        let mut done = 0usize;
+        while done < buf.len() {
+            let iov = libc::iovec { iov_base: buf[done..].as_ptr() as *mut _, iov_len: buf.len() - done };
+            // SAFETY: iov points into `buf`, valid for the call.
+            let n = unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, (offset + done as u64) as i64, libc::RWF_DSYNC) };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+                        self.file.write_all_at(&buf[done..], offset + done as u64)?;
+                        return nix::unistd::fdatasync(self.file.as_raw_fd()).map_err(errno);
+                    }
+                    _ => return Err(err),
+                }
+            }
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, "pwritev2 wrote nothing"));
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    fn write_zero_buffers(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+        let mut zeros = AlignedBuf::zeroed(ZERO_CHUNK.min(length as usize));
+        let mut pos = 0u64;
+        while pos < length {
+            let n = (length - pos).min(ZERO_CHUNK as u64) as usize;
+            self.file.write_all_at(&zeros.as_mut_slice()[..n], offset + pos)?;
+            pos += n as u64;
+        }
+        self.settle(fua)
+    }
+
+    fn fallocate(&self, flags: FallocateFlags, offset: u64, length: u64) -> io::Result<()> {
+        fallocate(self.file.as_raw_fd(), flags, offset as i64, length as i64).map_err(errno)
+    }
+}
+
+impl Backend for FdBackend {
+    fn info(&self) -> &StoreInfo {
+        &self.info
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if self.info.direct {
+            if !self.is_direct_aligned(offset, buf.len()) {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            let mut bounce = AlignedBuf::zeroed(buf.len());
+            self.file.read_exact_at(bounce.as_mut_slice(), offset)?;
+            buf.copy_from_slice(&bounce.as_slice()[..buf.len()]);
+            return Ok(());
+        }
+        match self.file.read_exact_at(buf, offset) {
+            // A file shortened behind our back reads as zeros past its end,
+            // like a sparse tail; anything else is a real error.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && self.info.kind == StoreKind::File => {
+                let len = self.file.metadata()?.len();
+                let valid = len.saturating_sub(offset).min(buf.len() as u64) as usize;
+                self.file.read_exact_at(&mut buf[..valid], offset)?;
+                buf[valid..].fill(0);
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        if self.info.direct {
+            if !self.is_direct_aligned(offset, buf.len()) {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            let mut bounce = AlignedBuf::zeroed(buf.len());
+            bounce.as_mut_slice()[..buf.len()].copy_from_slice(buf);
+            self.pwrite_all(&bounce.as_slice()[..buf.len()], offset, fua)?;
+        } else {
+            self.pwrite_all(buf, offset, fua)?;
+        }
+        if !fua {
+            self.mark_dirty();
+        }
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+        if length == 0 {
+            return Ok(());
+        }
+        let result = match self.info.kind {
+            StoreKind::BlockDevice => blockdev::discard(&self.file, offset, length),
+            _ => self.fallocate(FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE, offset, length),
+        };
+        match result {
+            // Trim is advisory: a store that cannot discard keeps its data.
+            Err(e) if unsupported(&e) => Ok(()),
+            Err(e) => Err(e),
+            Ok(()) => self.settle(fua),
+        }
+    }
+
+    fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode, fua: bool) -> io::Result<()> {
+        if length == 0 {
+            return Ok(());
+        }
+        let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        let zero_range = FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        // Fast ways first: punching a hole (files, and block devices that
+        // can discard with guaranteed zeroes) or an allocating zero-range.
+        if mode.may_trim {
+            match self.fallocate(punch, offset, length) {
+                Ok(()) => return self.settle(fua),
+                Err(e) if !unsupported(&e) => return Err(e),
+                Err(_) => {}
+            }
+        }
+        if self.info.kind != StoreKind::BlockDevice {
+            match self.fallocate(zero_range, offset, length) {
+                Ok(()) => return self.settle(fua),
+                Err(e) if !unsupported(&e) => return Err(e),
+                Err(_) => {}
+            }
+            // tmpfs has no ZERO_RANGE, but punching and then allocating
+            // gives provisioned zeros just as fast.
+            if self.fallocate(punch, offset, length).is_ok() {
+                self.fallocate(FallocateFlags::FALLOC_FL_KEEP_SIZE, offset, length)?;
+                return self.settle(fua);
+            }
+        }
+        if mode.fast_only {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
+        if self.info.kind == StoreKind::BlockDevice {
+            match blockdev::zero_out(&self.file, offset, length) {
+                Ok(()) => return self.settle(fua),
+                Err(e) if !unsupported(&e) => return Err(e),
+                Err(_) => {}
+            }
+        }
+        self.write_zero_buffers(offset, length, fua)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let _serial = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.dirty.swap(false, Ordering::AcqRel) {
+            if let Err(e) = nix::unistd::fdatasync(self.file.as_raw_fd()) {
+                self.mark_dirty();
+                return Err(errno(e));
+            }
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, length: u64, max_runs: usize) -> io::Result<Vec<Allocation>> {
+        let end = offset + length;
+        if self.info.kind == StoreKind::BlockDevice {
+            return Ok(vec![Allocation { length, hole: false }]);
+        }
+        let fd = self.file.as_raw_fd();
+        let mut runs = Vec::new();
+        let mut pos = offset;
+        while pos < end && runs.len() < max_runs.max(1) {
+            // SAFETY: lseek has no memory effects.
+            let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
+            let data = if data < 0 {
+                match io::Error::last_os_error().raw_os_error() {
+                    Some(libc::ENXIO) => end, // only a hole from here to EOF
+                    // No SEEK_DATA support: report everything as data.
+                    _ => return Ok(vec![Allocation { length, hole: false }]),
+                }
+            } else {
+                (data as u64).min(end)
+            };
+            if data > pos {
+                runs.push(Allocation { length: data - pos, hole: true });
+                pos = data;
+                continue;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_HOLE) };
+            let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+            // The file may have changed between the two seeks; always advance.
+            let hole = hole.max(pos + 1).min(end);
+            runs.push(Allocation { length: hole - pos, hole: false });
+            pos = hole;
+        }
+        Ok(runs)
+    }
+
+    fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
+        posix_fadvise(self.file.as_raw_fd(), offset as i64, length as i64, PosixFadviseAdvice::POSIX_FADV_WILLNEED).map_err(errno)
+    }
+}

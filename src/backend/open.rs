@@ -1,0 +1,135 @@
+//! Opening a store from its configuration: detect file vs block device,
+//! create sparse files, lock against a second server using the same store.
+
+use super::{blockdev, Backend, FdBackend, StoreInfo, StoreKind};
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// What the config says about one store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub name: String,
+    /// `None` for a memory store.
+    pub path: Option<PathBuf>,
+    pub size: Option<u64>,
+    pub direct: bool,
+    pub read_only: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("backend '{name}': {path}: {source}")]
+    Io { name: String, path: String, source: std::io::Error },
+    #[error("backend '{name}': {message}")]
+    Invalid { name: String, message: String },
+}
+
+fn io_err(spec: &BackendSpec, source: std::io::Error) -> OpenError {
+    let path = spec.path.as_ref().map_or("memory".to_string(), |p| p.display().to_string());
+    OpenError::Io { name: spec.name.clone(), path, source }
+}
+
+fn invalid(spec: &BackendSpec, message: impl Into<String>) -> OpenError {
+    OpenError::Invalid { name: spec.name.clone(), message: message.into() }
+}
+
+/// Opens (creating a sparse file if needed) the store described by `spec`.
+/// The store is locked with `flock(LOCK_EX)` so that a second nbdvirt, or
+/// qemu, cannot write it at the same time.
+pub fn open_backend(spec: &BackendSpec) -> Result<Arc<dyn Backend>, OpenError> {
+    let Some(path) = &spec.path else { return open_memory(spec) };
+    let exists = path.exists();
+    if !exists {
+        let size = spec.size.ok_or_else(|| invalid(spec, format!("{} does not exist; give `size` to create it", path.display())))?;
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| io_err(spec, e))?;
+        }
+        let file = OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| io_err(spec, e))?;
+        file.set_len(size).map_err(|e| io_err(spec, e))?;
+        tracing::info!(backend = %spec.name, path = %path.display(), size, "created sparse file");
+    }
+    let mut options = OpenOptions::new();
+    options.read(true).write(!spec.read_only);
+    if spec.direct {
+        options.custom_flags(libc::O_DIRECT);
+    }
+    let file = options.open(path).map_err(|e| io_err(spec, e))?;
+    lock(spec, &file)?;
+    let meta = file.metadata().map_err(|e| io_err(spec, e))?;
+    let (kind, size, rotational, min_io) = if meta.file_type().is_block_device() {
+        let dev_size = blockdev::size(&file).map_err(|e| io_err(spec, e))?;
+        let size = match spec.size {
+            Some(s) if s > dev_size => return Err(invalid(spec, format!("size {s} exceeds the device's {dev_size} bytes"))),
+            Some(s) => s,
+            None => dev_size,
+        };
+        let sector = if spec.direct { blockdev::logical_block_size(&file).map_err(|e| io_err(spec, e))? } else { 1 };
+        let rdev = meta.rdev();
+        (StoreKind::BlockDevice, size, blockdev::is_rotational(libc::major(rdev) as u64, libc::minor(rdev) as u64), sector)
+    } else if meta.file_type().is_file() {
+        let len = meta.len();
+        let size = match spec.size {
+            None => len,
+            Some(s) if s == len => s,
+            Some(s) if s > len && !spec.read_only => {
+                // Growing is safe (new space reads as zeros); shrinking would
+                // hide data, so it is refused below.
+                file.set_len(s).map_err(|e| io_err(spec, e))?;
+                tracing::info!(backend = %spec.name, from = len, to = s, "grew sparse file to configured size");
+                s
+            }
+            Some(s) => {
+                return Err(invalid(
+                    spec,
+                    format!("{} is {len} bytes but size = {s}; remove `size` to use the file as it is", path.display()),
+                ))
+            }
+        };
+        let dev = meta.dev();
+        let unit = if spec.direct { 4096 } else { 1 };
+        (StoreKind::File, size, blockdev::is_rotational(libc::major(dev) as u64, libc::minor(dev) as u64), unit)
+    } else {
+        return Err(invalid(spec, format!("{} is neither a regular file nor a block device", path.display())));
+    };
+    if size == 0 {
+        return Err(invalid(spec, format!("{} has size 0", path.display())));
+    }
+    let info = StoreInfo { kind, path: Some(path.clone()), size, rotational, direct: spec.direct, min_io };
+    Ok(Arc::new(FdBackend::new(file, info)))
+}
+
+fn open_memory(spec: &BackendSpec) -> Result<Arc<dyn Backend>, OpenError> {
+    let size = spec.size.filter(|s| *s > 0).ok_or_else(|| invalid(spec, "a memory backend needs a `size`"))?;
+    let name = std::ffi::CString::new(format!("nbdvirt:{}", spec.name)).map_err(|_| invalid(spec, "name contains NUL"))?;
+    let fd = nix::sys::memfd::memfd_create(&name, nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+        .map_err(|e| io_err(spec, std::io::Error::from_raw_os_error(e as i32)))?;
+    let file = File::from(fd);
+    file.set_len(size).map_err(|e| io_err(spec, e))?;
+    let info = StoreInfo { kind: StoreKind::Memory, path: None, size, rotational: false, direct: false, min_io: 1 };
+    Ok(Arc::new(FdBackend::new(file, info)))
+}
+
+fn lock(spec: &BackendSpec, file: &File) -> Result<(), OpenError> {
+    let op = if spec.read_only { libc::LOCK_SH } else { libc::LOCK_EX };
+    // SAFETY: flock on a valid descriptor.
+    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            let path = spec.path.as_ref().map_or_else(String::new, |p| p.display().to_string());
+            return Err(invalid(spec, format!("{path} is locked by another process (another nbdvirt or qemu using it?)")));
+        }
+        return Err(io_err(spec, err));
+    }
+    Ok(())
+}
+
+/// Identity of an opened store's file, to notice two backend names for the
+/// same file.
+pub fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    let id = if meta.file_type().is_block_device() { (u64::MAX, meta.rdev()) } else { (meta.dev(), meta.ino()) };
+    Some(id)
+}

@@ -1,0 +1,122 @@
+//! The TOML configuration: parsing with source positions, defaults, and
+//! every check that can be made before anything is opened. Errors name the
+//! file, the line and the field.
+
+mod build;
+mod raw;
+mod units;
+
+pub use build::build_catalog;
+pub use units::{parse_duration, parse_size};
+
+use crate::backend::BackendSpec;
+use crate::map::{Extent, MappingTable};
+use crate::server::Endpoint;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The embedded default configuration (`config/default.toml`).
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/default.toml");
+
+/// A configuration error with its position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: Vec<Endpoint>,
+    pub control: PathBuf,
+    pub state_dir: PathBuf,
+    pub io_threads: usize,
+    pub max_connections: usize,
+    pub max_inflight: u64,
+    pub shutdown_grace: Duration,
+    pub default_export: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    pub spec: BackendSpec,
+    pub shared: bool,
+    pub line: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct VolumeConfig {
+    pub name: String,
+    pub description: String,
+    pub read_only: bool,
+    pub block_size: u32,
+    pub extents: Vec<Extent>,
+    pub line: usize,
+    /// Line of each `[[volume.extent]]`, for error messages.
+    pub extent_lines: Vec<usize>,
+}
+
+impl VolumeConfig {
+    pub fn table(&self, generation: u64) -> MappingTable {
+        MappingTable::new(generation, self.extents.clone()).expect("extents were validated when the config was loaded")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// File the configuration came from; `None` for the embedded default.
+    pub source: Option<PathBuf>,
+    pub server: ServerConfig,
+    pub backends: Vec<BackendConfig>,
+    pub volumes: Vec<VolumeConfig>,
+}
+
+impl Config {
+    /// Reads and checks a configuration file. Relative paths inside it are
+    /// relative to the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            line: None,
+            field: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut config = raw::parse(&text, &path.display().to_string(), &base)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// The embedded default, with paths relative to the current directory.
+    pub fn embedded_default() -> Config {
+        raw::parse(EMBEDDED_DEFAULT, "<embedded default>", Path::new("")).expect("the embedded default config is valid")
+    }
+
+    /// Parses configuration text; `file` names it in errors, `base` anchors
+    /// relative paths.
+    pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
+        raw::parse(text, file, base)
+    }
+
+    pub fn file_name(&self) -> String {
+        self.source.as_ref().map_or_else(|| "<embedded default>".to_string(), |p| p.display().to_string())
+    }
+}

@@ -1,0 +1,361 @@
+//! TOML → checked `Config`. Every field is read with its span so that an
+//! error can name its line.
+
+use super::units::{parse_duration, parse_size};
+use super::{BackendConfig, Config, ConfigError, ServerConfig, VolumeConfig};
+use crate::backend::BackendSpec;
+use crate::map::{validate_alignment, validate_exclusive, validate_layout, Extent, MapError, MappingTable, Target};
+use crate::server::Endpoint;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// An integer or a string with a unit.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Quantity {
+    Int(i64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: Option<Spanned<RawServer>>,
+    #[serde(default)]
+    backend: Vec<Spanned<RawBackend>>,
+    #[serde(default)]
+    volume: Vec<Spanned<RawVolume>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<Vec<Spanned<String>>>,
+    control: Option<Spanned<String>>,
+    state_dir: Option<Spanned<String>>,
+    io_threads: Option<Spanned<i64>>,
+    max_connections: Option<Spanned<i64>>,
+    max_inflight: Option<Spanned<Quantity>>,
+    shutdown_grace: Option<Spanned<Quantity>>,
+    default_export: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    name: Spanned<String>,
+    path: Option<Spanned<String>>,
+    size: Option<Spanned<Quantity>>,
+    #[serde(default)]
+    shared: bool,
+    #[serde(default)]
+    direct: bool,
+    #[serde(default)]
+    memory: bool,
+    #[serde(default)]
+    read_only: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVolume {
+    name: Spanned<String>,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    read_only: bool,
+    block_size: Option<Spanned<Quantity>>,
+    #[serde(default)]
+    extent: Vec<Spanned<RawExtent>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExtent {
+    start: Option<Spanned<Quantity>>,
+    length: Spanned<Quantity>,
+    backend: Option<Spanned<String>>,
+    backend_offset: Option<Spanned<Quantity>>,
+    #[serde(default)]
+    zero: bool,
+}
+
+struct Ctx<'a> {
+    text: &'a str,
+    file: &'a str,
+    base: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn line(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())].bytes().filter(|b| *b == b'\n').count() + 1
+    }
+
+    fn err<T>(&self, span: &Spanned<T>, field: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError { file: self.file.into(), line: Some(self.line(span.span().start)), field: Some(field.into()), message: message.into() }
+    }
+
+    fn err_at(&self, line: usize, field: Option<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError { file: self.file.into(), line: Some(line), field, message: message.into() }
+    }
+
+    fn size(&self, q: &Spanned<Quantity>, field: &str) -> Result<u64, ConfigError> {
+        match q.get_ref() {
+            Quantity::Int(n) if *n >= 0 => Ok(*n as u64),
+            Quantity::Int(n) => Err(self.err(q, field, format!("{n} is negative"))),
+            Quantity::Text(t) => parse_size(t).map_err(|m| self.err(q, field, m)),
+        }
+    }
+
+    fn duration(&self, q: &Spanned<Quantity>, field: &str) -> Result<std::time::Duration, ConfigError> {
+        match q.get_ref() {
+            Quantity::Int(n) if *n >= 0 => Ok(std::time::Duration::from_secs(*n as u64)),
+            Quantity::Int(n) => Err(self.err(q, field, format!("{n} is negative"))),
+            Quantity::Text(t) => parse_duration(t).map_err(|m| self.err(q, field, m)),
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn count(&self, v: &Option<Spanned<i64>>, field: &str, default: usize, max: i64) -> Result<usize, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(n) if (1..=max).contains(n.get_ref()) => Ok(*n.get_ref() as usize),
+            Some(n) => Err(self.err(n, field, format!("{} is out of range 1..={max}", n.get_ref()))),
+        }
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 255 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:@+".contains(c))
+}
+
+pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
+    let ctx = Ctx { text, file, base };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+        file: file.into(),
+        line: e.span().map(|s| ctx.line(s.start)),
+        field: None,
+        message: e.message().trim().to_string(),
+    })?;
+    let server = parse_server(&ctx, raw.server.as_ref())?;
+    let backends = parse_backends(&ctx, &raw.backend)?;
+    let volumes = parse_volumes(&ctx, &raw.volume, &backends)?;
+    if let Some(default) = &server.default_export {
+        if !volumes.iter().any(|v| &v.name == default) {
+            let line = raw.server.as_ref().and_then(|s| s.get_ref().default_export.as_ref()).map(|d| ctx.line(d.span().start));
+            return Err(ConfigError {
+                file: file.into(),
+                line,
+                field: Some("server.default_export".into()),
+                message: format!("no volume named '{default}'"),
+            });
+        }
+    }
+    Ok(Config { source: None, server, backends, volumes })
+}
+
+fn parse_server(ctx: &Ctx<'_>, raw: Option<&Spanned<RawServer>>) -> Result<ServerConfig, ConfigError> {
+    let empty = RawServer {
+        listen: None,
+        control: None,
+        state_dir: None,
+        io_threads: None,
+        max_connections: None,
+        max_inflight: None,
+        shutdown_grace: None,
+        default_export: None,
+    };
+    let s = raw.map_or(&empty, |s| s.get_ref());
+    let mut listen = Vec::new();
+    for item in s.listen.iter().flatten() {
+        let endpoint: Endpoint = item.get_ref().parse().map_err(|m: String| ctx.err(item, "server.listen", m))?;
+        listen.push(match endpoint {
+            Endpoint::Unix(p) => Endpoint::Unix(ctx.path(&p.to_string_lossy())),
+            other => other,
+        });
+    }
+    if s.listen.is_none() {
+        listen.push(Endpoint::Tcp("127.0.0.1:10809".into()));
+    }
+    if listen.is_empty() {
+        let line = raw.map(|r| ctx.line(r.span().start)).unwrap_or(1);
+        return Err(ctx.err_at(line, Some("server.listen".into()), "at least one endpoint is needed"));
+    }
+    let state_dir = ctx.path(s.state_dir.as_ref().map_or("/var/lib/nbdvirt", |d| d.get_ref()));
+    let control = s.control.as_ref().map_or_else(|| state_dir.join("control.sock"), |c| ctx.path(c.get_ref()));
+    let max_inflight = match &s.max_inflight {
+        None => 64 << 20,
+        Some(q) => {
+            let v = ctx.size(q, "server.max_inflight")?;
+            if v < crate::nbd::MAX_PAYLOAD as u64 {
+                return Err(ctx.err(q, "server.max_inflight", format!("must be at least 32MiB (the largest request), got {v}")));
+            }
+            v
+        }
+    };
+    let shutdown_grace = match &s.shutdown_grace {
+        None => std::time::Duration::from_secs(2),
+        Some(q) => ctx.duration(q, "server.shutdown_grace")?,
+    };
+    Ok(ServerConfig {
+        listen,
+        control,
+        state_dir,
+        io_threads: ctx.count(&s.io_threads, "server.io_threads", 16, 1024)?,
+        max_connections: ctx.count(&s.max_connections, "server.max_connections", 256, 65536)?,
+        max_inflight,
+        shutdown_grace,
+        default_export: s.default_export.as_ref().map(|d| d.get_ref().clone()),
+    })
+}
+
+fn parse_backends(ctx: &Ctx<'_>, raw: &[Spanned<RawBackend>]) -> Result<Vec<BackendConfig>, ConfigError> {
+    let mut out: Vec<BackendConfig> = Vec::new();
+    for item in raw {
+        let b = item.get_ref();
+        let name = b.name.get_ref();
+        if !valid_name(name) {
+            return Err(ctx.err(&b.name, "backend.name", format!("'{name}' is not a valid name (letters, digits, - _ . : @ +)")));
+        }
+        if out.iter().any(|o| &o.spec.name == name) {
+            return Err(ctx.err(&b.name, "backend.name", format!("backend '{name}' is defined twice")));
+        }
+        let size = b.size.as_ref().map(|s| ctx.size(s, "backend.size")).transpose()?;
+        if size == Some(0) {
+            return Err(ctx.err(b.size.as_ref().expect("checked"), "backend.size", "size must be greater than 0"));
+        }
+        let path = match (&b.path, b.memory) {
+            (Some(p), false) => Some(ctx.path(p.get_ref())),
+            (None, true) => {
+                if size.is_none() {
+                    return Err(ctx.err(&b.name, "backend.size", format!("memory backend '{name}' needs a size")));
+                }
+                None
+            }
+            (Some(p), true) => return Err(ctx.err(p, "backend.path", "a memory backend has no path")),
+            (None, false) => return Err(ctx.err(&b.name, "backend.path", format!("backend '{name}' needs a path (or memory = true)"))),
+        };
+        out.push(BackendConfig {
+            spec: BackendSpec { name: name.clone(), path, size, direct: b.direct, read_only: b.read_only },
+            shared: b.shared,
+            line: ctx.line(item.span().start),
+        });
+    }
+    Ok(out)
+}
+
+fn parse_volumes(ctx: &Ctx<'_>, raw: &[Spanned<RawVolume>], backends: &[BackendConfig]) -> Result<Vec<VolumeConfig>, ConfigError> {
+    let mut out: Vec<VolumeConfig> = Vec::new();
+    for item in raw {
+        let v = item.get_ref();
+        let name = v.name.get_ref();
+        if !valid_name(name) {
+            return Err(ctx.err(&v.name, "volume.name", format!("'{name}' is not a valid export name (letters, digits, - _ . : @ +)")));
+        }
+        if out.iter().any(|o| &o.name == name) {
+            return Err(ctx.err(&v.name, "volume.name", format!("volume '{name}' is defined twice")));
+        }
+        let block_size = match &v.block_size {
+            None => 4096,
+            Some(q) => {
+                let bs = ctx.size(q, "volume.block_size")?;
+                if !bs.is_power_of_two() || !(512..=1 << 20).contains(&bs) {
+                    return Err(ctx.err(q, "volume.block_size", format!("{bs} must be a power of two from 512 to 1MiB")));
+                }
+                bs as u32
+            }
+        };
+        if v.extent.is_empty() {
+            return Err(ctx.err(&v.name, "volume.extent", format!("volume '{name}' has no [[volume.extent]]")));
+        }
+        let mut extents = Vec::new();
+        let mut lines = Vec::new();
+        let mut next_start = 0u64;
+        for (index, e) in v.extent.iter().enumerate() {
+            let r = e.get_ref();
+            let field = |f: &str| format!("volume '{name}' extent {index}: {f}");
+            let start = r.start.as_ref().map(|s| ctx.size(s, &field("start"))).transpose()?.unwrap_or(next_start);
+            let length = ctx.size(&r.length, &field("length"))?;
+            let target = match (&r.backend, r.zero) {
+                (Some(b), false) => {
+                    let store = b.get_ref();
+                    let backend = backends.iter().find(|x| &x.spec.name == store);
+                    let backend = backend.ok_or_else(|| ctx.err(b, &field("backend"), format!("no backend named '{store}'")))?;
+                    if backend.spec.read_only && !v.read_only {
+                        return Err(ctx.err(b, &field("backend"), format!("backend '{store}' is read-only but volume '{name}' is not")));
+                    }
+                    let offset = r.backend_offset.as_ref().map(|o| ctx.size(o, &field("backend_offset"))).transpose()?.unwrap_or(0);
+                    Target::Store { store: store.clone(), offset }
+                }
+                (None, true) => Target::Zero,
+                (Some(b), true) => return Err(ctx.err(b, &field("backend"), "an extent is either `zero = true` or has a backend")),
+                (None, false) => return Err(ctx.err(e, &field("backend"), "missing: give `backend = \"NAME\"` or `zero = true`")),
+            };
+            next_start = start.saturating_add(length);
+            lines.push(ctx.line(e.span().start));
+            extents.push(Extent { start, length, target });
+        }
+        let extent_err = |err: MapError| {
+            let (index, field) = match &err {
+                MapError::ZeroLength { index } => (*index, "length"),
+                MapError::NotContiguous { index, .. } => (*index, "start"),
+                MapError::Misaligned { index, field, .. } => (*index, *field),
+                MapError::Overflow { index } => (*index, "length"),
+                MapError::UnknownStore { index, .. } | MapError::OutsideStore { index, .. } => (*index, "backend"),
+                _ => (0, "extent"),
+            };
+            ctx.err_at(lines[index], Some(format!("volume '{name}' extent {index}: {field}")), err.to_string())
+        };
+        validate_layout(&extents).map_err(extent_err)?;
+        let table = MappingTable::new(0, extents.clone()).map_err(extent_err)?;
+        validate_alignment(&table, block_size as u64).map_err(extent_err)?;
+        out.push(VolumeConfig {
+            name: name.clone(),
+            description: v.description.clone(),
+            read_only: v.read_only,
+            block_size,
+            extents,
+            line: ctx.line(item.span().start),
+            extent_lines: lines,
+        });
+    }
+    check_exclusive(ctx, &out, backends)?;
+    Ok(out)
+}
+
+/// Two extents may map the same store range only if the store is shared.
+pub(super) fn check_exclusive_tables(
+    file: &str,
+    volumes: &[VolumeConfig],
+    tables: &[MappingTable],
+    backends: &[BackendConfig],
+) -> Result<(), ConfigError> {
+    let shared: HashMap<&str, bool> = backends.iter().map(|b| (b.spec.name.as_str(), b.shared)).collect();
+    let pairs = volumes.iter().map(|v| v.name.as_str()).zip(tables.iter());
+    validate_exclusive(pairs, |s| shared.get(s).copied().unwrap_or(false)).map_err(|err| {
+        let (line, field) = match &err {
+            MapError::Overlap { second, .. } => volumes
+                .iter()
+                .find(|v| v.name == second.0)
+                .map(|v| (Some(v.extent_lines[second.1]), Some(format!("volume '{}' extent {}: backend_offset", second.0, second.1))))
+                .unwrap_or((None, None)),
+            _ => (None, None),
+        };
+        ConfigError { file: file.into(), line, field, message: err.to_string() }
+    })
+}
+
+fn check_exclusive(ctx: &Ctx<'_>, volumes: &[VolumeConfig], backends: &[BackendConfig]) -> Result<(), ConfigError> {
+    let tables: Vec<MappingTable> = volumes.iter().map(|v| v.table(0)).collect();
+    check_exclusive_tables(ctx.file, volumes, &tables, backends)
+}

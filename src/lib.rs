@@ -1,0 +1,15 @@
+//! nbdvirt: virtual volumes as NBD exports, each translated through a
+//! mapping table onto backing stores.
+//!
+//! Layers, data flowing one way (a lower layer never imports a higher one):
+//! `nbd` (wire codec) → `server` (listeners, handshake, request pipeline) →
+//! `volume` (translation) → `backend` (files, block devices, memory).
+//! Beside them: `map` (pure tables and checks) and `config`.
+//! See docs/ARCHITECTURE.md.
+
+pub mod backend;
+pub mod config;
+pub mod map;
+pub mod nbd;
+pub mod server;
+pub mod volume;

@@ -1,0 +1,9 @@
+//! Mapping tables: the immutable, generation-numbered translation of a
+//! volume's byte range onto backing stores. Pure logic: stores are named, not
+//! opened; the `volume` layer pairs a table with open backend handles.
+
+mod table;
+mod validate;
+
+pub use table::*;
+pub use validate::*;

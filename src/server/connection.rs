@@ -1,0 +1,409 @@
+//! The transmission phase of one connection. A reader thread decodes
+//! requests continuously, checks them, and hands each to the I/O pool; the
+//! pool translates it through the volume, runs its pieces (in parallel when
+//! it crosses extents) and queues the reply on the sink. Replies therefore
+//! leave in completion order, not arrival order.
+
+use super::budget::{Budget, Permit};
+use super::handshake::Negotiated;
+use super::pool::Pool;
+use super::sink::{Reply, ReplySink};
+use super::stream::Stream;
+use crate::backend::ZeroMode;
+use crate::nbd::*;
+use crate::volume::{Route, Volume};
+use bytes::Bytes;
+use std::io::{self, BufReader, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Settings of the transmission phase.
+#[derive(Debug, Clone)]
+pub struct ConnLimits {
+    pub max_inflight_bytes: u64,
+    pub max_inflight_requests: u64,
+    /// How long a connection keeps answering ESHUTDOWN after a stop request
+    /// before it is closed.
+    pub shutdown_grace: Duration,
+}
+
+/// What every request of a connection needs, shared with pool jobs.
+struct Ctx {
+    volume: Arc<Volume>,
+    structured: bool,
+    base_allocation: Option<u32>,
+    sink: ReplySink,
+    pool: Arc<Pool>,
+}
+
+/// Read-timeout tick: how often an idle reader looks at the stop flag.
+const TICK: Duration = Duration::from_millis(200);
+
+/// Most base:allocation descriptors in one reply.
+const MAX_DESCRIPTORS: usize = 16 * 1024;
+
+pub fn serve(stream: Stream, negotiated: Negotiated, pool: Arc<Pool>, limits: &ConnLimits, stopping: &AtomicBool) -> io::Result<()> {
+    stream.set_read_timeout(Some(TICK))?;
+    // A client that stops reading replies must not pin an I/O thread forever.
+    stream.set_write_timeout(Some(Duration::from_secs(60)))?;
+    let ctx = Arc::new(Ctx {
+        volume: negotiated.volume,
+        structured: negotiated.structured,
+        base_allocation: negotiated.base_allocation,
+        sink: ReplySink::new(stream.try_clone()?),
+        pool,
+    });
+    let budget = Budget::new(limits.max_inflight_bytes, limits.max_inflight_requests);
+    let mut reader = Reader { inner: BufReader::with_capacity(256 * 1024, stream), stopping, stop_seen: None, grace: limits.shutdown_grace };
+    let result = reader_loop(&ctx, &budget, &mut reader);
+    // Finish what was accepted (DISC, EOF or stop): in-flight requests
+    // complete and their replies are sent before the socket closes.
+    budget.wait_idle(Duration::from_secs(3600));
+    ctx.sink.close();
+    result
+}
+
+struct Reader<'a> {
+    inner: BufReader<Stream>,
+    stopping: &'a AtomicBool,
+    stop_seen: Option<Instant>,
+    grace: Duration,
+}
+
+enum Next {
+    Data,
+    /// Clean end of stream between requests.
+    Eof,
+    /// Stopping and the grace period is over.
+    Stop,
+}
+
+impl Reader<'_> {
+    fn stopping(&mut self) -> bool {
+        if self.stop_seen.is_none() && self.stopping.load(Ordering::Relaxed) {
+            self.stop_seen = Some(Instant::now());
+        }
+        self.stop_seen.is_some()
+    }
+
+    /// Waits for the next request to start arriving.
+    fn wait_request(&mut self, budget: &Budget) -> io::Result<Next> {
+        use std::io::BufRead;
+        loop {
+            match self.inner.fill_buf() {
+                Ok([]) => return Ok(Next::Eof),
+                Ok(_) => return Ok(Next::Data),
+                Err(e) if is_timeout(&e) => {
+                    if self.stopping() && budget.in_flight() == 0 && self.stop_seen.is_some_and(|t| t.elapsed() >= self.grace) {
+                        return Ok(Next::Stop);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Fills `buf` completely; read timeouts just retry (no byte is lost:
+    /// a timed-out read consumes nothing).
+    fn read_full(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.inner.read(&mut buf[got..]) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "client closed mid-request")),
+                Ok(n) => got += n,
+                Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn discard(&mut self, mut len: u64) -> io::Result<()> {
+        let mut scratch = vec![0u8; 64 * 1024];
+        while len > 0 {
+            let n = len.min(scratch.len() as u64) as usize;
+            self.read_full(&mut scratch[..n])?;
+            len -= n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+fn reader_loop(ctx: &Arc<Ctx>, budget: &Arc<Budget>, reader: &mut Reader<'_>) -> io::Result<()> {
+    loop {
+        match reader.wait_request(budget)? {
+            Next::Data => {}
+            Next::Eof => {
+                tracing::debug!("client closed the connection");
+                return Ok(());
+            }
+            Next::Stop => return Ok(()),
+        }
+        let mut raw = [0u8; REQUEST_HEADER_LEN];
+        reader.read_full(&mut raw)?;
+        let req = match decode_request_header(&raw) {
+            Ok(r) => r,
+            Err(e) => {
+                // Framing is lost; nothing sensible can follow.
+                tracing::warn!(error = %e, "bad request header; closing connection");
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
+            }
+        };
+        if req.command == CMD_DISC {
+            tracing::debug!("client sent NBD_CMD_DISC");
+            return Ok(());
+        }
+        // Payload first, so framing survives whatever we answer.
+        let payload_len = req.payload_len();
+        let payload = if payload_len > MAX_PAYLOAD {
+            reader.discard(payload_len as u64)?;
+            None
+        } else if payload_len > 0 {
+            let permit = budget.acquire(payload_len as u64);
+            let mut data = vec![0u8; payload_len as usize];
+            reader.read_full(&mut data)?;
+            Some((Bytes::from(data), permit))
+        } else {
+            None
+        };
+        if reader.stopping() {
+            reply_error(ctx, &req, NbdError::Shutdown, "server is shutting down", None);
+            continue;
+        }
+        if let Err((err, msg)) = check(ctx, &req) {
+            reply_error(ctx, &req, err, &msg, payload.map(|(_, p)| p));
+            continue;
+        }
+        let (data, permit) = match payload {
+            Some((data, permit)) => (data, permit),
+            None => {
+                let reply_payload = if req.command == CMD_READ { req.length as u64 } else { 0 };
+                (Bytes::new(), budget.acquire(reply_payload))
+            }
+        };
+        let ctx2 = ctx.clone();
+        ctx.pool.spawn(move || execute(ctx2, req, data, permit));
+    }
+}
+
+/// Validates a request before any I/O: command, flags, bounds, permissions.
+fn check(ctx: &Ctx, req: &RequestHeader) -> Result<(), (NbdError, String)> {
+    let name = command_name(req.command);
+    if !matches!(req.command, CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS) {
+        return Err((NbdError::Inval, format!("unknown command {}", req.command)));
+    }
+    let extra = req.flags & !allowed_flags(req.command);
+    if extra != 0 {
+        return Err((NbdError::Inval, format!("flags {extra:#x} are not valid for {name}")));
+    }
+    if req.flags & CMD_FLAG_DF != 0 && !ctx.structured {
+        return Err((NbdError::Inval, "DF needs structured replies".into()));
+    }
+    let volume = &ctx.volume;
+    let writes = matches!(req.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if writes && volume.spec().read_only {
+        return Err((NbdError::Perm, format!("{name} on read-only export '{}'", volume.name())));
+    }
+    match req.command {
+        CMD_FLUSH => {
+            return if req.offset != 0 || req.length != 0 {
+                Err((NbdError::Inval, "FLUSH takes offset 0 and length 0".into()))
+            } else {
+                Ok(())
+            };
+        }
+        CMD_BLOCK_STATUS if ctx.base_allocation.is_none() => {
+            return Err((NbdError::Inval, "no metadata context was negotiated".into()));
+        }
+        CMD_BLOCK_STATUS if req.length == 0 => {
+            return Err((NbdError::Inval, "BLOCK_STATUS of length 0".into()));
+        }
+        CMD_READ if req.length > MAX_PAYLOAD => {
+            let err = if ctx.structured { NbdError::Overflow } else { NbdError::Inval };
+            return Err((err, format!("READ of {} bytes exceeds the maximum of {MAX_PAYLOAD}", req.length)));
+        }
+        CMD_WRITE if req.length > MAX_PAYLOAD => {
+            return Err((NbdError::Inval, format!("WRITE of {} bytes exceeds the maximum of {MAX_PAYLOAD}", req.length)));
+        }
+        _ => {}
+    }
+    let size = volume.size();
+    let end = req.offset.checked_add(req.length as u64);
+    if end.is_none_or(|end| end > size) {
+        let err = if req.command == CMD_WRITE { NbdError::NoSpc } else { NbdError::Inval };
+        return Err((err, format!("{name} {}+{} is beyond the end of the export ({size} bytes)", req.offset, req.length)));
+    }
+    let min = volume.translation().min_io() as u64;
+    if min > 1 && matches!(req.command, CMD_READ | CMD_WRITE) && (req.offset % min != 0 || req.length as u64 % min != 0) {
+        return Err((NbdError::Inval, format!("{name} is not aligned to the minimum block size {min}")));
+    }
+    Ok(())
+}
+
+fn reply_error(ctx: &Ctx, req: &RequestHeader, err: NbdError, msg: &str, permit: Option<Permit>) {
+    tracing::debug!(command = command_name(req.command), offset = req.offset, length = req.length, error = err.name(), msg, "request failed");
+    let bytes = if ctx.structured {
+        chunk_error(req.cookie, err.code(), msg)
+    } else {
+        simple_reply(req.cookie, err.code()).to_vec()
+    };
+    ctx.sink.send(Reply::new(bytes, permit));
+}
+
+fn reply_ok(ctx: &Ctx, req: &RequestHeader, permit: Permit) {
+    ctx.sink.send(Reply::new(simple_reply(req.cookie, 0).to_vec(), Some(permit)));
+}
+
+fn finish(ctx: &Ctx, req: &RequestHeader, result: io::Result<()>, permit: Permit) {
+    match result {
+        Ok(()) => reply_ok(ctx, req, permit),
+        Err(e) => reply_error(ctx, req, NbdError::from_io(&e), &format!("{}: {e}", command_name(req.command)), Some(permit)),
+    }
+}
+
+/// The first error of a set of piece results.
+fn first_error(results: Vec<io::Result<()>>) -> io::Result<()> {
+    results.into_iter().collect()
+}
+
+/// Runs on an I/O thread.
+fn execute(ctx: Arc<Ctx>, req: RequestHeader, payload: Bytes, permit: Permit) {
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    match req.command {
+        CMD_READ => read(ctx, req, permit),
+        CMD_FLUSH => {
+            let result = ctx.volume.flush();
+            finish(&ctx, &req, result, permit);
+        }
+        CMD_BLOCK_STATUS => block_status(&ctx, &req, permit),
+        CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_CACHE => {
+            let route = Arc::new(ctx.volume.route(req.offset, req.length as u64));
+            let mode = ZeroMode { may_trim: req.flags & CMD_FLAG_NO_HOLE == 0, fast_only: req.flags & CMD_FLAG_FAST_ZERO != 0 };
+            let work = {
+                let route = route.clone();
+                move |i: usize| {
+                    let piece = &route.pieces[i];
+                    let t = &route.translation;
+                    match req.command {
+                        CMD_WRITE => {
+                            let start = piece.request_offset as usize;
+                            t.write(piece, &payload[start..start + piece.length as usize], fua)
+                        }
+                        CMD_TRIM => t.trim(piece, fua),
+                        CMD_WRITE_ZEROES => t.write_zeroes(piece, mode, fua),
+                        _ => t.cache(piece),
+                    }
+                }
+            };
+            if route.pieces.len() <= 1 {
+                let result = if route.pieces.is_empty() { Ok(()) } else { work(0) };
+                finish(&ctx, &req, result, permit);
+            } else {
+                let pool = ctx.pool.clone();
+                let n = route.pieces.len();
+                pool.fan_out(n, work, move |results| finish(&ctx, &req, first_error(results), permit));
+            }
+        }
+        _ => reply_error(&ctx, &req, NbdError::Inval, "unknown command", Some(permit)),
+    }
+}
+
+/// Bytes in front of read data: the reply header.
+fn read_prefix(structured: bool) -> usize {
+    if structured {
+        transmission::OFFSET_DATA_PREFIX
+    } else {
+        SIMPLE_REPLY_LEN
+    }
+}
+
+fn write_read_header(ctx: &Ctx, req: &RequestHeader, out: &mut [u8]) {
+    if ctx.structured {
+        transmission::write_offset_data_prefix(out, REPLY_FLAG_DONE, req.cookie, req.offset, req.length);
+    } else {
+        write_simple_reply(out, req.cookie, 0);
+    }
+}
+
+fn read(ctx: Arc<Ctx>, req: RequestHeader, permit: Permit) {
+    if req.length == 0 {
+        let bytes = if ctx.structured { chunk_none(req.cookie) } else { simple_reply(req.cookie, 0).to_vec() };
+        ctx.sink.send(Reply::new(bytes, Some(permit)));
+        return;
+    }
+    let route = ctx.volume.route(req.offset, req.length as u64);
+    let prefix = read_prefix(ctx.structured);
+    if route.pieces.len() == 1 {
+        // Common case: one buffer holding header and data, read in place.
+        let mut buf = vec![0u8; prefix + req.length as usize];
+        match route.translation.read(&route.pieces[0], &mut buf[prefix..]) {
+            Ok(()) => {
+                write_read_header(&ctx, &req, &mut buf[..prefix]);
+                ctx.sink.send(Reply::new(buf, Some(permit)));
+            }
+            Err(e) => reply_error(&ctx, &req, NbdError::from_io(&e), &format!("READ: {e}"), Some(permit)),
+        }
+        return;
+    }
+    let route: Arc<Route> = Arc::new(route);
+    let pool = ctx.pool.clone();
+    let n = route.pieces.len();
+    let work = {
+        let route = route.clone();
+        move |i: usize| -> io::Result<Bytes> {
+            let piece = &route.pieces[i];
+            let mut buf = vec![0u8; piece.length as usize];
+            route.translation.read(piece, &mut buf)?;
+            Ok(Bytes::from(buf))
+        }
+    };
+    pool.fan_out(n, work, move |results| {
+        let mut parts = Vec::with_capacity(results.len() + 1);
+        let mut header = vec![0u8; prefix];
+        write_read_header(&ctx, &req, &mut header);
+        parts.push(Bytes::from(header));
+        for r in results {
+            match r {
+                Ok(b) => parts.push(b),
+                Err(e) => return reply_error(&ctx, &req, NbdError::from_io(&e), &format!("READ: {e}"), Some(permit)),
+            }
+        }
+        ctx.sink.send(Reply { parts, permit: Some(permit) });
+    });
+}
+
+fn block_status(ctx: &Ctx, req: &RequestHeader, permit: Permit) {
+    let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
+    let max = if req_one { 1 } else { MAX_DESCRIPTORS };
+    let route = ctx.volume.route(req.offset, req.length as u64);
+    let mut descriptors: Vec<Descriptor> = Vec::new();
+    for piece in &route.pieces {
+        let runs = match route.translation.block_status(piece, max) {
+            Ok(r) => r,
+            Err(e) => return reply_error(ctx, req, NbdError::from_io(&e), &format!("BLOCK_STATUS: {e}"), Some(permit)),
+        };
+        let mut covered = 0;
+        for run in runs {
+            covered += run.length;
+            let flags = if run.hole { STATE_HOLE | STATE_ZERO } else { 0 };
+            match descriptors.last_mut() {
+                Some(last) if last.flags == flags => last.length += run.length as u32,
+                _ => descriptors.push(Descriptor { length: run.length as u32, flags }),
+            }
+        }
+        // Stop when the store reported only part of the piece, or we have
+        // as many descriptors as we may send: the client asks again.
+        if covered < piece.length || descriptors.len() >= max {
+            break;
+        }
+    }
+    descriptors.truncate(max);
+    let id = ctx.base_allocation.unwrap_or(0);
+    ctx.sink.send(Reply::new(chunk_block_status(req.cookie, id, &descriptors), Some(permit)));
+}

@@ -1,0 +1,217 @@
+//! Listeners, handshake and the per-connection request pipeline.
+//!
+//! Threads, not an async runtime, carry the data path: every backend call is
+//! a blocking syscall, and handing each 4 KiB read to a blocking pool from
+//! an event loop costs more than the read itself. One accept thread per
+//! listener, one reader thread per connection, one shared I/O pool.
+
+mod budget;
+mod connection;
+pub mod handshake;
+mod listener;
+mod pool;
+mod sink;
+mod stream;
+
+pub use connection::ConnLimits;
+pub use listener::{Endpoint, Listener};
+pub use pool::Pool;
+pub use stream::Stream;
+
+use crate::volume::Catalog;
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub io_threads: usize,
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub limits: ConnLimits,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            io_threads: 16,
+            max_connections: 256,
+            handshake_timeout: Duration::from_secs(30),
+            limits: ConnLimits {
+                max_inflight_bytes: 64 * 1024 * 1024,
+                max_inflight_requests: 1024,
+                shutdown_grace: Duration::from_secs(2),
+            },
+        }
+    }
+}
+
+/// A live connection, as seen by status and shutdown.
+struct ConnEntry {
+    peer: String,
+    export: Option<String>,
+    socket: Stream,
+}
+
+struct Shared {
+    catalog: ArcSwap<Catalog>,
+    pool: Arc<Pool>,
+    stopping: AtomicBool,
+    options: ServerOptions,
+    connections: Mutex<HashMap<u64, ConnEntry>>,
+    next_id: AtomicU64,
+}
+
+/// Summary of a connection for status output.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConnectionInfo {
+    pub id: u64,
+    pub peer: String,
+    pub export: Option<String>,
+}
+
+pub struct Server {
+    shared: Arc<Shared>,
+    listeners: Vec<Arc<Listener>>,
+    accept_threads: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds every endpoint (so address errors surface before anything runs).
+    pub fn bind(endpoints: &[Endpoint], catalog: Catalog, options: ServerOptions) -> std::io::Result<Server> {
+        let mut listeners = Vec::new();
+        for endpoint in endpoints {
+            let l = Listener::bind(endpoint).map_err(|e| std::io::Error::new(e.kind(), format!("listen {endpoint}: {e}")))?;
+            listeners.push(Arc::new(l));
+        }
+        let shared = Arc::new(Shared {
+            catalog: ArcSwap::from_pointee(catalog),
+            pool: Arc::new(Pool::new(options.io_threads)),
+            stopping: AtomicBool::new(false),
+            options,
+            connections: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        });
+        Ok(Server { shared, listeners, accept_threads: Vec::new() })
+    }
+
+    /// The addresses actually bound.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.listeners.iter().map(|l| l.local()).collect()
+    }
+
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.shared.catalog.load_full()
+    }
+
+    pub fn connections(&self) -> Vec<ConnectionInfo> {
+        let conns = pool::lock(&self.shared.connections);
+        let mut list: Vec<_> =
+            conns.iter().map(|(id, c)| ConnectionInfo { id: *id, peer: c.peer.clone(), export: c.export.clone() }).collect();
+        list.sort_by_key(|c| c.id);
+        list
+    }
+
+    /// Starts accepting connections.
+    pub fn start(&mut self) {
+        for listener in &self.listeners {
+            let listener = listener.clone();
+            let shared = self.shared.clone();
+            let handle = std::thread::Builder::new()
+                .name("nbdvirt-accept".into())
+                .spawn(move || accept_loop(&listener, &shared))
+                .expect("spawn accept thread");
+            self.accept_threads.push(handle);
+        }
+    }
+
+    /// Graceful stop: no new connections; open ones finish their in-flight
+    /// requests and answer ESHUTDOWN to new ones for the grace period; then
+    /// every store is flushed.
+    pub fn shutdown(mut self) -> std::io::Result<()> {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        for t in self.accept_threads.drain(..) {
+            let _ = t.join();
+        }
+        self.listeners.clear();
+        let grace = self.shared.options.limits.shutdown_grace;
+        let deadline = Instant::now() + grace + Duration::from_secs(30);
+        while !pool::lock(&self.shared.connections).is_empty() {
+            if Instant::now() >= deadline {
+                tracing::warn!("connections still open after the grace period; closing them");
+                for c in pool::lock(&self.shared.connections).values() {
+                    c.socket.shutdown();
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let result = self.shared.catalog.load().flush_all();
+        tracing::info!("all stores flushed; stopped");
+        result
+    }
+}
+
+fn accept_loop(listener: &Listener, shared: &Arc<Shared>) {
+    while !shared.stopping.load(Ordering::Relaxed) {
+        match listener.accept_timeout(Duration::from_millis(200)) {
+            Ok(Some(stream)) => {
+                let active = pool::lock(&shared.connections).len();
+                if active >= shared.options.max_connections {
+                    tracing::warn!(peer = %stream.peer(), active, "too many connections; refusing");
+                    continue;
+                }
+                let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+                let Ok(socket) = stream.try_clone() else { continue };
+                pool::lock(&shared.connections).insert(id, ConnEntry { peer: stream.peer(), export: None, socket });
+                let shared = shared.clone();
+                let spawned = std::thread::Builder::new().name(format!("nbdvirt-conn-{id}")).spawn({
+                    let shared = shared.clone();
+                    move || {
+                        run_connection(id, stream, &shared);
+                        pool::lock(&shared.connections).remove(&id);
+                    }
+                });
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start connection thread");
+                    pool::lock(&shared.connections).remove(&id);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn run_connection(id: u64, mut stream: Stream, shared: &Shared) {
+    let peer = stream.peer();
+    let _span = tracing::info_span!("conn", id, peer = %peer).entered();
+    let _ = stream.set_read_timeout(Some(shared.options.handshake_timeout));
+    let _ = stream.set_write_timeout(Some(shared.options.handshake_timeout));
+    let catalog = shared.catalog.load_full();
+    let negotiated = match handshake::negotiate(&mut stream, &catalog, &shared.stopping) {
+        Ok(Some(n)) => n,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::debug!(error = %e, "handshake failed");
+            return;
+        }
+    };
+    drop(catalog);
+    let export = negotiated.volume.name().to_string();
+    if let Some(c) = pool::lock(&shared.connections).get_mut(&id) {
+        c.export = Some(export.clone());
+    }
+    tracing::info!(export = %export, structured = negotiated.structured, "client connected");
+    match connection::serve(stream, negotiated, shared.pool.clone(), &shared.options.limits, &shared.stopping) {
+        Ok(()) => tracing::info!(export = %export, "client disconnected"),
+        Err(e) => tracing::info!(export = %export, error = %e, "connection ended"),
+    }
+}
