@@ -1,0 +1,217 @@
+//! Shared harness for integration tests: start the real `nbdvirt` binary on
+//! a config in a temporary directory, run real NBD clients against it, and
+//! fail loudly (naming the Debian package) when a client is missing.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_nbdvirt");
+
+/// Fails the test unless `tool` is on PATH, naming the package to install.
+pub fn require(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(found, "required tool `{tool}` is missing: install the Debian package `{package}` (scripts/test.sh does this when run as root)");
+}
+
+/// PATH with /usr/bin first, so that `nbdsh` (python3 -m nbd) finds Debian's python3.
+pub fn debian_path() -> String {
+    format!("/usr/bin:/bin:{}", std::env::var("PATH").unwrap_or_default())
+}
+
+/// Runs a command with a time limit; panics (with its output) on timeout.
+pub fn run_timeout(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    // Drain pipes on threads so a chatty child cannot block.
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let to = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let te = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stdout = to.join().unwrap();
+            let stderr = te.join().unwrap();
+            panic!(
+                "{cmd:?} timed out after {limit:?}\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&stdout),
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output { status, stdout: to.join().unwrap(), stderr: te.join().unwrap() }
+}
+
+/// Runs a command and asserts success, returning stdout as text.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run_timeout(cmd, Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({})\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A running server. Stopped with SIGKILL on drop unless stopped before.
+pub struct TestServer {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+impl TestServer {
+    /// Starts `nbdvirt serve` on a config made of a `[server]` section
+    /// listening on `DIR/nbd.sock` (plus `extra_listen`) followed by `body`.
+    /// In `body`, `{dir}` is replaced by the temporary directory.
+    pub fn start(body: &str) -> TestServer {
+        Self::start_with(body, &[])
+    }
+
+    pub fn start_with(body: &str, extra_listen: &[&str]) -> TestServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().display().to_string();
+        let mut listen = vec![format!("\"unix:{d}/nbd.sock\"")];
+        listen.extend(extra_listen.iter().map(|l| format!("\"{l}\"")));
+        let config_text = format!(
+            "[server]\nlisten = [{}]\ncontrol = \"{d}/control.sock\"\nstate_dir = \"{d}/state\"\nshutdown_grace = \"1s\"\n\n{}",
+            listen.join(", "),
+            body.replace("{dir}", &d)
+        );
+        let config = dir.path().join("nbdvirt.toml");
+        std::fs::write(&config, config_text).unwrap();
+        let mut server = TestServer { child: None, socket: dir.path().join("nbd.sock"), config, log: dir.path().join("server.log"), dir };
+        server.spawn();
+        server
+    }
+
+    /// (Re)starts the server process on the same config and directory.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "nbdvirt=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start nbdvirt");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("nbdvirt exited during start-up ({status}):\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "nbdvirt did not start listening within 20 s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("server running").id() as i32
+    }
+
+    /// `nbd+unix:///EXPORT?socket=...`
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for a clean exit; returns the status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("server running");
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("nbdvirt did not exit within 30 s of SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, no cleanup.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Asserts the server process is still running.
+    pub fn assert_alive(&mut self) {
+        if let Some(status) = self.child.as_mut().expect("server running").try_wait().unwrap() {
+            panic!("nbdvirt died ({status}):\n{}", self.log());
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- nbdvirt log ({}) ---\n{}", self.log.display(), self.log());
+        }
+    }
+}
+
+/// Runs an nbdsh script (`h` is connected to `uri`); returns stdout.
+pub fn nbdsh(uri: &str, script: &str) -> String {
+    require("nbdsh", "python3-libnbd");
+    run_ok(Command::new("nbdsh").env("PATH", debian_path()).args(["-u", uri, "-c", script]))
+}
+
+/// Reads a file region.
+pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, offset).unwrap();
+    buf
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
