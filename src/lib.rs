@@ -9,7 +9,10 @@
 
 pub mod backend;
 pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod map;
 pub mod nbd;
+pub mod persist;
 pub mod server;
 pub mod volume;

@@ -1,22 +1,39 @@
 //! The `nbdvirt` command.
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use nbdvirt::config::{build_catalog, Config};
-use nbdvirt::server::{ConnLimits, Server, ServerOptions};
-use std::path::PathBuf;
+use nbdvirt::control::{client, protocol::RangeArg, protocol::Request, server::ControlServer};
+use nbdvirt::daemon::Daemon;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Where the CLI looks for a config when none is given.
+const SYSTEM_CONFIG: &str = "/etc/nbdvirt/nbdvirt.toml";
+
 #[derive(Parser)]
 #[command(name = "nbdvirt", version, about = "Virtual block volumes as NBD exports, translated through live mapping tables")]
 struct Cli {
-    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How a client command finds the server.
+#[derive(Args, Clone)]
+struct Target {
+    /// Control socket of the server (default: `control` from the config).
+    #[arg(long, global = true)]
+    control: Option<PathBuf>,
+    /// Config file whose `control` socket to use (default: $NBDVIRT_CONFIG,
+    /// then /etc/nbdvirt/nbdvirt.toml, then the embedded default).
+    #[arg(short, long, env = "NBDVIRT_CONFIG", global = true)]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -38,6 +55,50 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Show volumes (generation, state, extents, holds, I/O) and backends.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read the server's config file and apply it under live I/O.
+    Reload {
+        #[command(flatten)]
+        target: Target,
+        /// Remove volumes even if clients are connected (they are disconnected).
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hold a volume's I/O (e.g. around a snapshot); bounded by --timeout.
+    Pause {
+        volume: String,
+        #[command(flatten)]
+        target: Target,
+        /// Only this range, START:LEN (sizes accept units, e.g. 0:1GiB).
+        #[arg(long)]
+        range: Option<String>,
+        /// Resume automatically after this long (e.g. 30s).
+        #[arg(long, default_value = "30s")]
+        timeout: String,
+    },
+    /// End a manual pause.
+    Resume {
+        volume: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List a volume's committed generations.
+    History {
+        volume: String,
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn init_logging(verbose: u8) {
@@ -64,6 +125,31 @@ fn main() -> ExitCode {
             print!("{}", nbdvirt::config::EMBEDDED_DEFAULT);
             Ok(())
         }
+        Command::Status { target, json } => call(&target, &Request::Status).map(|v| {
+            if json {
+                print_json(&v)
+            } else {
+                print_status(&v)
+            }
+        }),
+        Command::Reload { target, force, json } => call(&target, &Request::Reload { force }).map(|v| {
+            if json {
+                print_json(&v)
+            } else {
+                print_reload(&v)
+            }
+        }),
+        Command::Pause { volume, target, range, timeout } => pause(&target, volume, range, &timeout),
+        Command::Resume { volume, target } => call(&target, &Request::Resume { volume }).map(|v| println!("{}", v.as_str().unwrap_or(""))),
+        Command::History { volume, target, json } => call(&target, &Request::History { volume }).map(|v| {
+            if json {
+                print_json(&v)
+            } else {
+                for g in v.as_array().into_iter().flatten() {
+                    println!("generation {:>4}  {:<28} committed_at={}  extents={}", g["generation"], g["reason"].as_str().unwrap_or(""), g["committed_at"], g["extents"].as_array().map_or(0, |a| a.len()));
+                }
+            }
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -74,7 +160,118 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(path: &std::path::Path, open: bool) -> Result<(), String> {
+fn control_path(target: &Target) -> Result<PathBuf, String> {
+    if let Some(p) = &target.control {
+        return Ok(p.clone());
+    }
+    let config = match &target.config {
+        Some(p) => Config::load(p).map_err(|e| e.to_string())?,
+        None if Path::new(SYSTEM_CONFIG).exists() => Config::load(Path::new(SYSTEM_CONFIG)).map_err(|e| e.to_string())?,
+        None => Config::embedded_default(),
+    };
+    Ok(config.server.control)
+}
+
+fn call(target: &Target, request: &Request) -> Result<Value, String> {
+    // Reload and pause may wait for drains with retries; allow for that.
+    client::call(&control_path(target)?, request, Duration::from_secs(300))
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 && (bytes >> (10 * (u + 1))) << (10 * (u + 1)) == bytes {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{}{}", v, UNITS[u])
+}
+
+fn print_status(v: &Value) {
+    for vol in v["volumes"].as_array().into_iter().flatten() {
+        println!(
+            "volume {}  size {}  generation {}  state {}{}  connections {}  in-flight {}  held {}",
+            vol["name"].as_str().unwrap_or("?"),
+            human(vol["size"].as_u64().unwrap_or(0)),
+            vol["generation"],
+            vol["state"].as_str().unwrap_or("?"),
+            if vol["manual_pause"].as_bool() == Some(true) { " (manual)" } else { "" },
+            vol["connections"],
+            vol["in_flight"],
+            vol["held_requests"],
+        );
+        for e in vol["extents"].as_array().into_iter().flatten() {
+            let target = match e["backend"].as_str() {
+                Some(b) => format!("{b} @ {}", human(e["backend_offset"].as_u64().unwrap_or(0))),
+                None => "zero".into(),
+            };
+            println!("  {:>12} +{:<12} -> {target}", human(e["start"].as_u64().unwrap_or(0)), human(e["length"].as_u64().unwrap_or(0)));
+        }
+        for r in vol["held_ranges"].as_array().into_iter().flatten() {
+            println!("  held: {} +{}", r["start"], r["length"]);
+        }
+        if let (Some(h), Some(d)) = (vol["last_hold_us"].as_u64(), vol["last_drain_us"].as_u64()) {
+            println!("  last swap: hold {h} us, drain {d} us ({} swaps)", vol["swaps"]);
+        }
+        if let Some(e) = vol["last_error"].as_str() {
+            println!("  last error: {e}");
+        }
+    }
+    for b in v["backends"].as_array().into_iter().flatten() {
+        println!(
+            "backend {}  {}  {}  size {}",
+            b["name"].as_str().unwrap_or("?"),
+            b["kind"].as_str().unwrap_or("?"),
+            b["path"].as_str().unwrap_or("(memory)"),
+            human(b["size"].as_u64().unwrap_or(0))
+        );
+    }
+}
+
+fn print_reload(v: &Value) {
+    let list = |k: &str| v[k].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default();
+    println!("reload applied");
+    for (label, key) in [("added", "added"), ("removed", "removed"), ("unchanged", "unchanged"), ("backends opened", "backends_opened"), ("backends closed", "backends_closed"), ("needs restart", "needs_restart")] {
+        let items = list(key);
+        if !items.is_empty() {
+            println!("  {label}: {items}");
+        }
+    }
+    for s in v["swapped"].as_array().into_iter().flatten() {
+        println!(
+            "  swapped {}: generation {} -> {} (hold {} us, drain {} us, {} attempt(s))",
+            s["volume"].as_str().unwrap_or("?"),
+            s["from_generation"],
+            s["generation"],
+            s["hold"],
+            s["drain"],
+            s["attempts"]
+        );
+    }
+}
+
+fn pause(target: &Target, volume: String, range: Option<String>, timeout: &str) -> Result<(), String> {
+    let timeout = nbdvirt::config::parse_duration(timeout).map_err(|e| format!("--timeout: {e}"))?;
+    let range = match range {
+        None => None,
+        Some(r) => {
+            let (start, len) = r.split_once(':').ok_or_else(|| format!("--range {r}: expected START:LEN"))?;
+            let start = nbdvirt::config::parse_size(start).map_err(|e| format!("--range start: {e}"))?;
+            let length = nbdvirt::config::parse_size(len).map_err(|e| format!("--range length: {e}"))?;
+            Some(RangeArg { start, length })
+        }
+    };
+    let v = call(target, &Request::Pause { volume, range, timeout_ms: Some(timeout.as_millis() as u64) })?;
+    println!("{}", v.as_str().unwrap_or(""));
+    Ok(())
+}
+
+fn check(path: &Path, open: bool) -> Result<(), String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
     if open {
         build_catalog(&config).map_err(|e| e.to_string())?;
@@ -97,33 +294,40 @@ fn serve(path: Option<PathBuf>) -> Result<(), String> {
             Config::embedded_default()
         }
     };
-    std::fs::create_dir_all(&config.server.state_dir)
-        .map_err(|e| format!("state_dir {}: {e}", config.server.state_dir.display()))?;
-    let catalog = build_catalog(&config).map_err(|e| e.to_string())?;
-    let s = &config.server;
-    let options = ServerOptions {
-        io_threads: s.io_threads,
-        max_connections: s.max_connections,
-        handshake_timeout: Duration::from_secs(30),
-        limits: ConnLimits { max_inflight_bytes: s.max_inflight, max_inflight_requests: 1024, shutdown_grace: s.shutdown_grace },
+    // Test hook: abort at a given swap phase (crash-consistency tests).
+    let crash_at = match std::env::var("NBDVIRT_TEST_CRASH_AT") {
+        Ok(p) => Some(p.parse().map_err(|e| format!("NBDVIRT_TEST_CRASH_AT: {e}"))?),
+        Err(_) => None,
     };
     let stop = Arc::new(AtomicBool::new(false));
+    let reload = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone()).map_err(|e| format!("cannot install signal handler: {e}"))?;
     }
-    let mut server = Server::bind(&s.listen, catalog, options).map_err(|e| e.to_string())?;
-    server.start();
-    for volume in server.catalog().volumes.values() {
-        tracing::info!(volume = volume.name(), size = volume.size(), extents = volume.table().extents().len(), "exporting");
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone()).map_err(|e| format!("cannot install signal handler: {e}"))?;
+    let daemon = Daemon::start(path, config, crash_at)?;
+    let control = ControlServer::start(&daemon.control_path(), daemon.clone()).map_err(|e| format!("control socket: {e}"))?;
+    daemon.start_serving();
+    for volume in daemon.catalog().volumes.values() {
+        tracing::info!(volume = volume.name(), size = volume.size(), generation = volume.generation(), extents = volume.table().extents().len(), "exporting");
     }
-    for endpoint in server.endpoints() {
+    let endpoints = daemon.endpoints();
+    for endpoint in &endpoints {
         tracing::info!(%endpoint, "listening");
     }
+    tracing::info!(control = %daemon.control_path().display(), "control socket ready");
     // A line on stdout for scripts and tests waiting for readiness.
-    println!("nbdvirt: ready; listening on {}", server.endpoints().iter().map(|e| e.to_string()).collect::<Vec<_>>().join(", "));
+    println!("nbdvirt: ready; listening on {}", endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>().join(", "));
     while !stop.load(Ordering::Relaxed) {
+        if reload.swap(false, Ordering::Relaxed) {
+            match daemon.reload(false) {
+                Ok(report) => tracing::info!(?report, "SIGHUP: reload applied"),
+                Err(e) => tracing::error!("SIGHUP: reload failed: {e}"),
+            }
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     tracing::info!("stop requested: finishing in-flight requests");
-    server.shutdown().map_err(|e| format!("final flush failed: {e}"))
+    drop(control);
+    daemon.shutdown().map_err(|e| format!("final flush failed: {e}"))
 }

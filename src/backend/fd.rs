@@ -112,6 +112,18 @@ impl FdBackend {
     }
 }
 
+impl Drop for FdBackend {
+    /// Last handle gone (store removed by a reload, or shutdown): nothing
+    /// written through it may be left unsynced.
+    fn drop(&mut self) {
+        if self.dirty.load(Ordering::Acquire) && self.info.kind != StoreKind::Memory {
+            if let Err(e) = nix::unistd::fdatasync(self.file.as_raw_fd()) {
+                tracing::error!(path = ?self.info.path, error = %e, "final sync of a closed store failed");
+            }
+        }
+    }
+}
+
 impl Backend for FdBackend {
     fn info(&self) -> &StoreInfo {
         &self.info

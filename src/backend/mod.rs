@@ -8,9 +8,11 @@
 
 mod aligned;
 mod blockdev;
+mod delay;
 mod fd;
 mod open;
 
+pub use delay::DelayBackend;
 pub use fd::{FdBackend, StoreKind};
 pub use open::{file_identity, open_backend, BackendSpec, OpenError};
 

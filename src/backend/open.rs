@@ -17,6 +17,8 @@ pub struct BackendSpec {
     pub size: Option<u64>,
     pub direct: bool,
     pub read_only: bool,
+    /// Added latency per data operation (testing; see `DelayBackend`).
+    pub delay: Option<std::time::Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +42,14 @@ fn invalid(spec: &BackendSpec, message: impl Into<String>) -> OpenError {
 /// The store is locked with `flock(LOCK_EX)` so that a second nbdvirt, or
 /// qemu, cannot write it at the same time.
 pub fn open_backend(spec: &BackendSpec) -> Result<Arc<dyn Backend>, OpenError> {
+    let store = open_store(spec)?;
+    Ok(match spec.delay {
+        Some(delay) if !delay.is_zero() => super::DelayBackend::wrap(store, delay),
+        _ => store,
+    })
+}
+
+fn open_store(spec: &BackendSpec) -> Result<Arc<dyn Backend>, OpenError> {
     let Some(path) = &spec.path else { return open_memory(spec) };
     let exists = path.exists();
     if !exists {

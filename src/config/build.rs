@@ -1,77 +1,137 @@
 //! Opening what a checked configuration describes.
 
-use super::{Config, ConfigError};
+use super::{BackendConfig, Config, ConfigError, VolumeConfig};
 use crate::backend::{file_identity, open_backend, Backend};
-use crate::map::{validate_stores, MapError};
+use crate::map::{validate_stores, MapError, MappingTable};
 use crate::volume::{Catalog, Translation, Volume, VolumeSpec};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// Opens every backend and builds every volume at generation 1. Two backend
-/// names for the same file share one open handle, which is allowed only if
-/// both are declared `shared = true`.
-pub fn build_catalog(config: &Config) -> Result<Catalog, ConfigError> {
+/// An open store and the configuration it was opened with.
+#[derive(Debug, Clone)]
+pub struct OpenStore {
+    pub config: BackendConfig,
+    pub handle: Arc<dyn Backend>,
+}
+
+/// Opens every backend of `config`, reusing handles in `existing` (from a
+/// running server) whose configuration is unchanged. Two backend names for
+/// the same file share one handle, which both must allow with `shared = true`.
+pub fn open_stores(config: &Config, existing: &HashMap<String, OpenStore>) -> Result<HashMap<String, OpenStore>, ConfigError> {
     let file = config.file_name();
-    let mut stores: HashMap<String, Arc<dyn Backend>> = HashMap::new();
-    let mut by_identity: HashMap<(u64, u64), (String, bool)> = HashMap::new();
+    let mut out: HashMap<String, OpenStore> = HashMap::new();
+    let mut by_identity: HashMap<(u64, u64), String> = HashMap::new();
+    for store in existing.values() {
+        if let Some(id) = store.config.spec.path.as_deref().and_then(file_identity) {
+            by_identity.insert(id, store.config.spec.name.clone());
+        }
+    }
     for b in &config.backends {
-        let at = |message: String, field: &str| ConfigError {
+        let at = |message: String| ConfigError {
             file: file.clone(),
             line: Some(b.line),
-            field: Some(format!("backend '{}': {field}", b.spec.name)),
+            field: Some(format!("backend '{}': path", b.spec.name)),
             message,
         };
-        let identity = b.spec.path.as_deref().and_then(file_identity);
-        if let Some((first, first_shared)) = identity.and_then(|id| by_identity.get(&id)) {
-            if !(b.shared && *first_shared) {
-                return Err(at(
-                    format!("same file as backend '{first}'; declare both `shared = true` to map one file under two names"),
-                    "path",
-                ));
+        if let Some(old) = existing.get(&b.spec.name) {
+            if old.config.spec != b.spec || old.config.shared != b.shared {
+                return Err(at(format!(
+                    "backend '{}' is open with different settings; give the new settings a new backend name, or restart",
+                    b.spec.name
+                )));
             }
-            let handle = stores[first].clone();
-            stores.insert(b.spec.name.clone(), handle);
+            out.insert(b.spec.name.clone(), old.clone());
             continue;
         }
-        let backend = open_backend(&b.spec).map_err(|e| at(e.to_string(), "path"))?;
-        let identity = identity.or_else(|| b.spec.path.as_deref().and_then(file_identity));
-        if let Some(id) = identity {
-            by_identity.insert(id, (b.spec.name.clone(), b.shared));
+        let identity = b.spec.path.as_deref().and_then(file_identity);
+        if let Some(first) = identity.and_then(|id| by_identity.get(&id)) {
+            let first_store = out.get(first).or_else(|| existing.get(first));
+            let Some(first_store) = first_store else {
+                return Err(at(format!("same file as backend '{first}', which is being removed")));
+            };
+            if !(b.shared && first_store.config.shared) {
+                return Err(at(format!("same file as backend '{first}'; declare both `shared = true` to map one file under two names")));
+            }
+            out.insert(b.spec.name.clone(), OpenStore { config: b.clone(), handle: first_store.handle.clone() });
+            continue;
         }
-        stores.insert(b.spec.name.clone(), backend);
+        let handle = open_backend(&b.spec).map_err(|e| at(e.to_string()))?;
+        if let Some(id) = b.spec.path.as_deref().and_then(file_identity) {
+            by_identity.insert(id, b.spec.name.clone());
+        }
+        out.insert(b.spec.name.clone(), OpenStore { config: b.clone(), handle });
     }
+    Ok(out)
+}
+
+pub fn handles(stores: &HashMap<String, OpenStore>) -> HashMap<String, Arc<dyn Backend>> {
+    stores.iter().map(|(n, s)| (n.clone(), s.handle.clone())).collect()
+}
+
+/// Builds the translation of `table` for volume `v`, checking that every
+/// target lies inside its (open) store.
+pub fn build_translation(
+    file: &str,
+    v: &VolumeConfig,
+    table: MappingTable,
+    stores: &HashMap<String, Arc<dyn Backend>>,
+) -> Result<Translation, ConfigError> {
     let sizes: HashMap<String, u64> = stores.iter().map(|(n, s)| (n.clone(), s.size())).collect();
+    validate_stores(&table, &sizes).map_err(|err| {
+        let index = match &err {
+            MapError::OutsideStore { index, .. } | MapError::UnknownStore { index, .. } => *index,
+            _ => 0,
+        };
+        ConfigError {
+            file: file.into(),
+            line: v.extent_lines.get(index).copied().or(Some(v.line)),
+            field: Some(format!("volume '{}' extent {index}: backend", v.name)),
+            message: format!("generation {}: {err}", table.generation()),
+        }
+    })?;
+    let translation = Translation::new(table, stores).map_err(|e| ConfigError {
+        file: file.into(),
+        line: Some(v.line),
+        field: Some(format!("volume '{}'", v.name)),
+        message: e.to_string(),
+    })?;
+    if let Some(store) = translation.stores().iter().find(|s| v.block_size < s.info().min_io) {
+        return Err(ConfigError {
+            file: file.into(),
+            line: Some(v.line),
+            field: Some(format!("volume '{}': block_size", v.name)),
+            message: format!("block_size {} is below the {}-byte I/O unit of a direct backend", v.block_size, store.info().min_io),
+        });
+    }
+    Ok(translation)
+}
+
+/// A new volume over `table`.
+pub fn build_volume(
+    file: &str,
+    v: &VolumeConfig,
+    table: MappingTable,
+    stores: &HashMap<String, Arc<dyn Backend>>,
+) -> Result<Volume, ConfigError> {
+    let translation = build_translation(file, v, table, stores)?;
+    let spec = VolumeSpec { name: v.name.clone(), description: v.description.clone(), read_only: v.read_only, block_size: v.block_size };
+    Ok(Volume::new(spec, translation))
+}
+
+/// The exclusivity check over the tables actually in force (which may differ
+/// from the config's after run-time changes).
+pub fn validate_tables(config: &Config, tables: &[MappingTable]) -> Result<(), ConfigError> {
+    super::raw::check_exclusive_tables(&config.file_name(), &config.volumes, tables, &config.backends)
+}
+
+/// Opens every backend and builds every volume at generation 1 from the
+/// config alone (used by `nbdvirt check --open`).
+pub fn build_catalog(config: &Config) -> Result<Catalog, ConfigError> {
+    let file = config.file_name();
+    let stores = handles(&open_stores(config, &HashMap::new())?);
     let mut volumes = std::collections::BTreeMap::new();
     for v in &config.volumes {
-        let table = v.table(1);
-        validate_stores(&table, &sizes).map_err(|err| {
-            let index = match &err {
-                MapError::OutsideStore { index, .. } | MapError::UnknownStore { index, .. } => *index,
-                _ => 0,
-            };
-            ConfigError {
-                file: file.clone(),
-                line: Some(v.extent_lines[index]),
-                field: Some(format!("volume '{}' extent {index}: length", v.name)),
-                message: err.to_string(),
-            }
-        })?;
-        let translation = Translation::new(table, &stores).map_err(|e| ConfigError {
-            file: file.clone(),
-            line: Some(v.line),
-            field: Some(format!("volume '{}'", v.name)),
-            message: e.to_string(),
-        })?;
-        if let Some(store) = translation.stores().iter().find(|s| v.block_size < s.info().min_io) {
-            return Err(ConfigError {
-                file: file.clone(),
-                line: Some(v.line),
-                field: Some(format!("volume '{}': block_size", v.name)),
-                message: format!("block_size {} is below the {}-byte I/O unit of a direct backend", v.block_size, store.info().min_io),
-            });
-        }
-        let spec = VolumeSpec { name: v.name.clone(), description: v.description.clone(), read_only: v.read_only, block_size: v.block_size };
-        volumes.insert(v.name.clone(), Arc::new(Volume::new(spec, translation)));
+        volumes.insert(v.name.clone(), Arc::new(build_volume(&file, v, v.table(1), &stores)?));
     }
     let default_export = config.server.default_export.clone().or_else(|| config.volumes.first().map(|v| v.name.clone()));
     Ok(Catalog { stores, volumes, default_export })

@@ -6,7 +6,7 @@ mod build;
 mod raw;
 mod units;
 
-pub use build::build_catalog;
+pub use build::{build_catalog, build_translation, build_volume, handles, open_stores, validate_tables, OpenStore};
 pub use units::{parse_duration, parse_size};
 
 use crate::backend::BackendSpec;
@@ -53,9 +53,14 @@ pub struct ServerConfig {
     pub max_inflight: u64,
     pub shutdown_grace: Duration,
     pub default_export: Option<String>,
+    /// Longest a swap may wait for in-flight requests before it gives up
+    /// and resumes on the old table.
+    pub pause_timeout: Duration,
+    /// Further attempts after a drain timeout.
+    pub pause_retries: u32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendConfig {
     pub spec: BackendSpec,
     pub shared: bool,

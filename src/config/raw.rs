@@ -40,6 +40,8 @@ struct RawServer {
     max_inflight: Option<Spanned<Quantity>>,
     shutdown_grace: Option<Spanned<Quantity>>,
     default_export: Option<Spanned<String>>,
+    pause_timeout: Option<Spanned<Quantity>>,
+    pause_retries: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,6 +58,7 @@ struct RawBackend {
     memory: bool,
     #[serde(default)]
     read_only: bool,
+    delay: Option<Spanned<Quantity>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -174,6 +177,8 @@ fn parse_server(ctx: &Ctx<'_>, raw: Option<&Spanned<RawServer>>) -> Result<Serve
         max_inflight: None,
         shutdown_grace: None,
         default_export: None,
+        pause_timeout: None,
+        pause_retries: None,
     };
     let s = raw.map_or(&empty, |s| s.get_ref());
     let mut listen = Vec::new();
@@ -207,7 +212,26 @@ fn parse_server(ctx: &Ctx<'_>, raw: Option<&Spanned<RawServer>>) -> Result<Serve
         None => std::time::Duration::from_secs(2),
         Some(q) => ctx.duration(q, "server.shutdown_grace")?,
     };
+    let pause_timeout = match &s.pause_timeout {
+        None => std::time::Duration::from_secs(5),
+        Some(q) => {
+            let d = ctx.duration(q, "server.pause_timeout")?;
+            // The Linux NBD client fails a request after 30 s; a pause must
+            // end well before that.
+            if d.is_zero() || d > std::time::Duration::from_secs(20) {
+                return Err(ctx.err(q, "server.pause_timeout", format!("{d:?} must be above 0 and at most 20s (Linux NBD requests time out at 30s)")));
+            }
+            d
+        }
+    };
+    let pause_retries = match &s.pause_retries {
+        None => 3,
+        Some(n) if (0..=100).contains(n.get_ref()) => *n.get_ref() as u32,
+        Some(n) => return Err(ctx.err(n, "server.pause_retries", format!("{} is out of range 0..=100", n.get_ref()))),
+    };
     Ok(ServerConfig {
+        pause_timeout,
+        pause_retries,
         listen,
         control,
         state_dir,
@@ -246,7 +270,14 @@ fn parse_backends(ctx: &Ctx<'_>, raw: &[Spanned<RawBackend>]) -> Result<Vec<Back
             (None, false) => return Err(ctx.err(&b.name, "backend.path", format!("backend '{name}' needs a path (or memory = true)"))),
         };
         out.push(BackendConfig {
-            spec: BackendSpec { name: name.clone(), path, size, direct: b.direct, read_only: b.read_only },
+            spec: BackendSpec {
+                name: name.clone(),
+                path,
+                size,
+                direct: b.direct,
+                read_only: b.read_only,
+                delay: b.delay.as_ref().map(|d| ctx.duration(d, "backend.delay")).transpose()?,
+            },
             shared: b.shared,
             line: ctx.line(item.span().start),
         });

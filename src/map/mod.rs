@@ -2,8 +2,10 @@
 //! volume's byte range onto backing stores. Pure logic: stores are named, not
 //! opened; the `volume` layer pairs a table with open backend handles.
 
+mod diff;
 mod table;
 mod validate;
 
+pub use diff::*;
 pub use table::*;
 pub use validate::*;

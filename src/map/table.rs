@@ -151,7 +151,7 @@ mod tests {
 
         let p: Vec<_> = t.pieces(4000, 5000).collect();
         assert_eq!(p.len(), 3);
-        assert_eq!((p[0].volume_offset, p[0].length, p[0].target_offset, p[0].request_offset), (4000, 96, 12096, 0));
+        assert_eq!((p[0].volume_offset, p[0].length, p[0].target_offset, p[0].request_offset), (4000, 96, 12192, 0));
         assert_eq!((p[1].volume_offset, p[1].length, p[1].request_offset), (4096, 4096, 96));
         assert_eq!((p[2].volume_offset, p[2].length, p[2].target_offset, p[2].request_offset), (8192, 808, 0, 4192));
         assert_eq!(p.iter().map(|p| p.length).sum::<u64>(), 5000);

@@ -11,7 +11,8 @@ use super::sink::{Reply, ReplySink};
 use super::stream::Stream;
 use crate::backend::ZeroMode;
 use crate::nbd::*;
-use crate::volume::{Route, Volume};
+use crate::map::Range;
+use crate::volume::{Route, Ticket, Volume};
 use bytes::Bytes;
 use std::io::{self, BufReader, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,6 +36,8 @@ struct Ctx {
     base_allocation: Option<u32>,
     sink: ReplySink,
     pool: Arc<Pool>,
+    /// Spreads this connection's gate registrations over the gate's shards.
+    shard: usize,
 }
 
 /// Read-timeout tick: how often an idle reader looks at the stop flag.
@@ -43,7 +46,14 @@ const TICK: Duration = Duration::from_millis(200);
 /// Most base:allocation descriptors in one reply.
 const MAX_DESCRIPTORS: usize = 16 * 1024;
 
-pub fn serve(stream: Stream, negotiated: Negotiated, pool: Arc<Pool>, limits: &ConnLimits, stopping: &AtomicBool) -> io::Result<()> {
+pub fn serve(
+    id: u64,
+    stream: Stream,
+    negotiated: Negotiated,
+    pool: Arc<Pool>,
+    limits: &ConnLimits,
+    stopping: &AtomicBool,
+) -> io::Result<()> {
     stream.set_read_timeout(Some(TICK))?;
     // A client that stops reading replies must not pin an I/O thread forever.
     stream.set_write_timeout(Some(Duration::from_secs(60)))?;
@@ -53,6 +63,7 @@ pub fn serve(stream: Stream, negotiated: Negotiated, pool: Arc<Pool>, limits: &C
         base_allocation: negotiated.base_allocation,
         sink: ReplySink::new(stream.try_clone()?),
         pool,
+        shard: id as usize,
     });
     let budget = Budget::new(limits.max_inflight_bytes, limits.max_inflight_requests);
     let mut reader = Reader { inner: BufReader::with_capacity(256 * 1024, stream), stopping, stop_seen: None, grace: limits.shutdown_grace };
@@ -188,7 +199,22 @@ fn reader_loop(ctx: &Arc<Ctx>, budget: &Arc<Budget>, reader: &mut Reader<'_>) ->
             }
         };
         let ctx2 = ctx.clone();
-        ctx.pool.spawn(move || execute(ctx2, req, data, permit));
+        if req.command == CMD_FLUSH {
+            // FLUSH has no range and is never held (see Volume::flush).
+            ctx.pool.spawn(move || execute(ctx2, req, data, permit, None));
+            continue;
+        }
+        // Through the volume's gate: runs now, or parks behind a pause and
+        // runs (translated against the new table) when it is released.
+        let range = Range::new(req.offset, req.length as u64);
+        ctx.volume.gate().enter(
+            range,
+            ctx.shard,
+            Box::new(move |ticket| {
+                let pool = ctx2.pool.clone();
+                pool.spawn(move || execute(ctx2, req, data, permit, Some(ticket)));
+            }),
+        );
     }
 }
 
@@ -272,16 +298,20 @@ fn first_error(results: Vec<io::Result<()>>) -> io::Result<()> {
     results.into_iter().collect()
 }
 
-/// Runs on an I/O thread.
-fn execute(ctx: Arc<Ctx>, req: RequestHeader, payload: Bytes, permit: Permit) {
+/// Runs on an I/O thread. `ticket` is the request's gate admission; it is
+/// dropped once the request's I/O is done.
+fn execute(ctx: Arc<Ctx>, req: RequestHeader, payload: Bytes, permit: Permit, ticket: Option<Ticket>) {
     let fua = req.flags & CMD_FLAG_FUA != 0;
     match req.command {
-        CMD_READ => read(ctx, req, permit),
+        CMD_READ => read(ctx, req, permit, ticket),
         CMD_FLUSH => {
             let result = ctx.volume.flush();
             finish(&ctx, &req, result, permit);
         }
-        CMD_BLOCK_STATUS => block_status(&ctx, &req, permit),
+        CMD_BLOCK_STATUS => {
+            block_status(&ctx, &req, permit);
+            drop(ticket);
+        }
         CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_CACHE => {
             let route = Arc::new(ctx.volume.route(req.offset, req.length as u64));
             let mode = ZeroMode { may_trim: req.flags & CMD_FLAG_NO_HOLE == 0, fast_only: req.flags & CMD_FLAG_FAST_ZERO != 0 };
@@ -303,11 +333,15 @@ fn execute(ctx: Arc<Ctx>, req: RequestHeader, payload: Bytes, permit: Permit) {
             };
             if route.pieces.len() <= 1 {
                 let result = if route.pieces.is_empty() { Ok(()) } else { work(0) };
+                drop(ticket);
                 finish(&ctx, &req, result, permit);
             } else {
                 let pool = ctx.pool.clone();
                 let n = route.pieces.len();
-                pool.fan_out(n, work, move |results| finish(&ctx, &req, first_error(results), permit));
+                pool.fan_out(n, work, move |results| {
+                    drop(ticket);
+                    finish(&ctx, &req, first_error(results), permit)
+                });
             }
         }
         _ => reply_error(&ctx, &req, NbdError::Inval, "unknown command", Some(permit)),
@@ -331,7 +365,7 @@ fn write_read_header(ctx: &Ctx, req: &RequestHeader, out: &mut [u8]) {
     }
 }
 
-fn read(ctx: Arc<Ctx>, req: RequestHeader, permit: Permit) {
+fn read(ctx: Arc<Ctx>, req: RequestHeader, permit: Permit, ticket: Option<Ticket>) {
     if req.length == 0 {
         let bytes = if ctx.structured { chunk_none(req.cookie) } else { simple_reply(req.cookie, 0).to_vec() };
         ctx.sink.send(Reply::new(bytes, Some(permit)));
@@ -342,7 +376,9 @@ fn read(ctx: Arc<Ctx>, req: RequestHeader, permit: Permit) {
     if route.pieces.len() == 1 {
         // Common case: one buffer holding header and data, read in place.
         let mut buf = vec![0u8; prefix + req.length as usize];
-        match route.translation.read(&route.pieces[0], &mut buf[prefix..]) {
+        let result = route.translation.read(&route.pieces[0], &mut buf[prefix..]);
+        drop(ticket);
+        match result {
             Ok(()) => {
                 write_read_header(&ctx, &req, &mut buf[..prefix]);
                 ctx.sink.send(Reply::new(buf, Some(permit)));
@@ -364,6 +400,7 @@ fn read(ctx: Arc<Ctx>, req: RequestHeader, permit: Permit) {
         }
     };
     pool.fan_out(n, work, move |results| {
+        drop(ticket);
         let mut parts = Vec::with_capacity(results.len() + 1);
         let mut header = vec![0u8; prefix];
         write_read_header(&ctx, &req, &mut header);

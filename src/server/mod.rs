@@ -115,6 +115,23 @@ impl Server {
         list
     }
 
+    /// Publishes a new catalog: new connections see it; live connections keep
+    /// the volume they negotiated (volumes are shared between catalogs).
+    pub fn set_catalog(&self, catalog: Catalog) {
+        self.shared.catalog.store(Arc::new(catalog));
+    }
+
+    /// Closes every connection to `export`; returns how many.
+    pub fn disconnect_export(&self, export: &str) -> usize {
+        let conns = pool::lock(&self.shared.connections);
+        let mut n = 0;
+        for c in conns.values().filter(|c| c.export.as_deref() == Some(export)) {
+            c.socket.shutdown();
+            n += 1;
+        }
+        n
+    }
+
     /// Starts accepting connections.
     pub fn start(&mut self) {
         for listener in &self.listeners {
@@ -131,7 +148,7 @@ impl Server {
     /// Graceful stop: no new connections; open ones finish their in-flight
     /// requests and answer ESHUTDOWN to new ones for the grace period; then
     /// every store is flushed.
-    pub fn shutdown(mut self) -> std::io::Result<()> {
+    pub fn shutdown(&mut self) -> std::io::Result<()> {
         self.shared.stopping.store(true, Ordering::SeqCst);
         for t in self.accept_threads.drain(..) {
             let _ = t.join();
@@ -210,7 +227,7 @@ fn run_connection(id: u64, mut stream: Stream, shared: &Shared) {
         c.export = Some(export.clone());
     }
     tracing::info!(export = %export, structured = negotiated.structured, "client connected");
-    match connection::serve(stream, negotiated, shared.pool.clone(), &shared.options.limits, &shared.stopping) {
+    match connection::serve(id, stream, negotiated, shared.pool.clone(), &shared.options.limits, &shared.stopping) {
         Ok(()) => tracing::info!(export = %export, "client disconnected"),
         Err(e) => tracing::info!(export = %export, error = %e, "connection ended"),
     }

@@ -3,19 +3,29 @@
 //!
 //! A [`Translation`] pairs one immutable [`MappingTable`] generation with the
 //! backend handle of each extent. The volume holds the current translation in
-//! an `ArcSwap`: a request loads it once (one atomic load, no lock) and keeps
-//! that `Arc` until it completes, so a later swap can never change the
-//! translation under an in-flight request.
+//! an `ArcSwap`: a request loads it once (one atomic load, no lock) after
+//! passing the volume's [`Gate`], and keeps that `Arc` until it completes, so
+//! a swap never changes the translation under an in-flight request.
 
 mod catalog;
+mod gate;
+mod swap;
 mod translation;
 
 pub use catalog::Catalog;
-pub use translation::{Route, Translation, TranslateError};
+pub use gate::{Gate, GateStatus, HoldId, Ticket};
+pub use swap::{Commit, SwapError, SwapOptions, SwapPhase, SwapReport};
+pub use translation::{Route, TranslateError, Translation};
 
+use crate::backend::Backend;
 use crate::map::MappingTable;
 use arc_swap::ArcSwap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Static facts about a volume, fixed for its lifetime.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,15 +37,38 @@ pub struct VolumeSpec {
     pub block_size: u32,
 }
 
+/// Timings and outcome of the last transaction, for status.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SwapStats {
+    pub swaps: u64,
+    pub last_hold_us: Option<u64>,
+    pub last_drain_us: Option<u64>,
+    pub last_error: Option<String>,
+}
+
 #[derive(Debug)]
 pub struct Volume {
     spec: VolumeSpec,
     current: ArcSwap<Translation>,
+    gate: Arc<Gate>,
+    /// One swap at a time per volume.
+    swap_lock: Mutex<()>,
+    stats: Mutex<SwapStats>,
+    /// Stores earlier tables wrote to that the current one does not use;
+    /// FLUSH syncs them too until a flush after their retirement succeeds.
+    retired: Mutex<Vec<Arc<dyn Backend>>>,
 }
 
 impl Volume {
     pub fn new(spec: VolumeSpec, translation: Translation) -> Volume {
-        Volume { spec, current: ArcSwap::from_pointee(translation) }
+        Volume {
+            spec,
+            current: ArcSwap::from_pointee(translation),
+            gate: Gate::new(),
+            swap_lock: Mutex::new(()),
+            stats: Mutex::new(SwapStats::default()),
+            retired: Mutex::new(Vec::new()),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -50,6 +83,10 @@ impl Volume {
         self.current.load().table().size()
     }
 
+    pub fn generation(&self) -> u64 {
+        self.current.load().table().generation()
+    }
+
     /// The translation in force now. Callers keep the returned `Arc` for the
     /// whole life of a request.
     pub fn translation(&self) -> Arc<Translation> {
@@ -60,8 +97,31 @@ impl Volume {
         self.current.load().table().clone()
     }
 
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+
+    pub fn stats(&self) -> SwapStats {
+        lock(&self.stats).clone()
+    }
+
+    fn record(&self, hold: Option<Duration>, drain: Option<Duration>, error: Option<String>) {
+        let mut s = lock(&self.stats);
+        if error.is_none() && hold.is_some() {
+            s.swaps += 1;
+        }
+        if let Some(h) = hold {
+            s.last_hold_us = Some(h.as_micros() as u64);
+        }
+        if let Some(d) = drain {
+            s.last_drain_us = Some(d.as_micros() as u64);
+        }
+        s.last_error = error;
+    }
+
     /// Translates `[offset, offset+length)`; the range must already be
-    /// checked against `size()`.
+    /// checked against `size()`. Call only while holding a gate ticket for
+    /// the range, so that a swap cannot happen between this and the I/O.
     pub fn route(&self, offset: u64, length: u64) -> Route {
         Route::new(self.translation(), offset, length)
     }
@@ -69,7 +129,29 @@ impl Volume {
     /// Makes every completed write to any store of this volume durable.
     /// Stores are shared by all connections, so this covers writes made
     /// through other connections too (multi-conn consistency).
+    ///
+    /// FLUSH is never held by a pause. Its promise covers writes completed
+    /// before it: before a swap those live on the current table's stores;
+    /// after it, on the new table's stores or on stores of the old table
+    /// that the swap put on the retired list, which this syncs too.
     pub fn flush(&self) -> std::io::Result<()> {
-        self.translation().flush()
+        let retired: Vec<_> = lock(&self.retired).clone();
+        self.translation().flush()?;
+        for store in &retired {
+            store.flush()?;
+        }
+        if !retired.is_empty() {
+            lock(&self.retired).retain(|s| !retired.iter().any(|r| Arc::ptr_eq(r, s)));
+        }
+        Ok(())
+    }
+
+    fn retire(&self, stores: impl Iterator<Item = Arc<dyn Backend>>) {
+        let mut retired = lock(&self.retired);
+        for s in stores {
+            if !retired.iter().any(|r| Arc::ptr_eq(r, &s)) {
+                retired.push(s);
+            }
+        }
     }
 }

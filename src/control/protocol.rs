@@ -1,0 +1,77 @@
+//! Control requests and responses. One JSON object per line each way:
+//!
+//! ```text
+//! -> {"command":"status"}
+//! <- {"ok":true,"result":{...}}
+//! -> {"command":"pause","volume":"v","range":{"start":0,"length":4096},"timeout_ms":10000}
+//! <- {"ok":false,"error":"no volume named 'v'"}
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeArg {
+    pub start: u64,
+    pub length: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Unknown fields are ignored, so newer clients can talk to older servers.
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Reload {
+        #[serde(default)]
+        force: bool,
+    },
+    Pause {
+        volume: String,
+        #[serde(default)]
+        range: Option<RangeArg>,
+        /// Automatic resume after this long (default 30 s).
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    Resume {
+        volume: String,
+    },
+    History {
+        volume: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    pub fn ok(result: impl Serialize) -> Response {
+        match serde_json::to_value(result) {
+            Ok(v) => Response { ok: true, result: Some(v), error: None },
+            Err(e) => Response::err(format!("cannot encode result: {e}")),
+        }
+    }
+
+    pub fn err(message: impl Into<String>) -> Response {
+        Response { ok: false, result: None, error: Some(message.into()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse() {
+        let r: Request = serde_json::from_str(r#"{"command":"reload","force":true}"#).unwrap();
+        assert_eq!(r, Request::Reload { force: true });
+        let r: Request = serde_json::from_str(r#"{"command":"pause","volume":"v","range":{"start":0,"length":8}}"#).unwrap();
+        assert!(matches!(r, Request::Pause { range: Some(RangeArg { start: 0, length: 8 }), .. }));
+        assert!(serde_json::from_str::<Request>(r#"{"command":"explode"}"#).is_err());
+    }
+}

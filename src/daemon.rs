@@ -1,0 +1,545 @@
+//! The running daemon: the server, the config it was started with, the
+//! persisted state, and the operations the control plane offers (status,
+//! reload, pause, resume). Everything that changes a running volume's
+//! mapping goes through `Volume::swap` and is persisted before it is in
+//! force.
+
+use crate::config::{self, Config, OpenStore, VolumeConfig};
+use crate::map::{MappingTable, Range, Target};
+use crate::persist::{now_secs, StateDir, VolumeRecord};
+use crate::server::{ConnLimits, Server, ServerOptions};
+use crate::volume::{Catalog, HoldId, SwapOptions, SwapPhase, Volume};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A manual pause of one volume, with its automatic end.
+struct ManualPause {
+    hold: HoldId,
+    token: u64,
+}
+
+pub struct Daemon {
+    config_path: Option<PathBuf>,
+    config: Mutex<Config>,
+    stores: Mutex<HashMap<String, OpenStore>>,
+    server: Mutex<Server>,
+    state: StateDir,
+    swap: SwapOptions,
+    manual: Mutex<HashMap<String, ManualPause>>,
+    next_token: std::sync::atomic::AtomicU64,
+    /// Serialises administrative operations (reload, pause, resume).
+    admin: Mutex<()>,
+}
+
+/// Persists a swap's new generation in the state directory: prepared
+/// before the pause, renamed into place while paused, archived after.
+pub struct PersistCommit<'a> {
+    state: &'a StateDir,
+    record: VolumeRecord,
+}
+
+impl<'a> PersistCommit<'a> {
+    pub fn new(state: &'a StateDir, volume: &str, config_extents: Vec<crate::map::Extent>, reason: &str) -> Self {
+        let record = VolumeRecord {
+            volume: volume.into(),
+            generation: 0,
+            extents: Vec::new(),
+            config_extents,
+            reason: reason.into(),
+            committed_at: 0,
+        };
+        PersistCommit { state, record }
+    }
+}
+
+impl crate::volume::Commit for PersistCommit<'_> {
+    fn prepare(&mut self, table: &MappingTable) -> Result<(), String> {
+        self.record.generation = table.generation();
+        self.record.extents = table.extents().to_vec();
+        self.record.committed_at = now_secs();
+        self.state.prepare(&self.record).map_err(|e| format!("persisting generation {}: {e}", table.generation()))
+    }
+    fn commit(&mut self, table: &MappingTable) -> Result<(), String> {
+        self.state.commit_prepared(&self.record.volume).map_err(|e| format!("committing generation {}: {e}", table.generation()))
+    }
+    fn committed(&mut self, _table: &MappingTable) {
+        if let Err(e) = self.state.archive(&self.record) {
+            tracing::warn!(volume = %self.record.volume, error = %e, "archiving a committed generation failed");
+        }
+    }
+}
+
+/// How the table of a volume is chosen from config and persisted state.
+enum Decision {
+    /// Use this table as is (already persisted).
+    Keep(MappingTable),
+    /// Commit this table as a new generation.
+    Commit(MappingTable, &'static str),
+}
+
+fn decide(v: &VolumeConfig, record: Option<&VolumeRecord>) -> Result<Decision, String> {
+    let Some(rec) = record else { return Ok(Decision::Commit(v.table(1), "initial")) };
+    if rec.config_extents == v.extents {
+        // Config unchanged since it was last applied: the persisted mapping,
+        // including run-time changes, stays in force.
+        let table = MappingTable::new(rec.generation, rec.extents.clone()).map_err(|e| format!("persisted generation {}: {e}", rec.generation))?;
+        return Ok(Decision::Keep(table));
+    }
+    if rec.has_runtime_changes() {
+        return Err(format!(
+            "the config changed, but the volume's mapping was also changed at run time (generation {}, {}); \
+             applying the config would undo that. Make the config's extents match `nbdvirt status` and reload again",
+            rec.generation, rec.reason
+        ));
+    }
+    let table = MappingTable::new(rec.generation + 1, v.extents.clone()).map_err(|e| e.to_string())?;
+    Ok(Decision::Commit(table, "config"))
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExtentStatus {
+    pub start: u64,
+    pub length: u64,
+    pub backend: Option<String>,
+    pub backend_offset: Option<u64>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub zero: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RangeStatus {
+    pub start: u64,
+    pub length: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub description: String,
+    pub size: u64,
+    pub read_only: bool,
+    pub generation: u64,
+    pub state: String,
+    pub extents: Vec<ExtentStatus>,
+    pub held_ranges: Vec<RangeStatus>,
+    pub in_flight: usize,
+    pub held_requests: usize,
+    pub connections: usize,
+    pub swaps: u64,
+    pub last_hold_us: Option<u64>,
+    pub last_drain_us: Option<u64>,
+    pub last_error: Option<String>,
+    pub manual_pause: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendStatus {
+    pub name: String,
+    pub kind: crate::backend::StoreKind,
+    pub path: Option<PathBuf>,
+    pub size: u64,
+    pub shared: bool,
+    pub rotational: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub config: Option<PathBuf>,
+    pub listen: Vec<String>,
+    pub volumes: Vec<VolumeStatus>,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReloadReport {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub swapped: Vec<crate::volume::SwapReport>,
+    pub unchanged: Vec<String>,
+    pub backends_opened: Vec<String>,
+    pub backends_closed: Vec<String>,
+    pub disconnected: usize,
+    /// Settings that only take effect after a restart.
+    pub needs_restart: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+fn options(config: &Config) -> ServerOptions {
+    let s = &config.server;
+    ServerOptions {
+        io_threads: s.io_threads,
+        max_connections: s.max_connections,
+        handshake_timeout: Duration::from_secs(30),
+        limits: ConnLimits { max_inflight_bytes: s.max_inflight, max_inflight_requests: 1024, shutdown_grace: s.shutdown_grace },
+    }
+}
+
+fn swap_options(config: &Config, crash_at: Option<SwapPhase>) -> SwapOptions {
+    SwapOptions {
+        pause_timeout: config.server.pause_timeout,
+        retries: config.server.pause_retries,
+        backoff: Duration::from_millis(200),
+        crash_at,
+    }
+}
+
+impl Daemon {
+    /// Opens the stores, resolves each volume's table against the persisted
+    /// state, and binds the listeners (not yet accepting).
+    pub fn start(config_path: Option<PathBuf>, config: Config, crash_at: Option<SwapPhase>) -> Result<Arc<Daemon>, String> {
+        let state = StateDir::open(&config.server.state_dir).map_err(|e| format!("state_dir: {e}"))?;
+        let stores = config::open_stores(&config, &HashMap::new()).map_err(|e| e.to_string())?;
+        let handles = config::handles(&stores);
+        let file = config.file_name();
+        let mut tables = Vec::new();
+        let mut pending: Vec<(VolumeRecord, bool)> = Vec::new();
+        for v in &config.volumes {
+            let record = state.load(&v.name)?;
+            let (table, commit) = match decide(v, record.as_ref()) {
+                Ok(Decision::Keep(t)) => {
+                    // A crash between commit and archive leaves the current
+                    // generation out of the history; put it there.
+                    if let Some(rec) = &record {
+                        if !state.history(&v.name).map_err(|e| e.to_string())?.contains(&rec.generation) {
+                            state.archive(rec).map_err(|e| e.to_string())?;
+                        }
+                    }
+                    (t, None)
+                }
+                Ok(Decision::Commit(t, reason)) => (t, Some(reason)),
+                Err(why) => {
+                    // Never silently revert run-time changes: serve the
+                    // persisted mapping and say so.
+                    let rec = record.as_ref().expect("divergence needs a record");
+                    tracing::warn!(volume = %v.name, "{why}; serving persisted generation {}", rec.generation);
+                    (MappingTable::new(rec.generation, rec.extents.clone()).map_err(|e| e.to_string())?, None)
+                }
+            };
+            if let Some(reason) = commit {
+                let rec = VolumeRecord {
+                    volume: v.name.clone(),
+                    generation: table.generation(),
+                    extents: table.extents().to_vec(),
+                    config_extents: v.extents.clone(),
+                    reason: reason.into(),
+                    committed_at: now_secs(),
+                };
+                pending.push((rec, true));
+            }
+            tables.push(table);
+        }
+        config::validate_tables(&config, &tables).map_err(|e| e.to_string())?;
+        let mut volumes = BTreeMap::new();
+        for (v, table) in config.volumes.iter().zip(tables) {
+            let volume = config::build_volume(&file, v, table, &handles).map_err(|e| e.to_string())?;
+            volumes.insert(v.name.clone(), Arc::new(volume));
+        }
+        for (rec, _) in &pending {
+            state.commit(rec).map_err(|e| format!("persisting volume '{}': {e}", rec.volume))?;
+        }
+        let default_export = config.server.default_export.clone().or_else(|| config.volumes.first().map(|v| v.name.clone()));
+        let catalog = Catalog { stores: handles, volumes, default_export };
+        let server = Server::bind(&config.server.listen, catalog, options(&config)).map_err(|e| e.to_string())?;
+        Ok(Arc::new(Daemon {
+            config_path,
+            swap: swap_options(&config, crash_at),
+            config: Mutex::new(config),
+            stores: Mutex::new(stores),
+            server: Mutex::new(server),
+            state,
+            manual: Mutex::new(HashMap::new()),
+            next_token: std::sync::atomic::AtomicU64::new(1),
+            admin: Mutex::new(()),
+        }))
+    }
+
+    pub fn start_serving(&self) {
+        lock(&self.server).start();
+    }
+
+    pub fn endpoints(&self) -> Vec<crate::server::Endpoint> {
+        lock(&self.server).endpoints()
+    }
+
+    pub fn control_path(&self) -> PathBuf {
+        lock(&self.config).server.control.clone()
+    }
+
+    pub fn catalog(&self) -> Arc<Catalog> {
+        lock(&self.server).catalog()
+    }
+
+    pub fn shutdown(&self) -> std::io::Result<()> {
+        lock(&self.server).shutdown()
+    }
+
+    fn volume(&self, name: &str) -> Result<Arc<Volume>, String> {
+        self.catalog().volumes.get(name).cloned().ok_or_else(|| format!("no volume named '{name}'"))
+    }
+
+    pub fn status(&self) -> Status {
+        let catalog = self.catalog();
+        let server = lock(&self.server);
+        let connections = server.connections();
+        let listen = server.endpoints().iter().map(|e| e.to_string()).collect();
+        drop(server);
+        let manual = lock(&self.manual);
+        let volumes = catalog
+            .volumes
+            .values()
+            .map(|v| {
+                let table = v.table();
+                let gate = v.gate().status();
+                let stats = v.stats();
+                VolumeStatus {
+                    name: v.name().into(),
+                    description: v.spec().description.clone(),
+                    size: table.size(),
+                    read_only: v.spec().read_only,
+                    generation: table.generation(),
+                    state: gate.state.into(),
+                    extents: table
+                        .extents()
+                        .iter()
+                        .map(|e| match &e.target {
+                            Target::Store { store, offset } => ExtentStatus {
+                                start: e.start,
+                                length: e.length,
+                                backend: Some(store.clone()),
+                                backend_offset: Some(*offset),
+                                zero: false,
+                            },
+                            Target::Zero => ExtentStatus { start: e.start, length: e.length, backend: None, backend_offset: None, zero: true },
+                        })
+                        .collect(),
+                    held_ranges: gate.held_ranges.iter().map(|r| RangeStatus { start: r.start, length: r.len() }).collect(),
+                    in_flight: gate.in_flight,
+                    held_requests: gate.held_requests,
+                    connections: connections.iter().filter(|c| c.export.as_deref() == Some(v.name())).count(),
+                    swaps: stats.swaps,
+                    last_hold_us: stats.last_hold_us,
+                    last_drain_us: stats.last_drain_us,
+                    last_error: stats.last_error,
+                    manual_pause: manual.contains_key(v.name()),
+                }
+            })
+            .collect();
+        let mut backends: Vec<BackendStatus> = lock(&self.stores)
+            .values()
+            .map(|s| {
+                let info = s.handle.info();
+                BackendStatus {
+                    name: s.config.spec.name.clone(),
+                    kind: info.kind,
+                    path: info.path.clone(),
+                    size: info.size,
+                    shared: s.config.shared,
+                    rotational: info.rotational,
+                }
+            })
+            .collect();
+        backends.sort_by(|a, b| a.name.cmp(&b.name));
+        Status { config: self.config_path.clone(), listen, volumes, backends }
+    }
+
+    /// Re-reads the config file and applies it under live I/O.
+    pub fn reload(&self, force: bool) -> Result<ReloadReport, String> {
+        let _admin = lock(&self.admin);
+        let path = self.config_path.clone().ok_or("the server runs on the embedded default; there is no config file to reload")?;
+        let new = Config::load(&path).map_err(|e| e.to_string())?;
+        let old = lock(&self.config).clone();
+        let file = new.file_name();
+        let catalog = self.catalog();
+        let mut report = ReloadReport::default();
+        if new.server.listen != old.server.listen {
+            report.needs_restart.push("server.listen".into());
+        }
+        if new.server.control != old.server.control {
+            report.needs_restart.push("server.control".into());
+        }
+        if new.server.state_dir != old.server.state_dir {
+            report.needs_restart.push("server.state_dir".into());
+        }
+        if new.server.io_threads != old.server.io_threads || new.server.max_inflight != old.server.max_inflight {
+            report.needs_restart.push("server.io_threads/max_inflight".into());
+        }
+        // Stage everything before changing anything.
+        let existing = lock(&self.stores).clone();
+        let stores = config::open_stores(&new, &existing).map_err(|e| e.to_string())?;
+        let handles = config::handles(&stores);
+        enum Plan {
+            Keep(Arc<Volume>),
+            Swap(Arc<Volume>, MappingTable),
+            Add(Arc<Volume>, MappingTable),
+        }
+        let mut plans = Vec::new();
+        let mut tables = Vec::new();
+        for v in &new.volumes {
+            let record = self.state.load(&v.name)?;
+            match catalog.volumes.get(&v.name) {
+                Some(volume) => {
+                    let spec = volume.spec();
+                    if spec.read_only != v.read_only || spec.block_size != v.block_size || spec.description != v.description {
+                        return Err(format!(
+                            "{file}:{}: volume '{}': changing read_only, block_size or description of a live volume is not supported; remove it, reload, add it back (or restart)",
+                            v.line, v.name
+                        ));
+                    }
+                    let current = volume.table();
+                    let decision = decide(v, record.as_ref()).map_err(|why| format!("{file}:{}: volume '{}': {why}", v.line, v.name))?;
+                    match decision {
+                        Decision::Keep(t) if t.extents() == current.extents() => {
+                            tables.push(current);
+                            plans.push(Plan::Keep(volume.clone()));
+                        }
+                        Decision::Keep(t) | Decision::Commit(t, _) => {
+                            let t = t.with_generation(current.generation() + 1);
+                            tables.push(t.clone());
+                            plans.push(Plan::Swap(volume.clone(), t));
+                        }
+                    }
+                }
+                None => {
+                    let table = match decide(v, record.as_ref()) {
+                        Ok(Decision::Keep(t)) => t,
+                        Ok(Decision::Commit(t, _)) => t,
+                        Err(why) => return Err(format!("{file}:{}: volume '{}': {why}", v.line, v.name)),
+                    };
+                    let volume = Arc::new(config::build_volume(&file, v, table.clone(), &handles).map_err(|e| e.to_string())?);
+                    tables.push(table.clone());
+                    plans.push(Plan::Add(volume, table));
+                }
+            }
+        }
+        config::validate_tables(&new, &tables).map_err(|e| e.to_string())?;
+        let removed: Vec<String> = catalog.volumes.keys().filter(|n| !new.volumes.iter().any(|v| &v.name == *n)).cloned().collect();
+        let connections = lock(&self.server).connections();
+        for name in &removed {
+            let n = connections.iter().filter(|c| c.export.as_deref() == Some(name.as_str())).count();
+            if n > 0 && !force {
+                return Err(format!("volume '{name}' is removed from the config but has {n} client connection(s); disconnect them or reload with --force"));
+            }
+        }
+        // Translations for the swaps, checked against the stores now.
+        let mut staged = Vec::new();
+        for plan in &plans {
+            if let Plan::Swap(volume, table) = plan {
+                let v = new.volumes.iter().find(|v| v.name == volume.name()).expect("planned from config");
+                staged.push((volume.clone(), v, config::build_translation(&file, v, table.clone(), &handles).map_err(|e| e.to_string())?));
+            }
+        }
+        // Apply: swaps (each atomic and persisted), then the new catalog.
+        for (volume, v, translation) in staged {
+            let mut commit = PersistCommit::new(&self.state, volume.name(), v.extents.clone(), "reload");
+            match volume.swap(translation, &self.swap, &mut commit) {
+                Ok(r) => report.swapped.push(r),
+                Err(e) => report.errors.push(e.to_string()),
+            }
+        }
+        let mut volumes = BTreeMap::new();
+        for plan in plans {
+            match plan {
+                Plan::Keep(v) => {
+                    report.unchanged.push(v.name().into());
+                    volumes.insert(v.name().to_string(), v);
+                }
+                Plan::Swap(v, _) => {
+                    volumes.insert(v.name().to_string(), v);
+                }
+                Plan::Add(v, table) => {
+                    let vc = new.volumes.iter().find(|c| c.name == v.name()).expect("planned from config");
+                    if let Err(e) = self.state.commit(&VolumeRecord {
+                        volume: v.name().into(),
+                        generation: table.generation(),
+                        extents: table.extents().to_vec(),
+                        config_extents: vc.extents.clone(),
+                        reason: "added".into(),
+                        committed_at: now_secs(),
+                    }) {
+                        report.errors.push(format!("volume '{}': not added: persisting failed: {e}", v.name()));
+                        continue;
+                    }
+                    report.added.push(v.name().into());
+                    volumes.insert(v.name().to_string(), v);
+                }
+            }
+        }
+        report.backends_opened = stores.keys().filter(|n| !existing.contains_key(*n)).cloned().collect();
+        report.backends_closed = existing.keys().filter(|n| !stores.contains_key(*n)).cloned().collect();
+        let default_export = new.server.default_export.clone().or_else(|| new.volumes.first().map(|v| v.name.clone()));
+        let server = lock(&self.server);
+        server.set_catalog(Catalog { stores: handles, volumes, default_export });
+        for name in &removed {
+            report.disconnected += server.disconnect_export(name);
+            report.removed.push(name.clone());
+        }
+        drop(server);
+        *lock(&self.stores) = stores;
+        *lock(&self.config) = new;
+        tracing::info!(?report, "reload applied");
+        if report.errors.is_empty() {
+            Ok(report)
+        } else {
+            Err(format!("reload partly failed: {}", report.errors.join("; ")))
+        }
+    }
+
+    /// Holds `range` (the whole volume if `None`) of `volume` until `resume`
+    /// or until `timeout` passes, whichever is first.
+    pub fn pause(self: &Arc<Self>, volume: &str, range: Option<Range>, timeout: Duration) -> Result<String, String> {
+        let _admin = lock(&self.admin);
+        let v = self.volume(volume)?;
+        if lock(&self.manual).contains_key(volume) {
+            return Err(format!("volume '{volume}' is already paused"));
+        }
+        if let Some(r) = range {
+            if r.is_empty() || r.end > v.size() {
+                return Err(format!("range {}+{} is not inside volume '{volume}' ({} bytes)", r.start, r.len(), v.size()));
+            }
+        }
+        let drain_timeout = lock(&self.config).server.pause_timeout;
+        let hold = v.pause(range.into_iter().collect(), drain_timeout).map_err(|e| e.to_string())?;
+        let token = self.next_token.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        lock(&self.manual).insert(volume.to_string(), ManualPause { hold, token });
+        let me = Arc::downgrade(self);
+        let name = volume.to_string();
+        std::thread::spawn(move || {
+            std::thread::sleep(timeout);
+            if let Some(d) = me.upgrade() {
+                let mut manual = lock(&d.manual);
+                if manual.get(&name).is_some_and(|p| p.token == token) {
+                    let p = manual.remove(&name).expect("checked");
+                    drop(manual);
+                    if let Ok(v) = d.volume(&name) {
+                        v.resume(p.hold);
+                    }
+                    tracing::warn!(volume = %name, ?timeout, "manual pause timed out; resumed");
+                }
+            }
+        });
+        tracing::info!(volume, ?range, ?timeout, "paused by operator");
+        Ok(format!("volume '{volume}' paused (automatic resume after {timeout:?})"))
+    }
+
+    pub fn resume(&self, volume: &str) -> Result<String, String> {
+        let _admin = lock(&self.admin);
+        let v = self.volume(volume)?;
+        let p = lock(&self.manual).remove(volume).ok_or_else(|| format!("volume '{volume}' is not paused"))?;
+        v.resume(p.hold);
+        tracing::info!(volume, "resumed by operator");
+        Ok(format!("volume '{volume}' resumed"))
+    }
+
+    /// Archived generations of a volume, for operators.
+    pub fn history(&self, volume: &str) -> Result<Vec<VolumeRecord>, String> {
+        let gens = self.state.history(volume).map_err(|e| e.to_string())?;
+        gens.into_iter().map(|g| self.state.load_generation(volume, g)).collect()
+    }
+}

@@ -1,0 +1,182 @@
+//! Durable record of each volume's mapping in force, under `state_dir`:
+//!
+//! ```text
+//! STATE_DIR/volumes/NAME/current.json          the committed generation
+//! STATE_DIR/volumes/NAME/history/GEN.json      every generation ever committed
+//! ```
+//!
+//! A commit is split so that the part done while I/O is paused is short:
+//! [`StateDir::prepare`] writes `current.json.tmp` and fsyncs it (before the
+//! pause); [`StateDir::commit_prepared`] renames it over `current.json` and
+//! fsyncs the directory (while paused); [`StateDir::archive`] then writes the
+//! history copy. A crash at any point leaves `current.json` naming exactly
+//! one complete generation: the old one until the rename is durable, the new
+//! one after. The history is an archive for operators, never read to decide
+//! what is in force.
+
+use crate::map::Extent;
+use serde::{Deserialize, Serialize};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub volume: String,
+    pub generation: u64,
+    pub extents: Vec<Extent>,
+    /// The config file's extents when the config was last applied to this
+    /// volume. When `extents` differs, the mapping was changed at run time
+    /// (migration, operator) and a reload must not silently undo that.
+    pub config_extents: Vec<Extent>,
+    /// Why this generation exists ("initial", "reload", "migration"...).
+    pub reason: String,
+    /// Seconds since the epoch.
+    pub committed_at: u64,
+}
+
+impl VolumeRecord {
+    pub fn has_runtime_changes(&self) -> bool {
+        self.extents != self.config_extents
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+fn context(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(path).map_err(|e| context(path, e))?;
+    f.write_all(bytes).map_err(|e| context(path, e))?;
+    f.sync_all().map_err(|e| context(path, e))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| context(dir, e))
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl StateDir {
+    pub fn open(root: &Path) -> io::Result<StateDir> {
+        fs::create_dir_all(root.join("volumes")).map_err(|e| context(root, e))?;
+        Ok(StateDir { root: root.to_path_buf() })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn volume_dir(&self, volume: &str) -> PathBuf {
+        self.root.join("volumes").join(volume)
+    }
+
+    /// The committed record of `volume`, if it was ever committed.
+    pub fn load(&self, volume: &str) -> Result<Option<VolumeRecord>, String> {
+        let path = self.volume_dir(volume).join("current.json");
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| format!("{}: corrupt state: {e}", path.display())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// Makes `record` the committed generation of its volume, durably
+    /// (all three steps at once).
+    pub fn commit(&self, record: &VolumeRecord) -> io::Result<()> {
+        self.prepare(record)?;
+        self.commit_prepared(&record.volume)?;
+        self.archive(record)
+    }
+
+    /// Writes `record` next to the committed one, durably, without making
+    /// it current.
+    pub fn prepare(&self, record: &VolumeRecord) -> io::Result<()> {
+        let dir = self.volume_dir(&record.volume);
+        fs::create_dir_all(&dir).map_err(|e| context(&dir, e))?;
+        let bytes = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
+        write_durably(&dir.join("current.json.tmp"), &bytes)
+    }
+
+    /// Makes the prepared record current: rename, then fsync the directory.
+    pub fn commit_prepared(&self, volume: &str) -> io::Result<()> {
+        let dir = self.volume_dir(volume);
+        let current = dir.join("current.json");
+        fs::rename(dir.join("current.json.tmp"), &current).map_err(|e| context(&current, e))?;
+        sync_dir(&dir)
+    }
+
+    /// Copies a committed record into the history.
+    pub fn archive(&self, record: &VolumeRecord) -> io::Result<()> {
+        let history = self.volume_dir(&record.volume).join("history");
+        fs::create_dir_all(&history).map_err(|e| context(&history, e))?;
+        let bytes = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
+        write_durably(&history.join(format!("{:010}.json", record.generation)), &bytes)?;
+        sync_dir(&history)
+    }
+
+    /// Archived generations of `volume`, oldest first.
+    pub fn history(&self, volume: &str) -> io::Result<Vec<u64>> {
+        let dir = self.volume_dir(volume).join("history");
+        let mut gens = Vec::new();
+        match fs::read_dir(&dir) {
+            Ok(entries) => {
+                for e in entries.flatten() {
+                    if let Some(g) = e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).and_then(|n| n.parse().ok()) {
+                        gens.push(g);
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(context(&dir, e)),
+        }
+        gens.sort_unstable();
+        Ok(gens)
+    }
+
+    /// One archived generation.
+    pub fn load_generation(&self, volume: &str, generation: u64) -> Result<VolumeRecord, String> {
+        let path = self.volume_dir(volume).join("history").join(format!("{generation:010}.json"));
+        let bytes = fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_slice(&bytes).map_err(|e| format!("{}: corrupt: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::map::Target;
+
+    #[test]
+    fn commit_load_and_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        assert_eq!(state.load("v").unwrap(), None);
+        let extents = vec![Extent { start: 0, length: 4096, target: Target::Store { store: "a".into(), offset: 0 } }];
+        let mut rec = VolumeRecord {
+            volume: "v".into(),
+            generation: 1,
+            extents: extents.clone(),
+            config_extents: extents,
+            reason: "initial".into(),
+            committed_at: now_secs(),
+        };
+        state.commit(&rec).unwrap();
+        rec.generation = 2;
+        rec.extents[0].target = Target::Zero;
+        state.commit(&rec).unwrap();
+        assert_eq!(state.load("v").unwrap(), Some(rec.clone()));
+        assert!(rec.has_runtime_changes());
+        assert_eq!(state.history("v").unwrap(), vec![1, 2]);
+        assert_eq!(state.load_generation("v", 1).unwrap().generation, 1);
+        std::fs::write(dir.path().join("volumes/v/current.json"), b"{").unwrap();
+        assert!(state.load("v").unwrap_err().contains("corrupt"));
+    }
+}

@@ -1,0 +1,1194 @@
+//! NBD protocol conformance, checked byte by byte with a raw client written
+//! here (std `UnixStream`, headers built by hand rather than with the
+//! crate's encoders) against the real `nbdvirt` binary. The authority is
+//! the NBD protocol document (doc/proto.md of NetworkBlockDevice/nbd).
+//!
+//! Every socket has a read and write timeout, so a server that hangs makes
+//! the test fail instead of hanging it.
+mod common;
+use common::*;
+use nbdvirt::nbd::{
+    CMD_BLOCK_STATUS, CMD_CACHE, CMD_DISC, CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE,
+    CMD_WRITE_ZEROES, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_BLOCK_SIZE,
+    INFO_DESCRIPTION, INFO_EXPORT, INFO_NAME, NBDMAGIC, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO, OPT_LIST, OPT_LIST_META_CONTEXT,
+    OPT_REPLY_MAGIC, OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_NONE,
+    REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE, REP_ACK, REP_ERR_INVALID, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_FLAG_ERROR, REP_INFO,
+    REP_META_CONTEXT, REP_SERVER, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STATE_HOLE, STATE_ZERO, STRUCTURED_REPLY_MAGIC, TFLAG_CAN_MULTI_CONN,
+    TFLAG_HAS_FLAGS, TFLAG_READ_ONLY, TFLAG_SEND_CACHE, TFLAG_SEND_DF, TFLAG_SEND_FAST_ZERO, TFLAG_SEND_FLUSH, TFLAG_SEND_FUA,
+    TFLAG_SEND_TRIM, TFLAG_SEND_WRITE_ZEROES,
+};
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+const MIB: u64 = 1 << 20;
+/// Size of export "v": two 8 MiB extents over distinct halves of backend "m".
+const SIZE: u64 = 16 * MIB;
+const BOUNDARY: u64 = 8 * MIB;
+const RO_SIZE: u64 = MIB;
+const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+
+// NBD error numbers (proto.md, "Error values").
+const EPERM: u32 = 1;
+const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
+const EOVERFLOW: u32 = 75;
+
+const CONFIG: &str = r#"
+[[backend]]
+name = "m"
+memory = true
+size = "16MiB"
+
+[[backend]]
+name = "r"
+memory = true
+size = "1MiB"
+
+[[volume]]
+name = "v"
+description = "test volume"
+[[volume.extent]]
+length = "8MiB"
+backend = "m"
+[[volume.extent]]
+length = "8MiB"
+backend = "m"
+backend_offset = "8MiB"
+
+[[volume]]
+name = "ro"
+description = "read-only volume"
+read_only = true
+[[volume.extent]]
+length = "1MiB"
+backend = "r"
+"#;
+
+fn start() -> TestServer {
+    TestServer::start(CONFIG)
+}
+
+// ---------------------------------------------------------------------------
+// Raw client
+// ---------------------------------------------------------------------------
+
+fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes(b[..2].try_into().unwrap())
+}
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().unwrap())
+}
+fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().unwrap())
+}
+
+fn connect(server: &TestServer) -> UnixStream {
+    let s = UnixStream::connect(&server.socket).expect("connect to nbdvirt");
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(TIMEOUT)).unwrap();
+    s
+}
+
+fn read_n(s: &mut UnixStream, n: usize, what: &str) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    if let Err(e) = s.read_exact(&mut buf) {
+        panic!("reading {what} ({n} bytes): {e}");
+    }
+    buf
+}
+
+/// Asserts the server closes the connection (EOF or reset) within the timeout.
+fn expect_closed(s: &mut UnixStream, what: &str) {
+    let deadline = Instant::now() + TIMEOUT;
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => panic!("{what}: expected the server to close, got {n} more bytes: {:02x?}", &buf[..n.min(64)]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset || e.kind() == ErrorKind::BrokenPipe => return,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("{what}: expected the server to close the connection, got {e}"),
+        }
+        assert!(Instant::now() < deadline, "{what}: server did not close the connection");
+    }
+}
+
+/// Hand-built request header (proto.md, "Request message").
+fn header(flags: u16, cmd: u16, cookie: u64, offset: u64, length: u32) -> [u8; 28] {
+    let mut h = [0u8; 28];
+    h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    h[4..6].copy_from_slice(&flags.to_be_bytes());
+    h[6..8].copy_from_slice(&cmd.to_be_bytes());
+    h[8..16].copy_from_slice(&cookie.to_be_bytes());
+    h[16..24].copy_from_slice(&offset.to_be_bytes());
+    h[24..28].copy_from_slice(&length.to_be_bytes());
+    h
+}
+
+/// NBD_OPT_INFO / NBD_OPT_GO payload.
+fn info_payload(name: &str, infos: &[u16]) -> Vec<u8> {
+    let mut d = Vec::new();
+    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+    for i in infos {
+        d.extend_from_slice(&i.to_be_bytes());
+    }
+    d
+}
+
+/// NBD_OPT_{LIST,SET}_META_CONTEXT payload.
+fn meta_payload(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut d = Vec::new();
+    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+    }
+    d
+}
+
+/// One option reply.
+#[derive(Debug, Clone)]
+struct OptReply {
+    option: u32,
+    kind: u32,
+    data: Vec<u8>,
+}
+
+impl OptReply {
+    fn is_final(&self) -> bool {
+        self.kind == REP_ACK || self.kind & REP_FLAG_ERROR != 0
+    }
+}
+
+/// The client side of option haggling.
+struct Handshake {
+    s: UnixStream,
+    structured: bool,
+}
+
+impl Handshake {
+    /// Connects, checks the greeting and sends `client_flags`.
+    fn start_with(server: &TestServer, client_flags: u32) -> Handshake {
+        let mut s = connect(server);
+        let g = read_n(&mut s, 18, "greeting");
+        assert_eq!(be64(&g[0..]), NBDMAGIC, "greeting magic");
+        assert_eq!(be64(&g[8..]), IHAVEOPT, "greeting IHAVEOPT");
+        s.write_all(&client_flags.to_be_bytes()).unwrap();
+        Handshake { s, structured: false }
+    }
+
+    fn start(server: &TestServer) -> Handshake {
+        Self::start_with(server, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+    }
+
+    fn send_option(&mut self, option: u32, data: &[u8]) {
+        let mut m = Vec::with_capacity(16 + data.len());
+        m.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        m.extend_from_slice(&option.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        self.s.write_all(&m).unwrap();
+    }
+
+    fn reply(&mut self) -> OptReply {
+        let h = read_n(&mut self.s, 20, "option reply header");
+        assert_eq!(be64(&h), OPT_REPLY_MAGIC, "option reply magic");
+        let len = be32(&h[16..]);
+        assert!(len <= 1 << 20, "absurd option reply length {len}");
+        let data = read_n(&mut self.s, len as usize, "option reply data");
+        OptReply { option: be32(&h[8..]), kind: be32(&h[12..]), data }
+    }
+
+    /// Sends `option` and collects its replies up to the final one (ACK or
+    /// error), checking each echoes the option.
+    fn exchange(&mut self, option: u32, data: &[u8]) -> Vec<OptReply> {
+        self.send_option(option, data);
+        let mut out = Vec::new();
+        loop {
+            let r = self.reply();
+            assert_eq!(r.option, option, "reply {r:?} does not echo option {option}");
+            let last = r.is_final();
+            out.push(r);
+            if last {
+                return out;
+            }
+            assert!(out.len() < 1000, "endless option replies");
+        }
+    }
+
+    /// Sends `option` and expects one error reply of type `err` (no other replies).
+    fn expect_error(&mut self, option: u32, data: &[u8], err: u32) {
+        let r = self.exchange(option, data);
+        assert_eq!(r.len(), 1, "expected a lone error reply to option {option}, got {r:?}");
+        assert_eq!(r[0].kind, err, "option {option}: expected reply type {err:#x}, got {:?}", r[0]);
+    }
+
+    fn structured_reply(&mut self) {
+        let r = self.exchange(OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].kind, REP_ACK, "STRUCTURED_REPLY refused: {r:?}");
+        self.structured = true;
+    }
+
+    /// SET_META_CONTEXT; returns the (id, name) pairs selected.
+    fn set_meta(&mut self, export: &str, queries: &[&str]) -> Vec<(u32, String)> {
+        let r = self.exchange(OPT_SET_META_CONTEXT, &meta_payload(export, queries));
+        assert_eq!(r.last().unwrap().kind, REP_ACK, "SET_META_CONTEXT failed: {r:?}");
+        contexts(&r)
+    }
+
+    /// NBD_OPT_GO; asserts success and returns the transmission connection.
+    fn go(mut self, export: &str) -> Conn {
+        let r = self.exchange(OPT_GO, &info_payload(export, &[]));
+        assert_eq!(r.last().unwrap().kind, REP_ACK, "GO {export} failed: {r:?}");
+        let (size, flags) = info_export(&r).expect("GO reply without NBD_INFO_EXPORT");
+        Conn::new(self.s, self.structured, size, flags)
+    }
+}
+
+/// The (id, name) pairs of the META_CONTEXT replies in `r`.
+fn contexts(r: &[OptReply]) -> Vec<(u32, String)> {
+    r.iter()
+        .filter(|x| x.kind == REP_META_CONTEXT)
+        .map(|x| {
+            assert!(x.data.len() >= 4, "short META_CONTEXT reply {x:?}");
+            (be32(&x.data), String::from_utf8(x.data[4..].to_vec()).expect("context name is UTF-8"))
+        })
+        .collect()
+}
+
+/// (size, flags) of the NBD_INFO_EXPORT reply in `r`, checking its length.
+fn info_export(r: &[OptReply]) -> Option<(u64, u16)> {
+    let infos: Vec<_> = r.iter().filter(|x| x.kind == REP_INFO && be16(&x.data) == INFO_EXPORT).collect();
+    assert!(infos.len() <= 1, "NBD_INFO_EXPORT sent {} times", infos.len());
+    infos.first().map(|x| {
+        assert_eq!(x.data.len(), 12, "NBD_INFO_EXPORT length");
+        (be64(&x.data[2..]), be16(&x.data[10..]))
+    })
+}
+
+/// Connects and enters transmission on `export` with NBD_OPT_GO.
+fn open(server: &TestServer, export: &str, structured: bool) -> Conn {
+    let mut h = Handshake::start(server);
+    if structured {
+        h.structured_reply();
+    }
+    h.go(export)
+}
+
+/// A request awaiting its reply.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    cmd: u16,
+    offset: u64,
+    length: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Chunk {
+    flags: u16,
+    kind: u16,
+    payload: Vec<u8>,
+}
+
+/// A complete reply to one request.
+#[derive(Debug, Default)]
+struct Outcome {
+    /// 0 on success; the first error otherwise.
+    error: u32,
+    /// READ data (reassembled from structured chunks).
+    data: Vec<u8>,
+    /// Structured chunks, in arrival order (empty for a simple reply).
+    chunks: Vec<Chunk>,
+    simple: bool,
+}
+
+#[derive(Default)]
+struct Partial {
+    error: u32,
+    data: Vec<u8>,
+    /// (offset in request, length) of each content chunk.
+    covered: Vec<(u64, u64)>,
+    chunks: Vec<Chunk>,
+}
+
+/// The client side of the transmission phase. It knows the requests in
+/// flight, so it can frame simple READ replies, validates every reply
+/// against its request, and fails on any reply to a cookie that is not
+/// in flight (an unknown cookie, or a second reply to one).
+struct Conn {
+    s: UnixStream,
+    structured: bool,
+    size: u64,
+    flags: u16,
+    pending: HashMap<u64, Pending>,
+    partial: HashMap<u64, Partial>,
+    next_cookie: u64,
+}
+
+impl Conn {
+    fn new(s: UnixStream, structured: bool, size: u64, flags: u16) -> Conn {
+        Conn { s, structured, size, flags, pending: HashMap::new(), partial: HashMap::new(), next_cookie: 0x1000_0000_0000_0001 }
+    }
+
+    fn cookie(&mut self) -> u64 {
+        self.next_cookie = self.next_cookie.wrapping_add(0x0101_0101);
+        self.next_cookie
+    }
+
+    /// Sends one request; `payload` is written after the header as is.
+    fn send(&mut self, flags: u16, cmd: u16, cookie: u64, offset: u64, length: u32, payload: &[u8]) {
+        if cmd != CMD_DISC {
+            let old = self.pending.insert(cookie, Pending { cmd, offset, length });
+            assert!(old.is_none(), "test bug: cookie {cookie:#x} reused while in flight");
+        }
+        let mut m = Vec::with_capacity(28 + payload.len());
+        m.extend_from_slice(&header(flags, cmd, cookie, offset, length));
+        m.extend_from_slice(payload);
+        self.s.write_all(&m).expect("send request");
+    }
+
+    /// Reads replies until one request is complete; returns its cookie and outcome.
+    fn next(&mut self) -> (u64, Outcome) {
+        loop {
+            let magic = be32(&read_n(&mut self.s, 4, "reply magic"));
+            match magic {
+                SIMPLE_REPLY_MAGIC => {
+                    let h = read_n(&mut self.s, 12, "simple reply");
+                    let (error, cookie) = (be32(&h), be64(&h[4..]));
+                    let p = self.pending.remove(&cookie).unwrap_or_else(|| panic!("simple reply for cookie {cookie:#x}, not in flight"));
+                    assert!(!self.partial.contains_key(&cookie), "simple reply after structured chunks for {cookie:#x}");
+                    assert!(
+                        !(self.structured && p.cmd == CMD_READ),
+                        "simple reply to READ after structured replies were negotiated (proto.md forbids it)"
+                    );
+                    let data = if p.cmd == CMD_READ && error == 0 { read_n(&mut self.s, p.length as usize, "READ data") } else { Vec::new() };
+                    return (cookie, Outcome { error, data, chunks: Vec::new(), simple: true });
+                }
+                STRUCTURED_REPLY_MAGIC => {
+                    assert!(self.structured, "structured reply chunk although structured replies were not negotiated");
+                    let h = read_n(&mut self.s, 16, "chunk header");
+                    let (flags, kind, cookie, len) = (be16(&h), be16(&h[2..]), be64(&h[4..]), be32(&h[12..]));
+                    assert!(len <= MAX_PAYLOAD + 64, "chunk of {len} bytes");
+                    let payload = read_n(&mut self.s, len as usize, "chunk payload");
+                    let p = *self.pending.get(&cookie).unwrap_or_else(|| panic!("chunk for cookie {cookie:#x}, not in flight"));
+                    let part = self.partial.entry(cookie).or_default();
+                    absorb(part, &p, flags, kind, &payload);
+                    part.chunks.push(Chunk { flags, kind, payload });
+                    if flags & REPLY_FLAG_DONE != 0 {
+                        self.pending.remove(&cookie);
+                        let part = self.partial.remove(&cookie).unwrap();
+                        return (cookie, finish(part, &p));
+                    }
+                }
+                other => panic!("bad reply magic {other:#010x}"),
+            }
+        }
+    }
+
+    /// Sends one request and waits for its reply (nothing else in flight).
+    fn request(&mut self, flags: u16, cmd: u16, offset: u64, length: u32, payload: &[u8]) -> Outcome {
+        assert!(self.pending.is_empty());
+        let cookie = self.cookie();
+        self.send(flags, cmd, cookie, offset, length, payload);
+        let (got, outcome) = self.next();
+        assert_eq!(got, cookie, "reply to the wrong cookie");
+        outcome
+    }
+
+    fn read(&mut self, offset: u64, length: u32) -> Vec<u8> {
+        let o = self.request(0, CMD_READ, offset, length, &[]);
+        assert_eq!(o.error, 0, "READ {offset}+{length} failed: {o:?}");
+        assert_eq!(o.data.len(), length as usize);
+        o.data
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let o = self.request(0, CMD_WRITE, offset, data.len() as u32, data);
+        assert_eq!(o.error, 0, "WRITE {offset}+{} failed: {o:?}", data.len());
+    }
+
+    /// Asserts the connection still works: write and read back a block.
+    fn check_alive(&mut self, seed: u64) {
+        if self.flags & TFLAG_READ_ONLY != 0 {
+            assert_eq!(self.read(0, 512).len(), 512);
+            return;
+        }
+        let data = pattern(seed, 4096);
+        self.write(3 * MIB, &data);
+        assert_eq!(self.read(3 * MIB, 4096), data, "data read back differs");
+    }
+
+    fn expect_error(&mut self, flags: u16, cmd: u16, offset: u64, length: u32, payload: &[u8], err: u32, what: &str) {
+        let o = self.request(flags, cmd, offset, length, payload);
+        assert_eq!(o.error, err, "{what}: expected error {err}, got {o:?}");
+        if self.structured && !o.simple {
+            let e = o.chunks.iter().find(|c| c.kind & 0x8000 != 0).expect("error chunk");
+            assert!(e.flags & REPLY_FLAG_DONE != 0 || o.chunks.last().unwrap().flags & REPLY_FLAG_DONE != 0);
+        }
+        self.check_alive(err as u64 * 7 + length as u64);
+    }
+
+    fn disc(&mut self) {
+        let cookie = self.cookie();
+        self.send(0, CMD_DISC, cookie, 0, 0, &[]);
+    }
+}
+
+/// Applies one structured chunk to a partial reply, checking it against the request.
+fn absorb(part: &mut Partial, p: &Pending, flags: u16, kind: u16, payload: &[u8]) {
+    assert_eq!(flags & !REPLY_FLAG_DONE, 0, "unknown chunk flags {flags:#x}");
+    let in_range = |off: u64, len: u64| off >= p.offset && off.checked_add(len).is_some_and(|e| e <= p.offset + p.length as u64);
+    match kind {
+        REPLY_TYPE_NONE => {
+            assert!(payload.is_empty(), "NONE chunk with payload");
+            assert!(flags & REPLY_FLAG_DONE != 0, "NONE chunk without DONE");
+        }
+        REPLY_TYPE_OFFSET_DATA => {
+            assert_eq!(p.cmd, CMD_READ, "OFFSET_DATA for a non-READ");
+            assert!(payload.len() > 8, "OFFSET_DATA without data ({} bytes)", payload.len());
+            let off = be64(payload);
+            let len = (payload.len() - 8) as u64;
+            assert!(in_range(off, len), "OFFSET_DATA {off}+{len} outside request {p:?}");
+            if part.data.is_empty() {
+                part.data = vec![0xEE; p.length as usize];
+            }
+            let start = (off - p.offset) as usize;
+            part.data[start..start + len as usize].copy_from_slice(&payload[8..]);
+            part.covered.push((off - p.offset, len));
+        }
+        REPLY_TYPE_OFFSET_HOLE => {
+            assert_eq!(p.cmd, CMD_READ, "OFFSET_HOLE for a non-READ");
+            assert_eq!(payload.len(), 12, "OFFSET_HOLE length");
+            let (off, len) = (be64(payload), be32(&payload[8..]) as u64);
+            assert!(len > 0 && in_range(off, len), "OFFSET_HOLE {off}+{len} outside request {p:?}");
+            if part.data.is_empty() {
+                part.data = vec![0xEE; p.length as usize];
+            }
+            let start = (off - p.offset) as usize;
+            part.data[start..start + len as usize].fill(0);
+            part.covered.push((off - p.offset, len));
+        }
+        REPLY_TYPE_BLOCK_STATUS => {
+            assert_eq!(p.cmd, CMD_BLOCK_STATUS, "BLOCK_STATUS chunk for another command");
+            assert!(payload.len() >= 12 && (payload.len() - 4) % 8 == 0, "BLOCK_STATUS chunk of {} bytes", payload.len());
+        }
+        k if k & 0x8000 != 0 => {
+            assert!(payload.len() >= 6, "error chunk of {} bytes", payload.len());
+            let (err, msg_len) = (be32(payload), be16(&payload[4..]) as usize);
+            assert_ne!(err, 0, "error chunk with error 0");
+            let extra = if k == (1 << 15) | 2 { 8 } else { 0 };
+            assert_eq!(payload.len(), 6 + msg_len + extra, "error chunk message length");
+            if part.error == 0 {
+                part.error = err;
+            }
+        }
+        other => panic!("unknown reply chunk type {other}"),
+    }
+}
+
+fn finish(mut part: Partial, p: &Pending) -> Outcome {
+    if p.cmd == CMD_READ {
+        // Content chunks must not overlap, and on success must cover the request.
+        part.covered.sort();
+        let mut end = 0;
+        for &(off, len) in &part.covered {
+            assert!(off >= end, "overlapping content chunks {:?}", part.covered);
+            if part.error == 0 {
+                assert_eq!(off, end, "content chunks leave a gap at {end}: {:?}", part.covered);
+            }
+            end = off + len;
+        }
+        if part.error == 0 {
+            assert_eq!(end, p.length as u64, "content chunks do not cover the request");
+            if p.length == 0 {
+                part.data = Vec::new();
+            }
+        }
+    }
+    if p.cmd == CMD_BLOCK_STATUS && part.error == 0 {
+        assert!(part.chunks.iter().any(|c| c.kind == REPLY_TYPE_BLOCK_STATUS), "successful BLOCK_STATUS without a status chunk");
+    }
+    Outcome { error: part.error, data: part.data, chunks: part.chunks, simple: false }
+}
+
+/// (context id, descriptors) of a BLOCK_STATUS chunk.
+fn descriptors(c: &Chunk) -> (u32, Vec<(u32, u32)>) {
+    assert_eq!(c.kind, REPLY_TYPE_BLOCK_STATUS);
+    let id = be32(&c.payload);
+    let d = c.payload[4..].chunks(8).map(|x| (be32(x), be32(&x[4..]))).collect();
+    (id, d)
+}
+
+// ---------------------------------------------------------------------------
+// Handshake
+// ---------------------------------------------------------------------------
+
+#[test]
+fn greeting_is_fixed_newstyle_with_no_zeroes() {
+    let server = start();
+    let mut s = connect(&server);
+    let g = read_n(&mut s, 18, "greeting");
+    let mut want = Vec::new();
+    want.extend_from_slice(b"NBDMAGIC");
+    want.extend_from_slice(b"IHAVEOPT");
+    want.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    assert_eq!(g, want);
+    assert_eq!(&g[16..], &[0, 3]);
+    // Nothing more is sent until the client speaks.
+    s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut extra = [0u8; 1];
+    match s.read(&mut extra) {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        other => panic!("server sent more than the greeting: {other:?}"),
+    }
+}
+
+#[test]
+fn opt_list_returns_every_export_with_description() {
+    let server = start();
+    let mut h = Handshake::start(&server);
+    let r = h.exchange(OPT_LIST, &[]);
+    assert_eq!(r.last().unwrap().kind, REP_ACK);
+    assert!(r.last().unwrap().data.is_empty(), "ACK with data");
+    let mut exports: Vec<(String, String)> = r[..r.len() - 1]
+        .iter()
+        .map(|x| {
+            assert_eq!(x.kind, REP_SERVER, "unexpected reply in LIST: {x:?}");
+            let n = be32(&x.data) as usize;
+            assert!(4 + n <= x.data.len(), "name length beyond reply");
+            (String::from_utf8(x.data[4..4 + n].to_vec()).unwrap(), String::from_utf8(x.data[4 + n..].to_vec()).unwrap())
+        })
+        .collect();
+    exports.sort();
+    assert_eq!(
+        exports,
+        vec![("ro".to_string(), "read-only volume".to_string()), ("v".to_string(), "test volume".to_string())]
+    );
+    // LIST with data is refused, and haggling goes on.
+    h.expect_error(OPT_LIST, b"junk", REP_ERR_INVALID);
+    h.go("v").check_alive(1);
+}
+
+#[test]
+fn unknown_option_is_unsupported_and_next_option_works() {
+    let server = start();
+    let mut h = Handshake::start(&server);
+    h.expect_error(99, b"some payload bytes", REP_ERR_UNSUP);
+    h.expect_error(0x7fff_0000, &[], REP_ERR_UNSUP);
+    let r = h.exchange(OPT_LIST, &[]);
+    assert_eq!(r.last().unwrap().kind, REP_ACK);
+    h.go("v").check_alive(2);
+}
+
+#[test]
+fn info_and_go_of_unknown_export_are_err_unknown() {
+    let server = start();
+    let mut h = Handshake::start(&server);
+    h.expect_error(OPT_INFO, &info_payload("nope", &[INFO_NAME]), REP_ERR_UNKNOWN);
+    h.expect_error(OPT_GO, &info_payload("nope", &[]), REP_ERR_UNKNOWN);
+    // The empty name selects the default export (the first volume, "v").
+    let r = h.exchange(OPT_INFO, &info_payload("", &[INFO_NAME]));
+    check_info(&r, OPT_INFO, false, false);
+    assert_eq!(info_string(&r, INFO_NAME).as_deref(), Some("v"), "canonical name of the default export");
+    // A malformed INFO payload (name longer than the data) is ERR_INVALID.
+    let mut bad = info_payload("v", &[]);
+    bad[3] = 200;
+    h.expect_error(OPT_INFO, &bad, REP_ERR_INVALID);
+    // After a failed GO the client may go on haggling.
+    h.go("v").check_alive(3);
+}
+
+fn check_info(r: &[OptReply], option: u32, structured: bool, read_only: bool) {
+    assert_eq!(r.last().unwrap().kind, REP_ACK, "{r:?}");
+    assert!(r.last().unwrap().data.is_empty());
+    for x in &r[..r.len() - 1] {
+        assert_eq!(x.kind, REP_INFO, "unexpected reply {x:?}");
+        assert_eq!(x.option, option);
+        assert!(x.data.len() >= 2);
+    }
+    let (size, flags) = info_export(r).expect("NBD_INFO_EXPORT missing");
+    assert_eq!(size, if read_only { RO_SIZE } else { SIZE });
+    let mut must = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_CACHE | TFLAG_CAN_MULTI_CONN;
+    if read_only {
+        must |= TFLAG_READ_ONLY;
+    } else {
+        must |= TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
+        assert_eq!(flags & TFLAG_READ_ONLY, 0, "writable export flagged read-only");
+    }
+    assert_eq!(flags & must, must, "flags {flags:#x} lack {:#x}", must & !flags);
+    assert_eq!(flags & TFLAG_SEND_DF != 0, structured, "SEND_DF must be set exactly when structured replies were negotiated");
+    // FAST_ZERO requires WRITE_ZEROES (proto.md).
+    assert!(flags & TFLAG_SEND_FAST_ZERO == 0 || flags & TFLAG_SEND_WRITE_ZEROES != 0);
+}
+
+fn info_string(r: &[OptReply], info: u16) -> Option<String> {
+    let v: Vec<_> = r.iter().filter(|x| x.kind == REP_INFO && be16(&x.data) == info).collect();
+    assert!(v.len() <= 1, "info {info} sent twice");
+    v.first().map(|x| String::from_utf8(x.data[2..].to_vec()).unwrap())
+}
+
+#[test]
+fn info_reports_export_name_description_and_block_size() {
+    let server = start();
+    let mut h = Handshake::start(&server);
+    let r = h.exchange(OPT_INFO, &info_payload("v", &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE]));
+    check_info(&r, OPT_INFO, false, false);
+    assert_eq!(info_string(&r, INFO_NAME).as_deref(), Some("v"));
+    assert_eq!(info_string(&r, INFO_DESCRIPTION).as_deref(), Some("test volume"));
+    let bs: Vec<_> = r.iter().filter(|x| x.kind == REP_INFO && be16(&x.data) == INFO_BLOCK_SIZE).collect();
+    assert_eq!(bs.len(), 1, "NBD_INFO_BLOCK_SIZE missing or repeated");
+    assert_eq!(bs[0].data.len(), 14);
+    assert_eq!((be32(&bs[0].data[2..]), be32(&bs[0].data[6..]), be32(&bs[0].data[10..])), (1, 4096, MAX_PAYLOAD));
+
+    // Unknown info requests are ignored (proto.md: MUST ignore).
+    let r = h.exchange(OPT_INFO, &info_payload("v", &[0x7777, INFO_NAME]));
+    check_info(&r, OPT_INFO, false, false);
+
+    // The read-only export says so.
+    let r = h.exchange(OPT_INFO, &info_payload("ro", &[INFO_DESCRIPTION]));
+    check_info(&r, OPT_INFO, false, true);
+    assert_eq!(info_string(&r, INFO_DESCRIPTION).as_deref(), Some("read-only volume"));
+
+    // After STRUCTURED_REPLY, SEND_DF appears.
+    h.structured_reply();
+    let r = h.exchange(OPT_INFO, &info_payload("v", &[]));
+    check_info(&r, OPT_INFO, true, false);
+
+    // GO repeats the same information and enters transmission.
+    let r = h.exchange(OPT_GO, &info_payload("v", &[INFO_NAME, INFO_BLOCK_SIZE]));
+    check_info(&r, OPT_GO, true, false);
+    assert_eq!(info_string(&r, INFO_NAME).as_deref(), Some("v"));
+    let (size, flags) = info_export(&r).unwrap();
+    let mut c = Conn::new(h.s, true, size, flags);
+    c.check_alive(4);
+}
+
+#[test]
+fn go_enters_transmission() {
+    let server = start();
+    let mut h = Handshake::start(&server);
+    let r = h.exchange(OPT_GO, &info_payload("v", &[]));
+    check_info(&r, OPT_GO, false, false);
+    let (size, flags) = info_export(&r).unwrap();
+    let mut c = Conn::new(h.s, false, size, flags);
+    // No padding after the ACK: the next bytes are the reply to our request.
+    let o = c.request(0, CMD_READ, 0, 4096, &[]);
+    assert!(o.simple);
+    assert_eq!(o.error, 0);
+    assert_eq!(o.data, vec![0u8; 4096]);
+    c.check_alive(5);
+}
+
+#[test]
+fn export_name_with_no_zeroes() {
+    let server = start();
+    let mut h = Handshake::start_with(&server, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    h.send_option(OPT_EXPORT_NAME, b"v");
+    let r = read_n(&mut h.s, 10, "EXPORT_NAME reply");
+    assert_eq!(be64(&r), SIZE);
+    let flags = be16(&r[8..]);
+    assert_ne!(flags & TFLAG_HAS_FLAGS, 0);
+    assert_eq!(flags & TFLAG_SEND_DF, 0);
+    // The 124 zero bytes are omitted: the next bytes are a reply.
+    let mut c = Conn::new(h.s, false, SIZE, flags);
+    c.check_alive(6);
+}
+
+#[test]
+fn export_name_without_no_zeroes_sends_124_zero_bytes() {
+    let server = start();
+    let mut h = Handshake::start_with(&server, FLAG_C_FIXED_NEWSTYLE);
+    h.send_option(OPT_EXPORT_NAME, b"ro");
+    let r = read_n(&mut h.s, 10 + 124, "EXPORT_NAME reply");
+    assert_eq!(be64(&r), RO_SIZE);
+    assert_ne!(be16(&r[8..]) & TFLAG_READ_ONLY, 0);
+    assert_eq!(&r[10..], &[0u8; 124][..]);
+    let mut c = Conn::new(h.s, false, RO_SIZE, be16(&r[8..]));
+    c.check_alive(7);
+}
+
+#[test]
+fn export_name_with_structured_reply() {
+    let server = start();
+    let mut h = Handshake::start(&server);
+    h.structured_reply();
+    h.send_option(OPT_EXPORT_NAME, b"v");
+    let r = read_n(&mut h.s, 10, "EXPORT_NAME reply");
+    let flags = be16(&r[8..]);
+    assert_ne!(flags & TFLAG_SEND_DF, 0, "SEND_DF after structured replies");
+    let mut c = Conn::new(h.s, true, SIZE, flags);
+    let o = c.request(0, CMD_READ, 0, 512, &[]);
+    assert!(!o.simple && o.error == 0);
+}
+
+#[test]
+fn export_name_of_unknown_export_closes() {
+    let server = start();
+    let mut h = Handshake::start(&server);
+    h.send_option(OPT_EXPORT_NAME, b"no-such-export");
+    expect_closed(&mut h.s, "EXPORT_NAME of an unknown export");
+    let mut server = server;
+    server.assert_alive();
+    open(&server, "v", false).check_alive(8);
+}
+
+#[test]
+fn abort_is_acked_then_closed() {
+    let server = start();
+    let mut h = Handshake::start(&server);
+    let r = h.exchange(OPT_ABORT, &[]);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].kind, REP_ACK);
+    assert!(r[0].data.is_empty());
+    expect_closed(&mut h.s, "after NBD_OPT_ABORT");
+}
+
+#[test]
+fn structured_reply_with_payload_is_invalid() {
+    let server = start();
+    let mut h = Handshake::start(&server);
+    h.expect_error(OPT_STRUCTURED_REPLY, b"x", REP_ERR_INVALID);
+    // Refused, so not negotiated: INFO does not offer DF.
+    let r = h.exchange(OPT_INFO, &info_payload("v", &[]));
+    check_info(&r, OPT_INFO, false, false);
+    h.structured_reply();
+    let mut c = h.go("v");
+    let o = c.request(0, CMD_READ, 0, 512, &[]);
+    assert!(!o.simple, "structured replies were negotiated");
+}
+
+#[test]
+fn set_meta_context_before_structured_reply_is_invalid() {
+    let server = start();
+    let mut h = Handshake::start(&server);
+    h.expect_error(OPT_SET_META_CONTEXT, &meta_payload("v", &["base:allocation"]), REP_ERR_INVALID);
+    h.structured_reply();
+    assert_eq!(h.set_meta("v", &["base:allocation"]).len(), 1);
+}
+
+#[test]
+fn list_meta_context_queries() {
+    let server = start();
+    let mut h = Handshake::start(&server);
+    h.structured_reply();
+    // Zero queries: everything available.
+    let r = h.exchange(OPT_LIST_META_CONTEXT, &meta_payload("v", &[]));
+    assert_eq!(r.last().unwrap().kind, REP_ACK);
+    let names: Vec<_> = contexts(&r).into_iter().map(|(_, n)| n).collect();
+    assert_eq!(names, vec!["base:allocation"]);
+    // A namespace query selects the namespace.
+    let r = h.exchange(OPT_LIST_META_CONTEXT, &meta_payload("v", &["base:"]));
+    assert_eq!(r.last().unwrap().kind, REP_ACK);
+    let names: Vec<_> = contexts(&r).into_iter().map(|(_, n)| n).collect();
+    assert_eq!(names, vec!["base:allocation"]);
+    // Unknown contexts and namespaces are not returned (MUST be ignored).
+    let r = h.exchange(OPT_LIST_META_CONTEXT, &meta_payload("v", &["qemu:dirty-bitmap:x", "nope:thing", "base:nothing"]));
+    assert_eq!(r.len(), 1, "unknown contexts returned: {r:?}");
+    assert_eq!(r[0].kind, REP_ACK);
+    // Unknown export.
+    h.expect_error(OPT_LIST_META_CONTEXT, &meta_payload("nope", &[]), REP_ERR_UNKNOWN);
+    // A query whose length runs past the option data is ERR_INVALID (MUST).
+    let mut bad = meta_payload("v", &["base:allocation"]);
+    let n = bad.len();
+    bad[n - 16] = 1; // query length 0x0100000f
+    h.expect_error(OPT_LIST_META_CONTEXT, &bad, REP_ERR_INVALID);
+    h.go("v").check_alive(9);
+}
+
+#[test]
+fn set_meta_context_then_block_status() {
+    let server = start();
+    let mut h = Handshake::start(&server);
+    h.structured_reply();
+    let ctx = h.set_meta("v", &["nope:thing", "base:allocation"]);
+    assert_eq!(ctx.len(), 1, "{ctx:?}");
+    assert_eq!(ctx[0].1, "base:allocation");
+    let id = ctx[0].0;
+    let mut c = h.go("v");
+
+    // Data written at 0..4096; the rest of the first 64 KiB was never written.
+    c.write(0, &pattern(10, 4096));
+    let len = 64 * 1024;
+    let o = c.request(0, CMD_BLOCK_STATUS, 0, len, &[]);
+    assert_eq!(o.error, 0, "{o:?}");
+    let status: Vec<_> = o.chunks.iter().filter(|x| x.kind == REPLY_TYPE_BLOCK_STATUS).collect();
+    assert_eq!(status.len(), 1, "exactly one status chunk per context");
+    assert!(o.chunks.last().unwrap().flags & REPLY_FLAG_DONE != 0);
+    let (got_id, d) = descriptors(status[0]);
+    assert_eq!(got_id, id, "BLOCK_STATUS uses the context id agreed in SET_META_CONTEXT");
+    check_descriptors(&d, len, false);
+    // The written block is data: not reported as reading as zeros.
+    assert_eq!(d[0].1 & (STATE_HOLE | STATE_ZERO), 0, "written data reported as hole/zero: {d:?}");
+    let mut pos = 0u64;
+    for &(l, f) in &d {
+        if pos < 4096 {
+            assert_eq!(f & STATE_ZERO, 0, "written range reported zero: {d:?}");
+        }
+        pos += l as u64;
+    }
+
+    // REQ_ONE: exactly one descriptor, not longer than the request.
+    let o = c.request(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 0, len, &[]);
+    assert_eq!(o.error, 0);
+    let (got_id, d) = descriptors(o.chunks.iter().find(|x| x.kind == REPLY_TYPE_BLOCK_STATUS).unwrap());
+    assert_eq!(got_id, id);
+    assert_eq!(d.len(), 1, "REQ_ONE must return exactly one descriptor: {d:?}");
+    check_descriptors(&d, len, true);
+
+    // Across the extent boundary, with and without REQ_ONE.
+    for flags in [0, CMD_FLAG_REQ_ONE] {
+        let o = c.request(flags, CMD_BLOCK_STATUS, BOUNDARY - 8192, 16384, &[]);
+        assert_eq!(o.error, 0);
+        let (_, d) = descriptors(o.chunks.iter().find(|x| x.kind == REPLY_TYPE_BLOCK_STATUS).unwrap());
+        check_descriptors(&d, 16384, flags != 0);
+    }
+    // Length 0: behaviour unspecified, but the server SHOULD NOT disconnect.
+    let _ = c.request(0, CMD_BLOCK_STATUS, 0, 0, &[]);
+    c.check_alive(12);
+    // Past the end is EINVAL.
+    c.expect_error(0, CMD_BLOCK_STATUS, SIZE - 4096, 8192, &[], EINVAL, "BLOCK_STATUS past the end");
+}
+
+fn check_descriptors(d: &[(u32, u32)], req_len: u32, req_one: bool) {
+    assert!(!d.is_empty(), "no descriptors");
+    assert!(d.iter().all(|x| x.0 > 0), "zero-length descriptor: {d:?}");
+    assert!(d.iter().all(|x| x.1 & !(STATE_HOLE | STATE_ZERO) == 0), "unknown status bits: {d:?}");
+    let head: u64 = d[..d.len() - 1].iter().map(|x| x.0 as u64).sum();
+    assert!(head < req_len as u64, "descriptors before the last exceed the request: {d:?}");
+    if req_one {
+        assert_eq!(d.len(), 1);
+        assert!(d[0].0 <= req_len, "REQ_ONE descriptor longer than the request: {d:?}");
+    }
+}
+
+#[test]
+fn block_status_without_a_context_is_einval() {
+    let server = start();
+    // Structured, but no SET_META_CONTEXT.
+    let mut c = open(&server, "v", true);
+    c.expect_error(0, CMD_BLOCK_STATUS, 0, 4096, &[], EINVAL, "BLOCK_STATUS without a context");
+    // Not even structured.
+    let mut c = open(&server, "v", false);
+    c.expect_error(0, CMD_BLOCK_STATUS, 0, 4096, &[], EINVAL, "BLOCK_STATUS without structured replies");
+    // Context set for another export than the one entered.
+    let mut h = Handshake::start(&server);
+    h.structured_reply();
+    assert_eq!(h.set_meta("ro", &["base:allocation"]).len(), 1);
+    let mut c = h.go("v");
+    c.expect_error(0, CMD_BLOCK_STATUS, 0, 4096, &[], EINVAL, "BLOCK_STATUS with a context of another export");
+}
+
+/// proto.md: SET_META_CONTEXT "replaces all previously-set metadata
+/// contexts (including when this command fails)". After a failed SET,
+/// no context is active, so BLOCK_STATUS has none to report.
+#[test]
+fn failed_set_meta_context_clears_previous_contexts() {
+    let server = start();
+    let mut h = Handshake::start(&server);
+    h.structured_reply();
+    assert_eq!(h.set_meta("v", &["base:allocation"]).len(), 1);
+    // Selecting nothing replaces the selection with nothing.
+    let r = h.exchange(OPT_SET_META_CONTEXT, &meta_payload("v", &["nope:x"]));
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].kind, REP_ACK);
+    let mut c = h.go("v");
+    c.expect_error(0, CMD_BLOCK_STATUS, 0, 4096, &[], EINVAL, "BLOCK_STATUS after selecting no context");
+
+    let mut h = Handshake::start(&server);
+    h.structured_reply();
+    assert_eq!(h.set_meta("v", &["base:allocation"]).len(), 1);
+    // A failing SET (unknown export) also clears the selection.
+    h.expect_error(OPT_SET_META_CONTEXT, &meta_payload("nope", &["base:allocation"]), REP_ERR_UNKNOWN);
+    let mut c = h.go("v");
+    c.expect_error(0, CMD_BLOCK_STATUS, 0, 4096, &[], EINVAL, "BLOCK_STATUS after a failed SET_META_CONTEXT");
+}
+
+// ---------------------------------------------------------------------------
+// Transmission
+// ---------------------------------------------------------------------------
+
+#[test]
+fn structured_read_covers_the_range_and_ends_with_done() {
+    let server = start();
+    let mut c = open(&server, "v", true);
+    let off = BOUNDARY - 96 * 1024;
+    let data = pattern(11, 256 * 1024);
+    c.write(off, &data);
+    for (o, l) in [(off, 256 * 1024u32), (BOUNDARY - 1, 2), (0, 1), (SIZE - 4096, 4096), (off + 1000, 100_000)] {
+        let out = c.request(0, CMD_READ, o, l, &[]);
+        assert_eq!(out.error, 0);
+        assert!(!out.simple);
+        assert!(!out.chunks.is_empty());
+        let last = out.chunks.last().unwrap();
+        assert!(last.flags & REPLY_FLAG_DONE != 0, "last chunk lacks DONE");
+        assert!(out.chunks[..out.chunks.len() - 1].iter().all(|x| x.flags & REPLY_FLAG_DONE == 0), "DONE before the last chunk");
+        assert!(out.chunks.iter().any(|x| x.kind == REPLY_TYPE_OFFSET_DATA || x.kind == REPLY_TYPE_OFFSET_HOLE));
+        // Compare with what was written (zeros elsewhere).
+        let want: Vec<u8> = (o..o + l as u64)
+            .map(|p| if p >= off && p < off + data.len() as u64 { data[(p - off) as usize] } else { 0 })
+            .collect();
+        assert!(out.data == want, "structured READ {o}+{l} returned wrong data");
+    }
+    // DF: at most one content chunk.
+    let out = c.request(CMD_FLAG_DF, CMD_READ, off, 256 * 1024, &[]);
+    assert_eq!(out.error, 0);
+    let content = out.chunks.iter().filter(|x| x.kind == REPLY_TYPE_OFFSET_DATA || x.kind == REPLY_TYPE_OFFSET_HOLE).count();
+    assert_eq!(content, 1, "DF read must use one content chunk");
+    assert_eq!(out.data, data);
+}
+
+#[test]
+fn simple_replies_when_structured_not_negotiated() {
+    let server = start();
+    let mut c = open(&server, "v", false);
+    c.write(4096, &pattern(12, 8192));
+    let o = c.request(0, CMD_READ, 4096, 8192, &[]);
+    assert!(o.simple && o.error == 0);
+    assert_eq!(o.data, pattern(12, 8192));
+    for (cmd, off, len) in [(CMD_FLUSH, 0, 0), (CMD_TRIM, 0, 4096), (CMD_WRITE_ZEROES, 8192, 4096), (CMD_CACHE, 0, 4096)] {
+        let o = c.request(0, cmd, off, len, &[]);
+        assert!(o.simple, "command {cmd}: not a simple reply");
+        assert_eq!(o.error, 0, "command {cmd} failed");
+    }
+    // A zero-length read succeeds with no data.
+    let o = c.request(0, CMD_READ, 0, 0, &[]);
+    assert!(o.simple && o.error == 0 && o.data.is_empty());
+    // WRITE_ZEROES did zero.
+    assert_eq!(c.read(8192, 4096), vec![0u8; 4096]);
+}
+
+#[test]
+fn read_crossing_the_extent_boundary() {
+    let server = start();
+    for structured in [false, true] {
+        let mut c = open(&server, "v", structured);
+        let off = BOUNDARY - 5000;
+        let data = pattern(13 + structured as u64, 12_345);
+        c.write(off, &data);
+        assert_eq!(c.read(off, data.len() as u32), data);
+        // Piecewise reads agree with the whole.
+        let a = c.read(off, 5000);
+        let b = c.read(BOUNDARY, 12_345 - 5000);
+        assert_eq!([a, b].concat(), data);
+        // The extents map to distinct store ranges: the start of each is independent.
+        c.write(0, &pattern(20, 512));
+        c.write(BOUNDARY + 64 * 1024, &pattern(21, 512));
+        assert_eq!(c.read(0, 512), pattern(20, 512));
+        assert_eq!(c.read(BOUNDARY + 64 * 1024, 512), pattern(21, 512));
+        // Whole-export read: 16 MiB in one request, under the 32 MiB limit.
+        let all = c.read(0, SIZE as u32);
+        assert_eq!(&all[off as usize..off as usize + data.len()], &data[..]);
+    }
+}
+
+fn pipeline(structured: bool) {
+    let server = start();
+    let mut c = open(&server, "v", structured);
+    // Region A (read during the pipeline) is written first; region B is
+    // written by the pipeline. Requests in flight have no ordering, so
+    // reads never touch what is being written.
+    let a_off = BOUNDARY - 32 * 1024; // crosses the boundary
+    let a = pattern(30, 64 * 1024);
+    c.write(a_off, &a);
+    let b_off = 2 * MIB;
+    let mut expect = HashMap::new();
+    let mut writes = HashMap::new();
+    for i in 0..64u64 {
+        let cookie = 0xDEAD_0000_0000_0000 | (i * 0x0001_0003_0000_0007);
+        if i % 2 == 0 {
+            let block = pattern(100 + i, 4096 + (i as usize % 3) * 512);
+            let off = b_off + i * 8192;
+            c.send(if i % 4 == 0 { CMD_FLAG_FUA } else { 0 }, CMD_WRITE, cookie, off, block.len() as u32, &block);
+            writes.insert(off, block);
+            expect.insert(cookie, None);
+        } else {
+            let off = a_off + (i * 1000) % 32768;
+            let len = 1 + (i * 997) % 32768;
+            c.send(0, CMD_READ, cookie, off, len as u32, &[]);
+            let s = (off - a_off) as usize;
+            expect.insert(cookie, Some(a[s..s + len as usize].to_vec()));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..64 {
+        let (cookie, o) = c.next();
+        assert!(seen.insert(cookie), "cookie {cookie:#x} answered twice");
+        assert_eq!(o.error, 0, "request {cookie:#x} failed: {o:?}");
+        match expect.get(&cookie).unwrap_or_else(|| panic!("reply for unknown cookie {cookie:#x}")) {
+            Some(want) => assert!(&o.data == want, "READ {cookie:#x} returned wrong data"),
+            None => assert!(o.data.is_empty()),
+        }
+    }
+    assert_eq!(seen.len(), 64);
+    assert!(c.pending.is_empty());
+    for (off, block) in writes {
+        assert_eq!(c.read(off, block.len() as u32), block, "pipelined WRITE at {off} not stored");
+    }
+    // Nothing extra is pending on the wire.
+    c.s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut b = [0u8; 1];
+    match c.s.read(&mut b) {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        other => panic!("unexpected extra reply bytes: {other:?}"),
+    }
+}
+
+#[test]
+fn pipelined_requests_each_answered_once_simple() {
+    pipeline(false);
+}
+
+#[test]
+fn pipelined_requests_each_answered_once_structured() {
+    pipeline(true);
+}
+
+fn error_codes(structured: bool) {
+    let server = start();
+    let mut c = open(&server, "v", structured);
+    let w = pattern(40, 4096);
+    c.expect_error(0, 42, 0, 0, &[], EINVAL, "unknown command");
+    c.expect_error(0, 0xffff, 0, 4096, &[], EINVAL, "unknown command 0xffff");
+    c.expect_error(1 << 12, CMD_READ, 0, 4096, &[], EINVAL, "unknown flag bit on READ");
+    c.expect_error(1 << 9, CMD_FLUSH, 0, 0, &[], EINVAL, "unknown flag bit on FLUSH");
+    c.expect_error(1 << 13, CMD_WRITE, 0, 4096, &w, EINVAL, "unknown flag bit on WRITE (payload consumed)");
+    if !structured {
+        c.expect_error(CMD_FLAG_DF, CMD_READ, 0, 4096, &[], EINVAL, "DF without structured replies");
+    }
+    c.expect_error(0, CMD_WRITE, SIZE - 2048, 4096, &w, ENOSPC, "WRITE past the end (payload consumed)");
+    c.expect_error(0, CMD_WRITE, SIZE, 4096, &w, ENOSPC, "WRITE at the end");
+    c.expect_error(0, CMD_READ, SIZE - 2048, 4096, &[], EINVAL, "READ past the end");
+    c.expect_error(0, CMD_READ, u64::MAX - 100, 4096, &[], EINVAL, "READ whose end overflows u64");
+    c.expect_error(0, CMD_TRIM, u64::MAX - 100, 4096, &[], EINVAL, "TRIM whose end overflows u64");
+    c.expect_error(0, CMD_FLUSH, 0, 4096, &[], EINVAL, "FLUSH with a length");
+    // Nothing was written by the refused writes.
+    assert_eq!(c.read(SIZE - 2048, 2048), vec![0u8; 2048]);
+    assert_eq!(c.read(0, 4096), vec![0u8; 4096], "refused WRITE at 0 stored data");
+    // A valid request still works after all of that.
+    c.check_alive(41);
+}
+
+#[test]
+fn error_codes_simple() {
+    error_codes(false);
+}
+
+#[test]
+fn error_codes_structured() {
+    error_codes(true);
+}
+
+/// proto.md, NBD_CMD_WRITE_ZEROES: "The server SHOULD return NBD_ENOSPC if
+/// it receives a write zeroes request including one or more sectors beyond
+/// the size of the device" (like WRITE; TRIM and READ get EINVAL).
+#[test]
+fn write_zeroes_past_the_end_is_enospc() {
+    let server = start();
+    for structured in [false, true] {
+        let mut c = open(&server, "v", structured);
+        c.expect_error(0, CMD_WRITE_ZEROES, SIZE - 2048, 4096, &[], ENOSPC, "WRITE_ZEROES past the end");
+        c.expect_error(0, CMD_TRIM, SIZE - 2048, 4096, &[], EINVAL, "TRIM past the end");
+    }
+}
+
+#[test]
+fn writes_to_read_only_export_are_eperm() {
+    let server = start();
+    for structured in [false, true] {
+        let mut c = open(&server, "ro", structured);
+        assert_ne!(c.flags & TFLAG_READ_ONLY, 0);
+        c.expect_error(0, CMD_WRITE, 0, 4096, &pattern(50, 4096), EPERM, "WRITE to a read-only export (payload consumed)");
+        c.expect_error(0, CMD_TRIM, 0, 4096, &[], EPERM, "TRIM on a read-only export");
+        c.expect_error(0, CMD_WRITE_ZEROES, 0, 4096, &[], EPERM, "WRITE_ZEROES on a read-only export");
+        assert_eq!(c.read(0, 4096), vec![0u8; 4096]);
+        assert_eq!(c.request(0, CMD_FLUSH, 0, 0, &[]).error, 0);
+    }
+}
+
+#[test]
+fn oversized_write_is_einval_and_connection_survives() {
+    let server = start();
+    for structured in [false, true] {
+        let mut c = open(&server, "v", structured);
+        let len = 33 * 1024 * 1024u32;
+        let big = vec![0xA5u8; len as usize];
+        c.expect_error(0, CMD_WRITE, 0, len, &big, EINVAL, "33 MiB WRITE");
+        // Nothing of it was written.
+        assert_eq!(c.read(0, 4096), vec![0u8; 4096]);
+        // Exactly 32 MiB is allowed by size but not by the 16 MiB export.
+        let max = vec![0x5Au8; MAX_PAYLOAD as usize];
+        c.expect_error(0, CMD_WRITE, 0, MAX_PAYLOAD, &max, ENOSPC, "32 MiB WRITE beyond a 16 MiB export");
+    }
+}
+
+#[test]
+fn oversized_read() {
+    let server = start();
+    let mut c = open(&server, "v", true);
+    c.expect_error(0, CMD_READ, 0, 33 * 1024 * 1024, &[], EOVERFLOW, "structured 33 MiB READ");
+    c.expect_error(CMD_FLAG_DF, CMD_READ, 0, 33 * 1024 * 1024, &[], EOVERFLOW, "structured 33 MiB DF READ");
+    let mut c = open(&server, "v", false);
+    c.expect_error(0, CMD_READ, 0, 33 * 1024 * 1024, &[], EINVAL, "simple 33 MiB READ");
+}
+
+/// proto.md, "Command flags": FUA "is valid for all commands, provided
+/// NBD_FLAG_SEND_FUA has been negotiated, in which case the server MUST
+/// accept all commands with this bit set (even by ignoring the bit)".
+#[test]
+fn fua_is_accepted_on_every_command() {
+    let server = start();
+    let mut h = Handshake::start(&server);
+    h.structured_reply();
+    h.set_meta("v", &["base:allocation"]);
+    let mut c = h.go("v");
+    assert_ne!(c.flags & TFLAG_SEND_FUA, 0);
+    for (cmd, off, len) in
+        [(CMD_WRITE_ZEROES, 0, 4096), (CMD_TRIM, 0, 4096), (CMD_READ, 0, 4096), (CMD_FLUSH, 0, 0), (CMD_CACHE, 0, 4096), (CMD_BLOCK_STATUS, 0, 4096)]
+    {
+        let o = c.request(CMD_FLAG_FUA, cmd, off, len, &[]);
+        assert_eq!(o.error, 0, "command {cmd} with FUA refused: {o:?}");
+    }
+    c.check_alive(60);
+}
+
+#[test]
+fn disc_closes_after_in_flight_replies() {
+    let server = start();
+    for structured in [false, true] {
+        let mut c = open(&server, "v", structured);
+        let mut cookies = Vec::new();
+        for i in 0..16u64 {
+            let ck = 0xD15C_0000 + i;
+            let data = pattern(70 + i, 256 * 1024);
+            c.send(0, CMD_WRITE, ck, 4 * MIB + i * 256 * 1024, data.len() as u32, &data);
+            cookies.push(ck);
+            let ck = 0xD15C_1000 + i;
+            c.send(0, CMD_READ, ck, BOUNDARY - 512 * 1024 + i * 64 * 1024, 1024 * 1024, &[]);
+            cookies.push(ck);
+        }
+        c.send(0, CMD_FLUSH, 0xD15C_2000, 0, 0, &[]);
+        cookies.push(0xD15C_2000);
+        c.disc();
+        let mut seen = Vec::new();
+        for _ in 0..cookies.len() {
+            let (ck, o) = c.next();
+            assert_eq!(o.error, 0, "{ck:#x}: {o:?}");
+            seen.push(ck);
+        }
+        seen.sort();
+        cookies.sort();
+        assert_eq!(seen, cookies);
+        expect_closed(&mut c.s, "after NBD_CMD_DISC");
+        // The writes that were in flight were done.
+        let mut c = open(&server, "v", false);
+        assert_eq!(c.read(4 * MIB + 15 * 256 * 1024, 256 * 1024), pattern(85, 256 * 1024));
+    }
+}
