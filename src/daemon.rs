@@ -6,6 +6,7 @@
 
 use crate::config::{self, Config, OpenStore, VolumeConfig};
 use crate::map::{MappingTable, Range, Target};
+use crate::migrate::{self, Checkpoint, JobStatus, MigrationJob, MigrationSpec};
 use crate::persist::{now_secs, StateDir, VolumeRecord};
 use crate::server::{ConnLimits, Server, ServerOptions};
 use crate::volume::{Catalog, HoldId, SwapOptions, SwapPhase, Volume};
@@ -17,6 +18,40 @@ use std::time::Duration;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A migration known to the daemon: running in this process, or finished
+/// (known from its checkpoint).
+enum JobEntry {
+    Live(Arc<MigrationJob>),
+    Finished(Checkpoint),
+}
+
+impl JobEntry {
+    fn status(&self) -> JobStatus {
+        match self {
+            JobEntry::Live(j) => j.status(),
+            JobEntry::Finished(c) => c.status(),
+        }
+    }
+    fn running(&self) -> Option<&Arc<MigrationJob>> {
+        match self {
+            JobEntry::Live(j) if j.is_running() => Some(j),
+            _ => None,
+        }
+    }
+}
+
+/// Options of `migrate start`.
+#[derive(Debug, Clone, Default)]
+pub struct MigrateRequest {
+    pub volume: String,
+    pub to: String,
+    pub to_offset: Option<u64>,
+    pub range: Option<Range>,
+    pub rate: Option<u64>,
+    pub chunk: Option<u64>,
+    pub discard_source: bool,
 }
 
 /// A manual pause of one volume, with its automatic end.
@@ -33,6 +68,7 @@ pub struct Daemon {
     state: StateDir,
     swap: SwapOptions,
     manual: Mutex<HashMap<String, ManualPause>>,
+    migrations: Mutex<BTreeMap<String, JobEntry>>,
     next_token: std::sync::atomic::AtomicU64,
     /// Serialises administrative operations (reload, pause, resume).
     admin: Mutex<()>,
@@ -246,10 +282,36 @@ impl Daemon {
         }
         let default_export = config.server.default_export.clone().or_else(|| config.volumes.first().map(|v| v.name.clone()));
         let catalog = Catalog { stores: handles, volumes, default_export };
+        // Resume interrupted migrations before anyone can connect.
+        let swap = swap_options(&config, crash_at);
+        let mut migrations = BTreeMap::new();
+        for cp in migrate::load_checkpoints(&state)? {
+            let name = cp.spec.volume.clone();
+            let entry = match (cp.state, catalog.volumes.get(&name)) {
+                (migrate::JobState::Running, Some(volume)) => {
+                    let chunks = cp.spec.range.len().div_ceil(cp.spec.chunk) as usize;
+                    let job = MigrationJob::new(
+                        cp.spec.clone(),
+                        volume.clone(),
+                        catalog.stores.clone(),
+                        state.clone(),
+                        swap.clone(),
+                        &cp.copied(chunks),
+                        cp.started_at,
+                    )?;
+                    job.start(false)?;
+                    tracing::info!(volume = %name, copied_bytes = cp.copied_bytes, "resumed migration from its checkpoint");
+                    JobEntry::Live(job)
+                }
+                _ => JobEntry::Finished(cp),
+            };
+            migrations.insert(name, entry);
+        }
         let server = Server::bind(&config.server.listen, catalog, options(&config)).map_err(|e| e.to_string())?;
         Ok(Arc::new(Daemon {
             config_path,
-            swap: swap_options(&config, crash_at),
+            migrations: Mutex::new(migrations),
+            swap,
             config: Mutex::new(config),
             stores: Mutex::new(stores),
             server: Mutex::new(server),
@@ -276,7 +338,13 @@ impl Daemon {
         lock(&self.server).catalog()
     }
 
+    /// Stops serving: copiers stop at a durable checkpoint (their jobs stay
+    /// `running` and resume at the next start), clients drain, stores flush.
     pub fn shutdown(&self) -> std::io::Result<()> {
+        let live: Vec<_> = lock(&self.migrations).values().filter_map(|e| e.running().cloned()).collect();
+        for job in live {
+            job.suspend();
+        }
         lock(&self.server).shutdown()
     }
 
@@ -400,6 +468,12 @@ impl Daemon {
                             plans.push(Plan::Keep(volume.clone()));
                         }
                         Decision::Keep(t) | Decision::Commit(t, _) => {
+                            if lock(&self.migrations).get(&v.name).and_then(JobEntry::running).is_some() {
+                                return Err(format!(
+                                    "{file}:{}: volume '{}' is being migrated; its mapping cannot change until the migration ends (`nbdvirt migrate abort {}` or wait)",
+                                    v.line, v.name, v.name
+                                ));
+                            }
                             let t = t.with_generation(current.generation() + 1);
                             tables.push(t.clone());
                             plans.push(Plan::Swap(volume.clone(), t));
@@ -535,6 +609,112 @@ impl Daemon {
         v.resume(p.hold);
         tracing::info!(volume, "resumed by operator");
         Ok(format!("volume '{volume}' resumed"))
+    }
+
+    /// Starts moving (a range of) a volume onto another store.
+    pub fn migrate_start(&self, req: MigrateRequest) -> Result<JobStatus, String> {
+        let _admin = lock(&self.admin);
+        let catalog = self.catalog();
+        let volume = self.volume(&req.volume)?;
+        let name = req.volume.clone();
+        if lock(&self.migrations).get(&name).and_then(JobEntry::running).is_some() {
+            return Err(format!("volume '{name}' is already being migrated"));
+        }
+        if lock(&self.manual).contains_key(&name) {
+            return Err(format!("volume '{name}' is paused; resume it first"));
+        }
+        let dest = catalog.stores.get(&req.to).ok_or_else(|| format!("no backend named '{}'", req.to))?;
+        let block = volume.spec().block_size as u64;
+        let range = req.range.unwrap_or(Range::new(0, volume.size()));
+        if range.is_empty() || range.end > volume.size() {
+            return Err(format!("range {}+{} is not inside volume '{name}' ({} bytes)", range.start, range.len(), volume.size()));
+        }
+        if range.start % block != 0 || range.len() % block != 0 {
+            return Err(format!("range {}+{} is not aligned to the volume's block size {block}", range.start, range.len()));
+        }
+        let chunk = req.chunk.unwrap_or(migrate::DEFAULT_CHUNK);
+        if chunk == 0 || chunk % block != 0 {
+            return Err(format!("chunk {chunk} must be a positive multiple of the block size {block}"));
+        }
+        // Every range of the destination store in use: volume mappings and
+        // destinations of running migrations.
+        let mut used: Vec<Range> = Vec::new();
+        for v in catalog.volumes.values() {
+            for e in v.table().extents() {
+                if let Target::Store { store, offset } = &e.target {
+                    if catalog.stores.get(store).is_some_and(|s| Arc::ptr_eq(s, dest)) {
+                        used.push(Range::new(*offset, e.length));
+                    }
+                }
+            }
+        }
+        for entry in lock(&self.migrations).values() {
+            if let Some(job) = entry.running() {
+                if catalog.stores.get(&job.spec().dest).is_some_and(|s| Arc::ptr_eq(s, dest)) {
+                    used.push(Range::new(job.spec().dest_offset, job.spec().range.len()));
+                }
+            }
+        }
+        used.sort_by_key(|r| r.start);
+        let size = dest.size();
+        let dest_offset = match req.to_offset {
+            Some(off) => {
+                let want = Range::new(off, range.len());
+                if off % block != 0 {
+                    return Err(format!("destination offset {off} is not aligned to the block size {block}"));
+                }
+                if want.end > size {
+                    return Err(format!("destination '{}' is too small: {}+{} ends past its {size} bytes", req.to, off, range.len()));
+                }
+                if let Some(u) = used.iter().find(|u| u.overlaps(&want)) {
+                    return Err(format!("destination '{}' range {}+{} is in use ({}+{} is mapped)", req.to, off, range.len(), u.start, u.len()));
+                }
+                off
+            }
+            None => {
+                let mut candidate = 0u64;
+                for u in &used {
+                    if u.start >= candidate + range.len() {
+                        break;
+                    }
+                    candidate = candidate.max(u.end.div_ceil(block) * block);
+                }
+                if candidate + range.len() > size {
+                    return Err(format!("destination '{}' has no free range of {} bytes ({size} bytes, in use: {})", req.to, range.len(), used.len()));
+                }
+                candidate
+            }
+        };
+        let spec = MigrationSpec {
+            volume: name.clone(),
+            range,
+            dest: req.to.clone(),
+            dest_offset,
+            chunk,
+            rate: req.rate.unwrap_or(migrate::DEFAULT_RATE),
+            discard_source: req.discard_source,
+        };
+        let job = MigrationJob::new(spec, volume, catalog.stores.clone(), self.state.clone(), self.swap.clone(), &[], now_secs())?;
+        job.start(true)?;
+        let status = job.status();
+        lock(&self.migrations).insert(name, JobEntry::Live(job));
+        Ok(status)
+    }
+
+    pub fn migrate_status(&self, volume: Option<&str>) -> Result<Vec<JobStatus>, String> {
+        let jobs = lock(&self.migrations);
+        if let Some(v) = volume {
+            return jobs.get(v).map(|e| vec![e.status()]).ok_or_else(|| format!("no migration of volume '{v}'"));
+        }
+        Ok(jobs.values().map(JobEntry::status).collect())
+    }
+
+    pub fn migrate_abort(&self, volume: &str) -> Result<JobStatus, String> {
+        let job = lock(&self.migrations).get(volume).and_then(JobEntry::running).cloned();
+        let job = job.ok_or_else(|| format!("no running migration of volume '{volume}'"))?;
+        job.abort();
+        job.join();
+        Ok(job.status())
     }
 
     /// Archived generations of a volume, for operators.

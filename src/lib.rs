@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod map;
+pub mod migrate;
 pub mod nbd;
 pub mod persist;
 pub mod server;

@@ -91,6 +91,9 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Move a volume (or a range of it) onto another backend, live.
+    #[command(subcommand)]
+    Migrate(MigrateCommand),
     /// List a volume's committed generations.
     History {
         volume: String,
@@ -98,6 +101,48 @@ enum Command {
         target: Target,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum MigrateCommand {
+    /// Start a migration.
+    Start {
+        volume: String,
+        /// Destination BACKEND or BACKEND:OFFSET (default: lowest free range).
+        #[arg(long)]
+        to: String,
+        /// Only this volume range, START:LEN.
+        #[arg(long)]
+        range: Option<String>,
+        /// Copy bandwidth limit, bytes/s with units (e.g. 200MiB); 0 = unlimited. Default 64MiB.
+        #[arg(long)]
+        rate: Option<String>,
+        /// Copy chunk size (default 1MiB).
+        #[arg(long)]
+        chunk: Option<String>,
+        /// Punch holes in the source ranges after cutover.
+        #[arg(long)]
+        discard_source: bool,
+        /// Wait for the end, showing progress.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Show migrations (running and finished).
+    Status {
+        volume: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Stop a migration; the volume stays on its source.
+    Abort {
+        volume: String,
+        #[command(flatten)]
+        target: Target,
     },
 }
 
@@ -141,6 +186,7 @@ fn main() -> ExitCode {
         }),
         Command::Pause { volume, target, range, timeout } => pause(&target, volume, range, &timeout),
         Command::Resume { volume, target } => call(&target, &Request::Resume { volume }).map(|v| println!("{}", v.as_str().unwrap_or(""))),
+        Command::Migrate(cmd) => migrate(cmd),
         Command::History { volume, target, json } => call(&target, &Request::History { volume }).map(|v| {
             if json {
                 print_json(&v)
@@ -269,6 +315,116 @@ fn pause(target: &Target, volume: String, range: Option<String>, timeout: &str) 
     let v = call(target, &Request::Pause { volume, range, timeout_ms: Some(timeout.as_millis() as u64) })?;
     println!("{}", v.as_str().unwrap_or(""));
     Ok(())
+}
+
+fn parse_range(r: &str, what: &str) -> Result<RangeArg, String> {
+    let (start, len) = r.split_once(':').ok_or_else(|| format!("{what} {r}: expected START:LEN"))?;
+    let start = nbdvirt::config::parse_size(start).map_err(|e| format!("{what} start: {e}"))?;
+    let length = nbdvirt::config::parse_size(len).map_err(|e| format!("{what} length: {e}"))?;
+    Ok(RangeArg { start, length })
+}
+
+fn print_migrations(v: &Value) {
+    for m in v["migrations"].as_array().into_iter().flatten() {
+        let copied = m["copied_bytes"].as_u64().unwrap_or(0);
+        let total = m["total_bytes"].as_u64().unwrap_or(0).max(1);
+        println!(
+            "migration {}  {}  {}/{} ({:.1}%)  -> {} @ {}{}",
+            m["volume"].as_str().unwrap_or("?"),
+            m["state"].as_str().unwrap_or("?"),
+            human(copied),
+            human(total),
+            copied as f64 * 100.0 / total as f64,
+            m["dest"].as_str().unwrap_or("?"),
+            m["dest_offset"],
+            m["reason"].as_str().map(|r| format!("  reason: {r}")).unwrap_or_default()
+        );
+    }
+}
+
+fn migrate(cmd: MigrateCommand) -> Result<(), String> {
+    match cmd {
+        MigrateCommand::Start { volume, to, range, rate, chunk, discard_source, wait, target } => {
+            let (to, to_offset) = match to.split_once(':') {
+                Some((b, off)) => (b.to_string(), Some(nbdvirt::config::parse_size(off).map_err(|e| format!("--to offset: {e}"))?)),
+                None => (to, None),
+            };
+            let size = |s: Option<String>, what: &str| s.map(|s| nbdvirt::config::parse_size(&s).map_err(|e| format!("{what}: {e}"))).transpose();
+            let request = Request::MigrateStart {
+                volume: volume.clone(),
+                to,
+                to_offset,
+                range: range.map(|r| parse_range(&r, "--range")).transpose()?,
+                rate: size(rate, "--rate")?,
+                chunk: size(chunk, "--chunk")?,
+                discard_source,
+            };
+            let v = call(&target, &request)?;
+            print_migrations(&v);
+            if wait {
+                wait_migration(&target, &volume)?;
+            }
+            Ok(())
+        }
+        MigrateCommand::Status { volume, json, target } => {
+            let v = call(&target, &Request::MigrateStatus { volume })?;
+            if json {
+                print_json(&v)
+            } else {
+                print_migrations(&v)
+            }
+            Ok(())
+        }
+        MigrateCommand::Abort { volume, target } => {
+            let v = call(&target, &Request::MigrateAbort { volume })?;
+            print_migrations(&v);
+            Ok(())
+        }
+    }
+}
+
+/// Follows a migration to its end: a progress bar on a terminal, progress
+/// lines otherwise. Fails if the migration fails or is aborted.
+fn wait_migration(target: &Target, volume: &str) -> Result<(), String> {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    let bar = indicatif::ProgressBar::new(0);
+    if tty {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
+                .map_err(|e| e.to_string())?
+                .progress_chars("=> "),
+        );
+        bar.set_message(format!("migrating {volume}"));
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut last_line = std::time::Instant::now() - Duration::from_secs(10);
+    loop {
+        let v = call(target, &Request::MigrateStatus { volume: Some(volume.to_string()) })?;
+        let m = &v["migrations"][0];
+        let copied = m["copied_bytes"].as_u64().unwrap_or(0);
+        let total = m["total_bytes"].as_u64().unwrap_or(0);
+        bar.set_length(total);
+        bar.set_position(copied);
+        let state = m["state"].as_str().unwrap_or("?").to_string();
+        if !tty && (last_line.elapsed() >= Duration::from_secs(2) || state != "running") {
+            eprintln!("migrate {volume}: {state} {}/{} bytes ({:.1}%)", copied, total, copied as f64 * 100.0 / total.max(1) as f64);
+            last_line = std::time::Instant::now();
+        }
+        match state.as_str() {
+            "running" => std::thread::sleep(Duration::from_millis(250)),
+            "completed" => {
+                bar.finish_with_message(format!("migrated {volume}"));
+                println!("migration of '{volume}' completed: generation {}", m["generation"]);
+                return Ok(());
+            }
+            other => {
+                bar.abandon();
+                return Err(format!("migration of '{volume}' {other}: {}", m["reason"].as_str().unwrap_or("no reason given")));
+            }
+        }
+    }
 }
 
 fn check(path: &Path, open: bool) -> Result<(), String> {

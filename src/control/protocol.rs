@@ -38,6 +38,28 @@ pub enum Request {
     History {
         volume: String,
     },
+    MigrateStart {
+        volume: String,
+        to: String,
+        #[serde(default)]
+        to_offset: Option<u64>,
+        #[serde(default)]
+        range: Option<RangeArg>,
+        /// Bytes per second; 0 = unlimited; absent = default (64 MiB/s).
+        #[serde(default)]
+        rate: Option<u64>,
+        #[serde(default)]
+        chunk: Option<u64>,
+        #[serde(default)]
+        discard_source: bool,
+    },
+    MigrateStatus {
+        #[serde(default)]
+        volume: Option<String>,
+    },
+    MigrateAbort {
+        volume: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,7 +1,7 @@
 //! Serves control requests on a Unix socket created with mode 0600.
 
 use super::protocol::{Request, Response};
-use crate::daemon::Daemon;
+use crate::daemon::{Daemon, MigrateRequest};
 use crate::map::Range;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -120,6 +120,21 @@ pub fn handle(daemon: &Arc<Daemon>, request: Request) -> Response {
         },
         Request::History { volume } => match daemon.history(&volume) {
             Ok(h) => Response::ok(h),
+            Err(e) => Response::err(e),
+        },
+        Request::MigrateStart { volume, to, to_offset, range, rate, chunk, discard_source } => {
+            let req = MigrateRequest { volume, to, to_offset, range: range.map(|r| Range::new(r.start, r.length)), rate, chunk, discard_source };
+            match daemon.migrate_start(req) {
+                Ok(s) => Response::ok(serde_json::json!({ "migrations": [s] })),
+                Err(e) => Response::err(e),
+            }
+        }
+        Request::MigrateStatus { volume } => match daemon.migrate_status(volume.as_deref()) {
+            Ok(list) => Response::ok(serde_json::json!({ "migrations": list })),
+            Err(e) => Response::err(e),
+        },
+        Request::MigrateAbort { volume } => match daemon.migrate_abort(&volume) {
+            Ok(s) => Response::ok(serde_json::json!({ "migrations": [s] })),
             Err(e) => Response::err(e),
         },
     }

@@ -3,9 +3,11 @@
 //! opened; the `volume` layer pairs a table with open backend handles.
 
 mod diff;
+mod remap;
 mod table;
 mod validate;
 
 pub use diff::*;
+pub use remap::remap;
 pub use table::*;
 pub use validate::*;

@@ -122,6 +122,39 @@ impl StateDir {
         sync_dir(&history)
     }
 
+    /// Writes `value` as JSON to `STATE_DIR/rel` atomically and durably
+    /// (temp file, fsync, rename, fsync directory).
+    pub fn write_json<T: Serialize>(&self, rel: &Path, value: &T) -> io::Result<()> {
+        let path = self.root.join(rel);
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.clone());
+        fs::create_dir_all(&dir).map_err(|e| context(&dir, e))?;
+        let bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+        let tmp = path.with_extension("json.tmp");
+        write_durably(&tmp, &bytes)?;
+        fs::rename(&tmp, &path).map_err(|e| context(&path, e))?;
+        sync_dir(&dir)
+    }
+
+    /// Every `*.json` under `STATE_DIR/rel`, parsed (name, value).
+    pub fn read_json_dir<T: for<'de> Deserialize<'de>>(&self, rel: &Path) -> Result<Vec<(String, T)>, String> {
+        let dir = self.root.join(rel);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(format!("{}: {e}", dir.display())),
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else { continue };
+            let bytes = fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let value = serde_json::from_slice(&bytes).map_err(|e| format!("{}: corrupt: {e}", path.display()))?;
+            out.push((name.to_string(), value));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
     /// Archived generations of `volume`, oldest first.
     pub fn history(&self, volume: &str) -> io::Result<Vec<u64>> {
         let dir = self.volume_dir(volume).join("history");

@@ -9,11 +9,13 @@
 
 mod catalog;
 mod gate;
+mod mirror;
 mod swap;
 mod translation;
 
 pub use catalog::Catalog;
 pub use gate::{Gate, GateStatus, HoldId, Ticket};
+pub use mirror::{ChunkState, Mirror};
 pub use swap::{Commit, SwapError, SwapOptions, SwapPhase, SwapReport};
 pub use translation::{Route, TranslateError, Translation};
 
@@ -144,6 +146,40 @@ impl Volume {
             lock(&self.retired).retain(|s| !retired.iter().any(|r| Arc::ptr_eq(r, s)));
         }
         Ok(())
+    }
+
+    /// Attaches (or detaches) a migration's write mirror. Attaching holds
+    /// and drains the mirrored range first, so that no write admitted
+    /// before the mirror existed is still running when copying starts.
+    pub fn set_mirror(&self, mirror: Option<Arc<Mirror>>, timeout: Duration) -> Result<(), SwapError> {
+        let _one_at_a_time = lock(&self.swap_lock);
+        let range = match (&mirror, self.translation().mirror()) {
+            (Some(m), _) | (None, Some(m)) => m.range(),
+            (None, None) => return Ok(()),
+        };
+        let hold = self.gate.hold(vec![range]);
+        let in_flight = self.gate.drain(hold, timeout);
+        if in_flight > 0 {
+            self.gate.release(hold);
+            return Err(SwapError::DrainTimeout {
+                volume: self.name().to_string(),
+                attempts: 1,
+                timeout,
+                in_flight,
+                generation: self.generation(),
+            });
+        }
+        let current = self.translation();
+        self.current.store(Arc::new(current.with_mirror(mirror)));
+        self.gate.release(hold);
+        Ok(())
+    }
+
+    /// Attaches a mirror before the volume serves anyone (daemon start-up,
+    /// resuming a migration): no pause needed.
+    pub fn set_mirror_unserved(&self, mirror: Option<Arc<Mirror>>) {
+        let current = self.translation();
+        self.current.store(Arc::new(current.with_mirror(mirror)));
     }
 
     fn retire(&self, stores: impl Iterator<Item = Arc<dyn Backend>>) {

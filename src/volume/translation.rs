@@ -1,3 +1,4 @@
+use super::mirror::Mirror;
 use crate::backend::{Allocation, Backend, ZeroMode};
 use crate::map::{MappingTable, Piece, Target};
 use std::collections::HashMap;
@@ -10,8 +11,9 @@ pub enum TranslateError {
     MissingStore { index: usize, store: String },
 }
 
-/// One generation of a volume's mapping with its stores opened.
-#[derive(Debug)]
+/// One generation of a volume's mapping with its stores opened, and the
+/// write mirror of a migration in progress, if any.
+#[derive(Debug, Clone)]
 pub struct Translation {
     table: MappingTable,
     /// Per extent: the store handle, `None` for a zero extent.
@@ -20,6 +22,7 @@ pub struct Translation {
     stores: Vec<Arc<dyn Backend>>,
     min_io: u32,
     rotational: bool,
+    mirror: Option<Arc<Mirror>>,
 }
 
 impl Translation {
@@ -41,7 +44,16 @@ impl Translation {
         }
         let min_io = distinct.iter().map(|b| b.info().min_io).max().unwrap_or(1);
         let rotational = distinct.iter().any(|b| b.info().rotational);
-        Ok(Translation { table, targets, stores: distinct, min_io, rotational })
+        Ok(Translation { table, targets, stores: distinct, min_io, rotational, mirror: None })
+    }
+
+    /// The same table with `mirror` attached (or detached).
+    pub fn with_mirror(&self, mirror: Option<Arc<Mirror>>) -> Translation {
+        Translation { mirror, ..self.clone() }
+    }
+
+    pub fn mirror(&self) -> Option<&Arc<Mirror>> {
+        self.mirror.as_ref()
     }
 
     pub fn table(&self) -> &MappingTable {
@@ -61,11 +73,31 @@ impl Translation {
         &self.stores
     }
 
+    /// Flushes every store, and a migration's destination: a mirrored write
+    /// is answered only once it is on both, so FLUSH must cover both.
     pub fn flush(&self) -> io::Result<()> {
         for store in &self.stores {
             store.flush()?;
         }
+        if let Some(m) = &self.mirror {
+            if !m.is_disabled() {
+                m.dest().flush()?;
+            }
+        }
         Ok(())
+    }
+
+    /// Runs a change through the mirror when one covers the piece.
+    fn mirrored(
+        &self,
+        piece: &Piece,
+        source: impl FnOnce() -> io::Result<()>,
+        dest_op: impl Fn(&dyn Backend, u64, u64, u64) -> io::Result<()>,
+    ) -> io::Result<()> {
+        match &self.mirror {
+            Some(m) => m.change(piece.volume_offset, piece.length, source, dest_op),
+            None => source(),
+        }
     }
 
     fn target(&self, piece: &Piece) -> Option<&Arc<dyn Backend>> {
@@ -83,26 +115,33 @@ impl Translation {
     }
 
     pub fn write(&self, piece: &Piece, data: &[u8], fua: bool) -> io::Result<()> {
-        match self.target(piece) {
+        let source = || match self.target(piece) {
             Some(store) => store.write_at(data, piece.target_offset, fua),
             // A zero extent has nowhere to keep data; zeros are already there.
             None if data.iter().all(|b| *b == 0) => Ok(()),
             None => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
-        }
+        };
+        self.mirrored(piece, source, |dest, off, start, len| dest.write_at(&data[start as usize..(start + len) as usize], off, fua))
     }
 
     pub fn trim(&self, piece: &Piece, fua: bool) -> io::Result<()> {
-        match self.target(piece) {
+        let source = || match self.target(piece) {
             Some(store) => store.trim(piece.target_offset, piece.length, fua),
             None => Ok(()),
-        }
+        };
+        // Trimmed source data reads back as zeros on files; keep the copy
+        // identical by zeroing (punching) the destination.
+        let zero = ZeroMode { may_trim: true, fast_only: false };
+        self.mirrored(piece, source, |dest, off, _, len| dest.write_zeroes(off, len, zero, fua))
     }
 
     pub fn write_zeroes(&self, piece: &Piece, mode: ZeroMode, fua: bool) -> io::Result<()> {
-        match self.target(piece) {
+        let source = || match self.target(piece) {
             Some(store) => store.write_zeroes(piece.target_offset, piece.length, mode, fua),
             None => Ok(()),
-        }
+        };
+        let dest_mode = ZeroMode { fast_only: false, ..mode };
+        self.mirrored(piece, source, |dest, off, _, len| dest.write_zeroes(off, len, dest_mode, fua))
     }
 
     pub fn block_status(&self, piece: &Piece, max_runs: usize) -> io::Result<Vec<Allocation>> {

@@ -1,0 +1,111 @@
+//! The persisted progress of a migration job.
+
+use super::MigrationSpec;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Running,
+    Completed,
+    Aborted,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub spec: MigrationSpec,
+    pub state: JobState,
+    pub reason: Option<String>,
+    /// Copied chunks as runs `[first, count]`, compact for big volumes.
+    pub copied_runs: Vec<(u64, u64)>,
+    pub copied_bytes: u64,
+    pub started_at: u64,
+    pub finished_at: Option<u64>,
+    /// Generation the cutover committed.
+    pub generation: Option<u64>,
+}
+
+impl Checkpoint {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        spec: MigrationSpec,
+        state: JobState,
+        reason: Option<String>,
+        copied: &[bool],
+        copied_bytes: u64,
+        started_at: u64,
+        finished_at: Option<u64>,
+        generation: Option<u64>,
+    ) -> Checkpoint {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (i, c) in copied.iter().enumerate() {
+            if !c {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((first, count)) if *first + *count == i as u64 => *count += 1,
+                _ => runs.push((i as u64, 1)),
+            }
+        }
+        Checkpoint { spec, state, reason, copied_runs: runs, copied_bytes, started_at, finished_at, generation }
+    }
+
+    /// Status of a finished job known only from its checkpoint.
+    pub fn status(&self) -> super::JobStatus {
+        super::JobStatus {
+            volume: self.spec.volume.clone(),
+            state: self.state,
+            reason: self.reason.clone(),
+            copied_bytes: self.copied_bytes,
+            total_bytes: self.spec.range.len(),
+            data_bytes: 0,
+            dest: self.spec.dest.clone(),
+            dest_offset: self.spec.dest_offset,
+            range_start: self.spec.range.start,
+            range_length: self.spec.range.len(),
+            chunk: self.spec.chunk,
+            rate: self.spec.rate,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            throughput: 0,
+            generation: self.generation,
+        }
+    }
+
+    /// The copied flags for `chunks` chunks.
+    pub fn copied(&self, chunks: usize) -> Vec<bool> {
+        let mut out = vec![false; chunks];
+        for (first, count) in &self.copied_runs {
+            for i in *first..(*first + *count).min(chunks as u64) {
+                out[i as usize] = true;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::map::Range;
+
+    #[test]
+    fn runs_round_trip() {
+        let spec = MigrationSpec {
+            volume: "v".into(),
+            range: Range::new(0, 10),
+            dest: "d".into(),
+            dest_offset: 0,
+            chunk: 1,
+            rate: 0,
+            discard_source: false,
+        };
+        let flags = vec![true, true, false, true, false, false, true, true, true, false];
+        let cp = Checkpoint::new(spec, JobState::Running, None, &flags, 6, 0, None, None);
+        assert_eq!(cp.copied_runs, vec![(0, 2), (3, 1), (6, 3)]);
+        assert_eq!(cp.copied(10), flags);
+        let json = serde_json::to_string(&cp).unwrap();
+        assert_eq!(serde_json::from_str::<Checkpoint>(&json).unwrap(), cp);
+    }
+}
