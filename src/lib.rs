@@ -7,6 +7,7 @@
 //! Beside them: `map` (pure tables and checks) and `config`.
 //! See docs/ARCHITECTURE.md.
 
+pub mod attach;
 pub mod backend;
 pub mod config;
 pub mod control;

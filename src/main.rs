@@ -94,6 +94,49 @@ enum Command {
     /// Move a volume (or a range of it) onto another backend, live.
     #[command(subcommand)]
     Migrate(MigrateCommand),
+    /// Attach a volume as /dev/nbdN through the kernel NBD client.
+    Attach {
+        volume: String,
+        /// Device to use (default: the first free one, printed).
+        device: Option<String>,
+        /// Server endpoint, unix:PATH or tcp:HOST:PORT (default: the config's
+        /// first listen endpoint, preferring a Unix socket).
+        #[arg(long)]
+        connect: Option<String>,
+        /// Connections to open (needs CAN_MULTI_CONN, which nbdvirt offers).
+        #[arg(long, default_value_t = 1)]
+        connections: u32,
+        /// Request timeout in seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        /// Seconds the kernel holds I/O on a dead connection waiting for a
+        /// reconnect (server restart).
+        #[arg(long, default_value_t = 60)]
+        dead_conn_timeout: u64,
+        /// Logical block size given to the kernel (default: the server's preferred, max 4096).
+        #[arg(long)]
+        block_size: Option<u32>,
+        /// Stay in the foreground and reconnect after server restarts.
+        #[arg(long)]
+        persist: bool,
+        /// Use the ioctl interface (one connection; stays in the foreground).
+        #[arg(long)]
+        ioctl: bool,
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach /dev/nbdN (or the device attached to VOLUME).
+    Detach {
+        /// /dev/nbdN or a volume name.
+        device: String,
+    },
+    /// List NBD devices with their connection state and backend.
+    Attached {
+        #[arg(long)]
+        json: bool,
+    },
     /// List a volume's committed generations.
     History {
         volume: String,
@@ -187,6 +230,22 @@ fn main() -> ExitCode {
         Command::Pause { volume, target, range, timeout } => pause(&target, volume, range, &timeout),
         Command::Resume { volume, target } => call(&target, &Request::Resume { volume }).map(|v| println!("{}", v.as_str().unwrap_or(""))),
         Command::Migrate(cmd) => migrate(cmd),
+        Command::Attach { volume, device, connect, connections, timeout, dead_conn_timeout, block_size, persist, ioctl, target, json } => {
+            attach(volume, device, connect, connections, timeout, dead_conn_timeout, block_size, persist, ioctl, &target, json)
+        }
+        Command::Detach { device } => {
+            let index = if device.starts_with("/dev/") { nbdvirt::attach::device_index(&device) } else { nbdvirt::attach::find_by_volume(&device) };
+            index.and_then(|i| nbdvirt::attach::detach(i).map(|()| println!("/dev/nbd{i} detached")))
+        }
+        Command::Attached { json } => nbdvirt::attach::list().map(|list| {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "devices": list })).unwrap_or_default());
+            } else {
+                for d in list.iter().filter(|d| d.connected) {
+                    println!("{}  {}  {}", d.device, d.size.map(human).unwrap_or_default(), d.backend.as_deref().unwrap_or("-"));
+                }
+            }
+        }),
         Command::History { volume, target, json } => call(&target, &Request::History { volume }).map(|v| {
             if json {
                 print_json(&v)
@@ -303,17 +362,65 @@ fn print_reload(v: &Value) {
 
 fn pause(target: &Target, volume: String, range: Option<String>, timeout: &str) -> Result<(), String> {
     let timeout = nbdvirt::config::parse_duration(timeout).map_err(|e| format!("--timeout: {e}"))?;
-    let range = match range {
-        None => None,
-        Some(r) => {
-            let (start, len) = r.split_once(':').ok_or_else(|| format!("--range {r}: expected START:LEN"))?;
-            let start = nbdvirt::config::parse_size(start).map_err(|e| format!("--range start: {e}"))?;
-            let length = nbdvirt::config::parse_size(len).map_err(|e| format!("--range length: {e}"))?;
-            Some(RangeArg { start, length })
-        }
-    };
+    let range = range.map(|r| parse_range(&r, "--range")).transpose()?;
     let v = call(target, &Request::Pause { volume, range, timeout_ms: Some(timeout.as_millis() as u64) })?;
     println!("{}", v.as_str().unwrap_or(""));
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attach(
+    volume: String,
+    device: Option<String>,
+    connect: Option<String>,
+    connections: u32,
+    timeout: u64,
+    dead_conn_timeout: u64,
+    block_size: Option<u32>,
+    persist: bool,
+    ioctl: bool,
+    target: &Target,
+    json: bool,
+) -> Result<(), String> {
+    use nbdvirt::attach::{self, AttachOptions};
+    use nbdvirt::server::Endpoint;
+    let endpoint: Endpoint = match connect {
+        Some(c) => c.parse().map_err(|e| format!("--connect: {e}"))?,
+        None => {
+            let config = match &target.config {
+                Some(p) => Config::load(p).map_err(|e| e.to_string())?,
+                None if Path::new(SYSTEM_CONFIG).exists() => Config::load(Path::new(SYSTEM_CONFIG)).map_err(|e| e.to_string())?,
+                None => Config::embedded_default(),
+            };
+            let listen = &config.server.listen;
+            listen.iter().find(|e| matches!(e, Endpoint::Unix(_))).or(listen.first()).cloned().ok_or("the config has no listen endpoint")?
+        }
+    };
+    let index = device.as_deref().map(attach::device_index).transpose()?;
+    let opts = AttachOptions { volume, index, endpoint, connections, timeout, dead_conn_timeout, block_size, force_ioctl: ioctl };
+    let report = |a: &attach::Attached| {
+        if json {
+            println!("{}", serde_json::to_string(a).unwrap_or_default());
+        } else {
+            println!("{}", a.device);
+        }
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    };
+    if ioctl || !attach::netlink_available() {
+        if !ioctl {
+            tracing::warn!("netlink 'nbd' family not available: falling back to the ioctl interface (stays in the foreground)");
+        }
+        return attach::attach_ioctl_blocking(&opts, report);
+    }
+    let attached = attach::attach(&opts)?;
+    report(&attached);
+    if persist {
+        let stop = Arc::new(AtomicBool::new(false));
+        for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(signal, stop.clone()).map_err(|e| e.to_string())?;
+        }
+        attach::watch(&opts, attached.index, || stop.load(Ordering::Relaxed))?;
+    }
     Ok(())
 }
 
@@ -474,9 +581,14 @@ fn serve(path: Option<PathBuf>) -> Result<(), String> {
     tracing::info!(control = %daemon.control_path().display(), "control socket ready");
     // A line on stdout for scripts and tests waiting for readiness.
     println!("nbdvirt: ready; listening on {}", endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>().join(", "));
+    // systemd Type=notify: ready once listeners and control socket are up.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     while !stop.load(Ordering::Relaxed) {
         if reload.swap(false, Ordering::Relaxed) {
-            match daemon.reload(false) {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+            let result = daemon.reload(false);
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+            match result {
                 Ok(report) => tracing::info!(?report, "SIGHUP: reload applied"),
                 Err(e) => tracing::error!("SIGHUP: reload failed: {e}"),
             }
@@ -484,6 +596,7 @@ fn serve(path: Option<PathBuf>) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(50));
     }
     tracing::info!("stop requested: finishing in-flight requests");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     drop(control);
     daemon.shutdown().map_err(|e| format!("final flush failed: {e}"))
 }

@@ -162,6 +162,43 @@ pub fn export_name_reply(size: u64, flags: u16, no_zeroes: bool) -> Vec<u8> {
     out
 }
 
+// ---- Client side (used by `attach`) ----
+
+/// An option request as a client sends it.
+pub fn encode_option(option: u32, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + data.len());
+    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// Payload of NBD_OPT_GO/INFO for `export` asking for `infos`.
+pub fn encode_info_request(export: &str, infos: &[u16]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(6 + export.len() + 2 * infos.len());
+    out.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    out.extend_from_slice(export.as_bytes());
+    out.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+    for i in infos {
+        out.extend_from_slice(&i.to_be_bytes());
+    }
+    out
+}
+
+/// Header of an option reply: (option, reply type, payload length).
+pub fn decode_option_reply_header(buf: &[u8; 20]) -> Result<(u32, u32, u32), DecodeError> {
+    let magic = u64::from_be_bytes(buf[..8].try_into().expect("len 8"));
+    if magic != OPT_REPLY_MAGIC {
+        return Err(DecodeError::BadMagic(magic));
+    }
+    Ok((
+        u32::from_be_bytes(buf[8..12].try_into().expect("len 4")),
+        u32::from_be_bytes(buf[12..16].try_into().expect("len 4")),
+        u32::from_be_bytes(buf[16..20].try_into().expect("len 4")),
+    ))
+}
+
 pub fn option_name(option: u32) -> &'static str {
     match option {
         OPT_EXPORT_NAME => "EXPORT_NAME",

@@ -1,0 +1,51 @@
+//! The old ioctl interface to the kernel NBD client: one socket, and a
+//! thread blocked in NBD_DO_IT for the device's lifetime.
+
+use std::fs::OpenOptions;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+nix::ioctl_write_int_bad!(nbd_set_sock, nix::request_code_none!(0xab, 0));
+nix::ioctl_write_int_bad!(nbd_set_blksize, nix::request_code_none!(0xab, 1));
+nix::ioctl_none_bad!(nbd_do_it, nix::request_code_none!(0xab, 3));
+nix::ioctl_none_bad!(nbd_clear_sock, nix::request_code_none!(0xab, 4));
+nix::ioctl_write_int_bad!(nbd_set_size_blocks, nix::request_code_none!(0xab, 7));
+nix::ioctl_none_bad!(nbd_disconnect, nix::request_code_none!(0xab, 8));
+nix::ioctl_write_int_bad!(nbd_set_timeout, nix::request_code_none!(0xab, 9));
+nix::ioctl_write_int_bad!(nbd_set_flags, nix::request_code_none!(0xab, 10));
+
+fn dev(index: u32) -> String {
+    format!("/dev/nbd{index}")
+}
+
+/// The first /dev/nbdN with no client attached.
+pub fn free_device() -> Option<u32> {
+    (0..256u32).find(|i| std::path::Path::new(&dev(*i)).exists() && !std::path::Path::new(&format!("/sys/block/nbd{i}/pid")).exists())
+}
+
+pub fn run(index: u32, sock: &OwnedFd, size: u64, block: u32, flags: u16, timeout: u64, ready: impl FnOnce()) -> Result<(), String> {
+    let f = OpenOptions::new().read(true).write(true).open(dev(index)).map_err(|e| format!("{}: {e}", dev(index)))?;
+    let fd = f.as_raw_fd();
+    let e = |what: &str, err: nix::errno::Errno| format!("{} {what}: {err}", dev(index));
+    // SAFETY: NBD ioctls on an open NBD device with integer arguments.
+    unsafe {
+        nbd_set_blksize(fd, block as i32).map_err(|x| e("NBD_SET_BLKSIZE", x))?;
+        nbd_set_size_blocks(fd, (size / block as u64) as i32).map_err(|x| e("NBD_SET_SIZE_BLOCKS", x))?;
+        nbd_set_timeout(fd, timeout as i32).map_err(|x| e("NBD_SET_TIMEOUT", x))?;
+        nbd_set_flags(fd, flags as i32).map_err(|x| e("NBD_SET_FLAGS", x))?;
+        nbd_set_sock(fd, sock.as_raw_fd()).map_err(|x| e("NBD_SET_SOCK", x))?;
+    }
+    ready();
+    // SAFETY: as above; returns when the device is disconnected.
+    let result = unsafe { nbd_do_it(fd) };
+    unsafe {
+        let _ = nbd_clear_sock(fd);
+    }
+    result.map(|_| ()).map_err(|x| e("NBD_DO_IT", x))
+}
+
+pub fn disconnect(index: u32) -> Result<(), String> {
+    let f = OpenOptions::new().read(true).write(true).open(dev(index)).map_err(|e| format!("{}: {e}", dev(index)))?;
+    // SAFETY: NBD_DISCONNECT on an open NBD device.
+    unsafe { nbd_disconnect(f.as_raw_fd()) }.map_err(|e| format!("{} NBD_DISCONNECT: {e}", dev(index)))?;
+    Ok(())
+}
