@@ -125,3 +125,35 @@ impl Config {
         self.source.as_ref().map_or_else(|| "<embedded default>".to_string(), |p| p.display().to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shipped_example_config_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 4, "expected the example configs in {}", dir.display());
+        assert_eq!(Config::embedded_default().volumes[0].name, "default");
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let text = "[[backend]]\nname = \"a\"\npath = \"/x\"\nsize = \"4XB\"\n";
+        let e = Config::parse(text, "t.toml", Path::new("")).unwrap_err();
+        assert_eq!((e.line, e.field.as_deref()), (Some(4), Some("backend.size")), "{e}");
+        assert!(e.to_string().starts_with("t.toml:4: backend.size:"), "{e}");
+        let text = "[server]\nbogus = 1\n";
+        let e = Config::parse(text, "t.toml", Path::new("")).unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.message.contains("bogus"), "{e}");
+    }
+}
