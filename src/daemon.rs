@@ -56,6 +56,9 @@ pub struct MigrateRequest {
 
 /// A manual pause of one volume, with its automatic end.
 struct ManualPause {
+    /// The volume object paused (not looked up by name later: the name may
+    /// have been removed and re-added meanwhile).
+    volume: Arc<Volume>,
     hold: HoldId,
     token: u64,
 }
@@ -66,7 +69,8 @@ pub struct Daemon {
     stores: Mutex<HashMap<String, OpenStore>>,
     server: Mutex<Server>,
     state: StateDir,
-    swap: SwapOptions,
+    /// Swap settings; `reload` refreshes them from the new config.
+    swap: Mutex<SwapOptions>,
     manual: Mutex<HashMap<String, ManualPause>>,
     migrations: Mutex<BTreeMap<String, JobEntry>>,
     next_token: std::sync::atomic::AtomicU64,
@@ -311,7 +315,7 @@ impl Daemon {
         Ok(Arc::new(Daemon {
             config_path,
             migrations: Mutex::new(migrations),
-            swap,
+            swap: Mutex::new(swap),
             config: Mutex::new(config),
             stores: Mutex::new(stores),
             server: Mutex::new(server),
@@ -509,10 +513,17 @@ impl Daemon {
                 staged.push((volume.clone(), v, config::build_translation(&file, v, table.clone(), &handles).map_err(|e| e.to_string())?));
             }
         }
+        // The new pause settings apply to this reload's swaps already.
+        let swap = {
+            let mut opts = lock(&self.swap);
+            let crash_at = opts.crash_at;
+            *opts = swap_options(&new, crash_at);
+            opts.clone()
+        };
         // Apply: swaps (each atomic and persisted), then the new catalog.
         for (volume, v, translation) in staged {
             let mut commit = PersistCommit::new(&self.state, volume.name(), v.extents.clone(), "reload");
-            match volume.swap(translation, &self.swap, &mut commit) {
+            match volume.swap(translation, &swap, &mut commit) {
                 Ok(r) => report.swapped.push(r),
                 Err(e) => report.errors.push(e.to_string()),
             }
@@ -545,6 +556,21 @@ impl Daemon {
                 }
             }
         }
+        // A failed swap leaves its volume on the old table: keep the stores
+        // that table still uses, even if the new config dropped them.
+        let mut stores = stores;
+        let mut handles = handles;
+        for v in volumes.values() {
+            for e in v.table().extents() {
+                if let Target::Store { store, .. } = &e.target {
+                    if let (false, Some(old)) = (stores.contains_key(store), existing.get(store)) {
+                        report.errors.push(format!("backend '{store}' stays open: volume '{}' still uses it", v.name()));
+                        handles.insert(store.clone(), old.handle.clone());
+                        stores.insert(store.clone(), old.clone());
+                    }
+                }
+            }
+        }
         report.backends_opened = stores.keys().filter(|n| !existing.contains_key(*n)).cloned().collect();
         report.backends_closed = existing.keys().filter(|n| !stores.contains_key(*n)).cloned().collect();
         let default_export = new.server.default_export.clone().or_else(|| new.volumes.first().map(|v| v.name.clone()));
@@ -553,6 +579,10 @@ impl Daemon {
         for name in &removed {
             report.disconnected += server.disconnect_export(name);
             report.removed.push(name.clone());
+            // A manual pause dies with its volume.
+            if let Some(p) = lock(&self.manual).remove(name) {
+                p.volume.resume(p.hold);
+            }
         }
         drop(server);
         *lock(&self.stores) = stores;
@@ -581,7 +611,7 @@ impl Daemon {
         let drain_timeout = lock(&self.config).server.pause_timeout;
         let hold = v.pause(range.into_iter().collect(), drain_timeout).map_err(|e| e.to_string())?;
         let token = self.next_token.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        lock(&self.manual).insert(volume.to_string(), ManualPause { hold, token });
+        lock(&self.manual).insert(volume.to_string(), ManualPause { volume: v.clone(), hold, token });
         let me = Arc::downgrade(self);
         let name = volume.to_string();
         std::thread::spawn(move || {
@@ -591,9 +621,7 @@ impl Daemon {
                 if manual.get(&name).is_some_and(|p| p.token == token) {
                     let p = manual.remove(&name).expect("checked");
                     drop(manual);
-                    if let Ok(v) = d.volume(&name) {
-                        v.resume(p.hold);
-                    }
+                    p.volume.resume(p.hold);
                     tracing::warn!(volume = %name, ?timeout, "manual pause timed out; resumed");
                 }
             }
@@ -604,9 +632,9 @@ impl Daemon {
 
     pub fn resume(&self, volume: &str) -> Result<String, String> {
         let _admin = lock(&self.admin);
-        let v = self.volume(volume)?;
+        self.volume(volume)?;
         let p = lock(&self.manual).remove(volume).ok_or_else(|| format!("volume '{volume}' is not paused"))?;
-        v.resume(p.hold);
+        p.volume.resume(p.hold);
         tracing::info!(volume, "resumed by operator");
         Ok(format!("volume '{volume}' resumed"))
     }
@@ -694,7 +722,8 @@ impl Daemon {
             rate: req.rate.unwrap_or(migrate::DEFAULT_RATE),
             discard_source: req.discard_source,
         };
-        let job = MigrationJob::new(spec, volume, catalog.stores.clone(), self.state.clone(), self.swap.clone(), &[], now_secs())?;
+        let swap = lock(&self.swap).clone();
+        let job = MigrationJob::new(spec, volume, catalog.stores.clone(), self.state.clone(), swap, &[], now_secs())?;
         job.start(true)?;
         let status = job.status();
         lock(&self.migrations).insert(name, JobEntry::Live(job));

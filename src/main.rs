@@ -205,6 +205,11 @@ fn init_logging(verbose: u8) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. } | Command::Attach { .. }) {
+        // `nbdvirt status --json | head` should end quietly, not panic on EPIPE.
+        // SAFETY: restoring the default disposition of SIGPIPE at start-up.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Serve { config } => serve(config),
@@ -269,12 +274,18 @@ fn control_path(target: &Target) -> Result<PathBuf, String> {
     if let Some(p) = &target.control {
         return Ok(p.clone());
     }
-    let config = match &target.config {
-        Some(p) => Config::load(p).map_err(|e| e.to_string())?,
-        None if Path::new(SYSTEM_CONFIG).exists() => Config::load(Path::new(SYSTEM_CONFIG)).map_err(|e| e.to_string())?,
-        None => Config::embedded_default(),
+    let path = match &target.config {
+        Some(p) => p.clone(),
+        None if Path::new(SYSTEM_CONFIG).exists() => PathBuf::from(SYSTEM_CONFIG),
+        None => return Ok(Config::embedded_default().server.control),
     };
-    Ok(config.server.control)
+    match Config::load(&path) {
+        Ok(config) => Ok(config.server.control),
+        // A config being edited may be invalid; the server (running on the
+        // previous one) must still be reachable, e.g. to see why a reload
+        // failed. Only `[server] control` / `state_dir` are needed.
+        Err(e) => nbdvirt::config::control_socket_of(&path).ok_or_else(|| format!("{e} (use --control to reach the server anyway)")),
+    }
 }
 
 fn call(target: &Target, request: &Request) -> Result<Value, String> {

@@ -426,6 +426,7 @@ impl Conn {
         assert_eq!(self.read(3 * MIB, 4096), data, "data read back differs");
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn expect_error(&mut self, flags: u16, cmd: u16, offset: u64, length: u32, payload: &[u8], err: u32, what: &str) {
         let o = self.request(flags, cmd, offset, length, payload);
         assert_eq!(o.error, err, "{what}: expected error {err}, got {o:?}");
@@ -984,7 +985,8 @@ fn read_crossing_the_extent_boundary() {
         assert_eq!(c.read(0, 512), pattern(20, 512));
         assert_eq!(c.read(BOUNDARY + 64 * 1024, 512), pattern(21, 512));
         // Whole-export read: 16 MiB in one request, under the 32 MiB limit.
-        let all = c.read(0, SIZE as u32);
+        assert_eq!(c.size, SIZE);
+        let all = c.read(0, c.size as u32);
         assert_eq!(&all[off as usize..off as usize + data.len()], &data[..]);
     }
 }

@@ -126,6 +126,20 @@ impl Config {
     }
 }
 
+/// The control socket named by a config file, read leniently (the rest of
+/// the file may be invalid): `[server] control`, else `state_dir/control.sock`.
+pub fn control_socket_of(path: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let value: toml::Table = text.parse().ok()?;
+    let server = value.get("server")?.as_table()?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let control = match server.get("control").and_then(|c| c.as_str()) {
+        Some(c) => PathBuf::from(c),
+        None => PathBuf::from(server.get("state_dir").and_then(|d| d.as_str()).unwrap_or("/var/lib/nbdvirt")).join("control.sock"),
+    };
+    Some(if control.is_absolute() { control } else { base.join(control) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

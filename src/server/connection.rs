@@ -183,12 +183,17 @@ fn reader_loop(ctx: &Arc<Ctx>, budget: &Arc<Budget>, reader: &mut Reader<'_>) ->
         } else {
             None
         };
+        // Every request, even one answered with an error, holds a permit
+        // until its reply is written: error replies to a client that does
+        // not read them must not pile up without bound either.
         if reader.stopping() {
-            reply_error(ctx, &req, NbdError::Shutdown, "server is shutting down", None);
+            let permit = payload.map(|(_, p)| p).unwrap_or_else(|| budget.acquire(0));
+            reply_error(ctx, &req, NbdError::Shutdown, "server is shutting down", Some(permit));
             continue;
         }
         if let Err((err, msg)) = check(ctx, &req) {
-            reply_error(ctx, &req, err, &msg, payload.map(|(_, p)| p));
+            let permit = payload.map(|(_, p)| p).unwrap_or_else(|| budget.acquire(0));
+            reply_error(ctx, &req, err, &msg, Some(permit));
             continue;
         }
         let (data, permit) = match payload {
@@ -224,7 +229,10 @@ fn check(ctx: &Ctx, req: &RequestHeader) -> Result<(), (NbdError, String)> {
     if !matches!(req.command, CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS) {
         return Err((NbdError::Inval, format!("unknown command {}", req.command)));
     }
-    let extra = req.flags & !allowed_flags(req.command);
+    // proto.md: with SEND_FUA advertised the server MUST accept FUA on
+    // every command (it is a no-op where nothing is written).
+    let fua_ok = if ctx.volume.spec().read_only { 0 } else { CMD_FLAG_FUA };
+    let extra = req.flags & !(allowed_flags(req.command) | fua_ok);
     if extra != 0 {
         return Err((NbdError::Inval, format!("flags {extra:#x} are not valid for {name}")));
     }
@@ -262,7 +270,7 @@ fn check(ctx: &Ctx, req: &RequestHeader) -> Result<(), (NbdError, String)> {
     let size = volume.size();
     let end = req.offset.checked_add(req.length as u64);
     if end.is_none_or(|end| end > size) {
-        let err = if req.command == CMD_WRITE { NbdError::NoSpc } else { NbdError::Inval };
+        let err = if matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES) { NbdError::NoSpc } else { NbdError::Inval };
         return Err((err, format!("{name} {}+{} is beyond the end of the export ({size} bytes)", req.offset, req.length)));
     }
     let min = volume.translation().min_io() as u64;

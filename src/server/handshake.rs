@@ -202,6 +202,11 @@ impl Haggle<'_> {
                 Ok(Step::Continue)
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                if option == OPT_SET_META_CONTEXT {
+                    // proto.md: SET replaces the previous selection, even
+                    // when it fails.
+                    self.meta = None;
+                }
                 if option == OPT_SET_META_CONTEXT && !self.structured {
                     return self.error(option, REP_ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first");
                 }
@@ -220,7 +225,9 @@ impl Haggle<'_> {
                 };
                 let mut out = Vec::new();
                 if selected {
-                    out.extend_from_slice(&rep_meta_context(option, BASE_ALLOCATION_ID, META_BASE_ALLOCATION));
+                    // LIST's ids mean nothing (proto.md: SHOULD be 0).
+                    let id = if option == OPT_SET_META_CONTEXT { BASE_ALLOCATION_ID } else { 0 };
+                    out.extend_from_slice(&rep_meta_context(option, id, META_BASE_ALLOCATION));
                 }
                 out.extend_from_slice(&option_reply(option, REP_ACK, &[]));
                 self.send(&out)?;

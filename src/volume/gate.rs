@@ -78,8 +78,12 @@ pub struct Gate {
     drain_lock: Mutex<()>,
     drain_cv: Condvar,
     draining: AtomicBool,
-    next_hold: AtomicU64,
 }
+
+/// Hold ids are unique across every gate of the process, so a stale id
+/// (e.g. of a volume that was removed and re-added) can never release
+/// somebody else's hold.
+static NEXT_HOLD: AtomicU64 = AtomicU64::new(1);
 
 impl std::fmt::Debug for Gate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -118,7 +122,6 @@ impl Gate {
             drain_lock: Mutex::new(()),
             drain_cv: Condvar::new(),
             draining: AtomicBool::new(false),
-            next_hold: AtomicU64::new(1),
         })
     }
 
@@ -160,7 +163,7 @@ impl Gate {
 
     /// Starts holding `ranges`: new requests overlapping them park.
     pub fn hold(&self, ranges: Vec<Range>) -> HoldId {
-        let id = self.next_hold.fetch_add(1, Ordering::Relaxed);
+        let id = NEXT_HOLD.fetch_add(1, Ordering::Relaxed);
         let mut holds = lock(&self.holds);
         holds.holds.push(Hold { id, ranges, drained: false });
         self.any_hold.store(true, Ordering::SeqCst);

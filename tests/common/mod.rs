@@ -120,7 +120,9 @@ impl TestServer {
             .expect("start nbdvirt");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+        // Ready = NBD socket and control socket both accept.
+        let control = self.dir.path().join("control.sock");
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() || std::os::unix::net::UnixStream::connect(&control).is_err() {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("nbdvirt exited during start-up ({status}):\n{}", self.log());
             }

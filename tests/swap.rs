@@ -1,0 +1,982 @@
+//! Pause–drain–swap of a volume's mapping table under live I/O, driven the
+//! way an operator drives it: edit the config, `nbdvirt reload`; or
+//! `nbdvirt pause` / `resume`. Real binary, real clients (fio, nbdsh).
+//!
+//! Ordering, not wall-clock time, is what the assertions rely on: "this
+//! I/O completed while status still said pausing", "this write had not
+//! completed until resume".
+mod common;
+use common::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+
+// ---------------------------------------------------------------- helpers
+
+/// `nbdvirt ARGS --control DIR/control.sock` (bounded).
+fn cli(server: &TestServer, args: &[&str]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).arg("--control").arg(server.path("control.sock")).env_remove("NBDVIRT_CONFIG");
+    run_timeout(&mut cmd, Duration::from_secs(90))
+}
+
+fn text(out: &Output) -> String {
+    format!("status {}\nstdout:\n{}\nstderr:\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn cli_ok(server: &TestServer, args: &[&str]) -> String {
+    let out = cli(server, args);
+    assert!(out.status.success(), "nbdvirt {args:?} failed: {}\n--- server log ---\n{}", text(&out), server.log());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command that must fail; returns its stderr.
+fn cli_err(server: &TestServer, args: &[&str]) -> String {
+    let out = cli(server, args);
+    assert!(!out.status.success(), "nbdvirt {args:?} unexpectedly succeeded: {}", text(&out));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("bad JSON ({e}):\n{s}"))
+}
+
+/// `TestServer::start`/`spawn` return once the NBD socket accepts, but the
+/// server creates its control socket just after that: wait for it too.
+fn wait_control(server: &TestServer) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(server.path("control.sock")).is_err() {
+        assert!(Instant::now() < deadline, "control socket did not appear within 20 s:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn start(body: &str) -> TestServer {
+    let server = TestServer::start(body);
+    wait_control(&server);
+    server
+}
+
+fn respawn(server: &mut TestServer) {
+    server.spawn();
+    wait_control(server);
+}
+
+/// Status straight from the control socket (cheap enough to poll).
+fn poll_status(server: &TestServer) -> Value {
+    let mut s = UnixStream::connect(server.path("control.sock")).expect("control socket");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(b"{\"command\":\"status\"}\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    let v = json(&line);
+    assert_eq!(v["ok"], true, "status failed: {v}");
+    v["result"].clone()
+}
+
+fn vol_of(status: &Value, name: &str) -> Value {
+    status["volumes"].as_array().unwrap().iter().find(|v| v["name"] == name).unwrap_or_else(|| panic!("no volume {name} in {status}")).clone()
+}
+
+fn vol(server: &TestServer, name: &str) -> Value {
+    vol_of(&poll_status(server), name)
+}
+
+fn generation(server: &TestServer, name: &str) -> u64 {
+    vol(server, name)["generation"].as_u64().unwrap()
+}
+
+/// `(start, length, backend, backend_offset)` of each extent in a status.
+fn extents_of(vol: &Value) -> Vec<(u64, u64, String, u64)> {
+    vol["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap(), e["backend"].as_str().unwrap_or("").to_string(), e["backend_offset"].as_u64().unwrap_or(0)))
+        .collect()
+}
+
+fn history(server: &TestServer, name: &str) -> Vec<Value> {
+    json(&cli_ok(server, &["history", name, "--json"])).as_array().unwrap().clone()
+}
+
+fn history_generations(server: &TestServer, name: &str) -> Vec<u64> {
+    history(server, name).iter().map(|g| g["generation"].as_u64().unwrap()).collect()
+}
+
+/// Polls `f` every 10 ms until it holds; panics after `limit`.
+fn wait_until(server: &TestServer, what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}\n--- status ---\n{}\n--- log ---\n{}", poll_status(server), server.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Replaces everything after the harness's `[server]` block with `body`
+/// (`{dir}` expanded), atomically.
+fn rewrite_config(server: &TestServer, body: &str) {
+    let old = std::fs::read_to_string(&server.config).unwrap();
+    let header = old.split_once("\n\n").expect("harness header").0;
+    let new = format!("{header}\n\n{}", body.replace("{dir}", &server.dir.path().display().to_string()));
+    let tmp = server.config.with_extension("toml.tmp");
+    std::fs::write(&tmp, new).unwrap();
+    std::fs::rename(&tmp, &server.config).unwrap();
+}
+
+/// Writes `data` to DIR/NAME and returns the path (scripts read it).
+fn data_file(server: &TestServer, name: &str, data: &[u8]) -> String {
+    let p = server.path(name);
+    std::fs::write(&p, data).unwrap();
+    p.display().to_string()
+}
+
+/// A running nbdsh script, with its stdout as lines and its stdin open, so
+/// a test can trigger I/O at an exact point and see when it completes.
+struct Script {
+    what: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Script {
+    fn start(what: &str, uri: &str, script: &str) -> Script {
+        require("nbdsh", "python3-libnbd");
+        let mut child = Command::new("nbdsh")
+            .env("PATH", debian_path())
+            .args(["-u", uri, "-c", script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start nbdsh");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut err = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        Script { what: what.into(), stdin: child.stdin.take(), child, lines, stderr: Some(stderr) }
+    }
+
+    fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").and_then(|_| stdin.flush()).unwrap_or_else(|e| panic!("nbdsh ({}): stdin: {e}", self.what));
+    }
+
+    /// The next line within `limit`, `None` if there is none yet.
+    fn line(&mut self, limit: Duration) -> Option<String> {
+        match self.lines.recv_timeout(limit) {
+            Ok(l) => Some(l),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => self.fail("ended before printing the expected line"),
+        }
+    }
+
+    fn expect(&mut self, want: &str, limit: Duration) {
+        match self.line(limit) {
+            Some(l) if l == want => {}
+            Some(l) => self.fail(&format!("printed {l:?}, expected {want:?}")),
+            None => self.fail(&format!("did not print {want:?} within {limit:?}")),
+        }
+    }
+
+    /// Asserts nothing was printed (yet).
+    fn quiet(&mut self, why: &str) {
+        if let Ok(l) = self.lines.try_recv() {
+            self.fail(&format!("printed {l:?}, but {why}"));
+        }
+    }
+
+    /// Waits for a clean exit.
+    fn finish(mut self, limit: Duration) {
+        self.stdin.take();
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                if !status.success() {
+                    self.fail(&format!("exited with {status}"));
+                }
+                return;
+            }
+            if Instant::now() > deadline {
+                self.fail(&format!("did not exit within {limit:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn fail(&mut self, msg: &str) -> ! {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let stderr = self.stderr.take().and_then(|t| t.join().ok()).unwrap_or_default();
+        panic!("nbdsh ({}): {msg}\nstderr:\n{stderr}", self.what)
+    }
+}
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Connects, prints `ready`, waits for a line on stdin, writes the bytes of
+/// `data` at `offset` (a blocking pwrite), prints `done`.
+fn triggered_write(what: &str, uri: &str, data: &str, offset: u64) -> Script {
+    let mut s = Script::start(
+        what,
+        uri,
+        &format!(
+            "import sys\nd = open('{data}', 'rb').read()\nprint('ready', flush=True)\nsys.stdin.readline()\nh.pwrite(d, {offset})\nprint('done', flush=True)\n"
+        ),
+    );
+    s.expect("ready", Duration::from_secs(30));
+    s
+}
+
+/// Connects, prints `ready`; for each stdin line writes `data` at `offset`,
+/// reads it back, checks it, and prints `ok N`.
+fn io_loop(what: &str, uri: &str, data: &str, offset: u64) -> Script {
+    let mut s = Script::start(
+        what,
+        uri,
+        &format!(
+            "import sys\nd = open('{data}', 'rb').read()\nprint('ready', flush=True)\nn = 0\nwhile sys.stdin.readline():\n    h.pwrite(d, {offset})\n    assert h.pread(len(d), {offset}) == d, 'read back differs'\n    n += 1\n    print('ok', n, flush=True)\n"
+        ),
+    );
+    s.expect("ready", Duration::from_secs(30));
+    s
+}
+
+/// Runs a one-shot nbdsh script that must succeed.
+fn nbdsh_run(uri: &str, script: &str) {
+    require("nbdsh", "python3-libnbd");
+    let mut cmd = Command::new("nbdsh");
+    cmd.env("PATH", debian_path()).args(["-u", uri, "-c", script]);
+    let out = run_timeout(&mut cmd, Duration::from_secs(60));
+    assert!(out.status.success(), "nbdsh script failed: {}\nscript:\n{script}", text(&out));
+}
+
+/// Asserts the volume reads `data` at `offset`.
+fn assert_volume_reads(uri: &str, data: &str, offset: u64) {
+    nbdsh_run(uri, &format!("d = open('{data}', 'rb').read()\nassert h.pread(len(d), {offset}) == d, 'volume content differs'\n"));
+}
+
+// ------------------------------------------------- 1. many swaps under fio
+
+const FIO_SIZE: u64 = 16 * MIB;
+const FIO_SWAPS: usize = 100;
+
+/// A cut of the 16 MiB volume into extents, each mapped onto the same
+/// bytes of `data.img` through backend name `a` or `b`.
+fn cut_body(cut: &[(u64, u64, &str)]) -> String {
+    let mut s = String::new();
+    for name in ["a", "b"] {
+        s += &format!("[[backend]]\nname = \"{name}\"\npath = \"{{dir}}/data.img\"\nsize = \"16MiB\"\nshared = true\n\n");
+    }
+    s += "[[volume]]\nname = \"v\"\n";
+    for (start, length, backend) in cut {
+        s += &format!("[[volume.extent]]\nstart = {start}\nlength = {length}\nbackend = \"{backend}\"\nbackend_offset = {start}\n");
+    }
+    s
+}
+
+/// Iteration `i`'s cut: 4 to 8 extents at 64 KiB boundaries, names mixed.
+fn random_cut(seed: u64) -> Vec<(u64, u64, &'static str)> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let units = FIO_SIZE / (64 * KIB);
+    let k = 4 + (next() % 5) as usize;
+    let mut cuts = std::collections::BTreeSet::new();
+    while cuts.len() < k - 1 {
+        cuts.insert(1 + next() % (units - 1));
+    }
+    let mut bounds: Vec<u64> = vec![0];
+    bounds.extend(cuts.iter().map(|c| c * 64 * KIB));
+    bounds.push(FIO_SIZE);
+    bounds.windows(2).map(|w| (w[0], w[1] - w[0], if next() % 2 == 0 { "a" } else { "b" })).collect()
+}
+
+/// Runs fio (nbd engine, random 4k writes with crc32c verify) for `secs`
+/// seconds in `dir`; returns (write bytes, verified bytes) or why it failed.
+fn fio_run(dir: &Path, uri: &str, secs: u32) -> Result<(u64, u64), String> {
+    let mut cmd = Command::new("fio");
+    cmd.current_dir(dir).args([
+        "--name=swapload",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--size=16M",
+        "--iodepth=16",
+        "--verify=crc32c",
+        "--verify_backlog=64",
+        "--verify_fatal=1",
+        "--do_verify=1",
+        "--verify_state_save=0",
+        "--time_based",
+        &format!("--runtime={secs}"),
+        "--output-format=json",
+    ]);
+    let out = run_timeout(&mut cmd, Duration::from_secs(secs as u64 + 60));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let all = text(&out);
+    if !out.status.success() {
+        return Err(format!("fio failed: {all}"));
+    }
+    let at = stdout.find("fio: connected to NBD server").ok_or_else(|| format!("fio did not connect: {all}"))?;
+    let rest = &stdout[at..];
+    let start = rest.find('{').ok_or_else(|| format!("no JSON in fio output: {all}"))?;
+    let v: Value = serde_json::from_str(&rest[start..]).map_err(|e| format!("fio JSON ({e}): {all}"))?;
+    let job = &v["jobs"][0];
+    if job["error"] != 0 {
+        return Err(format!("fio job error {}: {all}", job["error"]));
+    }
+    if job.get("total_err").and_then(Value::as_u64).unwrap_or(0) != 0 {
+        return Err(format!("fio reported errors: {all}"));
+    }
+    let written = job["write"]["io_bytes"].as_u64().unwrap_or(0);
+    let verified = job["read"]["io_bytes"].as_u64().unwrap_or(0);
+    if written == 0 || verified * 2 < written {
+        return Err(format!("fio wrote {written} bytes but verified only {verified}: {all}"));
+    }
+    Ok((written, verified))
+}
+
+#[test]
+fn hundred_swaps_under_fio_write_verify_load() {
+    require("fio", "fio");
+    require("nbdsh", "python3-libnbd");
+    let first = random_cut(0);
+    let server = start(&cut_body(&first));
+    let uri = server.uri("v");
+    let cfg = server.config.display().to_string();
+    let nbdvirt = |args: &[&str]| -> Output {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).args(["--config", &cfg]).env_remove("NBDVIRT_CONFIG");
+        run_timeout(&mut cmd, Duration::from_secs(90))
+    };
+    let status = || -> Value {
+        let out = nbdvirt(&["status", "--json"]);
+        assert!(out.status.success(), "status: {}", text(&out));
+        vol_of(&json(&String::from_utf8_lossy(&out.stdout)), "v")
+    };
+    assert_eq!(status()["generation"], 1);
+
+    // fio runs back to back until enough swaps are done; swaps continue
+    // until the last fio run has ended, so every run is under swaps.
+    let stop = Arc::new(AtomicBool::new(false));
+    let fio = {
+        let (dir, uri, stop) = (server.dir.path().to_path_buf(), uri.clone(), stop.clone());
+        std::thread::spawn(move || -> Result<Vec<(u64, u64)>, String> {
+            let mut runs = Vec::new();
+            loop {
+                runs.push(fio_run(&dir, &uri, 4)?);
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(runs);
+                }
+            }
+        })
+    };
+    wait_until(&server, "fio to connect", Duration::from_secs(30), || fio.is_finished() || vol(&server, "v")["connections"].as_u64() >= Some(1));
+
+    let mut previous = first;
+    let mut generation = 1u64;
+    let mut swaps = 0usize;
+    let mut parked_seen = false;
+    for i in 1u64.. {
+        if fio.is_finished() {
+            break;
+        }
+        if swaps >= FIO_SWAPS {
+            stop.store(true, Ordering::SeqCst);
+        }
+        assert!(i < 5000, "fio never finished");
+        let mut cut = random_cut(i);
+        if cut == previous {
+            cut[0].2 = if cut[0].2 == "a" { "b" } else { "a" };
+        }
+        rewrite_config(&server, &cut_body(&cut));
+        let out = nbdvirt(&["reload", "--json"]);
+        assert!(out.status.success(), "reload {i} failed: {}\n--- log ---\n{}", text(&out), server.log());
+        let report = json(&String::from_utf8_lossy(&out.stdout));
+        let swapped = report["swapped"].as_array().unwrap();
+        assert_eq!(swapped.len(), 1, "reload {i}: one swap expected: {report}");
+        assert_eq!(swapped[0]["from_generation"], generation, "{report}");
+        assert_eq!(swapped[0]["generation"], generation + 1, "reload {i}: generation advances by one: {report}");
+        assert!(report["errors"].as_array().unwrap().is_empty(), "{report}");
+        generation += 1;
+        swaps += 1;
+        let v = status();
+        assert_eq!(v["generation"], generation, "status after reload {i}: {v}");
+        let want: Vec<_> = cut.iter().map(|(s, l, b)| (*s, *l, b.to_string(), *s)).collect();
+        assert_eq!(extents_of(&v), want, "status extents after reload {i}");
+        parked_seen |= v["held_requests"].as_u64() > Some(0);
+        previous = cut;
+    }
+    let runs = fio.join().expect("fio thread").unwrap_or_else(|e| panic!("{e}\n--- server log ---\n{}", server.log()));
+    assert!(swaps >= FIO_SWAPS, "only {swaps} swaps happened before fio ended");
+    eprintln!("{swaps} swaps under {} fio run(s) {runs:?}; parked request seen in status: {parked_seen}", runs.len());
+    assert_eq!(generation, swaps as u64 + 1);
+    let hist = history_generations(&server, "v");
+    assert_eq!(hist, (1..=generation).collect::<Vec<_>>(), "every generation is in the history");
+
+    // The volume is the identity over data.img: a fresh read of the whole
+    // volume equals the file.
+    let dump = server.path("volume.dump");
+    nbdsh_run(&uri, &format!("open('{}', 'wb').write(h.pread({FIO_SIZE}, 0))\n", dump.display()));
+    let volume = std::fs::read(&dump).unwrap();
+    let file = read_at(&server.path("data.img"), 0, FIO_SIZE as usize);
+    assert!(volume == file, "volume content differs from data.img");
+    let zero_blocks = file.chunks(4096).filter(|c| c.iter().all(|b| *b == 0)).count();
+    assert!(zero_blocks < (FIO_SIZE / 4096 / 2) as usize, "fio should have written most blocks ({zero_blocks} all-zero 4k blocks)");
+}
+
+// ------------------------------------------- 2. only changed ranges held
+
+/// Extent 0 on a slow store reachable under two names, extent 1 on a fast
+/// store. `server_extra` goes into `[server]`, `slow` is `s1` or `s2`.
+fn slow_fast_body(server_extra: &str, delay: &str, slow: &str) -> String {
+    format!(
+        r#"{server_extra}
+[[backend]]
+name = "s1"
+path = "{{dir}}/slow.img"
+size = "4MiB"
+shared = true
+delay = "{delay}"
+
+[[backend]]
+name = "s2"
+path = "{{dir}}/slow.img"
+size = "4MiB"
+shared = true
+delay = "{delay}"
+
+[[backend]]
+name = "f"
+path = "{{dir}}/fast.img"
+size = "4MiB"
+
+[[volume]]
+name = "v"
+[[volume.extent]]
+length = "4MiB"
+backend = "{slow}"
+backend_offset = 0
+[[volume.extent]]
+length = "4MiB"
+backend = "f"
+backend_offset = 0
+"#
+    )
+}
+
+#[test]
+fn swap_holds_only_the_changed_range_while_draining() {
+    let server = start(&slow_fast_body("", "2s", "s1"));
+    let uri = server.uri("v");
+    let a = pattern(1, 64 * KIB as usize);
+    let b = pattern(2, 64 * KIB as usize);
+    let c = pattern(3, 4 * KIB as usize);
+    let (ap, bp, cp) = (data_file(&server, "a.bin", &a), data_file(&server, "b.bin", &b), data_file(&server, "c.bin", &c));
+    let mut slow = triggered_write("slow write, extent 0", &uri, &ap, 0);
+    let mut held = triggered_write("write into the held range", &uri, &cp, MIB);
+    let mut fast = io_loop("I/O on extent 1", &uri, &bp, 4 * MIB + 128 * KIB);
+
+    slow.send("go");
+    wait_until(&server, "the slow write in flight", Duration::from_secs(10), || vol(&server, "v")["in_flight"].as_u64() >= Some(1));
+    rewrite_config(&server, &slow_fast_body("", "2s", "s2"));
+    let mut reload = Command::new(BIN);
+    reload.args(["reload", "--json", "--control"]).arg(server.path("control.sock"));
+    let reload = std::thread::spawn(move || run_timeout(&mut reload, Duration::from_secs(60)));
+    wait_until(&server, "state pausing", Duration::from_secs(10), || vol(&server, "v")["state"] == "pausing");
+    let v = vol(&server, "v");
+    assert_eq!(v["held_ranges"], serde_json::json!([{"start": 0, "length": 4 * MIB}]), "only extent 0 is held: {v}");
+
+    // A new request in the held range parks...
+    held.send("go");
+    wait_until(&server, "the request in the held range to park", Duration::from_secs(10), || vol(&server, "v")["held_requests"].as_u64() >= Some(1));
+    // ...while I/O on extent 1 flows: three write+read round trips finish
+    // while the swap is still draining.
+    for n in 1..=3 {
+        fast.send("go");
+        fast.expect(&format!("ok {n}"), Duration::from_secs(10));
+    }
+    let v = vol(&server, "v");
+    assert_eq!(v["state"], "pausing", "extent-1 I/O completed while extent 0 was still draining: {v}");
+    assert_eq!(v["generation"], 1, "{v}");
+    assert!(!reload.is_finished(), "reload was still waiting for the drain");
+    slow.quiet("the slow write cannot have finished before the drain");
+    held.quiet("a held request cannot complete before the swap");
+
+    let out = reload.join().unwrap();
+    assert!(out.status.success(), "reload failed: {}\n{}", text(&out), server.log());
+    let report = json(&String::from_utf8_lossy(&out.stdout));
+    let s = &report["swapped"][0];
+    assert_eq!(s["generation"], 2, "{report}");
+    assert_eq!(s["ranges"], serde_json::json!([{"start": 0, "end": 4 * MIB}]), "{report}");
+    assert_eq!(s["attempts"], 1, "{report}");
+    slow.expect("done", Duration::from_secs(10));
+    held.expect("done", Duration::from_secs(10));
+    slow.finish(Duration::from_secs(10));
+    held.finish(Duration::from_secs(10));
+    fast.finish(Duration::from_secs(10));
+    let v = vol(&server, "v");
+    assert_eq!((v["generation"].as_u64(), v["state"].as_str()), (Some(2), Some("running")), "{v}");
+    assert_eq!(extents_of(&v)[0].2, "s2");
+    assert_eq!(read_at(&server.path("slow.img"), 0, a.len()), a);
+    assert_eq!(read_at(&server.path("slow.img"), MIB, c.len()), c);
+    assert_eq!(read_at(&server.path("fast.img"), 128 * KIB, b.len()), b);
+}
+
+// ------------------------------------------------- 3. drain timeouts
+
+#[test]
+fn drain_timeout_resumes_on_old_table_then_retry_succeeds() {
+    let extra = "pause_timeout = \"500ms\"\npause_retries = 5\n";
+    let server = start(&slow_fast_body(extra, "1500ms", "s1"));
+    let uri = server.uri("v");
+    let a = pattern(4, 64 * KIB as usize);
+    let ap = data_file(&server, "a.bin", &a);
+    let mut slow = triggered_write("slow write", &uri, &ap, 0);
+    slow.send("go");
+    wait_until(&server, "the slow write in flight", Duration::from_secs(10), || vol(&server, "v")["in_flight"].as_u64() >= Some(1));
+    rewrite_config(&server, &slow_fast_body(extra, "1500ms", "s2"));
+    let report = json(&cli_ok(&server, &["reload", "--json"]));
+    let s = &report["swapped"][0];
+    assert_eq!(s["generation"], 2, "{report}");
+    assert!(s["attempts"].as_u64().unwrap() >= 2, "the first drain (500ms) cannot outlast a 1.5s write: {report}");
+    assert!(server.log().contains("drain timed out"), "the server logs the drain timeout:\n{}", server.log());
+    slow.expect("done", Duration::from_secs(10));
+    slow.finish(Duration::from_secs(10));
+    let v = vol(&server, "v");
+    assert_eq!((v["generation"].as_u64(), v["state"].as_str()), (Some(2), Some("running")), "{v}");
+    assert_eq!(read_at(&server.path("slow.img"), 0, a.len()), a);
+}
+
+#[test]
+fn drain_timeout_with_retries_exhausted_fails_and_keeps_the_old_table() {
+    let extra = "pause_timeout = \"500ms\"\npause_retries = 0\n";
+    let server = start(&slow_fast_body(extra, "1s", "s1"));
+    let uri = server.uri("v");
+    let a = pattern(5, 64 * KIB as usize);
+    let b = pattern(6, 64 * KIB as usize);
+    let (ap, bp) = (data_file(&server, "a.bin", &a), data_file(&server, "b.bin", &b));
+    let mut slow = triggered_write("slow write", &uri, &ap, 0);
+    slow.send("go");
+    wait_until(&server, "the slow write in flight", Duration::from_secs(10), || vol(&server, "v")["in_flight"].as_u64() >= Some(1));
+    rewrite_config(&server, &slow_fast_body(extra, "1s", "s2"));
+    let err = cli_err(&server, &["reload"]);
+    assert!(err.contains("drain timed out"), "reload names the drain timeout: {err}");
+    assert!(err.contains("'v'"), "reload names the volume: {err}");
+    let v = vol(&server, "v");
+    assert_eq!(v["generation"], 1, "generation unchanged: {v}");
+    assert_eq!(extents_of(&v)[0].2, "s1", "old table in force: {v}");
+    assert!(v["held_ranges"].as_array().unwrap().is_empty(), "nothing held after the failure: {v}");
+    assert!(v["last_error"].as_str().unwrap_or("").contains("drain timed out"), "{v}");
+    // The in-flight write and new I/O on both extents work.
+    slow.expect("done", Duration::from_secs(10));
+    slow.finish(Duration::from_secs(10));
+    let mut io = io_loop("I/O after the failed reload", &uri, &bp, 4 * MIB);
+    io.send("go");
+    io.expect("ok 1", Duration::from_secs(10));
+    io.finish(Duration::from_secs(10));
+    nbdsh_run(&uri, &format!("d = open('{bp}', 'rb').read()\nh.pwrite(d, 2*1024*1024)\nassert h.pread(len(d), 2*1024*1024) == d\n"));
+    assert_volume_reads(&uri, &ap, 0);
+    assert_eq!(generation(&server, "v"), 1);
+    // Nothing in flight now: the same reload goes through.
+    let report = json(&cli_ok(&server, &["reload", "--json"]));
+    assert_eq!(report["swapped"][0]["generation"], 2, "{report}");
+    assert_eq!(report["swapped"][0]["attempts"], 1, "{report}");
+    assert_eq!(history_generations(&server, "v"), vec![1, 2]);
+}
+
+// --------------------------- 4. parked requests complete on the new table
+
+fn two_files_body(first: &str) -> String {
+    format!(
+        r#"[[backend]]
+name = "p"
+path = "{{dir}}/p.img"
+size = "8MiB"
+
+[[backend]]
+name = "q"
+path = "{{dir}}/q.img"
+size = "8MiB"
+
+[[volume]]
+name = "v"
+[[volume.extent]]
+length = "4MiB"
+backend = "{first}"
+backend_offset = 0
+[[volume.extent]]
+length = "4MiB"
+backend = "p"
+backend_offset = "4MiB"
+"#
+    )
+}
+
+#[test]
+fn write_parked_by_manual_pause_lands_through_the_new_table_after_resume() {
+    let server = start(&two_files_body("p"));
+    let uri = server.uri("v");
+    let x = pattern(7, 64 * KIB as usize);
+    let y = pattern(8, 64 * KIB as usize);
+    let (xp, yp) = (data_file(&server, "x.bin", &x), data_file(&server, "y.bin", &y));
+    nbdsh_run(&uri, &format!("h.pwrite(open('{xp}', 'rb').read(), 0)\nh.flush()\n"));
+    assert_eq!(read_at(&server.path("p.img"), 0, x.len()), x);
+
+    // The write is issued and a FLUSH after it on the same connection; the
+    // script reports when each completes.
+    let mut w = Script::start(
+        "write during pause",
+        &uri,
+        &format!(
+            r#"import sys
+d = open('{yp}', 'rb').read()
+print('ready', flush=True)
+sys.stdin.readline()
+c = h.aio_pwrite(d, 0)
+f = h.aio_flush()
+while not h.aio_command_completed(f):
+    h.poll(-1)
+print('flushed', flush=True)
+print('write-done' if h.aio_command_completed(c) else 'write-pending', flush=True)
+while not h.aio_command_completed(c):
+    h.poll(-1)
+print('written', flush=True)
+"#
+        ),
+    );
+    w.expect("ready", Duration::from_secs(30));
+
+    let msg = cli_ok(&server, &["pause", "v", "--timeout", "20s"]);
+    assert!(msg.contains("paused"), "{msg}");
+    let v = vol(&server, "v");
+    assert_eq!((v["state"].as_str(), v["manual_pause"].as_bool()), (Some("paused"), Some(true)), "{v}");
+    w.send("go");
+    // FLUSH is never held: it completes while the write is parked.
+    w.expect("flushed", Duration::from_secs(10));
+    w.expect("write-pending", Duration::from_secs(10));
+    wait_until(&server, "the write to park", Duration::from_secs(10), || vol(&server, "v")["held_requests"].as_u64() >= Some(1));
+
+    // Re-map [0, 4MiB) from p.img to q.img while the write is parked. The
+    // swap drains only admitted requests (none), swaps, releases its own
+    // hold; the write re-parks behind the operator's pause.
+    rewrite_config(&server, &two_files_body("q"));
+    let report = json(&cli_ok(&server, &["reload", "--json"]));
+    let s = &report["swapped"][0];
+    assert_eq!(s["generation"], 2, "{report}");
+    assert_eq!(s["ranges"], serde_json::json!([{"start": 0, "end": 4 * MIB}]), "{report}");
+    let v = vol(&server, "v");
+    assert_eq!(v["generation"], 2, "{v}");
+    assert_eq!(v["state"], "paused", "the operator's pause outlives the swap: {v}");
+    assert!(v["held_requests"].as_u64() >= Some(1), "the write is still parked: {v}");
+    std::thread::sleep(Duration::from_millis(100));
+    w.quiet("the write must stay parked until resume");
+
+    let msg = cli_ok(&server, &["resume", "v"]);
+    assert!(msg.contains("resumed"), "{msg}");
+    w.expect("written", Duration::from_secs(10));
+    w.finish(Duration::from_secs(10));
+    assert_eq!(read_at(&server.path("q.img"), 0, y.len()), y, "the parked write went through the new table (q.img)");
+    assert_eq!(read_at(&server.path("p.img"), 0, x.len()), x, "the old table's file was not written");
+    assert_volume_reads(&uri, &yp, 0);
+    let v = vol(&server, "v");
+    assert_eq!((v["state"].as_str(), v["held_requests"].as_u64(), v["manual_pause"].as_bool()), (Some("running"), Some(0), Some(false)), "{v}");
+}
+
+// ------------------------------------------------ 5. kill -9 at each phase
+
+const CRASH_OLD: &str = r#"[[backend]]
+name = "a"
+path = "{dir}/data.img"
+size = "8MiB"
+shared = true
+
+[[backend]]
+name = "b"
+path = "{dir}/data.img"
+size = "8MiB"
+shared = true
+
+[[volume]]
+name = "v"
+[[volume.extent]]
+length = "4MiB"
+backend = "a"
+backend_offset = 0
+[[volume.extent]]
+length = "4MiB"
+backend = "a"
+backend_offset = "4MiB"
+"#;
+
+/// Same bytes, different cut and names: [0,2MiB) through `b`.
+const CRASH_NEW: &str = r#"[[backend]]
+name = "a"
+path = "{dir}/data.img"
+size = "8MiB"
+shared = true
+
+[[backend]]
+name = "b"
+path = "{dir}/data.img"
+size = "8MiB"
+shared = true
+
+[[volume]]
+name = "v"
+[[volume.extent]]
+length = "2MiB"
+backend = "b"
+backend_offset = 0
+[[volume.extent]]
+length = "6MiB"
+backend = "a"
+backend_offset = "2MiB"
+"#;
+
+/// Starts the server like `TestServer::spawn`, with the crash hook armed.
+fn spawn_crashing(server: &mut TestServer, phase: &str) {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(server.path("server.log")).unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&server.config)
+        .env("RUST_LOG", "nbdvirt=debug")
+        .env("NBDVIRT_TEST_CRASH_AT", phase)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start nbdvirt");
+    server.child = Some(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(&server.socket).is_err() || UnixStream::connect(server.path("control.sock")).is_err() {
+        if let Some(status) = server.child.as_mut().unwrap().try_wait().unwrap() {
+            panic!("nbdvirt exited during start-up ({status}):\n{}", server.log());
+        }
+        assert!(Instant::now() < deadline, "nbdvirt did not start within 20 s:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn persisted_generation(server: &TestServer) -> u64 {
+    let p = server.path("state/volumes/v/current.json");
+    json(&std::fs::read_to_string(&p).unwrap())["generation"].as_u64().unwrap()
+}
+
+fn crash_during_swap(phase: &str) {
+    use std::os::unix::process::ExitStatusExt;
+    let mut server = start(CRASH_OLD);
+    assert_eq!(generation(&server, "v"), 1);
+    server.kill();
+    spawn_crashing(&mut server, phase);
+    let uri = server.uri("v");
+    let d = pattern(9, (MIB + 512 * KIB) as usize);
+    let dp = data_file(&server, "d.bin", &d);
+    // Spans the old extent boundary at 4MiB and the new one at 2MiB.
+    let offset = MIB + 512 * KIB;
+    nbdsh_run(&uri, &format!("h.pwrite(open('{dp}', 'rb').read(), {offset})\nh.flush()\n"));
+
+    rewrite_config(&server, CRASH_NEW);
+    let err = cli_err(&server, &["reload"]);
+    let mut child = server.child.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "server did not die at phase {phase}; reload said: {err}\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.signal(), Some(libc::SIGABRT), "the server aborted at {phase}: {status}\n{}", server.log());
+    assert!(server.log().contains("crash injected at swap phase"), "{}", server.log());
+
+    let after_commit = matches!(phase, "persisted" | "swapped");
+    assert_eq!(persisted_generation(&server), if after_commit { 2 } else { 1 }, "current.json after a crash at {phase}");
+    let old_extents = vec![(0, 4 * MIB, "a".to_string(), 0), (4 * MIB, 4 * MIB, "a".to_string(), 4 * MIB)];
+    let new_extents = vec![(0, 2 * MIB, "b".to_string(), 0), (2 * MIB, 6 * MIB, "a".to_string(), 2 * MIB)];
+
+    if after_commit {
+        // The new generation was durable: a restart on the (new) config
+        // serves it without committing another.
+        respawn(&mut server);
+        let v = vol(&server, "v");
+        assert_eq!(v["generation"], 2, "restart after a crash at {phase}: {v}");
+        assert_eq!(extents_of(&v), new_extents);
+        let hist = history(&server, "v");
+        assert_eq!(hist.iter().map(|g| g["generation"].as_u64().unwrap()).collect::<Vec<_>>(), vec![1, 2], "{hist:?}");
+        assert_eq!(hist[1]["reason"], "reload", "generation 2 is the reload's, not a new commit at start: {hist:?}");
+        let report = json(&cli_ok(&server, &["reload", "--json"]));
+        assert_eq!(report["unchanged"], serde_json::json!(["v"]), "{report}");
+        assert_eq!(generation(&server, "v"), 2);
+    } else {
+        // Nothing was committed: with the config put back, the restart
+        // serves generation 1 and the crashed swap left no trace...
+        rewrite_config(&server, CRASH_OLD);
+        respawn(&mut server);
+        let v = vol(&server, "v");
+        assert_eq!(v["generation"], 1, "restart after a crash at {phase}: {v}");
+        assert_eq!(extents_of(&v), old_extents);
+        assert_eq!(history_generations(&server, "v"), vec![1]);
+        rewrite_config(&server, CRASH_NEW);
+        if phase == "stage" {
+            // ...the reload can be redone (over the leftover prepared file)...
+            let report = json(&cli_ok(&server, &["reload", "--json"]));
+            assert_eq!(report["swapped"][0]["generation"], 2, "{report}");
+        } else {
+            // ...or a restart on the new config commits it at start-up.
+            assert!(server.stop().success(), "clean stop:\n{}", server.log());
+            respawn(&mut server);
+        }
+        let v = vol(&server, "v");
+        assert_eq!(v["generation"], 2, "{v}");
+        assert_eq!(extents_of(&v), new_extents);
+        let hist = history(&server, "v");
+        assert_eq!(hist.iter().map(|g| g["generation"].as_u64().unwrap()).collect::<Vec<_>>(), vec![1, 2], "{hist:?}");
+        assert_eq!(hist[1]["reason"], if phase == "stage" { "reload" } else { "config" }, "{hist:?}");
+    }
+    assert_volume_reads(&uri, &dp, offset);
+    assert_eq!(read_at(&server.path("data.img"), offset, d.len()), d);
+}
+
+#[test]
+fn crash_at_stage_keeps_old_generation() {
+    crash_during_swap("stage");
+}
+
+#[test]
+fn crash_at_paused_keeps_old_generation() {
+    crash_during_swap("paused");
+}
+
+#[test]
+fn crash_at_persisted_keeps_new_generation() {
+    crash_during_swap("persisted");
+}
+
+#[test]
+fn crash_at_swapped_keeps_new_generation() {
+    crash_during_swap("swapped");
+}
+
+// ----------------------------------------------- 6. manual pause / resume
+
+#[test]
+fn manual_range_pause_holds_only_its_range_and_auto_resumes() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = start(
+        r#"[[backend]]
+name = "a"
+path = "{dir}/a.img"
+size = "8MiB"
+
+[[volume]]
+name = "v"
+[[volume.extent]]
+length = "8MiB"
+backend = "a"
+backend_offset = 0
+"#,
+    );
+    let mode = std::fs::metadata(server.path("control.sock")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket mode is {mode:o}");
+
+    let uri = server.uri("v");
+    let (p1, p2, p3) = (pattern(10, 64 * KIB as usize), pattern(11, 64 * KIB as usize), pattern(12, 64 * KIB as usize));
+    let (p1p, p2p, p3p) = (data_file(&server, "1.bin", &p1), data_file(&server, "2.bin", &p2), data_file(&server, "3.bin", &p3));
+    let mut inside = triggered_write("write inside the paused range", &uri, &p1p, 256 * KIB);
+    let mut outside = io_loop("I/O outside the paused range", &uri, &p2p, 2 * MIB);
+    let mut later = triggered_write("write during the short pause", &uri, &p3p, 512 * KIB);
+
+    let msg = cli_ok(&server, &["pause", "v", "--range", "0:1MiB", "--timeout", "20s"]);
+    assert!(msg.contains("paused"), "{msg}");
+    let v = vol(&server, "v");
+    assert_eq!(v["state"], "paused", "{v}");
+    assert_eq!(v["manual_pause"], true, "{v}");
+    assert_eq!(v["held_ranges"], serde_json::json!([{"start": 0, "length": MIB}]), "{v}");
+    let again = cli_err(&server, &["pause", "v", "--timeout", "5s"]);
+    assert!(again.contains("already paused"), "{again}");
+
+    inside.send("go");
+    wait_until(&server, "the write in the range to park", Duration::from_secs(10), || vol(&server, "v")["held_requests"].as_u64() >= Some(1));
+    for n in 1..=3 {
+        outside.send("go");
+        outside.expect(&format!("ok {n}"), Duration::from_secs(10));
+    }
+    let v = vol(&server, "v");
+    assert!(v["held_requests"].as_u64() >= Some(1) && v["manual_pause"] == true, "I/O outside completed while the write inside was held: {v}");
+    inside.quiet("the write inside the paused range must wait for resume");
+
+    let msg = cli_ok(&server, &["resume", "v"]);
+    assert!(msg.contains("resumed"), "{msg}");
+    inside.expect("done", Duration::from_secs(10));
+    let v = vol(&server, "v");
+    assert_eq!((v["state"].as_str(), v["manual_pause"].as_bool()), (Some("running"), Some(false)), "{v}");
+    let err = cli_err(&server, &["resume", "v"]);
+    assert!(err.contains("volume 'v' is not paused"), "resume of a running volume: {err}");
+    let err = cli_err(&server, &["resume", "nosuch"]);
+    assert!(err.contains("no volume named 'nosuch'"), "{err}");
+
+    // A short pause ends by itself; the write it held completes without error.
+    cli_ok(&server, &["pause", "v", "--range", "0:1MiB", "--timeout", "1s"]);
+    later.send("go");
+    later.expect("done", Duration::from_secs(15));
+    wait_until(&server, "automatic resume", Duration::from_secs(10), || {
+        let v = vol(&server, "v");
+        v["manual_pause"] == false && v["state"] == "running"
+    });
+    assert!(server.log().contains("manual pause timed out"), "{}", server.log());
+    let err = cli_err(&server, &["resume", "v"]);
+    assert!(err.contains("is not paused"), "{err}");
+
+    // The timer of an ended pause must not end a later one.
+    cli_ok(&server, &["pause", "v", "--range", "0:1MiB", "--timeout", "1s"]);
+    cli_ok(&server, &["resume", "v"]);
+    cli_ok(&server, &["pause", "v", "--range", "0:1MiB", "--timeout", "30s"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let v = vol(&server, "v");
+    assert_eq!((v["manual_pause"].as_bool(), v["state"].as_str()), (Some(true), Some("paused")), "the first pause's 1s timer ended the second pause: {v}");
+    cli_ok(&server, &["resume", "v"]);
+    let err = cli_err(&server, &["pause", "v", "--range", "7MiB:2MiB"]);
+    assert!(err.contains("not inside volume 'v'"), "{err}");
+    assert_eq!(vol(&server, "v")["state"], "running");
+
+    inside.finish(Duration::from_secs(10));
+    outside.finish(Duration::from_secs(10));
+    later.finish(Duration::from_secs(10));
+    assert_eq!(read_at(&server.path("a.img"), 256 * KIB, p1.len()), p1);
+    assert_eq!(read_at(&server.path("a.img"), 2 * MIB, p2.len()), p2);
+    assert_eq!(read_at(&server.path("a.img"), 512 * KIB, p3.len()), p3);
+}
