@@ -415,6 +415,9 @@ MB = 1 << 20
 A, B = "@A@", "@B@"
 def blocks(p):
     return os.stat(p).st_blocks * 512
+# Allocation counts include filesystem metadata (ext4 may add or drop an
+# extent-tree block when a range is punched or converted), hence the slack.
+SLACK = 64 * 1024
 
 def status(off, length):
     # Full base:allocation map of [off, off+length), as (length, flags).
@@ -455,20 +458,20 @@ before = blocks(A)
 h.trim(MB, 2 * MB)
 assert zeros(2 * MB, MB)
 assert is_hole(2 * MB, MB), status(2 * MB, MB)
-assert blocks(A) <= before - MB, ("trim did not free space", before, blocks(A))
+assert blocks(A) <= before - MB + SLACK, ("trim did not free space", before, blocks(A))
 
 # WRITE_ZEROES that may punch: zeros and a hole.
 before = blocks(A)
 h.zero(MB, 6 * MB)
 assert zeros(6 * MB, MB)
 assert is_hole(6 * MB, MB), status(6 * MB, MB)
-assert blocks(A) <= before - MB, ("write zeroes without NO_HOLE did not punch", before, blocks(A))
+assert blocks(A) <= before - MB + SLACK, ("write zeroes without NO_HOLE did not punch", before, blocks(A))
 
 # WRITE_ZEROES with NO_HOLE: zeros, space stays provisioned.
 before = blocks(A)
 h.zero(MB, 10 * MB, nbd.CMD_FLAG_NO_HOLE)
 assert zeros(10 * MB, MB)
-assert blocks(A) >= before, ("NO_HOLE write zeroes deallocated", before, blocks(A))
+assert blocks(A) >= before - SLACK, ("NO_HOLE write zeroes deallocated", before, blocks(A))
 
 # FAST_ZERO on a file store succeeds (fallocate is fast).
 h.zero(MB, 12 * MB, nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FAST_ZERO)
@@ -541,10 +544,12 @@ backend = "a"
 backend_offset = "24MiB"
 "#;
 
-fn fio(uri: &str, extra: &[&str]) -> serde_json::Value {
+/// Runs the fio job in `dir` (fio leaves `*-verify.state` files in its
+/// working directory; keep them out of the repository).
+fn fio(dir: &Path, uri: &str, extra: &[&str]) -> serde_json::Value {
     require("fio", "fio");
     let mut cmd = Command::new("fio");
-    cmd.args([
+    cmd.current_dir(dir).args([
         "--name=nbdvirt",
         "--ioengine=nbd",
         &format!("--uri={uri}"),
@@ -571,7 +576,7 @@ fn fio(uri: &str, extra: &[&str]) -> serde_json::Value {
 fn fio_randwrite_with_crc32c_verify_across_two_backends() {
     let mut server = TestServer::start(FIO_VOLUME);
     let uri = server.uri("f");
-    let v = fio(&uri, &[]);
+    let v = fio(server.dir.path(), &uri, &[]);
     let jobs = v["jobs"].as_array().unwrap();
     assert_eq!(jobs.len(), 2, "{v}");
     for job in jobs {
@@ -584,7 +589,7 @@ fn fio_randwrite_with_crc32c_verify_across_two_backends() {
     // The data is in the backend files: a restarted server still verifies.
     assert!(server.stop().success(), "clean stop:\n{}", server.log());
     server.spawn();
-    let v = fio(&uri, &["--verify_only"]);
+    let v = fio(server.dir.path(), &uri, &["--verify_only"]);
     for job in v["jobs"].as_array().unwrap() {
         assert_eq!(job["error"], 0, "fio verify_only error: {job}");
         assert_eq!(job["read"]["io_bytes"], 18 * MIB, "{job}");

@@ -39,6 +39,9 @@ impl Backend for DelayBackend {
         std::thread::sleep(self.delay);
         self.inner.write_zeroes(offset, length, mode, fua)
     }
+    fn fast_zero_certain(&self, mode: ZeroMode) -> bool {
+        self.inner.fast_zero_certain(mode)
+    }
     fn flush(&self) -> io::Result<()> {
         self.inner.flush()
     }

@@ -227,6 +227,13 @@ impl Backend for FdBackend {
         self.write_zero_buffers(offset, length, fua)
     }
 
+    fn fast_zero_certain(&self, _mode: ZeroMode) -> bool {
+        // Files and memfds punch holes (then allocate for NO_HOLE) on every
+        // Linux filesystem we serve from; a block device may or may not
+        // discard with guaranteed zeroes, which is only known by trying.
+        self.info.kind != StoreKind::BlockDevice
+    }
+
     fn flush(&self) -> io::Result<()> {
         let _serial = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
         if self.dirty.swap(false, Ordering::AcqRel) {

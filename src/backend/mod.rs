@@ -60,6 +60,11 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Discard: the range's contents become unspecified (zeros for files).
     fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()>;
     fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode, fua: bool) -> io::Result<()>;
+    /// Whether a fast zeroing in `mode` is certain to succeed without
+    /// falling back, known before trying. Needed when one FAST_ZERO request
+    /// spans several stores: the protocol wants ENOTSUP with nothing
+    /// changed, so every part must be known fast before any part runs.
+    fn fast_zero_certain(&self, mode: ZeroMode) -> bool;
     /// Makes every write completed before this call durable. Cheap when
     /// nothing was written since the last flush.
     fn flush(&self) -> io::Result<()>;

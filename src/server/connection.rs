@@ -339,6 +339,17 @@ fn execute(ctx: Arc<Ctx>, req: RequestHeader, payload: Bytes, permit: Permit, ti
                     }
                 }
             };
+            // A fast zero over several stores either runs fast everywhere or
+            // fails before touching anything (one store failing after another
+            // zeroed its part would change the export despite ENOTSUP).
+            if req.command == CMD_WRITE_ZEROES
+                && mode.fast_only
+                && route.pieces.len() > 1
+                && !route.pieces.iter().all(|p| route.translation.fast_zero_certain(p, mode))
+            {
+                drop(ticket);
+                return reply_error(&ctx, &req, NbdError::NotSup, "WRITE_ZEROES: fast zeroing is not certain on every store", Some(permit));
+            }
             if route.pieces.len() <= 1 {
                 let result = if route.pieces.is_empty() { Ok(()) } else { work(0) };
                 drop(ticket);

@@ -144,6 +144,11 @@ impl Translation {
         self.mirrored(piece, source, |dest, off, _, len| dest.write_zeroes(off, len, dest_mode, fua))
     }
 
+    /// See `Backend::fast_zero_certain`; zero extents are trivially fast.
+    pub fn fast_zero_certain(&self, piece: &Piece, mode: ZeroMode) -> bool {
+        self.target(piece).is_none_or(|store| store.fast_zero_certain(mode))
+    }
+
     pub fn block_status(&self, piece: &Piece, max_runs: usize) -> io::Result<Vec<Allocation>> {
         match self.target(piece) {
             Some(store) => store.block_status(piece.target_offset, piece.length, max_runs),
