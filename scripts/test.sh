@@ -8,12 +8,17 @@ cd "$(dirname "$0")/.."
 # Debian package -> a command it provides (checked with `command -v`).
 declare -A PACKAGES=(
   [qemu-utils]=qemu-io
+  [qemu-system-x86]=qemu-system-x86_64
   [libnbd-bin]=nbdinfo
+  [nbdfuse]=nbdfuse
   [python3-libnbd]=nbdsh
   [fio]=fio
   [nbdkit]=nbdkit
+  [nbd-client]=nbd-client
+  [busybox-static]=busybox
   [e2fsprogs]=mkfs.ext4
   [mount]=losetup
+  [systemd]=systemd-analyze
 )
 
 missing=()
@@ -32,7 +37,18 @@ if ((${#missing[@]})); then
     echo "test.sh: installing missing packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    args=()
+    for pkg in "${missing[@]}"; do
+      case $pkg in
+        # Debian 12's qemu-system-x86 cannot sit beside a newer (backports)
+        # qemu-utils: install both at the system emulator's version.
+        qemu-system-x86|qemu-utils)
+          v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+          args+=("qemu-system-x86=$v" "qemu-utils=$v") ;;
+        *) args+=("$pkg") ;;
+      esac
+    done
+    apt-get install -y -qq --no-install-recommends --allow-downgrades "${args[@]}" >/dev/null
   else
     echo "test.sh: missing packages: ${missing[*]} (run as root to install them, or: sudo apt-get install ${missing[*]})" >&2
     echo "test.sh: the tests that need them will fail, naming the package." >&2
