@@ -53,24 +53,7 @@ impl Checkpoint {
 
     /// Status of a finished job known only from its checkpoint.
     pub fn status(&self) -> super::JobStatus {
-        super::JobStatus {
-            volume: self.spec.volume.clone(),
-            state: self.state,
-            reason: self.reason.clone(),
-            copied_bytes: self.copied_bytes,
-            total_bytes: self.spec.range.len(),
-            data_bytes: 0,
-            dest: self.spec.dest.clone(),
-            dest_offset: self.spec.dest_offset,
-            range_start: self.spec.range.start,
-            range_length: self.spec.range.len(),
-            chunk: self.spec.chunk,
-            rate: self.spec.rate,
-            started_at: self.started_at,
-            finished_at: self.finished_at,
-            throughput: 0,
-            generation: self.generation,
-        }
+        super::JobStatus::new(&self.spec, self.state, self.reason.clone(), self.copied_bytes, self.started_at, self.finished_at, self.generation)
     }
 
     /// The copied flags for `chunks` chunks.

@@ -76,6 +76,37 @@ pub struct JobStatus {
     pub generation: Option<u64>,
 }
 
+impl JobStatus {
+    fn new(
+        spec: &MigrationSpec,
+        state: JobState,
+        reason: Option<String>,
+        copied_bytes: u64,
+        started_at: u64,
+        finished_at: Option<u64>,
+        generation: Option<u64>,
+    ) -> JobStatus {
+        JobStatus {
+            volume: spec.volume.clone(),
+            state,
+            reason,
+            copied_bytes,
+            total_bytes: spec.range.len(),
+            data_bytes: 0,
+            dest: spec.dest.clone(),
+            dest_offset: spec.dest_offset,
+            range_start: spec.range.start,
+            range_length: spec.range.len(),
+            chunk: spec.chunk,
+            rate: spec.rate,
+            started_at,
+            finished_at,
+            throughput: 0,
+            generation,
+        }
+    }
+}
+
 pub struct MigrationJob {
     spec: MigrationSpec,
     volume: Arc<Volume>,
@@ -195,24 +226,10 @@ impl MigrationJob {
         let s = lock(&self.status);
         let copied = self.copied_bytes.load(Ordering::Relaxed);
         let elapsed = s.began.elapsed().as_secs_f64().max(0.001);
-        JobStatus {
-            volume: self.spec.volume.clone(),
-            state: s.state,
-            reason: s.reason.clone(),
-            copied_bytes: copied,
-            total_bytes: self.spec.range.len(),
-            data_bytes: self.data_bytes.load(Ordering::Relaxed),
-            dest: self.spec.dest.clone(),
-            dest_offset: self.spec.dest_offset,
-            range_start: self.spec.range.start,
-            range_length: self.spec.range.len(),
-            chunk: self.spec.chunk,
-            rate: self.spec.rate,
-            started_at: s.started_at,
-            finished_at: s.finished_at,
-            throughput: (copied.saturating_sub(s.resumed_bytes) as f64 / elapsed) as u64,
-            generation: s.generation,
-        }
+        let mut status = JobStatus::new(&self.spec, s.state, s.reason.clone(), copied, s.started_at, s.finished_at, s.generation);
+        status.data_bytes = self.data_bytes.load(Ordering::Relaxed);
+        status.throughput = (copied.saturating_sub(s.resumed_bytes) as f64 / elapsed) as u64;
+        status
     }
 
     fn checkpoint(&self) -> Checkpoint {

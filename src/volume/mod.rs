@@ -157,18 +157,7 @@ impl Volume {
             (Some(m), _) | (None, Some(m)) => m.range(),
             (None, None) => return Ok(()),
         };
-        let hold = self.gate.hold(vec![range]);
-        let in_flight = self.gate.drain(hold, timeout);
-        if in_flight > 0 {
-            self.gate.release(hold);
-            return Err(SwapError::DrainTimeout {
-                volume: self.name().to_string(),
-                attempts: 1,
-                timeout,
-                in_flight,
-                generation: self.generation(),
-            });
-        }
+        let hold = self.hold_drained(vec![range], timeout)?;
         let current = self.translation();
         self.current.store(Arc::new(current.with_mirror(mirror)));
         self.gate.release(hold);

@@ -209,19 +209,20 @@ impl Volume {
     pub fn pause(&self, ranges: Vec<Range>, timeout: std::time::Duration) -> Result<super::HoldId, SwapError> {
         let ranges = if ranges.is_empty() { vec![Range::new(0, self.size())] } else { ranges };
         let started = Instant::now();
+        let hold = self.hold_drained(ranges, timeout)?;
+        self.record(None, Some(started.elapsed()), None);
+        Ok(hold)
+    }
+
+    /// Holds `ranges` and waits for them to drain; on timeout releases the
+    /// hold again (held requests continue) and says how many were in flight.
+    pub(super) fn hold_drained(&self, ranges: Vec<Range>, timeout: Duration) -> Result<super::HoldId, SwapError> {
         let hold = self.gate.hold(ranges);
         let in_flight = self.gate.drain(hold, timeout);
         if in_flight > 0 {
             self.gate.release(hold);
-            return Err(SwapError::DrainTimeout {
-                volume: self.name().to_string(),
-                attempts: 1,
-                timeout,
-                in_flight,
-                generation: self.translation().table().generation(),
-            });
+            return Err(SwapError::DrainTimeout { volume: self.name().to_string(), attempts: 1, timeout, in_flight, generation: self.generation() });
         }
-        self.record(None, Some(started.elapsed()), None);
         Ok(hold)
     }
 
