@@ -294,7 +294,7 @@ impl Daemon {
             let entry = match (cp.state, catalog.volumes.get(&name)) {
                 (migrate::JobState::Running, Some(volume)) => {
                     let chunks = cp.spec.range.len().div_ceil(cp.spec.chunk) as usize;
-                    let job = MigrationJob::new(
+                    let resumed = MigrationJob::new(
                         cp.spec.clone(),
                         volume.clone(),
                         catalog.stores.clone(),
@@ -302,10 +302,27 @@ impl Daemon {
                         swap.clone(),
                         &cp.copied(chunks),
                         cp.started_at,
-                    )?;
-                    job.start(false)?;
-                    tracing::info!(volume = %name, copied_bytes = cp.copied_bytes, "resumed migration from its checkpoint");
-                    JobEntry::Live(job)
+                    )
+                    .and_then(|job| job.start(false).map(|()| job));
+                    match resumed {
+                        Ok(job) => {
+                            tracing::info!(volume = %name, copied_bytes = cp.copied_bytes, "resumed migration from its checkpoint");
+                            JobEntry::Live(job)
+                        }
+                        // One job that cannot go on must not keep every volume down.
+                        Err(e) => {
+                            volume.set_mirror_unserved(None);
+                            tracing::error!(volume = %name, error = %e, "cannot resume the migration; the volume stays on its source");
+                            let mut cp = cp.clone();
+                            cp.state = migrate::JobState::Failed;
+                            cp.reason = Some(format!("cannot resume after restart: {e}"));
+                            cp.finished_at = Some(now_secs());
+                            if let Err(e) = state.write_json(&std::path::Path::new("migrations").join(format!("{name}.json")), &cp) {
+                                tracing::warn!(volume = %name, error = %e, "persisting the failed migration failed");
+                            }
+                            JobEntry::Finished(cp)
+                        }
+                    }
                 }
                 _ => JobEntry::Finished(cp),
             };
@@ -497,6 +514,27 @@ impl Daemon {
             }
         }
         config::validate_tables(&new, &tables).map_err(|e| e.to_string())?;
+        // Destinations of running migrations are taken too.
+        for entry in lock(&self.migrations).values() {
+            let Some(job) = entry.running() else { continue };
+            let s = job.spec();
+            let dest = Range::new(s.dest_offset, s.range.len());
+            for (v, t) in new.volumes.iter().zip(&tables) {
+                if v.name == s.volume {
+                    continue;
+                }
+                for e in t.extents() {
+                    if let Target::Store { store, offset } = &e.target {
+                        if *store == s.dest && Range::new(*offset, e.length).overlaps(&dest) {
+                            return Err(format!(
+                                "{file}:{}: volume '{}': backend '{store}' range {offset}+{} is the destination of the running migration of volume '{}' ({}+{})",
+                                v.line, v.name, e.length, s.volume, s.dest_offset, s.range.len()
+                            ));
+                        }
+                    }
+                }
+            }
+        }
         let removed: Vec<String> = catalog.volumes.keys().filter(|n| !new.volumes.iter().any(|v| &v.name == *n)).cloned().collect();
         let connections = lock(&self.server).connections();
         for name in &removed {

@@ -3,6 +3,8 @@
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 nix::ioctl_write_int_bad!(nbd_set_sock, nix::request_code_none!(0xab, 0));
 nix::ioctl_write_int_bad!(nbd_set_blksize, nix::request_code_none!(0xab, 1));
@@ -22,7 +24,12 @@ pub fn free_device() -> Option<u32> {
     (0..256u32).find(|i| std::path::Path::new(&dev(*i)).exists() && !std::path::Path::new(&format!("/sys/block/nbd{i}/pid")).exists())
 }
 
-pub fn run(index: u32, sock: &OwnedFd, size: u64, block: u32, flags: u16, timeout: u64, ready: impl FnOnce()) -> Result<(), String> {
+/// Whether /dev/nbdN has a non-zero size.
+fn has_size(index: u32) -> bool {
+    std::fs::read_to_string(format!("/sys/block/nbd{index}/size")).ok().and_then(|s| s.trim().parse::<u64>().ok()).is_some_and(|n| n > 0)
+}
+
+pub fn run(index: u32, sock: &OwnedFd, size: u64, block: u32, flags: u16, timeout: u64, ready: impl FnOnce() + Send) -> Result<(), String> {
     let f = OpenOptions::new().read(true).write(true).open(dev(index)).map_err(|e| format!("{}: {e}", dev(index)))?;
     let fd = f.as_raw_fd();
     let e = |what: &str, err: nix::errno::Errno| format!("{} {what}: {err}", dev(index));
@@ -34,9 +41,26 @@ pub fn run(index: u32, sock: &OwnedFd, size: u64, block: u32, flags: u16, timeou
         nbd_set_flags(fd, flags as i32).map_err(|x| e("NBD_SET_FLAGS", x))?;
         nbd_set_sock(fd, sock.as_raw_fd()).map_err(|x| e("NBD_SET_SOCK", x))?;
     }
-    ready();
-    // SAFETY: as above; returns when the device is disconnected.
-    let result = unsafe { nbd_do_it(fd) };
+    // The kernel gives the disk its size only when NBD_DO_IT starts the
+    // device (until then /sys/block/nbdN/size is 0), and NBD_DO_IT blocks
+    // for the device's lifetime: report readiness from a helper thread once
+    // the size shows, not before (a mount right after would fail).
+    let done = AtomicBool::new(false);
+    let result = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !done.load(Ordering::SeqCst) && !has_size(index) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if !done.load(Ordering::SeqCst) {
+                ready();
+            }
+        });
+        // SAFETY: as above; returns when the device is disconnected.
+        let result = unsafe { nbd_do_it(fd) };
+        done.store(true, Ordering::SeqCst);
+        result
+    });
     unsafe {
         let _ = nbd_clear_sock(fd);
     }

@@ -125,7 +125,8 @@ pub fn netlink_available() -> bool {
 
 /// ioctl fallback: one connection, and this call blocks (NBD_DO_IT) until
 /// the device is disconnected; run it in the foreground or a service.
-pub fn attach_ioctl_blocking(opts: &AttachOptions, ready: impl FnOnce(&Attached)) -> Result<(), String> {
+/// `ready` is called (from another thread) once the device has its size.
+pub fn attach_ioctl_blocking(opts: &AttachOptions, ready: impl FnOnce(&Attached) + Send) -> Result<(), String> {
     let index = match opts.index {
         Some(i) => i,
         None => ioctl::free_device().ok_or("no free /dev/nbdN (modprobe nbd)")?,
@@ -242,7 +243,10 @@ pub fn watch(opts: &AttachOptions, index: u32, stop: impl Fn() -> bool) -> Resul
             match connect_all(opts) {
                 Ok((socks, info)) => {
                     let mut msg = Message::new(family, NBD_CMD_RECONFIGURE, ack_flags());
-                    msg.u32(NBD_ATTR_INDEX, index);
+                    // A device attached with a backend identifier can only be
+                    // reconfigured by naming the same one: the kernel answers
+                    // EINVAL ("must specify backend") otherwise.
+                    msg.u32(NBD_ATTR_INDEX, index).string(NBD_ATTR_BACKEND_IDENTIFIER, &ident);
                     add_sockets(&mut msg, &socks);
                     match sock.request(&mut msg) {
                         Ok(_) => {

@@ -49,6 +49,8 @@ pub const DEFAULT_CHUNK: u64 = 1 << 20;
 /// Default copy rate: 64 MiB/s keeps a migration from crowding out
 /// foreground I/O on ordinary disks; `--rate 0` removes the limit.
 pub const DEFAULT_RATE: u64 = 64 << 20;
+/// Largest single read/write of the copier.
+const COPY_IO: u64 = 1 << 20;
 /// How often progress is made durable.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
@@ -306,6 +308,10 @@ impl MigrationJob {
                     self.mirror.end_copy(i, true);
                     self.copied_bytes.fetch_add(self.mirror.chunk_range(i).len(), Ordering::Relaxed);
                 }
+                Err(_) if self.abort.load(Ordering::SeqCst) => {
+                    self.mirror.end_copy(i, false);
+                    return self.finish(JobState::Aborted, None);
+                }
                 Err(e) => {
                     self.mirror.end_copy(i, false);
                     self.mirror.copy_failed(&e);
@@ -334,6 +340,7 @@ impl MigrationJob {
                 lock(&self.status).generation = Some(generation);
                 self.finish(JobState::Completed, None);
             }
+            Err(_) if self.abort.load(Ordering::SeqCst) => self.finish(JobState::Aborted, None),
             Err(reason) => self.finish(JobState::Failed, Some(reason)),
         }
     }
@@ -356,11 +363,22 @@ impl MigrationJob {
                     if run.hole {
                         dest.write_zeroes(dest_off, part.length, ZeroMode { may_trim: true, fast_only: false }, false)?;
                     } else {
-                        limiter.wait(part.length);
-                        let mut buf = vec![0u8; part.length as usize];
-                        t.read(&part, &mut buf)?;
-                        dest.write_at(&buf, dest_off, false)?;
-                        self.data_bytes.fetch_add(part.length, Ordering::Relaxed);
+                        // Copy in slices of at most COPY_IO: bounded memory, and
+                        // abort/shutdown never wait behind one long rate-limit
+                        // sleep for a whole big chunk.
+                        let mut off = 0u64;
+                        while off < part.length {
+                            if self.abort.load(Ordering::SeqCst) {
+                                return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "aborted"));
+                            }
+                            let slice = sub_piece(&part, off, (part.length - off).min(COPY_IO));
+                            limiter.wait(slice.length);
+                            let mut buf = vec![0u8; slice.length as usize];
+                            t.read(&slice, &mut buf)?;
+                            dest.write_at(&buf, dest_off + off, false)?;
+                            self.data_bytes.fetch_add(slice.length, Ordering::Relaxed);
+                            off += slice.length;
+                        }
                     }
                     done += part.length;
                     if done >= piece.length {
@@ -375,6 +393,16 @@ impl MigrationJob {
     /// Pause–drain–swap of the range onto the destination.
     fn cutover(&self) -> Result<u64, String> {
         let old = self.volume.translation();
+        // Resumed after a crash between the cutover's commit and the final
+        // checkpoint: the range already is on the destination.
+        let done = old.table().pieces(self.spec.range.start, self.spec.range.len()).all(|p| {
+            matches!(&old.table().extents()[p.extent].target, crate::map::Target::Store { store, .. } if *store == self.spec.dest)
+                && p.target_offset == self.mirror.dest_offset_of(p.volume_offset)
+        });
+        if done {
+            self.volume.set_mirror(None, self.swap.pause_timeout).map_err(|e| e.to_string())?;
+            return Ok(old.table().generation());
+        }
         let extents = remap(old.table().extents(), self.spec.range, &self.spec.dest, self.spec.dest_offset);
         let table = MappingTable::new(old.table().generation() + 1, extents).map_err(|e| e.to_string())?;
         let translation = Translation::new(table, &self.stores).map_err(|e| e.to_string())?;
@@ -382,6 +410,7 @@ impl MigrationJob {
         let config_extents = record.map(|r| r.config_extents).unwrap_or_else(|| old.table().extents().to_vec());
         let mut commit = CutoverCommit {
             state: &self.state_dir,
+            mirror: self.mirror.clone(),
             dest: self.mirror.dest().clone(),
             record: VolumeRecord {
                 volume: self.spec.volume.clone(),
@@ -394,8 +423,11 @@ impl MigrationJob {
         };
         let report = self.volume.swap(translation, &self.swap, &mut commit).map_err(|e| format!("cutover: {e}"))?;
         if self.spec.discard_source {
+            // Not through `old`: it carries the mirror, which would zero
+            // the destination too.
+            let plain = old.with_mirror(None);
             for piece in old.table().pieces(self.spec.range.start, self.spec.range.len()) {
-                if let Err(e) = old.trim(&piece, false) {
+                if let Err(e) = plain.trim(&piece, false) {
                     tracing::warn!(volume = %self.spec.volume, error = %e, "discarding the source range failed");
                 }
             }
@@ -417,6 +449,7 @@ fn sub_piece(piece: &Piece, at: u64, length: u64) -> Piece {
 /// The cutover's commit: destination durable, then the new generation.
 struct CutoverCommit<'a> {
     state: &'a StateDir,
+    mirror: Arc<Mirror>,
     dest: Arc<dyn Backend>,
     record: VolumeRecord,
 }
@@ -429,6 +462,11 @@ impl Commit for CutoverCommit<'_> {
         self.state.prepare(&self.record).map_err(|e| e.to_string())
     }
     fn commit(&mut self, _table: &MappingTable) -> Result<(), String> {
+        // Paused and drained: a mirror disabled by now (abort, destination
+        // error) may have let writes reach the source only.
+        if self.mirror.is_disabled() {
+            return Err(self.mirror.error().unwrap_or_else(|| "aborted".into()));
+        }
         // Only writes mirrored since the last checkpoint are left to sync.
         self.dest.flush().map_err(|e| format!("syncing destination: {e}"))?;
         self.state.commit_prepared(&self.record.volume).map_err(|e| e.to_string())
