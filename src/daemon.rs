@@ -362,6 +362,12 @@ impl Daemon {
     /// Stops serving: copiers stop at a durable checkpoint (their jobs stay
     /// `running` and resume at the next start), clients drain, stores flush.
     pub fn shutdown(&self) -> std::io::Result<()> {
+        // Requests parked behind an operator's pause must finish (or get
+        // ESHUTDOWN) now, not when the pause would have timed out.
+        for (name, p) in lock(&self.manual).drain() {
+            tracing::info!(volume = %name, "shutdown ends the manual pause");
+            p.volume.resume(p.hold);
+        }
         let live: Vec<_> = lock(&self.migrations).values().filter_map(|e| e.running().cloned()).collect();
         for job in live {
             job.suspend();
