@@ -13,6 +13,7 @@ declare -A PACKAGES=(
   [fuse3]=fusermount3
   [python3-libnbd]=nbdsh
   [fio]=fio
+  [jq]=jq
   [nbdkit]=nbdkit
   [nbd-client]=nbd-client
   [busybox-static]=busybox

@@ -85,7 +85,7 @@ fn negotiate(s: &mut (impl Read + Write), export: &str) -> Result<ExportInfo, St
             }
             r if r & REP_FLAG_ERROR != 0 => {
                 let msg = String::from_utf8_lossy(&data);
-                return Err(if r == REP_ERR_UNKNOWN { format!("no export named '{export}' ({msg})") } else { format!("server refused: {msg}") });
+                return Err(if r == REP_ERR_UNKNOWN { format!("server: {msg}") } else { format!("server refused: {msg}") });
             }
             _ => {}
         }

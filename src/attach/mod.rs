@@ -253,7 +253,12 @@ pub fn watch(opts: &AttachOptions, index: u32, stop: impl Fn() -> bool) -> Resul
                             tracing::info!(device = index, size = info.size, after = ?since.elapsed(), "reconnected");
                             dead_since = None;
                         }
-                        Err(e) => tracing::warn!(device = index, error = %e, "NBD_CMD_RECONFIGURE failed; retrying"),
+                        Err(e) => {
+                            // Back off: each retry opens new server connections.
+                            let wait = since.elapsed().as_secs().clamp(1, 5);
+                            tracing::warn!(device = index, error = %e, retry_in_s = wait, "NBD_CMD_RECONFIGURE failed; retrying");
+                            std::thread::sleep(Duration::from_secs(wait));
+                        }
                     }
                 }
                 Err(e) => {

@@ -77,6 +77,28 @@ check_dmesg() {
 	return 0
 }
 
+# check_dmesg_allowing ALLOWED_ERE: like check_dmesg, but kernel lines that
+# match ALLOWED_ERE are expected (e.g. the nbd dead-link messages of a
+# server restart): they are printed, not failed on.
+check_dmesg_allowing() {
+	if dmesg | grep -E "$DMESG_ERRORS" | grep -vE "$1" >/tmp/dmesg.unexpected; then
+		cat /tmp/dmesg.unexpected
+		fail "errors in dmesg (above)"
+	fi
+	echo "expected kernel messages: $(dmesg | grep -cE "$1") line(s)"
+	dmesg | grep -E "$1" | tail -n 8
+	return 0
+}
+
+# jq_assert FILE FILTER MESSAGE: fail with MESSAGE (and print FILE) unless
+# `jq -e FILTER FILE` is true. Needs `.tool("jq")` in the guest.
+jq_assert() {
+	jq -e "$2" "$1" >/dev/null || { cat "$1"; fail "$3"; }
+}
+
+# count_lines FILE: the number of lines in FILE (0 if it does not exist).
+count_lines() { if [ -e "$1" ]; then wc -l <"$1" | tr -d ' '; else echo 0; fi; }
+
 __on_exit() {
 	_rc=$?
 	if [ "$_rc" -ne 0 ]; then
