@@ -23,6 +23,9 @@ impl Backend for DelayBackend {
     fn info(&self) -> &StoreInfo {
         self.inner.info()
     }
+    fn may_block(&self) -> bool {
+        true
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         std::thread::sleep(self.delay);
         self.inner.read_at(buf, offset)

@@ -54,6 +54,13 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn size(&self) -> u64 {
         self.info().size
     }
+    /// Whether a single small I/O may take long (disks, O_DIRECT, added
+    /// latency). Requests to stores that cannot are run inline by the
+    /// connection's reader instead of being handed to the I/O pool.
+    fn may_block(&self) -> bool {
+        let info = self.info();
+        info.rotational || info.direct || info.kind == StoreKind::BlockDevice
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// With `fua`, the data is durable when this returns.
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()>;

@@ -12,6 +12,9 @@ use std::time::Duration;
 struct Usage {
     bytes: u64,
     requests: u64,
+    /// Threads blocked in `acquire` or `wait_idle`: permits returned while
+    /// nobody waits need no wake-up (a futex call per request otherwise).
+    waiters: u32,
 }
 
 #[derive(Debug)]
@@ -36,7 +39,9 @@ impl Budget {
         let cost = payload + REQUEST_OVERHEAD;
         let mut usage = lock(&self.usage);
         while usage.requests > 0 && (usage.bytes + cost > self.max_bytes || usage.requests >= self.max_requests) {
+            usage.waiters += 1;
             usage = self.changed.wait(usage).unwrap_or_else(|p| p.into_inner());
+            usage.waiters -= 1;
         }
         usage.bytes += cost;
         usage.requests += 1;
@@ -50,8 +55,10 @@ impl Budget {
     /// Waits until no request is in flight, or `timeout` passes. Returns
     /// whether the connection is idle.
     pub fn wait_idle(&self, timeout: Duration) -> bool {
-        let usage = lock(&self.usage);
-        let (usage, _) = self.changed.wait_timeout_while(usage, timeout, |u| u.requests > 0).unwrap_or_else(|p| p.into_inner());
+        let mut usage = lock(&self.usage);
+        usage.waiters += 1;
+        let (mut usage, _) = self.changed.wait_timeout_while(usage, timeout, |u| u.requests > 0).unwrap_or_else(|p| p.into_inner());
+        usage.waiters -= 1;
         usage.requests == 0
     }
 }
@@ -69,8 +76,11 @@ impl Drop for Permit {
         let mut usage = lock(&self.budget.usage);
         usage.bytes -= self.cost;
         usage.requests -= 1;
+        let wake = usage.waiters > 0;
         drop(usage);
-        self.budget.changed.notify_all();
+        if wake {
+            self.budget.changed.notify_all();
+        }
     }
 }
 

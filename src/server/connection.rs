@@ -209,18 +209,33 @@ fn reader_loop(ctx: &Arc<Ctx>, budget: &Arc<Budget>, reader: &mut Reader<'_>) ->
             ctx.pool.spawn(move || execute(ctx2, req, data, permit, None));
             continue;
         }
-        // Through the volume's gate: runs now, or parks behind a pause and
-        // runs (translated against the new table) when it is released.
+        // Through the volume's gate: admitted now, or parked behind a pause
+        // and run (translated against the new table) when it is released.
         let range = Range::new(req.offset, req.length as u64);
-        ctx.volume.gate().enter(
-            range,
-            ctx.shard,
-            Box::new(move |ticket| {
-                let pool = ctx2.pool.clone();
-                pool.spawn(move || execute(ctx2, req, data, permit, Some(ticket)));
-            }),
-        );
+        match ctx.volume.gate().try_enter(range, ctx.shard) {
+            // Small reads and writes to stores that never block for long run
+            // right here: a hand-off to the pool costs more than a 4 KiB
+            // pread from the page cache (context switches), and replies still
+            // leave through the sink in completion order.
+            Some(ticket) if runs_inline(&ctx2, &req) => execute(ctx2, req, data, permit, Some(ticket)),
+            Some(ticket) => ctx.pool.spawn(move || execute(ctx2, req, data, permit, Some(ticket))),
+            None => ctx.volume.gate().enter(
+                range,
+                ctx.shard,
+                Box::new(move |ticket| {
+                    let pool = ctx2.pool.clone();
+                    pool.spawn(move || execute(ctx2, req, data, permit, Some(ticket)));
+                }),
+            ),
+        }
     }
+}
+
+/// Largest READ/WRITE run on the reader thread itself.
+const INLINE_MAX: u32 = 128 * 1024;
+
+fn runs_inline(ctx: &Ctx, req: &RequestHeader) -> bool {
+    matches!(req.command, CMD_READ | CMD_WRITE) && req.length <= INLINE_MAX && !ctx.volume.translation().may_block()
 }
 
 /// Validates a request before any I/O: command, flags, bounds, permissions.

@@ -141,6 +141,17 @@ impl Gate {
         Ticket { gate: self.clone(), shard, slot }
     }
 
+    /// Admits the request for `range` at once if no hold blocks it (the hot
+    /// path: no allocation, no job). `None`: call [`Gate::enter`] to park it.
+    pub fn try_enter(self: &Arc<Self>, range: Range, shard: usize) -> Option<Ticket> {
+        let ticket = self.register(range, shard % SHARDS);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if !self.any_hold.load(Ordering::SeqCst) || !lock(&self.holds).blocks(&range) {
+            return Some(ticket);
+        }
+        None
+    }
+
     /// Admits the request for `range` and runs `job` with its ticket now, or
     /// parks it until the holds it overlaps are released. `shard` spreads
     /// registrations (e.g. the connection id).

@@ -22,6 +22,8 @@ pub struct Translation {
     stores: Vec<Arc<dyn Backend>>,
     min_io: u32,
     rotational: bool,
+    /// Some store may block for long: never run I/O inline on a reader.
+    may_block: bool,
     mirror: Option<Arc<Mirror>>,
 }
 
@@ -44,7 +46,8 @@ impl Translation {
         }
         let min_io = distinct.iter().map(|b| b.info().min_io).max().unwrap_or(1);
         let rotational = distinct.iter().any(|b| b.info().rotational);
-        Ok(Translation { table, targets, stores: distinct, min_io, rotational, mirror: None })
+        let may_block = distinct.iter().any(|b| b.may_block());
+        Ok(Translation { table, targets, stores: distinct, min_io, rotational, may_block, mirror: None })
     }
 
     /// The same table with `mirror` attached (or detached).
@@ -67,6 +70,12 @@ impl Translation {
 
     pub fn rotational(&self) -> bool {
         self.rotational
+    }
+
+    /// Whether I/O through this table may block for long (see `Backend::may_block`),
+    /// counting a migration destination too.
+    pub fn may_block(&self) -> bool {
+        self.may_block || self.mirror.as_ref().is_some_and(|m| m.dest().may_block())
     }
 
     pub fn stores(&self) -> &[Arc<dyn Backend>] {
