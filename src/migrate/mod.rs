@@ -286,6 +286,7 @@ impl MigrationJob {
     fn run(self: Arc<Self>) {
         lower_priority();
         let mut limiter = RateLimiter::new(self.spec.rate);
+        let mut known: Option<DataRun> = None;
         let mut last_checkpoint = Instant::now();
         for i in 0..self.mirror.chunks() {
             if self.abort.load(Ordering::SeqCst) {
@@ -303,7 +304,7 @@ impl MigrationJob {
             if !self.mirror.begin_copy(i) {
                 continue; // copied already (resumed), or disabled: checked above next round
             }
-            match self.copy_chunk(i, &mut limiter) {
+            match self.copy_chunk(i, &mut limiter, &mut known) {
                 Ok(()) => {
                     self.mirror.end_copy(i, true);
                     self.copied_bytes.fetch_add(self.mirror.chunk_range(i).len(), Ordering::Relaxed);
@@ -347,44 +348,61 @@ impl MigrationJob {
 
     /// Copies chunk `i`: data runs are read through the current translation
     /// (the source) and written to the destination; holes are punched there.
-    fn copy_chunk(&self, i: usize, limiter: &mut RateLimiter) -> std::io::Result<()> {
+    ///
+    /// The allocation map is asked once per data run, not per chunk: on
+    /// tmpfs SEEK_HOLE scans to the end of the data, so asking per chunk
+    /// made a copy quadratic in the volume size. `known` remembers where the
+    /// last data run seen ends; only data is remembered (a hole is always
+    /// re-checked, since a write may have filled it), and a region trimmed
+    /// meanwhile is merely copied as zeros.
+    fn copy_chunk(&self, i: usize, limiter: &mut RateLimiter, known: &mut Option<DataRun>) -> std::io::Result<()> {
         let r = self.mirror.chunk_range(i);
         let t = self.volume.translation();
+        let generation = t.table().generation();
         let dest = self.mirror.dest();
         let pieces: Vec<Piece> = t.table().pieces(r.start, r.len()).collect();
         for piece in pieces {
             let mut done = 0u64;
             while done < piece.length {
-                let sub = sub_piece(&piece, done, piece.length - done);
-                let runs = t.block_status(&sub, 256)?;
-                for run in runs {
-                    let part = sub_piece(&piece, done, run.length.min(piece.length - done));
-                    let dest_off = self.mirror.dest_offset_of(part.volume_offset);
-                    if run.hole {
-                        dest.write_zeroes(dest_off, part.length, ZeroMode { may_trim: true, fast_only: false }, false)?;
-                    } else {
-                        // Copy in slices of at most COPY_IO: bounded memory, and
-                        // abort/shutdown never wait behind one long rate-limit
-                        // sleep for a whole big chunk.
-                        let mut off = 0u64;
-                        while off < part.length {
-                            if self.abort.load(Ordering::SeqCst) {
-                                return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "aborted"));
-                            }
-                            let slice = sub_piece(&part, off, (part.length - off).min(COPY_IO));
-                            limiter.wait(slice.length);
-                            let mut buf = vec![0u8; slice.length as usize];
-                            t.read(&slice, &mut buf)?;
-                            dest.write_at(&buf, dest_off + off, false)?;
-                            self.data_bytes.fetch_add(slice.length, Ordering::Relaxed);
-                            off += slice.length;
+                let at = piece.target_offset + done;
+                let cached = known.filter(|k| k.extent == piece.extent && k.generation == generation && at < k.until).map(|k| k.until - at);
+                let (hole, len) = match cached {
+                    Some(avail) => (false, avail.min(piece.length - done)),
+                    None => {
+                        // One run, asked up to the end of the extent.
+                        let extent_end = t.table().extents()[piece.extent].end();
+                        let probe = sub_piece(&piece, done, extent_end - (piece.volume_offset + done));
+                        let run = t.block_status(&probe, 1)?.first().copied().filter(|r| r.length > 0);
+                        let run = run.ok_or_else(|| std::io::Error::other("allocation map returned nothing"))?;
+                        if !run.hole {
+                            *known = Some(DataRun { extent: piece.extent, generation, until: at + run.length });
                         }
+                        (run.hole, run.length.min(piece.length - done))
                     }
-                    done += part.length;
-                    if done >= piece.length {
-                        break;
+                };
+                let part = sub_piece(&piece, done, len);
+                let dest_off = self.mirror.dest_offset_of(part.volume_offset);
+                if hole {
+                    dest.write_zeroes(dest_off, part.length, ZeroMode { may_trim: true, fast_only: false }, false)?;
+                } else {
+                    // Copy in slices of at most COPY_IO: bounded memory, and
+                    // abort/shutdown never wait behind one long rate-limit
+                    // sleep for a whole big chunk.
+                    let mut off = 0u64;
+                    while off < part.length {
+                        if self.abort.load(Ordering::SeqCst) {
+                            return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "aborted"));
+                        }
+                        let slice = sub_piece(&part, off, (part.length - off).min(COPY_IO));
+                        limiter.wait(slice.length);
+                        let mut buf = vec![0u8; slice.length as usize];
+                        t.read(&slice, &mut buf)?;
+                        dest.write_at(&buf, dest_off + off, false)?;
+                        self.data_bytes.fetch_add(slice.length, Ordering::Relaxed);
+                        off += slice.length;
                     }
                 }
+                done += len;
             }
         }
         Ok(())
@@ -434,6 +452,15 @@ impl MigrationJob {
         }
         Ok(report.generation)
     }
+}
+
+/// The end (store offset within `extent` of table `generation`) of the last
+/// data run the copier saw.
+#[derive(Debug, Clone, Copy)]
+struct DataRun {
+    extent: usize,
+    generation: u64,
+    until: u64,
 }
 
 fn sub_piece(piece: &Piece, at: u64, length: u64) -> Piece {
