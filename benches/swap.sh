@@ -137,9 +137,11 @@ us_now() { echo "${EPOCHREALTIME/./}"; }
 
 # CPU seconds of this shell and its waited-for children (fio, CLI runs).
 # `times` runs in this process; the parsing happens after the snapshot.
+# Sets SHELL_CPU; call it directly, never in $(...) (a subshell's `times`
+# would count its own, empty, children).
 shell_cpu() {
     times >"$WORK/times.now"
-    sed 's/\([0-9]*\)m\([0-9.]*\)s/\1 \2/g' "$WORK/times.now" | awk '{t += $1*60 + $2 + $3*60 + $4} END {print t}'
+    SHELL_CPU=$(sed 's/\([0-9]*\)m\([0-9.]*\)s/\1 \2/g' "$WORK/times.now" | awk '{t += $1*60 + $2 + $3*60 + $4} END {print t}')
 }
 
 # Percent of the box (NCPU x wall) used by others: box busy - ours.
@@ -347,7 +349,7 @@ part_hold() { # label state_dir
         slog=$OUT/raw/hold-$label.server.log
         start_server "$BIN" "$CFG" "$slog"
         wait_quiet; quiet=$QUIET
-        s0=$(proc_cpu "$SERVER_PID"); read -r b0 _ _ < <(box_cpu); w0=$(us_now); c0=$(shell_cpu)
+        s0=$(proc_cpu "$SERVER_PID"); read -r b0 _ _ < <(box_cpu); w0=$(us_now); shell_cpu; c0=$SHELL_CPU
         fio --name=hold --ioengine=nbd --uri="$URI" --rw=randrw --bs=4k --iodepth=32 --size=1G \
             --time_based --runtime=3600 --output-format=json >"$OUT/raw/hold-$label.fio" 2>&1 &
         fio_pid=$!
@@ -367,7 +369,7 @@ part_hold() { # label state_dir
         done
         kill -INT "$fio_pid"
         wait "$fio_pid" || true
-        c1=$(shell_cpu); w1=$(us_now); read -r b1 _ _ < <(box_cpu); s1=$(proc_cpu "$SERVER_PID")
+        shell_cpu; c1=$SHELL_CPU; w1=$(us_now); read -r b1 _ _ < <(box_cpu); s1=$(proc_cpu "$SERVER_PID")
         stop_server
         others=$(others_pct "$(awk -v a="$b0" -v b="$b1" -v hz="$HZ" 'BEGIN {print (b - a) / hz}')" \
             "$(awk -v s=$((s1 - s0)) -v hz="$HZ" -v c0="$c0" -v c1="$c1" 'BEGIN {print s / hz + c1 - c0}')" \
@@ -540,7 +542,8 @@ window_stats() { # iops_log
                     on = sum[w] / cnt[w]; off = (sum[w - 1] / cnt[w - 1] + sum[w + 1] / cnt[w + 1]) / 2
                     l[++n] = 100 * (1 - on / off); ton += on; toff += off }
             if (!n) { print "0 - - - - -"; exit }
-            for (i = 1; i <= n; i++) { s += l[i]; for (j = i + 1; j <= n; j++) if (l[j] < l[i]) { x = l[i]; l[i] = l[j]; l[j] = x } }
+            for (i = 1; i <= n; i++) s += l[i]
+            for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (l[j] < l[i]) { x = l[i]; l[i] = l[j]; l[j] = x }
             mean = s / n; for (i = 1; i <= n; i++) ss += (l[i] - mean) ^ 2
             se = (n > 1) ? sqrt(ss / (n - 1) / n) : 0
             med = (n % 2) ? l[(n + 1) / 2] : (l[n / 2] + l[n / 2 + 1]) / 2
@@ -563,7 +566,7 @@ if [[ " $PARTS " == *" windows "* ]]; then
         jl=$OUT/raw/win-$v.reloads.json
         : >"$jl"
         rm -f "$WORK/stop" "$OUT"/raw/win-"$v"_iops.*.log
-        read -r b0 _ _ < <(box_cpu); s0=$(proc_cpu "$SERVER_PID"); c0=$(shell_cpu)
+        read -r b0 _ _ < <(box_cpu); s0=$(proc_cpu "$SERVER_PID"); shell_cpu; c0=$SHELL_CPU
         t0=$(us_now)
         fio --name="win-$v" --ioengine=nbd --uri="$URI" --rw=randrw --bs=4k --iodepth=32 --size=1G \
             --time_based --runtime="$WIN_RUNTIME" --write_iops_log="$OUT/raw/win-$v" --log_avg_msec=500 \
@@ -575,7 +578,7 @@ if [[ " $PARTS " == *" windows "* ]]; then
         BG_PIDS+=("$LOOP_PID")
         wait "$fio_pid" || die "fio failed: $(tail -3 "$OUT/raw/win-$v.fio")"
         stop_loop "$OUT/raw/win-$v.loop"
-        t1=$(us_now); c1=$(shell_cpu); s1=$(proc_cpu "$SERVER_PID"); read -r b1 _ _ < <(box_cpu)
+        t1=$(us_now); shell_cpu; c1=$SHELL_CPU; s1=$(proc_cpu "$SERVER_PID"); read -r b1 _ _ < <(box_cpu)
         read -r loops lfails <"$OUT/raw/win-$v.loop"
         others=$(others_pct "$(awk -v a="$b0" -v b="$b1" -v hz="$HZ" 'BEGIN {print (b - a) / hz}')" \
             "$(awk -v s=$((s1 - s0)) -v hz="$HZ" -v c0="$c0" -v c1="$c1" 'BEGIN {print s / hz + c1 - c0}')" \

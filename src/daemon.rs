@@ -217,7 +217,12 @@ fn options(config: &Config) -> ServerOptions {
         io_threads: s.io_threads,
         max_connections: s.max_connections,
         handshake_timeout: Duration::from_secs(30),
-        limits: ConnLimits { max_inflight_bytes: s.max_inflight, max_inflight_requests: 1024, shutdown_grace: s.shutdown_grace },
+        limits: ConnLimits {
+            max_inflight_bytes: s.max_inflight,
+            max_inflight_requests: 1024,
+            shutdown_grace: s.shutdown_grace,
+            busy_poll: s.busy_poll,
+        },
     }
 }
 
@@ -462,8 +467,11 @@ impl Daemon {
         if new.server.state_dir != old.server.state_dir {
             report.needs_restart.push("server.state_dir".into());
         }
-        if new.server.io_threads != old.server.io_threads || new.server.max_inflight != old.server.max_inflight {
-            report.needs_restart.push("server.io_threads/max_inflight".into());
+        if new.server.io_threads != old.server.io_threads
+            || new.server.max_inflight != old.server.max_inflight
+            || new.server.busy_poll != old.server.busy_poll
+        {
+            report.needs_restart.push("server.io_threads/max_inflight/busy_poll".into());
         }
         // Stage everything before changing anything.
         let existing = lock(&self.stores).clone();

@@ -124,6 +124,10 @@ impl Drop for FdBackend {
     }
 }
 
+fn is_page_aligned(p: *const u8) -> bool {
+    p as usize % AlignedBuf::ALIGN == 0
+}
+
 impl Backend for FdBackend {
     fn info(&self) -> &StoreInfo {
         &self.info
@@ -133,6 +137,10 @@ impl Backend for FdBackend {
         if self.info.direct {
             if !self.is_direct_aligned(offset, buf.len()) {
                 return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            // The server's buffers are page-aligned already: no bounce.
+            if is_page_aligned(buf.as_ptr()) {
+                return self.file.read_exact_at(buf, offset);
             }
             let mut bounce = AlignedBuf::zeroed(buf.len());
             self.file.read_exact_at(bounce.as_mut_slice(), offset)?;
@@ -158,9 +166,13 @@ impl Backend for FdBackend {
             if !self.is_direct_aligned(offset, buf.len()) {
                 return Err(io::Error::from_raw_os_error(libc::EINVAL));
             }
-            let mut bounce = AlignedBuf::zeroed(buf.len());
-            bounce.as_mut_slice()[..buf.len()].copy_from_slice(buf);
-            self.pwrite_all(&bounce.as_slice()[..buf.len()], offset, fua)?;
+            if is_page_aligned(buf.as_ptr()) {
+                self.pwrite_all(buf, offset, fua)?;
+            } else {
+                let mut bounce = AlignedBuf::zeroed(buf.len());
+                bounce.as_mut_slice()[..buf.len()].copy_from_slice(buf);
+                self.pwrite_all(&bounce.as_slice()[..buf.len()], offset, fua)?;
+            }
         } else {
             self.pwrite_all(buf, offset, fua)?;
         }

@@ -7,6 +7,7 @@
 //! worker threads, never on an event loop.
 
 mod aligned;
+pub use aligned::AlignedBuf;
 mod blockdev;
 mod delay;
 mod fd;
@@ -61,6 +62,8 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         let info = self.info();
         info.rotational || info.direct || info.kind == StoreKind::BlockDevice
     }
+    /// Fills all of `buf` or fails: callers hand in reused buffers holding
+    /// other data, so a partial fill reported as success would leak it.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// With `fua`, the data is durable when this returns.
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()>;

@@ -58,6 +58,9 @@ pub struct ServerConfig {
     pub pause_timeout: Duration,
     /// Further attempts after a drain timeout.
     pub pause_retries: u32,
+    /// How long an idle connection polls for the next request before it
+    /// sleeps (0 = never poll).
+    pub busy_poll: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,5 +172,16 @@ mod tests {
         let e = Config::parse(text, "t.toml", Path::new("")).unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
         assert!(e.message.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn busy_poll_accepts_microseconds_and_refuses_long_polls() {
+        let parse = |v: &str| Config::parse(&format!("[server]\nbusy_poll = {v}\n"), "t.toml", Path::new(""));
+        assert_eq!(parse("\"20us\"").unwrap().server.busy_poll, std::time::Duration::from_micros(20));
+        assert_eq!(parse("0").unwrap().server.busy_poll, std::time::Duration::ZERO);
+        let e = parse("\"5ms\"").unwrap_err();
+        assert!(e.to_string().starts_with("t.toml:2: server.busy_poll:"), "{e}");
+        let d = Config::parse("", "t.toml", Path::new("")).unwrap();
+        assert_eq!(d.server.busy_poll, std::time::Duration::from_micros(50));
     }
 }

@@ -42,6 +42,7 @@ struct RawServer {
     default_export: Option<Spanned<String>>,
     pause_timeout: Option<Spanned<Quantity>>,
     pause_retries: Option<Spanned<i64>>,
+    busy_poll: Option<Spanned<Quantity>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -179,6 +180,7 @@ fn parse_server(ctx: &Ctx<'_>, raw: Option<&Spanned<RawServer>>) -> Result<Serve
         default_export: None,
         pause_timeout: None,
         pause_retries: None,
+        busy_poll: None,
     };
     let s = raw.map_or(&empty, |s| s.get_ref());
     let mut listen = Vec::new();
@@ -229,7 +231,18 @@ fn parse_server(ctx: &Ctx<'_>, raw: Option<&Spanned<RawServer>>) -> Result<Serve
         Some(n) if (0..=100).contains(n.get_ref()) => *n.get_ref() as u32,
         Some(n) => return Err(ctx.err(n, "server.pause_retries", format!("{} is out of range 0..=100", n.get_ref()))),
     };
+    let busy_poll = match &s.busy_poll {
+        None => std::time::Duration::from_micros(50),
+        Some(q) => {
+            let d = ctx.duration(q, "server.busy_poll")?;
+            if d > std::time::Duration::from_millis(1) {
+                return Err(ctx.err(q, "server.busy_poll", format!("{d:?} is above the maximum of 1ms")));
+            }
+            d
+        }
+    };
     Ok(ServerConfig {
+        busy_poll,
         pause_timeout,
         pause_retries,
         listen,

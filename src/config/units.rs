@@ -38,8 +38,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let secs = match unit.trim() {
         "" | "s" => n,
         "ms" => n / 1000.0,
+        "us" | "µs" => n / 1_000_000.0,
         "m" | "min" => n * 60.0,
-        other => return Err(format!("'{text}': unknown unit '{other}' (use ms, s or m)")),
+        other => return Err(format!("'{text}': unknown unit '{other}' (use us, ms, s or m)")),
     };
     if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
         return Err(format!("'{text}' is out of range"));

@@ -48,6 +48,18 @@ impl Budget {
         Permit { budget: self.clone(), cost }
     }
 
+    /// `acquire` without blocking: None when it would have to wait.
+    pub fn try_acquire(self: &Arc<Self>, payload: u64) -> Option<Permit> {
+        let cost = payload + REQUEST_OVERHEAD;
+        let mut usage = lock(&self.usage);
+        if usage.requests > 0 && (usage.bytes + cost > self.max_bytes || usage.requests >= self.max_requests) {
+            return None;
+        }
+        usage.bytes += cost;
+        usage.requests += 1;
+        Some(Permit { budget: self.clone(), cost })
+    }
+
     pub fn in_flight(&self) -> u64 {
         lock(&self.usage).requests
     }
@@ -104,5 +116,16 @@ mod tests {
         // Oversized requests pass when alone.
         let _big = budget.acquire(1 << 30);
         assert_eq!(budget.in_flight(), 1);
+    }
+
+    #[test]
+    fn try_acquire_refuses_instead_of_waiting() {
+        let budget = Budget::new(1000, 2);
+        let a = budget.try_acquire(400).expect("fits");
+        assert!(budget.try_acquire(400).is_none(), "bytes exhausted");
+        let b = budget.try_acquire(0).expect("fits");
+        assert!(budget.try_acquire(0).is_none(), "request count exhausted");
+        drop((a, b));
+        assert!(budget.try_acquire(1 << 30).is_some(), "oversized passes when alone");
     }
 }

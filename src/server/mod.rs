@@ -6,6 +6,7 @@
 //! listener, one reader thread per connection, one shared I/O pool.
 
 mod budget;
+mod buffers;
 mod connection;
 pub mod handshake;
 mod listener;
@@ -44,6 +45,7 @@ impl Default for ServerOptions {
                 max_inflight_bytes: 64 * 1024 * 1024,
                 max_inflight_requests: 1024,
                 shutdown_grace: Duration::from_secs(2),
+                busy_poll: Duration::from_micros(50),
             },
         }
     }
