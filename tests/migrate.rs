@@ -6,11 +6,12 @@
 //! only gives a *lower* bound on how long a copy takes, which is what keeps
 //! a migration "in progress" while a test acts on it.
 mod common;
+use common::cli::{cli_err_via, cli_ok_via, cli_via, extents_of, json, respawn, rewrite_config, start, text, vol_of, wait_control, Via};
+use common::script::Script;
 use common::*;
 use serde_json::Value;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -22,69 +23,29 @@ const MIB: u64 = 1 << 20;
 
 // ---------------------------------------------------------------- helpers
 
-/// `nbdvirt ARGS --config CONFIG` (bounded).
+/// `nbdvirt ARGS --config CONFIG` (bounded): the CLI finds the server the
+/// way an operator runs it.
 fn cli(server: &TestServer, args: &[&str]) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args).arg("--config").arg(&server.config).env_remove("NBDVIRT_CONFIG");
-    run_timeout(&mut cmd, Duration::from_secs(120))
-}
-
-fn text(out: &Output) -> String {
-    format!("status {}\nstdout:\n{}\nstderr:\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    cli_via(Via::Config, server, args)
 }
 
 fn cli_ok(server: &TestServer, args: &[&str]) -> String {
-    let out = cli(server, args);
-    assert!(out.status.success(), "nbdvirt {args:?} failed: {}\n--- server log ---\n{}", text(&out), server.log());
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    cli_ok_via(Via::Config, server, args)
 }
 
 /// Runs a command that must fail; returns its stderr.
 fn cli_err(server: &TestServer, args: &[&str]) -> String {
-    let out = cli(server, args);
-    assert!(!out.status.success(), "nbdvirt {args:?} unexpectedly succeeded: {}", text(&out));
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn json(s: &str) -> Value {
-    serde_json::from_str(s).unwrap_or_else(|e| panic!("bad JSON ({e}):\n{s}"))
-}
-
-/// The harness returns once the NBD socket accepts; the control socket
-/// comes up just after.
-fn wait_control(server: &TestServer) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while UnixStream::connect(server.path("control.sock")).is_err() {
-        assert!(Instant::now() < deadline, "control socket did not appear within 20 s:\n{}", server.log());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn start(body: &str) -> TestServer {
-    let server = TestServer::start(body);
-    wait_control(&server);
-    server
-}
-
-fn respawn(server: &mut TestServer) {
-    server.spawn();
-    wait_control(server);
+    cli_err_via(Via::Config, server, args)
 }
 
 /// `nbdvirt status --json`, the entry of volume `name`.
 fn volume_status(server: &TestServer, name: &str) -> Value {
-    let v = json(&cli_ok(server, &["status", "--json"]));
-    v["volumes"].as_array().unwrap().iter().find(|v| v["name"] == name).unwrap_or_else(|| panic!("no volume {name} in {v}")).clone()
+    vol_of(&json(&cli_ok(server, &["status", "--json"])), name)
 }
 
 /// `(start, length, backend, backend_offset)` of each extent.
 fn extents(server: &TestServer, name: &str) -> Vec<(u64, u64, String, u64)> {
-    volume_status(server, name)["extents"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap(), e["backend"].as_str().unwrap_or("").to_string(), e["backend_offset"].as_u64().unwrap_or(0)))
-        .collect()
+    extents_of(&volume_status(server, name))
 }
 
 fn ext(start: u64, length: u64, backend: &str, offset: u64) -> (u64, u64, String, u64) {
@@ -991,58 +952,6 @@ fn discard_source_frees_the_source_and_keeps_the_data() {
     assert!(allocated(&server.path("src.img")) < MIB, "source range discarded: {} bytes still allocated", allocated(&server.path("src.img")));
 }
 
-/// An nbdsh script that runs until it reads a line on stdin; its stdout
-/// lines arrive on a channel. Killed on drop.
-struct Triggered {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Triggered {
-    fn start(uri: &str, script: &str) -> Triggered {
-        require("nbdsh", "python3-libnbd");
-        let mut child = Command::new("nbdsh")
-            .env("PATH", debian_path())
-            .args(["-u", uri, "-c", script])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start nbdsh");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Triggered { child, lines }
-    }
-
-    fn expect(&mut self, want: &str, limit: Duration) {
-        match self.lines.recv_timeout(limit) {
-            Ok(l) if l == want => {}
-            other => panic!("nbdsh: expected {want:?}, got {other:?} (exit: {:?})", self.child.try_wait()),
-        }
-    }
-
-    fn trigger(&mut self) {
-        let stdin = self.child.stdin.as_mut().expect("stdin");
-        stdin.write_all(b"go\n").and_then(|_| stdin.flush()).expect("nbdsh stdin");
-    }
-}
-
-impl Drop for Triggered {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 // ------------------------------ 9. abort while the cutover drains a write
 
 /// An abort that arrives while the cutover waits for an in-flight write must
@@ -1090,13 +999,14 @@ backend_offset = 0
     let w = pattern(92, (64 * KIB) as usize);
     let wfile = server.path("w.bin");
     std::fs::write(&wfile, &w).unwrap();
-    let mut writer = Triggered::start(
+    let mut writer = Script::start(
+        "W",
         &server.uri("v"),
         &format!("import sys\nd = open('{}', 'rb').read()\nprint('ready', flush=True)\nsys.stdin.readline()\nh.pwrite(d, 0)\nh.flush()\nprint('acked', flush=True)\n", wfile.display()),
     );
     writer.expect("ready", Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(1000));
-    writer.trigger();
+    writer.send("go");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let v = volume_status(&server, "v");
@@ -1192,13 +1102,6 @@ fn crash_after_cutover_commit_then_resume_keeps_the_data() {
 // ---------- 11. interrupted migration whose destination left the config
 
 /// Replaces everything after the harness's `[server]` block with `body`.
-fn rewrite_config(server: &TestServer, body: &str) {
-    let old = std::fs::read_to_string(&server.config).unwrap();
-    let header = old.split_once("\n\n").expect("harness header").0;
-    let new = format!("{header}\n\n{}", body.replace("{dir}", &server.dir.path().display().to_string()));
-    std::fs::write(&server.config, new).unwrap();
-}
-
 /// A migration interrupted by a crash is resumed at start-up; if its
 /// destination backend is no longer configured, that one job cannot go on
 /// but the daemon must still start and serve every volume (the interrupted

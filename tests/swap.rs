@@ -6,14 +6,14 @@
 //! I/O completed while status still said pausing", "this write had not
 //! completed until resume".
 mod common;
+use common::cli::*;
+use common::script::*;
 use common::*;
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,226 +21,6 @@ const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 
 // ---------------------------------------------------------------- helpers
-
-/// `nbdvirt ARGS --control DIR/control.sock` (bounded).
-fn cli(server: &TestServer, args: &[&str]) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args).arg("--control").arg(server.path("control.sock")).env_remove("NBDVIRT_CONFIG");
-    run_timeout(&mut cmd, Duration::from_secs(90))
-}
-
-fn text(out: &Output) -> String {
-    format!("status {}\nstdout:\n{}\nstderr:\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-fn cli_ok(server: &TestServer, args: &[&str]) -> String {
-    let out = cli(server, args);
-    assert!(out.status.success(), "nbdvirt {args:?} failed: {}\n--- server log ---\n{}", text(&out), server.log());
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs a command that must fail; returns its stderr.
-fn cli_err(server: &TestServer, args: &[&str]) -> String {
-    let out = cli(server, args);
-    assert!(!out.status.success(), "nbdvirt {args:?} unexpectedly succeeded: {}", text(&out));
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn json(s: &str) -> Value {
-    serde_json::from_str(s).unwrap_or_else(|e| panic!("bad JSON ({e}):\n{s}"))
-}
-
-/// `TestServer::start`/`spawn` return once the NBD socket accepts, but the
-/// server creates its control socket just after that: wait for it too.
-fn wait_control(server: &TestServer) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while UnixStream::connect(server.path("control.sock")).is_err() {
-        assert!(Instant::now() < deadline, "control socket did not appear within 20 s:\n{}", server.log());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn start(body: &str) -> TestServer {
-    let server = TestServer::start(body);
-    wait_control(&server);
-    server
-}
-
-fn respawn(server: &mut TestServer) {
-    server.spawn();
-    wait_control(server);
-}
-
-/// Status straight from the control socket (cheap enough to poll).
-fn poll_status(server: &TestServer) -> Value {
-    let mut s = UnixStream::connect(server.path("control.sock")).expect("control socket");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.write_all(b"{\"command\":\"status\"}\n").unwrap();
-    let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line).unwrap();
-    let v = json(&line);
-    assert_eq!(v["ok"], true, "status failed: {v}");
-    v["result"].clone()
-}
-
-fn vol_of(status: &Value, name: &str) -> Value {
-    status["volumes"].as_array().unwrap().iter().find(|v| v["name"] == name).unwrap_or_else(|| panic!("no volume {name} in {status}")).clone()
-}
-
-fn vol(server: &TestServer, name: &str) -> Value {
-    vol_of(&poll_status(server), name)
-}
-
-fn generation(server: &TestServer, name: &str) -> u64 {
-    vol(server, name)["generation"].as_u64().unwrap()
-}
-
-/// `(start, length, backend, backend_offset)` of each extent in a status.
-fn extents_of(vol: &Value) -> Vec<(u64, u64, String, u64)> {
-    vol["extents"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap(), e["backend"].as_str().unwrap_or("").to_string(), e["backend_offset"].as_u64().unwrap_or(0)))
-        .collect()
-}
-
-fn history(server: &TestServer, name: &str) -> Vec<Value> {
-    json(&cli_ok(server, &["history", name, "--json"])).as_array().unwrap().clone()
-}
-
-fn history_generations(server: &TestServer, name: &str) -> Vec<u64> {
-    history(server, name).iter().map(|g| g["generation"].as_u64().unwrap()).collect()
-}
-
-/// Polls `f` every 10 ms until it holds; panics after `limit`.
-fn wait_until(server: &TestServer, what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}\n--- status ---\n{}\n--- log ---\n{}", poll_status(server), server.log());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Replaces everything after the harness's `[server]` block with `body`
-/// (`{dir}` expanded), atomically.
-fn rewrite_config(server: &TestServer, body: &str) {
-    let old = std::fs::read_to_string(&server.config).unwrap();
-    let header = old.split_once("\n\n").expect("harness header").0;
-    let new = format!("{header}\n\n{}", body.replace("{dir}", &server.dir.path().display().to_string()));
-    let tmp = server.config.with_extension("toml.tmp");
-    std::fs::write(&tmp, new).unwrap();
-    std::fs::rename(&tmp, &server.config).unwrap();
-}
-
-/// Writes `data` to DIR/NAME and returns the path (scripts read it).
-fn data_file(server: &TestServer, name: &str, data: &[u8]) -> String {
-    let p = server.path(name);
-    std::fs::write(&p, data).unwrap();
-    p.display().to_string()
-}
-
-/// A running nbdsh script, with its stdout as lines and its stdin open, so
-/// a test can trigger I/O at an exact point and see when it completes.
-struct Script {
-    what: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    stderr: Option<std::thread::JoinHandle<String>>,
-}
-
-impl Script {
-    fn start(what: &str, uri: &str, script: &str) -> Script {
-        require("nbdsh", "python3-libnbd");
-        let mut child = Command::new("nbdsh")
-            .env("PATH", debian_path())
-            .args(["-u", uri, "-c", script])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start nbdsh");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut err = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        });
-        Script { what: what.into(), stdin: child.stdin.take(), child, lines, stderr: Some(stderr) }
-    }
-
-    fn send(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        writeln!(stdin, "{line}").and_then(|_| stdin.flush()).unwrap_or_else(|e| panic!("nbdsh ({}): stdin: {e}", self.what));
-    }
-
-    /// The next line within `limit`, `None` if there is none yet.
-    fn line(&mut self, limit: Duration) -> Option<String> {
-        match self.lines.recv_timeout(limit) {
-            Ok(l) => Some(l),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => self.fail("ended before printing the expected line"),
-        }
-    }
-
-    fn expect(&mut self, want: &str, limit: Duration) {
-        match self.line(limit) {
-            Some(l) if l == want => {}
-            Some(l) => self.fail(&format!("printed {l:?}, expected {want:?}")),
-            None => self.fail(&format!("did not print {want:?} within {limit:?}")),
-        }
-    }
-
-    /// Asserts nothing was printed (yet).
-    fn quiet(&mut self, why: &str) {
-        if let Ok(l) = self.lines.try_recv() {
-            self.fail(&format!("printed {l:?}, but {why}"));
-        }
-    }
-
-    /// Waits for a clean exit.
-    fn finish(mut self, limit: Duration) {
-        self.stdin.take();
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                if !status.success() {
-                    self.fail(&format!("exited with {status}"));
-                }
-                return;
-            }
-            if Instant::now() > deadline {
-                self.fail(&format!("did not exit within {limit:?}"));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn fail(&mut self, msg: &str) -> ! {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let stderr = self.stderr.take().and_then(|t| t.join().ok()).unwrap_or_default();
-        panic!("nbdsh ({}): {msg}\nstderr:\n{stderr}", self.what)
-    }
-}
-
-impl Drop for Script {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Connects, prints `ready`, waits for a line on stdin, writes the bytes of
 /// `data` at `offset` (a blocking pwrite), prints `done`.
@@ -268,20 +48,6 @@ fn io_loop(what: &str, uri: &str, data: &str, offset: u64) -> Script {
     );
     s.expect("ready", Duration::from_secs(30));
     s
-}
-
-/// Runs a one-shot nbdsh script that must succeed.
-fn nbdsh_run(uri: &str, script: &str) {
-    require("nbdsh", "python3-libnbd");
-    let mut cmd = Command::new("nbdsh");
-    cmd.env("PATH", debian_path()).args(["-u", uri, "-c", script]);
-    let out = run_timeout(&mut cmd, Duration::from_secs(60));
-    assert!(out.status.success(), "nbdsh script failed: {}\nscript:\n{script}", text(&out));
-}
-
-/// Asserts the volume reads `data` at `offset`.
-fn assert_volume_reads(uri: &str, data: &str, offset: u64) {
-    nbdsh_run(uri, &format!("d = open('{data}', 'rb').read()\nassert h.pread(len(d), {offset}) == d, 'volume content differs'\n"));
 }
 
 // ------------------------------------------------- 1. many swaps under fio

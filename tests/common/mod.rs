@@ -3,6 +3,11 @@
 //! fail loudly (naming the Debian package) when a client is missing.
 #![allow(dead_code)]
 
+/// CLI, control socket and config edits (opt in: `use common::cli::*;`).
+pub mod cli;
+/// nbdsh clients (opt in: `use common::script::*;`).
+pub mod script;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
