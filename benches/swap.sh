@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pause–drain–swap benchmarks for nbdvirt (results: docs/perf-swap.md).
+# Pause–drain–swap benchmarks for nbdvirt (results: docs/PERFORMANCE.md).
 #
 #   benches/swap.sh                      # everything, ~15 min on 2 cores
 #   PARTS="hold" benches/swap.sh         # only part 1 (also: throughput, gate)
@@ -18,8 +18,10 @@
 #                windows and each "on" window is compared with its two "off"
 #                neighbours. Neighbouring windows share the box's background
 #                load, so this resolves a few % even on a busy shared box.
-# 3. gate:       foundation (before the gate) vs current binary, 4k randread
-#                and randwrite QD16, alternated GATE_ROUNDS times.
+# 3. gate:       this tree built with the gate compiled out (feature
+#                bench-gate-off) vs the normal build, 4k randread and
+#                randwrite QD16, alternated GATE_ROUNDS times. The gate alone
+#                is measured by `cargo bench --bench gate`.
 #
 # Each swap rewrites the config: backends "a" and "b" are the same tmpfs
 # file (both `shared = true`); the volume has 16 extents of 64 MiB mapped
@@ -55,9 +57,7 @@ QUIET_WAIT=${QUIET_WAIT:-300}       # ...for at most this many seconds per run
 QUIET_BUDGET=${QUIET_BUDGET:-2400}  # ...and this many seconds in all
 OTHERS_MAX_PCT=${OTHERS_MAX_PCT:-10} # redo a run if others used more than this % of the box during it...
 MAX_TRIES=${MAX_TRIES:-3}           # ...at most this many times in all (the last try is kept)
-FOUNDATION=${FOUNDATION:-}          # commit before the gate (default: found in git log)
-OLD_WT=/tmp/nbdvirt-foundation
-OLD_TARGET=${OLD_TARGET:-/tmp/nbdvirt-foundation-target}
+OLD_TARGET=${OLD_TARGET:-/tmp/nbdvirt-gate-off-target}  # part 3: gate-off build
 OUT=${OUT:-$REPO/target/bench-swap}
 
 NCPU=$(nproc)
@@ -67,7 +67,6 @@ WORK=$(mktemp -d /dev/shm/nbdvirt-swap.XXXXXX)
 DISK_STATE=""
 SERVER_PID=""
 BG_PIDS=()
-WORKTREE_ADDED=0
 
 log() { printf '[swap.sh %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -78,9 +77,6 @@ cleanup() {
     [[ -n $SERVER_PID ]] && kill -TERM "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null
     rm -rf "$WORK"
     [[ -n $DISK_STATE ]] && rm -rf "$DISK_STATE"
-    if ((WORKTREE_ADDED)); then
-        git -C "$REPO" worktree remove --force "$OLD_WT" 2>/dev/null || true
-    fi
     return 0
 }
 trap cleanup EXIT
@@ -604,141 +600,13 @@ fi
 
 # ------------------------------------------------------------ part 3: gate
 
-# Microbenchmark of one pass through the gate (nothing held), built against
-# this repository's library in a scratch crate (MICRO_DIR, MICRO_TARGET).
-MICRO_DIR=${MICRO_DIR:-/tmp/nbdvirt-gate-micro}
-MICRO_TARGET=${MICRO_TARGET:-/tmp/nbdvirt-gate-micro-target}
-MICRO_OPS=${MICRO_OPS:-2000000}
-gate_micro() {
-    rm -rf "$MICRO_DIR"
-    mkdir -p "$MICRO_DIR/src"
-    cat >"$MICRO_DIR/Cargo.toml" <<EOT
-[package]
-name = "gate-micro"
-version = "0.0.0"
-edition = "2021"
-publish = false
-[dependencies]
-nbdvirt = { path = "$REPO" }
-[profile.release]
-debug = 1
-[workspace]
-EOT
-    cp "$REPO/Cargo.lock" "$MICRO_DIR/"
-    cat >"$MICRO_DIR/src/main.rs" <<'EOT'
-//! Cost of one pass through the volume gate with nothing held.
-use nbdvirt::map::Range;
-use nbdvirt::volume::{Gate, Ticket};
-use std::hint::black_box;
-use std::sync::mpsc;
-use std::time::Instant;
-
-const SIZE: u64 = 1 << 30;
-
-fn offset(i: u64) -> u64 {
-    (i.wrapping_mul(2654435761) % (SIZE / 4096)) * 4096
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-/// ns per op of `f(n)`, median of `reps` runs.
-fn bench(reps: usize, n: u64, mut f: impl FnMut(u64)) -> (f64, f64) {
-    f(n / 10); // warm up
-    let v: Vec<f64> = (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f(n);
-            t.elapsed().as_nanos() as f64 / n as f64
-        })
-        .collect();
-    let min = v.iter().cloned().fold(f64::MAX, f64::min);
-    (median(v), min)
-}
-
-fn main() {
-    let n: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(2_000_000);
-    let reps = 9;
-    let gate = Gate::new();
-
-    // Same thread: enter (register, fence, hold check, boxed job) + ticket drop.
-    let same = bench(reps, n, |n| {
-        for i in 0..n {
-            gate.enter(Range::new(offset(i), 4096), 3, Box::new(|t: Ticket| drop(black_box(t))));
-        }
-    });
-    // Same thread, without the gate: only a boxed closure call.
-    let same0 = bench(reps, n, |n| {
-        for i in 0..n {
-            let job: Box<dyn FnOnce(u64) + Send> = Box::new(|x| {
-                black_box(x);
-            });
-            job(black_box(i));
-        }
-    });
-
-    // Across threads, as in the server: the reader thread enters and hands
-    // the ticket to another thread (the I/O pool), which drops it.
-    let cross = bench(reps, n, |n| {
-        let (tx, rx) = mpsc::sync_channel::<Ticket>(256);
-        let consumer = std::thread::spawn(move || for t in rx { drop(t) });
-        for i in 0..n {
-            let tx = tx.clone();
-            gate.enter(Range::new(offset(i), 4096), 3, Box::new(move |t| tx.send(t).unwrap()));
-        }
-        drop(tx);
-        consumer.join().unwrap();
-    });
-    // Same hand-off without the gate.
-    let cross0 = bench(reps, n, |n| {
-        let (tx, rx) = mpsc::sync_channel::<u64>(256);
-        let consumer = std::thread::spawn(move || for t in rx { black_box(t); });
-        for i in 0..n {
-            let tx = tx.clone();
-            let job: Box<dyn FnOnce(u64) + Send> = Box::new(move |x| tx.send(x).unwrap());
-            job(offset(i));
-        }
-        drop(tx);
-        consumer.join().unwrap();
-    });
-    println!("case\tmedian_ns\tmin_ns");
-    println!("same_thread_gate\t{:.1}\t{:.1}", same.0, same.1);
-    println!("same_thread_no_gate\t{:.1}\t{:.1}", same0.0, same0.1);
-    println!("cross_thread_gate\t{:.1}\t{:.1}", cross.0, cross.1);
-    println!("cross_thread_no_gate\t{:.1}\t{:.1}", cross0.0, cross0.1);
-}
-EOT
-    (cd "$MICRO_DIR" && CARGO_TARGET_DIR=$MICRO_TARGET cargo build --release --quiet) || die "gate microbenchmark build failed"
-    wait_quiet
-    local b0 b1 w0 w1
-    read -r b0 _ _ < <(box_cpu); w0=$(us_now)
-    "$MICRO_TARGET/release/gate-micro" "$MICRO_OPS" >"$OUT/raw/gate-micro.tsv"
-    read -r b1 _ _ < <(box_cpu); w1=$(us_now)
-    # The benchmark itself uses at most 2 threads; the rest is others.
-    echo "$QUIET $(awk -v a="$b0" -v b="$b1" -v hz="$HZ" -v w0="$w0" -v w1="$w1" -v n="$NCPU" 'BEGIN {printf "%.0f", 100 * (b - a) / hz / (n * (w1 - w0) / 1e6)}')" >"$OUT/raw/gate-micro.load"
-    rm -rf "$MICRO_DIR"
-}
-
 if [[ " $PARTS " == *" gate "* ]]; then
-    if [[ -z $FOUNDATION ]]; then
-        FOUNDATION=$(git -C "$REPO" log --reverse --format='%h %s' | awk '$2 == "nbdvirt" && $3 == "foundation:" {print $1; exit}')
-    fi
-    [[ -n $FOUNDATION ]] || die "no 'nbdvirt foundation' commit found; set FOUNDATION"
-    GATE_COMMIT=$(git -C "$REPO" log --format='%h' --grep='^pause-drain-swap' | tail -1)
-    log "part 3: gate overhead, foundation $FOUNDATION vs current; building the foundation in $OLD_WT"
-    if git -C "$REPO" worktree list --porcelain | grep -qx "worktree $OLD_WT"; then
-        git -C "$REPO" worktree remove --force "$OLD_WT"
-    fi
-    rm -rf "$OLD_WT"
-    git -C "$REPO" worktree add --detach "$OLD_WT" "$FOUNDATION" >/dev/null 2>&1 || die "git worktree add failed"
-    WORKTREE_ADDED=1
-    (cd "$OLD_WT" && CARGO_TARGET_DIR=$OLD_TARGET cargo build --release --quiet) || die "foundation build failed"
+    # "old" = this very tree built with the gate compiled out (cargo feature
+    # bench-gate-off: requests are admitted without registering), so the
+    # difference is the gate and nothing else.
+    log "part 3: gate overhead, this tree with vs without the gate; building the gate-off binary in $OLD_TARGET"
+    (cd "$REPO" && CARGO_TARGET_DIR=$OLD_TARGET cargo build --release --quiet --features bench-gate-off) || die "gate-off build failed"
     OLD_BIN=$OLD_TARGET/release/nbdvirt
-    git -C "$REPO" worktree remove --force "$OLD_WT"
-    WORKTREE_ADDED=0
-    # Same layout, one backend, for both binaries.
     gcfg=$WORK/gate.toml
     config_text 0 "$WORK/state-gate" 0 >"$gcfg"
     : >"$OUT/raw/gate.tsv"
@@ -761,12 +629,10 @@ if [[ " $PARTS " == *" gate "* ]]; then
             stop_server
         done
     done
-    log "part 3: gate microbenchmark ($MICRO_OPS ops x 9)"
-    gate_micro
     {
-        echo "## 3. Gate overhead with nothing paused: foundation \`$FOUNDATION\` (no gate) vs current (gate from \`${GATE_COMMIT:-?}\`)"
+        echo "## 3. Gate overhead with nothing paused: gate compiled out (old, --features bench-gate-off) vs normal build (new), same tree"
         echo
-        echo "fio 4k QD16, ${GATE_RUNTIME}s (+${RAMP}s ramp) per run, same file, same 16-extent layout on one backend, binaries alternated ($GATE_ROUNDS rounds, order flipped every round)."
+        echo "fio 4k QD16, ${GATE_RUNTIME}s (+${RAMP}s ramp) per run, same file, same 16-extent layout on one backend, binaries alternated ($GATE_ROUNDS rounds, order flipped every round). The gate alone: \`cargo bench --bench gate\`."
         echo
         echo "| round | binary | job | IOPS | server cpu s | fio cpu s | box busy s | wall s | server cpu us/IO | others before | others during | try |"
         echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
@@ -785,15 +651,6 @@ if [[ " $PARTS " == *" gate "* ]]; then
                           printf "| %s | %s | %d | %d | %d | %.1f%% | %.2f | %+.1f%% | %s%% |\n", rw, b, m, i[1], i[n], 100 * (i[n] - i[1]) / m, cm, 100 * (m - oldm) / oldm, om }' "$OUT/raw/gate.tsv"
             done
         done
-        echo
-        echo "Microbenchmark of the gate alone (\`Gate::enter\` + ticket drop, nothing held, $MICRO_OPS ops x 9 runs; ns per request; box busy before/during: $(sed 's/ /% \/ /' "$OUT/raw/gate-micro.load")%, during includes the benchmark's own 1-2 threads):"
-        echo
-        echo "| case | median ns/op | min ns/op |"
-        echo "|---|---|---|"
-        tail -n +2 "$OUT/raw/gate-micro.tsv" | awk -F'\t' '{printf "| %s | %s | %s |\n", $1, $2, $3}'
-        echo
-        echo "cross_thread = enter on one thread, ticket dropped on another (reader thread -> I/O pool, as in the server); the *_no_gate rows do the same hand-off without the gate."
-        echo
         echo "Paired by round (old and new run back to back in each round): new/old - 1 per round."
         echo
         echo "| job | median per-round diff (IOPS) | min | max | median per-round diff (server cpu us/IO) | rounds |"

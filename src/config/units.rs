@@ -42,7 +42,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "m" | "min" => n * 60.0,
         other => return Err(format!("'{text}': unknown unit '{other}' (use us, ms, s or m)")),
     };
-    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
         return Err(format!("'{text}' is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))

@@ -18,7 +18,7 @@ mod rate;
 
 pub use checkpoint::{Checkpoint, JobState};
 
-use crate::backend::{Backend, ZeroMode};
+use crate::backend::{AlignedBuf, Backend, ZeroMode};
 use crate::map::{remap, MappingTable, Piece, Range};
 use crate::persist::{now_secs, StateDir, VolumeRecord};
 use crate::volume::{ChunkState, Commit, Mirror, SwapOptions, Translation, Volume};
@@ -287,6 +287,7 @@ impl MigrationJob {
         lower_priority();
         let mut limiter = RateLimiter::new(self.spec.rate);
         let mut known: Option<DataRun> = None;
+        let mut buf = AlignedBuf::zeroed(COPY_IO as usize);
         let mut last_checkpoint = Instant::now();
         for i in 0..self.mirror.chunks() {
             if self.abort.load(Ordering::SeqCst) {
@@ -301,10 +302,13 @@ impl MigrationJob {
                 }
                 return;
             }
+            // Sleep off the rate limit before taking the chunk, never while
+            // it is marked copying (foreground writes to it wait then).
+            limiter.wait_due();
             if !self.mirror.begin_copy(i) {
                 continue; // copied already (resumed), or disabled: checked above next round
             }
-            match self.copy_chunk(i, &mut limiter, &mut known) {
+            match self.copy_chunk(i, &mut limiter, &mut known, buf.as_mut_slice()) {
                 Ok(()) => {
                     self.mirror.end_copy(i, true);
                     self.copied_bytes.fetch_add(self.mirror.chunk_range(i).len(), Ordering::Relaxed);
@@ -355,12 +359,13 @@ impl MigrationJob {
     /// last data run seen ends; only data is remembered (a hole is always
     /// re-checked, since a write may have filled it), and a region trimmed
     /// meanwhile is merely copied as zeros.
-    fn copy_chunk(&self, i: usize, limiter: &mut RateLimiter, known: &mut Option<DataRun>) -> std::io::Result<()> {
+    fn copy_chunk(&self, i: usize, limiter: &mut RateLimiter, known: &mut Option<DataRun>, buf: &mut [u8]) -> std::io::Result<()> {
         let r = self.mirror.chunk_range(i);
         let t = self.volume.translation();
         let generation = t.table().generation();
         let dest = self.mirror.dest();
         let pieces: Vec<Piece> = t.table().pieces(r.start, r.len()).collect();
+        let mut first_slice = true;
         for piece in pieces {
             let mut done = 0u64;
             while done < piece.length {
@@ -387,17 +392,22 @@ impl MigrationJob {
                 } else {
                     // Copy in slices of at most COPY_IO: bounded memory, and
                     // abort/shutdown never wait behind one long rate-limit
-                    // sleep for a whole big chunk.
+                    // sleep for a whole big chunk. Only chunks bigger than
+                    // COPY_IO (not the default) pace inside the chunk.
                     let mut off = 0u64;
                     while off < part.length {
                         if self.abort.load(Ordering::SeqCst) {
                             return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "aborted"));
                         }
                         let slice = sub_piece(&part, off, (part.length - off).min(COPY_IO));
-                        limiter.wait(slice.length);
-                        let mut buf = vec![0u8; slice.length as usize];
-                        t.read(&slice, &mut buf)?;
-                        dest.write_at(&buf, dest_off + off, false)?;
+                        if !first_slice {
+                            limiter.wait_due();
+                        }
+                        first_slice = false;
+                        let buf = &mut buf[..slice.length as usize];
+                        t.read(&slice, buf)?;
+                        dest.write_at(buf, dest_off + off, false)?;
+                        limiter.pay(slice.length);
                         self.data_bytes.fetch_add(slice.length, Ordering::Relaxed);
                         off += slice.length;
                     }

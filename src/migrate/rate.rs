@@ -1,12 +1,20 @@
 //! A pacing rate limiter for the copier.
+//!
+//! Paying and waiting are separate so the copier can sleep *between*
+//! chunks: a sleep while a chunk is marked copying would hold up every
+//! foreground write to that chunk (and with it the connection that sent it)
+//! for the length of the sleep.
 
 use std::time::{Duration, Instant};
 
 pub struct RateLimiter {
     bytes_per_sec: u64,
-    /// When the bytes granted so far are paid for.
+    /// When the bytes paid for so far are due.
     next: Instant,
 }
+
+/// Credit kept for idle time: bursts after a pause stay small.
+const MAX_CREDIT: Duration = Duration::from_millis(100);
 
 impl RateLimiter {
     /// `0` means unlimited.
@@ -14,19 +22,63 @@ impl RateLimiter {
         RateLimiter { bytes_per_sec, next: Instant::now() }
     }
 
-    /// Sleeps as needed so that, on average, no more than the rate passes.
-    pub fn wait(&mut self, bytes: u64) {
+    /// Records `bytes` as transferred.
+    pub fn pay(&mut self, bytes: u64) {
         if self.bytes_per_sec == 0 {
             return;
         }
         let now = Instant::now();
-        // No credit for idle time beyond 100 ms: bursts stay small.
-        if self.next + Duration::from_millis(100) < now {
-            self.next = now - Duration::from_millis(100);
-        }
-        if self.next > now {
-            std::thread::sleep(self.next - now);
+        if self.next + MAX_CREDIT < now {
+            self.next = now - MAX_CREDIT;
         }
         self.next += Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec as f64);
+    }
+
+    /// Sleeps until what was paid is due, so that on average no more than
+    /// the rate passes.
+    pub fn wait_due(&self) {
+        let now = Instant::now();
+        if self.bytes_per_sec != 0 && self.next > now {
+            std::thread::sleep(self.next - now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paces_to_the_rate() {
+        let mut l = RateLimiter::new(100 << 20); // 100 MiB/s
+        let start = Instant::now();
+        for _ in 0..10 {
+            l.wait_due();
+            l.pay(1 << 20);
+        }
+        l.wait_due();
+        // 10 MiB at 100 MiB/s: 100 ms, minus at most the 100 ms idle credit.
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(0) && took < Duration::from_secs(2), "{took:?}");
+        let mut l = RateLimiter::new(10 << 20); // 10 MiB/s
+        let start = Instant::now();
+        for _ in 0..3 {
+            l.wait_due();
+            l.pay(1 << 20);
+        }
+        l.wait_due();
+        // 3 MiB at 10 MiB/s = 300 ms, less up to 100 ms of credit.
+        assert!(start.elapsed() >= Duration::from_millis(190), "{:?}", start.elapsed());
+    }
+
+    #[test]
+    fn unlimited_never_sleeps() {
+        let mut l = RateLimiter::new(0);
+        let start = Instant::now();
+        for _ in 0..1000 {
+            l.pay(1 << 30);
+            l.wait_due();
+        }
+        assert!(start.elapsed() < Duration::from_secs(1));
     }
 }

@@ -7,7 +7,7 @@
 use super::budget::{Budget, Permit};
 use super::buffers::Buffer;
 use super::handshake::Negotiated;
-use super::pool::Pool;
+use super::pool::{Pool, Pools};
 use super::sink::{Reply, ReplySink};
 use super::stream::Stream;
 use crate::backend::ZeroMode;
@@ -40,9 +40,20 @@ struct Ctx {
     structured: bool,
     base_allocation: Option<u32>,
     sink: ReplySink,
-    pool: Arc<Pool>,
+    pools: Arc<Pools>,
     /// Spreads this connection's gate registrations over the gate's shards.
     shard: usize,
+}
+
+impl Ctx {
+    /// The pool for `command` on this volume now (see [`Pools`]).
+    fn pool_for(&self, command: u16) -> &Arc<Pool> {
+        if matches!(command, CMD_READ | CMD_WRITE) && !self.volume.translation().may_block() {
+            &self.pools.cpu
+        } else {
+            &self.pools.blocking
+        }
+    }
 }
 
 /// Read-timeout tick: how often an idle reader looks at the stop flag.
@@ -55,7 +66,7 @@ pub fn serve(
     id: u64,
     stream: Stream,
     negotiated: Negotiated,
-    pool: Arc<Pool>,
+    pools: Arc<Pools>,
     limits: &ConnLimits,
     stopping: &AtomicBool,
 ) -> io::Result<()> {
@@ -67,7 +78,7 @@ pub fn serve(
         structured: negotiated.structured,
         base_allocation: negotiated.base_allocation,
         sink: ReplySink::new(stream.try_clone()?),
-        pool,
+        pools,
         shard: id as usize,
     });
     let budget = Budget::new(limits.max_inflight_bytes, limits.max_inflight_requests);
@@ -260,7 +271,7 @@ fn reader_loop(ctx: &Arc<Ctx>, budget: &Arc<Budget>, reader: &mut Reader<'_>) ->
         let ctx2 = ctx.clone();
         if req.command == CMD_FLUSH {
             // FLUSH has no range and is never held (see Volume::flush).
-            ctx.pool.spawn(move || execute(ctx2, req, data, permit, None));
+            ctx.pools.blocking.spawn(move || execute(ctx2, req, data, permit, None));
             continue;
         }
         // Through the volume's gate: admitted now, or parked behind a pause
@@ -281,12 +292,12 @@ fn reader_loop(ctx: &Arc<Ctx>, budget: &Arc<Budget>, reader: &mut Reader<'_>) ->
                 }
                 execute(ctx2, req, data, permit, Some(ticket))
             }
-            Some(ticket) => ctx.pool.spawn(move || execute(ctx2, req, data, permit, Some(ticket))),
+            Some(ticket) => ctx.pool_for(req.command).spawn(move || execute(ctx2, req, data, permit, Some(ticket))),
             None => ctx.volume.gate().enter(
                 range,
                 ctx.shard,
                 Box::new(move |ticket| {
-                    let pool = ctx2.pool.clone();
+                    let pool = ctx2.pool_for(req.command).clone();
                     pool.spawn(move || execute(ctx2, req, data, permit, Some(ticket)));
                 }),
             ),
@@ -442,7 +453,7 @@ fn execute(ctx: Arc<Ctx>, req: RequestHeader, payload: Bytes, permit: Permit, ti
                 drop(ticket);
                 finish(&ctx, &req, result, permit);
             } else {
-                let pool = ctx.pool.clone();
+                let pool = ctx.pool_for(req.command).clone();
                 let n = route.pieces.len();
                 pool.fan_out(n, work, move |results| {
                     drop(ticket);
@@ -496,7 +507,7 @@ fn read(ctx: Arc<Ctx>, req: RequestHeader, permit: Permit, ticket: Option<Ticket
         return;
     }
     let route: Arc<Route> = Arc::new(route);
-    let pool = ctx.pool.clone();
+    let pool = ctx.pool_for(CMD_READ).clone();
     let n = route.pieces.len();
     let work = {
         let route = route.clone();

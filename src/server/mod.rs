@@ -3,7 +3,7 @@
 //! Threads, not an async runtime, carry the data path: every backend call is
 //! a blocking syscall, and handing each 4 KiB read to a blocking pool from
 //! an event loop costs more than the read itself. One accept thread per
-//! listener, one reader thread per connection, one shared I/O pool.
+//! listener, one reader thread per connection, two shared I/O pools (see `Pools`).
 
 mod budget;
 mod buffers;
@@ -16,7 +16,7 @@ mod stream;
 
 pub use connection::ConnLimits;
 pub use listener::{Endpoint, Listener};
-pub use pool::Pool;
+pub use pool::{Pool, Pools};
 pub use stream::Stream;
 
 use crate::volume::Catalog;
@@ -60,7 +60,7 @@ struct ConnEntry {
 
 struct Shared {
     catalog: ArcSwap<Catalog>,
-    pool: Arc<Pool>,
+    pools: Arc<Pools>,
     stopping: AtomicBool,
     options: ServerOptions,
     connections: Mutex<HashMap<u64, ConnEntry>>,
@@ -91,7 +91,7 @@ impl Server {
         }
         let shared = Arc::new(Shared {
             catalog: ArcSwap::from_pointee(catalog),
-            pool: Arc::new(Pool::new(options.io_threads)),
+            pools: Arc::new(Pools::new(options.io_threads, pool::cpu_threads())),
             stopping: AtomicBool::new(false),
             options,
             connections: Mutex::new(HashMap::new()),
@@ -229,7 +229,7 @@ fn run_connection(id: u64, mut stream: Stream, shared: &Shared) {
         c.export = Some(export.clone());
     }
     tracing::info!(export = %export, structured = negotiated.structured, "client connected");
-    match connection::serve(id, stream, negotiated, shared.pool.clone(), &shared.options.limits, &shared.stopping) {
+    match connection::serve(id, stream, negotiated, shared.pools.clone(), &shared.options.limits, &shared.stopping) {
         Ok(()) => tracing::info!(export = %export, "client disconnected"),
         Err(e) => tracing::info!(export = %export, error = %e, "connection ended"),
     }

@@ -34,11 +34,15 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(threads: usize) -> Pool {
+        Pool::with_name(threads, "nbdvirt-io")
+    }
+
+    pub fn with_name(threads: usize, name: &str) -> Pool {
         let shared = Arc::new(Shared { queue: Mutex::new(Queue::default()), ready: Condvar::new() });
         let threads = (0..threads.max(1))
             .map(|i| {
                 let shared = shared.clone();
-                std::thread::Builder::new().name(format!("nbdvirt-io-{i}")).spawn(move || worker(&shared)).expect("spawn I/O thread")
+                std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || worker(&shared)).expect("spawn I/O thread")
             })
             .collect();
         Pool { shared, threads }
@@ -127,6 +131,31 @@ fn worker(shared: &Shared) {
         q = shared.ready.wait(q).unwrap_or_else(|p| p.into_inner());
         q.idle -= 1;
     }
+}
+
+/// The server's two pools. Stores that may block for long (block devices,
+/// rotational or O_DIRECT stores) need many threads to keep a deep device
+/// queue busy; I/O that is mostly a copy to or from the page cache wants no
+/// more runnable threads than CPUs: on 2 CPUs, 1 MiB reads from a tmpfs
+/// file ran at 0.90x nbdkit with 16 threads and 1.39x with 2 (more threads
+/// only add context switches and cold caches).
+pub struct Pools {
+    /// `server.io_threads` threads: FLUSH, TRIM, WRITE_ZEROES, CACHE, block
+    /// status, and everything on stores that may block.
+    pub blocking: Arc<Pool>,
+    /// One thread per CPU: READ and WRITE to stores that do not block long.
+    pub cpu: Arc<Pool>,
+}
+
+impl Pools {
+    pub fn new(io_threads: usize, cpu_threads: usize) -> Pools {
+        Pools { blocking: Arc::new(Pool::new(io_threads)), cpu: Arc::new(Pool::with_name(cpu_threads, "nbdvirt-cpu")) }
+    }
+}
+
+/// Threads of the CPU pool: one per CPU, at least 2.
+pub fn cpu_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).max(2)
 }
 
 /// Locks a mutex, ignoring poisoning: a panicking job must not take the
