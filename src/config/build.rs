@@ -78,14 +78,15 @@ pub fn build_translation(
 ) -> Result<Translation, ConfigError> {
     let sizes: HashMap<String, u64> = stores.iter().map(|(n, s)| (n.clone(), s.size())).collect();
     validate_stores(&table, &sizes).map_err(|err| {
-        let index = match &err {
-            MapError::OutsideStore { index, .. } | MapError::UnknownStore { index, .. } => *index,
-            _ => 0,
+        let (index, lines, key) = match &err {
+            MapError::OutsideStore { index, .. } => (*index, &v.extent_offset_lines, "backend_offset"),
+            MapError::UnknownStore { index, .. } => (*index, &v.extent_lines, "backend"),
+            _ => (0, &v.extent_lines, "backend"),
         };
         ConfigError {
             file: file.into(),
-            line: v.extent_lines.get(index).copied().or(Some(v.line)),
-            field: Some(format!("volume '{}' extent {index}: backend", v.name)),
+            line: lines.get(index).copied().or(Some(v.line)),
+            field: Some(format!("volume '{}' extent {index}: {key}", v.name)),
             message: format!("generation {}: {err}", table.generation()),
         }
     })?;

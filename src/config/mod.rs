@@ -80,6 +80,8 @@ pub struct VolumeConfig {
     pub line: usize,
     /// Line of each `[[volume.extent]]`, for error messages.
     pub extent_lines: Vec<usize>,
+    /// Line of each extent's `backend_offset` (its header's if absent).
+    pub extent_offset_lines: Vec<usize>,
 }
 
 impl VolumeConfig {

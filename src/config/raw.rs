@@ -86,6 +86,15 @@ struct RawExtent {
     zero: bool,
 }
 
+/// Config lines of one extent's keys (the header's where a key is absent).
+struct ExtentLines {
+    start: usize,
+    length: usize,
+    backend: usize,
+    backend_offset: usize,
+    header: usize,
+}
+
 struct Ctx<'a> {
     text: &'a str,
     file: &'a str,
@@ -346,7 +355,16 @@ fn parse_volumes(ctx: &Ctx<'_>, raw: &[Spanned<RawVolume>], backends: &[BackendC
                 (None, false) => return Err(ctx.err(e, &field("backend"), "missing: give `backend = \"NAME\"` or `zero = true`")),
             };
             next_start = start.saturating_add(length);
-            lines.push(ctx.line(e.span().start));
+            // Where each key of this extent is, so a layout error points at
+            // the offending line rather than the `[[volume.extent]]` header.
+            let at = |s: Option<std::ops::Range<usize>>| ctx.line(s.unwrap_or(e.span()).start);
+            lines.push(ExtentLines {
+                start: at(r.start.as_ref().map(|s| s.span())),
+                length: at(Some(r.length.span())),
+                backend: at(r.backend.as_ref().map(|s| s.span())),
+                backend_offset: at(r.backend_offset.as_ref().map(|s| s.span())),
+                header: at(None),
+            });
             extents.push(Extent { start, length, target });
         }
         let extent_err = |err: MapError| {
@@ -358,7 +376,15 @@ fn parse_volumes(ctx: &Ctx<'_>, raw: &[Spanned<RawVolume>], backends: &[BackendC
                 MapError::UnknownStore { index, .. } | MapError::OutsideStore { index, .. } => (*index, "backend"),
                 _ => (0, "extent"),
             };
-            ctx.err_at(lines[index], Some(format!("volume '{name}' extent {index}: {field}")), err.to_string())
+            let l = &lines[index];
+            let line = match field {
+                "start" => l.start,
+                "length" => l.length,
+                "backend" => l.backend,
+                "backend_offset" => l.backend_offset,
+                _ => l.header,
+            };
+            ctx.err_at(line, Some(format!("volume '{name}' extent {index}: {field}")), err.to_string())
         };
         validate_layout(&extents).map_err(extent_err)?;
         let table = MappingTable::new(0, extents.clone()).map_err(extent_err)?;
@@ -370,7 +396,8 @@ fn parse_volumes(ctx: &Ctx<'_>, raw: &[Spanned<RawVolume>], backends: &[BackendC
             block_size,
             extents,
             line: ctx.line(item.span().start),
-            extent_lines: lines,
+            extent_lines: lines.iter().map(|l| l.header).collect(),
+            extent_offset_lines: lines.iter().map(|l| l.backend_offset).collect(),
         });
     }
     check_exclusive(ctx, &out, backends)?;
@@ -391,7 +418,7 @@ pub(super) fn check_exclusive_tables(
             MapError::Overlap { second, .. } => volumes
                 .iter()
                 .find(|v| v.name == second.0)
-                .map(|v| (Some(v.extent_lines[second.1]), Some(format!("volume '{}' extent {}: backend_offset", second.0, second.1))))
+                .map(|v| (Some(v.extent_offset_lines[second.1]), Some(format!("volume '{}' extent {}: backend_offset", second.0, second.1))))
                 .unwrap_or((None, None)),
             _ => (None, None),
         };
