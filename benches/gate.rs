@@ -5,9 +5,6 @@
 //! * `gate/try_enter_drop`: `Gate::try_enter` + dropping the ticket on the
 //!   same thread, what the inline fast path does for every 4 KiB request
 //!   (register in a shard, SeqCst fence + flag load, unregister).
-//! * `gate/try_enter_drop_4_threads_same_shard`: the same from 4 threads
-//!   sharing one shard (one connection's reader and pool workers), so the
-//!   shard lock is contended; time is per request, over all threads.
 //! * `gate/enter_boxed_job`: `Gate::enter` with a boxed job, the path a
 //!   request takes after `try_enter` was refused (here nothing is held, so
 //!   the job runs at once).
@@ -20,8 +17,6 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use nbdvirt::map::Range;
 use nbdvirt::volume::{Gate, Ticket};
-use std::sync::Arc;
-use std::time::Instant;
 
 fn offset(i: u64) -> u64 {
     (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 34) << 12
@@ -42,24 +37,6 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             i += 1;
             gate.enter(Range::new(offset(i), 4096), 3, Box::new(|t: Ticket| drop(black_box(t))));
-        })
-    });
-    g.bench_function("try_enter_drop_4_threads_same_shard", |b| {
-        b.iter_custom(|iters| {
-            let per = iters.div_ceil(4);
-            let start = Instant::now();
-            std::thread::scope(|s| {
-                for t in 0..4u64 {
-                    let gate: Arc<Gate> = gate.clone();
-                    s.spawn(move || {
-                        for k in 0..per {
-                            let tk = gate.try_enter(Range::new(offset(k * 4 + t), 4096), 3);
-                            drop(black_box(tk));
-                        }
-                    });
-                }
-            });
-            start.elapsed() * (iters as u32) / ((per * 4) as u32).max(1)
         })
     });
     g.finish();
