@@ -222,12 +222,12 @@ fn bad_configs_are_refused_with_file_line_and_field_and_the_old_one_keeps_servin
         ("unknown backend", BASE.replace("backend = \"a\"\nbackend_offset = \"4MiB\"", "backend = \"nope\" # HERE\nbackend_offset = \"4MiB\""), &["volume 'v' extent 1: backend", "no backend named 'nope'"]),
         (
             "overlapping extents",
-            BASE.replace("[[volume.extent]]\nlength = \"4MiB\"\nbackend = \"a\"\nbackend_offset = \"4MiB\"", "[[volume.extent]] # HERE\nstart = \"2MiB\"\nlength = \"6MiB\"\nbackend = \"a\"\nbackend_offset = \"2MiB\""),
+            BASE.replace("[[volume.extent]]\nlength = \"4MiB\"\nbackend = \"a\"\nbackend_offset = \"4MiB\"", "[[volume.extent]]\nstart = \"2MiB\" # HERE\nlength = \"6MiB\"\nbackend = \"a\"\nbackend_offset = \"2MiB\""),
             &["volume 'v' extent 1: start", "overlap"],
         ),
         (
             "two volumes on one unshared range",
-            format!("{BASE}\n[[volume]]\nname = \"w\"\n[[volume.extent]] # HERE\nlength = \"1MiB\"\nbackend = \"a\"\nbackend_offset = \"1MiB\"\n"),
+            format!("{BASE}\n[[volume]]\nname = \"w\"\n[[volume.extent]]\nlength = \"1MiB\"\nbackend = \"a\"\nbackend_offset = \"1MiB\" # HERE\n"),
             &["volume 'w' extent 0: backend_offset", "shared = true"],
         ),
     ];
