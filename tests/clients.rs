@@ -132,7 +132,7 @@ fn qemu_io_writes_across_the_extent_boundary_land_at_mapped_backend_offsets() {
     let out = server.path("readback.bin");
     nbdsh(&uri, &format!("open({:?}, 'wb').write(h.pread(16384, {}))", out.display().to_string(), boundary - 8192));
     assert_eq!(std::fs::read(&out).unwrap(), expect);
-    qemu_io(&uri, &[&format!("read -P 0x11 0 4096"), &format!("read -P 0x22 {} 4096", 64 * MIB - 4096)]);
+    qemu_io(&uri, &["read -P 0x11 0 4096", &format!("read -P 0x22 {} 4096", 64 * MIB - 4096)]);
 }
 
 /// 64 MiB: 1 MiB chunks alternating pseudo-random data, an unwritten hole,

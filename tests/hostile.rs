@@ -439,7 +439,7 @@ fn write_header_claiming_4_gib_then_hangup() {
     for tail in [0usize, 1, 4096, 1 << 20] {
         let mut s = go(&server);
         let mut m = header(0, CMD_WRITE, 1, 0, u32::MAX).to_vec();
-        m.extend(std::iter::repeat(0xAB).take(tail));
+        m.extend(std::iter::repeat_n(0xAB, tail));
         s.write_all(&m).unwrap();
         if tail % 2 == 0 {
             drop(s);

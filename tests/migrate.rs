@@ -269,7 +269,9 @@ fn migration_under_fio_verify_load_then_source_is_irrelevant() {
     let passes_done = Arc::new(AtomicUsize::new(0));
     let loader = {
         let (stop, passes_done, uri, dir) = (stop.clone(), passes_done.clone(), uri.clone(), work.path().to_path_buf());
-        std::thread::spawn(move || -> Result<(u64, Vec<(u64, Instant, Instant)>), String> {
+        // (passes, [(pass, started, finished)])
+        type Passes = (u64, Vec<(u64, Instant, Instant)>);
+        std::thread::spawn(move || -> Result<Passes, String> {
             let mut passes = Vec::new();
             let mut seed = 2000;
             while !stop.load(Ordering::SeqCst) {

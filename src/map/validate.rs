@@ -85,7 +85,8 @@ pub fn validate_exclusive<'a>(
     is_shared: impl Fn(&str) -> bool,
 ) -> Result<(), MapError> {
     // (offset, end, owner) per store, sorted, then adjacent pairs compared.
-    let mut by_store: HashMap<&str, Vec<(u64, u64, (String, usize))>> = HashMap::new();
+    type Owner = (String, usize); // (volume, extent index)
+    let mut by_store: HashMap<&str, Vec<(u64, u64, Owner)>> = HashMap::new();
     for (volume, table) in tables {
         for (index, e) in table.extents().iter().enumerate() {
             if let Target::Store { store, offset } = &e.target {

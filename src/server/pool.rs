@@ -70,11 +70,12 @@ impl Pool {
         W: Fn(usize) -> R + Send + Sync + 'static,
         F: FnOnce(Vec<R>) + Send + 'static,
     {
+        type Finish<R> = Box<dyn FnOnce(Vec<R>) + Send>;
         struct State<R, W> {
             work: W,
             remaining: AtomicUsize,
             results: Mutex<Vec<Option<R>>>,
-            finish: Mutex<Option<Box<dyn FnOnce(Vec<R>) + Send>>>,
+            finish: Mutex<Option<Finish<R>>>,
         }
         fn run<R, W: Fn(usize) -> R>(state: &State<R, W>, i: usize) {
             let r = (state.work)(i);

@@ -161,7 +161,7 @@ impl Mirror {
             }
             copied
         };
-        let result = source().and_then(|()| {
+        let result = source().map(|()| {
             for i in &copied {
                 if self.is_disabled() {
                     break;
@@ -175,7 +175,6 @@ impl Mirror {
                     break;
                 }
             }
-            Ok(())
         });
         let mut c = lock(&self.chunks);
         for i in idx {
