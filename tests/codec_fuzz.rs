@@ -44,50 +44,41 @@ fn text(n: usize) -> impl Strategy<Value = String> {
     vec(any::<char>(), 0..=n).prop_map(|c| c.into_iter().collect())
 }
 
+/// One small corruption of a valid payload, chosen by `how`: overwrite a
+/// 32-bit field-sized window with `word`, set one byte, truncate, or append.
+fn perturb(mut d: Vec<u8>, word: u32, at: usize, byte: u8, how: usize) -> Vec<u8> {
+    match how {
+        0 => {
+            let at = at % d.len().saturating_sub(3).max(1);
+            if d.len() >= at + 4 {
+                d[at..at + 4].copy_from_slice(&word.to_be_bytes());
+            }
+        }
+        1 => {
+            let at = at % d.len();
+            d[at] = byte;
+        }
+        2 => d.truncate(at % (d.len() + 1)),
+        _ => d.push(byte),
+    }
+    d
+}
+
 /// Bytes that are mostly close to a valid meta-context payload: a real
 /// structure with lengths and counts perturbed, to get past the first check.
 fn near_meta() -> impl Strategy<Value = Vec<u8>> {
     (text(20), vec(text(20), 0..6), any::<u32>(), 0usize..64, any::<u8>(), 0usize..4).prop_map(|(name, queries, word, at, byte, how)| {
         let q: Vec<Vec<u8>> = queries.into_iter().map(String::into_bytes).collect();
-        let mut d = meta_bytes(name.as_bytes(), &q);
-        match how {
-            0 => {
-                // overwrite a 32-bit field-sized window with an arbitrary word
-                let at = at % d.len().saturating_sub(3).max(1);
-                if d.len() >= at + 4 {
-                    d[at..at + 4].copy_from_slice(&word.to_be_bytes());
-                }
-            }
-            1 => {
-                let at = at % d.len();
-                d[at] = byte;
-            }
-            2 => d.truncate(at % (d.len() + 1)),
-            _ => d.push(byte),
-        }
-        d
+        let d = meta_bytes(name.as_bytes(), &q);
+        perturb(d, word, at, byte, how)
     })
 }
 
 /// Same for INFO/GO payloads.
 fn near_info() -> impl Strategy<Value = Vec<u8>> {
     (text(20), vec(any::<u16>(), 0..8), any::<u32>(), 0usize..64, any::<u8>(), 0usize..4).prop_map(|(name, reqs, word, at, byte, how)| {
-        let mut d = info_bytes(name.as_bytes(), &reqs);
-        match how {
-            0 => {
-                let at = at % d.len().saturating_sub(3).max(1);
-                if d.len() >= at + 4 {
-                    d[at..at + 4].copy_from_slice(&word.to_be_bytes());
-                }
-            }
-            1 => {
-                let at = at % d.len();
-                d[at] = byte;
-            }
-            2 => d.truncate(at % (d.len() + 1)),
-            _ => d.push(byte),
-        }
-        d
+        let d = info_bytes(name.as_bytes(), &reqs);
+        perturb(d, word, at, byte, how)
     })
 }
 

@@ -49,6 +49,7 @@
 //! Extra helpers for such scripts: `check_dmesg_allowing ERE` (expected
 //! kernel messages, e.g. a dead link), `jq_assert FILE FILTER MSG` (with
 //! `.tool("jq")`), `count_lines FILE`.
+mod common;
 #[path = "kernel/harness.rs"]
 mod harness;
 

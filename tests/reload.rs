@@ -261,39 +261,6 @@ fn bad_configs_are_refused_with_file_line_and_field_and_the_old_one_keeps_servin
 
 // -------------------------------------------------------------- 4. SIGHUP
 
-const SHARED: &str = r#"[[backend]]
-name = "a"
-path = "{dir}/data.img"
-size = "8MiB"
-shared = true
-
-[[backend]]
-name = "b"
-path = "{dir}/data.img"
-size = "8MiB"
-shared = true
-
-[[volume]]
-name = "v"
-[[volume.extent]]
-length = "4MiB"
-backend = "a"
-backend_offset = 0
-[[volume.extent]]
-length = "4MiB"
-backend = "a"
-backend_offset = "4MiB"
-"#;
-
-/// `SHARED` re-cut at `cut` with the first part through `first`.
-fn recut(cut: u64, first: &str) -> String {
-    let head = SHARED.split("[[volume.extent]]").next().unwrap();
-    format!(
-        "{head}[[volume.extent]]\nlength = {cut}\nbackend = \"{first}\"\nbackend_offset = 0\n[[volume.extent]]\nlength = {}\nbackend = \"a\"\nbackend_offset = {cut}\n",
-        8 * MIB - cut
-    )
-}
-
 #[test]
 fn sighup_reloads_the_config() {
     let server = start(SHARED);

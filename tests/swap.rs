@@ -485,54 +485,11 @@ print('written', flush=True)
 
 // ------------------------------------------------ 5. kill -9 at each phase
 
-const CRASH_OLD: &str = r#"[[backend]]
-name = "a"
-path = "{dir}/data.img"
-size = "8MiB"
-shared = true
-
-[[backend]]
-name = "b"
-path = "{dir}/data.img"
-size = "8MiB"
-shared = true
-
-[[volume]]
-name = "v"
-[[volume.extent]]
-length = "4MiB"
-backend = "a"
-backend_offset = 0
-[[volume.extent]]
-length = "4MiB"
-backend = "a"
-backend_offset = "4MiB"
-"#;
-
-/// Same bytes, different cut and names: [0,2MiB) through `b`.
-const CRASH_NEW: &str = r#"[[backend]]
-name = "a"
-path = "{dir}/data.img"
-size = "8MiB"
-shared = true
-
-[[backend]]
-name = "b"
-path = "{dir}/data.img"
-size = "8MiB"
-shared = true
-
-[[volume]]
-name = "v"
-[[volume.extent]]
-length = "2MiB"
-backend = "b"
-backend_offset = 0
-[[volume.extent]]
-length = "6MiB"
-backend = "a"
-backend_offset = "2MiB"
-"#;
+/// Before: `SHARED`, [0,8MiB) through `a` in two extents. After: the same
+/// bytes cut differently, [0,2MiB) through `b`.
+fn crash_new() -> String {
+    recut(2 * MIB, "b")
+}
 
 /// Starts the server like `TestServer::spawn`, with the crash hook armed.
 fn spawn_crashing(server: &mut TestServer, phase: &str) {
@@ -564,7 +521,7 @@ fn persisted_generation(server: &TestServer) -> u64 {
 
 fn crash_during_swap(phase: &str) {
     use std::os::unix::process::ExitStatusExt;
-    let mut server = start(CRASH_OLD);
+    let mut server = start(SHARED);
     assert_eq!(generation(&server, "v"), 1);
     server.kill();
     spawn_crashing(&mut server, phase);
@@ -575,7 +532,7 @@ fn crash_during_swap(phase: &str) {
     let offset = MIB + 512 * KIB;
     nbdsh_run(&uri, &format!("h.pwrite(open('{dp}', 'rb').read(), {offset})\nh.flush()\n"));
 
-    rewrite_config(&server, CRASH_NEW);
+    rewrite_config(&server, &crash_new());
     let err = cli_err(&server, &["reload"]);
     let mut child = server.child.take().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -610,13 +567,13 @@ fn crash_during_swap(phase: &str) {
     } else {
         // Nothing was committed: with the config put back, the restart
         // serves generation 1 and the crashed swap left no trace...
-        rewrite_config(&server, CRASH_OLD);
+        rewrite_config(&server, SHARED);
         respawn(&mut server);
         let v = vol(&server, "v");
         assert_eq!(v["generation"], 1, "restart after a crash at {phase}: {v}");
         assert_eq!(extents_of(&v), old_extents);
         assert_eq!(history_generations(&server, "v"), vec![1]);
-        rewrite_config(&server, CRASH_NEW);
+        rewrite_config(&server, &crash_new());
         if phase == "stage" {
             // ...the reload can be redone (over the leftover prepared file)...
             let report = json(&cli_ok(&server, &["reload", "--json"]));

@@ -162,3 +162,39 @@ pub fn data_file(server: &TestServer, name: &str, data: &[u8]) -> String {
     std::fs::write(&p, data).unwrap();
     p.display().to_string()
 }
+
+/// One 8 MiB file under two backend names (`a`, `b`, both `shared`), and a
+/// volume `v` cut 4+4 MiB through `a`: re-cutting it (`recut`) changes the
+/// table while every byte stays where it is.
+pub const SHARED: &str = r#"[[backend]]
+name = "a"
+path = "{dir}/data.img"
+size = "8MiB"
+shared = true
+
+[[backend]]
+name = "b"
+path = "{dir}/data.img"
+size = "8MiB"
+shared = true
+
+[[volume]]
+name = "v"
+[[volume.extent]]
+length = "4MiB"
+backend = "a"
+backend_offset = 0
+[[volume.extent]]
+length = "4MiB"
+backend = "a"
+backend_offset = "4MiB"
+"#;
+
+/// `SHARED` re-cut at `cut` with the first part through `first`.
+pub fn recut(cut: u64, first: &str) -> String {
+    let head = SHARED.split("[[volume.extent]]").next().unwrap();
+    format!(
+        "{head}[[volume.extent]]\nlength = {cut}\nbackend = \"{first}\"\nbackend_offset = 0\n[[volume.extent]]\nlength = {}\nbackend = \"a\"\nbackend_offset = {cut}\n",
+        (8 << 20) - cut
+    )
+}

@@ -30,10 +30,16 @@ pub fn debian_path() -> String {
 
 /// Runs a command with a time limit; panics (with its output) on timeout.
 pub fn run_timeout(cmd: &mut Command, limit: Duration) -> Output {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    try_run_timeout(cmd, limit).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs a command with a time limit, its output captured; Err (with what
+/// it printed) if it cannot start or times out.
+pub fn try_run_timeout(cmd: &mut Command, limit: Duration) -> Result<Output, String> {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
     // Drain pipes on threads so a chatty child cannot block.
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
     let to = std::thread::spawn(move || {
         let mut v = Vec::new();
         let _ = out.read_to_end(&mut v);
@@ -46,23 +52,23 @@ pub fn run_timeout(cmd: &mut Command, limit: Duration) -> Output {
     });
     let deadline = Instant::now() + limit;
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.try_wait().map_err(|e| format!("waiting for {cmd:?}: {e}"))? {
             break status;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            let stdout = to.join().unwrap();
-            let stderr = te.join().unwrap();
-            panic!(
+            let stdout = to.join().unwrap_or_default();
+            let stderr = te.join().unwrap_or_default();
+            return Err(format!(
                 "{cmd:?} timed out after {limit:?}\nstdout:\n{}\nstderr:\n{}",
                 String::from_utf8_lossy(&stdout),
                 String::from_utf8_lossy(&stderr)
-            );
+            ));
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    Output { status, stdout: to.join().unwrap(), stderr: te.join().unwrap() }
+    Ok(Output { status, stdout: to.join().unwrap_or_default(), stderr: te.join().unwrap_or_default() })
 }
 
 /// Runs a command and asserts success, returning stdout as text.

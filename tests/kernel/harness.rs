@@ -58,35 +58,9 @@ const HOST_TOOLS: &[(&str, &str)] =
 // ---------------------------------------------------------------------------
 // Small process helpers
 
+/// `common::try_run_timeout` with stdin closed (no tool may wait on ours).
 fn run_capture(cmd: &mut Command, limit: Duration) -> Result<Output, String> {
-    let shown = format!("{cmd:?}");
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| format!("cannot run {shown}: {e}"))?;
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let to = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let te = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let stderr = te.join().unwrap_or_default();
-            return Err(format!("{shown} timed out after {limit:?}: {}", String::from_utf8_lossy(&stderr)));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Ok(Output { status, stdout: to.join().unwrap_or_default(), stderr: te.join().unwrap_or_default() })
+    crate::common::try_run_timeout(cmd.stdin(Stdio::null()), limit)
 }
 
 /// Runs a command; Ok(stdout) on success, Err with its output otherwise.
