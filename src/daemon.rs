@@ -13,12 +13,10 @@ use crate::volume::{Catalog, HoldId, SwapOptions, SwapPhase, Volume};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::sync::lock;
 
 /// A migration known to the daemon: running in this process, or finished
 /// (known from its checkpoint).
@@ -216,10 +214,10 @@ fn options(config: &Config) -> ServerOptions {
     ServerOptions {
         io_threads: s.io_threads,
         max_connections: s.max_connections,
-        handshake_timeout: Duration::from_secs(30),
+        handshake_timeout: crate::defaults::HANDSHAKE_TIMEOUT,
         limits: ConnLimits {
             max_inflight_bytes: s.max_inflight,
-            max_inflight_requests: 1024,
+            max_inflight_requests: crate::defaults::MAX_INFLIGHT_REQUESTS,
             shutdown_grace: s.shutdown_grace,
             busy_poll: s.busy_poll,
         },
@@ -230,7 +228,7 @@ fn swap_options(config: &Config, crash_at: Option<SwapPhase>) -> SwapOptions {
     SwapOptions {
         pause_timeout: config.server.pause_timeout,
         retries: config.server.pause_retries,
-        backoff: Duration::from_millis(200),
+        backoff: crate::defaults::SWAP_BACKOFF,
         crash_at,
     }
 }
@@ -352,7 +350,7 @@ impl Daemon {
         lock(&self.server).start();
     }
 
-    pub fn endpoints(&self) -> Vec<crate::server::Endpoint> {
+    pub fn endpoints(&self) -> Vec<crate::endpoint::Endpoint> {
         lock(&self.server).endpoints()
     }
 

@@ -394,7 +394,7 @@ fn attach(
     json: bool,
 ) -> Result<(), String> {
     use nbdvirt::attach::{self, AttachOptions};
-    use nbdvirt::server::Endpoint;
+    use nbdvirt::endpoint::Endpoint;
     let endpoint: Endpoint = match connect {
         Some(c) => c.parse().map_err(|e| format!("--connect: {e}"))?,
         None => {

@@ -3,7 +3,7 @@
 //! does not speak structured replies).
 
 use crate::nbd::*;
-use crate::server::Endpoint;
+use crate::endpoint::Endpoint;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::OwnedFd;

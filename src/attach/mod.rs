@@ -12,7 +12,7 @@ mod ioctl;
 pub mod netlink;
 
 use crate::nbd::TFLAG_CAN_MULTI_CONN;
-use crate::server::Endpoint;
+use crate::endpoint::Endpoint;
 use netlink::*;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};

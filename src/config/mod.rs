@@ -11,7 +11,7 @@ pub use units::{parse_duration, parse_size};
 
 use crate::backend::BackendSpec;
 use crate::map::{Extent, MappingTable};
-use crate::server::Endpoint;
+use crate::endpoint::Endpoint;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -140,7 +140,7 @@ pub fn control_socket_of(path: &Path) -> Option<PathBuf> {
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let control = match server.get("control").and_then(|c| c.as_str()) {
         Some(c) => PathBuf::from(c),
-        None => PathBuf::from(server.get("state_dir").and_then(|d| d.as_str()).unwrap_or("/var/lib/nbdvirt")).join("control.sock"),
+        None => PathBuf::from(server.get("state_dir").and_then(|d| d.as_str()).unwrap_or(crate::defaults::STATE_DIR)).join(crate::defaults::CONTROL_SOCKET),
     };
     Some(if control.is_absolute() { control } else { base.join(control) })
 }

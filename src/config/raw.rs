@@ -5,7 +5,8 @@ use super::units::{parse_duration, parse_size};
 use super::{BackendConfig, Config, ConfigError, ServerConfig, VolumeConfig};
 use crate::backend::BackendSpec;
 use crate::map::{validate_alignment, validate_exclusive, validate_layout, Extent, MapError, MappingTable, Target};
-use crate::server::Endpoint;
+use crate::defaults;
+use crate::endpoint::Endpoint;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -194,23 +195,23 @@ fn parse_server(ctx: &Ctx<'_>, raw: Option<&Spanned<RawServer>>) -> Result<Serve
     let s = raw.map_or(&empty, |s| s.get_ref());
     let mut listen = Vec::new();
     for item in s.listen.iter().flatten() {
-        let endpoint: Endpoint = item.get_ref().parse().map_err(|m: String| ctx.err(item, "server.listen", m))?;
+        let endpoint: Endpoint = item.get_ref().parse().map_err(|m: crate::endpoint::EndpointError| ctx.err(item, "server.listen", m.to_string()))?;
         listen.push(match endpoint {
             Endpoint::Unix(p) => Endpoint::Unix(ctx.path(&p.to_string_lossy())),
             other => other,
         });
     }
     if s.listen.is_none() {
-        listen.push(Endpoint::Tcp("127.0.0.1:10809".into()));
+        listen.push(defaults::LISTEN.parse().expect("the default endpoint parses"));
     }
     if listen.is_empty() {
         let line = raw.map(|r| ctx.line(r.span().start)).unwrap_or(1);
         return Err(ctx.err_at(line, Some("server.listen".into()), "at least one endpoint is needed"));
     }
-    let state_dir = ctx.path(s.state_dir.as_ref().map_or("/var/lib/nbdvirt", |d| d.get_ref()));
-    let control = s.control.as_ref().map_or_else(|| state_dir.join("control.sock"), |c| ctx.path(c.get_ref()));
+    let state_dir = ctx.path(s.state_dir.as_ref().map_or(defaults::STATE_DIR, |d| d.get_ref()));
+    let control = s.control.as_ref().map_or_else(|| state_dir.join(defaults::CONTROL_SOCKET), |c| ctx.path(c.get_ref()));
     let max_inflight = match &s.max_inflight {
-        None => 64 << 20,
+        None => defaults::MAX_INFLIGHT_BYTES,
         Some(q) => {
             let v = ctx.size(q, "server.max_inflight")?;
             if v < crate::nbd::MAX_PAYLOAD as u64 {
@@ -220,28 +221,28 @@ fn parse_server(ctx: &Ctx<'_>, raw: Option<&Spanned<RawServer>>) -> Result<Serve
         }
     };
     let shutdown_grace = match &s.shutdown_grace {
-        None => std::time::Duration::from_secs(2),
+        None => defaults::SHUTDOWN_GRACE,
         Some(q) => ctx.duration(q, "server.shutdown_grace")?,
     };
     let pause_timeout = match &s.pause_timeout {
-        None => std::time::Duration::from_secs(5),
+        None => defaults::PAUSE_TIMEOUT,
         Some(q) => {
             let d = ctx.duration(q, "server.pause_timeout")?;
             // The Linux NBD client fails a request after 30 s; a pause must
             // end well before that.
-            if d.is_zero() || d > std::time::Duration::from_secs(20) {
+            if d.is_zero() || d > defaults::PAUSE_TIMEOUT_MAX {
                 return Err(ctx.err(q, "server.pause_timeout", format!("{d:?} must be above 0 and at most 20s (Linux NBD requests time out at 30s)")));
             }
             d
         }
     };
     let pause_retries = match &s.pause_retries {
-        None => 3,
+        None => defaults::PAUSE_RETRIES,
         Some(n) if (0..=100).contains(n.get_ref()) => *n.get_ref() as u32,
         Some(n) => return Err(ctx.err(n, "server.pause_retries", format!("{} is out of range 0..=100", n.get_ref()))),
     };
     let busy_poll = match &s.busy_poll {
-        None => std::time::Duration::from_micros(50),
+        None => defaults::BUSY_POLL,
         Some(q) => {
             let d = ctx.duration(q, "server.busy_poll")?;
             if d > std::time::Duration::from_millis(1) {
@@ -257,8 +258,8 @@ fn parse_server(ctx: &Ctx<'_>, raw: Option<&Spanned<RawServer>>) -> Result<Serve
         listen,
         control,
         state_dir,
-        io_threads: ctx.count(&s.io_threads, "server.io_threads", 16, 1024)?,
-        max_connections: ctx.count(&s.max_connections, "server.max_connections", 256, 65536)?,
+        io_threads: ctx.count(&s.io_threads, "server.io_threads", defaults::IO_THREADS, 1024)?,
+        max_connections: ctx.count(&s.max_connections, "server.max_connections", defaults::MAX_CONNECTIONS, 65536)?,
         max_inflight,
         shutdown_grace,
         default_export: s.default_export.as_ref().map(|d| d.get_ref().clone()),

@@ -108,7 +108,7 @@ pub fn handle(daemon: &Arc<Daemon>, request: Request) -> Response {
         },
         Request::Pause { volume, range, timeout_ms } => {
             let range = range.map(|r| Range::new(r.start, r.length));
-            let timeout = Duration::from_millis(timeout_ms.unwrap_or(30_000));
+            let timeout = timeout_ms.map_or(crate::defaults::MANUAL_PAUSE, Duration::from_millis);
             match daemon.pause(&volume, range, timeout) {
                 Ok(msg) => Response::ok(msg),
                 Err(e) => Response::err(e),

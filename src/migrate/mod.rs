@@ -515,9 +515,7 @@ impl Commit for CutoverCommit<'_> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::sync::lock;
 
 /// Foreground I/O keeps priority: the copier thread runs at nice 10 and
 /// in the lowest best-effort I/O priority.

@@ -4,7 +4,7 @@
 //! client that floods requests or never reads replies stops being read
 //! (TCP backpressure) instead of making the server grow.
 
-use super::pool::lock;
+use crate::sync::lock;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -40,7 +40,7 @@ impl Budget {
         let mut usage = lock(&self.usage);
         while usage.requests > 0 && (usage.bytes + cost > self.max_bytes || usage.requests >= self.max_requests) {
             usage.waiters += 1;
-            usage = self.changed.wait(usage).unwrap_or_else(|p| p.into_inner());
+            usage = crate::sync::wait(&self.changed, usage);
             usage.waiters -= 1;
         }
         usage.bytes += cost;

@@ -44,10 +44,7 @@ fn class_of(len: usize) -> Option<usize> {
     (shift <= MAX_SHIFT).then(|| (shift - MIN_SHIFT) as usize)
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The pool's state stays valid even if a holder panicked (push/pop only).
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::sync::lock;
 
 /// A page-aligned buffer of `len` bytes whose contents are unspecified
 /// (possibly another request's data) until the caller fills it. Returns to

@@ -1,48 +1,13 @@
 //! Listening endpoints: `unix:PATH` and `tcp:HOST:PORT`.
 
 use super::stream::Stream;
-use std::fmt;
+use crate::endpoint::Endpoint;
 use std::io;
 use std::net::{TcpListener, ToSocketAddrs};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Endpoint {
-    Unix(PathBuf),
-    Tcp(String),
-}
-
-impl FromStr for Endpoint {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            if path.is_empty() {
-                return Err(format!("'{s}': empty socket path"));
-            }
-            Ok(Endpoint::Unix(PathBuf::from(path)))
-        } else if let Some(addr) = s.strip_prefix("tcp:") {
-            if !addr.contains(':') {
-                return Err(format!("'{s}': expected tcp:HOST:PORT"));
-            }
-            Ok(Endpoint::Tcp(addr.to_string()))
-        } else {
-            Err(format!("'{s}': expected unix:PATH or tcp:HOST:PORT"))
-        }
-    }
-}
-
-impl fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
-            Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
-        }
-    }
-}
 
 #[derive(Debug)]
 pub enum Listener {
@@ -137,20 +102,5 @@ impl Drop for Listener {
         if let Listener::Unix(_, path) = self {
             let _ = std::fs::remove_file(path);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parse_endpoints() {
-        assert_eq!("unix:/run/x.sock".parse::<Endpoint>(), Ok(Endpoint::Unix("/run/x.sock".into())));
-        assert_eq!("tcp:127.0.0.1:10809".parse::<Endpoint>(), Ok(Endpoint::Tcp("127.0.0.1:10809".into())));
-        assert_eq!("tcp:[::1]:10809".parse::<Endpoint>(), Ok(Endpoint::Tcp("[::1]:10809".into())));
-        assert!("udp:1.2.3.4:5".parse::<Endpoint>().is_err());
-        assert!("tcp:localhost".parse::<Endpoint>().is_err());
-        assert!("unix:".parse::<Endpoint>().is_err());
     }
 }

@@ -15,10 +15,13 @@ mod sink;
 mod stream;
 
 pub use connection::ConnLimits;
-pub use listener::{Endpoint, Listener};
+use crate::endpoint::Endpoint;
+pub use listener::Listener;
 pub use pool::{Pool, Pools};
 pub use stream::Stream;
 
+use crate::defaults;
+use crate::sync::lock;
 use crate::volume::Catalog;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
@@ -38,14 +41,14 @@ pub struct ServerOptions {
 impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
-            io_threads: 16,
-            max_connections: 256,
-            handshake_timeout: Duration::from_secs(30),
+            io_threads: defaults::IO_THREADS,
+            max_connections: defaults::MAX_CONNECTIONS,
+            handshake_timeout: defaults::HANDSHAKE_TIMEOUT,
             limits: ConnLimits {
-                max_inflight_bytes: 64 * 1024 * 1024,
-                max_inflight_requests: 1024,
-                shutdown_grace: Duration::from_secs(2),
-                busy_poll: Duration::from_micros(50),
+                max_inflight_bytes: defaults::MAX_INFLIGHT_BYTES,
+                max_inflight_requests: defaults::MAX_INFLIGHT_REQUESTS,
+                shutdown_grace: defaults::SHUTDOWN_GRACE,
+                busy_poll: defaults::BUSY_POLL,
             },
         }
     }
@@ -110,7 +113,7 @@ impl Server {
     }
 
     pub fn connections(&self) -> Vec<ConnectionInfo> {
-        let conns = pool::lock(&self.shared.connections);
+        let conns = lock(&self.shared.connections);
         let mut list: Vec<_> =
             conns.iter().map(|(id, c)| ConnectionInfo { id: *id, peer: c.peer.clone(), export: c.export.clone() }).collect();
         list.sort_by_key(|c| c.id);
@@ -125,7 +128,7 @@ impl Server {
 
     /// Closes every connection to `export`; returns how many.
     pub fn disconnect_export(&self, export: &str) -> usize {
-        let conns = pool::lock(&self.shared.connections);
+        let conns = lock(&self.shared.connections);
         let mut n = 0;
         for c in conns.values().filter(|c| c.export.as_deref() == Some(export)) {
             c.socket.shutdown();
@@ -158,10 +161,10 @@ impl Server {
         self.listeners.clear();
         let grace = self.shared.options.limits.shutdown_grace;
         let deadline = Instant::now() + grace + Duration::from_secs(30);
-        while !pool::lock(&self.shared.connections).is_empty() {
+        while !lock(&self.shared.connections).is_empty() {
             if Instant::now() >= deadline {
                 tracing::warn!("connections still open after the grace period; closing them");
-                for c in pool::lock(&self.shared.connections).values() {
+                for c in lock(&self.shared.connections).values() {
                     c.socket.shutdown();
                 }
                 std::thread::sleep(Duration::from_millis(200));
@@ -179,25 +182,25 @@ fn accept_loop(listener: &Listener, shared: &Arc<Shared>) {
     while !shared.stopping.load(Ordering::Relaxed) {
         match listener.accept_timeout(Duration::from_millis(200)) {
             Ok(Some(stream)) => {
-                let active = pool::lock(&shared.connections).len();
+                let active = lock(&shared.connections).len();
                 if active >= shared.options.max_connections {
                     tracing::warn!(peer = %stream.peer(), active, "too many connections; refusing");
                     continue;
                 }
                 let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
                 let Ok(socket) = stream.try_clone() else { continue };
-                pool::lock(&shared.connections).insert(id, ConnEntry { peer: stream.peer(), export: None, socket });
+                lock(&shared.connections).insert(id, ConnEntry { peer: stream.peer(), export: None, socket });
                 let shared = shared.clone();
                 let spawned = std::thread::Builder::new().name(format!("nbdvirt-conn-{id}")).spawn({
                     let shared = shared.clone();
                     move || {
                         run_connection(id, stream, &shared);
-                        pool::lock(&shared.connections).remove(&id);
+                        lock(&shared.connections).remove(&id);
                     }
                 });
                 if let Err(e) = spawned {
                     tracing::error!(error = %e, "cannot start connection thread");
-                    pool::lock(&shared.connections).remove(&id);
+                    lock(&shared.connections).remove(&id);
                 }
             }
             Ok(None) => {}
@@ -225,7 +228,7 @@ fn run_connection(id: u64, mut stream: Stream, shared: &Shared) {
     };
     drop(catalog);
     let export = negotiated.volume.name().to_string();
-    if let Some(c) = pool::lock(&shared.connections).get_mut(&id) {
+    if let Some(c) = lock(&shared.connections).get_mut(&id) {
         c.export = Some(export.clone());
     }
     tracing::info!(export = %export, structured = negotiated.structured, "client connected");

@@ -129,7 +129,7 @@ fn worker(shared: &Shared) {
             return;
         }
         q.idle += 1;
-        q = shared.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+        q = crate::sync::wait(&shared.ready, q);
         q.idle -= 1;
     }
 }
@@ -161,9 +161,7 @@ pub fn cpu_threads() -> usize {
 
 /// Locks a mutex, ignoring poisoning: a panicking job must not take the
 /// whole connection or pool down with it.
-pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+pub use crate::sync::lock;
 
 #[cfg(test)]
 mod tests {

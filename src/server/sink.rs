@@ -9,7 +9,7 @@
 //! syscall and one client wake-up per 4 KiB request.
 
 use super::budget::Permit;
-use super::pool::lock;
+use crate::sync::lock;
 use super::stream::Stream;
 use bytes::Bytes;
 use std::io::IoSlice;

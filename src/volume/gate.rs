@@ -15,14 +15,12 @@
 use crate::map::Range;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 const SHARDS: usize = 16;
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::sync::lock;
 
 #[derive(Default)]
 struct Shard {
@@ -218,7 +216,7 @@ impl Gate {
             // Bounded waits: a wakeup can be missed only by a ticket that
             // dropped between our scan and the wait, and then we rescan soon.
             let wait = (deadline - now).min(Duration::from_millis(5));
-            guard = self.drain_cv.wait_timeout(guard, wait).unwrap_or_else(|p| p.into_inner()).0;
+            guard = crate::sync::wait_timeout(&self.drain_cv, guard, wait).0;
         };
         drop(guard);
         self.draining.store(false, Ordering::SeqCst);

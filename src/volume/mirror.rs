@@ -49,9 +49,7 @@ pub struct Mirror {
     error: Mutex<Option<String>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::sync::lock;
 
 impl Mirror {
     /// `copied` marks chunks already copied (resuming from a checkpoint).
@@ -149,7 +147,7 @@ impl Mirror {
         let copied: Vec<usize> = {
             let mut c = lock(&self.chunks);
             while !self.is_disabled() && idx.clone().any(|i| c.state[i] == ChunkState::Copying) {
-                c = self.changed.wait(c).unwrap_or_else(|p| p.into_inner());
+                c = crate::sync::wait(&self.changed, c);
             }
             let mut copied = Vec::new();
             for i in idx.clone() {
@@ -193,7 +191,7 @@ impl Mirror {
     pub fn begin_copy(&self, i: usize) -> bool {
         let mut c = lock(&self.chunks);
         while !self.is_disabled() && c.busy[i] > 0 {
-            c = self.changed.wait(c).unwrap_or_else(|p| p.into_inner());
+            c = crate::sync::wait(&self.changed, c);
         }
         if self.is_disabled() || c.state[i] == ChunkState::Copied {
             return false;

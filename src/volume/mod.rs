@@ -22,12 +22,10 @@ pub use translation::{Route, TranslateError, Translation};
 use crate::backend::Backend;
 use crate::map::MappingTable;
 use arc_swap::ArcSwap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+pub(crate) use crate::sync::lock;
 
 /// Static facts about a volume, fixed for its lifetime.
 #[derive(Debug, Clone, PartialEq, Eq)]

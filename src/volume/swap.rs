@@ -16,6 +16,7 @@
 //! force, and after it the new one is in force and on disk.
 
 use super::{Translation, Volume};
+use crate::defaults;
 use crate::map::{diff, MappingTable, Range};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,7 +57,12 @@ pub struct SwapOptions {
 
 impl Default for SwapOptions {
     fn default() -> Self {
-        SwapOptions { pause_timeout: Duration::from_secs(5), retries: 3, backoff: Duration::from_millis(500), crash_at: None }
+        SwapOptions {
+            pause_timeout: defaults::PAUSE_TIMEOUT,
+            retries: defaults::PAUSE_RETRIES,
+            backoff: defaults::SWAP_BACKOFF,
+            crash_at: None,
+        }
     }
 }
 
@@ -120,7 +126,7 @@ impl Volume {
         options: &SwapOptions,
         commit: &mut dyn Commit,
     ) -> Result<SwapReport, SwapError> {
-        let _one_at_a_time = super::lock(&self.swap_lock);
+        let _one_at_a_time = crate::sync::lock(&self.swap_lock);
         let old = self.translation();
         let volume = self.name().to_string();
         let invalid = |reason: String| SwapError::Invalid { volume: volume.clone(), reason };

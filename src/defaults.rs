@@ -1,0 +1,36 @@
+//! Every default setting, in one place: the config parser, the server's
+//! and the swap's `Default`s, and the docs' reference all read these.
+
+use std::time::Duration;
+
+/// `server.listen` when the config names none.
+pub const LISTEN: &str = "tcp:127.0.0.1:10809";
+/// `server.state_dir`.
+pub const STATE_DIR: &str = "/var/lib/nbdvirt";
+/// Control socket file name inside the state directory (`server.control`).
+pub const CONTROL_SOCKET: &str = "control.sock";
+/// `server.io_threads`: threads for stores that may block.
+pub const IO_THREADS: usize = 16;
+/// `server.max_connections`.
+pub const MAX_CONNECTIONS: usize = 256;
+/// `server.max_inflight`: payload bytes in flight per connection.
+pub const MAX_INFLIGHT_BYTES: u64 = 64 << 20;
+/// Requests in flight per connection.
+pub const MAX_INFLIGHT_REQUESTS: u64 = 1024;
+/// `server.shutdown_grace`: ESHUTDOWN window after SIGTERM.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// `server.busy_poll`: poll an idle connection this long before sleeping.
+pub const BUSY_POLL: Duration = Duration::from_micros(50);
+/// Longest NBD handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// `server.pause_timeout`: longest drain of a swap.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Upper bound of `server.pause_timeout`: the Linux NBD client fails a
+/// request after 30 s, so a pause must end well before that.
+pub const PAUSE_TIMEOUT_MAX: Duration = Duration::from_secs(20);
+/// `server.pause_retries`: further attempts after a drain timeout.
+pub const PAUSE_RETRIES: u32 = 3;
+/// Back-off before swap retry n is `SWAP_BACKOFF * n`.
+pub const SWAP_BACKOFF: Duration = Duration::from_millis(200);
+/// A manual pause's automatic end (`nbdvirt pause --timeout`).
+pub const MANUAL_PAUSE: Duration = Duration::from_secs(30);

@@ -1,0 +1,28 @@
+//! The one lock helper of the crate.
+//!
+//! A panic while a lock is held (a bug, never an I/O error: those are
+//! values) must not take every later request down with a poisoned lock:
+//! the data behind our locks stays consistent between statements, so the
+//! guard is taken over as it is.
+
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// Locks `m`, ignoring poisoning.
+#[inline]
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `Condvar::wait`, ignoring poisoning.
+#[inline]
+pub fn wait<'a, T>(cv: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    cv.wait(guard).unwrap_or_else(|p| p.into_inner())
+}
+
+/// `Condvar::wait_timeout`, ignoring poisoning; true if it timed out.
+#[inline]
+pub fn wait_timeout<'a, T>(cv: &Condvar, guard: MutexGuard<'a, T>, timeout: Duration) -> (MutexGuard<'a, T>, bool) {
+    let (g, r) = cv.wait_timeout(guard, timeout).unwrap_or_else(|p| p.into_inner());
+    (g, r.timed_out())
+}
