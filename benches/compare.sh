@@ -18,6 +18,9 @@
 #   NO_BUILD=1      skip `cargo build --release` (use the existing binary)
 #   NBDVIRT_BIN=PATH  serve with this nbdvirt binary instead (implies NO_BUILD)
 #   NBDVIRT_SERVER_TOML='io_threads = 2'  extra lines for nbdvirt's [server]
+#   NBDVIRT_BASE_BIN=PATH  the server "nbdvirt-base" (add it to SERVERS) is
+#                   this other nbdvirt binary, e.g. a build of the commit
+#                   before a change: before/after alternated in one run
 #
 # Servers run side by side for the whole benchmark (idle ones only sit in
 # accept), each started once, so VmHWM read from /proc/PID/status at the end
@@ -57,9 +60,10 @@ need dd coreutils
 for s in $SERVERS; do
   case $s in
     nbdvirt) [[ -n ${NO_BUILD:-} ]] || need cargo "cargo (or a rustup toolchain)" ;;
+    nbdvirt-base) [[ -x ${NBDVIRT_BASE_BIN:-} ]] || die "server 'nbdvirt-base' needs NBDVIRT_BASE_BIN=PATH of an nbdvirt binary" ;;
     nbdkit) need nbdkit nbdkit ;;
     qemu-nbd) need qemu-nbd qemu-utils ;;
-    *) die "unknown server '$s' in SERVERS (known: nbdvirt nbdkit qemu-nbd)" ;;
+    *) die "unknown server '$s' in SERVERS (known: nbdvirt nbdvirt-base nbdkit qemu-nbd)" ;;
   esac
 done
 fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no 'nbd' ioengine: install the Debian package 'fio' (built with libnbd), version >= 3.17"
@@ -84,6 +88,8 @@ for r in $ROWS; do [[ -n ${ROW_NAME[$r]:-} ]] || die "unknown row '$r' in ROWS (
 # ---- scratch space and cleanup ---------------------------------------------
 WORK=$(mktemp -d /tmp/nbdvirt-compare.XXXXXX)
 IMG=$(mktemp /dev/shm/nbdvirt-compare.XXXXXX.img)
+# nbdvirt locks its stores (flock): a second nbdvirt serves an identical copy.
+IMG_BASE="$IMG.base"
 declare -A PID=()
 
 stop_pid() { # pid
@@ -101,14 +107,15 @@ cleanup() {
   local s
   trap - EXIT INT TERM
   for s in "${!PID[@]}"; do stop_pid "${PID[$s]}"; done
-  rm -f "$IMG"
+  rm -f "$IMG" "$IMG_BASE"
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'log interrupted; exit 130' INT TERM
 
 avail_kb=$(df -Pk /dev/shm | awk 'NR == 2 { print $4 }')
-((avail_kb > SIZE_MB * 1024 + 65536)) || die "/dev/shm has ${avail_kb} KiB free; need $((SIZE_MB * 1024 + 65536)) KiB"
+copies=1; [[ " $SERVERS " == *" nbdvirt-base "* ]] && copies=2
+((avail_kb > copies * SIZE_MB * 1024 + 65536)) || die "/dev/shm has ${avail_kb} KiB free; need $((copies * SIZE_MB * 1024 + 65536)) KiB"
 
 # ---- build -----------------------------------------------------------------
 NBDVIRT=${NBDVIRT_BIN:-"$REPO/target/release/nbdvirt"}
@@ -135,6 +142,7 @@ echo "fio:       $(fio --version)"
 if [[ " $SERVERS " == *" nbdvirt "* ]]; then
   echo "nbdvirt:   $NBDVIRT: $("$NBDVIRT" --version) ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet HEAD -- src 2>/dev/null || echo '+dirty src'))"
   command -v rustc >/dev/null && echo "rustc:     $(rustc --version)"
+  [[ " $SERVERS " == *" nbdvirt-base "* ]] && echo "nbdvirt-base: $NBDVIRT_BASE_BIN: $("$NBDVIRT_BASE_BIN" --version)"
   [[ -n ${NBDVIRT_SERVER_TOML:-} ]] && echo "nbdvirt [server] extra: ${NBDVIRT_SERVER_TOML//$'\n'/; }"
 fi
 echo "rounds:    $ROUNDS x ${RUNTIME}s (+${RAMP}s ramp) per server per row"
@@ -144,6 +152,7 @@ echo
 # ---- data ------------------------------------------------------------------
 log "filling $IMG with ${SIZE_MB} MiB from /dev/urandom"
 timeout 600 dd if=/dev/urandom of="$IMG" bs=1M count="$SIZE_MB" status=none conv=fsync || die "cannot fill $IMG"
+if [[ " $SERVERS " == *" nbdvirt-base "* ]]; then cp "$IMG" "$IMG_BASE" || die "cannot copy $IMG"; fi
 
 # ---- servers ---------------------------------------------------------------
 wait_socket() { # server socket pid
@@ -160,18 +169,20 @@ wait_socket() { # server socket pid
 start_server() { # name
   local s=$1 sock="$WORK/$1.sock"
   case $s in
-    nbdvirt)
-      mkdir -p "$WORK/nbdvirt-state"
-      cat >"$WORK/nbdvirt.toml" <<EOF
+    nbdvirt | nbdvirt-base)
+      local bin=$NBDVIRT img=$IMG
+      if [[ $s == nbdvirt-base ]]; then bin=$NBDVIRT_BASE_BIN img=$IMG_BASE; fi
+      mkdir -p "$WORK/$s-state"
+      cat >"$WORK/$s.toml" <<EOF
 [server]
 listen = ["unix:$sock"]
-control = "$WORK/nbdvirt-control.sock"
-state_dir = "$WORK/nbdvirt-state"
+control = "$WORK/$s-control.sock"
+state_dir = "$WORK/$s-state"
 ${NBDVIRT_SERVER_TOML:-}
 
 [[backend]]
 name = "bench"
-path = "$IMG"
+path = "$img"
 
 [[volume]]
 name = "bench"
@@ -182,7 +193,7 @@ length = $((SIZE_MB * 1024 * 1024))
 backend = "bench"
 backend_offset = 0
 EOF
-      RUST_LOG=nbdvirt=warn "$NBDVIRT" serve --config "$WORK/nbdvirt.toml" >"$WORK/$s.log" 2>&1 &
+      RUST_LOG=nbdvirt=warn "$bin" serve --config "$WORK/$s.toml" >"$WORK/$s.log" 2>&1 &
       ;;
     nbdkit)
       # Defaults: thread model parallel, 16 threads per connection
