@@ -15,6 +15,8 @@ use crate::nbd::*;
 use crate::map::Range;
 use crate::volume::{Route, Ticket, Volume};
 use bytes::Bytes;
+use nix::errno::Errno;
+use nix::sys::socket::{recv, MsgFlags};
 use std::io::{self, BufReader, Read};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -164,17 +166,14 @@ impl Reader<'_> {
         }
         let fd = self.inner.get_ref().as_raw_fd();
         let start = Instant::now();
-        let mut byte = 0u8;
+        let mut byte = [0u8; 1];
         while start.elapsed() < self.busy_poll {
-            // SAFETY: a 1-byte peek into a local; fd is our open socket.
-            let n = unsafe { libc::recv(fd, (&raw mut byte).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
-            if n >= 0 {
-                return; // data, or EOF: either way fill_buf will not sleep
+            match recv(fd, &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+                Err(Errno::EAGAIN) => std::thread::yield_now(),
+                // Data, or EOF: either way fill_buf will not sleep. An
+                // error: let fill_buf report it.
+                _ => return,
             }
-            if std::io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
-                return; // let fill_buf report it
-            }
-            std::thread::yield_now();
         }
     }
 
