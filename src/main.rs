@@ -240,9 +240,9 @@ fn main() -> ExitCode {
         }
         Command::Detach { device } => {
             let index = if device.starts_with("/dev/") { nbdvirt::attach::device_index(&device) } else { nbdvirt::attach::find_by_volume(&device) };
-            index.and_then(|i| nbdvirt::attach::detach(i).map(|()| println!("/dev/nbd{i} detached")))
+            index.and_then(|i| nbdvirt::attach::detach(i).map(|()| println!("/dev/nbd{i} detached"))).map_err(|e| e.to_string())
         }
-        Command::Attached { json } => nbdvirt::attach::list().map(|list| {
+        Command::Attached { json } => nbdvirt::attach::list().map_err(|e| e.to_string()).map(|list| {
             if json {
                 println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "devices": list })).unwrap_or_default());
             } else {
@@ -407,7 +407,7 @@ fn attach(
             listen.iter().find(|e| matches!(e, Endpoint::Unix(_))).or(listen.first()).cloned().ok_or("the config has no listen endpoint")?
         }
     };
-    let index = device.as_deref().map(attach::device_index).transpose()?;
+    let index = device.as_deref().map(attach::device_index).transpose().map_err(|e| e.to_string())?;
     let opts = AttachOptions { volume, index, endpoint, connections, timeout, dead_conn_timeout, block_size, force_ioctl: ioctl };
     let report = |a: &attach::Attached| {
         if json {
@@ -421,16 +421,16 @@ fn attach(
         if !ioctl {
             tracing::warn!("netlink 'nbd' family not available: falling back to the ioctl interface (stays in the foreground)");
         }
-        return attach::attach_ioctl_blocking(&opts, report);
+        return attach::attach_ioctl_blocking(&opts, report).map_err(|e| e.to_string());
     }
-    let attached = attach::attach(&opts)?;
+    let attached = attach::attach(&opts).map_err(|e| e.to_string())?;
     report(&attached);
     if persist {
         let stop = Arc::new(AtomicBool::new(false));
         for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
             signal_hook::flag::register(signal, stop.clone()).map_err(|e| e.to_string())?;
         }
-        attach::watch(&opts, attached.index, || stop.load(Ordering::Relaxed))?;
+        attach::watch(&opts, attached.index, || stop.load(Ordering::Relaxed)).map_err(|e| e.to_string())?;
     }
     Ok(())
 }

@@ -4,12 +4,12 @@
 //! write correctly. Every socket has timeouts, so a hung server fails the
 //! test instead of hanging it.
 mod common;
+use common::nbd_client::*;
 use common::*;
 use nbdvirt::nbd::{
-    CMD_DISC, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_WRITE, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, IHAVEOPT, INFO_EXPORT, OPT_EXPORT_NAME,
-    OPT_GO, OPT_INFO, OPT_LIST, OPT_LIST_META_CONTEXT, OPT_REPLY_MAGIC, OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY, REPLY_FLAG_DONE,
-    REP_ACK, REP_ERR_INVALID, REP_ERR_TOO_BIG, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_FLAG_ERROR, REP_INFO, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
-    STRUCTURED_REPLY_MAGIC,
+    CMD_DISC, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_WRITE, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, IHAVEOPT, OPT_EXPORT_NAME, OPT_GO,
+    OPT_INFO, OPT_LIST, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY, REPLY_FLAG_DONE, REP_ACK, REP_ERR_INVALID,
+    REP_ERR_TOO_BIG, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_FLAG_ERROR, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
 };
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
@@ -18,8 +18,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const TIMEOUT: Duration = Duration::from_secs(10);
-const MIB: u64 = 1 << 20;
 const SIZE: u64 = 16 * MIB;
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
@@ -46,48 +44,9 @@ fn start() -> TestServer {
     TestServer::start(CONFIG)
 }
 
-// ---------------------------------------------------------------------------
-// Minimal raw client (simple replies only)
-// ---------------------------------------------------------------------------
-
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes(b[..4].try_into().unwrap())
-}
-fn be64(b: &[u8]) -> u64 {
-    u64::from_be_bytes(b[..8].try_into().unwrap())
-}
-
-fn connect(server: &TestServer) -> UnixStream {
-    let s = UnixStream::connect(&server.socket).expect("connect to nbdvirt");
-    s.set_read_timeout(Some(TIMEOUT)).unwrap();
-    s.set_write_timeout(Some(TIMEOUT)).unwrap();
-    s
-}
-
-fn read_n(s: &mut UnixStream, n: usize, what: &str) -> Vec<u8> {
-    let mut buf = vec![0u8; n];
-    if let Err(e) = s.read_exact(&mut buf) {
-        panic!("reading {what} ({n} bytes): {e}");
-    }
-    buf
-}
-
-/// Reads and discards whatever the server sends until it closes; fails if
-/// it keeps the connection open past the timeout.
-fn drain_until_closed(s: &mut UnixStream, what: &str) -> usize {
-    let deadline = Instant::now() + TIMEOUT;
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0;
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return total,
-            Ok(n) => total += n,
-            Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => return total,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => panic!("{what}: server did not close the connection ({e})"),
-        }
-        assert!(Instant::now() < deadline, "{what}: server did not close the connection");
-    }
+/// Reads the greeting and sends the client flags.
+fn greet(server: &TestServer) -> UnixStream {
+    Handshake::start(server).s
 }
 
 /// Asserts the server closes without sending anything more.
@@ -96,105 +55,17 @@ fn expect_closed_silently(s: &mut UnixStream, what: &str) {
     assert_eq!(n, 0, "{what}: server sent {n} bytes before closing");
 }
 
-fn option(option: u32, data: &[u8]) -> Vec<u8> {
-    let mut m = Vec::new();
-    m.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    m.extend_from_slice(&option.to_be_bytes());
-    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    m.extend_from_slice(data);
-    m
-}
-
-fn info_payload(name: &str) -> Vec<u8> {
-    let mut d = Vec::new();
-    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&0u16.to_be_bytes());
-    d
-}
-
-fn header(flags: u16, cmd: u16, cookie: u64, offset: u64, length: u32) -> [u8; 28] {
-    let mut h = [0u8; 28];
-    h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    h[4..6].copy_from_slice(&flags.to_be_bytes());
-    h[6..8].copy_from_slice(&cmd.to_be_bytes());
-    h[8..16].copy_from_slice(&cookie.to_be_bytes());
-    h[16..24].copy_from_slice(&offset.to_be_bytes());
-    h[24..28].copy_from_slice(&length.to_be_bytes());
-    h
-}
-
-/// Reads the greeting and sends the client flags.
-fn greet(server: &TestServer) -> UnixStream {
-    let mut s = connect(server);
-    let g = read_n(&mut s, 18, "greeting");
-    assert_eq!(&g[..16], b"NBDMAGICIHAVEOPT");
-    s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes()).unwrap();
-    s
-}
-
-/// (option, reply type, data) of one option reply.
-fn opt_reply(s: &mut UnixStream) -> (u32, u32, Vec<u8>) {
-    let h = read_n(s, 20, "option reply");
-    assert_eq!(be64(&h), OPT_REPLY_MAGIC);
-    let len = be32(&h[16..]);
-    assert!(len < 1 << 20);
-    (be32(&h[8..]), be32(&h[12..]), read_n(s, len as usize, "option reply data"))
-}
-
-/// Sends an option and returns the type of its final reply.
-fn opt_final(s: &mut UnixStream, opt: u32, data: &[u8]) -> u32 {
-    s.write_all(&option(opt, data)).unwrap();
-    loop {
-        let (o, kind, _) = opt_reply(s);
-        assert_eq!(o, opt);
-        if kind == REP_ACK || kind & REP_FLAG_ERROR != 0 {
-            return kind;
-        }
-    }
-}
-
 /// NBD_OPT_GO on "v", returning the socket in transmission (simple replies).
 fn go_on(mut s: UnixStream) -> UnixStream {
-    s.write_all(&option(OPT_GO, &info_payload("v"))).unwrap();
-    let mut size = None;
-    loop {
-        let (o, kind, data) = opt_reply(&mut s);
-        assert_eq!(o, OPT_GO);
-        if kind == REP_INFO && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT {
-            size = Some(be64(&data[2..]));
-        }
-        if kind == REP_ACK {
-            break;
-        }
-        assert_eq!(kind & REP_FLAG_ERROR, 0, "GO failed: {kind:#x}");
-    }
-    assert_eq!(size, Some(SIZE));
+    let r = exchange(&mut s, OPT_GO, &info_payload("v", &[]));
+    let last = r.last().expect("a final reply").kind;
+    assert_eq!(last & REP_FLAG_ERROR, 0, "GO failed: {last:#x}");
+    assert_eq!(info_export(&r).map(|(size, _)| size), Some(SIZE));
     s
 }
 
 fn go(server: &TestServer) -> UnixStream {
     go_on(greet(server))
-}
-
-/// Reads one simple reply; returns (error, cookie).
-fn simple_reply(s: &mut UnixStream) -> (u32, u64) {
-    let r = read_n(s, 16, "simple reply");
-    assert_eq!(be32(&r), SIMPLE_REPLY_MAGIC, "reply magic");
-    (be32(&r[4..]), be64(&r[8..]))
-}
-
-fn write_ok(s: &mut UnixStream, cookie: u64, offset: u64, data: &[u8]) {
-    let mut m = header(0, CMD_WRITE, cookie, offset, data.len() as u32).to_vec();
-    m.extend_from_slice(data);
-    s.write_all(&m).unwrap();
-    assert_eq!(simple_reply(s), (0, cookie), "WRITE {offset}+{}", data.len());
-}
-
-fn read_ok(s: &mut UnixStream, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    s.write_all(&header(0, CMD_READ, cookie, offset, len)).unwrap();
-    assert_eq!(simple_reply(s), (0, cookie), "READ {offset}+{len}");
-    read_n(s, len as usize, "READ data")
 }
 
 /// The server is alive and a fresh client can write and read back data
@@ -472,7 +343,7 @@ fn hangups_at_every_point() {
     meta.extend_from_slice(&15u32.to_be_bytes());
     meta.extend_from_slice(b"base:allocation");
     script.extend_from_slice(&option(OPT_SET_META_CONTEXT, &meta));
-    script.extend_from_slice(&option(OPT_GO, &info_payload("v")));
+    script.extend_from_slice(&option(OPT_GO, &info_payload("v", &[])));
     cuts.extend(0..=script.len());
     script.extend_from_slice(&header(CMD_FLAG_FUA, CMD_WRITE, 1, 8 * MIB - 2048, 4096));
     let payload_start = script.len();
@@ -521,7 +392,7 @@ fn rapid_connections_do_not_leak() {
             }
             2 => {
                 let _ = s.write_all(&(FLAG_C_FIXED_NEWSTYLE).to_be_bytes());
-                let _ = s.write_all(&option(OPT_GO, &info_payload("v"))[..20]);
+                let _ = s.write_all(&option(OPT_GO, &info_payload("v", &[]))[..20]);
             }
             _ => {
                 let mut s = go(&server);
@@ -553,7 +424,7 @@ fn idle_clients_do_not_block_others() {
     let _silent = UnixStream::connect(&server.socket).unwrap();
     // Stuck mid-option header.
     let mut mid_option = greet(&server);
-    mid_option.write_all(&option(OPT_GO, &info_payload("v"))[..10]).unwrap();
+    mid_option.write_all(&option(OPT_GO, &info_payload("v", &[]))[..10]).unwrap();
     // Idle in transmission.
     let _idle = go(&server);
     // Stuck mid-WRITE payload.

@@ -2,8 +2,9 @@
 //! is already in the transmission phase (simple replies: the kernel client
 //! does not speak structured replies).
 
-use crate::nbd::*;
+use super::error::{AttachError, HandshakeError};
 use crate::endpoint::Endpoint;
+use crate::nbd::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::OwnedFd;
@@ -18,61 +19,59 @@ pub struct ExportInfo {
     pub preferred_block: u32,
 }
 
-fn err(msg: impl Into<String>) -> String {
-    msg.into()
-}
-
 /// Connects to `endpoint` and negotiates `export` with NBD_OPT_GO.
-pub fn connect(endpoint: &Endpoint, export: &str, timeout: Duration) -> Result<(OwnedFd, ExportInfo), String> {
+pub fn connect(endpoint: &Endpoint, export: &str, timeout: Duration) -> Result<(OwnedFd, ExportInfo), AttachError> {
+    let connect_err = |source| AttachError::Connect { endpoint: endpoint.to_string(), source };
+    let handshake_err = |source| AttachError::Handshake { endpoint: endpoint.to_string(), source };
     match endpoint {
         Endpoint::Unix(path) => {
-            let mut s = UnixStream::connect(path).map_err(|e| format!("connect {endpoint}: {e}"))?;
-            s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-            let info = negotiate(&mut s, export).map_err(|e| format!("{endpoint}: {e}"))?;
-            s.set_read_timeout(None).map_err(|e| e.to_string())?;
+            let mut s = UnixStream::connect(path).map_err(connect_err)?;
+            s.set_read_timeout(Some(timeout)).map_err(connect_err)?;
+            let info = negotiate(&mut s, export).map_err(handshake_err)?;
+            s.set_read_timeout(None).map_err(connect_err)?;
             Ok((OwnedFd::from(s), info))
         }
         Endpoint::Tcp(addr) => {
-            let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {endpoint}: {e}"))?;
-            s.set_nodelay(true).map_err(|e| e.to_string())?;
-            s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-            let info = negotiate(&mut s, export).map_err(|e| format!("{endpoint}: {e}"))?;
-            s.set_read_timeout(None).map_err(|e| e.to_string())?;
+            let mut s = TcpStream::connect(addr).map_err(connect_err)?;
+            s.set_nodelay(true).map_err(connect_err)?;
+            s.set_read_timeout(Some(timeout)).map_err(connect_err)?;
+            let info = negotiate(&mut s, export).map_err(handshake_err)?;
+            s.set_read_timeout(None).map_err(connect_err)?;
             Ok((OwnedFd::from(s), info))
         }
     }
 }
 
-fn negotiate(s: &mut (impl Read + Write), export: &str) -> Result<ExportInfo, String> {
+fn negotiate(s: &mut (impl Read + Write), export: &str) -> Result<ExportInfo, HandshakeError> {
     let mut greeting = [0u8; 18];
-    s.read_exact(&mut greeting).map_err(|e| format!("reading greeting: {e}"))?;
+    s.read_exact(&mut greeting).map_err(HandshakeError::io("reading greeting"))?;
     if greeting[..8] != NBDMAGIC.to_be_bytes() || greeting[8..16] != IHAVEOPT.to_be_bytes() {
-        return Err(err("not an NBD newstyle server"));
+        return Err(HandshakeError::NotNewstyle);
     }
     let server_flags = u16::from_be_bytes([greeting[16], greeting[17]]);
     if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
-        return Err(err("server does not speak fixed newstyle"));
+        return Err(HandshakeError::NotFixedNewstyle);
     }
     let mut client_flags = FLAG_C_FIXED_NEWSTYLE;
     if server_flags & FLAG_NO_ZEROES != 0 {
         client_flags |= FLAG_C_NO_ZEROES;
     }
-    s.write_all(&client_flags.to_be_bytes()).map_err(|e| e.to_string())?;
-    s.write_all(&encode_option(OPT_GO, &encode_info_request(export, &[INFO_BLOCK_SIZE]))).map_err(|e| e.to_string())?;
+    s.write_all(&client_flags.to_be_bytes()).map_err(HandshakeError::io("sending client flags"))?;
+    s.write_all(&encode_option(OPT_GO, &encode_info_request(export, &[INFO_BLOCK_SIZE]))).map_err(HandshakeError::io("sending NBD_OPT_GO"))?;
     let mut info = ExportInfo { size: 0, flags: 0, preferred_block: 4096 };
     let mut have_export = false;
     loop {
         let mut header = [0u8; 20];
-        s.read_exact(&mut header).map_err(|e| format!("reading option reply: {e}"))?;
-        let (_, reply, len) = decode_option_reply_header(&header).map_err(|e| e.to_string())?;
+        s.read_exact(&mut header).map_err(HandshakeError::io("reading option reply"))?;
+        let (_, reply, len) = decode_option_reply_header(&header).map_err(|e| HandshakeError::Protocol(e.to_string()))?;
         if len > MAX_OPTION_LEN {
-            return Err(format!("option reply of {len} bytes"));
+            return Err(HandshakeError::ReplyTooLong(len));
         }
         let mut data = vec![0u8; len as usize];
-        s.read_exact(&mut data).map_err(|e| e.to_string())?;
+        s.read_exact(&mut data).map_err(HandshakeError::io("reading option reply data"))?;
         match reply {
             REP_ACK if have_export => return Ok(info),
-            REP_ACK => return Err(err("server acknowledged GO without export information")),
+            REP_ACK => return Err(HandshakeError::NoExportInfo),
             REP_INFO if data.len() >= 2 => {
                 let kind = u16::from_be_bytes([data[0], data[1]]);
                 if kind == INFO_EXPORT && data.len() >= 12 {
@@ -84,8 +83,8 @@ fn negotiate(s: &mut (impl Read + Write), export: &str) -> Result<ExportInfo, St
                 }
             }
             r if r & REP_FLAG_ERROR != 0 => {
-                let msg = String::from_utf8_lossy(&data);
-                return Err(if r == REP_ERR_UNKNOWN { format!("server: {msg}") } else { format!("server refused: {msg}") });
+                let msg = String::from_utf8_lossy(&data).into_owned();
+                return Err(if r == REP_ERR_UNKNOWN { HandshakeError::UnknownExport(msg) } else { HandshakeError::Refused(msg) });
             }
             _ => {}
         }

@@ -1,7 +1,8 @@
 //! The old ioctl interface to the kernel NBD client: one socket, and a
 //! thread blocked in NBD_DO_IT for the device's lifetime.
 
-use std::fs::OpenOptions;
+use super::error::AttachError;
+use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -19,6 +20,10 @@ fn dev(index: u32) -> String {
     format!("/dev/nbd{index}")
 }
 
+fn open(index: u32) -> Result<File, AttachError> {
+    OpenOptions::new().read(true).write(true).open(dev(index)).map_err(|source| AttachError::OpenDevice { device: dev(index), source })
+}
+
 /// The first /dev/nbdN with no client attached.
 pub fn free_device() -> Option<u32> {
     (0..256u32).find(|i| std::path::Path::new(&dev(*i)).exists() && !std::path::Path::new(&format!("/sys/block/nbd{i}/pid")).exists())
@@ -29,10 +34,10 @@ fn has_size(index: u32) -> bool {
     std::fs::read_to_string(format!("/sys/block/nbd{index}/size")).ok().and_then(|s| s.trim().parse::<u64>().ok()).is_some_and(|n| n > 0)
 }
 
-pub fn run(index: u32, sock: &OwnedFd, size: u64, block: u32, flags: u16, timeout: u64, ready: impl FnOnce() + Send) -> Result<(), String> {
-    let f = OpenOptions::new().read(true).write(true).open(dev(index)).map_err(|e| format!("{}: {e}", dev(index)))?;
+pub fn run(index: u32, sock: &OwnedFd, size: u64, block: u32, flags: u16, timeout: u64, ready: impl FnOnce() + Send) -> Result<(), AttachError> {
+    let f = open(index)?;
     let fd = f.as_raw_fd();
-    let e = |what: &str, err: nix::errno::Errno| format!("{} {what}: {err}", dev(index));
+    let e = |what: &'static str, source: nix::errno::Errno| AttachError::Ioctl { device: dev(index), what, source };
     // SAFETY: NBD ioctls on an open NBD device with integer arguments.
     unsafe {
         nbd_set_blksize(fd, block as i32).map_err(|x| e("NBD_SET_BLKSIZE", x))?;
@@ -61,15 +66,16 @@ pub fn run(index: u32, sock: &OwnedFd, size: u64, block: u32, flags: u16, timeou
         done.store(true, Ordering::SeqCst);
         result
     });
+    // SAFETY: as above; a failure leaves nothing to undo.
     unsafe {
         let _ = nbd_clear_sock(fd);
     }
     result.map(|_| ()).map_err(|x| e("NBD_DO_IT", x))
 }
 
-pub fn disconnect(index: u32) -> Result<(), String> {
-    let f = OpenOptions::new().read(true).write(true).open(dev(index)).map_err(|e| format!("{}: {e}", dev(index)))?;
+pub fn disconnect(index: u32) -> Result<(), AttachError> {
+    let f = open(index)?;
     // SAFETY: NBD_DISCONNECT on an open NBD device.
-    unsafe { nbd_disconnect(f.as_raw_fd()) }.map_err(|e| format!("{} NBD_DISCONNECT: {e}", dev(index)))?;
+    unsafe { nbd_disconnect(f.as_raw_fd()) }.map_err(|source| AttachError::Ioctl { device: dev(index), what: "NBD_DISCONNECT", source })?;
     Ok(())
 }

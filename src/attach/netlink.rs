@@ -1,319 +1,243 @@
-//! Just enough generic netlink to drive the kernel's `nbd` family
-//! (include/uapi/linux/nbd-netlink.h): connect, reconfigure, disconnect,
-//! status, and the link-dead multicast notification. Messages are built
-//! and parsed by hand; the family has a handful of fixed attribute shapes.
+//! The kernel's `nbd` generic netlink family
+//! (include/uapi/linux/nbd-netlink.h), spoken through `neli`: family and
+//! multicast-group resolution, requests (connect, reconfigure, disconnect,
+//! status) and the link-dead notification the `--persist` watcher waits for.
 
+use neli::consts::genl::{Cmd, NlAttrType};
+use neli::consts::nl::{NlmF, NlmFFlags};
+use neli::consts::socket::NlFamily;
+use neli::err::NlError;
+use neli::genl::{Genlmsghdr, Nlattr};
+use neli::nl::{NlPayload, Nlmsghdr};
+use neli::socket::NlSocketHandle;
+use neli::types::{Buffer, GenlBuffer};
+use neli::{neli_enum, Size, ToBytes};
+use std::fmt::Debug;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
 
-pub const NBD_CMD_CONNECT: u8 = 1;
-pub const NBD_CMD_DISCONNECT: u8 = 2;
-pub const NBD_CMD_RECONFIGURE: u8 = 3;
-pub const NBD_CMD_LINK_DEAD: u8 = 4;
-pub const NBD_CMD_STATUS: u8 = 5;
-
-pub const NBD_ATTR_INDEX: u16 = 1;
-pub const NBD_ATTR_SIZE_BYTES: u16 = 2;
-pub const NBD_ATTR_BLOCK_SIZE_BYTES: u16 = 3;
-pub const NBD_ATTR_TIMEOUT: u16 = 4;
-pub const NBD_ATTR_SERVER_FLAGS: u16 = 5;
-pub const NBD_ATTR_CLIENT_FLAGS: u16 = 6;
-pub const NBD_ATTR_SOCKETS: u16 = 7;
-pub const NBD_ATTR_DEAD_CONN_TIMEOUT: u16 = 8;
-pub const NBD_ATTR_DEVICE_LIST: u16 = 9;
-pub const NBD_ATTR_BACKEND_IDENTIFIER: u16 = 10;
-pub const NBD_SOCK_ITEM: u16 = 1;
-pub const NBD_SOCK_FD: u16 = 1;
-pub const NBD_DEVICE_ITEM: u16 = 1;
-pub const NBD_DEVICE_INDEX: u16 = 1;
-pub const NBD_DEVICE_CONNECTED: u16 = 2;
-
-const GENL_ID_CTRL: u16 = 0x10;
-const CTRL_CMD_GETFAMILY: u8 = 3;
-const CTRL_ATTR_FAMILY_ID: u16 = 1;
-const CTRL_ATTR_FAMILY_NAME: u16 = 2;
-const CTRL_ATTR_MCAST_GROUPS: u16 = 7;
-const CTRL_ATTR_MCAST_GRP_NAME: u16 = 1;
-const CTRL_ATTR_MCAST_GRP_ID: u16 = 2;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
-const NLMSG_ERROR: u16 = 2;
-const NLA_F_NESTED: u16 = 1 << 15;
-const NLA_TYPE_MASK: u16 = !(NLA_F_NESTED | (1 << 14));
-
-/// Builds one generic netlink message.
-pub struct Message {
-    buf: Vec<u8>,
-    nests: Vec<usize>,
+/// Commands of the `nbd` family (`enum nbd_commands`).
+#[neli_enum(serialized_type = "u8")]
+pub enum NbdCmd {
+    Unspec = 0,
+    Connect = 1,
+    Disconnect = 2,
+    Reconfigure = 3,
+    LinkDead = 4,
+    Status = 5,
 }
+impl Cmd for NbdCmd {}
 
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
+/// Top-level attributes (`NBD_ATTR_*`).
+#[neli_enum(serialized_type = "u16")]
+pub enum NbdAttr {
+    Unspec = 0,
+    Index = 1,
+    SizeBytes = 2,
+    BlockSizeBytes = 3,
+    Timeout = 4,
+    ServerFlags = 5,
+    ClientFlags = 6,
+    Sockets = 7,
+    DeadConnTimeout = 8,
+    DeviceList = 9,
+    BackendIdentifier = 10,
 }
+impl NlAttrType for NbdAttr {}
 
-impl Message {
-    pub fn new(family: u16, cmd: u8, flags: u16) -> Message {
-        let mut buf = vec![0u8; 20];
-        buf[4..6].copy_from_slice(&family.to_ne_bytes());
-        buf[6..8].copy_from_slice(&(flags | NLM_F_REQUEST).to_ne_bytes());
-        buf[16] = cmd;
-        buf[17] = 1; // genl version
-        Message { buf, nests: Vec::new() }
-    }
+/// Nested attribute numbers: an item of NBD_ATTR_SOCKETS holds an fd, an
+/// item of NBD_ATTR_DEVICE_LIST an index and a connected flag.
+const NBD_SOCK_ITEM: u16 = 1;
+const NBD_SOCK_FD: u16 = 1;
+const NBD_DEVICE_INDEX: u16 = 1;
+const NBD_DEVICE_CONNECTED: u16 = 2;
 
-    fn attr(&mut self, kind: u16, data: &[u8]) -> &mut Self {
-        let len = 4 + data.len();
-        self.buf.extend_from_slice(&(len as u16).to_ne_bytes());
-        self.buf.extend_from_slice(&kind.to_ne_bytes());
-        self.buf.extend_from_slice(data);
-        self.buf.resize(align4(self.buf.len()), 0);
-        self
-    }
+/// A message of the `nbd` family, as sent and received.
+pub type NbdMessage = Genlmsghdr<NbdCmd, NbdAttr>;
 
-    pub fn u32(&mut self, kind: u16, v: u32) -> &mut Self {
-        self.attr(kind, &v.to_ne_bytes())
-    }
-
-    pub fn u64(&mut self, kind: u16, v: u64) -> &mut Self {
-        self.attr(kind, &v.to_ne_bytes())
-    }
-
-    pub fn string(&mut self, kind: u16, v: &str) -> &mut Self {
-        let mut data = v.as_bytes().to_vec();
-        data.push(0);
-        self.attr(kind, &data)
-    }
-
-    pub fn begin_nest(&mut self, kind: u16) -> &mut Self {
-        self.nests.push(self.buf.len());
-        self.buf.extend_from_slice(&0u16.to_ne_bytes());
-        self.buf.extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
-        self
-    }
-
-    pub fn end_nest(&mut self) -> &mut Self {
-        let start = self.nests.pop().expect("balanced nests");
-        let len = (self.buf.len() - start) as u16;
-        self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
-        self
-    }
-
-    pub fn finish(&mut self, seq: u32) -> Vec<u8> {
-        let len = self.buf.len() as u32;
-        self.buf[..4].copy_from_slice(&len.to_ne_bytes());
-        self.buf[8..12].copy_from_slice(&seq.to_ne_bytes());
-        self.buf.clone()
+/// The kernel's errno survives (EBUSY means "device in use" to callers);
+/// anything else is a library-side failure.
+fn io_error<T: Debug, P: Debug>(e: NlError<T, P>) -> io::Error {
+    match e {
+        NlError::Nlmsgerr(err) => io::Error::from_raw_os_error(-err.error),
+        NlError::Wrapped(w) => io::Error::other(w.to_string()),
+        other => io::Error::other(other.to_string()),
     }
 }
 
-/// One attribute of a received message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Attr<'a> {
-    pub kind: u16,
-    pub data: &'a [u8],
+fn ser_error(e: neli::err::SerError) -> io::Error {
+    io::Error::other(e.to_string())
 }
 
-impl Attr<'_> {
-    pub fn u32(&self) -> Option<u32> {
-        self.data.get(..4).map(|b| u32::from_ne_bytes(b.try_into().expect("len 4")))
-    }
-    pub fn u16(&self) -> Option<u16> {
-        self.data.get(..2).map(|b| u16::from_ne_bytes(b.try_into().expect("len 2")))
-    }
-    pub fn u8(&self) -> Option<u8> {
-        self.data.first().copied()
-    }
-    pub fn string(&self) -> String {
-        String::from_utf8_lossy(self.data.split(|b| *b == 0).next().unwrap_or_default()).into_owned()
-    }
+/// The resolved `nbd` family.
+#[derive(Debug, Clone, Copy)]
+pub struct NbdFamily {
+    pub id: u16,
+    /// `nbd_mc_group`, where LINK_DEAD is announced (kernels before 4.12
+    /// have none).
+    pub group: Option<u32>,
 }
 
-/// Parses a run of attributes; malformed trailing bytes are ignored.
-pub fn attrs(mut data: &[u8]) -> Vec<Attr<'_>> {
-    let mut out = Vec::new();
-    while data.len() >= 4 {
-        let len = u16::from_ne_bytes([data[0], data[1]]) as usize;
-        let kind = u16::from_ne_bytes([data[2], data[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > data.len() {
-            break;
+/// A generic netlink socket bound to no group.
+pub fn open() -> io::Result<NlSocketHandle> {
+    NlSocketHandle::connect(NlFamily::Generic, None, &[])
+}
+
+/// Resolves the `nbd` family and its multicast group.
+pub fn resolve(sock: &mut NlSocketHandle) -> io::Result<NbdFamily> {
+    let id = sock.resolve_genl_family("nbd").map_err(io_error)?;
+    let group = sock.resolve_nl_mcast_group("nbd", "nbd_mc_group").ok();
+    Ok(NbdFamily { id, group })
+}
+
+/// A request being built, attribute by attribute.
+pub struct Request {
+    cmd: NbdCmd,
+    attrs: GenlBuffer<NbdAttr, Buffer>,
+}
+
+impl Request {
+    pub fn new(cmd: NbdCmd) -> Request {
+        Request { cmd, attrs: GenlBuffer::new() }
+    }
+
+    /// Adds a u32/u64/string attribute (neli NUL-terminates strings).
+    pub fn attr<P: Size + ToBytes>(mut self, kind: NbdAttr, value: P) -> io::Result<Request> {
+        self.attrs.push(Nlattr::new(false, false, kind, value).map_err(ser_error)?);
+        Ok(self)
+    }
+
+    /// NBD_ATTR_SOCKETS: one nested item per socket, each holding its fd.
+    pub fn sockets(mut self, socks: &[OwnedFd]) -> io::Result<Request> {
+        let mut list = Nlattr::new(true, false, NbdAttr::Sockets, Buffer::new()).map_err(ser_error)?;
+        for s in socks {
+            let mut item = Nlattr::new(true, false, NBD_SOCK_ITEM, Buffer::new()).map_err(ser_error)?;
+            item.add_nested_attribute(&Nlattr::new(false, false, NBD_SOCK_FD, s.as_raw_fd() as u32).map_err(ser_error)?)
+                .map_err(ser_error)?;
+            list.add_nested_attribute(&item).map_err(ser_error)?;
         }
-        out.push(Attr { kind, data: &data[4..len] });
-        data = &data[align4(len).min(data.len())..];
+        self.attrs.push(list);
+        Ok(self)
+    }
+
+    /// Sends the request with NLM_F_ACK and returns its reply, if the
+    /// command has one (CONNECT names the device, STATUS lists them); a
+    /// kernel error comes back as its errno.
+    pub fn send(self, sock: &mut NlSocketHandle, family: &NbdFamily) -> io::Result<Option<NbdMessage>> {
+        let flags = NlmFFlags::new(&[NlmF::Request, NlmF::Ack]);
+        let msg = Nlmsghdr::new(None, family.id, flags, None, None, NlPayload::Payload(Genlmsghdr::new(self.cmd, 1, self.attrs)));
+        sock.send(msg).map_err(ser_error)?;
+        let mut reply = None;
+        // Iterates the reply (if any) and stops after the ACK.
+        for msg in sock.iter::<u16, NbdMessage>(false) {
+            if let NlPayload::Payload(p) = msg.map_err(io_error)?.nl_payload {
+                reply.get_or_insert(p);
+            }
+        }
+        Ok(reply)
+    }
+}
+
+/// A u32 attribute of a received message.
+pub fn u32_attr(msg: &NbdMessage, kind: NbdAttr) -> Option<u32> {
+    msg.get_attr_handle().get_attr_payload_as::<u32>(kind).ok()
+}
+
+/// One device of a STATUS reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListedDevice {
+    pub index: u32,
+    pub connected: bool,
+}
+
+/// The devices of a STATUS reply (NBD_ATTR_DEVICE_LIST).
+pub fn device_list(msg: &NbdMessage) -> Vec<ListedDevice> {
+    let mut out = Vec::new();
+    let handle = msg.get_attr_handle();
+    for list in handle.iter().filter(|a| a.nla_type.nla_type == NbdAttr::DeviceList) {
+        let Ok(items) = list.get_attr_handle::<u16>() else { continue };
+        for item in items.iter() {
+            let Ok(fields) = item.get_attr_handle::<u16>() else { continue };
+            let Ok(index) = fields.get_attr_payload_as::<u32>(NBD_DEVICE_INDEX) else { continue };
+            let connected = fields.get_attr_payload_as::<u8>(NBD_DEVICE_CONNECTED).unwrap_or(0) != 0;
+            out.push(ListedDevice { index, connected });
+        }
     }
     out
 }
 
-/// A received generic netlink message: (netlink type, genl cmd, attrs bytes)
-/// or an error/ack (`Err`/`Ok(None)` from `Socket::recv`).
-#[derive(Debug, Clone)]
-pub struct Received {
-    pub kind: u16,
-    pub cmd: u8,
-    pub payload: Vec<u8>,
+/// A socket joined to `nbd_mc_group`, to hear LINK_DEAD notifications.
+pub struct Notifications {
+    sock: NlSocketHandle,
 }
 
-pub struct Socket {
-    fd: OwnedFd,
-    seq: u32,
-}
-
-impl Socket {
-    pub fn open() -> io::Result<Socket> {
-        // SAFETY: plain socket(2).
-        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_GENERIC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd was just returned by socket(2) and is owned here.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        // SAFETY: addr is a valid sockaddr_nl.
-        let r = unsafe { libc::bind(fd.as_raw_fd(), &addr as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_nl>() as u32) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Socket { fd, seq: 1 })
+impl Notifications {
+    pub fn join(group: u32) -> io::Result<Notifications> {
+        let sock = open()?;
+        sock.add_mcast_membership(&[group])?;
+        // Non-blocking: `next_dead` drains what arrived after its poll.
+        sock.nonblock()?;
+        Ok(Notifications { sock })
     }
 
-    pub fn raw(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-
-    pub fn join_group(&self, group: u32) -> io::Result<()> {
-        // SAFETY: setsockopt with a u32 value.
-        let r = unsafe {
-            libc::setsockopt(self.raw(), libc::SOL_NETLINK, libc::NETLINK_ADD_MEMBERSHIP, &group as *const u32 as *const libc::c_void, 4)
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
+    /// Waits up to `timeout` for notifications; returns the indexes of the
+    /// devices reported dead, or `None` if nothing arrived.
+    pub fn wait_dead(&mut self, timeout: Duration) -> io::Result<Option<Vec<u32>>> {
+        // SAFETY: the descriptor belongs to `self.sock`, which outlives this
+        // borrow; neli's handle has no `AsFd` to borrow it safely.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.sock.as_raw_fd()) };
+        let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        let mut dead = Vec::new();
+        if nix::poll::poll(&mut fds, ms).map_err(io::Error::from)? == 0 {
+            return Ok(None);
         }
-        Ok(())
-    }
-
-    pub fn send(&mut self, msg: &mut Message) -> io::Result<u32> {
-        self.seq += 1;
-        let bytes = msg.finish(self.seq);
-        // SAFETY: sending an initialised buffer.
-        let n = unsafe { libc::send(self.raw(), bytes.as_ptr() as *const libc::c_void, bytes.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(self.seq)
-    }
-
-    /// Receives messages until one is an answer (data or ack/error) to
-    /// `seq`, or, with `seq == 0`, any notification.
-    pub fn recv(&mut self, seq: u32) -> io::Result<Option<Received>> {
-        let mut buf = vec![0u8; 65536];
-        loop {
-            // SAFETY: receiving into an owned buffer.
-            let n = unsafe { libc::recv(self.raw(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            let mut data = &buf[..n as usize];
-            while data.len() >= 16 {
-                let len = u32::from_ne_bytes(data[..4].try_into().expect("len 4")) as usize;
-                let kind = u16::from_ne_bytes([data[4], data[5]]);
-                let msg_seq = u32::from_ne_bytes(data[8..12].try_into().expect("len 4"));
-                if len < 16 || len > data.len() {
-                    break;
-                }
-                let body = &data[16..len];
-                data = &data[align4(len).min(data.len())..];
-                if seq != 0 && msg_seq != seq {
-                    continue;
-                }
-                if kind == NLMSG_ERROR {
-                    let code = i32::from_ne_bytes(body.get(..4).unwrap_or(&[0; 4]).try_into().expect("len 4"));
-                    if code == 0 {
-                        return Ok(None);
-                    }
-                    return Err(io::Error::from_raw_os_error(-code));
-                }
-                if body.len() >= 4 {
-                    return Ok(Some(Received { kind, cmd: body[0], payload: body[4..].to_vec() }));
+        // Drain what is queued (the socket is non-blocking: Ok(None) when
+        // empty). Unknown commands and attributes parse (as unrecognised
+        // constants), so an error means a broken message: stop there.
+        while let Ok(Some(msg)) = self.sock.recv::<u16, NbdMessage>() {
+            if let NlPayload::Payload(p) = msg.nl_payload {
+                if p.cmd == NbdCmd::LinkDead {
+                    dead.extend(u32_attr(&p, NbdAttr::Index));
                 }
             }
         }
+        Ok(Some(dead))
     }
-
-    /// Sends `msg` and waits for its answer (reply and/or ack).
-    pub fn request(&mut self, msg: &mut Message) -> io::Result<Option<Received>> {
-        let seq = self.send(msg)?;
-        let first = self.recv(seq)?;
-        if first.is_some() {
-            // An ACK follows the reply when NLM_F_ACK was set; drain it.
-            let _ = self.recv_ack_nonblocking(seq);
-        }
-        Ok(first)
-    }
-
-    fn recv_ack_nonblocking(&mut self, seq: u32) -> io::Result<()> {
-        let mut pfd = libc::pollfd { fd: self.raw(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: poll on one valid fd.
-        if unsafe { libc::poll(&mut pfd, 1, 200) } > 0 {
-            let _ = self.recv(seq)?;
-        }
-        Ok(())
-    }
-}
-
-/// Resolves a generic netlink family: (id, multicast groups by name).
-pub fn resolve_family(sock: &mut Socket, name: &str) -> io::Result<(u16, Vec<(String, u32)>)> {
-    let mut msg = Message::new(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 0);
-    msg.string(CTRL_ATTR_FAMILY_NAME, name);
-    let reply = sock.request(&mut msg)?.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no reply"))?;
-    let mut id = None;
-    let mut groups = Vec::new();
-    for a in attrs(&reply.payload) {
-        match a.kind {
-            CTRL_ATTR_FAMILY_ID => id = a.u16(),
-            CTRL_ATTR_MCAST_GROUPS => {
-                for g in attrs(a.data) {
-                    let inner = attrs(g.data);
-                    let gname = inner.iter().find(|x| x.kind == CTRL_ATTR_MCAST_GRP_NAME).map(Attr::string);
-                    let gid = inner.iter().find(|x| x.kind == CTRL_ATTR_MCAST_GRP_ID).and_then(Attr::u32);
-                    if let (Some(n), Some(i)) = (gname, gid) {
-                        groups.push((n, i));
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    let id = id.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("generic netlink family '{name}' not found")))?;
-    Ok((id, groups))
-}
-
-pub fn ack_flags() -> u16 {
-    NLM_F_ACK
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use neli::FromBytesWithInput;
+    use std::io::Cursor;
 
     #[test]
-    fn nested_attributes_round_trip() {
-        let mut m = Message::new(0x20, NBD_CMD_CONNECT, NLM_F_ACK);
-        m.u64(NBD_ATTR_SIZE_BYTES, 1 << 30).begin_nest(NBD_ATTR_SOCKETS).begin_nest(NBD_SOCK_ITEM).u32(NBD_SOCK_FD, 7).end_nest().end_nest();
-        m.string(NBD_ATTR_BACKEND_IDENTIFIER, "nbdvirt:v");
-        let bytes = m.finish(3);
-        assert_eq!(u32::from_ne_bytes(bytes[..4].try_into().unwrap()) as usize, bytes.len());
-        assert_eq!(bytes[16], NBD_CMD_CONNECT);
-        let a = attrs(&bytes[20..]);
-        assert_eq!(a.len(), 3);
-        assert_eq!(a[0].kind, NBD_ATTR_SIZE_BYTES);
-        assert_eq!(a[1].kind, NBD_ATTR_SOCKETS);
-        let item = attrs(a[1].data);
-        assert_eq!(item[0].kind, NBD_SOCK_ITEM);
-        assert_eq!(attrs(item[0].data)[0].u32(), Some(7));
-        assert_eq!(a[2].string(), "nbdvirt:v");
+    fn connect_request_nests_sockets_and_round_trips() {
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let socks = vec![OwnedFd::from(file)];
+        let fd = socks[0].as_raw_fd() as u32;
+        let req = Request::new(NbdCmd::Connect)
+            .attr(NbdAttr::SizeBytes, 1u64 << 30)
+            .unwrap()
+            .sockets(&socks)
+            .unwrap()
+            .attr(NbdAttr::BackendIdentifier, "nbdvirt:v")
+            .unwrap();
+        let msg = Genlmsghdr::new(req.cmd, 1, req.attrs);
+        let mut bytes = Cursor::new(Vec::new());
+        msg.to_bytes(&mut bytes).unwrap();
+        let len = bytes.get_ref().len();
+        let back = NbdMessage::from_bytes_with_input(&mut Cursor::new(bytes.get_ref().as_slice()), len).unwrap();
+        assert_eq!(back.cmd, NbdCmd::Connect);
+        let handle = back.get_attr_handle();
+        assert_eq!(handle.get_attr_payload_as::<u64>(NbdAttr::SizeBytes).unwrap(), 1 << 30);
+        let list = handle.get_attribute(NbdAttr::Sockets).unwrap();
+        assert!(list.nla_type.nla_nested);
+        let items = list.get_attr_handle::<u16>().unwrap();
+        let item = items.get_attribute(NBD_SOCK_ITEM).unwrap();
+        assert_eq!(item.get_attr_handle::<u16>().unwrap().get_attr_payload_as::<u32>(NBD_SOCK_FD).unwrap(), fd);
+        assert_eq!(handle.get_attr_payload_as_with_len::<String>(NbdAttr::BackendIdentifier).unwrap(), "nbdvirt:v");
     }
 }

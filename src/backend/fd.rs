@@ -3,7 +3,9 @@
 
 use super::aligned::AlignedBuf;
 use super::{blockdev, Allocation, Backend, StoreInfo, ZeroMode};
-use nix::fcntl::{fallocate, posix_fadvise, FallocateFlags, PosixFadviseAdvice};
+use nix::errno::Errno;
+use nix::fcntl::{fallocate, posix_fadvise, FallocateFlags, Flock, PosixFadviseAdvice};
+use nix::unistd::{lseek, Whence};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -29,6 +31,10 @@ pub struct FdBackend {
     /// Serialises flushes so that a flush that finds `dirty` clear cannot
     /// return while an earlier flush's fdatasync is still running.
     flush_lock: Mutex<()>,
+    /// The store's flock (see `open::lock`), held for its `Drop`: released
+    /// only when the backend goes.
+    #[allow(dead_code)]
+    store_lock: Option<Flock<File>>,
 }
 
 /// Chunk size for writing zeros by hand when the kernel cannot do it.
@@ -44,7 +50,13 @@ fn unsupported(e: &io::Error) -> bool {
 
 impl FdBackend {
     pub fn new(file: File, info: StoreInfo) -> FdBackend {
-        FdBackend { file, info, dirty: AtomicBool::new(false), flush_lock: Mutex::new(()) }
+        FdBackend { file, info, dirty: AtomicBool::new(false), flush_lock: Mutex::new(()), store_lock: None }
+    }
+
+    /// Keeps `lock` (the store's flock) as long as this backend lives.
+    pub fn holding(mut self, lock: Flock<File>) -> FdBackend {
+        self.store_lock = Some(lock);
+        self
     }
 
     fn mark_dirty(&self) {
@@ -75,7 +87,10 @@ impl FdBackend {
         let mut done = 0usize;
         while done < buf.len() {
             let iov = libc::iovec { iov_base: buf[done..].as_ptr() as *mut _, iov_len: buf.len() - done };
-            // SAFETY: iov points into `buf`, valid for the call.
+            // Raw libc: nix 0.29 wraps pwritev but not pwritev2 (no RWF_*
+            // flags), and RWF_DSYNC is the point of this call.
+            // SAFETY: iov points into `buf`, which outlives the call; the
+            // kernel only reads from it.
             let n = unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, (offset + done as u64) as i64, libc::RWF_DSYNC) };
             if n < 0 {
                 let err = io::Error::last_os_error();
@@ -266,25 +281,18 @@ impl Backend for FdBackend {
         let mut runs = Vec::new();
         let mut pos = offset;
         while pos < end && runs.len() < max_runs.max(1) {
-            // SAFETY: lseek has no memory effects.
-            let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
-            let data = if data < 0 {
-                match io::Error::last_os_error().raw_os_error() {
-                    Some(libc::ENXIO) => end, // only a hole from here to EOF
-                    // No SEEK_DATA support: report everything as data.
-                    _ => return Ok(vec![Allocation { length, hole: false }]),
-                }
-            } else {
-                (data as u64).min(end)
+            let data = match lseek(fd, pos as i64, Whence::SeekData) {
+                Ok(data) => (data as u64).min(end),
+                Err(Errno::ENXIO) => end, // only a hole from here to EOF
+                // No SEEK_DATA support: report everything as data.
+                Err(_) => return Ok(vec![Allocation { length, hole: false }]),
             };
             if data > pos {
                 runs.push(Allocation { length: data - pos, hole: true });
                 pos = data;
                 continue;
             }
-            // SAFETY: as above.
-            let hole = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_HOLE) };
-            let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+            let hole = lseek(fd, pos as i64, Whence::SeekHole).map_or(end, |hole| (hole as u64).min(end));
             // The file may have changed between the two seeks; always advance.
             let hole = hole.max(pos + 1).min(end);
             runs.push(Allocation { length: hole - pos, hole: false });

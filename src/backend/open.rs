@@ -3,7 +3,9 @@
 
 use super::{blockdev, Backend, FdBackend, StoreInfo, StoreKind};
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg, OFlag};
+use nix::sys::stat::{major, minor};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -64,10 +66,10 @@ fn open_store(spec: &BackendSpec) -> Result<Arc<dyn Backend>, OpenError> {
     let mut options = OpenOptions::new();
     options.read(true).write(!spec.read_only);
     if spec.direct {
-        options.custom_flags(libc::O_DIRECT);
+        options.custom_flags(OFlag::O_DIRECT.bits());
     }
     let file = options.open(path).map_err(|e| io_err(spec, e))?;
-    lock(spec, &file)?;
+    let lock = lock(spec, &file)?;
     let meta = file.metadata().map_err(|e| io_err(spec, e))?;
     let (kind, size, rotational, min_io) = if meta.file_type().is_block_device() {
         let dev_size = blockdev::size(&file).map_err(|e| io_err(spec, e))?;
@@ -78,7 +80,7 @@ fn open_store(spec: &BackendSpec) -> Result<Arc<dyn Backend>, OpenError> {
         };
         let sector = if spec.direct { blockdev::logical_block_size(&file).map_err(|e| io_err(spec, e))? } else { 1 };
         let rdev = meta.rdev();
-        (StoreKind::BlockDevice, size, blockdev::is_rotational(libc::major(rdev) as u64, libc::minor(rdev) as u64), sector)
+        (StoreKind::BlockDevice, size, blockdev::is_rotational(major(rdev), minor(rdev)), sector)
     } else if meta.file_type().is_file() {
         let len = meta.len();
         let size = match spec.size {
@@ -100,7 +102,7 @@ fn open_store(spec: &BackendSpec) -> Result<Arc<dyn Backend>, OpenError> {
         };
         let dev = meta.dev();
         let unit = if spec.direct { 4096 } else { 1 };
-        (StoreKind::File, size, blockdev::is_rotational(libc::major(dev) as u64, libc::minor(dev) as u64), unit)
+        (StoreKind::File, size, blockdev::is_rotational(major(dev), minor(dev)), unit)
     } else {
         return Err(invalid(spec, format!("{} is neither a regular file nor a block device", path.display())));
     };
@@ -108,7 +110,7 @@ fn open_store(spec: &BackendSpec) -> Result<Arc<dyn Backend>, OpenError> {
         return Err(invalid(spec, format!("{} has size 0", path.display())));
     }
     let info = StoreInfo { kind, path: Some(path.clone()), size, rotational, direct: spec.direct, min_io };
-    Ok(Arc::new(FdBackend::new(file, info)))
+    Ok(Arc::new(FdBackend::new(file, info).holding(lock)))
 }
 
 fn open_memory(spec: &BackendSpec) -> Result<Arc<dyn Backend>, OpenError> {
@@ -122,18 +124,21 @@ fn open_memory(spec: &BackendSpec) -> Result<Arc<dyn Backend>, OpenError> {
     Ok(Arc::new(FdBackend::new(file, info)))
 }
 
-fn lock(spec: &BackendSpec, file: &File) -> Result<(), OpenError> {
-    let op = if spec.read_only { libc::LOCK_SH } else { libc::LOCK_EX };
-    // SAFETY: flock on a valid descriptor.
-    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+/// Takes the store's flock (shared when read-only), so that a second
+/// server (or qemu) cannot write the same store. The lock is taken on a
+/// duplicate descriptor, which shares the open file description and hence
+/// the lock; the backend keeps it for its lifetime.
+fn lock(spec: &BackendSpec, file: &File) -> Result<Flock<File>, OpenError> {
+    let arg = if spec.read_only { FlockArg::LockSharedNonblock } else { FlockArg::LockExclusiveNonblock };
+    let dup = file.try_clone().map_err(|e| io_err(spec, e))?;
+    Flock::lock(dup, arg).map_err(|(_, errno)| {
+        if errno == Errno::EWOULDBLOCK {
             let path = spec.path.as_ref().map_or_else(String::new, |p| p.display().to_string());
-            return Err(invalid(spec, format!("{path} is locked by another process (another nbdvirt or qemu using it?)")));
+            invalid(spec, format!("{path} is locked by another process (another nbdvirt or qemu using it?)"))
+        } else {
+            io_err(spec, std::io::Error::from(errno))
         }
-        return Err(io_err(spec, err));
-    }
-    Ok(())
+    })
 }
 
 /// Identity of an opened store's file, to notice two backend names for the

@@ -25,16 +25,16 @@ const CLASSES: usize = (MAX_SHIFT - MIN_SHIFT + 1) as usize;
 const MAX_IDLE_BYTES: usize = 32 << 20;
 
 /// The process-wide pool (idle buffers are shared by all connections).
-static POOL: Pool = Pool::new();
+static POOL: BufferPool = BufferPool::new();
 
-struct Pool {
+struct BufferPool {
     classes: [Mutex<Vec<AlignedBuf>>; CLASSES],
     idle_bytes: AtomicUsize,
 }
 
-impl Pool {
-    const fn new() -> Pool {
-        Pool { classes: [const { Mutex::new(Vec::new()) }; CLASSES], idle_bytes: AtomicUsize::new(0) }
+impl BufferPool {
+    const fn new() -> BufferPool {
+        BufferPool { classes: [const { Mutex::new(Vec::new()) }; CLASSES], idle_bytes: AtomicUsize::new(0) }
     }
 }
 

@@ -7,7 +7,7 @@
 use super::budget::{Budget, Permit};
 use super::buffers::Buffer;
 use super::handshake::Negotiated;
-use super::pool::{Pool, Pools};
+use super::pool::{WorkerPool, Pools};
 use super::sink::{Reply, ReplySink};
 use super::stream::Stream;
 use crate::backend::ZeroMode;
@@ -15,6 +15,8 @@ use crate::nbd::*;
 use crate::map::Range;
 use crate::volume::{Route, Ticket, Volume};
 use bytes::Bytes;
+use nix::errno::Errno;
+use nix::sys::socket::{recv, MsgFlags};
 use std::io::{self, BufReader, Read};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,7 +37,7 @@ pub struct ConnLimits {
 }
 
 /// What every request of a connection needs, shared with pool jobs.
-struct Ctx {
+struct ConnectionCtx {
     volume: Arc<Volume>,
     structured: bool,
     base_allocation: Option<u32>,
@@ -45,9 +47,9 @@ struct Ctx {
     shard: usize,
 }
 
-impl Ctx {
+impl ConnectionCtx {
     /// The pool for `command` on this volume now (see [`Pools`]).
-    fn pool_for(&self, command: u16) -> &Arc<Pool> {
+    fn pool_for(&self, command: u16) -> &Arc<WorkerPool> {
         if matches!(command, CMD_READ | CMD_WRITE) && !self.volume.translation().may_block() {
             &self.pools.cpu
         } else {
@@ -73,7 +75,7 @@ pub fn serve(
     stream.set_read_timeout(Some(TICK))?;
     // A client that stops reading replies must not pin an I/O thread forever.
     stream.set_write_timeout(Some(Duration::from_secs(60)))?;
-    let ctx = Arc::new(Ctx {
+    let ctx = Arc::new(ConnectionCtx {
         volume: negotiated.volume,
         structured: negotiated.structured,
         base_allocation: negotiated.base_allocation,
@@ -164,17 +166,14 @@ impl Reader<'_> {
         }
         let fd = self.inner.get_ref().as_raw_fd();
         let start = Instant::now();
-        let mut byte = 0u8;
+        let mut byte = [0u8; 1];
         while start.elapsed() < self.busy_poll {
-            // SAFETY: a 1-byte peek into a local; fd is our open socket.
-            let n = unsafe { libc::recv(fd, (&raw mut byte).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
-            if n >= 0 {
-                return; // data, or EOF: either way fill_buf will not sleep
+            match recv(fd, &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+                Err(Errno::EAGAIN) => std::thread::yield_now(),
+                // Data, or EOF: either way fill_buf will not sleep. An
+                // error: let fill_buf report it.
+                _ => return,
             }
-            if std::io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
-                return; // let fill_buf report it
-            }
-            std::thread::yield_now();
         }
     }
 
@@ -211,7 +210,7 @@ fn is_timeout(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
 }
 
-fn reader_loop(ctx: &Arc<Ctx>, budget: &Arc<Budget>, reader: &mut Reader<'_>) -> io::Result<()> {
+fn reader_loop(ctx: &Arc<ConnectionCtx>, budget: &Arc<Budget>, reader: &mut Reader<'_>) -> io::Result<()> {
     loop {
         match reader.wait_request(budget)? {
             Next::Data => {}
@@ -307,7 +306,7 @@ fn reader_loop(ctx: &Arc<Ctx>, budget: &Arc<Budget>, reader: &mut Reader<'_>) ->
 
 /// A budget permit; replies held back by a cork are written first if the
 /// reader would have to wait (they hold permits themselves).
-fn acquire(ctx: &Ctx, budget: &Arc<Budget>, payload: u64) -> Permit {
+fn acquire(ctx: &ConnectionCtx, budget: &Arc<Budget>, payload: u64) -> Permit {
     budget.try_acquire(payload).unwrap_or_else(|| {
         ctx.sink.uncork();
         budget.acquire(payload)
@@ -317,12 +316,12 @@ fn acquire(ctx: &Ctx, budget: &Arc<Budget>, payload: u64) -> Permit {
 /// Largest READ/WRITE run on the reader thread itself.
 const INLINE_MAX: u32 = 128 * 1024;
 
-fn runs_inline(ctx: &Ctx, req: &RequestHeader) -> bool {
+fn runs_inline(ctx: &ConnectionCtx, req: &RequestHeader) -> bool {
     matches!(req.command, CMD_READ | CMD_WRITE) && req.length <= INLINE_MAX && !ctx.volume.translation().may_block()
 }
 
 /// Validates a request before any I/O: command, flags, bounds, permissions.
-fn check(ctx: &Ctx, req: &RequestHeader) -> Result<(), (NbdError, String)> {
+fn check(ctx: &ConnectionCtx, req: &RequestHeader) -> Result<(), (NbdError, String)> {
     let name = command_name(req.command);
     if !matches!(req.command, CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS) {
         return Err((NbdError::Inval, format!("unknown command {}", req.command)));
@@ -378,7 +377,7 @@ fn check(ctx: &Ctx, req: &RequestHeader) -> Result<(), (NbdError, String)> {
     Ok(())
 }
 
-fn reply_error(ctx: &Ctx, req: &RequestHeader, err: NbdError, msg: &str, permit: Option<Permit>) {
+fn reply_error(ctx: &ConnectionCtx, req: &RequestHeader, err: NbdError, msg: &str, permit: Option<Permit>) {
     tracing::debug!(command = command_name(req.command), offset = req.offset, length = req.length, error = err.name(), msg, "request failed");
     let bytes = if ctx.structured {
         chunk_error(req.cookie, err.code(), msg)
@@ -388,11 +387,11 @@ fn reply_error(ctx: &Ctx, req: &RequestHeader, err: NbdError, msg: &str, permit:
     ctx.sink.send(Reply::new(bytes, permit));
 }
 
-fn reply_ok(ctx: &Ctx, req: &RequestHeader, permit: Permit) {
+fn reply_ok(ctx: &ConnectionCtx, req: &RequestHeader, permit: Permit) {
     ctx.sink.send(Reply::new(simple_reply(req.cookie, 0).to_vec(), Some(permit)));
 }
 
-fn finish(ctx: &Ctx, req: &RequestHeader, result: io::Result<()>, permit: Permit) {
+fn finish(ctx: &ConnectionCtx, req: &RequestHeader, result: io::Result<()>, permit: Permit) {
     match result {
         Ok(()) => reply_ok(ctx, req, permit),
         Err(e) => reply_error(ctx, req, NbdError::from_io(&e), &format!("{}: {e}", command_name(req.command)), Some(permit)),
@@ -406,7 +405,7 @@ fn first_error(results: Vec<io::Result<()>>) -> io::Result<()> {
 
 /// Runs on an I/O thread. `ticket` is the request's gate admission; it is
 /// dropped once the request's I/O is done.
-fn execute(ctx: Arc<Ctx>, req: RequestHeader, payload: Bytes, permit: Permit, ticket: Option<Ticket>) {
+fn execute(ctx: Arc<ConnectionCtx>, req: RequestHeader, payload: Bytes, permit: Permit, ticket: Option<Ticket>) {
     let fua = req.flags & CMD_FLAG_FUA != 0;
     match req.command {
         CMD_READ => read(ctx, req, permit, ticket),
@@ -474,7 +473,7 @@ fn read_prefix(structured: bool) -> usize {
     }
 }
 
-fn write_read_header(ctx: &Ctx, req: &RequestHeader, out: &mut [u8]) {
+fn write_read_header(ctx: &ConnectionCtx, req: &RequestHeader, out: &mut [u8]) {
     if ctx.structured {
         transmission::write_offset_data_prefix(out, REPLY_FLAG_DONE, req.cookie, req.offset, req.length);
     } else {
@@ -482,7 +481,7 @@ fn write_read_header(ctx: &Ctx, req: &RequestHeader, out: &mut [u8]) {
     }
 }
 
-fn read(ctx: Arc<Ctx>, req: RequestHeader, permit: Permit, ticket: Option<Ticket>) {
+fn read(ctx: Arc<ConnectionCtx>, req: RequestHeader, permit: Permit, ticket: Option<Ticket>) {
     if req.length == 0 {
         let bytes = if ctx.structured { chunk_none(req.cookie) } else { simple_reply(req.cookie, 0).to_vec() };
         ctx.sink.send(Reply::new(bytes, Some(permit)));
@@ -534,7 +533,7 @@ fn read(ctx: Arc<Ctx>, req: RequestHeader, permit: Permit, ticket: Option<Ticket
     });
 }
 
-fn block_status(ctx: &Ctx, req: &RequestHeader, permit: Permit) {
+fn block_status(ctx: &ConnectionCtx, req: &RequestHeader, permit: Permit) {
     let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
     let max = if req_one { 1 } else { MAX_DESCRIPTORS };
     let route = ctx.volume.route(req.offset, req.length as u64);

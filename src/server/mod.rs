@@ -17,7 +17,7 @@ mod stream;
 pub use connection::ConnLimits;
 use crate::endpoint::Endpoint;
 pub use listener::Listener;
-pub use pool::{Pool, Pools};
+pub use pool::{WorkerPool, Pools};
 pub use stream::Stream;
 
 use crate::defaults;
@@ -61,7 +61,7 @@ struct ConnEntry {
     socket: Stream,
 }
 
-struct Shared {
+struct ServerState {
     catalog: ArcSwap<Catalog>,
     pools: Arc<Pools>,
     stopping: AtomicBool,
@@ -79,7 +79,7 @@ pub struct ConnectionInfo {
 }
 
 pub struct Server {
-    shared: Arc<Shared>,
+    shared: Arc<ServerState>,
     listeners: Vec<Arc<Listener>>,
     accept_threads: Vec<JoinHandle<()>>,
 }
@@ -92,7 +92,7 @@ impl Server {
             let l = Listener::bind(endpoint).map_err(|e| std::io::Error::new(e.kind(), format!("listen {endpoint}: {e}")))?;
             listeners.push(Arc::new(l));
         }
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(ServerState {
             catalog: ArcSwap::from_pointee(catalog),
             pools: Arc::new(Pools::new(options.io_threads, pool::cpu_threads())),
             stopping: AtomicBool::new(false),
@@ -178,7 +178,7 @@ impl Server {
     }
 }
 
-fn accept_loop(listener: &Listener, shared: &Arc<Shared>) {
+fn accept_loop(listener: &Listener, shared: &Arc<ServerState>) {
     while !shared.stopping.load(Ordering::Relaxed) {
         match listener.accept_timeout(Duration::from_millis(200)) {
             Ok(Some(stream)) => {
@@ -212,7 +212,7 @@ fn accept_loop(listener: &Listener, shared: &Arc<Shared>) {
     }
 }
 
-fn run_connection(id: u64, mut stream: Stream, shared: &Shared) {
+fn run_connection(id: u64, mut stream: Stream, shared: &ServerState) {
     let peer = stream.peer();
     let _span = tracing::info_span!("conn", id, peer = %peer).entered();
     let _ = stream.set_read_timeout(Some(shared.options.handshake_timeout));

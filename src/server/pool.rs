@@ -16,36 +16,36 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 /// channel made idle workers `sched_yield` thousands of times a second,
 /// costing more CPU than the I/O itself on 4 KiB requests.)
 #[derive(Default)]
-struct Queue {
+struct JobQueue {
     jobs: VecDeque<Job>,
     idle: usize,
     closed: bool,
 }
 
-struct Shared {
-    queue: Mutex<Queue>,
+struct PoolState {
+    queue: Mutex<JobQueue>,
     ready: Condvar,
 }
 
-pub struct Pool {
-    shared: Arc<Shared>,
+pub struct WorkerPool {
+    shared: Arc<PoolState>,
     threads: Vec<JoinHandle<()>>,
 }
 
-impl Pool {
-    pub fn new(threads: usize) -> Pool {
-        Pool::with_name(threads, "nbdvirt-io")
+impl WorkerPool {
+    pub fn new(threads: usize) -> WorkerPool {
+        WorkerPool::with_name(threads, "nbdvirt-io")
     }
 
-    pub fn with_name(threads: usize, name: &str) -> Pool {
-        let shared = Arc::new(Shared { queue: Mutex::new(Queue::default()), ready: Condvar::new() });
+    pub fn with_name(threads: usize, name: &str) -> WorkerPool {
+        let shared = Arc::new(PoolState { queue: Mutex::new(JobQueue::default()), ready: Condvar::new() });
         let threads = (0..threads.max(1))
             .map(|i| {
                 let shared = shared.clone();
                 std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || worker(&shared)).expect("spawn I/O thread")
             })
             .collect();
-        Pool { shared, threads }
+        WorkerPool { shared, threads }
     }
 
     pub fn spawn(&self, job: impl FnOnce() + Send + 'static) {
@@ -116,7 +116,7 @@ impl Pool {
     }
 }
 
-fn worker(shared: &Shared) {
+fn worker(shared: &PoolState) {
     let mut q = lock(&shared.queue);
     loop {
         if let Some(job) = q.jobs.pop_front() {
@@ -143,14 +143,14 @@ fn worker(shared: &Shared) {
 pub struct Pools {
     /// `server.io_threads` threads: FLUSH, TRIM, WRITE_ZEROES, CACHE, block
     /// status, and everything on stores that may block.
-    pub blocking: Arc<Pool>,
+    pub blocking: Arc<WorkerPool>,
     /// One thread per CPU: READ and WRITE to stores that do not block long.
-    pub cpu: Arc<Pool>,
+    pub cpu: Arc<WorkerPool>,
 }
 
 impl Pools {
     pub fn new(io_threads: usize, cpu_threads: usize) -> Pools {
-        Pools { blocking: Arc::new(Pool::new(io_threads)), cpu: Arc::new(Pool::with_name(cpu_threads, "nbdvirt-cpu")) }
+        Pools { blocking: Arc::new(WorkerPool::new(io_threads)), cpu: Arc::new(WorkerPool::with_name(cpu_threads, "nbdvirt-cpu")) }
     }
 }
 
@@ -169,7 +169,7 @@ mod tests {
 
     #[test]
     fn fan_out_collects_in_order() {
-        let pool = Arc::new(Pool::new(3));
+        let pool = Arc::new(WorkerPool::new(3));
         let (tx, rx) = std::sync::mpsc::channel();
         pool.fan_out(8, |i| i * 10, move |r| tx.send(r).unwrap());
         assert_eq!(rx.recv().unwrap(), (0..8).map(|i| i * 10).collect::<Vec<_>>());

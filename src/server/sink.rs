@@ -30,7 +30,7 @@ impl Reply {
 }
 
 #[derive(Default)]
-struct Queue {
+struct ReplyQueue {
     replies: Vec<Reply>,
     writing: bool,
     broken: bool,
@@ -38,7 +38,7 @@ struct Queue {
 }
 
 pub struct ReplySink {
-    queue: Mutex<Queue>,
+    queue: Mutex<ReplyQueue>,
     stream: Mutex<Stream>,
 }
 
@@ -53,7 +53,7 @@ const MAX_CORKED: usize = 4;
 
 impl ReplySink {
     pub fn new(stream: Stream) -> ReplySink {
-        ReplySink { queue: Mutex::new(Queue::default()), stream: Mutex::new(stream) }
+        ReplySink { queue: Mutex::new(ReplyQueue::default()), stream: Mutex::new(stream) }
     }
 
     /// Queues `reply`, and writes the queue if no other thread is doing so.

@@ -7,6 +7,9 @@
 pub mod cli;
 /// nbdsh clients (opt in: `use common::script::*;`).
 pub mod script;
+/// The raw NBD client of the protocol and hostile tests (opt in:
+/// `use common::nbd_client::*;`).
+pub mod nbd_client;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

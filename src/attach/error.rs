@@ -1,0 +1,73 @@
+//! Why an attach, detach, listing or reconnect failed. The messages are what
+//! the CLI prints, so each says what was being done and to which device.
+
+use std::io;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("'{0}' is not an NBD device (expected /dev/nbdN)")]
+    NotNbdDevice(String),
+    #[error("connect {endpoint}: {source}")]
+    Connect { endpoint: String, source: io::Error },
+    #[error("{endpoint}: {source}")]
+    Handshake { endpoint: String, source: HandshakeError },
+    #[error("export '{0}' does not allow several connections (no CAN_MULTI_CONN)")]
+    NoMultiConn(String),
+    #[error("netlink socket: {0}")]
+    Socket(io::Error),
+    #[error("netlink family 'nbd': {0} (is the nbd module loaded? modprobe nbd)")]
+    NoFamily(io::Error),
+    /// A request of the `nbd` family failed (`what` names the command).
+    #[error("{what}: {source}")]
+    Netlink { what: String, source: io::Error },
+    #[error("/dev/nbd{0} is busy (already attached?)")]
+    Busy(u32),
+    #[error("the kernel did not say which device it used")]
+    NoDeviceIndex,
+    #[error("no status reply")]
+    NoStatusReply,
+    #[error("no free /dev/nbdN (modprobe nbd)")]
+    NoFreeDevice,
+    #[error("the ioctl interface supports one connection only")]
+    IoctlOneConnection,
+    #[error("{device}: {source}")]
+    OpenDevice { device: String, source: io::Error },
+    #[error("{device} {what}: {source}")]
+    Ioctl { device: String, what: &'static str, source: nix::errno::Errno },
+    #[error("no device is attached to volume '{0}'")]
+    NotAttached(String),
+    #[error("the nbd netlink family has no multicast group (kernel too old for reconnects)")]
+    NoMulticastGroup,
+    #[error("joining nbd_mc_group: {0}")]
+    JoinGroup(io::Error),
+    #[error("/dev/nbd{0} now belongs to another backend; not reconnecting")]
+    ForeignBackend(u32),
+}
+
+/// Why the client half of the NBD handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("{what}: {source}")]
+    Io { what: &'static str, source: io::Error },
+    #[error("not an NBD newstyle server")]
+    NotNewstyle,
+    #[error("server does not speak fixed newstyle")]
+    NotFixedNewstyle,
+    #[error("option reply of {0} bytes")]
+    ReplyTooLong(u32),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("server acknowledged GO without export information")]
+    NoExportInfo,
+    #[error("server: {0}")]
+    UnknownExport(String),
+    #[error("server refused: {0}")]
+    Refused(String),
+}
+
+impl HandshakeError {
+    /// An I/O failure while `what` was being done.
+    pub fn io(what: &'static str) -> impl FnOnce(io::Error) -> HandshakeError {
+        move |source| HandshakeError::Io { what, source }
+    }
+}
