@@ -140,3 +140,22 @@ pub fn handle(daemon: &Arc<Daemon>, request: Request) -> Response {
         Request::MigrateAbort { volume } => answer(daemon.migrate_abort(&volume).map(|s| jobs(vec![s]))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileTypeExt;
+
+    #[test]
+    fn the_socket_is_owner_only_and_no_bind_directory_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/control.sock");
+        let _listener = bind_private(&path).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let left: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("control.sock")]);
+        UnixStream::connect(&path).expect("connectable after the rename");
+    }
+}

@@ -109,3 +109,34 @@ impl From<DaemonError> for ApiError {
         ApiError::new(e.kind(), e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_variant_has_its_kind_and_keeps_its_message() {
+        let cases = [
+            (DaemonError::NoVolume("x".into()), ErrorKind::NotFound, "no volume named 'x'"),
+            (DaemonError::Migrating("v".into()), ErrorKind::Busy, "volume 'v' is already being migrated"),
+            (DaemonError::NotPaused("v".into()), ErrorKind::Conflict, "volume 'v' is not paused"),
+            (
+                DaemonError::Placement { dest: "d".into(), error: PlacementError::PastEnd { offset: 0, length: 8, size: 4 } },
+                ErrorKind::Invalid,
+                "destination 'd' is too small: 0+8 ends past its 4 bytes",
+            ),
+            (
+                DaemonError::Placement { dest: "d".into(), error: PlacementError::NoFreeRange { length: 8, size: 4, in_use: 1 } },
+                ErrorKind::Conflict,
+                "destination 'd' has no free range of 8 bytes",
+            ),
+            (DaemonError::io("state_dir", std::io::Error::from(std::io::ErrorKind::PermissionDenied)), ErrorKind::Io, "state_dir: permission denied"),
+            (DaemonError::ReloadPartial { errors: vec!["a".into(), "b".into()], swap_failed: true }, ErrorKind::SwapFailed, "reload partly failed: a; b"),
+        ];
+        for (e, kind, message) in cases {
+            let api = ApiError::from(e);
+            assert_eq!(api.kind, kind, "{}", api.message);
+            assert!(api.message.starts_with(message), "{} / {message}", api.message);
+        }
+    }
+}

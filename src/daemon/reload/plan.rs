@@ -63,7 +63,7 @@ impl Daemon {
         new.validate_tables(&tables)?;
         self.check_migration_destinations(new, &tables)?;
         let removed: Vec<String> = catalog.volumes.keys().filter(|n| !new.volumes.iter().any(|v| &v.name == *n)).cloned().collect();
-        let connections = lock_connections(self);
+        let connections = connection_exports(self);
         for name in &removed {
             let n = connections.iter().filter(|c| c.as_deref() == Some(name.as_str())).count();
             if n > 0 && !force {
@@ -96,6 +96,6 @@ impl Daemon {
 }
 
 /// The export each client connection uses.
-fn lock_connections(d: &Daemon) -> Vec<Option<String>> {
+fn connection_exports(d: &Daemon) -> Vec<Option<String>> {
     crate::sync::lock(&d.server).connections().into_iter().map(|c| c.export).collect()
 }
