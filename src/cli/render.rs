@@ -45,7 +45,8 @@ fn state_of(v: &VolumeStatus) -> String {
 
 fn target_of(e: &ExtentStatus) -> String {
     match (&e.backend, e.backend_offset) {
-        (Some(b), off) => format!("{b} @ {}", human(off.unwrap_or(0))),
+        (Some(b), Some(off)) => format!("{b} @ {}", human(off)),
+        (Some(b), None) => b.clone(),
         (None, _) => "zero".into(),
     }
 }

@@ -53,18 +53,21 @@ pub fn startup_tables(config: &Config, state: &StateDir) -> Result<(Vec<MappingT
     let mut pending = Vec::new();
     for v in &config.volumes {
         let rec = state.load(&v.name).map_err(DaemonError::State)?;
-        let table = match (decide(&format!("{file}:{}", v.line), v, rec.as_ref()), &rec) {
-            (Ok(Decision::Keep(t)), Some(rec)) => {
-                // A crash between commit and archive leaves the current
-                // generation out of the history; put it there.
-                let archived = state.history(&v.name).map_err(|e| DaemonError::io(format!("volume '{}': history", v.name), e))?;
-                if !archived.contains(&rec.generation) {
-                    state.archive(rec).map_err(|e| DaemonError::io(format!("volume '{}': archiving", v.name), e))?;
-                }
-                t
-            }
+        let decision = decide(&format!("{file}:{}", v.line), v, rec.as_ref());
+        let table = match (decision, &rec) {
             (Ok(Decision::Commit(t, reason)), _) => {
                 pending.push(record(&v.name, &t, &v.extents, reason));
+                t
+            }
+            (Ok(Decision::Keep(t)), rec) => {
+                // A crash between commit and archive leaves the current
+                // generation out of the history; put it there.
+                if let Some(rec) = rec {
+                    let archived = state.history(&v.name).map_err(|e| DaemonError::io(format!("volume '{}': history", v.name), e))?;
+                    if !archived.contains(&rec.generation) {
+                        state.archive(rec).map_err(|e| DaemonError::io(format!("volume '{}': archiving", v.name), e))?;
+                    }
+                }
                 t
             }
             (Err(why @ DaemonError::RuntimeChanges { .. }), Some(rec)) => {
@@ -72,7 +75,6 @@ pub fn startup_tables(config: &Config, state: &StateDir) -> Result<(Vec<MappingT
                 persisted_table(rec)?
             }
             (Err(e), _) => return Err(e),
-            (Ok(Decision::Keep(_)), None) => unreachable!("Keep needs a record"),
         };
         tables.push(table);
     }
