@@ -7,6 +7,7 @@
 //! Beside them: `map` (pure tables and checks) and `config`.
 //! See docs/ARCHITECTURE.md.
 
+pub mod api;
 pub mod attach;
 pub mod backend;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod map;
 pub mod migrate;
 pub mod nbd;
 pub mod persist;
+pub mod pool;
 pub mod server;
 pub mod sync;
 pub mod volume;

@@ -2,11 +2,9 @@
 //! every check that can be made before anything is opened. Errors name the
 //! file, the line and the field.
 
-mod build;
 mod raw;
 mod units;
 
-pub use build::{build_catalog, build_translation, build_volume, handles, open_stores, validate_tables, OpenStore};
 pub use units::{parse_duration, parse_size};
 
 use crate::backend::BackendSpec;
@@ -128,6 +126,12 @@ impl Config {
 
     pub fn file_name(&self) -> String {
         self.source.as_ref().map_or_else(|| "<embedded default>".to_string(), |p| p.display().to_string())
+    }
+
+    /// The exclusivity check over the tables actually in force (which may
+    /// differ from the config's after run-time changes), one per volume.
+    pub fn validate_tables(&self, tables: &[MappingTable]) -> Result<(), ConfigError> {
+        raw::check_exclusive_tables(&self.file_name(), &self.volumes, tables, &self.backends)
     }
 }
 

@@ -1,6 +1,6 @@
 //! The control plane: a Unix socket (owner-only) speaking one JSON object
-//! per line, and the client the CLI uses. See docs/CONTROL.md.
+//! per line, and the client the CLI uses. The messages are `crate::api`'s.
+//! See docs/CONTROL.md.
 
 pub mod client;
-pub mod protocol;
 pub mod server;

@@ -1,7 +1,7 @@
 //! Serves control requests on a Unix socket created with mode 0600.
 
-use super::protocol::{Request, Response};
-use crate::daemon::{Daemon, MigrateRequest};
+use crate::api::{ApiError, ErrorKind, MigrationList, Request, Response};
+use crate::daemon::{migration_status, Daemon, DaemonError, MigrateRequest};
 use crate::map::Range;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -31,16 +31,7 @@ impl ControlServer {
             }
             std::fs::remove_file(path)?;
         }
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)?;
-        }
-        // Owner-only from the first moment: bind under a tight umask.
-        // SAFETY: umask only changes this process's file-creation mask.
-        let old = unsafe { libc::umask(0o177) };
-        let bound = UnixListener::bind(path);
-        unsafe { libc::umask(old) };
-        let listener = bound?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let listener = bind_private(path)?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
@@ -61,6 +52,28 @@ impl ControlServer {
         })?;
         Ok(ControlServer { path: path.to_path_buf(), stop, thread: Some(thread) })
     }
+}
+
+/// Binds `path` so that nobody but the owner can ever connect: the socket
+/// is created inside a fresh mode-0700 directory beside `path`, made 0600,
+/// then renamed into place. (A process-wide umask around bind would race
+/// other threads creating files.)
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    let name = path.file_name().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "control socket path has no file name"))?;
+    let private = parent.join(format!(".{}.{}.bind", name.to_string_lossy(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    nix::unistd::mkdir(&private, nix::sys::stat::Mode::S_IRWXU)?;
+    let bound = (|| {
+        let inside = private.join(name);
+        let listener = UnixListener::bind(&inside)?;
+        std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&inside, path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    bound
 }
 
 impl Drop for ControlServer {
@@ -89,9 +102,9 @@ fn serve_client(stream: UnixStream, daemon: &Arc<Daemon>) {
         }
         let response = match serde_json::from_str::<Request>(&line) {
             Ok(request) => handle(daemon, request),
-            Err(e) => Response::err(format!("bad request: {e}")),
+            Err(e) => Response::err(ApiError::new(ErrorKind::Invalid, format!("bad request: {e}"))),
         };
-        let mut out = serde_json::to_vec(&response).unwrap_or_else(|_| b"{\"ok\":false,\"error\":\"encoding\"}".to_vec());
+        let mut out = serde_json::to_vec(&response).unwrap_or_else(|_| b"{\"ok\":false,\"error\":\"encoding\",\"kind\":\"internal\"}".to_vec());
         out.push(b'\n');
         if writer.write_all(&out).is_err() {
             return;
@@ -99,43 +112,50 @@ fn serve_client(stream: UnixStream, daemon: &Arc<Daemon>) {
     }
 }
 
+/// The response to a daemon operation's outcome.
+fn answer<T: serde::Serialize>(result: Result<T, DaemonError>) -> Response {
+    match result {
+        Ok(v) => Response::ok(v),
+        Err(e) => Response::err(e.into()),
+    }
+}
+
 pub fn handle(daemon: &Arc<Daemon>, request: Request) -> Response {
+    let jobs = |list: Vec<crate::migrate::JobStatus>| MigrationList { migrations: list.into_iter().map(migration_status).collect() };
     match request {
         Request::Status => Response::ok(daemon.status()),
-        Request::Reload { force } => match daemon.reload(force) {
-            Ok(report) => Response::ok(report),
-            Err(e) => Response::err(e),
-        },
+        Request::Reload { force } => answer(daemon.reload(force)),
         Request::Pause { volume, range, timeout_ms } => {
             let range = range.map(|r| Range::new(r.start, r.length));
             let timeout = timeout_ms.map_or(crate::defaults::MANUAL_PAUSE, Duration::from_millis);
-            match daemon.pause(&volume, range, timeout) {
-                Ok(msg) => Response::ok(msg),
-                Err(e) => Response::err(e),
-            }
+            answer(daemon.pause(&volume, range, timeout))
         }
-        Request::Resume { volume } => match daemon.resume(&volume) {
-            Ok(msg) => Response::ok(msg),
-            Err(e) => Response::err(e),
-        },
-        Request::History { volume } => match daemon.history(&volume) {
-            Ok(h) => Response::ok(h),
-            Err(e) => Response::err(e),
-        },
+        Request::Resume { volume } => answer(daemon.resume(&volume)),
+        Request::History { volume } => answer(daemon.history(&volume)),
         Request::MigrateStart { volume, to, to_offset, range, rate, chunk, discard_source } => {
             let req = MigrateRequest { volume, to, to_offset, range: range.map(|r| Range::new(r.start, r.length)), rate, chunk, discard_source };
-            match daemon.migrate_start(req) {
-                Ok(s) => Response::ok(serde_json::json!({ "migrations": [s] })),
-                Err(e) => Response::err(e),
-            }
+            answer(daemon.migrate_start(req).map(|s| jobs(vec![s])))
         }
-        Request::MigrateStatus { volume } => match daemon.migrate_status(volume.as_deref()) {
-            Ok(list) => Response::ok(serde_json::json!({ "migrations": list })),
-            Err(e) => Response::err(e),
-        },
-        Request::MigrateAbort { volume } => match daemon.migrate_abort(&volume) {
-            Ok(s) => Response::ok(serde_json::json!({ "migrations": [s] })),
-            Err(e) => Response::err(e),
-        },
+        Request::MigrateStatus { volume } => answer(daemon.migrate_status(volume.as_deref()).map(jobs)),
+        Request::MigrateAbort { volume } => answer(daemon.migrate_abort(&volume).map(|s| jobs(vec![s]))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileTypeExt;
+
+    #[test]
+    fn the_socket_is_owner_only_and_no_bind_directory_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/control.sock");
+        let _listener = bind_private(&path).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let left: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("control.sock")]);
+        UnixStream::connect(&path).expect("connectable after the rename");
     }
 }

@@ -1,10 +1,10 @@
-//! Control requests and responses. One JSON object per line each way:
+//! Control requests. One JSON object per line each way:
 //!
 //! ```text
 //! -> {"command":"status"}
 //! <- {"ok":true,"result":{...}}
 //! -> {"command":"pause","volume":"v","range":{"start":0,"length":4096},"timeout_ms":10000}
-//! <- {"ok":false,"error":"no volume named 'v'"}
+//! <- {"ok":false,"error":"no volume named 'v'","kind":"not_found"}
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -60,28 +60,6 @@ pub enum Request {
     MigrateAbort {
         volume: String,
     },
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Response {
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-impl Response {
-    pub fn ok(result: impl Serialize) -> Response {
-        match serde_json::to_value(result) {
-            Ok(v) => Response { ok: true, result: Some(v), error: None },
-            Err(e) => Response::err(format!("cannot encode result: {e}")),
-        }
-    }
-
-    pub fn err(message: impl Into<String>) -> Response {
-        Response { ok: false, result: None, error: Some(message.into()) }
-    }
 }
 
 #[cfg(test)]

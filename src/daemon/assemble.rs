@@ -1,8 +1,10 @@
-//! Opening what a checked configuration describes.
+//! Opening what a checked configuration describes: the runtime assembly of
+//! stores, translations, volumes and catalogs. (The config layer only parses
+//! and validates; this is where its values meet the objects that serve.)
 
-use super::{BackendConfig, Config, ConfigError, VolumeConfig};
 use crate::backend::{file_identity, open_backend, Backend};
-use crate::map::{validate_stores, MapError, MappingTable};
+use crate::config::{BackendConfig, Config, ConfigError, VolumeConfig};
+use crate::map::{validate_stores, Extent, MapError, MappingTable, Range, Target};
 use crate::volume::{Catalog, Translation, Volume, VolumeSpec};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -119,12 +121,6 @@ pub fn build_volume(
     Ok(Volume::new(spec, translation))
 }
 
-/// The exclusivity check over the tables actually in force (which may differ
-/// from the config's after run-time changes).
-pub fn validate_tables(config: &Config, tables: &[MappingTable]) -> Result<(), ConfigError> {
-    super::raw::check_exclusive_tables(&config.file_name(), &config.volumes, tables, &config.backends)
-}
-
 /// Opens every backend and builds every volume at generation 1 from the
 /// config alone (used by `nbdvirt check --open`).
 pub fn build_catalog(config: &Config) -> Result<Catalog, ConfigError> {
@@ -134,6 +130,41 @@ pub fn build_catalog(config: &Config) -> Result<Catalog, ConfigError> {
     for v in &config.volumes {
         volumes.insert(v.name.clone(), Arc::new(build_volume(&file, v, v.table(1), &stores)?));
     }
-    let default_export = config.server.default_export.clone().or_else(|| config.volumes.first().map(|v| v.name.clone()));
-    Ok(Catalog { stores, volumes, default_export })
+    Ok(Catalog { stores, volumes, default_export: default_export(config) })
+}
+
+/// The export served for the empty name: the configured one, or the first
+/// volume.
+pub fn default_export(config: &Config) -> Option<String> {
+    config.server.default_export.clone().or_else(|| config.volumes.first().map(|v| v.name.clone()))
+}
+
+/// The store range an extent maps, if it maps one (a zero extent maps
+/// none). The one place the daemon looks inside an extent's target.
+pub fn store_range(e: &Extent) -> Option<(&str, Range)> {
+    match &e.target {
+        Target::Store { store, offset } => Some((store.as_str(), Range::new(*offset, e.length))),
+        Target::Zero => None,
+    }
+}
+
+/// A store range some volume's table maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreUse<'a> {
+    pub volume: &'a str,
+    pub store: &'a str,
+    pub range: Range,
+}
+
+/// Every range of the stores `on` accepts that `tables` map, in table order.
+pub fn store_uses<'a>(tables: impl IntoIterator<Item = (&'a str, &'a MappingTable)>, on: impl Fn(&str) -> bool) -> Vec<StoreUse<'a>> {
+    let mut out = Vec::new();
+    for (volume, table) in tables {
+        for (store, range) in table.extents().iter().filter_map(store_range) {
+            if on(store) {
+                out.push(StoreUse { volume, store, range });
+            }
+        }
+    }
+    out
 }

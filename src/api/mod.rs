@@ -1,0 +1,20 @@
+//! The typed control API, shared by the control server (which serialises
+//! these values) and the CLI (which deserialises them). Nothing here knows
+//! how the daemon computes them: the daemon converts its runtime objects
+//! into these views, so the wire format only changes when this module does.
+//! It imports nothing from the crate but `map`'s plain data types.
+//!
+//! Wire format: docs/CONTROL.md. Future families (pools, cluster peers,
+//! metrics) add their requests and views here, beside the ones below.
+
+mod error;
+mod report;
+mod request;
+mod response;
+mod status;
+
+pub use error::{ApiError, ErrorKind, ExitCode};
+pub use report::{GenerationRecord, MigrationList, MigrationState, MigrationStatus, ReloadReport, SwapOutcome};
+pub use request::{RangeArg, Request};
+pub use response::Response;
+pub use status::{BackendKind, BackendStatus, ExtentStatus, RangeStatus, Status, VolumeStatus};

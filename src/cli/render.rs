@@ -1,0 +1,163 @@
+//! Text and JSON output of the client commands. Tables are comfy-table's,
+//! borderless (one row per line, easy to grep).
+
+use nbdvirt::api::{ExtentStatus, GenerationRecord, MigrationStatus, ReloadReport, Status, VolumeStatus};
+use comfy_table::{presets, Cell, CellAlignment, Table};
+use serde::Serialize;
+
+/// `--json`: the answer as the server sent it (keys sorted, pretty).
+pub fn json(value: &impl Serialize) {
+    let v = serde_json::to_value(value).unwrap_or_default();
+    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+}
+
+/// Bytes in the largest binary unit that divides them exactly.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut u = 0;
+    while u < UNITS.len() - 1 && bytes >= 1024 << (10 * u) && (bytes >> (10 * (u + 1))) << (10 * (u + 1)) == bytes {
+        u += 1;
+    }
+    format!("{}{}", bytes >> (10 * u), UNITS[u])
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(presets::NOTHING).set_header(header.to_vec());
+    t
+}
+
+fn right(t: &mut Table, columns: &[usize]) {
+    for &c in columns {
+        if let Some(col) = t.column_mut(c) {
+            col.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+}
+
+fn state_of(v: &VolumeStatus) -> String {
+    if v.manual_pause {
+        format!("{} (manual)", v.state)
+    } else {
+        v.state.clone()
+    }
+}
+
+fn target_of(e: &ExtentStatus) -> String {
+    match (&e.backend, e.backend_offset) {
+        (Some(b), Some(off)) => format!("{b} @ {}", human(off)),
+        (Some(b), None) => b.clone(),
+        (None, _) => "zero".into(),
+    }
+}
+
+pub fn status(s: &Status) {
+    let mut t = table(&["VOLUME", "SIZE", "GENERATION", "STATE", "CONNECTIONS", "IN-FLIGHT", "HELD", "LAST SWAP"]);
+    for v in &s.volumes {
+        let swap = match (v.last_hold_us, v.last_drain_us) {
+            (Some(h), Some(d)) => format!("hold {h} us, drain {d} us ({} swaps)", v.swaps),
+            _ => "-".into(),
+        };
+        t.add_row(vec![
+            v.name.clone(),
+            human(v.size),
+            v.generation.to_string(),
+            state_of(v),
+            v.connections.to_string(),
+            v.in_flight.to_string(),
+            v.held_requests.to_string(),
+            swap,
+        ]);
+    }
+    right(&mut t, &[1, 2, 4, 5, 6]);
+    println!("{t}");
+    for v in &s.volumes {
+        println!("\nvolume {}:", v.name);
+        let mut t = table(&["START", "LENGTH", "TARGET"]);
+        for e in &v.extents {
+            t.add_row(vec![human(e.start), format!("+{}", human(e.length)), target_of(e)]);
+        }
+        right(&mut t, &[0, 1]);
+        println!("{t}");
+        for r in &v.held_ranges {
+            println!("  held: {} +{}", r.start, r.length);
+        }
+        if let Some(e) = &v.last_error {
+            println!("  last error: {e}");
+        }
+    }
+    println!();
+    let mut t = table(&["BACKEND", "KIND", "PATH", "SIZE"]);
+    for b in &s.backends {
+        let path = b.path.as_ref().map_or_else(|| "(memory)".to_string(), |p| p.display().to_string());
+        t.add_row(vec![b.name.clone(), b.kind.as_str().into(), path, human(b.size)]);
+    }
+    right(&mut t, &[3]);
+    println!("{t}");
+}
+
+pub fn reload(r: &ReloadReport) {
+    println!("reload applied");
+    for (label, items) in [
+        ("added", &r.added),
+        ("removed", &r.removed),
+        ("unchanged", &r.unchanged),
+        ("backends opened", &r.backends_opened),
+        ("backends closed", &r.backends_closed),
+        ("needs restart", &r.needs_restart),
+    ] {
+        if !items.is_empty() {
+            println!("  {label}: {}", items.join(", "));
+        }
+    }
+    for s in &r.swapped {
+        println!(
+            "  swapped {}: generation {} -> {} (hold {} us, drain {} us, {} attempt(s))",
+            s.volume, s.from_generation, s.generation, s.hold, s.drain, s.attempts
+        );
+    }
+}
+
+pub fn history(gens: &[GenerationRecord]) {
+    let mut t = table(&["GENERATION", "REASON", "COMMITTED_AT", "EXTENTS"]);
+    for g in gens {
+        t.add_row(vec![Cell::new(g.generation), Cell::new(&g.reason), Cell::new(g.committed_at), Cell::new(g.extents.len())]);
+    }
+    right(&mut t, &[0, 2, 3]);
+    println!("{t}");
+}
+
+pub fn migrations(jobs: &[MigrationStatus]) {
+    let mut t = table(&["MIGRATION", "STATE", "COPIED", "DESTINATION", "REASON"]);
+    for m in jobs {
+        let pct = m.copied_bytes as f64 * 100.0 / m.total_bytes.max(1) as f64;
+        t.add_row(vec![
+            m.volume.clone(),
+            m.state.as_str().into(),
+            format!("{}/{} ({pct:.1}%)", human(m.copied_bytes), human(m.total_bytes)),
+            format!("{} @ {}", m.dest, m.dest_offset),
+            m.reason.clone().unwrap_or_default(),
+        ]);
+    }
+    println!("{t}");
+}
+
+pub fn attached(list: &[nbdvirt::attach::DeviceStatus]) {
+    for d in list.iter().filter(|d| d.connected) {
+        println!("{}  {}  {}", d.device, d.size.map(human).unwrap_or_default(), d.backend.as_deref().unwrap_or("-"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human;
+
+    #[test]
+    fn human_sizes_are_exact() {
+        assert_eq!(human(0), "0B");
+        assert_eq!(human(4096), "4KiB");
+        assert_eq!(human(8 << 20), "8MiB");
+        assert_eq!(human(1536), "1536B");
+        assert_eq!(human(3 << 30), "3GiB");
+    }
+}

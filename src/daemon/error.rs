@@ -1,0 +1,142 @@
+//! What a daemon operation can fail with; each variant has one `ErrorKind`.
+
+use crate::api::{ApiError, ErrorKind};
+use crate::config::ConfigError;
+use crate::map::Range;
+use crate::pool::placement::PlacementError;
+use crate::volume::SwapError;
+
+/// A reload maps a range a running migration copies into.
+#[derive(Debug, thiserror::Error)]
+#[error("{at}: volume '{volume}': backend '{store}' range {}+{} is the destination of the running migration of volume '{migrating}' ({}+{})", range.start, range.len(), dest.start, dest.len())]
+pub struct DestinationTaken {
+    pub at: String,
+    pub volume: String,
+    pub store: String,
+    pub range: Range,
+    pub migrating: String,
+    pub dest: Range,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("no volume named '{0}'")]
+    NoVolume(String),
+    #[error("no backend named '{0}'")]
+    NoBackend(String),
+    #[error("no migration of volume '{0}'")]
+    NoMigration(String),
+    #[error("no running migration of volume '{0}'")]
+    NoRunningMigration(String),
+
+    #[error("volume '{0}' is already paused")]
+    AlreadyPaused(String),
+    #[error("volume '{0}' is paused; resume it first")]
+    Paused(String),
+    #[error("volume '{0}' is already being migrated")]
+    Migrating(String),
+    #[error("{at}: volume '{volume}' is being migrated; its mapping cannot change until the migration ends (`nbdvirt migrate abort {volume}` or wait)")]
+    MappingLocked { at: String, volume: String },
+    #[error("volume '{volume}' is removed from the config but has {connections} client connection(s); disconnect them or reload with --force")]
+    ClientsConnected { volume: String, connections: usize },
+
+    #[error("volume '{0}' is not paused")]
+    NotPaused(String),
+    #[error("{at}: volume '{volume}': the config changed, but the volume's mapping was also changed at run time (generation {generation}, {reason}); applying the config would undo that. Make the config's extents match `nbdvirt status` and reload again")]
+    RuntimeChanges { at: String, volume: String, generation: u64, reason: String },
+    #[error(transparent)]
+    MigrationDestination(Box<DestinationTaken>),
+    #[error("destination '{dest}' {error}")]
+    Placement { dest: String, error: PlacementError },
+
+    #[error("the server runs on the embedded default; there is no config file to reload")]
+    NoConfigFile,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{at}: volume '{volume}': changing read_only, block_size or description of a live volume is not supported; remove it, reload, add it back (or restart)")]
+    LiveSpecChange { at: String, volume: String },
+    #[error("range {}+{} is not inside volume '{volume}' ({size} bytes)", range.start, range.len())]
+    RangeOutside { volume: String, range: Range, size: u64 },
+    #[error("range {}+{} is not aligned to the volume's block size {block}", range.start, range.len())]
+    RangeMisaligned { range: Range, block: u64 },
+    #[error("chunk {chunk} must be a positive multiple of the block size {block}")]
+    BadChunk { chunk: u64, block: u64 },
+
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    /// The persist layer's errors (strings until it has typed ones).
+    #[error("{0}")]
+    State(String),
+    /// The migrate layer's errors (strings until it has typed ones).
+    #[error("{0}")]
+    Migration(String),
+
+    #[error(transparent)]
+    Swap(#[from] SwapError),
+    /// Some swaps or additions of a reload failed; the rest is in force.
+    #[error("reload partly failed: {}", errors.join("; "))]
+    ReloadPartial { errors: Vec<String>, swap_failed: bool },
+}
+
+impl DaemonError {
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> DaemonError {
+        DaemonError::Io { what: what.into(), source }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        use DaemonError::*;
+        match self {
+            NoVolume(_) | NoBackend(_) | NoMigration(_) | NoRunningMigration(_) => ErrorKind::NotFound,
+            AlreadyPaused(_) | Paused(_) | Migrating(_) | MappingLocked { .. } | ClientsConnected { .. } => ErrorKind::Busy,
+            NotPaused(_) | RuntimeChanges { .. } | MigrationDestination(_) => ErrorKind::Conflict,
+            Placement { error, .. } => match error {
+                PlacementError::InUse { .. } | PlacementError::NoFreeRange { .. } => ErrorKind::Conflict,
+                PlacementError::Misaligned { .. } | PlacementError::PastEnd { .. } => ErrorKind::Invalid,
+            },
+            NoConfigFile | Config(_) | LiveSpecChange { .. } | RangeOutside { .. } | RangeMisaligned { .. } | BadChunk { .. } => ErrorKind::Invalid,
+            // Until migrate has typed errors, what it reports at start is
+            // persisting its checkpoint or attaching its overlay: I/O.
+            Io { .. } | State(_) | Migration(_) => ErrorKind::Io,
+            Swap(_) => ErrorKind::SwapFailed,
+            ReloadPartial { swap_failed: true, .. } => ErrorKind::SwapFailed,
+            ReloadPartial { swap_failed: false, .. } => ErrorKind::Io,
+        }
+    }
+}
+
+impl From<DaemonError> for ApiError {
+    fn from(e: DaemonError) -> ApiError {
+        ApiError::new(e.kind(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_variant_has_its_kind_and_keeps_its_message() {
+        let cases = [
+            (DaemonError::NoVolume("x".into()), ErrorKind::NotFound, "no volume named 'x'"),
+            (DaemonError::Migrating("v".into()), ErrorKind::Busy, "volume 'v' is already being migrated"),
+            (DaemonError::NotPaused("v".into()), ErrorKind::Conflict, "volume 'v' is not paused"),
+            (
+                DaemonError::Placement { dest: "d".into(), error: PlacementError::PastEnd { offset: 0, length: 8, size: 4 } },
+                ErrorKind::Invalid,
+                "destination 'd' is too small: 0+8 ends past its 4 bytes",
+            ),
+            (
+                DaemonError::Placement { dest: "d".into(), error: PlacementError::NoFreeRange { length: 8, size: 4, in_use: 1 } },
+                ErrorKind::Conflict,
+                "destination 'd' has no free range of 8 bytes",
+            ),
+            (DaemonError::io("state_dir", std::io::Error::from(std::io::ErrorKind::PermissionDenied)), ErrorKind::Io, "state_dir: permission denied"),
+            (DaemonError::ReloadPartial { errors: vec!["a".into(), "b".into()], swap_failed: true }, ErrorKind::SwapFailed, "reload partly failed: a; b"),
+        ];
+        for (e, kind, message) in cases {
+            let api = ApiError::from(e);
+            assert_eq!(api.kind, kind, "{}", api.message);
+            assert!(api.message.starts_with(message), "{} / {message}", api.message);
+        }
+    }
+}

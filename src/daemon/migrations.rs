@@ -1,0 +1,167 @@
+//! The migration registry: jobs running in this process and finished ones
+//! (known from their checkpoints), and the `migrate_*` operations.
+
+use super::assemble::store_uses;
+use super::{Daemon, DaemonError};
+use crate::map::Range;
+use crate::migrate::{self, Checkpoint, JobStatus, MigrationJob, MigrationSpec};
+use crate::persist::{now_secs, StateDir};
+use crate::pool::placement;
+use crate::sync::lock;
+use crate::volume::{Catalog, SwapOptions};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// A migration known to the daemon.
+pub enum JobEntry {
+    Live(Arc<MigrationJob>),
+    Finished(Checkpoint),
+}
+
+impl JobEntry {
+    pub fn status(&self) -> JobStatus {
+        match self {
+            JobEntry::Live(j) => j.status(),
+            JobEntry::Finished(c) => c.status(),
+        }
+    }
+    pub fn running(&self) -> Option<&Arc<MigrationJob>> {
+        match self {
+            JobEntry::Live(j) if j.is_running() => Some(j),
+            _ => None,
+        }
+    }
+}
+
+/// Jobs by volume name.
+pub type Registry = BTreeMap<String, JobEntry>;
+
+/// Options of `migrate start`.
+#[derive(Debug, Clone, Default)]
+pub struct MigrateRequest {
+    pub volume: String,
+    pub to: String,
+    pub to_offset: Option<u64>,
+    pub range: Option<Range>,
+    pub rate: Option<u64>,
+    pub chunk: Option<u64>,
+    pub discard_source: bool,
+}
+
+/// Resumes the migrations interrupted by a stop, before anyone connects.
+/// One job that cannot go on must not keep every volume down: it is marked
+/// failed and its volume stays on its source.
+pub fn resume_all(state: &StateDir, catalog: &Catalog, swap: &SwapOptions) -> Result<Registry, DaemonError> {
+    let mut registry = Registry::new();
+    for cp in migrate::load_checkpoints(state).map_err(DaemonError::State)? {
+        let name = cp.spec.volume.clone();
+        let entry = match (cp.state, catalog.volumes.get(&name)) {
+            (migrate::JobState::Running, Some(volume)) => {
+                let chunks = cp.spec.range.len().div_ceil(cp.spec.chunk) as usize;
+                let resumed = MigrationJob::new(cp.spec.clone(), volume.clone(), catalog.stores.clone(), state.clone(), swap.clone(), &cp.copied(chunks), cp.started_at)
+                    .and_then(|job| job.start(false).map(|()| job));
+                match resumed {
+                    Ok(job) => {
+                        tracing::info!(volume = %name, copied_bytes = cp.copied_bytes, "resumed migration from its checkpoint");
+                        JobEntry::Live(job)
+                    }
+                    Err(e) => {
+                        volume.set_mirror_unserved(None);
+                        tracing::error!(volume = %name, error = %e, "cannot resume the migration; the volume stays on its source");
+                        let mut cp = cp.clone();
+                        cp.state = migrate::JobState::Failed;
+                        cp.reason = Some(format!("cannot resume after restart: {e}"));
+                        cp.finished_at = Some(now_secs());
+                        if let Err(e) = state.write_json(&std::path::Path::new("migrations").join(format!("{name}.json")), &cp) {
+                            tracing::warn!(volume = %name, error = %e, "persisting the failed migration failed");
+                        }
+                        JobEntry::Finished(cp)
+                    }
+                }
+            }
+            _ => JobEntry::Finished(cp),
+        };
+        registry.insert(name, entry);
+    }
+    Ok(registry)
+}
+
+impl Daemon {
+    pub(super) fn is_migrating(&self, volume: &str) -> bool {
+        lock(&self.migrations).get(volume).and_then(JobEntry::running).is_some()
+    }
+
+    /// Specs of the running migrations.
+    pub(super) fn running_migrations(&self) -> Vec<MigrationSpec> {
+        lock(&self.migrations).values().filter_map(|e| e.running().map(|j| j.spec().clone())).collect()
+    }
+
+    /// Starts moving (a range of) a volume onto another store.
+    pub fn migrate_start(&self, req: MigrateRequest) -> Result<JobStatus, DaemonError> {
+        let _admin = lock(&self.admin);
+        let catalog = self.catalog();
+        let volume = self.volume(&req.volume)?;
+        let name = req.volume.clone();
+        if self.is_migrating(&name) {
+            return Err(DaemonError::Migrating(name));
+        }
+        if self.pauses.contains(&name) {
+            return Err(DaemonError::Paused(name));
+        }
+        let dest = catalog.stores.get(&req.to).ok_or_else(|| DaemonError::NoBackend(req.to.clone()))?;
+        let block = volume.spec().block_size as u64;
+        let range = req.range.unwrap_or(Range::new(0, volume.size()));
+        if range.is_empty() || range.end > volume.size() {
+            return Err(DaemonError::RangeOutside { volume: name, range, size: volume.size() });
+        }
+        if range.start % block != 0 || range.len() % block != 0 {
+            return Err(DaemonError::RangeMisaligned { range, block });
+        }
+        let chunk = req.chunk.unwrap_or(migrate::DEFAULT_CHUNK);
+        if chunk == 0 || chunk % block != 0 {
+            return Err(DaemonError::BadChunk { chunk, block });
+        }
+        // Every range of the destination store (under any of its names) in
+        // use: volume mappings and destinations of running migrations.
+        let same_store = |n: &str| catalog.stores.get(n).is_some_and(|s| Arc::ptr_eq(s, dest));
+        let tables: Vec<_> = catalog.volumes.values().map(|v| (v.name(), v.table())).collect();
+        let mut used: Vec<Range> = store_uses(tables.iter().map(|(n, t)| (*n, t)), same_store).into_iter().map(|u| u.range).collect();
+        used.extend(self.running_migrations().iter().filter(|s| same_store(&s.dest)).map(|s| Range::new(s.dest_offset, s.range.len())));
+        let placed = match req.to_offset {
+            Some(off) => placement::check_at(&used, dest.size(), off, range.len(), block),
+            None => placement::lowest_free(&used, dest.size(), range.len(), block),
+        };
+        let dest_offset = placed.map_err(|error| DaemonError::Placement { dest: req.to.clone(), error })?;
+        let spec = MigrationSpec {
+            volume: name.clone(),
+            range,
+            dest: req.to.clone(),
+            dest_offset,
+            chunk,
+            rate: req.rate.unwrap_or(migrate::DEFAULT_RATE),
+            discard_source: req.discard_source,
+        };
+        let swap = lock(&self.swap).clone();
+        let job = MigrationJob::new(spec, volume, catalog.stores.clone(), self.state.clone(), swap, &[], now_secs()).map_err(DaemonError::Migration)?;
+        job.start(true).map_err(DaemonError::Migration)?;
+        let status = job.status();
+        lock(&self.migrations).insert(name, JobEntry::Live(job));
+        Ok(status)
+    }
+
+    pub fn migrate_status(&self, volume: Option<&str>) -> Result<Vec<JobStatus>, DaemonError> {
+        let jobs = lock(&self.migrations);
+        if let Some(v) = volume {
+            return jobs.get(v).map(|e| vec![e.status()]).ok_or_else(|| DaemonError::NoMigration(v.into()));
+        }
+        Ok(jobs.values().map(JobEntry::status).collect())
+    }
+
+    pub fn migrate_abort(&self, volume: &str) -> Result<JobStatus, DaemonError> {
+        let job = lock(&self.migrations).get(volume).and_then(JobEntry::running).cloned();
+        let job = job.ok_or_else(|| DaemonError::NoRunningMigration(volume.into()))?;
+        job.abort();
+        job.join();
+        Ok(job.status())
+    }
+}

@@ -1,0 +1,133 @@
+//! The running daemon: the server, the config it was started with, the
+//! persisted state, and the operations the control plane offers. Everything
+//! that changes a running volume's mapping goes through `Volume::swap` and
+//! is persisted before it is in force.
+//!
+//! Rooms: `assemble` (stores, translations, volumes from a config),
+//! `reconcile` (config vs persisted generation), `commit` (durable
+//! generations), `reload` (plan → stage → apply), `pauses` (manual pauses),
+//! `migrations` (the job registry), `status` (API views), `error`.
+
+pub mod assemble;
+mod commit;
+mod error;
+mod migrations;
+mod pauses;
+mod reconcile;
+mod reload;
+mod status;
+
+pub use commit::PersistCommit;
+pub use error::DaemonError;
+pub use migrations::MigrateRequest;
+pub use status::migration_status;
+
+use crate::config::Config;
+use crate::persist::StateDir;
+use crate::server::{ConnLimits, Server, ServerOptions};
+use crate::sync::lock;
+use crate::volume::{Catalog, SwapOptions, SwapPhase, Volume};
+use assemble::{build_volume, default_export, handles, open_stores, OpenStore};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+pub struct Daemon {
+    config_path: Option<PathBuf>,
+    config: Mutex<Config>,
+    stores: Mutex<HashMap<String, OpenStore>>,
+    server: Mutex<Server>,
+    state: StateDir,
+    /// Swap settings; `reload` refreshes them from the new config.
+    swap: Mutex<SwapOptions>,
+    pauses: pauses::PauseRegistry,
+    migrations: Mutex<migrations::Registry>,
+    /// Serialises administrative operations (reload, pause, resume, migrate).
+    admin: Mutex<()>,
+}
+
+fn options(config: &Config) -> ServerOptions {
+    let s = &config.server;
+    ServerOptions {
+        io_threads: s.io_threads,
+        max_connections: s.max_connections,
+        handshake_timeout: crate::defaults::HANDSHAKE_TIMEOUT,
+        limits: ConnLimits {
+            max_inflight_bytes: s.max_inflight,
+            max_inflight_requests: crate::defaults::MAX_INFLIGHT_REQUESTS,
+            shutdown_grace: s.shutdown_grace,
+            busy_poll: s.busy_poll,
+        },
+    }
+}
+
+fn swap_options(config: &Config, crash_at: Option<SwapPhase>) -> SwapOptions {
+    SwapOptions { pause_timeout: config.server.pause_timeout, retries: config.server.pause_retries, backoff: crate::defaults::SWAP_BACKOFF, crash_at }
+}
+
+impl Daemon {
+    /// Opens the stores, resolves each volume's table against the persisted
+    /// state, resumes interrupted migrations and binds the listeners (not
+    /// yet accepting).
+    pub fn start(config_path: Option<PathBuf>, config: Config, crash_at: Option<SwapPhase>) -> Result<Arc<Daemon>, DaemonError> {
+        let state = StateDir::open(&config.server.state_dir).map_err(|e| DaemonError::io("state_dir", e))?;
+        let stores = open_stores(&config, &HashMap::new())?;
+        let handles = handles(&stores);
+        let (tables, pending) = reconcile::startup_tables(&config, &state)?;
+        let file = config.file_name();
+        let mut volumes = BTreeMap::new();
+        for (v, table) in config.volumes.iter().zip(tables) {
+            volumes.insert(v.name.clone(), Arc::new(build_volume(&file, v, table, &handles)?));
+        }
+        for rec in &pending {
+            state.commit(rec).map_err(|e| DaemonError::io(format!("persisting volume '{}'", rec.volume), e))?;
+        }
+        let catalog = Catalog { stores: handles, volumes, default_export: default_export(&config) };
+        // Resume interrupted migrations before anyone can connect.
+        let swap = swap_options(&config, crash_at);
+        let migrations = migrations::resume_all(&state, &catalog, &swap)?;
+        let server = Server::bind(&config.server.listen, catalog, options(&config)).map_err(|e| DaemonError::io("listen", e))?;
+        Ok(Arc::new(Daemon {
+            config_path,
+            migrations: Mutex::new(migrations),
+            swap: Mutex::new(swap),
+            config: Mutex::new(config),
+            stores: Mutex::new(stores),
+            server: Mutex::new(server),
+            state,
+            pauses: pauses::PauseRegistry::default(),
+            admin: Mutex::new(()),
+        }))
+    }
+
+    pub fn start_serving(&self) {
+        lock(&self.server).start();
+    }
+
+    pub fn endpoints(&self) -> Vec<crate::endpoint::Endpoint> {
+        lock(&self.server).endpoints()
+    }
+
+    pub fn control_path(&self) -> PathBuf {
+        lock(&self.config).server.control.clone()
+    }
+
+    pub fn catalog(&self) -> Arc<Catalog> {
+        lock(&self.server).catalog()
+    }
+
+    /// Stops serving: copiers stop at a durable checkpoint (their jobs stay
+    /// `running` and resume at the next start), clients drain, stores flush.
+    pub fn shutdown(&self) -> std::io::Result<()> {
+        self.pauses.end_all();
+        let live: Vec<_> = lock(&self.migrations).values().filter_map(|e| e.running().cloned()).collect();
+        for job in live {
+            job.suspend();
+        }
+        lock(&self.server).shutdown()
+    }
+
+    fn volume(&self, name: &str) -> Result<Arc<Volume>, DaemonError> {
+        self.catalog().volumes.get(name).cloned().ok_or_else(|| DaemonError::NoVolume(name.into()))
+    }
+}

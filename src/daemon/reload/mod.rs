@@ -1,0 +1,50 @@
+//! `reload`: re-read the config file and apply it under live I/O, in three
+//! steps — plan (decide and refuse, nothing opened), stage (open stores,
+//! build every new translation: nothing changed yet), apply (swaps, each
+//! atomic and persisted, then the new catalog).
+
+mod apply;
+mod plan;
+
+use super::{Daemon, DaemonError};
+use crate::api::ReloadReport;
+use crate::config::Config;
+use crate::sync::lock;
+
+/// Settings a reload cannot change in a running server.
+fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
+    let (o, n) = (&old.server, &new.server);
+    let mut out = Vec::new();
+    if n.listen != o.listen {
+        out.push("server.listen".into());
+    }
+    if n.control != o.control {
+        out.push("server.control".into());
+    }
+    if n.state_dir != o.state_dir {
+        out.push("server.state_dir".into());
+    }
+    if n.io_threads != o.io_threads || n.max_inflight != o.max_inflight || n.busy_poll != o.busy_poll {
+        out.push("server.io_threads/max_inflight/busy_poll".into());
+    }
+    out
+}
+
+impl Daemon {
+    /// Re-reads the config file and applies it under live I/O.
+    pub fn reload(&self, force: bool) -> Result<ReloadReport, DaemonError> {
+        let _admin = lock(&self.admin);
+        let path = self.config_path.clone().ok_or(DaemonError::NoConfigFile)?;
+        let new = Config::load(&path)?;
+        let mut report = ReloadReport { needs_restart: needs_restart(&lock(&self.config), &new), ..ReloadReport::default() };
+        let plan = self.plan_reload(&new, force)?;
+        let staged = self.stage_reload(&new, plan)?;
+        let swap_failed = self.apply_reload(new, staged, &mut report);
+        tracing::info!(?report, "reload applied");
+        if report.errors.is_empty() {
+            Ok(report)
+        } else {
+            Err(DaemonError::ReloadPartial { errors: report.errors, swap_failed })
+        }
+    }
+}
