@@ -5,9 +5,9 @@
 //! force.
 
 use crate::config::{self, Config, OpenStore, VolumeConfig};
-use crate::map::{MappingTable, Range, Target};
+use crate::map::{MappingTable, Range};
 use crate::migrate::{self, Checkpoint, JobStatus, MigrationJob, MigrationSpec};
-use crate::persist::{now_secs, StateDir, VolumeRecord};
+use crate::persist::{now_secs, GenerationCommit, StateDir, VolumeRecord};
 use crate::server::{ConnLimits, Server, ServerOptions};
 use crate::volume::{Catalog, HoldId, SwapOptions, SwapPhase, Volume};
 use serde::Serialize;
@@ -74,44 +74,6 @@ pub struct Daemon {
     next_token: std::sync::atomic::AtomicU64,
     /// Serialises administrative operations (reload, pause, resume).
     admin: Mutex<()>,
-}
-
-/// Persists a swap's new generation in the state directory: prepared
-/// before the pause, renamed into place while paused, archived after.
-pub struct PersistCommit<'a> {
-    state: &'a StateDir,
-    record: VolumeRecord,
-}
-
-impl<'a> PersistCommit<'a> {
-    pub fn new(state: &'a StateDir, volume: &str, config_extents: Vec<crate::map::Extent>, reason: &str) -> Self {
-        let record = VolumeRecord {
-            volume: volume.into(),
-            generation: 0,
-            extents: Vec::new(),
-            config_extents,
-            reason: reason.into(),
-            committed_at: 0,
-        };
-        PersistCommit { state, record }
-    }
-}
-
-impl crate::volume::Commit for PersistCommit<'_> {
-    fn prepare(&mut self, table: &MappingTable) -> Result<(), String> {
-        self.record.generation = table.generation();
-        self.record.extents = table.extents().to_vec();
-        self.record.committed_at = now_secs();
-        self.state.prepare(&self.record).map_err(|e| format!("persisting generation {}: {e}", table.generation()))
-    }
-    fn commit(&mut self, table: &MappingTable) -> Result<(), String> {
-        self.state.commit_prepared(&self.record.volume).map_err(|e| format!("committing generation {}: {e}", table.generation()))
-    }
-    fn committed(&mut self, _table: &MappingTable) {
-        if let Err(e) = self.state.archive(&self.record) {
-            tracing::warn!(volume = %self.record.volume, error = %e, "archiving a committed generation failed");
-        }
-    }
 }
 
 /// How the table of a volume is chosen from config and persisted state.
@@ -244,7 +206,7 @@ impl Daemon {
         let mut tables = Vec::new();
         let mut pending: Vec<(VolumeRecord, bool)> = Vec::new();
         for v in &config.volumes {
-            let record = state.load(&v.name)?;
+            let record = state.load(&v.name).map_err(|e| e.to_string())?;
             let (table, commit) = match decide(v, record.as_ref()) {
                 Ok(Decision::Keep(t)) => {
                     // A crash between commit and archive leaves the current
@@ -292,7 +254,7 @@ impl Daemon {
         // Resume interrupted migrations before anyone can connect.
         let swap = swap_options(&config, crash_at);
         let mut migrations = BTreeMap::new();
-        for cp in migrate::load_checkpoints(&state)? {
+        for cp in migrate::load_checkpoints(&state).map_err(|e| e.to_string())? {
             let name = cp.spec.volume.clone();
             let entry = match (cp.state, catalog.volumes.get(&name)) {
                 (migrate::JobState::Running, Some(volume)) => {
@@ -306,7 +268,7 @@ impl Daemon {
                         &cp.copied(chunks),
                         cp.started_at,
                     )
-                    .and_then(|job| job.start(false).map(|()| job));
+                    .and_then(|job| job.start().map(|()| job));
                     match resumed {
                         Ok(job) => {
                             tracing::info!(volume = %name, copied_bytes = cp.copied_bytes, "resumed migration from its checkpoint");
@@ -314,7 +276,6 @@ impl Daemon {
                         }
                         // One job that cannot go on must not keep every volume down.
                         Err(e) => {
-                            volume.set_mirror_unserved(None);
                             tracing::error!(volume = %name, error = %e, "cannot resume the migration; the volume stays on its source");
                             let mut cp = cp.clone();
                             cp.state = migrate::JobState::Failed;
@@ -406,15 +367,15 @@ impl Daemon {
                     extents: table
                         .extents()
                         .iter()
-                        .map(|e| match &e.target {
-                            Target::Store { store, offset } => ExtentStatus {
+                        .map(|e| {
+                            let first = e.target.store_ranges(e.length).first().map(|(store, r)| (store.to_string(), r.start));
+                            ExtentStatus {
                                 start: e.start,
                                 length: e.length,
-                                backend: Some(store.clone()),
-                                backend_offset: Some(*offset),
-                                zero: false,
-                            },
-                            Target::Zero => ExtentStatus { start: e.start, length: e.length, backend: None, backend_offset: None, zero: true },
+                                backend: first.as_ref().map(|(store, _)| store.clone()),
+                                backend_offset: first.as_ref().map(|(_, offset)| *offset),
+                                zero: first.is_none(),
+                            }
                         })
                         .collect(),
                     held_ranges: gate.held_ranges.iter().map(|r| RangeStatus { start: r.start, length: r.len() }).collect(),
@@ -483,7 +444,7 @@ impl Daemon {
         let mut plans = Vec::new();
         let mut tables = Vec::new();
         for v in &new.volumes {
-            let record = self.state.load(&v.name)?;
+            let record = self.state.load(&v.name).map_err(|e| e.to_string())?;
             match catalog.volumes.get(&v.name) {
                 Some(volume) => {
                     let spec = volume.spec();
@@ -536,11 +497,11 @@ impl Daemon {
                     continue;
                 }
                 for e in t.extents() {
-                    if let Target::Store { store, offset } = &e.target {
-                        if *store == s.dest && Range::new(*offset, e.length).overlaps(&dest) {
+                    for (store, r) in e.target.store_ranges(e.length) {
+                        if store == s.dest && r.overlaps(&dest) {
                             return Err(format!(
-                                "{file}:{}: volume '{}': backend '{store}' range {offset}+{} is the destination of the running migration of volume '{}' ({}+{})",
-                                v.line, v.name, e.length, s.volume, s.dest_offset, s.range.len()
+                                "{file}:{}: volume '{}': backend '{store}' range {}+{} is the destination of the running migration of volume '{}' ({}+{})",
+                                v.line, v.name, r.start, r.len(), s.volume, s.dest_offset, s.range.len()
                             ));
                         }
                     }
@@ -572,7 +533,7 @@ impl Daemon {
         };
         // Apply: swaps (each atomic and persisted), then the new catalog.
         for (volume, v, translation) in staged {
-            let mut commit = PersistCommit::new(&self.state, volume.name(), v.extents.clone(), "reload");
+            let mut commit = GenerationCommit::new(&self.state, volume.name(), v.extents.clone(), "reload");
             match volume.swap(translation, &swap, &mut commit) {
                 Ok(r) => report.swapped.push(r),
                 Err(e) => report.errors.push(e.to_string()),
@@ -612,11 +573,11 @@ impl Daemon {
         let mut handles = handles;
         for v in volumes.values() {
             for e in v.table().extents() {
-                if let Target::Store { store, .. } = &e.target {
+                for (store, _) in e.target.store_ranges(e.length) {
                     if let (false, Some(old)) = (stores.contains_key(store), existing.get(store)) {
                         report.errors.push(format!("backend '{store}' stays open: volume '{}' still uses it", v.name()));
-                        handles.insert(store.clone(), old.handle.clone());
-                        stores.insert(store.clone(), old.clone());
+                        handles.insert(store.to_string(), old.handle.clone());
+                        stores.insert(store.to_string(), old.clone());
                     }
                 }
             }
@@ -719,9 +680,9 @@ impl Daemon {
         let mut used: Vec<Range> = Vec::new();
         for v in catalog.volumes.values() {
             for e in v.table().extents() {
-                if let Target::Store { store, offset } = &e.target {
+                for (store, r) in e.target.store_ranges(e.length) {
                     if catalog.stores.get(store).is_some_and(|s| Arc::ptr_eq(s, dest)) {
-                        used.push(Range::new(*offset, e.length));
+                        used.push(r);
                     }
                 }
             }
@@ -773,8 +734,8 @@ impl Daemon {
             discard_source: req.discard_source,
         };
         let swap = lock(&self.swap).clone();
-        let job = MigrationJob::new(spec, volume, catalog.stores.clone(), self.state.clone(), swap, &[], now_secs())?;
-        job.start(true)?;
+        let job = MigrationJob::new(spec, volume, catalog.stores.clone(), self.state.clone(), swap, &[], now_secs()).map_err(|e| e.to_string())?;
+        job.start().map_err(|e| e.to_string())?;
         let status = job.status();
         lock(&self.migrations).insert(name, JobEntry::Live(job));
         Ok(status)
@@ -799,6 +760,6 @@ impl Daemon {
     /// Archived generations of a volume, for operators.
     pub fn history(&self, volume: &str) -> Result<Vec<VolumeRecord>, String> {
         let gens = self.state.history(volume).map_err(|e| e.to_string())?;
-        gens.into_iter().map(|g| self.state.load_generation(volume, g)).collect()
+        gens.into_iter().map(|g| self.state.load_generation(volume, g).map_err(|e| e.to_string())).collect()
     }
 }
