@@ -4,6 +4,8 @@
 use super::aligned::AlignedBuf;
 use super::{blockdev, Allocation, Backend, StoreInfo, ZeroMode};
 use nix::fcntl::{fallocate, posix_fadvise, FallocateFlags, PosixFadviseAdvice};
+use nix::errno::Errno;
+use nix::unistd::{lseek, Whence};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -266,25 +268,18 @@ impl Backend for FdBackend {
         let mut runs = Vec::new();
         let mut pos = offset;
         while pos < end && runs.len() < max_runs.max(1) {
-            // SAFETY: lseek has no memory effects.
-            let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
-            let data = if data < 0 {
-                match io::Error::last_os_error().raw_os_error() {
-                    Some(libc::ENXIO) => end, // only a hole from here to EOF
-                    // No SEEK_DATA support: report everything as data.
-                    _ => return Ok(vec![Allocation { length, hole: false }]),
-                }
-            } else {
-                (data as u64).min(end)
+            let data = match lseek(fd, pos as i64, Whence::SeekData) {
+                Ok(data) => (data as u64).min(end),
+                Err(Errno::ENXIO) => end, // only a hole from here to EOF
+                // No SEEK_DATA support: report everything as data.
+                Err(_) => return Ok(vec![Allocation { length, hole: false }]),
             };
             if data > pos {
                 runs.push(Allocation { length: data - pos, hole: true });
                 pos = data;
                 continue;
             }
-            // SAFETY: as above.
-            let hole = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_HOLE) };
-            let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+            let hole = lseek(fd, pos as i64, Whence::SeekHole).map_or(end, |hole| (hole as u64).min(end));
             // The file may have changed between the two seeks; always advance.
             let hole = hole.max(pos + 1).min(end);
             runs.push(Allocation { length: hole - pos, hole: false });
