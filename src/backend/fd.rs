@@ -3,7 +3,7 @@
 
 use super::aligned::AlignedBuf;
 use super::{blockdev, Allocation, Backend, StoreInfo, ZeroMode};
-use nix::fcntl::{fallocate, posix_fadvise, FallocateFlags, PosixFadviseAdvice};
+use nix::fcntl::{fallocate, posix_fadvise, FallocateFlags, Flock, PosixFadviseAdvice};
 use nix::errno::Errno;
 use nix::unistd::{lseek, Whence};
 use std::fs::File;
@@ -31,6 +31,9 @@ pub struct FdBackend {
     /// Serialises flushes so that a flush that finds `dirty` clear cannot
     /// return while an earlier flush's fdatasync is still running.
     flush_lock: Mutex<()>,
+    /// The flock on the store (a duplicate descriptor of `file`), held
+    /// for the backend's life so no other process writes the store.
+    _lock: Option<Flock<File>>,
 }
 
 /// Chunk size for writing zeros by hand when the kernel cannot do it.
@@ -46,7 +49,13 @@ fn unsupported(e: &io::Error) -> bool {
 
 impl FdBackend {
     pub fn new(file: File, info: StoreInfo) -> FdBackend {
-        FdBackend { file, info, dirty: AtomicBool::new(false), flush_lock: Mutex::new(()) }
+        FdBackend { file, info, dirty: AtomicBool::new(false), flush_lock: Mutex::new(()), _lock: None }
+    }
+
+    /// Keeps `lock` (see `open_backend`) until the backend is dropped.
+    pub fn with_lock(mut self, lock: Flock<File>) -> FdBackend {
+        self._lock = Some(lock);
+        self
     }
 
     fn mark_dirty(&self) {

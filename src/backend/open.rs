@@ -2,8 +2,10 @@
 //! create sparse files, lock against a second server using the same store.
 
 use super::{blockdev, Backend, FdBackend, StoreInfo, StoreKind};
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg, OFlag};
+use nix::sys::stat::{major, minor};
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -64,10 +66,10 @@ fn open_store(spec: &BackendSpec) -> Result<Arc<dyn Backend>, OpenError> {
     let mut options = OpenOptions::new();
     options.read(true).write(!spec.read_only);
     if spec.direct {
-        options.custom_flags(libc::O_DIRECT);
+        options.custom_flags(OFlag::O_DIRECT.bits());
     }
     let file = options.open(path).map_err(|e| io_err(spec, e))?;
-    lock(spec, &file)?;
+    let lock = lock(spec, &file)?;
     let meta = file.metadata().map_err(|e| io_err(spec, e))?;
     let (kind, size, rotational, min_io) = if meta.file_type().is_block_device() {
         let dev_size = blockdev::size(&file).map_err(|e| io_err(spec, e))?;
@@ -78,7 +80,7 @@ fn open_store(spec: &BackendSpec) -> Result<Arc<dyn Backend>, OpenError> {
         };
         let sector = if spec.direct { blockdev::logical_block_size(&file).map_err(|e| io_err(spec, e))? } else { 1 };
         let rdev = meta.rdev();
-        (StoreKind::BlockDevice, size, blockdev::is_rotational(libc::major(rdev) as u64, libc::minor(rdev) as u64), sector)
+        (StoreKind::BlockDevice, size, blockdev::is_rotational(major(rdev), minor(rdev)), sector)
     } else if meta.file_type().is_file() {
         let len = meta.len();
         let size = match spec.size {
@@ -100,7 +102,7 @@ fn open_store(spec: &BackendSpec) -> Result<Arc<dyn Backend>, OpenError> {
         };
         let dev = meta.dev();
         let unit = if spec.direct { 4096 } else { 1 };
-        (StoreKind::File, size, blockdev::is_rotational(libc::major(dev) as u64, libc::minor(dev) as u64), unit)
+        (StoreKind::File, size, blockdev::is_rotational(major(dev), minor(dev)), unit)
     } else {
         return Err(invalid(spec, format!("{} is neither a regular file nor a block device", path.display())));
     };
@@ -108,7 +110,7 @@ fn open_store(spec: &BackendSpec) -> Result<Arc<dyn Backend>, OpenError> {
         return Err(invalid(spec, format!("{} has size 0", path.display())));
     }
     let info = StoreInfo { kind, path: Some(path.clone()), size, rotational, direct: spec.direct, min_io };
-    Ok(Arc::new(FdBackend::new(file, info)))
+    Ok(Arc::new(FdBackend::new(file, info).with_lock(lock)))
 }
 
 fn open_memory(spec: &BackendSpec) -> Result<Arc<dyn Backend>, OpenError> {
@@ -122,18 +124,18 @@ fn open_memory(spec: &BackendSpec) -> Result<Arc<dyn Backend>, OpenError> {
     Ok(Arc::new(FdBackend::new(file, info)))
 }
 
-fn lock(spec: &BackendSpec, file: &File) -> Result<(), OpenError> {
-    let op = if spec.read_only { libc::LOCK_SH } else { libc::LOCK_EX };
-    // SAFETY: flock on a valid descriptor.
-    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+/// Locks the store's open file description through a duplicate of `file`;
+/// the returned guard holds the lock until the backend drops it.
+fn lock(spec: &BackendSpec, file: &File) -> Result<Flock<File>, OpenError> {
+    let arg = if spec.read_only { FlockArg::LockSharedNonblock } else { FlockArg::LockExclusiveNonblock };
+    let dup = file.try_clone().map_err(|e| io_err(spec, e))?;
+    Flock::lock(dup, arg).map_err(|(_, errno)| {
+        if errno == Errno::EWOULDBLOCK {
             let path = spec.path.as_ref().map_or_else(String::new, |p| p.display().to_string());
-            return Err(invalid(spec, format!("{path} is locked by another process (another nbdvirt or qemu using it?)")));
+            return invalid(spec, format!("{path} is locked by another process (another nbdvirt or qemu using it?)"));
         }
-        return Err(io_err(spec, err));
-    }
-    Ok(())
+        io_err(spec, errno.into())
+    })
 }
 
 /// Identity of an opened store's file, to notice two backend names for the
@@ -142,4 +144,20 @@ pub fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
     let meta = std::fs::metadata(path).ok()?;
     let id = if meta.file_type().is_block_device() { (u64::MAX, meta.rdev()) } else { (meta.dev(), meta.ino()) };
     Some(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_is_locked_while_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = BackendSpec { name: "s".into(), path: Some(dir.path().join("s.img")), size: Some(1 << 20), direct: false, read_only: false, delay: None };
+        let first = open_backend(&spec).unwrap();
+        let err = open_backend(&spec).unwrap_err();
+        assert!(err.to_string().contains("locked by another process"), "{err}");
+        drop(first);
+        open_backend(&spec).expect("the lock goes with the backend");
+    }
 }

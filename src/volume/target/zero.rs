@@ -72,7 +72,7 @@ mod tests {
         z.read(0, &mut buf).unwrap();
         assert_eq!(buf, [0; 16]);
         z.write(0, &[0; 16], false).unwrap();
-        assert_eq!(z.write(0, &[1], false).unwrap_err().raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(z.write(0, &[1], false).unwrap_err().raw_os_error(), Some(nix::errno::Errno::ENOSPC as i32));
         assert_eq!(z.block_status(0, 10, 4).unwrap(), vec![Allocation { length: 10, hole: true }]);
     }
 }
