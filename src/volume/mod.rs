@@ -2,10 +2,12 @@
 //! Every request is translated here; the server only schedules the pieces.
 //!
 //! A [`Translation`] pairs one immutable [`MappingTable`] generation with the
-//! backend handle of each extent. The volume holds the current translation in
-//! an `ArcSwap`: a request loads it once (one atomic load, no lock) after
-//! passing the volume's [`Gate`], and keeps that `Arc` until it completes, so
-//! a swap never changes the translation under an in-flight request.
+//! open [`Target`] of each extent (`target/`: one file per kind). The
+//! volume holds the current translation in an `ArcSwap`: a request loads it
+//! once (one atomic load, no lock) after passing the volume's [`Gate`], and
+//! keeps that `Arc` until it completes, so a swap never changes the
+//! translation under an in-flight request. Swaps run in phases
+//! (`phases.rs`), composed locally by `Volume::swap` (`swap.rs`).
 
 mod catalog;
 mod commit;
