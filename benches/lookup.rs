@@ -19,7 +19,7 @@
 //!   (one `String` store name per extent, as the config loader does).
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use nbdvirt::map::{Extent, MappingTable, Target};
+use nbdvirt::map::{Extent, MappingTable, TargetSpec};
 use std::time::Duration;
 
 const EXTENTS: usize = 1_000_000;
@@ -49,12 +49,12 @@ fn extents(n: usize) -> Vec<Extent> {
         .map(|i| {
             let length = (rng.next() % 256 + 1) * BLOCK;
             let target = if i % 16 == 15 {
-                Target::Zero
+                TargetSpec::Zero
             } else {
                 let s = i % 2;
                 let offset = store_pos[s];
                 store_pos[s] += length;
-                Target::Store { store: if s == 0 { "a".to_string() } else { "b".to_string() }, offset }
+                TargetSpec::Linear { store: if s == 0 { "a".to_string() } else { "b".to_string() }, offset }
             };
             let e = Extent { start, length, target };
             start += length;
@@ -72,7 +72,7 @@ fn lookup(c: &mut Criterion) {
     );
     assert_eq!(table.extents().len(), EXTENTS);
     let size = table.size();
-    let one = MappingTable::new(1, vec![Extent { start: 0, length: size, target: Target::Store { store: "a".into(), offset: 0 } }])
+    let one = MappingTable::new(1, vec![Extent { start: 0, length: size, target: TargetSpec::Linear { store: "a".into(), offset: 0 } }])
         .expect("valid layout");
 
     let mut rng = Rng(42);
@@ -125,7 +125,7 @@ fn lookup(c: &mut Criterion) {
             i = (i + 1) & (SAMPLES - 1);
             let mut total = 0u64;
             for p in table.pieces(black_box(crossing[i]), 4096) {
-                total += p.target_offset ^ p.length;
+                total += p.extent_offset ^ p.length;
             }
             black_box(total)
         })
@@ -136,7 +136,7 @@ fn lookup(c: &mut Criterion) {
             i = (i + 1) & (SAMPLES - 1);
             let mut total = 0u64;
             for p in one.pieces(black_box(offsets[i] & !(BLOCK - 1)).min(size - 4096), 4096) {
-                total += p.target_offset ^ p.length;
+                total += p.extent_offset ^ p.length;
             }
             black_box(total)
         })

@@ -84,3 +84,9 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Prefetch into the page cache (NBD_CMD_CACHE); advisory.
     fn cache(&self, offset: u64, length: u64) -> io::Result<()>;
 }
+
+/// The errno of a store error, for messages ("ENOSPC: ..."); EIO when the
+/// error carries none.
+pub fn errno_of(e: &io::Error) -> nix::errno::Errno {
+    nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(nix::errno::Errno::EIO as i32))
+}

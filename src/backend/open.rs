@@ -148,3 +148,18 @@ pub fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
     let id = if meta.file_type().is_block_device() { (u64::MAX, meta.rdev()) } else { (meta.dev(), meta.ino()) };
     Some(id)
 }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_is_locked_while_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = BackendSpec { name: "s".into(), path: Some(dir.path().join("s.img")), size: Some(1 << 20), direct: false, read_only: false, delay: None };
+        let first = open_backend(&spec).unwrap();
+        let err = open_backend(&spec).unwrap_err();
+        assert!(err.to_string().contains("locked by another process"), "{err}");
+        drop(first);
+        open_backend(&spec).expect("the lock goes with the backend");
+    }
+}

@@ -5,7 +5,7 @@
 mod raw;
 mod units;
 
-pub use units::{parse_duration, parse_size};
+pub use units::{parse_duration, parse_size, UnitError};
 
 use crate::backend::BackendSpec;
 use crate::map::{Extent, MappingTable};

@@ -4,7 +4,7 @@
 use super::units::{parse_duration, parse_size};
 use super::{BackendConfig, Config, ConfigError, ServerConfig, VolumeConfig};
 use crate::backend::BackendSpec;
-use crate::map::{validate_alignment, validate_exclusive, validate_layout, Extent, MapError, MappingTable, Target};
+use crate::map::{validate_alignment, validate_exclusive, validate_layout, Extent, MapError, MappingTable, TargetSpec};
 use crate::defaults;
 use crate::endpoint::Endpoint;
 use serde::Deserialize;
@@ -96,13 +96,15 @@ struct ExtentLines {
     header: usize,
 }
 
-struct Ctx<'a> {
+/// What every parse step needs: the text (for line numbers), the file
+/// name (for messages) and the directory relative paths are resolved in.
+struct ParseCtx<'a> {
     text: &'a str,
     file: &'a str,
     base: &'a Path,
 }
 
-impl Ctx<'_> {
+impl ParseCtx<'_> {
     fn line(&self, offset: usize) -> usize {
         self.text[..offset.min(self.text.len())].bytes().filter(|b| *b == b'\n').count() + 1
     }
@@ -119,7 +121,7 @@ impl Ctx<'_> {
         match q.get_ref() {
             Quantity::Int(n) if *n >= 0 => Ok(*n as u64),
             Quantity::Int(n) => Err(self.err(q, field, format!("{n} is negative"))),
-            Quantity::Text(t) => parse_size(t).map_err(|m| self.err(q, field, m)),
+            Quantity::Text(t) => parse_size(t).map_err(|m| self.err(q, field, m.to_string())),
         }
     }
 
@@ -127,7 +129,7 @@ impl Ctx<'_> {
         match q.get_ref() {
             Quantity::Int(n) if *n >= 0 => Ok(std::time::Duration::from_secs(*n as u64)),
             Quantity::Int(n) => Err(self.err(q, field, format!("{n} is negative"))),
-            Quantity::Text(t) => parse_duration(t).map_err(|m| self.err(q, field, m)),
+            Quantity::Text(t) => parse_duration(t).map_err(|m| self.err(q, field, m.to_string())),
         }
     }
 
@@ -154,7 +156,7 @@ fn valid_name(name: &str) -> bool {
 }
 
 pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
-    let ctx = Ctx { text, file, base };
+    let ctx = ParseCtx { text, file, base };
     let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
         file: file.into(),
         line: e.span().map(|s| ctx.line(s.start)),
@@ -178,7 +180,7 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError>
     Ok(Config { source: None, server, backends, volumes })
 }
 
-fn parse_server(ctx: &Ctx<'_>, raw: Option<&Spanned<RawServer>>) -> Result<ServerConfig, ConfigError> {
+fn parse_server(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawServer>>) -> Result<ServerConfig, ConfigError> {
     let empty = RawServer {
         listen: None,
         control: None,
@@ -266,7 +268,7 @@ fn parse_server(ctx: &Ctx<'_>, raw: Option<&Spanned<RawServer>>) -> Result<Serve
     })
 }
 
-fn parse_backends(ctx: &Ctx<'_>, raw: &[Spanned<RawBackend>]) -> Result<Vec<BackendConfig>, ConfigError> {
+fn parse_backends(ctx: &ParseCtx<'_>, raw: &[Spanned<RawBackend>]) -> Result<Vec<BackendConfig>, ConfigError> {
     let mut out: Vec<BackendConfig> = Vec::new();
     for item in raw {
         let b = item.get_ref();
@@ -308,7 +310,7 @@ fn parse_backends(ctx: &Ctx<'_>, raw: &[Spanned<RawBackend>]) -> Result<Vec<Back
     Ok(out)
 }
 
-fn parse_volumes(ctx: &Ctx<'_>, raw: &[Spanned<RawVolume>], backends: &[BackendConfig]) -> Result<Vec<VolumeConfig>, ConfigError> {
+fn parse_volumes(ctx: &ParseCtx<'_>, raw: &[Spanned<RawVolume>], backends: &[BackendConfig]) -> Result<Vec<VolumeConfig>, ConfigError> {
     let mut out: Vec<VolumeConfig> = Vec::new();
     for item in raw {
         let v = item.get_ref();
@@ -349,9 +351,9 @@ fn parse_volumes(ctx: &Ctx<'_>, raw: &[Spanned<RawVolume>], backends: &[BackendC
                         return Err(ctx.err(b, &field("backend"), format!("backend '{store}' is read-only but volume '{name}' is not")));
                     }
                     let offset = r.backend_offset.as_ref().map(|o| ctx.size(o, &field("backend_offset"))).transpose()?.unwrap_or(0);
-                    Target::Store { store: store.clone(), offset }
+                    TargetSpec::Linear { store: store.clone(), offset }
                 }
-                (None, true) => Target::Zero,
+                (None, true) => TargetSpec::Zero,
                 (Some(b), true) => return Err(ctx.err(b, &field("backend"), "an extent is either `zero = true` or has a backend")),
                 (None, false) => return Err(ctx.err(e, &field("backend"), "missing: give `backend = \"NAME\"` or `zero = true`")),
             };
@@ -427,7 +429,7 @@ pub(super) fn check_exclusive_tables(
     })
 }
 
-fn check_exclusive(ctx: &Ctx<'_>, volumes: &[VolumeConfig], backends: &[BackendConfig]) -> Result<(), ConfigError> {
+fn check_exclusive(ctx: &ParseCtx<'_>, volumes: &[VolumeConfig], backends: &[BackendConfig]) -> Result<(), ConfigError> {
     let tables: Vec<MappingTable> = volumes.iter().map(|v| v.table(0)).collect();
     check_exclusive_tables(ctx.file, volumes, &tables, backends)
 }

@@ -4,7 +4,7 @@
 
 use crate::backend::{file_identity, open_backend, Backend};
 use crate::config::{BackendConfig, Config, ConfigError, VolumeConfig};
-use crate::map::{validate_stores, Extent, MapError, MappingTable, Range, Target};
+use crate::map::{validate_stores, MapError, MappingTable, Range};
 use crate::volume::{Catalog, Translation, Volume, VolumeSpec};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -139,15 +139,6 @@ pub fn default_export(config: &Config) -> Option<String> {
     config.server.default_export.clone().or_else(|| config.volumes.first().map(|v| v.name.clone()))
 }
 
-/// The store range an extent maps, if it maps one (a zero extent maps
-/// none). The one place the daemon looks inside an extent's target.
-pub fn store_range(e: &Extent) -> Option<(&str, Range)> {
-    match &e.target {
-        Target::Store { store, offset } => Some((store.as_str(), Range::new(*offset, e.length))),
-        Target::Zero => None,
-    }
-}
-
 /// A store range some volume's table maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreUse<'a> {
@@ -160,7 +151,7 @@ pub struct StoreUse<'a> {
 pub fn store_uses<'a>(tables: impl IntoIterator<Item = (&'a str, &'a MappingTable)>, on: impl Fn(&str) -> bool) -> Vec<StoreUse<'a>> {
     let mut out = Vec::new();
     for (volume, table) in tables {
-        for (store, range) in table.extents().iter().filter_map(store_range) {
+        for (store, range) in table.extents().iter().flat_map(|e| e.target.store_ranges(e.length)) {
             if on(store) {
                 out.push(StoreUse { volume, store, range });
             }

@@ -3,6 +3,8 @@
 use crate::api::{ApiError, ErrorKind};
 use crate::config::ConfigError;
 use crate::map::Range;
+use crate::migrate::{MigrateError, MigrateErrorKind};
+use crate::persist::PersistError;
 use crate::pool::placement::PlacementError;
 use crate::volume::SwapError;
 
@@ -64,12 +66,14 @@ pub enum DaemonError {
 
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
-    /// The persist layer's errors (strings until it has typed ones).
-    #[error("{0}")]
-    State(String),
-    /// The migrate layer's errors (strings until it has typed ones).
-    #[error("{0}")]
-    Migration(String),
+    /// Reading or writing the state directory.
+    #[error(transparent)]
+    State(#[from] PersistError),
+    #[error(transparent)]
+    Migration(#[from] MigrateError),
+    /// A persisted generation that is not a valid table.
+    #[error("volume '{volume}': persisted generation {generation}: {source}")]
+    CorruptTable { volume: String, generation: u64, source: Box<crate::map::MapError> },
 
     #[error(transparent)]
     Swap(#[from] SwapError),
@@ -94,9 +98,18 @@ impl DaemonError {
                 PlacementError::Misaligned { .. } | PlacementError::PastEnd { .. } => ErrorKind::Invalid,
             },
             NoConfigFile | Config(_) | LiveSpecChange { .. } | RangeOutside { .. } | RangeMisaligned { .. } | BadChunk { .. } => ErrorKind::Invalid,
-            // Until migrate has typed errors, what it reports at start is
-            // persisting its checkpoint or attaching its overlay: I/O.
-            Io { .. } | State(_) | Migration(_) => ErrorKind::Io,
+            Io { .. } | CorruptTable { .. } => ErrorKind::Io,
+            State(e) => match e {
+                PersistError::NotFound { .. } => ErrorKind::NotFound,
+                PersistError::Corrupt { .. } | PersistError::Io { .. } => ErrorKind::Io,
+            },
+            Migration(e) => match e.kind() {
+                MigrateErrorKind::NotFound => ErrorKind::NotFound,
+                // Attaching write forwarding or the cutover did not drain.
+                MigrateErrorKind::Busy => ErrorKind::SwapFailed,
+                MigrateErrorKind::Invalid => ErrorKind::Invalid,
+                MigrateErrorKind::Io => ErrorKind::Io,
+            },
             Swap(_) => ErrorKind::SwapFailed,
             ReloadPartial { swap_failed: true, .. } => ErrorKind::SwapFailed,
             ReloadPartial { swap_failed: false, .. } => ErrorKind::Io,

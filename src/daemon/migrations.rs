@@ -53,20 +53,19 @@ pub struct MigrateRequest {
 /// failed and its volume stays on its source.
 pub fn resume_all(state: &StateDir, catalog: &Catalog, swap: &SwapOptions) -> Result<Registry, DaemonError> {
     let mut registry = Registry::new();
-    for cp in migrate::load_checkpoints(state).map_err(DaemonError::State)? {
+    for cp in migrate::load_checkpoints(state)? {
         let name = cp.spec.volume.clone();
         let entry = match (cp.state, catalog.volumes.get(&name)) {
             (migrate::JobState::Running, Some(volume)) => {
                 let chunks = cp.spec.range.len().div_ceil(cp.spec.chunk) as usize;
                 let resumed = MigrationJob::new(cp.spec.clone(), volume.clone(), catalog.stores.clone(), state.clone(), swap.clone(), &cp.copied(chunks), cp.started_at)
-                    .and_then(|job| job.start(false).map(|()| job));
+                    .and_then(|job| job.start().map(|()| job));
                 match resumed {
                     Ok(job) => {
                         tracing::info!(volume = %name, copied_bytes = cp.copied_bytes, "resumed migration from its checkpoint");
                         JobEntry::Live(job)
                     }
                     Err(e) => {
-                        volume.set_mirror_unserved(None);
                         tracing::error!(volume = %name, error = %e, "cannot resume the migration; the volume stays on its source");
                         let mut cp = cp.clone();
                         cp.state = migrate::JobState::Failed;
@@ -142,8 +141,8 @@ impl Daemon {
             discard_source: req.discard_source,
         };
         let swap = lock(&self.swap).clone();
-        let job = MigrationJob::new(spec, volume, catalog.stores.clone(), self.state.clone(), swap, &[], now_secs()).map_err(DaemonError::Migration)?;
-        job.start(true).map_err(DaemonError::Migration)?;
+        let job = MigrationJob::new(spec, volume, catalog.stores.clone(), self.state.clone(), swap, &[], now_secs())?;
+        job.start()?;
         let status = job.status();
         lock(&self.migrations).insert(name, JobEntry::Live(job));
         Ok(status)

@@ -9,7 +9,6 @@
 //! `migrations` (the job registry), `status` (API views), `error`.
 
 pub mod assemble;
-mod commit;
 mod error;
 mod migrations;
 mod pauses;
@@ -17,7 +16,6 @@ mod reconcile;
 mod reload;
 mod status;
 
-pub use commit::PersistCommit;
 pub use error::DaemonError;
 pub use migrations::MigrateRequest;
 pub use status::migration_status;

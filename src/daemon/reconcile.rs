@@ -1,7 +1,6 @@
 //! Choosing each volume's table from its config and its persisted state:
 //! at start-up and for every volume a reload touches.
 
-use super::commit::record;
 use super::DaemonError;
 use crate::config::{Config, VolumeConfig};
 use crate::map::MappingTable;
@@ -25,7 +24,7 @@ impl Decision {
 
 /// The persisted mapping of a record.
 pub fn persisted_table(rec: &VolumeRecord) -> Result<MappingTable, DaemonError> {
-    MappingTable::new(rec.generation, rec.extents.clone()).map_err(|e| DaemonError::State(format!("volume '{}': persisted generation {}: {e}", rec.volume, rec.generation)))
+    MappingTable::new(rec.generation, rec.extents.clone()).map_err(|source| DaemonError::CorruptTable { volume: rec.volume.clone(), generation: rec.generation, source: Box::new(source) })
 }
 
 /// `at` is the config position named in errors (`FILE:LINE`).
@@ -52,11 +51,11 @@ pub fn startup_tables(config: &Config, state: &StateDir) -> Result<(Vec<MappingT
     let mut tables = Vec::new();
     let mut pending = Vec::new();
     for v in &config.volumes {
-        let rec = state.load(&v.name).map_err(DaemonError::State)?;
+        let rec = state.load(&v.name)?;
         let decision = decide(&format!("{file}:{}", v.line), v, rec.as_ref());
         let table = match (decision, &rec) {
             (Ok(Decision::Commit(t, reason)), _) => {
-                pending.push(record(&v.name, &t, &v.extents, reason));
+                pending.push(VolumeRecord::new(&v.name, &t, &v.extents, reason));
                 t
             }
             (Ok(Decision::Keep(t)), rec) => {

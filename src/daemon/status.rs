@@ -1,6 +1,5 @@
 //! The daemon's state as API views (`status`, `history`, jobs, reports).
 
-use super::assemble::store_range;
 use super::{Daemon, DaemonError};
 use crate::api::{self, BackendKind, ExtentStatus, MigrationState, RangeStatus, VolumeStatus};
 use crate::backend::StoreKind;
@@ -11,8 +10,9 @@ use crate::sync::lock;
 use crate::volume::SwapReport;
 
 fn extent_status(e: &Extent) -> ExtentStatus {
-    match store_range(e) {
-        Some((store, r)) => ExtentStatus { start: e.start, length: e.length, backend: Some(store.into()), backend_offset: Some(r.start), zero: false },
+    // Today's targets map at most one store range; the view shows it.
+    match e.target.store_ranges(e.length).first() {
+        Some((store, r)) => ExtentStatus { start: e.start, length: e.length, backend: Some(store.to_string()), backend_offset: Some(r.start), zero: false },
         None => ExtentStatus { start: e.start, length: e.length, backend: None, backend_offset: None, zero: true },
     }
 }
@@ -130,6 +130,6 @@ impl Daemon {
     /// Archived generations of a volume, for operators.
     pub fn history(&self, volume: &str) -> Result<Vec<api::GenerationRecord>, DaemonError> {
         let gens = self.state.history(volume).map_err(|e| DaemonError::io(format!("volume '{volume}': history"), e))?;
-        gens.into_iter().map(|g| self.state.load_generation(volume, g).map(generation_record).map_err(DaemonError::State)).collect()
+        gens.into_iter().map(|g| self.state.load_generation(volume, g).map(generation_record).map_err(DaemonError::from)).collect()
     }
 }

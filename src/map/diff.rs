@@ -1,7 +1,7 @@
 //! Which virtual ranges translate differently between two tables: exactly
 //! the ranges a swap has to pause.
 
-use super::{MappingTable, Target};
+use super::MappingTable;
 
 /// A half-open byte range `[start, end)` of a volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -28,14 +28,6 @@ impl Range {
     }
 }
 
-/// Translation of the byte at `offset` within extent `e`: (store, store offset).
-fn translate(t: &Target, start: u64, pos: u64) -> Option<(&str, u64)> {
-    match t {
-        Target::Store { store, offset } => Some((store.as_str(), offset + (pos - start))),
-        Target::Zero => None,
-    }
-}
-
 /// The ranges, in order and merged, where `old` and `new` send a byte to a
 /// different place. Past the end of the shorter table everything differs.
 pub fn diff(old: &MappingTable, new: &MappingTable) -> Vec<Range> {
@@ -49,9 +41,9 @@ pub fn diff(old: &MappingTable, new: &MappingTable) -> Vec<Range> {
     while i < a.len() && j < b.len() {
         let (ea, eb) = (&a[i], &b[j]);
         let stop = ea.end().min(eb.end());
-        // Within [pos, stop) both extents are linear, so comparing the first
-        // byte's translation decides the whole interval.
-        if translate(&ea.target, ea.start, pos) != translate(&eb.target, eb.start, pos) {
+        // Within [pos, stop) each extent is one mapping: the same store
+        // ranges in the same order means the same translation.
+        if ea.target.locate(pos - ea.start, stop - pos) != eb.target.locate(pos - eb.start, stop - pos) {
             push(Range { start: pos, end: stop });
         }
         pos = stop;
@@ -72,10 +64,10 @@ pub fn diff(old: &MappingTable, new: &MappingTable) -> Vec<Range> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::map::Extent;
+    use crate::map::{Extent, TargetSpec};
 
     fn ext(start: u64, length: u64, store: &str, offset: u64) -> Extent {
-        Extent { start, length, target: Target::Store { store: store.into(), offset } }
+        Extent { start, length, target: TargetSpec::Linear { store: store.into(), offset } }
     }
 
     #[test]
@@ -92,7 +84,7 @@ mod tests {
         assert_eq!(diff(&a, &b), vec![Range { start: 50, end: 100 }]);
         let c = MappingTable::new(3, vec![ext(0, 100, "s", 8), ext(100, 100, "t", 0)]).unwrap();
         assert_eq!(diff(&a, &c), vec![Range { start: 0, end: 100 }]);
-        let z = MappingTable::new(4, vec![ext(0, 100, "s", 0), Extent { start: 100, length: 100, target: Target::Zero }]).unwrap();
+        let z = MappingTable::new(4, vec![ext(0, 100, "s", 0), Extent { start: 100, length: 100, target: TargetSpec::Zero }]).unwrap();
         assert_eq!(diff(&a, &z), vec![Range { start: 100, end: 200 }]);
     }
 

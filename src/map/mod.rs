@@ -5,9 +5,11 @@
 mod diff;
 mod remap;
 mod table;
+mod target;
 mod validate;
 
 pub use diff::*;
 pub use remap::remap;
 pub use table::*;
+pub use target::TargetSpec;
 pub use validate::*;

@@ -1,21 +1,18 @@
 //! Building the table a migration cuts over to.
 
-use super::{Extent, Range, Target};
+use super::{Extent, Range, TargetSpec};
 
-/// `extents` with `range` re-pointed at `store` starting at `offset`;
-/// extents partly inside the range are split. Adjacent extents that
-/// continue each other on the same target are merged.
-pub fn remap(extents: &[Extent], range: Range, store: &str, offset: u64) -> Vec<Extent> {
+/// `extents` with `range` re-pointed at `target`; extents partly inside the
+/// range are split. Adjacent extents that continue each other's mapping
+/// are merged.
+pub fn remap(extents: &[Extent], range: Range, target: &TargetSpec) -> Vec<Extent> {
     let mut out: Vec<Extent> = Vec::with_capacity(extents.len() + 2);
     let mut inserted = false;
-    let shift = |t: &Target, by: u64| match t {
-        Target::Store { store, offset } => Target::Store { store: store.clone(), offset: offset + by },
-        Target::Zero => Target::Zero,
-    };
+    let moved = || Extent { start: range.start, length: range.len(), target: target.clone() };
     for e in extents {
         if e.end() <= range.start || e.start >= range.end {
             if e.start >= range.end && !inserted {
-                push_merged(&mut out, Extent { start: range.start, length: range.len(), target: Target::Store { store: store.into(), offset } });
+                push_merged(&mut out, moved());
                 inserted = true;
             }
             push_merged(&mut out, e.clone());
@@ -25,27 +22,22 @@ pub fn remap(extents: &[Extent], range: Range, store: &str, offset: u64) -> Vec<
             push_merged(&mut out, Extent { start: e.start, length: range.start - e.start, target: e.target.clone() });
         }
         if !inserted {
-            push_merged(&mut out, Extent { start: range.start, length: range.len(), target: Target::Store { store: store.into(), offset } });
+            push_merged(&mut out, moved());
             inserted = true;
         }
         if e.end() > range.end {
-            push_merged(&mut out, Extent { start: range.end, length: e.end() - range.end, target: shift(&e.target, range.end - e.start) });
+            push_merged(&mut out, Extent { start: range.end, length: e.end() - range.end, target: e.target.advanced(range.end - e.start) });
         }
     }
     if !inserted {
-        push_merged(&mut out, Extent { start: range.start, length: range.len(), target: Target::Store { store: store.into(), offset } });
+        push_merged(&mut out, moved());
     }
     out
 }
 
 fn push_merged(out: &mut Vec<Extent>, e: Extent) {
     if let Some(last) = out.last_mut() {
-        let continues = match (&last.target, &e.target) {
-            (Target::Zero, Target::Zero) => true,
-            (Target::Store { store: a, offset: oa }, Target::Store { store: b, offset: ob }) => a == b && oa + last.length == *ob,
-            _ => false,
-        };
-        if continues && last.end() == e.start {
+        if last.end() == e.start && last.target.continued_by(last.length, &e.target) {
             last.length += e.length;
             return;
         }
@@ -58,22 +50,26 @@ mod tests {
     use super::*;
     use crate::map::{validate_layout, MappingTable};
 
+    fn to(store: &str, offset: u64) -> TargetSpec {
+        TargetSpec::Linear { store: store.into(), offset }
+    }
+
     fn ext(start: u64, length: u64, store: &str, offset: u64) -> Extent {
-        Extent { start, length, target: Target::Store { store: store.into(), offset } }
+        Extent { start, length, target: TargetSpec::Linear { store: store.into(), offset } }
     }
 
     #[test]
     fn splits_and_merges() {
         let old = vec![ext(0, 100, "a", 0), ext(100, 100, "b", 50)];
-        let new = remap(&old, Range::new(50, 100), "d", 1000);
+        let new = remap(&old, Range::new(50, 100), &to("d", 1000));
         assert_eq!(new, vec![ext(0, 50, "a", 0), ext(50, 100, "d", 1000), ext(150, 50, "b", 100)]);
         validate_layout(&new).unwrap();
-        let whole = remap(&old, Range::new(0, 200), "d", 0);
+        let whole = remap(&old, Range::new(0, 200), &to("d", 0));
         assert_eq!(whole, vec![ext(0, 200, "d", 0)]);
         // Moving back onto a continuation merges.
-        let back = remap(&[ext(0, 100, "a", 0), ext(100, 100, "d", 7)], Range::new(100, 100), "a", 100);
+        let back = remap(&[ext(0, 100, "a", 0), ext(100, 100, "d", 7)], Range::new(100, 100), &to("a", 100));
         assert_eq!(back, vec![ext(0, 200, "a", 0)]);
-        let t = MappingTable::new(1, remap(&old, Range::new(190, 10), "d", 0)).unwrap();
+        let t = MappingTable::new(1, remap(&old, Range::new(190, 10), &to("d", 0))).unwrap();
         assert_eq!(t.size(), 200);
     }
 }

@@ -1,22 +1,12 @@
+use super::TargetSpec;
 use serde::{Deserialize, Serialize};
-
-/// Where an extent's bytes live.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Target {
-    /// `length` bytes of the named store starting at `offset`.
-    Store { store: String, offset: u64 },
-    /// Reads as zeros and ignores writes of zeros, like dm-zero. Writes of
-    /// data to a zero extent fail with EIO: there is nowhere to put them.
-    Zero,
-}
 
 /// A contiguous run of the volume mapped onto one target.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Extent {
     pub start: u64,
     pub length: u64,
-    pub target: Target,
+    pub target: TargetSpec,
 }
 
 impl Extent {
@@ -44,8 +34,9 @@ pub struct Piece {
     /// Offset of this piece in the volume.
     pub volume_offset: u64,
     pub length: u64,
-    /// Offset within the extent's target (store offset for Store targets).
-    pub target_offset: u64,
+    /// Offset of this piece within its extent; the extent's target adds
+    /// its own placement (e.g. a linear target's store offset).
+    pub extent_offset: u64,
 }
 
 impl MappingTable {
@@ -116,10 +107,7 @@ impl Iterator for Pieces<'_> {
             request_offset: self.pos - self.origin,
             volume_offset: self.pos,
             length: stop - self.pos,
-            target_offset: match &extent.target {
-                Target::Store { offset, .. } => offset + (self.pos - extent.start),
-                Target::Zero => self.pos - extent.start,
-            },
+            extent_offset: self.pos - extent.start,
         };
         self.pos = stop;
         self.next = Some(index + 1);
@@ -132,14 +120,14 @@ mod tests {
     use super::*;
 
     fn store(name: &str, start: u64, length: u64, offset: u64) -> Extent {
-        Extent { start, length, target: Target::Store { store: name.into(), offset } }
+        Extent { start, length, target: TargetSpec::Linear { store: name.into(), offset } }
     }
 
     #[test]
     fn lookup_and_split() {
         let t = MappingTable::new(
             1,
-            vec![store("a", 0, 4096, 8192), Extent { start: 4096, length: 4096, target: Target::Zero }, store("b", 8192, 8192, 0)],
+            vec![store("a", 0, 4096, 8192), Extent { start: 4096, length: 4096, target: TargetSpec::Zero }, store("b", 8192, 8192, 0)],
         )
         .unwrap();
         assert_eq!(t.size(), 16384);
@@ -151,9 +139,9 @@ mod tests {
 
         let p: Vec<_> = t.pieces(4000, 5000).collect();
         assert_eq!(p.len(), 3);
-        assert_eq!((p[0].volume_offset, p[0].length, p[0].target_offset, p[0].request_offset), (4000, 96, 12192, 0));
+        assert_eq!((p[0].volume_offset, p[0].length, p[0].extent_offset, p[0].request_offset), (4000, 96, 4000, 0));
         assert_eq!((p[1].volume_offset, p[1].length, p[1].request_offset), (4096, 4096, 96));
-        assert_eq!((p[2].volume_offset, p[2].length, p[2].target_offset, p[2].request_offset), (8192, 808, 0, 4192));
+        assert_eq!((p[2].volume_offset, p[2].length, p[2].extent_offset, p[2].request_offset), (8192, 808, 0, 4192));
         assert_eq!(p.iter().map(|p| p.length).sum::<u64>(), 5000);
     }
 

@@ -1,6 +1,6 @@
 //! Checks on mapping tables, with messages that name the extent at fault.
 
-use super::{Extent, MappingTable, Target};
+use super::{Extent, MappingTable};
 use std::collections::HashMap;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -41,20 +41,17 @@ pub fn validate_layout(extents: &[Extent]) -> Result<(), MapError> {
             return Err(MapError::NotContiguous { index, start: e.start, expected, kind });
         }
         expected = e.start.checked_add(e.length).ok_or(MapError::Overflow { index })?;
-        if let Target::Store { offset, .. } = e.target {
-            offset.checked_add(e.length).ok_or(MapError::Overflow { index })?;
-        }
+        e.target.validate(index, e.length)?;
     }
     Ok(())
 }
 
-/// Every start, length and store offset must be a multiple of `block_size`.
+/// Every start, length and store range start must be a multiple of
+/// `block_size`.
 pub fn validate_alignment(table: &MappingTable, block_size: u64) -> Result<(), MapError> {
     for (index, e) in table.extents().iter().enumerate() {
         let mut fields = vec![("start", e.start), ("length", e.length)];
-        if let Target::Store { offset, .. } = e.target {
-            fields.push(("backend_offset", offset));
-        }
+        fields.extend(e.target.store_ranges(e.length).into_iter().map(|(_, r)| ("backend_offset", r.start)));
         for (field, value) in fields {
             if value % block_size != 0 {
                 return Err(MapError::Misaligned { index, field, value, block_size });
@@ -64,13 +61,13 @@ pub fn validate_alignment(table: &MappingTable, block_size: u64) -> Result<(), M
     Ok(())
 }
 
-/// Every store target must exist and lie inside its store.
+/// Every store an extent uses must exist, and its ranges lie inside it.
 pub fn validate_stores(table: &MappingTable, store_sizes: &HashMap<String, u64>) -> Result<(), MapError> {
     for (index, e) in table.extents().iter().enumerate() {
-        if let Target::Store { store, offset } = &e.target {
-            let size = *store_sizes.get(store).ok_or_else(|| MapError::UnknownStore { index, store: store.clone() })?;
-            if offset + e.length > size {
-                return Err(MapError::OutsideStore { index, store: store.clone(), offset: *offset, length: e.length, size });
+        for (store, r) in e.target.store_ranges(e.length) {
+            let size = *store_sizes.get(store).ok_or_else(|| MapError::UnknownStore { index, store: store.into() })?;
+            if r.end > size {
+                return Err(MapError::OutsideStore { index, store: store.into(), offset: r.start, length: r.len(), size });
             }
         }
     }
@@ -89,9 +86,9 @@ pub fn validate_exclusive<'a>(
     let mut by_store: HashMap<&str, Vec<(u64, u64, Owner)>> = HashMap::new();
     for (volume, table) in tables {
         for (index, e) in table.extents().iter().enumerate() {
-            if let Target::Store { store, offset } = &e.target {
+            for (store, r) in e.target.store_ranges(e.length) {
                 if !is_shared(store) {
-                    by_store.entry(store).or_default().push((*offset, offset + e.length, (volume.to_string(), index)));
+                    by_store.entry(store).or_default().push((r.start, r.end, (volume.to_string(), index)));
                 }
             }
         }
@@ -117,9 +114,10 @@ pub fn validate_exclusive<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::map::TargetSpec;
 
     fn ext(start: u64, length: u64, store: &str, offset: u64) -> Extent {
-        Extent { start, length, target: Target::Store { store: store.into(), offset } }
+        Extent { start, length, target: TargetSpec::Linear { store: store.into(), offset } }
     }
 
     #[test]

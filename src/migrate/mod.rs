@@ -1,28 +1,33 @@
 //! Live migration of a volume range onto another store, chunk by chunk,
 //! while the volume is in use (like pvmove / drive-mirror):
 //!
-//! 1. a write [`Mirror`] is attached to the volume (after draining the range);
-//! 2. a copier thread copies chunk after chunk, only allocated data (holes
-//!    are punched on the destination), rate-limited and at low CPU/IO
-//!    priority; writes to copied chunks are mirrored by the volume layer;
+//! 1. [`WriteForward`] is attached to the volume through the swap phases
+//!    (stage, pause: drain the range, commit nothing to persist);
+//! 2. a copier thread (`copier.rs`) copies chunk after chunk, only allocated
+//!    data (holes are punched on the destination), rate-limited and at low
+//!    CPU/IO priority; writes to copied chunks are forwarded by the volume
+//!    layer;
 //! 3. every second, the destination is fdatasync'ed and *then* the progress
 //!    table is persisted, so a restart resumes from a checkpoint whose
 //!    chunks really are on the destination;
-//! 4. cutover is a pause–drain–swap of the range onto the destination, after
-//!    a final fdatasync, persisted as a new generation;
-//! 5. abort or a destination error detaches the mirror: the mapping stays
-//!    on the source, which always had every write.
+//! 4. cutover (`cutover.rs`) is a pause–drain–swap of the range onto the
+//!    destination, after a final fdatasync, persisted as a new generation;
+//! 5. abort or a destination error detaches the forwarding: the mapping
+//!    stays on the source, which always had every write.
 
 mod checkpoint;
+mod copier;
+mod cutover;
+mod error;
 mod rate;
 
 pub use checkpoint::{Checkpoint, JobState};
+pub use error::{MigrateError, MigrateErrorKind};
 
-use crate::backend::{AlignedBuf, Backend, ZeroMode};
-use crate::map::{remap, MappingTable, Piece, Range};
-use crate::persist::{now_secs, StateDir, VolumeRecord};
-use crate::volume::{ChunkState, Commit, Mirror, SwapOptions, Translation, Volume};
-use rate::RateLimiter;
+use crate::backend::Backend;
+use crate::map::Range;
+use crate::persist::{now_secs, PersistError, StateDir};
+use crate::volume::{ChunkState, SwapOptions, Volume, WriteForward};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -112,7 +117,7 @@ impl JobStatus {
 pub struct MigrationJob {
     spec: MigrationSpec,
     volume: Arc<Volume>,
-    mirror: Arc<Mirror>,
+    forward: Arc<WriteForward>,
     stores: HashMap<String, Arc<dyn Backend>>,
     state_dir: StateDir,
     swap: SwapOptions,
@@ -140,8 +145,8 @@ fn checkpoint_path(volume: &str) -> PathBuf {
 }
 
 impl MigrationJob {
-    /// Prepares a job: the mirror is built (from `copied`, when resuming)
-    /// but not attached; `start` attaches it and starts copying.
+    /// Prepares a job: the write forwarding is built (from `copied`, when
+    /// resuming) but not attached; `start` attaches it and starts copying.
     pub fn new(
         spec: MigrationSpec,
         volume: Arc<Volume>,
@@ -150,14 +155,14 @@ impl MigrationJob {
         swap: SwapOptions,
         copied: &[bool],
         started_at: u64,
-    ) -> Result<Arc<MigrationJob>, String> {
-        let dest = stores.get(&spec.dest).cloned().ok_or_else(|| format!("no backend named '{}'", spec.dest))?;
-        let mirror = Mirror::new(spec.range, spec.chunk, dest, spec.dest_offset, copied);
-        let copied_bytes: u64 = (0..mirror.chunks()).filter(|i| copied.get(*i).copied().unwrap_or(false)).map(|i| mirror.chunk_range(i).len()).sum();
+    ) -> Result<Arc<MigrationJob>, MigrateError> {
+        let dest = stores.get(&spec.dest).cloned().ok_or_else(|| MigrateError::UnknownStore(spec.dest.clone()))?;
+        let forward = WriteForward::new(spec.range, spec.chunk, dest, spec.dest_offset, copied);
+        let copied_bytes: u64 = (0..forward.chunks()).filter(|i| copied.get(*i).copied().unwrap_or(false)).map(|i| forward.chunk_range(i).len()).sum();
         Ok(Arc::new(MigrationJob {
             spec,
             volume,
-            mirror,
+            forward,
             stores,
             state_dir,
             swap,
@@ -186,20 +191,26 @@ impl MigrationJob {
         lock(&self.status).state == JobState::Running
     }
 
-    /// Attaches the mirror (`served`: the volume has clients, so drain
-    /// first) and starts the copier thread.
-    pub fn start(self: &Arc<Self>, served: bool) -> Result<(), String> {
-        if served {
-            self.volume.set_mirror(Some(self.mirror.clone()), self.swap.pause_timeout).map_err(|e| e.to_string())?;
-        } else {
-            self.volume.set_mirror_unserved(Some(self.mirror.clone()));
-        }
-        self.save_checkpoint().map_err(|e| format!("persisting migration progress: {e}"))?;
+    /// Attaches the write forwarding (draining the range first; a volume
+    /// nobody uses yet drains at once) and starts the copier thread. On
+    /// failure nothing stays attached.
+    pub fn start(self: &Arc<Self>) -> Result<(), MigrateError> {
+        self.set_forwarding(Some(self.forward.clone())).map_err(MigrateError::Forwarding)?;
         let job = self.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("nbdvirt-migrate-{}", self.spec.volume))
-            .spawn(move || job.run())
-            .map_err(|e| e.to_string())?;
+        let started = self.save_checkpoint().map_err(MigrateError::Progress).and_then(|()| {
+            std::thread::Builder::new()
+                .name(format!("nbdvirt-migrate-{}", self.spec.volume))
+                .spawn(move || job.run())
+                .map_err(MigrateError::Spawn)
+        });
+        let handle = match started {
+            Ok(handle) => handle,
+            Err(e) => {
+                self.forward.disable();
+                self.detach_forwarding();
+                return Err(e);
+            }
+        };
         *lock(&self.thread) = Some(handle);
         tracing::info!(volume = %self.spec.volume, dest = %self.spec.dest, dest_offset = self.spec.dest_offset, range = ?self.spec.range, "migration started");
         Ok(())
@@ -207,7 +218,7 @@ impl MigrationJob {
 
     pub fn abort(&self) {
         self.abort.store(true, Ordering::SeqCst);
-        self.mirror.disable();
+        self.forward.disable();
     }
 
     /// Stops copying, keeps the job `running` with a durable checkpoint;
@@ -240,7 +251,7 @@ impl MigrationJob {
             self.spec.clone(),
             s.state,
             s.reason.clone(),
-            &self.mirror.states().iter().map(|c| *c == ChunkState::Copied).collect::<Vec<_>>(),
+            &self.forward.states().iter().map(|c| *c == ChunkState::Copied).collect::<Vec<_>>(),
             self.copied_bytes.load(Ordering::Relaxed),
             s.started_at,
             s.finished_at,
@@ -253,9 +264,9 @@ impl MigrationJob {
     }
 
     /// Destination durable first, then the progress that relies on it.
-    fn durable_checkpoint(&self) -> Result<(), String> {
-        self.mirror.dest().flush().map_err(|e| format!("{}: syncing destination: {e}", crate::nbd::NbdError::from_io(&e).name()))?;
-        self.save_checkpoint().map_err(|e| format!("persisting migration progress: {e}"))
+    fn durable_checkpoint(&self) -> Result<(), MigrateError> {
+        self.forward.dest().flush().map_err(MigrateError::destination_sync)?;
+        self.save_checkpoint().map_err(MigrateError::Progress)
     }
 
     fn finish(&self, state: JobState, reason: Option<String>) {
@@ -266,12 +277,8 @@ impl MigrationJob {
             s.finished_at = Some(now_secs());
         }
         if state != JobState::Completed {
-            self.mirror.disable();
-            if let Err(e) = self.volume.set_mirror(None, self.swap.pause_timeout) {
-                // A disabled mirror passes writes to the source only, so
-                // leaving it attached is safe; detaching is tidiness.
-                tracing::warn!(volume = %self.spec.volume, error = %e, "could not detach the disabled mirror");
-            }
+            self.forward.disable();
+            self.detach_forwarding();
         }
         if let Err(e) = self.save_checkpoint() {
             tracing::error!(volume = %self.spec.volume, error = %e, "persisting the final migration state failed");
@@ -282,255 +289,11 @@ impl MigrationJob {
             _ => tracing::error!(volume = %self.spec.volume, reason = ?reason, "migration failed; mapping stays on the source"),
         }
     }
-
-    fn run(self: Arc<Self>) {
-        lower_priority();
-        let mut limiter = RateLimiter::new(self.spec.rate);
-        let mut known: Option<DataRun> = None;
-        let mut buf = AlignedBuf::zeroed(COPY_IO as usize);
-        let mut last_checkpoint = Instant::now();
-        for i in 0..self.mirror.chunks() {
-            if self.abort.load(Ordering::SeqCst) {
-                return self.finish(JobState::Aborted, None);
-            }
-            if let Some(reason) = self.mirror.error() {
-                return self.finish(JobState::Failed, Some(reason));
-            }
-            if self.suspend.load(Ordering::SeqCst) {
-                if let Err(e) = self.durable_checkpoint() {
-                    tracing::error!(volume = %self.spec.volume, error = %e, "final checkpoint before shutdown failed");
-                }
-                return;
-            }
-            // Sleep off the rate limit before taking the chunk, never while
-            // it is marked copying (foreground writes to it wait then).
-            limiter.wait_due();
-            if !self.mirror.begin_copy(i) {
-                continue; // copied already (resumed), or disabled: checked above next round
-            }
-            match self.copy_chunk(i, &mut limiter, &mut known, buf.as_mut_slice()) {
-                Ok(()) => {
-                    self.mirror.end_copy(i, true);
-                    self.copied_bytes.fetch_add(self.mirror.chunk_range(i).len(), Ordering::Relaxed);
-                }
-                Err(_) if self.abort.load(Ordering::SeqCst) => {
-                    self.mirror.end_copy(i, false);
-                    return self.finish(JobState::Aborted, None);
-                }
-                Err(e) => {
-                    self.mirror.end_copy(i, false);
-                    self.mirror.copy_failed(&e);
-                    let reason = self.mirror.error().unwrap_or_else(|| e.to_string());
-                    return self.finish(JobState::Failed, Some(reason));
-                }
-            }
-            if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
-                if let Err(reason) = self.durable_checkpoint() {
-                    return self.finish(JobState::Failed, Some(reason));
-                }
-                last_checkpoint = Instant::now();
-            }
-        }
-        if self.abort.load(Ordering::SeqCst) {
-            return self.finish(JobState::Aborted, None);
-        }
-        if let Some(reason) = self.mirror.error() {
-            return self.finish(JobState::Failed, Some(reason));
-        }
-        if let Err(reason) = self.durable_checkpoint() {
-            return self.finish(JobState::Failed, Some(reason));
-        }
-        match self.cutover() {
-            Ok(generation) => {
-                lock(&self.status).generation = Some(generation);
-                self.finish(JobState::Completed, None);
-            }
-            Err(_) if self.abort.load(Ordering::SeqCst) => self.finish(JobState::Aborted, None),
-            Err(reason) => self.finish(JobState::Failed, Some(reason)),
-        }
-    }
-
-    /// Copies chunk `i`: data runs are read through the current translation
-    /// (the source) and written to the destination; holes are punched there.
-    ///
-    /// The allocation map is asked once per data run, not per chunk: on
-    /// tmpfs SEEK_HOLE scans to the end of the data, so asking per chunk
-    /// made a copy quadratic in the volume size. `known` remembers where the
-    /// last data run seen ends; only data is remembered (a hole is always
-    /// re-checked, since a write may have filled it), and a region trimmed
-    /// meanwhile is merely copied as zeros.
-    fn copy_chunk(&self, i: usize, limiter: &mut RateLimiter, known: &mut Option<DataRun>, buf: &mut [u8]) -> std::io::Result<()> {
-        let r = self.mirror.chunk_range(i);
-        let t = self.volume.translation();
-        let generation = t.table().generation();
-        let dest = self.mirror.dest();
-        let pieces: Vec<Piece> = t.table().pieces(r.start, r.len()).collect();
-        let mut first_slice = true;
-        for piece in pieces {
-            let mut done = 0u64;
-            while done < piece.length {
-                let at = piece.target_offset + done;
-                let cached = known.filter(|k| k.extent == piece.extent && k.generation == generation && at < k.until).map(|k| k.until - at);
-                let (hole, len) = match cached {
-                    Some(avail) => (false, avail.min(piece.length - done)),
-                    None => {
-                        // One run, asked up to the end of the extent.
-                        let extent_end = t.table().extents()[piece.extent].end();
-                        let probe = sub_piece(&piece, done, extent_end - (piece.volume_offset + done));
-                        let run = t.block_status(&probe, 1)?.first().copied().filter(|r| r.length > 0);
-                        let run = run.ok_or_else(|| std::io::Error::other("allocation map returned nothing"))?;
-                        if !run.hole {
-                            *known = Some(DataRun { extent: piece.extent, generation, until: at + run.length });
-                        }
-                        (run.hole, run.length.min(piece.length - done))
-                    }
-                };
-                let part = sub_piece(&piece, done, len);
-                let dest_off = self.mirror.dest_offset_of(part.volume_offset);
-                if hole {
-                    dest.write_zeroes(dest_off, part.length, ZeroMode { may_trim: true, fast_only: false }, false)?;
-                } else {
-                    // Copy in slices of at most COPY_IO: bounded memory, and
-                    // abort/shutdown never wait behind one long rate-limit
-                    // sleep for a whole big chunk. Only chunks bigger than
-                    // COPY_IO (not the default) pace inside the chunk.
-                    let mut off = 0u64;
-                    while off < part.length {
-                        if self.abort.load(Ordering::SeqCst) {
-                            return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "aborted"));
-                        }
-                        let slice = sub_piece(&part, off, (part.length - off).min(COPY_IO));
-                        if !first_slice {
-                            limiter.wait_due();
-                        }
-                        first_slice = false;
-                        let buf = &mut buf[..slice.length as usize];
-                        t.read(&slice, buf)?;
-                        dest.write_at(buf, dest_off + off, false)?;
-                        limiter.pay(slice.length);
-                        self.data_bytes.fetch_add(slice.length, Ordering::Relaxed);
-                        off += slice.length;
-                    }
-                }
-                done += len;
-            }
-        }
-        Ok(())
-    }
-
-    /// Pause–drain–swap of the range onto the destination.
-    fn cutover(&self) -> Result<u64, String> {
-        let old = self.volume.translation();
-        // Resumed after a crash between the cutover's commit and the final
-        // checkpoint: the range already is on the destination.
-        let done = old.table().pieces(self.spec.range.start, self.spec.range.len()).all(|p| {
-            matches!(&old.table().extents()[p.extent].target, crate::map::Target::Store { store, .. } if *store == self.spec.dest)
-                && p.target_offset == self.mirror.dest_offset_of(p.volume_offset)
-        });
-        if done {
-            self.volume.set_mirror(None, self.swap.pause_timeout).map_err(|e| e.to_string())?;
-            return Ok(old.table().generation());
-        }
-        let extents = remap(old.table().extents(), self.spec.range, &self.spec.dest, self.spec.dest_offset);
-        let table = MappingTable::new(old.table().generation() + 1, extents).map_err(|e| e.to_string())?;
-        let translation = Translation::new(table, &self.stores).map_err(|e| e.to_string())?;
-        let record = self.state_dir.load(&self.spec.volume)?;
-        let config_extents = record.map(|r| r.config_extents).unwrap_or_else(|| old.table().extents().to_vec());
-        let mut commit = CutoverCommit {
-            state: &self.state_dir,
-            mirror: self.mirror.clone(),
-            dest: self.mirror.dest().clone(),
-            record: VolumeRecord {
-                volume: self.spec.volume.clone(),
-                generation: 0,
-                extents: Vec::new(),
-                config_extents,
-                reason: format!("migration to {}", self.spec.dest),
-                committed_at: 0,
-            },
-        };
-        let report = self.volume.swap(translation, &self.swap, &mut commit).map_err(|e| format!("cutover: {e}"))?;
-        if self.spec.discard_source {
-            // Not through `old`: it carries the mirror, which would zero
-            // the destination too.
-            let plain = old.with_mirror(None);
-            for piece in old.table().pieces(self.spec.range.start, self.spec.range.len()) {
-                if let Err(e) = plain.trim(&piece, false) {
-                    tracing::warn!(volume = %self.spec.volume, error = %e, "discarding the source range failed");
-                }
-            }
-        }
-        Ok(report.generation)
-    }
-}
-
-/// The end (store offset within `extent` of table `generation`) of the last
-/// data run the copier saw.
-#[derive(Debug, Clone, Copy)]
-struct DataRun {
-    extent: usize,
-    generation: u64,
-    until: u64,
-}
-
-fn sub_piece(piece: &Piece, at: u64, length: u64) -> Piece {
-    Piece {
-        extent: piece.extent,
-        request_offset: piece.request_offset + at,
-        volume_offset: piece.volume_offset + at,
-        length,
-        target_offset: piece.target_offset + at,
-    }
-}
-
-/// The cutover's commit: destination durable, then the new generation.
-struct CutoverCommit<'a> {
-    state: &'a StateDir,
-    mirror: Arc<Mirror>,
-    dest: Arc<dyn Backend>,
-    record: VolumeRecord,
-}
-
-impl Commit for CutoverCommit<'_> {
-    fn prepare(&mut self, table: &MappingTable) -> Result<(), String> {
-        self.record.generation = table.generation();
-        self.record.extents = table.extents().to_vec();
-        self.record.committed_at = now_secs();
-        self.state.prepare(&self.record).map_err(|e| e.to_string())
-    }
-    fn commit(&mut self, _table: &MappingTable) -> Result<(), String> {
-        // Paused and drained: a mirror disabled by now (abort, destination
-        // error) may have let writes reach the source only.
-        if self.mirror.is_disabled() {
-            return Err(self.mirror.error().unwrap_or_else(|| "aborted".into()));
-        }
-        // Only writes mirrored since the last checkpoint are left to sync.
-        self.dest.flush().map_err(|e| format!("syncing destination: {e}"))?;
-        self.state.commit_prepared(&self.record.volume).map_err(|e| e.to_string())
-    }
-    fn committed(&mut self, _table: &MappingTable) {
-        if let Err(e) = self.state.archive(&self.record) {
-            tracing::warn!(error = %e, "archiving the cutover generation failed");
-        }
-    }
 }
 
 use crate::sync::lock;
 
-/// Foreground I/O keeps priority: the copier thread runs at nice 10 and
-/// in the lowest best-effort I/O priority.
-fn lower_priority() {
-    // SAFETY: plain syscalls on the calling thread.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
-        const IOPRIO_WHO_PROCESS: libc::c_int = 1;
-        const IOPRIO_CLASS_BE: libc::c_int = 2;
-        libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, tid as libc::c_int, (IOPRIO_CLASS_BE << 13) | 7);
-    }
-}
-
 /// Read persisted jobs (`STATE_DIR/migrations/*.json`).
-pub fn load_checkpoints(state: &StateDir) -> Result<Vec<Checkpoint>, String> {
+pub fn load_checkpoints(state: &StateDir) -> Result<Vec<Checkpoint>, PersistError> {
     Ok(state.read_json_dir::<Checkpoint>(Path::new("migrations"))?.into_iter().map(|(_, c)| c).collect())
 }

@@ -14,11 +14,43 @@
 //! one after. The history is an archive for operators, never read to decide
 //! what is in force.
 
-use crate::map::Extent;
+mod generation;
+
+pub use generation::GenerationCommit;
+
+use crate::map::{Extent, MappingTable};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+
+/// Reading persisted state failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    /// The file is not there (e.g. a generation never archived).
+    #[error("{}: not found", path.display())]
+    NotFound { path: PathBuf },
+    /// The file is there but does not parse.
+    #[error("{}: corrupt state: {source}", path.display())]
+    Corrupt { path: PathBuf, source: serde_json::Error },
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+}
+
+impl PersistError {
+    fn io(path: &Path, source: io::Error) -> PersistError {
+        match source.kind() {
+            io::ErrorKind::NotFound => PersistError::NotFound { path: path.to_path_buf() },
+            _ => PersistError::Io { path: path.to_path_buf(), source },
+        }
+    }
+}
+
+/// Reads and parses one JSON file of the state directory.
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, PersistError> {
+    let bytes = fs::read(path).map_err(|e| PersistError::io(path, e))?;
+    serde_json::from_slice(&bytes).map_err(|source| PersistError::Corrupt { path: path.to_path_buf(), source })
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRecord {
@@ -36,6 +68,19 @@ pub struct VolumeRecord {
 }
 
 impl VolumeRecord {
+    /// The record of `table` as a committed generation of `volume`, now:
+    /// the one place a record is built from a table.
+    pub fn new(volume: &str, table: &MappingTable, config_extents: &[Extent], reason: &str) -> VolumeRecord {
+        VolumeRecord {
+            volume: volume.into(),
+            generation: table.generation(),
+            extents: table.extents().to_vec(),
+            config_extents: config_extents.to_vec(),
+            reason: reason.into(),
+            committed_at: now_secs(),
+        }
+    }
+
     pub fn has_runtime_changes(&self) -> bool {
         self.extents != self.config_extents
     }
@@ -79,12 +124,11 @@ impl StateDir {
     }
 
     /// The committed record of `volume`, if it was ever committed.
-    pub fn load(&self, volume: &str) -> Result<Option<VolumeRecord>, String> {
-        let path = self.volume_dir(volume).join("current.json");
-        match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| format!("{}: corrupt state: {e}", path.display())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("{}: {e}", path.display())),
+    pub fn load(&self, volume: &str) -> Result<Option<VolumeRecord>, PersistError> {
+        match read_json(&self.volume_dir(volume).join("current.json")) {
+            Ok(record) => Ok(Some(record)),
+            Err(PersistError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
@@ -136,20 +180,18 @@ impl StateDir {
     }
 
     /// Every `*.json` under `STATE_DIR/rel`, parsed (name, value).
-    pub fn read_json_dir<T: for<'de> Deserialize<'de>>(&self, rel: &Path) -> Result<Vec<(String, T)>, String> {
+    pub fn read_json_dir<T: for<'de> Deserialize<'de>>(&self, rel: &Path) -> Result<Vec<(String, T)>, PersistError> {
         let dir = self.root.join(rel);
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(format!("{}: {e}", dir.display())),
+            Err(e) => return Err(PersistError::io(&dir, e)),
         };
         let mut out = Vec::new();
         for entry in entries.flatten() {
             let path = entry.path();
             let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else { continue };
-            let bytes = fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let value = serde_json::from_slice(&bytes).map_err(|e| format!("{}: corrupt: {e}", path.display()))?;
-            out.push((name.to_string(), value));
+            out.push((name.to_string(), read_json(&path)?));
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
@@ -175,24 +217,22 @@ impl StateDir {
     }
 
     /// One archived generation.
-    pub fn load_generation(&self, volume: &str, generation: u64) -> Result<VolumeRecord, String> {
-        let path = self.volume_dir(volume).join("history").join(format!("{generation:010}.json"));
-        let bytes = fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        serde_json::from_slice(&bytes).map_err(|e| format!("{}: corrupt: {e}", path.display()))
+    pub fn load_generation(&self, volume: &str, generation: u64) -> Result<VolumeRecord, PersistError> {
+        read_json(&self.volume_dir(volume).join("history").join(format!("{generation:010}.json")))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::map::Target;
+    use crate::map::TargetSpec;
 
     #[test]
     fn commit_load_and_history() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
         assert_eq!(state.load("v").unwrap(), None);
-        let extents = vec![Extent { start: 0, length: 4096, target: Target::Store { store: "a".into(), offset: 0 } }];
+        let extents = vec![Extent { start: 0, length: 4096, target: TargetSpec::Linear { store: "a".into(), offset: 0 } }];
         let mut rec = VolumeRecord {
             volume: "v".into(),
             generation: 1,
@@ -203,13 +243,15 @@ mod tests {
         };
         state.commit(&rec).unwrap();
         rec.generation = 2;
-        rec.extents[0].target = Target::Zero;
+        rec.extents[0].target = TargetSpec::Zero;
         state.commit(&rec).unwrap();
         assert_eq!(state.load("v").unwrap(), Some(rec.clone()));
         assert!(rec.has_runtime_changes());
         assert_eq!(state.history("v").unwrap(), vec![1, 2]);
         assert_eq!(state.load_generation("v", 1).unwrap().generation, 1);
         std::fs::write(dir.path().join("volumes/v/current.json"), b"{").unwrap();
-        assert!(state.load("v").unwrap_err().contains("corrupt"));
+        assert!(matches!(state.load("v"), Err(PersistError::Corrupt { .. })));
+        assert!(state.load("v").unwrap_err().to_string().contains("corrupt"));
+        assert!(matches!(state.load_generation("v", 9), Err(PersistError::NotFound { .. })));
     }
 }

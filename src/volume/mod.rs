@@ -2,21 +2,29 @@
 //! Every request is translated here; the server only schedules the pieces.
 //!
 //! A [`Translation`] pairs one immutable [`MappingTable`] generation with the
-//! backend handle of each extent. The volume holds the current translation in
-//! an `ArcSwap`: a request loads it once (one atomic load, no lock) after
-//! passing the volume's [`Gate`], and keeps that `Arc` until it completes, so
-//! a swap never changes the translation under an in-flight request.
+//! open [`Target`] of each extent (`target/`: one file per kind). The
+//! volume holds the current translation in an `ArcSwap`: a request loads it
+//! once (one atomic load, no lock) after passing the volume's [`Gate`], and
+//! keeps that `Arc` until it completes, so a swap never changes the
+//! translation under an in-flight request. Swaps run in phases
+//! (`phases.rs`), composed locally by `Volume::swap` (`swap.rs`).
 
 mod catalog;
+mod commit;
+mod forward;
 mod gate;
-mod mirror;
+mod phases;
 mod swap;
+pub mod target;
 mod translation;
 
 pub use catalog::Catalog;
+pub use commit::{Commit, CommitError, Unpersisted};
+pub use forward::{ChunkState, WriteForward};
 pub use gate::{Gate, GateStatus, HoldId, Ticket};
-pub use mirror::{ChunkState, Mirror};
-pub use swap::{Commit, SwapError, SwapOptions, SwapPhase, SwapReport};
+pub use phases::{DrainTimedOut, Paused, Staged};
+pub use swap::{SwapError, SwapOptions, SwapPhase, SwapReport, UnknownSwapPhase};
+pub use target::{open_target, Target, TargetError};
 pub use translation::{Route, TranslateError, Translation};
 
 use crate::backend::Backend;
@@ -144,29 +152,6 @@ impl Volume {
             lock(&self.retired).retain(|s| !retired.iter().any(|r| Arc::ptr_eq(r, s)));
         }
         Ok(())
-    }
-
-    /// Attaches (or detaches) a migration's write mirror. Attaching holds
-    /// and drains the mirrored range first, so that no write admitted
-    /// before the mirror existed is still running when copying starts.
-    pub fn set_mirror(&self, mirror: Option<Arc<Mirror>>, timeout: Duration) -> Result<(), SwapError> {
-        let _one_at_a_time = lock(&self.swap_lock);
-        let range = match (&mirror, self.translation().mirror()) {
-            (Some(m), _) | (None, Some(m)) => m.range(),
-            (None, None) => return Ok(()),
-        };
-        let hold = self.hold_drained(vec![range], timeout)?;
-        let current = self.translation();
-        self.current.store(Arc::new(current.with_mirror(mirror)));
-        self.gate.release(hold);
-        Ok(())
-    }
-
-    /// Attaches a mirror before the volume serves anyone (daemon start-up,
-    /// resuming a migration): no pause needed.
-    pub fn set_mirror_unserved(&self, mirror: Option<Arc<Mirror>>) {
-        let current = self.translation();
-        self.current.store(Arc::new(current.with_mirror(mirror)));
     }
 
     fn retire(&self, stores: impl Iterator<Item = Arc<dyn Backend>>) {

@@ -1,62 +1,63 @@
-use super::mirror::Mirror;
+use super::forward::WriteForward;
+use super::target::{open_target, Target, TargetError};
 use crate::backend::{Allocation, Backend, ZeroMode};
-use crate::map::{MappingTable, Piece, Target};
+use crate::map::{MappingTable, Piece};
 use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
-pub enum TranslateError {
-    #[error("extent {index}: store '{store}' is not open")]
-    MissingStore { index: usize, store: String },
+#[error("extent {index}: {source}")]
+pub struct TranslateError {
+    pub index: usize,
+    #[source]
+    pub source: TargetError,
 }
 
-/// One generation of a volume's mapping with its stores opened, and the
-/// write mirror of a migration in progress, if any.
+/// One generation of a volume's mapping with its targets opened, and the
+/// write forwarding of a migration in progress, if any.
 #[derive(Debug, Clone)]
 pub struct Translation {
     table: MappingTable,
-    /// Per extent: the store handle, `None` for a zero extent.
-    targets: Vec<Option<Arc<dyn Backend>>>,
+    /// Per extent, its open target.
+    targets: Vec<Arc<dyn Target>>,
     /// Each distinct store once, for flush.
     stores: Vec<Arc<dyn Backend>>,
     min_io: u32,
     rotational: bool,
     /// Some store may block for long: never run I/O inline on a reader.
     may_block: bool,
-    mirror: Option<Arc<Mirror>>,
+    forward: Option<Arc<WriteForward>>,
 }
 
 impl Translation {
     pub fn new(table: MappingTable, stores: &HashMap<String, Arc<dyn Backend>>) -> Result<Translation, TranslateError> {
-        let mut targets = Vec::with_capacity(table.extents().len());
+        let targets = table
+            .extents()
+            .iter()
+            .enumerate()
+            .map(|(index, e)| open_target(&e.target, stores).map_err(|source| TranslateError { index, source }))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut distinct: Vec<Arc<dyn Backend>> = Vec::new();
-        for (index, extent) in table.extents().iter().enumerate() {
-            match &extent.target {
-                Target::Zero => targets.push(None),
-                Target::Store { store, .. } => {
-                    let backend =
-                        stores.get(store).ok_or_else(|| TranslateError::MissingStore { index, store: store.clone() })?;
-                    if !distinct.iter().any(|b| Arc::ptr_eq(b, backend)) {
-                        distinct.push(backend.clone());
-                    }
-                    targets.push(Some(backend.clone()));
-                }
+        for store in targets.iter().flat_map(|t| t.stores()) {
+            if !distinct.iter().any(|b| Arc::ptr_eq(b, store)) {
+                distinct.push(store.clone());
             }
         }
-        let min_io = distinct.iter().map(|b| b.info().min_io).max().unwrap_or(1);
-        let rotational = distinct.iter().any(|b| b.info().rotational);
-        let may_block = distinct.iter().any(|b| b.may_block());
-        Ok(Translation { table, targets, stores: distinct, min_io, rotational, may_block, mirror: None })
+        let min_io = targets.iter().map(|t| t.min_io()).max().unwrap_or(1);
+        let rotational = targets.iter().any(|t| t.rotational());
+        let may_block = targets.iter().any(|t| t.may_block());
+        Ok(Translation { table, targets, stores: distinct, min_io, rotational, may_block, forward: None })
     }
 
-    /// The same table with `mirror` attached (or detached).
-    pub fn with_mirror(&self, mirror: Option<Arc<Mirror>>) -> Translation {
-        Translation { mirror, ..self.clone() }
+    /// The same table with `forward` attached (or detached). Only a staged
+    /// change installs it (see `Volume::stage_forwarding`).
+    pub(super) fn with_forward(&self, forward: Option<Arc<WriteForward>>) -> Translation {
+        Translation { forward, ..self.clone() }
     }
 
-    pub fn mirror(&self) -> Option<&Arc<Mirror>> {
-        self.mirror.as_ref()
+    pub fn forward(&self) -> Option<&Arc<WriteForward>> {
+        self.forward.as_ref()
     }
 
     pub fn table(&self) -> &MappingTable {
@@ -75,101 +76,78 @@ impl Translation {
     /// Whether I/O through this table may block for long (see `Backend::may_block`),
     /// counting a migration destination too.
     pub fn may_block(&self) -> bool {
-        self.may_block || self.mirror.as_ref().is_some_and(|m| m.dest().may_block())
+        self.may_block || self.forward.as_ref().is_some_and(|f| f.dest().may_block())
     }
 
     pub fn stores(&self) -> &[Arc<dyn Backend>] {
         &self.stores
     }
 
-    /// Flushes every store, and a migration's destination: a mirrored write
-    /// is answered only once it is on both, so FLUSH must cover both.
+    /// Flushes every store, and a migration's destination: a forwarded
+    /// write is answered only once it is on both, so FLUSH must cover both.
     pub fn flush(&self) -> io::Result<()> {
         for store in &self.stores {
             store.flush()?;
         }
-        if let Some(m) = &self.mirror {
-            if !m.is_disabled() {
-                m.dest().flush()?;
+        if let Some(f) = &self.forward {
+            if !f.is_disabled() {
+                f.dest().flush()?;
             }
         }
         Ok(())
     }
 
-    /// Runs a change through the mirror when one covers the piece.
-    fn mirrored(
+    /// Runs a change through the write forwarding when one covers the piece.
+    fn forwarded(
         &self,
         piece: &Piece,
         source: impl FnOnce() -> io::Result<()>,
         dest_op: impl Fn(&dyn Backend, u64, u64, u64) -> io::Result<()>,
     ) -> io::Result<()> {
-        match &self.mirror {
-            Some(m) => m.change(piece.volume_offset, piece.length, source, dest_op),
+        match &self.forward {
+            Some(f) => f.change(piece.volume_offset, piece.length, source, dest_op),
             None => source(),
         }
     }
 
-    fn target(&self, piece: &Piece) -> Option<&Arc<dyn Backend>> {
+    fn target(&self, piece: &Piece) -> &dyn Target {
         self.targets[piece.extent].as_ref()
     }
 
     pub fn read(&self, piece: &Piece, buf: &mut [u8]) -> io::Result<()> {
-        match self.target(piece) {
-            Some(store) => store.read_at(buf, piece.target_offset),
-            None => {
-                buf.fill(0);
-                Ok(())
-            }
-        }
+        self.target(piece).read(piece.extent_offset, buf)
     }
 
     pub fn write(&self, piece: &Piece, data: &[u8], fua: bool) -> io::Result<()> {
-        let source = || match self.target(piece) {
-            Some(store) => store.write_at(data, piece.target_offset, fua),
-            // A zero extent has nowhere to keep data; zeros are already there.
-            None if data.iter().all(|b| *b == 0) => Ok(()),
-            None => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
-        };
-        self.mirrored(piece, source, |dest, off, start, len| dest.write_at(&data[start as usize..(start + len) as usize], off, fua))
+        let source = || self.target(piece).write(piece.extent_offset, data, fua);
+        self.forwarded(piece, source, |dest, off, start, len| dest.write_at(&data[start as usize..(start + len) as usize], off, fua))
     }
 
     pub fn trim(&self, piece: &Piece, fua: bool) -> io::Result<()> {
-        let source = || match self.target(piece) {
-            Some(store) => store.trim(piece.target_offset, piece.length, fua),
-            None => Ok(()),
-        };
+        let source = || self.target(piece).trim(piece.extent_offset, piece.length, fua);
         // Trimmed source data reads back as zeros on files; keep the copy
         // identical by zeroing (punching) the destination.
         let zero = ZeroMode { may_trim: true, fast_only: false };
-        self.mirrored(piece, source, |dest, off, _, len| dest.write_zeroes(off, len, zero, fua))
+        self.forwarded(piece, source, |dest, off, _, len| dest.write_zeroes(off, len, zero, fua))
     }
 
     pub fn write_zeroes(&self, piece: &Piece, mode: ZeroMode, fua: bool) -> io::Result<()> {
-        let source = || match self.target(piece) {
-            Some(store) => store.write_zeroes(piece.target_offset, piece.length, mode, fua),
-            None => Ok(()),
-        };
+        let source = || self.target(piece).write_zeroes(piece.extent_offset, piece.length, mode, fua);
         let dest_mode = ZeroMode { fast_only: false, ..mode };
-        self.mirrored(piece, source, |dest, off, _, len| dest.write_zeroes(off, len, dest_mode, fua))
+        self.forwarded(piece, source, |dest, off, _, len| dest.write_zeroes(off, len, dest_mode, fua))
     }
 
-    /// See `Backend::fast_zero_certain`; zero extents are trivially fast.
+    /// See `Target::fast_zero_certain`.
     pub fn fast_zero_certain(&self, piece: &Piece, mode: ZeroMode) -> bool {
-        self.target(piece).is_none_or(|store| store.fast_zero_certain(mode))
+        self.target(piece).fast_zero_certain(mode)
     }
 
     pub fn block_status(&self, piece: &Piece, max_runs: usize) -> io::Result<Vec<Allocation>> {
-        match self.target(piece) {
-            Some(store) => store.block_status(piece.target_offset, piece.length, max_runs),
-            None => Ok(vec![Allocation { length: piece.length, hole: true }]),
-        }
+        self.target(piece).block_status(piece.extent_offset, piece.length, max_runs)
     }
 
     pub fn cache(&self, piece: &Piece) -> io::Result<()> {
-        match self.target(piece) {
-            Some(store) => store.cache(piece.target_offset, piece.length),
-            None => Ok(()),
-        }
+        self.target(piece).cache(piece.extent_offset, piece.length)
     }
 }
 

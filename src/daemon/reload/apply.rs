@@ -1,8 +1,8 @@
 //! Reload, steps 2 and 3: stage everything that can fail without changing
 //! anything, then apply.
 
-use super::super::assemble::{build_translation, build_volume, default_export, handles, open_stores, store_range, OpenStore};
-use super::super::commit::{record, PersistCommit};
+use super::super::assemble::{build_translation, build_volume, default_export, handles, open_stores, OpenStore};
+use crate::persist::{GenerationCommit, VolumeRecord};
 use super::super::status::swap_outcome;
 use super::super::{swap_options, Daemon, DaemonError};
 use super::plan::{Plan, ReloadPlan};
@@ -66,7 +66,7 @@ impl Daemon {
                     volume
                 }
                 Step::Swap(volume, translation) => {
-                    let mut commit = PersistCommit::new(&self.state, volume.name(), v.extents.clone(), "reload");
+                    let mut commit = GenerationCommit::new(&self.state, volume.name(), v.extents.clone(), "reload");
                     match volume.swap(translation, &swap, &mut commit) {
                         Ok(r) => report.swapped.push(swap_outcome(r)),
                         Err(e) => {
@@ -77,7 +77,7 @@ impl Daemon {
                     volume
                 }
                 Step::Add(volume, table) => {
-                    if let Err(e) = self.state.commit(&record(volume.name(), &table, &v.extents, "added")) {
+                    if let Err(e) = self.state.commit(&VolumeRecord::new(volume.name(), &table, &v.extents, "added")) {
                         report.errors.push(format!("volume '{}': not added: persisting failed: {e}", volume.name()));
                         continue;
                     }
@@ -90,7 +90,7 @@ impl Daemon {
         // A failed swap leaves its volume on the old table: keep the stores
         // that table still uses, even if the new config dropped them.
         for v in volumes.values() {
-            for (store, _) in v.table().extents().iter().filter_map(store_range) {
+            for (store, _) in v.table().extents().iter().flat_map(|e| e.target.store_ranges(e.length)) {
                 if let (false, Some(old)) = (stores.contains_key(store), existing.get(store)) {
                     report.errors.push(format!("backend '{store}' stays open: volume '{}' still uses it", v.name()));
                     handles.insert(store.to_string(), old.handle.clone());

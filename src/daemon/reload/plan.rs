@@ -33,7 +33,7 @@ impl Daemon {
         let mut tables = Vec::new();
         for v in &new.volumes {
             let at = format!("{file}:{}", v.line);
-            let record = self.state.load(&v.name).map_err(DaemonError::State)?;
+            let record = self.state.load(&v.name)?;
             let decision = decide(&at, v, record.as_ref())?;
             let plan = match catalog.volumes.get(&v.name) {
                 None => Plan::Add(decision.table()),

@@ -1,4 +1,6 @@
-//! Write mirroring for a migration in progress.
+//! Write forwarding for a migration in progress: an overlay on a volume's
+//! translation that repeats changes to the migrated range on the
+//! destination. (Not a layout: a future "mirror" target is one.)
 //!
 //! The migrated volume range is cut into chunks, each *not copied*,
 //! *copying* or *copied*. Reads always come from the source. A write (or
@@ -34,7 +36,7 @@ struct Chunks {
 }
 
 #[derive(Debug)]
-pub struct Mirror {
+pub struct WriteForward {
     /// Volume range being migrated.
     range: Range,
     chunk: u64,
@@ -45,18 +47,18 @@ pub struct Mirror {
     changed: Condvar,
     /// Set when the job fails or is aborted: stop writing the destination.
     disabled: AtomicBool,
-    /// First destination error seen by a mirrored write.
+    /// First destination error seen by a forwarded write.
     error: Mutex<Option<String>>,
 }
 
 use crate::sync::lock;
 
-impl Mirror {
+impl WriteForward {
     /// `copied` marks chunks already copied (resuming from a checkpoint).
-    pub fn new(range: Range, chunk: u64, dest: Arc<dyn Backend>, dest_offset: u64, copied: &[bool]) -> Arc<Mirror> {
+    pub fn new(range: Range, chunk: u64, dest: Arc<dyn Backend>, dest_offset: u64, copied: &[bool]) -> Arc<WriteForward> {
         let n = range.len().div_ceil(chunk) as usize;
         let state = (0..n).map(|i| if copied.get(i).copied().unwrap_or(false) { ChunkState::Copied } else { ChunkState::NotCopied }).collect();
-        Arc::new(Mirror {
+        Arc::new(WriteForward {
             range,
             chunk,
             dest,
@@ -114,7 +116,7 @@ impl Mirror {
     fn fail(&self, e: &io::Error) {
         let mut err = lock(&self.error);
         if err.is_none() {
-            *err = Some(format!("{}: destination: {e}", crate::nbd::NbdError::from_io(e).name()));
+            *err = Some(format!("{:?}: destination: {e}", crate::backend::errno_of(e)));
         }
         drop(err);
         self.disable();
@@ -127,7 +129,7 @@ impl Mirror {
     }
 
     /// Runs a change of volume range `[offset, offset+length)` (already
-    /// translated to the source by `source`), mirroring it to the
+    /// translated to the source by `source`), forwarding it to the
     /// destination where chunks are copied; `dest_op(dest, dest_offset,
     /// start_in_request, length)` applies the same change to the destination.
     pub fn change(
@@ -186,7 +188,7 @@ impl Mirror {
     }
 
     /// Copier side: waits until no write is busy on chunk `i`, marks it
-    /// copying. Returns false if the mirror was disabled meanwhile or the
+    /// copying. Returns false if forwarding was disabled meanwhile or the
     /// chunk is already copied.
     pub fn begin_copy(&self, i: usize) -> bool {
         let mut c = lock(&self.chunks);
@@ -222,16 +224,16 @@ mod tests {
     }
 
     #[test]
-    fn writes_mirror_only_copied_chunks() {
+    fn writes_forward_only_copied_chunks() {
         let dest = mem(1 << 20);
-        let m = Mirror::new(Range::new(4096, 8192), 4096, dest.clone(), 0, &[true, false]);
+        let m = WriteForward::new(Range::new(4096, 8192), 4096, dest.clone(), 0, &[true, false]);
         let calls = Mutex::new(Vec::new());
         m.change(0, 16384, || Ok(()), |_, off, start, len| {
             lock(&calls).push((off, start, len));
             Ok(())
         })
         .unwrap();
-        // Chunk 0 (volume 4096..8192) is copied: mirrored at dest offset 0.
+        // Chunk 0 (volume 4096..8192) is copied: forwarded at dest offset 0.
         assert_eq!(*lock(&calls), vec![(0, 4096, 4096)]);
         assert!(m.begin_copy(1));
         m.end_copy(1, true);
@@ -241,7 +243,7 @@ mod tests {
     #[test]
     fn copy_waits_for_busy_writes() {
         let dest = mem(1 << 20);
-        let m = Mirror::new(Range::new(0, 8192), 4096, dest, 0, &[]);
+        let m = WriteForward::new(Range::new(0, 8192), 4096, dest, 0, &[]);
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let m2 = m.clone();
@@ -264,10 +266,10 @@ mod tests {
     }
 
     #[test]
-    fn destination_errors_disable_the_mirror() {
+    fn destination_errors_disable_forwarding() {
         let dest = mem(1 << 20);
-        let m = Mirror::new(Range::new(0, 4096), 4096, dest, 0, &[true]);
-        let r = m.change(0, 4096, || Ok(()), |_, _, _, _| Err(io::Error::from_raw_os_error(libc::ENOSPC)));
+        let m = WriteForward::new(Range::new(0, 4096), 4096, dest, 0, &[true]);
+        let r = m.change(0, 4096, || Ok(()), |_, _, _, _| Err(nix::errno::Errno::ENOSPC.into()));
         assert!(r.is_ok(), "the client's write succeeded on the source");
         assert!(m.is_disabled());
         assert!(m.error().unwrap().starts_with("ENOSPC"));

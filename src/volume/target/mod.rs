@@ -1,0 +1,70 @@
+//! Open targets: what an extent's spec ([`TargetSpec`]) becomes once its
+//! stores are open, like a device-mapper `target_type` instance.
+//!
+//! Offsets handed to a target are offsets within its extent; the target
+//! places them (a linear target adds its store offset). A [`Translation`]
+//! holds one `Arc<dyn Target>` per extent, so serving a piece is one dynamic
+//! call and nothing in the server knows which kinds of target exist.
+//!
+//! Adding a target type: a variant (and its checks) in `map::TargetSpec`,
+//! one file here, one arm in [`open_target`].
+//!
+//! [`Translation`]: super::Translation
+
+mod linear;
+mod zero;
+
+pub use linear::LinearTarget;
+pub use zero::ZeroTarget;
+
+use crate::backend::{Allocation, Backend, ZeroMode};
+use crate::map::TargetSpec;
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::io;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    #[error("store '{store}' is not open")]
+    MissingStore { store: String },
+}
+
+/// One extent's mapping, opened. Every offset is within the extent.
+pub trait Target: Send + Sync + Debug {
+    /// Fills all of `buf` from `offset` or fails.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// With `fua`, the data is durable when this returns.
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()>;
+    fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()>;
+    fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode, fua: bool) -> io::Result<()>;
+    /// Allocation map, at most `max_runs` runs (see `Backend::block_status`).
+    fn block_status(&self, offset: u64, length: u64, max_runs: usize) -> io::Result<Vec<Allocation>>;
+    /// Prefetch; advisory.
+    fn cache(&self, offset: u64, length: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()> {
+        self.stores().iter().try_for_each(|s| s.flush())
+    }
+
+    /// Smallest I/O unit this target accepts.
+    fn min_io(&self) -> u32;
+    /// Whether a small I/O may take long (see `Backend::may_block`).
+    fn may_block(&self) -> bool;
+    fn rotational(&self) -> bool;
+    /// Whether fast zeroing in `mode` is certain to succeed, known before
+    /// trying (see `Backend::fast_zero_certain`).
+    fn fast_zero_certain(&self, mode: ZeroMode) -> bool;
+    /// The open stores this target reads and writes (for FLUSH and the
+    /// volume's retired list).
+    fn stores(&self) -> &[Arc<dyn Backend>];
+}
+
+/// Opens `spec` against the open stores.
+pub fn open_target(spec: &TargetSpec, stores: &HashMap<String, Arc<dyn Backend>>) -> Result<Arc<dyn Target>, TargetError> {
+    let store = |name: &str| stores.get(name).cloned().ok_or_else(|| TargetError::MissingStore { store: name.into() });
+    Ok(match spec {
+        TargetSpec::Linear { store: name, offset } => Arc::new(LinearTarget::new(store(name)?, *offset)),
+        TargetSpec::Zero => Arc::new(ZeroTarget),
+    })
+}
