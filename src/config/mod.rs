@@ -2,6 +2,7 @@
 //! every check that can be made before anything is opened. Errors name the
 //! file, the line and the field.
 
+mod parse_ctx;
 mod raw;
 mod units;
 

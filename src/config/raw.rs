@@ -1,7 +1,7 @@
 //! TOML → checked `Config`. Every field is read with its span so that an
 //! error can name its line.
 
-use super::units::{parse_duration, parse_size};
+use super::parse_ctx::{valid_name, ParseCtx, Quantity};
 use super::{BackendConfig, Config, ConfigError, ServerConfig, VolumeConfig};
 use crate::backend::BackendSpec;
 use crate::map::{validate_alignment, validate_exclusive, validate_layout, Extent, MapError, MappingTable, TargetSpec};
@@ -9,16 +9,8 @@ use crate::defaults;
 use crate::endpoint::Endpoint;
 use serde::Deserialize;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use toml::Spanned;
-
-/// An integer or a string with a unit.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Quantity {
-    Int(i64),
-    Text(String),
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -94,65 +86,6 @@ struct ExtentLines {
     backend: usize,
     backend_offset: usize,
     header: usize,
-}
-
-/// What every parse step needs: the text (for line numbers), the file
-/// name (for messages) and the directory relative paths are resolved in.
-struct ParseCtx<'a> {
-    text: &'a str,
-    file: &'a str,
-    base: &'a Path,
-}
-
-impl ParseCtx<'_> {
-    fn line(&self, offset: usize) -> usize {
-        self.text[..offset.min(self.text.len())].bytes().filter(|b| *b == b'\n').count() + 1
-    }
-
-    fn err<T>(&self, span: &Spanned<T>, field: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError { file: self.file.into(), line: Some(self.line(span.span().start)), field: Some(field.into()), message: message.into() }
-    }
-
-    fn err_at(&self, line: usize, field: Option<String>, message: impl Into<String>) -> ConfigError {
-        ConfigError { file: self.file.into(), line: Some(line), field, message: message.into() }
-    }
-
-    fn size(&self, q: &Spanned<Quantity>, field: &str) -> Result<u64, ConfigError> {
-        match q.get_ref() {
-            Quantity::Int(n) if *n >= 0 => Ok(*n as u64),
-            Quantity::Int(n) => Err(self.err(q, field, format!("{n} is negative"))),
-            Quantity::Text(t) => parse_size(t).map_err(|m| self.err(q, field, m.to_string())),
-        }
-    }
-
-    fn duration(&self, q: &Spanned<Quantity>, field: &str) -> Result<std::time::Duration, ConfigError> {
-        match q.get_ref() {
-            Quantity::Int(n) if *n >= 0 => Ok(std::time::Duration::from_secs(*n as u64)),
-            Quantity::Int(n) => Err(self.err(q, field, format!("{n} is negative"))),
-            Quantity::Text(t) => parse_duration(t).map_err(|m| self.err(q, field, m.to_string())),
-        }
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        let p = Path::new(p);
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            self.base.join(p)
-        }
-    }
-
-    fn count(&self, v: &Option<Spanned<i64>>, field: &str, default: usize, max: i64) -> Result<usize, ConfigError> {
-        match v {
-            None => Ok(default),
-            Some(n) if (1..=max).contains(n.get_ref()) => Ok(*n.get_ref() as usize),
-            Some(n) => Err(self.err(n, field, format!("{} is out of range 1..={max}", n.get_ref()))),
-        }
-    }
-}
-
-fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 255 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:@+".contains(c))
 }
 
 pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {

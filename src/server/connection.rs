@@ -7,13 +7,12 @@
 use super::budget::{Budget, Permit};
 use super::buffers::Buffer;
 use super::handshake::Negotiated;
-use super::pool::{WorkerPool, Pools};
-use super::sink::{Reply, ReplySink};
+use super::pool::Pools;
+use super::sink::ReplySink;
+use super::execute::{execute, reply_error, ConnectionCtx};
 use super::stream::Stream;
-use crate::backend::ZeroMode;
 use crate::nbd::*;
 use crate::map::Range;
-use crate::volume::{Route, Ticket, Volume};
 use bytes::Bytes;
 use nix::errno::Errno;
 use nix::sys::socket::{recv, MsgFlags};
@@ -36,33 +35,8 @@ pub struct ConnLimits {
     pub busy_poll: Duration,
 }
 
-/// What every request of a connection needs, shared with pool jobs.
-struct ConnectionCtx {
-    volume: Arc<Volume>,
-    structured: bool,
-    base_allocation: Option<u32>,
-    sink: ReplySink,
-    pools: Arc<Pools>,
-    /// Spreads this connection's gate registrations over the gate's shards.
-    shard: usize,
-}
-
-impl ConnectionCtx {
-    /// The pool for `command` on this volume now (see [`Pools`]).
-    fn pool_for(&self, command: u16) -> &Arc<WorkerPool> {
-        if matches!(command, CMD_READ | CMD_WRITE) && !self.volume.translation().may_block() {
-            &self.pools.cpu
-        } else {
-            &self.pools.blocking
-        }
-    }
-}
-
 /// Read-timeout tick: how often an idle reader looks at the stop flag.
 const TICK: Duration = Duration::from_millis(200);
-
-/// Most base:allocation descriptors in one reply.
-const MAX_DESCRIPTORS: usize = 16 * 1024;
 
 pub fn serve(
     id: u64,
@@ -375,190 +349,4 @@ fn check(ctx: &ConnectionCtx, req: &RequestHeader) -> Result<(), (NbdError, Stri
         return Err((NbdError::Inval, format!("{name} is not aligned to the minimum block size {min}")));
     }
     Ok(())
-}
-
-fn reply_error(ctx: &ConnectionCtx, req: &RequestHeader, err: NbdError, msg: &str, permit: Option<Permit>) {
-    tracing::debug!(command = command_name(req.command), offset = req.offset, length = req.length, error = err.name(), msg, "request failed");
-    let bytes = if ctx.structured {
-        chunk_error(req.cookie, err.code(), msg)
-    } else {
-        simple_reply(req.cookie, err.code()).to_vec()
-    };
-    ctx.sink.send(Reply::new(bytes, permit));
-}
-
-fn reply_ok(ctx: &ConnectionCtx, req: &RequestHeader, permit: Permit) {
-    ctx.sink.send(Reply::new(simple_reply(req.cookie, 0).to_vec(), Some(permit)));
-}
-
-fn finish(ctx: &ConnectionCtx, req: &RequestHeader, result: io::Result<()>, permit: Permit) {
-    match result {
-        Ok(()) => reply_ok(ctx, req, permit),
-        Err(e) => reply_error(ctx, req, NbdError::from_io(&e), &format!("{}: {e}", command_name(req.command)), Some(permit)),
-    }
-}
-
-/// The first error of a set of piece results.
-fn first_error(results: Vec<io::Result<()>>) -> io::Result<()> {
-    results.into_iter().collect()
-}
-
-/// Runs on an I/O thread. `ticket` is the request's gate admission; it is
-/// dropped once the request's I/O is done.
-fn execute(ctx: Arc<ConnectionCtx>, req: RequestHeader, payload: Bytes, permit: Permit, ticket: Option<Ticket>) {
-    let fua = req.flags & CMD_FLAG_FUA != 0;
-    match req.command {
-        CMD_READ => read(ctx, req, permit, ticket),
-        CMD_FLUSH => {
-            let result = ctx.volume.flush();
-            finish(&ctx, &req, result, permit);
-        }
-        CMD_BLOCK_STATUS => {
-            block_status(&ctx, &req, permit);
-            drop(ticket);
-        }
-        CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_CACHE => {
-            let route = Arc::new(ctx.volume.route(req.offset, req.length as u64));
-            let mode = ZeroMode { may_trim: req.flags & CMD_FLAG_NO_HOLE == 0, fast_only: req.flags & CMD_FLAG_FAST_ZERO != 0 };
-            let work = {
-                let route = route.clone();
-                move |i: usize| {
-                    let piece = &route.pieces[i];
-                    let t = &route.translation;
-                    match req.command {
-                        CMD_WRITE => {
-                            let start = piece.request_offset as usize;
-                            t.write(piece, &payload[start..start + piece.length as usize], fua)
-                        }
-                        CMD_TRIM => t.trim(piece, fua),
-                        CMD_WRITE_ZEROES => t.write_zeroes(piece, mode, fua),
-                        _ => t.cache(piece),
-                    }
-                }
-            };
-            // A fast zero over several stores either runs fast everywhere or
-            // fails before touching anything (one store failing after another
-            // zeroed its part would change the export despite ENOTSUP).
-            if req.command == CMD_WRITE_ZEROES
-                && mode.fast_only
-                && route.pieces.len() > 1
-                && !route.pieces.iter().all(|p| route.translation.fast_zero_certain(p, mode))
-            {
-                drop(ticket);
-                return reply_error(&ctx, &req, NbdError::NotSup, "WRITE_ZEROES: fast zeroing is not certain on every store", Some(permit));
-            }
-            if route.pieces.len() <= 1 {
-                let result = if route.pieces.is_empty() { Ok(()) } else { work(0) };
-                drop(ticket);
-                finish(&ctx, &req, result, permit);
-            } else {
-                let pool = ctx.pool_for(req.command).clone();
-                let n = route.pieces.len();
-                pool.fan_out(n, work, move |results| {
-                    drop(ticket);
-                    finish(&ctx, &req, first_error(results), permit)
-                });
-            }
-        }
-        _ => reply_error(&ctx, &req, NbdError::Inval, "unknown command", Some(permit)),
-    }
-}
-
-/// Bytes in front of read data: the reply header.
-fn read_prefix(structured: bool) -> usize {
-    if structured {
-        transmission::OFFSET_DATA_PREFIX
-    } else {
-        SIMPLE_REPLY_LEN
-    }
-}
-
-fn write_read_header(ctx: &ConnectionCtx, req: &RequestHeader, out: &mut [u8]) {
-    if ctx.structured {
-        transmission::write_offset_data_prefix(out, REPLY_FLAG_DONE, req.cookie, req.offset, req.length);
-    } else {
-        write_simple_reply(out, req.cookie, 0);
-    }
-}
-
-fn read(ctx: Arc<ConnectionCtx>, req: RequestHeader, permit: Permit, ticket: Option<Ticket>) {
-    if req.length == 0 {
-        let bytes = if ctx.structured { chunk_none(req.cookie) } else { simple_reply(req.cookie, 0).to_vec() };
-        ctx.sink.send(Reply::new(bytes, Some(permit)));
-        return;
-    }
-    let route = ctx.volume.route(req.offset, req.length as u64);
-    let prefix = read_prefix(ctx.structured);
-    if route.pieces.len() == 1 {
-        // Common case: one page-aligned buffer read in place, sent after
-        // the header in the same writev.
-        let mut buf = Buffer::take(req.length as usize);
-        let result = route.translation.read(&route.pieces[0], &mut buf);
-        drop(ticket);
-        match result {
-            Ok(()) => {
-                let mut header = vec![0u8; prefix];
-                write_read_header(&ctx, &req, &mut header);
-                ctx.sink.send(Reply { parts: vec![Bytes::from(header), Bytes::from(buf)], permit: Some(permit) });
-            }
-            Err(e) => reply_error(&ctx, &req, NbdError::from_io(&e), &format!("READ: {e}"), Some(permit)),
-        }
-        return;
-    }
-    let route: Arc<Route> = Arc::new(route);
-    let pool = ctx.pool_for(CMD_READ).clone();
-    let n = route.pieces.len();
-    let work = {
-        let route = route.clone();
-        move |i: usize| -> io::Result<Bytes> {
-            let piece = &route.pieces[i];
-            let mut buf = Buffer::take(piece.length as usize);
-            route.translation.read(piece, &mut buf)?;
-            Ok(Bytes::from(buf))
-        }
-    };
-    pool.fan_out(n, work, move |results| {
-        drop(ticket);
-        let mut parts = Vec::with_capacity(results.len() + 1);
-        let mut header = vec![0u8; prefix];
-        write_read_header(&ctx, &req, &mut header);
-        parts.push(Bytes::from(header));
-        for r in results {
-            match r {
-                Ok(b) => parts.push(b),
-                Err(e) => return reply_error(&ctx, &req, NbdError::from_io(&e), &format!("READ: {e}"), Some(permit)),
-            }
-        }
-        ctx.sink.send(Reply { parts, permit: Some(permit) });
-    });
-}
-
-fn block_status(ctx: &ConnectionCtx, req: &RequestHeader, permit: Permit) {
-    let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
-    let max = if req_one { 1 } else { MAX_DESCRIPTORS };
-    let route = ctx.volume.route(req.offset, req.length as u64);
-    let mut descriptors: Vec<Descriptor> = Vec::new();
-    for piece in &route.pieces {
-        let runs = match route.translation.block_status(piece, max) {
-            Ok(r) => r,
-            Err(e) => return reply_error(ctx, req, NbdError::from_io(&e), &format!("BLOCK_STATUS: {e}"), Some(permit)),
-        };
-        let mut covered = 0;
-        for run in runs {
-            covered += run.length;
-            let flags = if run.hole { STATE_HOLE | STATE_ZERO } else { 0 };
-            match descriptors.last_mut() {
-                Some(last) if last.flags == flags => last.length += run.length as u32,
-                _ => descriptors.push(Descriptor { length: run.length as u32, flags }),
-            }
-        }
-        // Stop when the store reported only part of the piece, or we have
-        // as many descriptors as we may send: the client asks again.
-        if covered < piece.length || descriptors.len() >= max {
-            break;
-        }
-    }
-    descriptors.truncate(max);
-    let id = ctx.base_allocation.unwrap_or(0);
-    ctx.sink.send(Reply::new(chunk_block_status(req.cookie, id, &descriptors), Some(permit)));
 }

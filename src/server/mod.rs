@@ -8,6 +8,7 @@
 mod budget;
 mod buffers;
 mod connection;
+mod execute;
 pub mod handshake;
 mod listener;
 mod pool;
