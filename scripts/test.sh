@@ -57,7 +57,7 @@ if ((${#missing[@]})); then
 fi
 
 if ! command -v cargo >/dev/null; then
-  echo "test.sh: cargo not found: install a Rust toolchain (rustup, Rust >= 1.82)" >&2
+  echo "test.sh: cargo not found: install a Rust toolchain (rustup, Rust >= 1.88)" >&2
   exit 1
 fi
 
