@@ -75,7 +75,7 @@ impl FdBackend {
 
     fn is_direct_aligned(&self, offset: u64, len: usize) -> bool {
         let unit = self.info.min_io as u64;
-        offset % unit == 0 && (len as u64) % unit == 0
+        offset.is_multiple_of(unit) && (len as u64).is_multiple_of(unit)
     }
 
     fn pwrite_all(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
@@ -140,7 +140,7 @@ impl Drop for FdBackend {
 }
 
 fn is_page_aligned(p: *const u8) -> bool {
-    p as usize % AlignedBuf::ALIGN == 0
+    (p as usize).is_multiple_of(AlignedBuf::ALIGN)
 }
 
 impl Backend for FdBackend {

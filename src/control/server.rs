@@ -1,7 +1,7 @@
 //! Serves control requests on a Unix socket created with mode 0600.
 
 use crate::api::{ApiError, ErrorKind, MigrationList, Request, Response};
-use crate::daemon::{migration_status, Daemon, DaemonError, MigrateRequest};
+use crate::daemon::{Daemon, DaemonError, MigrateRequest};
 use crate::map::Range;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -121,7 +121,7 @@ fn answer<T: serde::Serialize>(result: Result<T, DaemonError>) -> Response {
 }
 
 pub fn handle(daemon: &Arc<Daemon>, request: Request) -> Response {
-    let jobs = |list: Vec<crate::migrate::JobStatus>| MigrationList { migrations: list.into_iter().map(migration_status).collect() };
+    let jobs = |migrations| MigrationList { migrations };
     match request {
         Request::Status => Response::ok(daemon.status()),
         Request::Reload { force } => answer(daemon.reload(force)),

@@ -4,7 +4,8 @@
 use super::assemble::store_uses;
 use super::{Daemon, DaemonError};
 use crate::map::Range;
-use crate::migrate::{self, Checkpoint, JobStatus, MigrationJob, MigrationSpec};
+use crate::api::{MigrationState, MigrationStatus};
+use crate::migrate::{self, Checkpoint, MigrationJob, MigrationSpec};
 use crate::persist::{now_secs, StateDir};
 use crate::pool::placement;
 use crate::sync::lock;
@@ -19,7 +20,7 @@ pub enum JobEntry {
 }
 
 impl JobEntry {
-    pub fn status(&self) -> JobStatus {
+    pub fn status(&self) -> MigrationStatus {
         match self {
             JobEntry::Live(j) => j.status(),
             JobEntry::Finished(c) => c.status(),
@@ -56,7 +57,7 @@ pub fn resume_all(state: &StateDir, catalog: &Catalog, swap: &SwapOptions) -> Re
     for cp in migrate::load_checkpoints(state)? {
         let name = cp.spec.volume.clone();
         let entry = match (cp.state, catalog.volumes.get(&name)) {
-            (migrate::JobState::Running, Some(volume)) => {
+            (MigrationState::Running, Some(volume)) => {
                 let chunks = cp.spec.range.len().div_ceil(cp.spec.chunk) as usize;
                 let resumed = MigrationJob::new(cp.spec.clone(), volume.clone(), catalog.stores.clone(), state.clone(), swap.clone(), &cp.copied(chunks), cp.started_at)
                     .and_then(|job| job.start().map(|()| job));
@@ -68,7 +69,7 @@ pub fn resume_all(state: &StateDir, catalog: &Catalog, swap: &SwapOptions) -> Re
                     Err(e) => {
                         tracing::error!(volume = %name, error = %e, "cannot resume the migration; the volume stays on its source");
                         let mut cp = cp.clone();
-                        cp.state = migrate::JobState::Failed;
+                        cp.state = MigrationState::Failed;
                         cp.reason = Some(format!("cannot resume after restart: {e}"));
                         cp.finished_at = Some(now_secs());
                         if let Err(e) = state.write_json(&std::path::Path::new("migrations").join(format!("{name}.json")), &cp) {
@@ -96,7 +97,7 @@ impl Daemon {
     }
 
     /// Starts moving (a range of) a volume onto another store.
-    pub fn migrate_start(&self, req: MigrateRequest) -> Result<JobStatus, DaemonError> {
+    pub fn migrate_start(&self, req: MigrateRequest) -> Result<MigrationStatus, DaemonError> {
         let _admin = lock(&self.admin);
         let catalog = self.catalog();
         let volume = self.volume(&req.volume)?;
@@ -113,11 +114,11 @@ impl Daemon {
         if range.is_empty() || range.end > volume.size() {
             return Err(DaemonError::RangeOutside { volume: name, range, size: volume.size() });
         }
-        if range.start % block != 0 || range.len() % block != 0 {
+        if !range.start.is_multiple_of(block) || !range.len().is_multiple_of(block) {
             return Err(DaemonError::RangeMisaligned { range, block });
         }
         let chunk = req.chunk.unwrap_or(migrate::DEFAULT_CHUNK);
-        if chunk == 0 || chunk % block != 0 {
+        if chunk == 0 || !chunk.is_multiple_of(block) {
             return Err(DaemonError::BadChunk { chunk, block });
         }
         // Every range of the destination store (under any of its names) in
@@ -148,7 +149,7 @@ impl Daemon {
         Ok(status)
     }
 
-    pub fn migrate_status(&self, volume: Option<&str>) -> Result<Vec<JobStatus>, DaemonError> {
+    pub fn migrate_status(&self, volume: Option<&str>) -> Result<Vec<MigrationStatus>, DaemonError> {
         let jobs = lock(&self.migrations);
         if let Some(v) = volume {
             return jobs.get(v).map(|e| vec![e.status()]).ok_or_else(|| DaemonError::NoMigration(v.into()));
@@ -156,7 +157,7 @@ impl Daemon {
         Ok(jobs.values().map(JobEntry::status).collect())
     }
 
-    pub fn migrate_abort(&self, volume: &str) -> Result<JobStatus, DaemonError> {
+    pub fn migrate_abort(&self, volume: &str) -> Result<MigrationStatus, DaemonError> {
         let job = lock(&self.migrations).get(volume).and_then(JobEntry::running).cloned();
         let job = job.ok_or_else(|| DaemonError::NoRunningMigration(volume.into()))?;
         job.abort();

@@ -18,7 +18,6 @@ mod status;
 
 pub use error::DaemonError;
 pub use migrations::MigrateRequest;
-pub use status::migration_status;
 
 use crate::config::Config;
 use crate::persist::StateDir;

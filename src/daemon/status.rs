@@ -1,10 +1,9 @@
 //! The daemon's state as API views (`status`, `history`, jobs, reports).
 
 use super::{Daemon, DaemonError};
-use crate::api::{self, BackendKind, ExtentStatus, MigrationState, RangeStatus, VolumeStatus};
+use crate::api::{self, BackendKind, ExtentStatus, RangeStatus, VolumeStatus};
 use crate::backend::StoreKind;
 use crate::map::Extent;
-use crate::migrate::{JobState, JobStatus};
 use crate::persist::VolumeRecord;
 use crate::sync::lock;
 use crate::volume::SwapReport;
@@ -22,33 +21,6 @@ fn backend_kind(k: StoreKind) -> BackendKind {
         StoreKind::File => BackendKind::File,
         StoreKind::BlockDevice => BackendKind::BlockDevice,
         StoreKind::Memory => BackendKind::Memory,
-    }
-}
-
-pub fn migration_status(j: JobStatus) -> api::MigrationStatus {
-    let state = match j.state {
-        JobState::Running => MigrationState::Running,
-        JobState::Completed => MigrationState::Completed,
-        JobState::Aborted => MigrationState::Aborted,
-        JobState::Failed => MigrationState::Failed,
-    };
-    api::MigrationStatus {
-        volume: j.volume,
-        state,
-        reason: j.reason,
-        copied_bytes: j.copied_bytes,
-        total_bytes: j.total_bytes,
-        data_bytes: j.data_bytes,
-        dest: j.dest,
-        dest_offset: j.dest_offset,
-        range_start: j.range_start,
-        range_length: j.range_length,
-        chunk: j.chunk,
-        rate: j.rate,
-        started_at: j.started_at,
-        finished_at: j.finished_at,
-        throughput: j.throughput,
-        generation: j.generation,
     }
 }
 

@@ -1,21 +1,13 @@
 //! The persisted progress of a migration job.
 
 use super::MigrationSpec;
+use crate::api::{MigrationState, MigrationStatus};
 use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobState {
-    Running,
-    Completed,
-    Aborted,
-    Failed,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
     pub spec: MigrationSpec,
-    pub state: JobState,
+    pub state: MigrationState,
     pub reason: Option<String>,
     /// Copied chunks as runs `[first, count]`, compact for big volumes.
     pub copied_runs: Vec<(u64, u64)>,
@@ -30,7 +22,7 @@ impl Checkpoint {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         spec: MigrationSpec,
-        state: JobState,
+        state: MigrationState,
         reason: Option<String>,
         copied: &[bool],
         copied_bytes: u64,
@@ -52,8 +44,8 @@ impl Checkpoint {
     }
 
     /// Status of a finished job known only from its checkpoint.
-    pub fn status(&self) -> super::JobStatus {
-        super::JobStatus::new(&self.spec, self.state, self.reason.clone(), self.copied_bytes, self.started_at, self.finished_at, self.generation)
+    pub fn status(&self) -> MigrationStatus {
+        super::status_of(&self.spec, self.state, self.reason.clone(), self.copied_bytes, self.started_at, self.finished_at, self.generation)
     }
 
     /// The copied flags for `chunks` chunks.
@@ -85,7 +77,7 @@ mod tests {
             discard_source: false,
         };
         let flags = vec![true, true, false, true, false, false, true, true, true, false];
-        let cp = Checkpoint::new(spec, JobState::Running, None, &flags, 6, 0, None, None);
+        let cp = Checkpoint::new(spec, MigrationState::Running, None, &flags, 6, 0, None, None);
         assert_eq!(cp.copied_runs, vec![(0, 2), (3, 1), (6, 3)]);
         assert_eq!(cp.copied(10), flags);
         let json = serde_json::to_string(&cp).unwrap();

@@ -2,7 +2,8 @@
 //! data, rate-limited, at low priority, with durable checkpoints.
 
 use super::rate::RateLimiter;
-use super::{JobState, MigrationJob, CHECKPOINT_EVERY, COPY_IO};
+use crate::api::MigrationState;
+use super::{MigrationJob, CHECKPOINT_EVERY, COPY_IO};
 use crate::backend::{AlignedBuf, ZeroMode};
 use crate::map::Piece;
 use std::sync::atomic::Ordering;
@@ -19,10 +20,10 @@ impl MigrationJob {
         let mut last_checkpoint = Instant::now();
         for i in 0..self.forward.chunks() {
             if self.abort.load(Ordering::SeqCst) {
-                return self.finish(JobState::Aborted, None);
+                return self.finish(MigrationState::Aborted, None);
             }
             if let Some(reason) = self.forward.error() {
-                return self.finish(JobState::Failed, Some(reason));
+                return self.finish(MigrationState::Failed, Some(reason));
             }
             if self.suspend.load(Ordering::SeqCst) {
                 if let Err(e) = self.durable_checkpoint() {
@@ -43,38 +44,38 @@ impl MigrationJob {
                 }
                 Err(_) if self.abort.load(Ordering::SeqCst) => {
                     self.forward.end_copy(i, false);
-                    return self.finish(JobState::Aborted, None);
+                    return self.finish(MigrationState::Aborted, None);
                 }
                 Err(e) => {
                     self.forward.end_copy(i, false);
                     self.forward.copy_failed(&e);
                     let reason = self.forward.error().unwrap_or_else(|| e.to_string());
-                    return self.finish(JobState::Failed, Some(reason));
+                    return self.finish(MigrationState::Failed, Some(reason));
                 }
             }
             if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
                 if let Err(e) = self.durable_checkpoint() {
-                    return self.finish(JobState::Failed, Some(e.to_string()));
+                    return self.finish(MigrationState::Failed, Some(e.to_string()));
                 }
                 last_checkpoint = Instant::now();
             }
         }
         if self.abort.load(Ordering::SeqCst) {
-            return self.finish(JobState::Aborted, None);
+            return self.finish(MigrationState::Aborted, None);
         }
         if let Some(reason) = self.forward.error() {
-            return self.finish(JobState::Failed, Some(reason));
+            return self.finish(MigrationState::Failed, Some(reason));
         }
         if let Err(e) = self.durable_checkpoint() {
-            return self.finish(JobState::Failed, Some(e.to_string()));
+            return self.finish(MigrationState::Failed, Some(e.to_string()));
         }
         match self.cutover() {
             Ok(generation) => {
                 lock(&self.status).generation = Some(generation);
-                self.finish(JobState::Completed, None);
+                self.finish(MigrationState::Completed, None);
             }
-            Err(_) if self.abort.load(Ordering::SeqCst) => self.finish(JobState::Aborted, None),
-            Err(e) => self.finish(JobState::Failed, Some(e.to_string())),
+            Err(_) if self.abort.load(Ordering::SeqCst) => self.finish(MigrationState::Aborted, None),
+            Err(e) => self.finish(MigrationState::Failed, Some(e.to_string())),
         }
     }
 

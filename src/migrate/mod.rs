@@ -21,9 +21,10 @@ mod cutover;
 mod error;
 mod rate;
 
-pub use checkpoint::{Checkpoint, JobState};
+pub use checkpoint::Checkpoint;
 pub use error::{MigrateError, MigrateErrorKind};
 
+use crate::api::{MigrationState, MigrationStatus};
 use crate::backend::Backend;
 use crate::map::Range;
 use crate::persist::{now_secs, PersistError, StateDir};
@@ -59,41 +60,17 @@ const COPY_IO: u64 = 1 << 20;
 /// How often progress is made durable.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
-/// Status of one job, for `migrate status`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct JobStatus {
-    pub volume: String,
-    pub state: JobState,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    pub copied_bytes: u64,
-    pub total_bytes: u64,
-    /// Data bytes actually read and written (holes are skipped).
-    pub data_bytes: u64,
-    pub dest: String,
-    pub dest_offset: u64,
-    pub range_start: u64,
-    pub range_length: u64,
-    pub chunk: u64,
-    pub rate: u64,
-    pub started_at: u64,
-    pub finished_at: Option<u64>,
-    /// Copy throughput since this process started the job, bytes/s.
-    pub throughput: u64,
-    pub generation: Option<u64>,
-}
-
-impl JobStatus {
-    fn new(
+/// The status of a job of `spec`, as `migrate status` shows it.
+fn status_of(
         spec: &MigrationSpec,
-        state: JobState,
+        state: MigrationState,
         reason: Option<String>,
         copied_bytes: u64,
         started_at: u64,
         finished_at: Option<u64>,
         generation: Option<u64>,
-    ) -> JobStatus {
-        JobStatus {
+    ) -> MigrationStatus {
+        MigrationStatus {
             volume: spec.volume.clone(),
             state,
             reason,
@@ -112,7 +89,6 @@ impl JobStatus {
             generation,
         }
     }
-}
 
 pub struct MigrationJob {
     spec: MigrationSpec,
@@ -124,14 +100,14 @@ pub struct MigrationJob {
     abort: AtomicBool,
     /// Stop copying but stay `running` (daemon shutdown): resumed at restart.
     suspend: AtomicBool,
-    status: Mutex<JobStatusInner>,
+    status: Mutex<JobProgress>,
     copied_bytes: AtomicU64,
     data_bytes: AtomicU64,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-struct JobStatusInner {
-    state: JobState,
+struct JobProgress {
+    state: MigrationState,
     reason: Option<String>,
     started_at: u64,
     finished_at: Option<u64>,
@@ -168,8 +144,8 @@ impl MigrationJob {
             swap,
             abort: AtomicBool::new(false),
             suspend: AtomicBool::new(false),
-            status: Mutex::new(JobStatusInner {
-                state: JobState::Running,
+            status: Mutex::new(JobProgress {
+                state: MigrationState::Running,
                 reason: None,
                 started_at,
                 finished_at: None,
@@ -188,7 +164,7 @@ impl MigrationJob {
     }
 
     pub fn is_running(&self) -> bool {
-        lock(&self.status).state == JobState::Running
+        lock(&self.status).state == MigrationState::Running
     }
 
     /// Attaches the write forwarding (draining the range first; a volume
@@ -235,11 +211,11 @@ impl MigrationJob {
         }
     }
 
-    pub fn status(&self) -> JobStatus {
+    pub fn status(&self) -> MigrationStatus {
         let s = lock(&self.status);
         let copied = self.copied_bytes.load(Ordering::Relaxed);
         let elapsed = s.began.elapsed().as_secs_f64().max(0.001);
-        let mut status = JobStatus::new(&self.spec, s.state, s.reason.clone(), copied, s.started_at, s.finished_at, s.generation);
+        let mut status = status_of(&self.spec, s.state, s.reason.clone(), copied, s.started_at, s.finished_at, s.generation);
         status.data_bytes = self.data_bytes.load(Ordering::Relaxed);
         status.throughput = (copied.saturating_sub(s.resumed_bytes) as f64 / elapsed) as u64;
         status
@@ -269,14 +245,14 @@ impl MigrationJob {
         self.save_checkpoint().map_err(MigrateError::Progress)
     }
 
-    fn finish(&self, state: JobState, reason: Option<String>) {
+    fn finish(&self, state: MigrationState, reason: Option<String>) {
         {
             let mut s = lock(&self.status);
             s.state = state;
             s.reason = reason.clone();
             s.finished_at = Some(now_secs());
         }
-        if state != JobState::Completed {
+        if state != MigrationState::Completed {
             self.forward.disable();
             self.detach_forwarding();
         }
@@ -284,8 +260,8 @@ impl MigrationJob {
             tracing::error!(volume = %self.spec.volume, error = %e, "persisting the final migration state failed");
         }
         match state {
-            JobState::Completed => tracing::info!(volume = %self.spec.volume, "migration completed"),
-            JobState::Aborted => tracing::warn!(volume = %self.spec.volume, "migration aborted; mapping stays on the source"),
+            MigrationState::Completed => tracing::info!(volume = %self.spec.volume, "migration completed"),
+            MigrationState::Aborted => tracing::warn!(volume = %self.spec.volume, "migration aborted; mapping stays on the source"),
             _ => tracing::error!(volume = %self.spec.volume, reason = ?reason, "migration failed; mapping stays on the source"),
         }
     }

@@ -18,7 +18,7 @@ pub enum PlacementError {
 /// Checks that `length` bytes at `offset` fit a store of `size` bytes
 /// without overlapping `used`.
 pub fn check_at(used: &[Range], size: u64, offset: u64, length: u64, align: u64) -> Result<u64, PlacementError> {
-    if offset % align != 0 {
+    if !offset.is_multiple_of(align) {
         return Err(PlacementError::Misaligned { offset, align });
     }
     let want = Range::new(offset, length);

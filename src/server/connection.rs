@@ -345,7 +345,7 @@ fn check(ctx: &ConnectionCtx, req: &RequestHeader) -> Result<(), (NbdError, Stri
         return Err((err, format!("{name} {}+{} is beyond the end of the export ({size} bytes)", req.offset, req.length)));
     }
     let min = volume.translation().min_io() as u64;
-    if min > 1 && matches!(req.command, CMD_READ | CMD_WRITE) && (req.offset % min != 0 || req.length as u64 % min != 0) {
+    if min > 1 && matches!(req.command, CMD_READ | CMD_WRITE) && (!req.offset.is_multiple_of(min) || !(req.length as u64).is_multiple_of(min)) {
         return Err((NbdError::Inval, format!("{name} is not aligned to the minimum block size {min}")));
     }
     Ok(())

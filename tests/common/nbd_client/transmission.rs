@@ -213,7 +213,7 @@ pub fn absorb(part: &mut Partial, p: &Pending, flags: u16, kind: u16, payload: &
         }
         REPLY_TYPE_BLOCK_STATUS => {
             assert_eq!(p.cmd, CMD_BLOCK_STATUS, "BLOCK_STATUS chunk for another command");
-            assert!(payload.len() >= 12 && (payload.len() - 4) % 8 == 0, "BLOCK_STATUS chunk of {} bytes", payload.len());
+            assert!(payload.len() >= 12 && (payload.len() - 4).is_multiple_of(8), "BLOCK_STATUS chunk of {} bytes", payload.len());
         }
         k if k & 0x8000 != 0 => {
             assert!(payload.len() >= 6, "error chunk of {} bytes", payload.len());
