@@ -200,11 +200,12 @@ fn reload_swaps_tables_under_mounted_ext4() {
     assert!(template.contains("name = \"b\"") && template.contains("@STORE@"), "template:\n{template}");
     Guest::new()
         .name("reload")
+        .tool("jq")
         .write("/cfg/template.toml", &template)
         .script(
             r#"
 render() { sed "s/@STORE@/$1/" /cfg/template.toml > /cfg/nbdvirt.toml.new && mv /cfg/nbdvirt.toml.new /cfg/nbdvirt.toml; }
-generation() { nbdvirt status --config /cfg/nbdvirt.toml | sed -n 's/^volume vol0 .* generation \([0-9]*\) .*/\1/p'; }
+generation() { nbdvirt status --config /cfg/nbdvirt.toml --json | jq -e '.volumes[] | select(.name == "vol0") | .generation'; }
 
 step "serve, attach, mkfs, mount"
 render a
