@@ -16,7 +16,7 @@ pub use error::{AttachError, HandshakeError};
 
 use crate::endpoint::Endpoint;
 use crate::nbd::TFLAG_CAN_MULTI_CONN;
-use netlink::{NbdAttr, NbdCmd, NbdFamily, Notifications, Request};
+use netlink::{NbdAttr, NbdCmd, NbdFamily, Notifications, NbdRequest};
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
@@ -94,7 +94,7 @@ pub fn attach(opts: &AttachOptions) -> Result<Attached, AttachError> {
     let (socks, info) = connect_all(opts)?;
     let block = opts.block_size.unwrap_or(info.preferred_block).clamp(512, 4096);
     let connect = || {
-        let mut req = Request::new(NbdCmd::Connect);
+        let mut req = NbdRequest::new(NbdCmd::Connect);
         if let Some(i) = opts.index {
             req = req.attr(NbdAttr::Index, i)?;
         }
@@ -146,7 +146,7 @@ pub fn detach(index: u32) -> Result<(), AttachError> {
     match netlink::resolve(&mut sock) {
         Ok(family) => {
             let what = format!("NBD_CMD_DISCONNECT /dev/nbd{index}");
-            Request::new(NbdCmd::Disconnect).attr(NbdAttr::Index, index).and_then(|r| r.send(&mut sock, &family)).map_err(netlink_err(what))?;
+            NbdRequest::new(NbdCmd::Disconnect).attr(NbdAttr::Index, index).and_then(|r| r.send(&mut sock, &family)).map_err(netlink_err(what))?;
             Ok(())
         }
         Err(_) => ioctl::disconnect(index),
@@ -170,7 +170,7 @@ fn sysfs(index: u32, file: &str) -> Option<String> {
 /// Every NBD device the kernel knows (NBD_CMD_STATUS), with its backend.
 pub fn list() -> Result<Vec<DeviceStatus>, AttachError> {
     let (mut sock, family) = nbd_family()?;
-    let reply = Request::new(NbdCmd::Status).send(&mut sock, &family).map_err(netlink_err("NBD_CMD_STATUS"))?.ok_or(AttachError::NoStatusReply)?;
+    let reply = NbdRequest::new(NbdCmd::Status).send(&mut sock, &family).map_err(netlink_err("NBD_CMD_STATUS"))?.ok_or(AttachError::NoStatusReply)?;
     let mut out: Vec<DeviceStatus> = netlink::device_list(&reply)
         .into_iter()
         .map(|d| DeviceStatus {
@@ -238,7 +238,7 @@ pub fn watch(opts: &AttachOptions, index: u32, stop: impl Fn() -> bool) -> Resul
                     // A device attached with a backend identifier can only be
                     // reconfigured by naming the same one: the kernel answers
                     // EINVAL ("must specify backend") otherwise.
-                    let reconfigure = Request::new(NbdCmd::Reconfigure)
+                    let reconfigure = NbdRequest::new(NbdCmd::Reconfigure)
                         .attr(NbdAttr::Index, index)
                         .and_then(|r| r.attr(NbdAttr::BackendIdentifier, ident.as_str()))
                         .and_then(|r| r.sockets(&socks))

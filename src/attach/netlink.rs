@@ -92,24 +92,24 @@ pub fn resolve(sock: &mut NlSocketHandle) -> io::Result<NbdFamily> {
 }
 
 /// A request being built, attribute by attribute.
-pub struct Request {
+pub struct NbdRequest {
     cmd: NbdCmd,
     attrs: GenlBuffer<NbdAttr, Buffer>,
 }
 
-impl Request {
-    pub fn new(cmd: NbdCmd) -> Request {
-        Request { cmd, attrs: GenlBuffer::new() }
+impl NbdRequest {
+    pub fn new(cmd: NbdCmd) -> NbdRequest {
+        NbdRequest { cmd, attrs: GenlBuffer::new() }
     }
 
     /// Adds a u32/u64/string attribute (neli NUL-terminates strings).
-    pub fn attr<P: Size + ToBytes>(mut self, kind: NbdAttr, value: P) -> io::Result<Request> {
+    pub fn attr<P: Size + ToBytes>(mut self, kind: NbdAttr, value: P) -> io::Result<NbdRequest> {
         self.attrs.push(Nlattr::new(false, false, kind, value).map_err(ser_error)?);
         Ok(self)
     }
 
     /// NBD_ATTR_SOCKETS: one nested item per socket, each holding its fd.
-    pub fn sockets(mut self, socks: &[OwnedFd]) -> io::Result<Request> {
+    pub fn sockets(mut self, socks: &[OwnedFd]) -> io::Result<NbdRequest> {
         let mut list = Nlattr::new(true, false, NbdAttr::Sockets, Buffer::new()).map_err(ser_error)?;
         for s in socks {
             let mut item = Nlattr::new(true, false, NBD_SOCK_ITEM, Buffer::new()).map_err(ser_error)?;
@@ -218,7 +218,7 @@ mod tests {
         let file = std::fs::File::open("/dev/null").unwrap();
         let socks = vec![OwnedFd::from(file)];
         let fd = socks[0].as_raw_fd() as u32;
-        let req = Request::new(NbdCmd::Connect)
+        let req = NbdRequest::new(NbdCmd::Connect)
             .attr(NbdAttr::SizeBytes, 1u64 << 30)
             .unwrap()
             .sockets(&socks)

@@ -16,14 +16,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// What a volume becomes, ready to apply.
-pub(super) enum Step {
+pub(super) enum VolumeStep {
     Keep(Arc<Volume>),
     Swap(Arc<Volume>, Translation),
     Add(Arc<Volume>, MappingTable),
 }
 
-pub(super) struct Staged {
-    steps: Vec<Step>,
+pub(super) struct StagedReload {
+    steps: Vec<VolumeStep>,
     removed: Vec<String>,
     stores: HashMap<String, OpenStore>,
     handles: HashMap<String, Arc<dyn Backend>>,
@@ -31,7 +31,7 @@ pub(super) struct Staged {
 }
 
 impl Daemon {
-    pub(super) fn stage_reload(&self, new: &Config, plan: ReloadPlan) -> Result<Staged, DaemonError> {
+    pub(super) fn stage_reload(&self, new: &Config, plan: ReloadPlan) -> Result<StagedReload, DaemonError> {
         let file = new.file_name();
         let existing = lock(&self.stores).clone();
         let stores = open_stores(new, &existing)?;
@@ -39,18 +39,18 @@ impl Daemon {
         let mut steps = Vec::new();
         for (v, p) in new.volumes.iter().zip(plan.plans) {
             steps.push(match p {
-                Plan::Keep(volume) => Step::Keep(volume),
-                Plan::Swap(volume, table) => Step::Swap(volume, build_translation(&file, v, table, &handles)?),
-                Plan::Add(table) => Step::Add(Arc::new(build_volume(&file, v, table.clone(), &handles)?), table),
+                Plan::Keep(volume) => VolumeStep::Keep(volume),
+                Plan::Swap(volume, table) => VolumeStep::Swap(volume, build_translation(&file, v, table, &handles)?),
+                Plan::Add(table) => VolumeStep::Add(Arc::new(build_volume(&file, v, table.clone(), &handles)?), table),
             });
         }
-        Ok(Staged { steps, removed: plan.removed, stores, handles, existing })
+        Ok(StagedReload { steps, removed: plan.removed, stores, handles, existing })
     }
 
     /// Applies a staged reload; failures go to `report.errors`. True if a
     /// swap failed.
-    pub(super) fn apply_reload(&self, new: Config, staged: Staged, report: &mut ReloadReport) -> bool {
-        let Staged { steps, removed, mut stores, mut handles, existing } = staged;
+    pub(super) fn apply_reload(&self, new: Config, staged: StagedReload, report: &mut ReloadReport) -> bool {
+        let StagedReload { steps, removed, mut stores, mut handles, existing } = staged;
         // The new pause settings apply to this reload's swaps already.
         let swap = {
             let mut opts = lock(&self.swap);
@@ -61,11 +61,11 @@ impl Daemon {
         let mut volumes = BTreeMap::new();
         for (step, v) in steps.into_iter().zip(&new.volumes) {
             let volume = match step {
-                Step::Keep(volume) => {
+                VolumeStep::Keep(volume) => {
                     report.unchanged.push(volume.name().into());
                     volume
                 }
-                Step::Swap(volume, translation) => {
+                VolumeStep::Swap(volume, translation) => {
                     let mut commit = GenerationCommit::new(&self.state, volume.name(), v.extents.clone(), "reload");
                     match volume.swap(translation, &swap, &mut commit) {
                         Ok(r) => report.swapped.push(swap_outcome(r)),
@@ -76,7 +76,7 @@ impl Daemon {
                     }
                     volume
                 }
-                Step::Add(volume, table) => {
+                VolumeStep::Add(volume, table) => {
                     if let Err(e) = self.state.commit(&VolumeRecord::new(volume.name(), &table, &v.extents, "added")) {
                         report.errors.push(format!("volume '{}': not added: persisting failed: {e}", volume.name()));
                         continue;
