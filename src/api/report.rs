@@ -32,13 +32,16 @@ pub struct ReloadReport {
     pub errors: Vec<String>,
 }
 
-/// One committed generation of a volume (`history`).
+/// One committed generation of a volume: what `history` answers, and the
+/// record the state directory keeps (`persist`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GenerationRecord {
     pub volume: String,
     pub generation: u64,
     pub extents: Vec<Extent>,
-    /// The config's extents when this generation was committed.
+    /// The config file's extents when the config was last applied to this
+    /// volume. When `extents` differs, the mapping was changed at run time
+    /// (migration, operator) and a reload must not silently undo that.
     pub config_extents: Vec<Extent>,
     /// Why it exists: "initial", "config", "reload", "migration to X", ...
     pub reason: String,

@@ -4,7 +4,8 @@
 use super::DaemonError;
 use crate::config::{Config, VolumeConfig};
 use crate::map::MappingTable;
-use crate::persist::{StateDir, VolumeRecord};
+use crate::api::GenerationRecord;
+use crate::persist::StateDir;
 
 /// How the table of a volume is chosen from config and persisted state.
 pub enum Decision {
@@ -23,12 +24,12 @@ impl Decision {
 }
 
 /// The persisted mapping of a record.
-pub fn persisted_table(rec: &VolumeRecord) -> Result<MappingTable, DaemonError> {
+pub fn persisted_table(rec: &GenerationRecord) -> Result<MappingTable, DaemonError> {
     MappingTable::new(rec.generation, rec.extents.clone()).map_err(|source| DaemonError::CorruptTable { volume: rec.volume.clone(), generation: rec.generation, source: Box::new(source) })
 }
 
 /// `at` is the config position named in errors (`FILE:LINE`).
-pub fn decide(at: &str, v: &VolumeConfig, record: Option<&VolumeRecord>) -> Result<Decision, DaemonError> {
+pub fn decide(at: &str, v: &VolumeConfig, record: Option<&GenerationRecord>) -> Result<Decision, DaemonError> {
     let Some(rec) = record else { return Ok(Decision::Commit(v.table(1), "initial")) };
     if rec.config_extents == v.extents {
         // Config unchanged since it was last applied: the persisted mapping,
@@ -46,7 +47,7 @@ pub fn decide(at: &str, v: &VolumeConfig, record: Option<&VolumeRecord>) -> Resu
 /// The tables every volume starts on, and the generations to commit before
 /// serving them. Never silently reverts run-time changes: a volume whose
 /// config diverged from them keeps its persisted mapping, with a warning.
-pub fn startup_tables(config: &Config, state: &StateDir) -> Result<(Vec<MappingTable>, Vec<VolumeRecord>), DaemonError> {
+pub fn startup_tables(config: &Config, state: &StateDir) -> Result<(Vec<MappingTable>, Vec<GenerationRecord>), DaemonError> {
     let file = config.file_name();
     let mut tables = Vec::new();
     let mut pending = Vec::new();
@@ -55,7 +56,7 @@ pub fn startup_tables(config: &Config, state: &StateDir) -> Result<(Vec<MappingT
         let decision = decide(&format!("{file}:{}", v.line), v, rec.as_ref());
         let table = match (decision, &rec) {
             (Ok(Decision::Commit(t, reason)), _) => {
-                pending.push(VolumeRecord::new(&v.name, &t, &v.extents, reason));
+                pending.push(GenerationRecord::new(&v.name, &t, &v.extents, reason));
                 t
             }
             (Ok(Decision::Keep(t)), rec) => {

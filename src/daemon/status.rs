@@ -4,7 +4,6 @@ use super::{Daemon, DaemonError};
 use crate::api::{self, BackendKind, ExtentStatus, RangeStatus, VolumeStatus};
 use crate::backend::StoreKind;
 use crate::map::Extent;
-use crate::persist::VolumeRecord;
 use crate::sync::lock;
 use crate::volume::SwapReport;
 
@@ -33,17 +32,6 @@ pub fn swap_outcome(r: SwapReport) -> api::SwapOutcome {
         attempts: r.attempts,
         hold: r.hold.as_micros() as u64,
         drain: r.drain.as_micros() as u64,
-    }
-}
-
-fn generation_record(r: VolumeRecord) -> api::GenerationRecord {
-    api::GenerationRecord {
-        volume: r.volume,
-        generation: r.generation,
-        extents: r.extents,
-        config_extents: r.config_extents,
-        reason: r.reason,
-        committed_at: r.committed_at,
     }
 }
 
@@ -102,6 +90,6 @@ impl Daemon {
     /// Archived generations of a volume, for operators.
     pub fn history(&self, volume: &str) -> Result<Vec<api::GenerationRecord>, DaemonError> {
         let gens = self.state.history(volume).map_err(|e| DaemonError::io(format!("volume '{volume}': history"), e))?;
-        gens.into_iter().map(|g| self.state.load_generation(volume, g).map(generation_record).map_err(DaemonError::from)).collect()
+        gens.into_iter().map(|g| self.state.load_generation(volume, g).map_err(DaemonError::from)).collect()
     }
 }

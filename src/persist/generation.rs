@@ -2,7 +2,8 @@
 //! that changes it (reload, migration cutover): prepared before the pause,
 //! renamed into place while paused, archived after.
 
-use super::{StateDir, VolumeRecord};
+use super::StateDir;
+use crate::api::GenerationRecord;
 use crate::map::{Extent, MappingTable};
 use crate::volume::{Commit, CommitError};
 
@@ -17,7 +18,7 @@ pub struct GenerationCommit<'a> {
     config_extents: Vec<Extent>,
     reason: String,
     /// Built by `prepare`, archived by `committed`.
-    record: Option<VolumeRecord>,
+    record: Option<GenerationRecord>,
     before_commit: Option<BeforeCommit<'a>>,
 }
 
@@ -37,7 +38,7 @@ impl<'a> GenerationCommit<'a> {
 
 impl Commit for GenerationCommit<'_> {
     fn prepare(&mut self, table: &MappingTable) -> Result<(), CommitError> {
-        let record = VolumeRecord::new(&self.volume, table, &self.config_extents, &self.reason);
+        let record = GenerationRecord::new(&self.volume, table, &self.config_extents, &self.reason);
         self.state.prepare(&record).map_err(|source| CommitError::Prepare { generation: table.generation(), source })?;
         self.record = Some(record);
         Ok(())

@@ -18,6 +18,7 @@ mod generation;
 
 pub use generation::GenerationCommit;
 
+use crate::api::GenerationRecord;
 use crate::map::{Extent, MappingTable};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
@@ -52,26 +53,13 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, PersistErro
     serde_json::from_slice(&bytes).map_err(|source| PersistError::Corrupt { path: path.to_path_buf(), source })
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VolumeRecord {
-    pub volume: String,
-    pub generation: u64,
-    pub extents: Vec<Extent>,
-    /// The config file's extents when the config was last applied to this
-    /// volume. When `extents` differs, the mapping was changed at run time
-    /// (migration, operator) and a reload must not silently undo that.
-    pub config_extents: Vec<Extent>,
-    /// Why this generation exists ("initial", "reload", "migration"...).
-    pub reason: String,
-    /// Seconds since the epoch.
-    pub committed_at: u64,
-}
-
-impl VolumeRecord {
+/// A committed generation as persisted in the state directory is exactly
+/// what `history` answers: one type, `api::GenerationRecord`.
+impl GenerationRecord {
     /// The record of `table` as a committed generation of `volume`, now:
     /// the one place a record is built from a table.
-    pub fn new(volume: &str, table: &MappingTable, config_extents: &[Extent], reason: &str) -> VolumeRecord {
-        VolumeRecord {
+    pub fn new(volume: &str, table: &MappingTable, config_extents: &[Extent], reason: &str) -> GenerationRecord {
+        GenerationRecord {
             volume: volume.into(),
             generation: table.generation(),
             extents: table.extents().to_vec(),
@@ -124,7 +112,7 @@ impl StateDir {
     }
 
     /// The committed record of `volume`, if it was ever committed.
-    pub fn load(&self, volume: &str) -> Result<Option<VolumeRecord>, PersistError> {
+    pub fn load(&self, volume: &str) -> Result<Option<GenerationRecord>, PersistError> {
         match read_json(&self.volume_dir(volume).join("current.json")) {
             Ok(record) => Ok(Some(record)),
             Err(PersistError::NotFound { .. }) => Ok(None),
@@ -134,7 +122,7 @@ impl StateDir {
 
     /// Makes `record` the committed generation of its volume, durably
     /// (all three steps at once).
-    pub fn commit(&self, record: &VolumeRecord) -> io::Result<()> {
+    pub fn commit(&self, record: &GenerationRecord) -> io::Result<()> {
         self.prepare(record)?;
         self.commit_prepared(&record.volume)?;
         self.archive(record)
@@ -142,7 +130,7 @@ impl StateDir {
 
     /// Writes `record` next to the committed one, durably, without making
     /// it current.
-    pub fn prepare(&self, record: &VolumeRecord) -> io::Result<()> {
+    pub fn prepare(&self, record: &GenerationRecord) -> io::Result<()> {
         let dir = self.volume_dir(&record.volume);
         fs::create_dir_all(&dir).map_err(|e| context(&dir, e))?;
         let bytes = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
@@ -158,7 +146,7 @@ impl StateDir {
     }
 
     /// Copies a committed record into the history.
-    pub fn archive(&self, record: &VolumeRecord) -> io::Result<()> {
+    pub fn archive(&self, record: &GenerationRecord) -> io::Result<()> {
         let history = self.volume_dir(&record.volume).join("history");
         fs::create_dir_all(&history).map_err(|e| context(&history, e))?;
         let bytes = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
@@ -217,7 +205,7 @@ impl StateDir {
     }
 
     /// One archived generation.
-    pub fn load_generation(&self, volume: &str, generation: u64) -> Result<VolumeRecord, PersistError> {
+    pub fn load_generation(&self, volume: &str, generation: u64) -> Result<GenerationRecord, PersistError> {
         read_json(&self.volume_dir(volume).join("history").join(format!("{generation:010}.json")))
     }
 }
@@ -233,7 +221,7 @@ mod tests {
         let state = StateDir::open(dir.path()).unwrap();
         assert_eq!(state.load("v").unwrap(), None);
         let extents = vec![Extent { start: 0, length: 4096, target: TargetSpec::Linear { store: "a".into(), offset: 0 } }];
-        let mut rec = VolumeRecord {
+        let mut rec = GenerationRecord {
             volume: "v".into(),
             generation: 1,
             extents: extents.clone(),

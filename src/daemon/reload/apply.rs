@@ -2,7 +2,8 @@
 //! anything, then apply.
 
 use super::super::assemble::{build_translation, build_volume, default_export, handles, open_stores, OpenStore};
-use crate::persist::{GenerationCommit, VolumeRecord};
+use crate::api::GenerationRecord;
+use crate::persist::GenerationCommit;
 use super::super::status::swap_outcome;
 use super::super::{swap_options, Daemon, DaemonError};
 use super::plan::{Plan, ReloadPlan};
@@ -77,7 +78,7 @@ impl Daemon {
                     volume
                 }
                 VolumeStep::Add(volume, table) => {
-                    if let Err(e) = self.state.commit(&VolumeRecord::new(volume.name(), &table, &v.extents, "added")) {
+                    if let Err(e) = self.state.commit(&GenerationRecord::new(volume.name(), &table, &v.extents, "added")) {
                         report.errors.push(format!("volume '{}': not added: persisting failed: {e}", volume.name()));
                         continue;
                     }
