@@ -72,7 +72,7 @@ pub fn resume_all(state: &StateDir, catalog: &Catalog, swap: &SwapOptions) -> Re
                         cp.state = MigrationState::Failed;
                         cp.reason = Some(format!("cannot resume after restart: {e}"));
                         cp.finished_at = Some(now_secs());
-                        if let Err(e) = state.write_json(&std::path::Path::new("migrations").join(format!("{name}.json")), &cp) {
+                        if let Err(e) = cp.save(state) {
                             tracing::warn!(volume = %name, error = %e, "persisting the failed migration failed");
                         }
                         JobEntry::Finished(cp)

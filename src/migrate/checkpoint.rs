@@ -19,6 +19,11 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// Writes this checkpoint (atomically) to its place in the state directory.
+    pub fn save(&self, state: &crate::persist::StateDir) -> std::io::Result<()> {
+        state.write_json(&super::checkpoint_path(&self.spec.volume), self)
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         spec: MigrationSpec,

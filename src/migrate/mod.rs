@@ -116,6 +116,7 @@ struct JobProgress {
     generation: Option<u64>,
 }
 
+/// Where the checkpoint of `volume`'s migration lives in the state directory.
 fn checkpoint_path(volume: &str) -> PathBuf {
     Path::new("migrations").join(format!("{volume}.json"))
 }
@@ -236,7 +237,7 @@ impl MigrationJob {
     }
 
     fn save_checkpoint(&self) -> std::io::Result<()> {
-        self.state_dir.write_json(&checkpoint_path(&self.spec.volume), &self.checkpoint())
+        self.checkpoint().save(&self.state_dir)
     }
 
     /// Destination durable first, then the progress that relies on it.
