@@ -4,9 +4,10 @@
 //! is persisted before it is in force.
 //!
 //! Rooms: `assemble` (stores, translations, volumes from a config),
-//! `reconcile` (config vs persisted generation), `commit` (durable
-//! generations), `reload` (plan → stage → apply), `pauses` (manual pauses),
-//! `migrations` (the job registry), `status` (API views), `error`.
+//! `reconcile` (config vs persisted generation), `reload` (plan → stage →
+//! apply; generations made durable by `persist::GenerationCommit`),
+//! `pauses` (manual pauses), `migrations` (the job registry), `status` (API
+//! views), `error`.
 
 pub mod assemble;
 mod error;
