@@ -39,7 +39,7 @@ pub struct Allocation {
 }
 
 /// Facts about a store, for status output and export flags.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreInfo {
     pub kind: StoreKind,
     pub path: Option<PathBuf>,

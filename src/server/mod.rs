@@ -72,7 +72,7 @@ struct ServerState {
 }
 
 /// Summary of a connection for status output.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone)]
 pub struct ConnectionInfo {
     pub id: u64,
     pub peer: String,

@@ -59,7 +59,7 @@ impl Holds {
 pub struct HoldId(u64);
 
 /// What status shows about the gate.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GateStatus {
     /// "running", "pausing" (a hold is draining) or "paused".
     pub state: &'static str,

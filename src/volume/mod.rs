@@ -46,7 +46,7 @@ pub struct VolumeSpec {
 }
 
 /// Timings and outcome of the last transaction, for status.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default)]
 pub struct SwapStats {
     pub swaps: u64,
     pub last_hold_us: Option<u64>,

@@ -73,21 +73,15 @@ impl Default for SwapOptions {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SwapReport {
     pub volume: String,
     pub from_generation: u64,
     pub generation: u64,
     pub ranges: Vec<Range>,
     pub attempts: u32,
-    #[serde(serialize_with = "as_micros")]
     pub hold: Duration,
-    #[serde(serialize_with = "as_micros")]
     pub drain: Duration,
-}
-
-pub(crate) fn as_micros<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_micros() as u64)
 }
 
 #[derive(Debug, thiserror::Error)]
