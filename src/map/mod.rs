@@ -11,5 +11,5 @@ mod validate;
 pub use diff::*;
 pub use remap::remap;
 pub use table::*;
-pub use target::TargetSpec;
+pub use target::{stripe_place, Leg, TargetSpec, CHUNK_MIN, DEFAULT_REGION, REGION_MAX, REGION_MIN};
 pub use validate::*;

@@ -101,16 +101,23 @@ impl Iterator for Pieces<'_> {
             return None;
         }
         let extent = &self.table.extents[index];
-        let stop = extent.end().min(self.end);
+        let within = self.pos - extent.start;
+        // A layout that places chunks on different stores (stripe) is cut
+        // at its chunk boundaries, so each piece is one store range.
+        let chunk_end = match extent.target.boundary() {
+            Some(unit) => extent.start + (within / unit + 1) * unit,
+            None => u64::MAX,
+        };
+        let stop = extent.end().min(self.end).min(chunk_end);
         let piece = Piece {
             extent: index,
             request_offset: self.pos - self.origin,
             volume_offset: self.pos,
             length: stop - self.pos,
-            extent_offset: self.pos - extent.start,
+            extent_offset: within,
         };
         self.pos = stop;
-        self.next = Some(index + 1);
+        self.next = Some(if stop == extent.end() { index + 1 } else { index });
         Some(piece)
     }
 }
@@ -143,6 +150,18 @@ mod tests {
         assert_eq!((p[1].volume_offset, p[1].length, p[1].request_offset), (4096, 4096, 96));
         assert_eq!((p[2].volume_offset, p[2].length, p[2].extent_offset, p[2].request_offset), (8192, 808, 0, 4192));
         assert_eq!(p.iter().map(|p| p.length).sum::<u64>(), 5000);
+    }
+
+    #[test]
+    fn stripe_extents_are_cut_at_chunks() {
+        use crate::map::Leg;
+        let members = vec![Leg { store: "c".into(), offset: 0 }, Leg { store: "d".into(), offset: 0 }];
+        let t = MappingTable::new(1, vec![store("a", 0, 4096, 0), Extent { start: 4096, length: 16384, target: TargetSpec::Stripe { members, chunk: 4096 } }])
+            .unwrap();
+        let p: Vec<_> = t.pieces(2048, 10240).map(|p| (p.extent, p.volume_offset, p.length, p.extent_offset)).collect();
+        assert_eq!(p, vec![(0, 2048, 2048, 2048), (1, 4096, 4096, 0), (1, 8192, 4096, 4096)]);
+        let tail: Vec<_> = t.pieces(12000, 8480).map(|p| (p.volume_offset, p.length)).collect();
+        assert_eq!(tail, vec![(12000, 288), (12288, 4096), (16384, 4096)]);
     }
 
     #[test]

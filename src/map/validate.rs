@@ -19,6 +19,10 @@ pub enum MapError {
     OutsideStore { index: usize, store: String, offset: u64, length: u64, size: u64 },
     #[error("extent {index}: offset overflows")]
     Overflow { index: usize },
+    #[error("extent {index}: {reason}")]
+    Layout { index: usize, reason: String },
+    #[error("a {layout} extent cannot be cut at byte {at} of extent {index} (cut at a multiple of {row})")]
+    Uncuttable { index: usize, layout: &'static str, at: u64, row: u64 },
     #[error(
         "store '{store}' range {offset}+{length} is mapped by both volume '{}' extent {} and volume '{}' extent {}; declare the store `shared = true` if that is intended",
         first.0, first.1, second.0, second.1

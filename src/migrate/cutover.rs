@@ -41,7 +41,7 @@ impl MigrationJob {
             return Ok(old.table().generation());
         }
         let onto = TargetSpec::Linear { store: dest.clone(), offset: self.spec.dest_offset };
-        let table = MappingTable::new(old.table().generation() + 1, remap(old.table().extents(), range, &onto))?;
+        let table = MappingTable::new(old.table().generation() + 1, remap(old.table().extents(), range, &onto)?)?;
         let translation = Translation::new(table, &self.stores)?;
         let record = self.state_dir.load(&self.spec.volume)?;
         let config_extents = record.map(|r| r.config_extents).unwrap_or_else(|| old.table().extents().to_vec());

@@ -14,6 +14,7 @@ mod commit;
 mod forward;
 mod gate;
 mod phases;
+pub mod redundancy;
 mod swap;
 pub mod target;
 mod translation;
@@ -24,7 +25,8 @@ pub use forward::{ChunkState, WriteForward};
 pub use gate::{Gate, GateStatus, HoldId, Ticket};
 pub use phases::{DrainTimedOut, Paused, Staged};
 pub use swap::{SwapError, SwapOptions, SwapPhase, SwapReport, UnknownSwapPhase};
-pub use target::{open_target, Target, TargetError};
+pub use redundancy::Redundancy;
+pub use target::{open_target, Target, TargetCtx, TargetError};
 pub use translation::{Route, TranslateError, Translation};
 
 use crate::backend::Backend;

@@ -1,5 +1,6 @@
 use super::forward::WriteForward;
-use super::target::{open_target, Target, TargetError};
+use super::redundancy::Redundancy;
+use super::target::{open_target, Target, TargetCtx, TargetError};
 use crate::backend::{Allocation, Backend, ZeroMode};
 use crate::map::{MappingTable, Piece};
 use std::collections::HashMap;
@@ -28,15 +29,32 @@ pub struct Translation {
     /// Some store may block for long: never run I/O inline on a reader.
     may_block: bool,
     forward: Option<Arc<WriteForward>>,
+    /// The volume's legs, intent log and change trackers (shared by every
+    /// translation of the volume).
+    redundancy: Arc<Redundancy>,
 }
 
 impl Translation {
+    /// A translation with its own in-memory redundancy state (for volumes
+    /// built outside a daemon: tools, tests).
     pub fn new(table: MappingTable, stores: &HashMap<String, Arc<dyn Backend>>) -> Result<Translation, TranslateError> {
+        Translation::open(table, stores, &Redundancy::in_memory("", crate::map::DEFAULT_REGION))
+    }
+
+    /// Opens every extent's target; mirror targets share `redundancy`.
+    pub fn open(
+        table: MappingTable,
+        stores: &HashMap<String, Arc<dyn Backend>>,
+        redundancy: &Arc<Redundancy>,
+    ) -> Result<Translation, TranslateError> {
         let targets = table
             .extents()
             .iter()
             .enumerate()
-            .map(|(index, e)| open_target(&e.target, stores).map_err(|source| TranslateError { index, source }))
+            .map(|(index, e)| {
+                let ctx = TargetCtx { stores, extent_start: e.start, redundancy };
+                open_target(&e.target, &ctx).map_err(|source| TranslateError { index, source })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let mut distinct: Vec<Arc<dyn Backend>> = Vec::new();
         for store in targets.iter().flat_map(|t| t.stores()) {
@@ -47,7 +65,11 @@ impl Translation {
         let min_io = targets.iter().map(|t| t.min_io()).max().unwrap_or(1);
         let rotational = targets.iter().any(|t| t.rotational());
         let may_block = targets.iter().any(|t| t.may_block());
-        Ok(Translation { table, targets, stores: distinct, min_io, rotational, may_block, forward: None })
+        Ok(Translation { table, targets, stores: distinct, min_io, rotational, may_block, forward: None, redundancy: redundancy.clone() })
+    }
+
+    pub fn redundancy(&self) -> &Arc<Redundancy> {
+        &self.redundancy
     }
 
     /// The same table with `forward` attached (or detached). Only a staged

@@ -17,6 +17,7 @@ mod zero;
 pub use linear::LinearTarget;
 pub use zero::ZeroTarget;
 
+use super::redundancy::Redundancy;
 use crate::backend::{Allocation, Backend, ZeroMode};
 use crate::map::TargetSpec;
 use std::collections::HashMap;
@@ -28,6 +29,18 @@ use std::sync::Arc;
 pub enum TargetError {
     #[error("store '{store}' is not open")]
     MissingStore { store: String },
+    #[error("{layout} targets are not available yet")]
+    Unsupported { layout: &'static str },
+}
+
+/// What opening a target needs besides its spec.
+#[derive(Debug, Clone, Copy)]
+pub struct TargetCtx<'a> {
+    pub stores: &'a HashMap<String, Arc<dyn Backend>>,
+    /// Volume offset of the extent's first byte (bitmaps count regions of
+    /// the volume).
+    pub extent_start: u64,
+    pub redundancy: &'a Arc<Redundancy>,
 }
 
 /// One extent's mapping, opened. Every offset is within the extent.
@@ -61,10 +74,12 @@ pub trait Target: Send + Sync + Debug {
 }
 
 /// Opens `spec` against the open stores.
-pub fn open_target(spec: &TargetSpec, stores: &HashMap<String, Arc<dyn Backend>>) -> Result<Arc<dyn Target>, TargetError> {
-    let store = |name: &str| stores.get(name).cloned().ok_or_else(|| TargetError::MissingStore { store: name.into() });
+pub fn open_target(spec: &TargetSpec, ctx: &TargetCtx<'_>) -> Result<Arc<dyn Target>, TargetError> {
+    let store = |name: &str| ctx.stores.get(name).cloned().ok_or_else(|| TargetError::MissingStore { store: name.into() });
     Ok(match spec {
         TargetSpec::Linear { store: name, offset } => Arc::new(LinearTarget::new(store(name)?, *offset)),
         TargetSpec::Zero => Arc::new(ZeroTarget),
+        TargetSpec::Mirror { .. } => return Err(TargetError::Unsupported { layout: "mirror" }),
+        TargetSpec::Stripe { .. } => return Err(TargetError::Unsupported { layout: "stripe" }),
     })
 }
