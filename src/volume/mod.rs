@@ -25,7 +25,7 @@ pub use forward::{ChunkState, WriteForward};
 pub use gate::{Gate, GateStatus, HoldId, Ticket};
 pub use phases::{DrainTimedOut, Paused, Staged};
 pub use swap::{SwapError, SwapOptions, SwapPhase, SwapReport, UnknownSwapPhase};
-pub use redundancy::Redundancy;
+pub use redundancy::{DirtyRun, Redundancy};
 pub use target::{open_target, Target, TargetCtx, TargetError};
 pub use translation::{Route, TranslateError, Translation};
 
@@ -105,6 +105,17 @@ impl Volume {
 
     pub fn table(&self) -> MappingTable {
         self.current.load().table().clone()
+    }
+
+    /// Change trackers served as `qemu:dirty-bitmap:NAME` (see
+    /// [`Redundancy::tracker_names`]).
+    pub fn dirty_bitmaps(&self) -> Vec<String> {
+        self.translation().redundancy().tracker_names()
+    }
+
+    /// See [`Redundancy::dirty_runs`].
+    pub fn dirty_runs(&self, name: &str, offset: u64, length: u64, max_runs: usize) -> Option<Vec<DirtyRun>> {
+        self.translation().redundancy().dirty_runs(name, offset, length, max_runs)
     }
 
     pub fn gate(&self) -> &Arc<Gate> {

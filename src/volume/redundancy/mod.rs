@@ -36,3 +36,27 @@ impl Redundancy {
         self.dir.as_ref()
     }
 }
+
+/// One run of a change tracker over a queried range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirtyRun {
+    pub length: u64,
+    /// Written since the tracker started.
+    pub dirty: bool,
+}
+
+impl Redundancy {
+    /// Names of the change trackers (`split-NEWVOL`), served over NBD as
+    /// `qemu:dirty-bitmap:NAME`.
+    pub fn tracker_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Runs of tracker `name` over `[offset, offset+length)`, at most
+    /// `max_runs` (the last may stop short); `None` if there is no such
+    /// tracker.
+    pub fn dirty_runs(&self, name: &str, offset: u64, length: u64, max_runs: usize) -> Option<Vec<DirtyRun>> {
+        let _ = (name, offset, length, max_runs);
+        None
+    }
+}
