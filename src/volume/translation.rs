@@ -38,7 +38,8 @@ impl Translation {
     /// A translation with its own in-memory redundancy state (for volumes
     /// built outside a daemon: tools, tests).
     pub fn new(table: MappingTable, stores: &HashMap<String, Arc<dyn Backend>>) -> Result<Translation, TranslateError> {
-        Translation::open(table, stores, &Redundancy::in_memory("", crate::map::DEFAULT_REGION))
+        let redundancy = Redundancy::in_memory("", table.size(), crate::map::DEFAULT_REGION);
+        Translation::open(table, stores, &redundancy)
     }
 
     /// Opens every extent's target; mirror targets share `redundancy`.

@@ -1,27 +1,80 @@
 //! A volume's redundancy state, which outlives any one translation: the
-//! mirror legs' conditions and stale regions, the write-intent log, and the
-//! change trackers of split pairs. Translations built for the volume share
-//! one `Arc<Redundancy>`; mirror targets consult it on every request.
+//! mirror legs' conditions and stale regions (`legs.rs`), the write-intent
+//! log (`intent.rs`), and the change trackers of split pairs. Translations
+//! built for the volume share one `Arc<Redundancy>`; mirror targets consult
+//! it on every request.
 //!
-//! Everything here is counted in *regions* of the volume (volume offset /
+//! Everything is counted in *regions* of the volume (volume offset /
 //! region size), so remapping extents never invalidates a bitmap.
+//!
+//! On disk (`state_dir/mirror/VOLUME/`): `legs.json` (region size, each
+//! leg's condition and failure reason), `intent.bits`, `leg-STORE.stale`,
+//! `TRACKER.track` (see `bitmap.rs` for the format and durability rules).
 
-use std::path::PathBuf;
-use std::sync::Arc;
+mod bitmap;
+mod files;
+mod intent;
+mod legs;
+mod recover;
+mod trackers;
+
+pub use bitmap::RegionBitmap;
+pub use intent::{WriteGuard, WriteIntent};
+pub use legs::{LegCondition, LegRecord, LegState};
+pub use trackers::{DirtyRun, Tracker};
+
+use crate::backend::Backend;
+use crate::sync::lock;
+use arc_swap::ArcSwap;
+use std::io;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+
+/// A leg failed: what the daemon's failure policy acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegEvent {
+    pub volume: String,
+    pub leg: String,
+    pub reason: String,
+}
 
 #[derive(Debug)]
 pub struct Redundancy {
     volume: String,
     /// Bytes per region (bitmap granularity).
     region: u64,
+    regions: usize,
     /// Where the bitmaps and leg states persist; `None` keeps them in memory.
     dir: Option<PathBuf>,
+    intent: WriteIntent,
+    legs: Mutex<Vec<Arc<LegState>>>,
+    trackers: ArcSwap<Vec<Arc<Tracker>>>,
+    events: Mutex<Vec<mpsc::Sender<LegEvent>>>,
+    /// Regions found dirty in the intent log at start (crash recovery).
+    recovered: AtomicUsize,
 }
 
 impl Redundancy {
-    /// State kept in memory only (tests, volumes without mirrors).
-    pub fn in_memory(volume: &str, region: u64) -> Arc<Redundancy> {
-        Arc::new(Redundancy { volume: volume.into(), region, dir: None })
+    /// State kept in memory only (tools, tests).
+    pub fn in_memory(volume: &str, size: u64, region: u64) -> Arc<Redundancy> {
+        let regions = size.div_ceil(region) as usize;
+        Arc::new(Redundancy::with(volume, region, None, RegionBitmap::in_memory(regions), Vec::new(), Vec::new()))
+    }
+
+    fn with(volume: &str, region: u64, dir: Option<PathBuf>, intent: RegionBitmap, legs: Vec<Arc<LegState>>, trackers: Vec<Arc<Tracker>>) -> Redundancy {
+        Redundancy {
+            volume: volume.into(),
+            region,
+            regions: intent.regions(),
+            dir,
+            intent: WriteIntent::new(intent),
+            legs: Mutex::new(legs),
+            trackers: ArcSwap::from_pointee(trackers),
+            events: Mutex::new(Vec::new()),
+            recovered: AtomicUsize::new(0),
+        }
     }
 
     pub fn volume(&self) -> &str {
@@ -32,31 +85,157 @@ impl Redundancy {
         self.region
     }
 
-    pub fn dir(&self) -> Option<&PathBuf> {
-        self.dir.as_ref()
-    }
-}
-
-/// One run of a change tracker over a queried range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DirtyRun {
-    pub length: u64,
-    /// Written since the tracker started.
-    pub dirty: bool,
-}
-
-impl Redundancy {
-    /// Names of the change trackers (`split-NEWVOL`), served over NBD as
-    /// `qemu:dirty-bitmap:NAME`.
-    pub fn tracker_names(&self) -> Vec<String> {
-        Vec::new()
+    pub fn regions(&self) -> usize {
+        self.regions
     }
 
-    /// Runs of tracker `name` over `[offset, offset+length)`, at most
-    /// `max_runs` (the last may stop short); `None` if there is no such
-    /// tracker.
-    pub fn dirty_runs(&self, name: &str, offset: u64, length: u64, max_runs: usize) -> Option<Vec<DirtyRun>> {
-        let _ = (name, offset, length, max_runs);
-        None
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    pub fn intent(&self) -> &WriteIntent {
+        &self.intent
+    }
+
+    /// Regions found dirty at start, resynced since.
+    pub fn recovered(&self) -> usize {
+        self.recovered.load(Ordering::Relaxed)
+    }
+
+    /// The regions bytes `[offset, offset+length)` of the volume touch.
+    pub fn regions_of(&self, offset: u64, length: u64) -> Range<usize> {
+        if length == 0 {
+            return 0..0;
+        }
+        (offset / self.region) as usize..(offset + length).div_ceil(self.region) as usize
+    }
+
+    /// Volume byte range of region `r`.
+    pub fn region_range(&self, r: usize) -> (u64, u64) {
+        let start = r as u64 * self.region;
+        (start, start + self.region)
+    }
+
+    pub fn legs(&self) -> Vec<Arc<LegState>> {
+        lock(&self.legs).clone()
+    }
+
+    pub fn leg(&self, store: &str) -> Option<Arc<LegState>> {
+        lock(&self.legs).iter().find(|l| l.store() == store).cloned()
+    }
+
+    fn stale_bitmap(&self, store: &str) -> io::Result<RegionBitmap> {
+        match &self.dir {
+            Some(dir) => RegionBitmap::open(&files::stale_path(dir, store), self.regions),
+            None => Ok(RegionBitmap::in_memory(self.regions)),
+        }
+    }
+
+    /// The state of leg `store` of a mirror extent covering regions `rs`.
+    /// A leg not seen before joins in sync if it is the extent's first leg
+    /// (the mirror's data is there), else resyncing with `rs` stale.
+    pub fn leg_for_target(&self, store: &str, first: bool, rs: Range<usize>) -> io::Result<Arc<LegState>> {
+        if let Some(leg) = self.leg(store) {
+            return Ok(leg);
+        }
+        let stale = self.stale_bitmap(store)?;
+        let condition = if first { LegCondition::InSync } else { LegCondition::Resyncing };
+        if !first {
+            stale.set_volatile(rs);
+            stale.sync()?;
+        }
+        let leg = Arc::new(LegState::new(store, condition, None, stale));
+        lock(&self.legs).push(leg.clone());
+        self.save_legs()?;
+        Ok(leg)
+    }
+
+    /// Adds (or resets) leg `store` as resyncing with `stale` regions, made
+    /// durable before it is used.
+    pub fn add_resyncing_leg(&self, store: &str, stale: impl Iterator<Item = Range<usize>>) -> io::Result<Arc<LegState>> {
+        let bitmap = self.stale_bitmap(store)?;
+        for rs in stale {
+            bitmap.set_volatile(rs);
+        }
+        bitmap.sync()?;
+        let leg = Arc::new(LegState::new(store, LegCondition::Resyncing, None, bitmap));
+        {
+            let mut legs = lock(&self.legs);
+            legs.retain(|l| l.store() != store);
+            legs.push(leg.clone());
+        }
+        self.save_legs()?;
+        Ok(leg)
+    }
+
+    /// Forgets leg `store` and its files.
+    pub fn remove_leg(&self, store: &str) -> io::Result<()> {
+        let removed: Vec<_> = {
+            let mut legs = lock(&self.legs);
+            let (gone, kept): (Vec<_>, Vec<_>) = legs.drain(..).partition(|l| l.store() == store);
+            *legs = kept;
+            gone
+        };
+        for leg in removed {
+            leg.stale().remove_file()?;
+        }
+        self.save_legs()
+    }
+
+    /// Persists every leg's condition (atomically).
+    pub fn save_legs(&self) -> io::Result<()> {
+        let Some(dir) = &self.dir else { return Ok(()) };
+        let records: Vec<LegRecord> =
+            self.legs().iter().map(|l| LegRecord { store: l.store().into(), condition: l.condition(), reason: l.reason() }).collect();
+        files::save_legs(dir, self.region, &records)
+    }
+
+    /// Records that `leg` failed with `reason`: persisted, logged, and
+    /// handed to the failure policy. Only the first failure counts.
+    pub fn leg_failed(&self, leg: &LegState, reason: String) {
+        if !leg.fail(reason.clone()) {
+            return;
+        }
+        // Regions with writes not yet known to be on every leg's disk may
+        // be missing on this one: a re-add copies them too.
+        leg.stale().union_from(self.intent.bits());
+        tracing::error!(volume = self.volume, leg = leg.store(), %reason, "mirror leg failed; I/O continues on the other legs");
+        if let Err(e) = self.save_legs() {
+            tracing::error!(volume = self.volume, error = %e, "cannot persist the failed leg's state");
+        }
+        let event = LegEvent { volume: self.volume.clone(), leg: leg.store().into(), reason };
+        lock(&self.events).retain(|tx| tx.send(event.clone()).is_ok());
+    }
+
+    /// Failure events of this volume's legs.
+    pub fn subscribe(&self) -> mpsc::Receiver<LegEvent> {
+        let (tx, rx) = mpsc::channel();
+        lock(&self.events).push(tx);
+        rx
+    }
+
+    /// Whether `store` is the store of a leg that failed (its flush errors
+    /// are expected and must not fail a client's FLUSH).
+    pub fn is_failed_store(&self, store: &Arc<dyn Backend>) -> bool {
+        self.legs().iter().any(|l| !l.writable() && l.backend().is_some_and(|b| Arc::ptr_eq(&b, store)))
+    }
+
+    /// Clears the intent bits of idle regions, after flushing every
+    /// writable leg and syncing every leg's stale map (see
+    /// `WriteIntent::clear_idle`).
+    pub fn clear_idle(&self) -> io::Result<usize> {
+        self.intent.clear_idle(|| {
+            for leg in self.legs() {
+                if leg.writable() {
+                    if let Some(b) = leg.backend() {
+                        if let Err(e) = b.flush() {
+                            self.leg_failed(&leg, format!("{:?}: flush: {e}", crate::backend::errno_of(&e)));
+                        }
+                    }
+                }
+                leg.stale().sync()?;
+            }
+            Ok(())
+        })
     }
 }
