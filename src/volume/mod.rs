@@ -168,8 +168,11 @@ impl Volume {
     }
 
     fn retire(&self, stores: impl Iterator<Item = Arc<dyn Backend>>) {
+        let redundancy = self.translation().redundancy().clone();
         let mut retired = lock(&self.retired);
-        for s in stores {
+        // A failed mirror leg's store is not flushed: its errors are known
+        // and its regions are marked stale.
+        for s in stores.filter(|s| !redundancy.is_failed_store(s)) {
             if !retired.iter().any(|r| Arc::ptr_eq(r, &s)) {
                 retired.push(s);
             }

@@ -22,8 +22,13 @@ pub struct Translation {
     table: MappingTable,
     /// Per extent, its open target.
     targets: Vec<Arc<dyn Target>>,
-    /// Each distinct store once, for flush.
+    /// Each distinct store once (for retiring and status).
     stores: Vec<Arc<dyn Backend>>,
+    /// Each distinct store of a non-redundant target once: a FLUSH fails
+    /// if any of them cannot flush.
+    strict_stores: Vec<Arc<dyn Backend>>,
+    /// Targets that flush their stores themselves, tolerating a lost leg.
+    redundant: Vec<Arc<dyn Target>>,
     min_io: u32,
     rotational: bool,
     /// Some store may block for long: never run I/O inline on a reader.
@@ -53,20 +58,28 @@ impl Translation {
             .iter()
             .enumerate()
             .map(|(index, e)| {
-                let ctx = TargetCtx { stores, extent_start: e.start, redundancy };
+                let ctx = TargetCtx { stores, extent_start: e.start, length: e.length, redundancy };
                 open_target(&e.target, &ctx).map_err(|source| TranslateError { index, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut distinct: Vec<Arc<dyn Backend>> = Vec::new();
-        for store in targets.iter().flat_map(|t| t.stores()) {
-            if !distinct.iter().any(|b| Arc::ptr_eq(b, store)) {
-                distinct.push(store.clone());
-            }
-        }
+        let distinct = distinct_stores(targets.iter());
+        let strict_stores = distinct_stores(targets.iter().filter(|t| !t.redundant()));
+        let redundant = targets.iter().filter(|t| t.redundant()).cloned().collect();
         let min_io = targets.iter().map(|t| t.min_io()).max().unwrap_or(1);
         let rotational = targets.iter().any(|t| t.rotational());
         let may_block = targets.iter().any(|t| t.may_block());
-        Ok(Translation { table, targets, stores: distinct, min_io, rotational, may_block, forward: None, redundancy: redundancy.clone() })
+        Ok(Translation {
+            table,
+            targets,
+            stores: distinct,
+            strict_stores,
+            redundant,
+            min_io,
+            rotational,
+            may_block,
+            forward: None,
+            redundancy: redundancy.clone(),
+        })
     }
 
     pub fn redundancy(&self) -> &Arc<Redundancy> {
@@ -109,8 +122,11 @@ impl Translation {
     /// Flushes every store, and a migration's destination: a forwarded
     /// write is answered only once it is on both, so FLUSH must cover both.
     pub fn flush(&self) -> io::Result<()> {
-        for store in &self.stores {
+        for store in &self.strict_stores {
             store.flush()?;
+        }
+        for target in &self.redundant {
+            target.flush()?;
         }
         if let Some(f) = &self.forward {
             if !f.is_disabled() {
@@ -142,11 +158,13 @@ impl Translation {
     }
 
     pub fn write(&self, piece: &Piece, data: &[u8], fua: bool) -> io::Result<()> {
+        self.redundancy.track(piece.volume_offset, piece.length)?;
         let source = || self.target(piece).write(piece.extent_offset, data, fua);
         self.forwarded(piece, source, |dest, off, start, len| dest.write_at(&data[start as usize..(start + len) as usize], off, fua))
     }
 
     pub fn trim(&self, piece: &Piece, fua: bool) -> io::Result<()> {
+        self.redundancy.track(piece.volume_offset, piece.length)?;
         let source = || self.target(piece).trim(piece.extent_offset, piece.length, fua);
         // Trimmed source data reads back as zeros on files; keep the copy
         // identical by zeroing (punching) the destination.
@@ -155,6 +173,7 @@ impl Translation {
     }
 
     pub fn write_zeroes(&self, piece: &Piece, mode: ZeroMode, fua: bool) -> io::Result<()> {
+        self.redundancy.track(piece.volume_offset, piece.length)?;
         let source = || self.target(piece).write_zeroes(piece.extent_offset, piece.length, mode, fua);
         let dest_mode = ZeroMode { fast_only: false, ..mode };
         self.forwarded(piece, source, |dest, off, _, len| dest.write_zeroes(off, len, dest_mode, fua))
@@ -172,6 +191,17 @@ impl Translation {
     pub fn cache(&self, piece: &Piece) -> io::Result<()> {
         self.target(piece).cache(piece.extent_offset, piece.length)
     }
+}
+
+/// Each store of `targets` once, in order.
+fn distinct_stores<'a>(targets: impl Iterator<Item = &'a Arc<dyn Target>>) -> Vec<Arc<dyn Backend>> {
+    let mut distinct: Vec<Arc<dyn Backend>> = Vec::new();
+    for store in targets.flat_map(|t| t.stores()) {
+        if !distinct.iter().any(|b| Arc::ptr_eq(b, store)) {
+            distinct.push(store.clone());
+        }
+    }
+    distinct
 }
 
 /// A request translated against one translation: the pieces, and the

@@ -12,9 +12,11 @@
 //! [`Translation`]: super::Translation
 
 mod linear;
+mod mirror;
 mod zero;
 
 pub use linear::LinearTarget;
+pub use mirror::MirrorTarget;
 pub use zero::ZeroTarget;
 
 use super::redundancy::Redundancy;
@@ -31,6 +33,8 @@ pub enum TargetError {
     MissingStore { store: String },
     #[error("{layout} targets are not available yet")]
     Unsupported { layout: &'static str },
+    #[error("mirror state: {message}")]
+    State { message: String },
 }
 
 /// What opening a target needs besides its spec.
@@ -40,6 +44,8 @@ pub struct TargetCtx<'a> {
     /// Volume offset of the extent's first byte (bitmaps count regions of
     /// the volume).
     pub extent_start: u64,
+    /// Length of the extent.
+    pub length: u64,
     pub redundancy: &'a Arc<Redundancy>,
 }
 
@@ -58,6 +64,11 @@ pub trait Target: Send + Sync + Debug {
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()> {
         self.stores().iter().try_for_each(|s| s.flush())
+    }
+    /// Whether this target survives the loss of a store (then its own
+    /// `flush` decides, and the translation does not flush its stores).
+    fn redundant(&self) -> bool {
+        false
     }
 
     /// Smallest I/O unit this target accepts.
@@ -79,7 +90,16 @@ pub fn open_target(spec: &TargetSpec, ctx: &TargetCtx<'_>) -> Result<Arc<dyn Tar
     Ok(match spec {
         TargetSpec::Linear { store: name, offset } => Arc::new(LinearTarget::new(store(name)?, *offset)),
         TargetSpec::Zero => Arc::new(ZeroTarget),
-        TargetSpec::Mirror { .. } => return Err(TargetError::Unsupported { layout: "mirror" }),
+        TargetSpec::Mirror { legs, .. } => {
+            let red = ctx.redundancy;
+            let mut open = Vec::with_capacity(legs.len());
+            for (i, leg) in legs.iter().enumerate() {
+                let rs = red.regions_of(ctx.extent_start, ctx.length);
+                let state = red.leg_for_target(&leg.store, i == 0, rs).map_err(|e| TargetError::State { message: e.to_string() })?;
+                open.push((state, store(&leg.store)?, leg.offset));
+            }
+            Arc::new(MirrorTarget::new(open, ctx.extent_start, red.clone()))
+        }
         TargetSpec::Stripe { .. } => return Err(TargetError::Unsupported { layout: "stripe" }),
     })
 }

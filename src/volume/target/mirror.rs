@@ -1,0 +1,301 @@
+//! The mirror target (dm-raid1): the same bytes on every leg.
+//!
+//! - Writes, trims and zeroings: the regions' intent bits are made durable,
+//!   then the change goes to every writable leg before the reply. A leg
+//!   that fails is marked failed (the volume's `Redundancy` persists and
+//!   reports it) and I/O goes on; the client sees an error only if no leg
+//!   that has every region of the request took it. Legs that are failed
+//!   get the regions marked stale, so a re-add copies only those.
+//! - Reads: from the leg with the fewest reads in flight among those that
+//!   have the regions (never from a region a leg has not resynced yet). An
+//!   error marks the leg failed and the read is retried on another.
+//! - Trims become zeroings that may punch holes, so every leg reads the
+//!   same afterwards (a trimmed block device range is unspecified).
+
+use super::Target;
+use crate::backend::{errno_of, Allocation, Backend, ZeroMode};
+use crate::volume::redundancy::{LegState, Redundancy};
+use nix::errno::Errno;
+use std::io;
+use std::ops::Range;
+use std::sync::Arc;
+
+#[derive(Debug)]
+struct MirrorLeg {
+    state: Arc<LegState>,
+    store: Arc<dyn Backend>,
+    /// Store offset of the extent's first byte.
+    offset: u64,
+}
+
+#[derive(Debug)]
+pub struct MirrorTarget {
+    legs: Vec<MirrorLeg>,
+    stores: Vec<Arc<dyn Backend>>,
+    /// Volume offset of the extent's first byte.
+    extent_start: u64,
+    redundancy: Arc<Redundancy>,
+}
+
+impl MirrorTarget {
+    /// `legs`: (state, store, store offset) per leg, in table order.
+    pub fn new(legs: Vec<(Arc<LegState>, Arc<dyn Backend>, u64)>, extent_start: u64, redundancy: Arc<Redundancy>) -> MirrorTarget {
+        let stores = legs.iter().map(|(_, s, _)| s.clone()).collect();
+        for (state, store, _) in &legs {
+            state.attach(store);
+        }
+        let legs = legs.into_iter().map(|(state, store, offset)| MirrorLeg { state, store, offset }).collect();
+        MirrorTarget { legs, stores, extent_start, redundancy }
+    }
+
+    fn regions(&self, offset: u64, length: u64) -> Range<usize> {
+        self.redundancy.regions_of(self.extent_start + offset, length)
+    }
+
+    fn fail(&self, leg: &MirrorLeg, what: &str, e: &io::Error) {
+        self.redundancy.leg_failed(&leg.state, format!("{:?}: {what}: {e}", errno_of(e)));
+    }
+
+    /// Runs a read-like operation on the least busy leg that has `rs`,
+    /// failing over to the next on error.
+    fn from_one_leg<T>(&self, rs: Range<usize>, what: &str, mut op: impl FnMut(&MirrorLeg) -> io::Result<T>) -> io::Result<T> {
+        let mut tried: Vec<usize> = Vec::new();
+        let mut last: Option<io::Error> = None;
+        loop {
+            let pick = (0..self.legs.len())
+                .filter(|i| !tried.contains(i) && self.legs[*i].state.readable(rs.clone()))
+                .min_by_key(|i| self.legs[*i].state.reads());
+            let Some(i) = pick else {
+                return Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::Other, format!("{what}: no mirror leg has this range in sync"))));
+            };
+            tried.push(i);
+            let leg = &self.legs[i];
+            leg.state.read_started();
+            let result = op(leg);
+            leg.state.read_ended();
+            match result {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    self.fail(leg, what, &e);
+                    last = Some(e);
+                }
+            }
+        }
+    }
+
+    /// Applies a change to every writable leg, after the intent bits of
+    /// its regions are durable.
+    fn to_every_leg(&self, offset: u64, length: u64, what: &str, op: impl Fn(&MirrorLeg) -> io::Result<()>) -> io::Result<()> {
+        let rs = self.regions(offset, length);
+        let _intent = self.redundancy.intent().begin_write(rs.clone())?;
+        let mut complete = false;
+        let mut first_error: Option<io::Error> = None;
+        for leg in &self.legs {
+            if !leg.state.writable() {
+                leg.state.stale().set_volatile(rs.clone());
+                continue;
+            }
+            // Whether the leg had every region before this change.
+            let had_all = leg.state.readable(rs.clone());
+            match op(leg) {
+                Ok(()) => complete |= had_all,
+                Err(e) => {
+                    self.fail(leg, what, &e);
+                    leg.state.stale().set_volatile(rs.clone());
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if complete {
+            Ok(())
+        } else {
+            Err(first_error.unwrap_or_else(|| Errno::EIO.into()))
+        }
+    }
+}
+
+impl Target for MirrorTarget {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let rs = self.regions(offset, buf.len() as u64);
+        self.from_one_leg(rs, "read", |leg| leg.store.read_at(buf, leg.offset + offset))
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.to_every_leg(offset, data.len() as u64, "write", |leg| leg.store.write_at(data, leg.offset + offset, fua))
+    }
+
+    fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+        let mode = ZeroMode { may_trim: true, fast_only: false };
+        self.to_every_leg(offset, length, "trim", |leg| leg.store.write_zeroes(leg.offset + offset, length, mode, fua))
+    }
+
+    fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode, fua: bool) -> io::Result<()> {
+        if mode.fast_only && !self.fast_zero_certain(mode) {
+            return Err(Errno::EOPNOTSUPP.into());
+        }
+        self.to_every_leg(offset, length, "write_zeroes", |leg| leg.store.write_zeroes(leg.offset + offset, length, mode, fua))
+    }
+
+    fn block_status(&self, offset: u64, length: u64, max_runs: usize) -> io::Result<Vec<Allocation>> {
+        let rs = self.regions(offset, length);
+        self.from_one_leg(rs, "block_status", |leg| leg.store.block_status(leg.offset + offset, length, max_runs))
+    }
+
+    fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
+        let rs = self.regions(offset, length);
+        self.from_one_leg(rs, "cache", |leg| leg.store.cache(leg.offset + offset, length))
+    }
+
+    /// Flushes every writable leg; a leg that cannot flush is failed. The
+    /// flush succeeds if a leg that had every region flushed.
+    fn flush(&self) -> io::Result<()> {
+        let mut complete = false;
+        let mut first_error = None;
+        for leg in self.legs.iter().filter(|l| l.state.writable()) {
+            let in_sync = leg.state.condition() == crate::volume::LegCondition::InSync;
+            match leg.store.flush() {
+                Ok(()) => complete |= in_sync,
+                Err(e) => {
+                    self.fail(leg, "flush", &e);
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match (complete, first_error) {
+            (true, _) => Ok(()),
+            (false, Some(e)) => Err(e),
+            (false, None) => Err(Errno::EIO.into()),
+        }
+    }
+
+    fn redundant(&self) -> bool {
+        true
+    }
+
+    fn min_io(&self) -> u32 {
+        self.stores.iter().map(|s| s.info().min_io).max().unwrap_or(1)
+    }
+
+    fn may_block(&self) -> bool {
+        self.stores.iter().any(|s| s.may_block())
+    }
+
+    fn rotational(&self) -> bool {
+        self.stores.iter().any(|s| s.info().rotational)
+    }
+
+    fn fast_zero_certain(&self, mode: ZeroMode) -> bool {
+        self.legs.iter().filter(|l| l.state.writable()).all(|l| l.store.fast_zero_certain(mode))
+    }
+
+    fn stores(&self) -> &[Arc<dyn Backend>] {
+        &self.stores
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{open_backend, BackendSpec, StoreInfo};
+    use crate::volume::LegCondition;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn mem() -> Arc<dyn Backend> {
+        open_backend(&BackendSpec { name: "m".into(), path: None, size: Some(4 << 20), direct: false, read_only: false, delay: None }).unwrap()
+    }
+
+    /// A store that fails every call while `broken` is set.
+    #[derive(Debug)]
+    struct Breakable {
+        inner: Arc<dyn Backend>,
+        broken: AtomicBool,
+    }
+
+    impl Breakable {
+        fn check(&self) -> io::Result<()> {
+            if self.broken.load(Ordering::SeqCst) {
+                Err(Errno::EIO.into())
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl Backend for Breakable {
+        fn info(&self) -> &StoreInfo {
+            self.inner.info()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.check()?;
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+            self.check()?;
+            self.inner.write_at(buf, offset, fua)
+        }
+        fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+            self.check()?;
+            self.inner.trim(offset, length, fua)
+        }
+        fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode, fua: bool) -> io::Result<()> {
+            self.check()?;
+            self.inner.write_zeroes(offset, length, mode, fua)
+        }
+        fn fast_zero_certain(&self, mode: ZeroMode) -> bool {
+            self.inner.fast_zero_certain(mode)
+        }
+        fn flush(&self) -> io::Result<()> {
+            self.check()
+        }
+        fn block_status(&self, offset: u64, length: u64, max_runs: usize) -> io::Result<Vec<Allocation>> {
+            self.check()?;
+            self.inner.block_status(offset, length, max_runs)
+        }
+        fn cache(&self, _offset: u64, _length: u64) -> io::Result<()> {
+            self.check()
+        }
+    }
+
+    #[test]
+    fn a_failing_leg_is_dropped_without_a_client_error() {
+        let red = Redundancy::in_memory("v", 4 << 20, 1 << 20);
+        let a = mem();
+        let b = Arc::new(Breakable { inner: mem(), broken: AtomicBool::new(false) });
+        let leg_a = red.leg_for_target("a", true, 0..4).unwrap();
+        let leg_b = red.leg_for_target("b", true, 0..4).unwrap();
+        let events = red.subscribe();
+        let m = MirrorTarget::new(vec![(leg_a, a.clone(), 0), (leg_b.clone(), b.clone(), 4096)], 0, red.clone());
+        m.write(0, &[7; 4096], false).unwrap();
+        let mut check = [0u8; 4096];
+        b.inner.read_at(&mut check, 4096).unwrap();
+        assert_eq!(check, [7; 4096], "every leg has the write, at its own offset");
+        b.broken.store(true, Ordering::SeqCst);
+        m.write(1 << 20, &[9; 4096], false).unwrap();
+        assert_eq!(leg_b.condition(), LegCondition::Failed);
+        assert!(leg_b.stale().get(1), "the region written while the leg failed is stale on it");
+        assert_eq!(events.try_recv().unwrap().leg, "b");
+        let mut buf = [0u8; 4096];
+        m.read(1 << 20, &mut buf).unwrap();
+        assert_eq!(buf, [9; 4096]);
+        m.flush().unwrap();
+        assert!(red.is_failed_store(&(b.clone() as Arc<dyn Backend>)));
+    }
+
+    #[test]
+    fn reads_fail_over_and_skip_stale_regions() {
+        let red = Redundancy::in_memory("v", 4 << 20, 1 << 20);
+        let a = Arc::new(Breakable { inner: mem(), broken: AtomicBool::new(false) });
+        let b = mem();
+        let leg_a = red.leg_for_target("a", true, 0..4).unwrap();
+        let leg_b = red.leg_for_target("b", false, 0..4).unwrap();
+        assert_eq!(leg_b.condition(), LegCondition::Resyncing);
+        let m = MirrorTarget::new(vec![(leg_a.clone(), a.clone(), 0), (leg_b, b, 0)], 0, red);
+        m.write(0, &[5; 512], false).unwrap();
+        a.broken.store(true, Ordering::SeqCst);
+        let mut buf = [0u8; 512];
+        let err = m.read(0, &mut buf).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(Errno::EIO as i32), "the resyncing leg lacks the region: no leg can serve it");
+        assert_eq!(leg_a.condition(), LegCondition::Failed);
+        assert!(m.write(0, &[1; 512], false).is_err(), "no leg with every region took the write");
+    }
+}
