@@ -17,6 +17,7 @@ pub mod defaults;
 pub mod endpoint;
 pub mod map;
 pub mod migrate;
+pub mod mirror;
 pub mod nbd;
 pub mod persist;
 pub mod pool;

@@ -1,7 +1,7 @@
 //! The copier thread of a migration: chunk after chunk, only allocated
 //! data, rate-limited, at low priority, with durable checkpoints.
 
-use super::rate::RateLimiter;
+use crate::mirror::pace::{lower_priority, RateLimiter};
 use crate::api::MigrationState;
 use super::{MigrationJob, CHECKPOINT_EVERY, COPY_IO};
 use crate::backend::{AlignedBuf, ZeroMode};
@@ -166,20 +166,4 @@ fn sub_piece(piece: &Piece, at: u64, length: u64) -> Piece {
         length,
         extent_offset: piece.extent_offset + at,
     }
-}
-
-/// Foreground I/O keeps priority: the copier thread runs at nice 10 and
-/// in the lowest best-effort I/O priority. Best effort: failures (e.g. no
-/// permission) leave the thread at normal priority.
-fn lower_priority() {
-    let tid = nix::unistd::gettid().as_raw();
-    // nix (0.29) wraps neither setpriority nor ioprio_set.
-    // SAFETY: setpriority takes plain integers and only affects the thread
-    // `tid`, which is the calling thread.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10) };
-    const IOPRIO_WHO_PROCESS: libc::c_int = 1;
-    const IOPRIO_CLASS_BE: libc::c_int = 2;
-    // SAFETY: ioprio_set takes three integers and only affects the calling
-    // thread; no memory is passed.
-    unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, tid, (IOPRIO_CLASS_BE << 13) | 7) };
 }

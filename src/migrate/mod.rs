@@ -19,7 +19,6 @@ mod checkpoint;
 mod copier;
 mod cutover;
 mod error;
-mod rate;
 
 pub use checkpoint::Checkpoint;
 pub use error::{MigrateError, MigrateErrorKind};

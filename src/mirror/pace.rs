@@ -1,5 +1,7 @@
-//! A pacing rate limiter for the copier.
+//! Pacing of background copies (migration, resync): a rate limiter, and
+//! the low CPU/IO priority of copier threads.
 //!
+//! The rate limiter:
 //! Paying and waiting are separate so the copier can sleep *between*
 //! chunks: a sleep while a chunk is marked copying would hold up every
 //! foreground write to that chunk (and with it the connection that sent it)
@@ -42,6 +44,22 @@ impl RateLimiter {
             std::thread::sleep(self.next - now);
         }
     }
+}
+
+/// Foreground I/O keeps priority: a copier thread runs at nice 10 and
+/// in the lowest best-effort I/O priority. Best effort: failures (e.g. no
+/// permission) leave the thread at normal priority.
+pub fn lower_priority() {
+    let tid = nix::unistd::gettid().as_raw();
+    // nix (0.29) wraps neither setpriority nor ioprio_set.
+    // SAFETY: setpriority takes plain integers and only affects the thread
+    // `tid`, which is the calling thread.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10) };
+    const IOPRIO_WHO_PROCESS: libc::c_int = 1;
+    const IOPRIO_CLASS_BE: libc::c_int = 2;
+    // SAFETY: ioprio_set takes three integers and only affects the calling
+    // thread; no memory is passed.
+    unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, tid, (IOPRIO_CLASS_BE << 13) | 7) };
 }
 
 #[cfg(test)]
