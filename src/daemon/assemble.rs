@@ -5,7 +5,8 @@
 use crate::backend::{file_identity, open_backend, Backend};
 use crate::config::{BackendConfig, Config, ConfigError, VolumeConfig};
 use crate::map::{validate_stores, MapError, MappingTable, Range};
-use crate::volume::{Catalog, Translation, Volume, VolumeSpec};
+use crate::volume::{Catalog, Redundancy, Translation, Volume, VolumeSpec};
+use std::path::Path;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -77,6 +78,7 @@ pub fn build_translation(
     v: &VolumeConfig,
     table: MappingTable,
     stores: &HashMap<String, Arc<dyn Backend>>,
+    redundancy: &Arc<Redundancy>,
 ) -> Result<Translation, ConfigError> {
     let sizes: HashMap<String, u64> = stores.iter().map(|(n, s)| (n.clone(), s.size())).collect();
     validate_stores(&table, &sizes).map_err(|err| {
@@ -92,7 +94,7 @@ pub fn build_translation(
             message: format!("generation {}: {err}", table.generation()),
         }
     })?;
-    let translation = Translation::new(table, stores).map_err(|e| ConfigError {
+    let translation = Translation::open(table, stores, redundancy).map_err(|e| ConfigError {
         file: file.into(),
         line: Some(v.line),
         field: Some(format!("volume '{}'", v.name)),
@@ -109,14 +111,48 @@ pub fn build_translation(
     Ok(translation)
 }
 
-/// A new volume over `table`.
+/// The region of a volume's bitmaps: its mirror extents' (the config
+/// checks they agree), else the default.
+pub fn region_of(table: &MappingTable) -> u64 {
+    table
+        .extents()
+        .iter()
+        .find_map(|e| match &e.target {
+            crate::map::TargetSpec::Mirror { region, .. } => Some(*region),
+            _ => None,
+        })
+        .unwrap_or(crate::map::DEFAULT_REGION)
+}
+
+/// Opens the redundancy state (mirror legs, bitmaps) of volume `name`
+/// under `state_dir`, or in memory without one.
+pub fn open_redundancy(file: &str, name: &str, table: &MappingTable, state_dir: Option<&Path>) -> Result<Arc<Redundancy>, ConfigError> {
+    match state_dir {
+        Some(dir) => Redundancy::open(&redundancy_dir(dir, name), name, table.size(), region_of(table)).map_err(|e| ConfigError {
+            file: file.into(),
+            line: None,
+            field: Some(format!("volume '{name}'")),
+            message: format!("mirror state in {}: {e}", redundancy_dir(dir, name).display()),
+        }),
+        None => Ok(Redundancy::in_memory(name, table.size(), region_of(table))),
+    }
+}
+
+/// Where volume `name` keeps its mirror state.
+pub fn redundancy_dir(state_dir: &Path, name: &str) -> std::path::PathBuf {
+    state_dir.join("mirror").join(name)
+}
+
+/// A new volume over `table`, its mirror state kept under `state_dir`.
 pub fn build_volume(
     file: &str,
     v: &VolumeConfig,
     table: MappingTable,
     stores: &HashMap<String, Arc<dyn Backend>>,
+    state_dir: Option<&Path>,
 ) -> Result<Volume, ConfigError> {
-    let translation = build_translation(file, v, table, stores)?;
+    let redundancy = open_redundancy(file, &v.name, &table, state_dir)?;
+    let translation = build_translation(file, v, table, stores, &redundancy)?;
     let spec = VolumeSpec { name: v.name.clone(), description: v.description.clone(), read_only: v.read_only, block_size: v.block_size };
     Ok(Volume::new(spec, translation))
 }
@@ -128,7 +164,7 @@ pub fn build_catalog(config: &Config) -> Result<Catalog, ConfigError> {
     let stores = handles(&open_stores(config, &HashMap::new())?);
     let mut volumes = std::collections::BTreeMap::new();
     for v in &config.volumes {
-        volumes.insert(v.name.clone(), Arc::new(build_volume(&file, v, v.table(1), &stores)?));
+        volumes.insert(v.name.clone(), Arc::new(build_volume(&file, v, v.table(1), &stores, None)?));
     }
     Ok(Catalog { stores, volumes, default_export: default_export(config) })
 }

@@ -75,7 +75,7 @@ impl Daemon {
         let file = config.file_name();
         let mut volumes = BTreeMap::new();
         for (v, table) in config.volumes.iter().zip(tables) {
-            volumes.insert(v.name.clone(), Arc::new(build_volume(&file, v, table, &handles)?));
+            volumes.insert(v.name.clone(), Arc::new(build_volume(&file, v, table, &handles, Some(state.root()))?));
         }
         for rec in &pending {
             state.commit(rec).map_err(|e| DaemonError::io(format!("persisting volume '{}'", rec.volume), e))?;

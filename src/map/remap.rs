@@ -1,4 +1,6 @@
-//! Building the table a migration cuts over to.
+//! Building new tables from old ones: re-pointing a range (migration
+//! cutover), or rewriting the targets inside a range (adding or dropping
+//! mirror legs).
 
 use super::{Extent, MapError, Range, TargetSpec};
 
@@ -7,37 +9,31 @@ use super::{Extent, MapError, Range, TargetSpec};
 /// are merged. Fails when an extent would have to be cut where its layout
 /// cannot start (inside a stripe row).
 pub fn remap(extents: &[Extent], range: Range, target: &TargetSpec) -> Result<Vec<Extent>, MapError> {
+    rewrite(extents, range, |part| target.advanced(part.start - range.start).ok_or_else(|| uncuttable(0, part, part.start - range.start)))
+}
+
+/// `extents` with the target of every part inside `range` replaced by
+/// `f(part)`, where `part` is that part as an extent of its own (cut at the
+/// range's ends). Adjacent extents that continue each other are merged.
+pub fn rewrite(extents: &[Extent], range: Range, mut f: impl FnMut(&Extent) -> Result<TargetSpec, MapError>) -> Result<Vec<Extent>, MapError> {
     let mut out: Vec<Extent> = Vec::with_capacity(extents.len() + 2);
-    let mut inserted = false;
-    let moved = || Extent { start: range.start, length: range.len(), target: target.clone() };
     for (index, e) in extents.iter().enumerate() {
         if e.end() <= range.start || e.start >= range.end {
-            if e.start >= range.end && !inserted {
-                push_merged(&mut out, moved());
-                inserted = true;
-            }
             push_merged(&mut out, e.clone());
             continue;
         }
-        if e.start < range.start {
-            let at = range.start - e.start;
-            if e.target.advanced(at).is_none() {
-                return Err(uncuttable(index, e, at));
-            }
-            push_merged(&mut out, Extent { start: e.start, length: range.start - e.start, target: e.target.clone() });
+        let (start, end) = (e.start.max(range.start), e.end().min(range.end));
+        let cut = |at: u64| e.target.advanced(at).ok_or_else(|| uncuttable(index, e, at));
+        if e.start < start {
+            cut(start - e.start)?;
+            push_merged(&mut out, Extent { start: e.start, length: start - e.start, target: e.target.clone() });
         }
-        if !inserted {
-            push_merged(&mut out, moved());
-            inserted = true;
+        let part = Extent { start, length: end - start, target: cut(start - e.start)? };
+        let target = f(&part)?;
+        push_merged(&mut out, Extent { target, ..part });
+        if e.end() > end {
+            push_merged(&mut out, Extent { start: end, length: e.end() - end, target: cut(end - e.start)? });
         }
-        if e.end() > range.end {
-            let at = range.end - e.start;
-            let tail = e.target.advanced(at).ok_or_else(|| uncuttable(index, e, at))?;
-            push_merged(&mut out, Extent { start: range.end, length: e.end() - range.end, target: tail });
-        }
-    }
-    if !inserted {
-        push_merged(&mut out, moved());
     }
     Ok(out)
 }

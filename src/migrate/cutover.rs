@@ -42,7 +42,7 @@ impl MigrationJob {
         }
         let onto = TargetSpec::Linear { store: dest.clone(), offset: self.spec.dest_offset };
         let table = MappingTable::new(old.table().generation() + 1, remap(old.table().extents(), range, &onto)?)?;
-        let translation = Translation::new(table, &self.stores)?;
+        let translation = Translation::open(table, &self.stores, old.redundancy())?;
         let record = self.state_dir.load(&self.spec.volume)?;
         let config_extents = record.map(|r| r.config_extents).unwrap_or_else(|| old.table().extents().to_vec());
         let forward = self.forward.clone();

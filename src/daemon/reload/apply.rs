@@ -41,8 +41,11 @@ impl Daemon {
         for (v, p) in new.volumes.iter().zip(plan.plans) {
             steps.push(match p {
                 Plan::Keep(volume) => VolumeStep::Keep(volume),
-                Plan::Swap(volume, table) => VolumeStep::Swap(volume, build_translation(&file, v, table, &handles)?),
-                Plan::Add(table) => VolumeStep::Add(Arc::new(build_volume(&file, v, table.clone(), &handles)?), table),
+                Plan::Swap(volume, table) => {
+                    let redundancy = volume.translation().redundancy().clone();
+                    VolumeStep::Swap(volume, build_translation(&file, v, table, &handles, &redundancy)?)
+                }
+                Plan::Add(table) => VolumeStep::Add(Arc::new(build_volume(&file, v, table.clone(), &handles, Some(self.state.root()))?), table),
             });
         }
         Ok(StagedReload { steps, removed: plan.removed, stores, handles, existing })
