@@ -60,6 +60,57 @@ pub enum Request {
     MigrateAbort {
         volume: String,
     },
+    /// Adds a leg on `to` (from `to_offset`, else the lowest free range)
+    /// to every extent in `range` (default: the whole volume).
+    MirrorAdd {
+        volume: String,
+        to: String,
+        #[serde(default)]
+        to_offset: Option<u64>,
+        #[serde(default)]
+        range: Option<RangeArg>,
+        /// Resync bytes per second; 0 = unlimited; absent = 64 MiB/s.
+        #[serde(default)]
+        rate: Option<u64>,
+    },
+    MirrorRemove {
+        volume: String,
+        leg: String,
+        #[serde(default)]
+        force: bool,
+    },
+    /// Resyncs a failed leg again (only the regions written meanwhile).
+    MirrorReadd {
+        volume: String,
+        leg: String,
+        #[serde(default)]
+        rate: Option<u64>,
+    },
+    MirrorStatus {
+        #[serde(default)]
+        volume: Option<String>,
+    },
+    Split {
+        volume: String,
+        leg: String,
+        #[serde(rename = "as")]
+        as_volume: String,
+        #[serde(default)]
+        read_only: bool,
+    },
+    Merge {
+        /// The split copy.
+        volume: String,
+        into: String,
+        #[serde(default = "default_keep")]
+        keep: crate::api::MergeKeep,
+        #[serde(default)]
+        force: bool,
+    },
+}
+
+fn default_keep() -> crate::api::MergeKeep {
+    crate::api::MergeKeep::Primary
 }
 
 #[cfg(test)]

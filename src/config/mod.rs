@@ -6,6 +6,7 @@ mod parse_ctx;
 mod raw;
 mod units;
 
+pub use parse_ctx::valid_name;
 pub use units::{parse_duration, parse_size, UnitError};
 
 use crate::backend::BackendSpec;

@@ -70,7 +70,7 @@ impl ParseCtx<'_> {
     }
 }
 
-pub(super) fn valid_name(name: &str) -> bool {
+pub fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 255 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:@+".contains(c))
 }
 

@@ -1,7 +1,7 @@
 //! Serves control requests on a Unix socket created with mode 0600.
 
-use crate::api::{ApiError, ErrorKind, MigrationList, Request, Response};
-use crate::daemon::{Daemon, DaemonError, MigrateRequest};
+use crate::api::{ApiError, ErrorKind, MigrationList, MirrorList, Request, Response};
+use crate::daemon::{Daemon, DaemonError, MigrateRequest, MirrorAddRequest};
 use crate::map::Range;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -138,6 +138,15 @@ pub fn handle(daemon: &Arc<Daemon>, request: Request) -> Response {
         }
         Request::MigrateStatus { volume } => answer(daemon.migrate_status(volume.as_deref()).map(jobs)),
         Request::MigrateAbort { volume } => answer(daemon.migrate_abort(&volume).map(|s| jobs(vec![s]))),
+        Request::MirrorAdd { volume, to, to_offset, range, rate } => {
+            let req = MirrorAddRequest { volume, to, to_offset, range: range.map(|r| Range::new(r.start, r.length)), rate };
+            answer(daemon.mirror_add(req).map(|m| MirrorList { mirrors: vec![m] }))
+        }
+        Request::MirrorRemove { volume, leg, force } => answer(daemon.mirror_remove(&volume, &leg, force).map(|m| MirrorList { mirrors: vec![m] })),
+        Request::MirrorReadd { volume, leg, rate } => answer(daemon.mirror_readd(&volume, &leg, rate).map(|m| MirrorList { mirrors: vec![m] })),
+        Request::MirrorStatus { volume } => answer(daemon.mirror_status(volume.as_deref()).map(|mirrors| MirrorList { mirrors })),
+        Request::Split { volume, leg, as_volume, read_only } => answer(daemon.split(&volume, &leg, &as_volume, read_only)),
+        Request::Merge { volume, into, keep, force } => answer(daemon.merge(&volume, &into, keep, force)),
     }
 }
 

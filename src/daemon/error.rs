@@ -72,6 +72,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Migration(#[from] MigrateError),
     /// A persisted generation that is not a valid table.
+    #[error(transparent)]
+    Mirror(#[from] super::mirror_error::MirrorError),
     #[error("volume '{volume}': persisted generation {generation}: {source}")]
     CorruptTable { volume: String, generation: u64, source: Box<crate::map::MapError> },
 
@@ -90,6 +92,7 @@ impl DaemonError {
     pub fn kind(&self) -> ErrorKind {
         use DaemonError::*;
         match self {
+            Mirror(e) => e.kind(),
             NoVolume(_) | NoBackend(_) | NoMigration(_) | NoRunningMigration(_) => ErrorKind::NotFound,
             AlreadyPaused(_) | Paused(_) | Migrating(_) | MappingLocked { .. } | ClientsConnected { .. } => ErrorKind::Busy,
             NotPaused(_) | RuntimeChanges { .. } | MigrationDestination(_) => ErrorKind::Conflict,

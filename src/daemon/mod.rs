@@ -12,13 +12,20 @@
 pub mod assemble;
 mod error;
 mod migrations;
+mod mirror_error;
+mod mirror_ops;
+mod mirrors;
+mod pairs;
 mod pauses;
 mod reconcile;
 mod reload;
+mod spares;
 mod status;
 
 pub use error::DaemonError;
 pub use migrations::MigrateRequest;
+pub use mirror_error::MirrorError;
+pub use mirror_ops::MirrorAddRequest;
 
 use crate::config::Config;
 use crate::persist::StateDir;
@@ -40,6 +47,7 @@ pub struct Daemon {
     swap: Mutex<SwapOptions>,
     pauses: pauses::PauseRegistry,
     migrations: Mutex<migrations::Registry>,
+    mirrors: mirrors::MirrorRegistry,
     /// Serialises administrative operations (reload, pause, resume, migrate).
     admin: Mutex<()>,
 }
@@ -77,6 +85,7 @@ impl Daemon {
         for (v, table) in config.volumes.iter().zip(tables) {
             volumes.insert(v.name.clone(), Arc::new(build_volume(&file, v, table, &handles, Some(state.root()))?));
         }
+        pairs::add_split_volumes(&state, &mut volumes, &handles)?;
         for rec in &pending {
             state.commit(rec).map_err(|e| DaemonError::io(format!("persisting volume '{}'", rec.volume), e))?;
         }
@@ -85,9 +94,10 @@ impl Daemon {
         let swap = swap_options(&config, crash_at);
         let migrations = migrations::resume_all(&state, &catalog, &swap)?;
         let server = Server::bind(&config.server.listen, catalog, options(&config)).map_err(|e| DaemonError::io("listen", e))?;
-        Ok(Arc::new(Daemon {
+        let daemon = Arc::new(Daemon {
             config_path,
             migrations: Mutex::new(migrations),
+            mirrors: mirrors::MirrorRegistry::new(),
             swap: Mutex::new(swap),
             config: Mutex::new(config),
             stores: Mutex::new(stores),
@@ -95,7 +105,9 @@ impl Daemon {
             state,
             pauses: pauses::PauseRegistry::default(),
             admin: Mutex::new(()),
-        }))
+        });
+        daemon.start_mirrors();
+        Ok(daemon)
     }
 
     pub fn start_serving(&self) {
@@ -118,6 +130,7 @@ impl Daemon {
     /// `running` and resume at the next start), clients drain, stores flush.
     pub fn shutdown(&self) -> std::io::Result<()> {
         self.pauses.end_all();
+        self.mirrors.stop_all();
         let live: Vec<_> = lock(&self.migrations).values().filter_map(|e| e.running().cloned()).collect();
         for job in live {
             job.suspend();

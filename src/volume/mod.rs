@@ -25,7 +25,7 @@ pub use forward::{ChunkState, WriteForward};
 pub use gate::{Gate, GateStatus, HoldId, Ticket};
 pub use phases::{DrainTimedOut, Paused, Staged};
 pub use swap::{SwapError, SwapOptions, SwapPhase, SwapReport, UnknownSwapPhase};
-pub use redundancy::{DirtyRun, LegCondition, LegEvent, LegState, Redundancy};
+pub use redundancy::{DirtyRun, LegCondition, LegEvent, LegState, Redundancy, RegionBitmap};
 pub use target::{open_target, Target, TargetCtx, TargetError};
 pub use translation::{Route, TranslateError, Translation};
 

@@ -91,6 +91,11 @@ impl Daemon {
             };
             volumes.insert(volume.name().to_string(), volume);
         }
+        for (name, v) in self.catalog().volumes.iter() {
+            if self.is_split_volume(name) {
+                volumes.insert(name.clone(), v.clone());
+            }
+        }
         // A failed swap leaves its volume on the old table: keep the stores
         // that table still uses, even if the new config dropped them.
         for v in volumes.values() {

@@ -33,6 +33,9 @@ impl Daemon {
         let mut tables = Vec::new();
         for v in &new.volumes {
             let at = format!("{file}:{}", v.line);
+            if self.is_split_volume(&v.name) {
+                return Err(super::super::MirrorError::VolumeExists(format!("{} (a split copy; merge it first) at {at}", v.name)).into());
+            }
             let record = self.state.load(&v.name)?;
             let decision = decide(&at, v, record.as_ref())?;
             let plan = match catalog.volumes.get(&v.name) {
@@ -62,7 +65,9 @@ impl Daemon {
         }
         new.validate_tables(&tables)?;
         self.check_migration_destinations(new, &tables)?;
-        let removed: Vec<String> = catalog.volumes.keys().filter(|n| !new.volumes.iter().any(|v| &v.name == *n)).cloned().collect();
+        // Split copies are not in the config; reload leaves them alone.
+        let removed: Vec<String> =
+            catalog.volumes.keys().filter(|n| !new.volumes.iter().any(|v| &v.name == *n) && !self.is_split_volume(n)).cloned().collect();
         let connections = connection_exports(self);
         for name in &removed {
             let n = connections.iter().filter(|c| c.as_deref() == Some(name.as_str())).count();

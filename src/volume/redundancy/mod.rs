@@ -210,8 +210,13 @@ impl Redundancy {
     /// Failure events of this volume's legs.
     pub fn subscribe(&self) -> mpsc::Receiver<LegEvent> {
         let (tx, rx) = mpsc::channel();
-        lock(&self.events).push(tx);
+        self.notify(tx);
         rx
+    }
+
+    /// Sends this volume's leg failures to `tx` too.
+    pub fn notify(&self, tx: mpsc::Sender<LegEvent>) {
+        lock(&self.events).push(tx);
     }
 
     /// Whether `store` is the store of a leg that failed (its flush errors

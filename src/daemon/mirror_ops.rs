@@ -1,0 +1,255 @@
+//! `mirror add | remove | readd | status` and the leg-failure policy.
+
+use super::assemble::store_uses;
+use super::mirror_error::MirrorError;
+use super::{Daemon, DaemonError};
+use crate::api::{LegStatus, MirrorStatus, TrackerStatus};
+use crate::map::{rewrite, Leg, Range, TargetSpec};
+use crate::pool::placement;
+use crate::sync::lock;
+use crate::volume::{LegCondition, LegEvent, Volume};
+use std::sync::Arc;
+
+/// What `mirror add` asks for.
+#[derive(Debug, Clone)]
+pub struct MirrorAddRequest {
+    pub volume: String,
+    pub to: String,
+    pub to_offset: Option<u64>,
+    pub range: Option<Range>,
+    pub rate: Option<u64>,
+}
+
+impl Daemon {
+    /// Refuses changes to a volume that is being migrated or is paused.
+    fn mirror_checks(&self, name: &str) -> Result<Arc<Volume>, DaemonError> {
+        let volume = self.volume(name)?;
+        if self.is_migrating(name) {
+            return Err(DaemonError::Migrating(name.into()));
+        }
+        if self.pauses.contains(name) {
+            return Err(DaemonError::Paused(name.into()));
+        }
+        Ok(volume)
+    }
+
+    /// Where `len` bytes go on store `to`: at `to_offset` if free, else the
+    /// lowest free range (volume mappings and migration destinations
+    /// count as used, under any name of the same store).
+    pub(super) fn place_on(&self, to: &str, to_offset: Option<u64>, len: u64, block: u64) -> Result<u64, DaemonError> {
+        let catalog = self.catalog();
+        let dest = catalog.stores.get(to).ok_or_else(|| DaemonError::NoBackend(to.into()))?;
+        let same_store = |n: &str| catalog.stores.get(n).is_some_and(|s| Arc::ptr_eq(s, dest));
+        let tables: Vec<_> = catalog.volumes.values().map(|v| (v.name(), v.table())).collect();
+        let mut used: Vec<Range> = store_uses(tables.iter().map(|(n, t)| (*n, t)), same_store).into_iter().map(|u| u.range).collect();
+        used.extend(self.running_migrations().iter().filter(|s| same_store(&s.dest)).map(|s| Range::new(s.dest_offset, s.range.len())));
+        let placed = match to_offset {
+            Some(off) => placement::check_at(&used, dest.size(), off, len, block),
+            None => placement::lowest_free(&used, dest.size(), len, block),
+        };
+        placed.map_err(|error| DaemonError::Placement { dest: to.into(), error })
+    }
+
+    /// Adds a leg on another store to every extent in the range; it
+    /// resyncs in the background.
+    pub fn mirror_add(&self, req: MirrorAddRequest) -> Result<MirrorStatus, DaemonError> {
+        let _admin = lock(&self.admin);
+        let volume = self.mirror_checks(&req.volume)?;
+        let name = req.volume.clone();
+        let block = volume.spec().block_size as u64;
+        let range = req.range.unwrap_or(Range::new(0, volume.size()));
+        if range.is_empty() || range.end > volume.size() {
+            return Err(DaemonError::RangeOutside { volume: name, range, size: volume.size() });
+        }
+        if !range.start.is_multiple_of(block) || !range.len().is_multiple_of(block) {
+            return Err(DaemonError::RangeMisaligned { range, block });
+        }
+        let red = volume.translation().redundancy().clone();
+        if let Some(leg) = red.leg(&req.to).filter(|l| l.condition() != LegCondition::Split) {
+            let failed = leg.condition() == LegCondition::Failed;
+            let hint = if failed { "; use `nbdvirt mirror readd` to bring it back" } else { "" };
+            return Err(MirrorError::AlreadyLeg { volume: name, leg: req.to, state: leg.condition().as_str(), hint }.into());
+        }
+        let dest_offset = self.place_on(&req.to, req.to_offset, range.len(), block)?;
+        let (to, region) = (req.to.clone(), red.region());
+        let not = |index: usize, what: &str| MirrorError::NotMirrorable { volume: name.clone(), index, what: what.into() };
+        let table = volume.table();
+        let mut bad: Option<MirrorError> = None;
+        let extents = rewrite(table.extents(), range, |part| {
+            let index = table.find(part.start).unwrap_or(0);
+            let new = Leg { store: to.clone(), offset: dest_offset + (part.start - range.start) };
+            let legs = match &part.target {
+                TargetSpec::Linear { store, offset } => vec![Leg { store: store.clone(), offset: *offset }, new],
+                TargetSpec::Mirror { legs, .. } => legs.iter().cloned().chain([new]).collect(),
+                TargetSpec::Zero => return Err(crate::map::MapError::Layout { index, reason: bad_extent(&mut bad, not(index, "a zero extent: it has no data to mirror")) }),
+                TargetSpec::Stripe { .. } => return Err(crate::map::MapError::Layout { index, reason: bad_extent(&mut bad, not(index, "a stripe: mirroring a stripe is not supported")) }),
+            };
+            Ok(TargetSpec::Mirror { legs, region })
+        });
+        let extents = match (extents, bad) {
+            (_, Some(e)) => return Err(e.into()),
+            (Err(source), None) => return Err(MirrorError::Table { volume: name, source }.into()),
+            (Ok(x), None) => x,
+        };
+        red.add_resyncing_leg(&to, std::iter::once(red.regions_of(range.start, range.len())))
+            .map_err(|source| MirrorError::State { volume: name.clone(), source })?;
+        if let Err(e) = self.swap_extents(&volume, extents, &format!("mirror add {to}")) {
+            let _ = red.remove_leg(&to);
+            return Err(e);
+        }
+        tracing::info!(volume = name, leg = to, offset = dest_offset, "mirror leg added; resyncing");
+        self.start_resync(&volume, &to, req.rate);
+        Ok(self.mirror_view(&volume))
+    }
+
+    /// Drops a leg from every extent of the volume.
+    pub fn mirror_remove(&self, name: &str, leg: &str, force: bool) -> Result<MirrorStatus, DaemonError> {
+        let _admin = lock(&self.admin);
+        let volume = self.mirror_checks(name)?;
+        self.remove_leg_locked(&volume, leg, force, &format!("mirror remove {leg}"))?;
+        Ok(self.mirror_view(&volume))
+    }
+
+    /// Removes `leg` from the table (a mirror left with one leg becomes
+    /// linear) and forgets its state. Caller holds `admin`.
+    pub(super) fn remove_leg_locked(&self, volume: &Arc<Volume>, leg: &str, force: bool, reason: &str) -> Result<(), DaemonError> {
+        let name = volume.name();
+        let red = volume.translation().redundancy().clone();
+        let table = volume.table();
+        let in_table = table.extents().iter().any(|e| e.target.legs().is_some_and(|l| l.iter().any(|l| l.store == leg)));
+        let Some(state) = red.leg(leg).filter(|_| in_table) else {
+            return Err(MirrorError::NoLeg { volume: name.into(), leg: leg.into() }.into());
+        };
+        if !force && state.writable() {
+            for (index, e) in table.extents().iter().enumerate() {
+                let Some(legs) = e.target.legs().filter(|l| l.iter().any(|l| l.store == leg)) else { continue };
+                let other_in_sync = legs.iter().any(|l| l.store != leg && red.leg(&l.store).is_some_and(|s| s.condition() == LegCondition::InSync));
+                if !other_in_sync {
+                    return Err(MirrorError::LastInSync { volume: name.into(), leg: leg.into(), at: format!(" (extent {index})") }.into());
+                }
+            }
+        }
+        self.mirrors.stop_job(name, leg);
+        let extents = super::pairs::drop_leg(table.extents(), leg).map_err(|source| MirrorError::Table { volume: name.into(), source })?;
+        self.swap_extents(volume, extents, reason)?;
+        red.remove_leg(leg).map_err(|source| MirrorError::State { volume: name.into(), source })?;
+        tracing::info!(volume = name, leg, "mirror leg removed");
+        Ok(())
+    }
+
+    /// Brings a failed leg back: it resyncs the regions written while it
+    /// was away (and those in doubt when it failed).
+    pub fn mirror_readd(&self, name: &str, leg: &str, rate: Option<u64>) -> Result<MirrorStatus, DaemonError> {
+        let _admin = lock(&self.admin);
+        let volume = self.mirror_checks(name)?;
+        let red = volume.translation().redundancy().clone();
+        let state = red.leg(leg).ok_or_else(|| MirrorError::NoLeg { volume: name.into(), leg: leg.into() })?;
+        if state.condition() != LegCondition::Failed {
+            return Err(MirrorError::NotFailed { volume: name.into(), leg: leg.into(), state: state.condition().as_str() }.into());
+        }
+        state.set_condition(LegCondition::Resyncing, None);
+        red.save_legs().map_err(|source| MirrorError::State { volume: name.into(), source })?;
+        tracing::info!(volume = name, leg, stale_regions = state.stale().count(), "failed leg re-added; resyncing what it missed");
+        self.start_resync(&volume, leg, rate);
+        Ok(self.mirror_view(&volume))
+    }
+
+    /// Mirror state of one volume, or of every volume with legs or trackers.
+    pub fn mirror_status(&self, volume: Option<&str>) -> Result<Vec<MirrorStatus>, DaemonError> {
+        if let Some(name) = volume {
+            return Ok(vec![self.mirror_view(&self.volume(name)?)]);
+        }
+        let catalog = self.catalog();
+        Ok(catalog
+            .volumes
+            .values()
+            .filter(|v| {
+                let red = v.translation().redundancy().clone();
+                !red.legs().is_empty() || !red.tracker_names().is_empty()
+            })
+            .map(|v| self.mirror_view(v))
+            .collect())
+    }
+
+    pub(super) fn mirror_view(&self, volume: &Arc<Volume>) -> MirrorStatus {
+        let t = volume.translation();
+        let red = t.redundancy();
+        let region = red.region();
+        let legs: Vec<LegStatus> = red
+            .legs()
+            .iter()
+            .map(|leg| {
+                // Regions of the extents this leg is part of.
+                let mine: Vec<usize> = t
+                    .table()
+                    .extents()
+                    .iter()
+                    .filter(|e| e.target.legs().is_some_and(|l| l.iter().any(|l| l.store == leg.store())))
+                    .flat_map(|e| red.regions_of(e.start, e.length))
+                    .collect();
+                let stale = mine.iter().filter(|r| leg.stale().get(**r)).count();
+                let total = mine.len().max(1);
+                LegStatus {
+                    backend: leg.store().into(),
+                    state: leg.condition().as_str().into(),
+                    reason: leg.reason(),
+                    percent: 100.0 * (total - stale) as f64 / total as f64,
+                    bytes_left: stale as u64 * region,
+                    rate: leg.rate.load(std::sync::atomic::Ordering::Relaxed),
+                    copied_bytes: leg.copied.load(std::sync::atomic::Ordering::Relaxed),
+                }
+            })
+            .collect();
+        let trackers: Vec<TrackerStatus> = red
+            .tracker_names()
+            .into_iter()
+            .map(|name| {
+                let changed = red.tracker(&name).map_or(0, |t| t.bits().count() as u64 * region);
+                TrackerStatus { name, changed_bytes: changed }
+            })
+            .collect();
+        let count = |s: &str| legs.iter().filter(|l| l.state == s).count();
+        let pair = if count("resyncing") > 0 {
+            "duplex_pending"
+        } else if !trackers.is_empty() {
+            "split"
+        } else if count("in_sync") >= 2 {
+            "duplex"
+        } else {
+            "simplex"
+        };
+        MirrorStatus {
+            volume: volume.name().into(),
+            pair: pair.into(),
+            region,
+            dirty_bytes: red.intent().bits().count() as u64 * region,
+            recovered_regions: red.recovered() as u64,
+            legs,
+            trackers,
+        }
+    }
+
+    /// The failure policy: with `on_leg_failure = "spare"` (the default), a
+    /// spare backend joins beside the failed leg and resyncs.
+    pub(super) fn on_leg_failure(&self, event: &LegEvent) {
+        if !self.spare_policy(&event.volume) {
+            tracing::warn!(volume = event.volume, leg = event.leg, "leg failed; on_leg_failure = \"degrade\": running degraded");
+            return;
+        }
+        let _admin = lock(&self.admin);
+        let Ok(volume) = self.volume(&event.volume) else { return };
+        match self.replace_with_spare(&volume, &event.leg) {
+            Ok(Some(spare)) => tracing::warn!(volume = event.volume, failed = event.leg, spare, "spare added in place of the failed leg; resyncing"),
+            Ok(None) => tracing::error!(volume = event.volume, leg = event.leg, "no spare backend fits; running degraded"),
+            Err(e) => tracing::error!(volume = event.volume, leg = event.leg, error = %e, "adding a spare failed; running degraded"),
+        }
+    }
+}
+
+/// Records the first typed error raised inside a `rewrite` closure, and
+/// returns its message for the map error the closure must return.
+fn bad_extent(slot: &mut Option<MirrorError>, e: MirrorError) -> String {
+    let msg = e.to_string();
+    slot.get_or_insert(e);
+    msg
+}
