@@ -5,6 +5,7 @@
 mod attach;
 mod discover;
 mod migrate;
+mod mirror;
 mod render;
 mod serve;
 mod volumes;
@@ -50,6 +51,11 @@ enum Command {
     Migrate(migrate::MigrateCommand),
     #[command(flatten)]
     Attach(attach::AttachCommand),
+    /// Mirror legs: add, remove, re-add, status.
+    #[command(subcommand)]
+    Mirror(mirror::MirrorCommand),
+    #[command(flatten)]
+    Pair(mirror::PairCommand),
 }
 
 fn init_logging(verbose: u8) {
@@ -81,6 +87,8 @@ pub fn run() -> ExitCode {
         Command::Volumes(c) => volumes::run(c),
         Command::Migrate(c) => migrate::run(c),
         Command::Attach(c) => attach::run(c),
+        Command::Mirror(c) => mirror::run(c),
+        Command::Pair(c) => mirror::run_pair(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

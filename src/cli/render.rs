@@ -21,13 +21,13 @@ pub fn human(bytes: u64) -> String {
     format!("{}{}", bytes >> (10 * u), UNITS[u])
 }
 
-fn table(header: &[&str]) -> Table {
+pub fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(presets::NOTHING).set_header(header.to_vec());
     t
 }
 
-fn right(t: &mut Table, columns: &[usize]) {
+pub fn right(t: &mut Table, columns: &[usize]) {
     for &c in columns {
         if let Some(col) = t.column_mut(c) {
             col.set_cell_alignment(CellAlignment::Right);
