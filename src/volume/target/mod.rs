@@ -12,9 +12,11 @@
 //! [`Translation`]: super::Translation
 
 mod linear;
+mod stripe;
 mod zero;
 
 pub use linear::LinearTarget;
+pub use stripe::StripeTarget;
 pub use zero::ZeroTarget;
 
 use super::redundancy::Redundancy;
@@ -80,6 +82,9 @@ pub fn open_target(spec: &TargetSpec, ctx: &TargetCtx<'_>) -> Result<Arc<dyn Tar
         TargetSpec::Linear { store: name, offset } => Arc::new(LinearTarget::new(store(name)?, *offset)),
         TargetSpec::Zero => Arc::new(ZeroTarget),
         TargetSpec::Mirror { .. } => return Err(TargetError::Unsupported { layout: "mirror" }),
-        TargetSpec::Stripe { .. } => return Err(TargetError::Unsupported { layout: "stripe" }),
+        TargetSpec::Stripe { members, chunk } => {
+            let stores = members.iter().map(|m| store(&m.store)).collect::<Result<Vec<_>, _>>()?;
+            Arc::new(StripeTarget::new(stores, members.clone(), *chunk))
+        }
     })
 }
