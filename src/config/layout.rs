@@ -45,6 +45,26 @@ pub(super) struct ExtentLines {
     pub(super) header: usize,
 }
 
+/// The one layout key an extent has, with its value.
+#[derive(Clone, Copy)]
+enum Key<'r> {
+    Backend(&'r Spanned<String>),
+    Zero,
+    Mirror(&'r Spanned<Vec<Spanned<RawLeg>>>),
+    Stripe(&'r Spanned<Vec<Spanned<RawLeg>>>),
+}
+
+impl Key<'_> {
+    fn name(&self) -> &'static str {
+        match self {
+            Key::Backend(_) => "backend",
+            Key::Zero => "zero",
+            Key::Mirror(_) => "mirror",
+            Key::Stripe(_) => "stripe",
+        }
+    }
+}
+
 /// The volume an extent belongs to, as its checks need it.
 pub(super) struct VolumeCtx<'a> {
     pub(super) name: &'a str,
@@ -66,33 +86,36 @@ pub(super) fn parse_extent(
     let start = r.start.as_ref().map(|s| ctx.size(s, &field("start"))).transpose()?.unwrap_or(next_start);
     let length = ctx.size(&r.length, &field("length"))?;
     let zero = r.zero.as_ref().filter(|z| *z.get_ref());
-    let keys: Vec<(&'static str, std::ops::Range<usize>)> = [
-        r.backend.as_ref().map(|b| ("backend", b.span())),
-        zero.map(|z| ("zero", z.span())),
-        r.mirror.as_ref().map(|m| ("mirror", m.span())),
-        r.stripe.as_ref().map(|s| ("stripe", s.span())),
+    let keys: Vec<(Key<'_>, std::ops::Range<usize>)> = [
+        r.backend.as_ref().map(|b| (Key::Backend(b), b.span())),
+        zero.map(|z| (Key::Zero, z.span())),
+        r.mirror.as_ref().map(|m| (Key::Mirror(m), m.span())),
+        r.stripe.as_ref().map(|s| (Key::Stripe(s), s.span())),
     ]
     .into_iter()
     .flatten()
     .collect();
-    let (layout_key, layout_span) = match keys.as_slice() {
+    let (key, layout_span) = match keys.as_slice() {
         [one] => one.clone(),
         [] => return Err(ctx.err(e, &field("backend"), "missing: give `backend = \"NAME\"`, `zero = true`, `mirror = [...]` or `stripe = [...]`")),
         [first, second, ..] => {
-            let msg = format!("an extent has exactly one of `backend`, `zero = true`, `mirror` and `stripe`, not both `{}` and `{}`", first.0, second.0);
-            return Err(ctx.err_at(ctx.line(second.1.start), Some(field(second.0)), msg));
+            let (a, b) = (first.0.name(), second.0.name());
+            let msg = format!("an extent has exactly one of `backend`, `zero = true`, `mirror` and `stripe`, not both `{a}` and `{b}`");
+            return Err(ctx.err_at(ctx.line(second.1.start), Some(field(b)), msg));
         }
     };
+    let layout_key = key.name();
     let at = |s: Option<std::ops::Range<usize>>| ctx.line(s.unwrap_or(e.span()).start);
     let layout = at(Some(layout_span));
-    // Keys that belong to another layout are refused rather than ignored.
-    if let (Some(o), false) = (&r.backend_offset, layout_key == "backend") {
-        return Err(ctx.err(o, &field("backend_offset"), format!("only for a `backend` extent; a {layout_key} extent gives each leg its backend_offset")));
+    // Keys that belong to another layout are refused rather than ignored
+    // (a zero extent's backend_offset always was ignored, and still is).
+    if let (Some(o), Key::Mirror(_) | Key::Stripe(_)) = (&r.backend_offset, &key) {
+        return Err(ctx.err(o, &field("backend_offset"), format!("not for a {layout_key} extent: give each leg its own backend_offset")));
     }
-    if let (Some(q), false) = (&r.region, layout_key == "mirror") {
+    if let (Some(q), false) = (&r.region, matches!(key, Key::Mirror(_))) {
         return Err(ctx.err(q, &field("region"), "`region` is only for mirror extents"));
     }
-    if let (Some(q), false) = (&r.chunk, layout_key == "stripe") {
+    if let (Some(q), false) = (&r.chunk, matches!(key, Key::Stripe(_))) {
         return Err(ctx.err(q, &field("chunk"), "`chunk` is only for stripe extents"));
     }
     let backend = |b: &Spanned<String>, f: &str| -> Result<String, ConfigError> {
@@ -113,15 +136,13 @@ pub(super) fn parse_extent(
         raw.iter().enumerate().map(leg).collect()
     };
     let mut region_line = layout;
-    let target = match layout_key {
-        "backend" => {
-            let b = r.backend.as_ref().expect("the layout key is present");
+    let target = match key {
+        Key::Backend(b) => {
             let offset = r.backend_offset.as_ref().map(|o| ctx.size(o, &field("backend_offset"))).transpose()?.unwrap_or(0);
             TargetSpec::Linear { store: backend(b, "backend")?, offset }
         }
-        "zero" => TargetSpec::Zero,
-        "mirror" => {
-            let raw = r.mirror.as_ref().expect("the layout key is present");
+        Key::Zero => TargetSpec::Zero,
+        Key::Mirror(raw) => {
             // One leg is a valid table (a split mirror) but not something
             // to configure: it would be a linear extent with extra steps.
             if raw.get_ref().len() < 2 {
@@ -140,8 +161,7 @@ pub(super) fn parse_extent(
             };
             TargetSpec::Mirror { legs: legs("mirror", raw.get_ref())?, region }
         }
-        _ => {
-            let raw = r.stripe.as_ref().expect("the layout key is present");
+        Key::Stripe(raw) => {
             let n = raw.get_ref().len() as u64;
             if n < 2 {
                 return Err(ctx.err(raw, &field("stripe"), format!("a stripe needs at least two members, got {n}")));
@@ -164,7 +184,7 @@ pub(super) fn parse_extent(
         length: at(Some(r.length.span())),
         layout_key,
         layout,
-        backend_offset: if layout_key == "backend" { at(r.backend_offset.as_ref().map(|s| s.span())) } else { layout },
+        backend_offset: if matches!(key, Key::Backend(_)) { at(r.backend_offset.as_ref().map(|s| s.span())) } else { layout },
         region: region_line,
         header: at(None),
     };
