@@ -19,4 +19,4 @@ pub use mirror::{LegStatus, MergeKeep, MirrorList, MirrorStatus, PairReport, Tra
 pub use report::{GenerationRecord, MigrationList, MigrationState, MigrationStatus, ReloadReport, SwapOutcome};
 pub use request::{RangeArg, Request};
 pub use response::Response;
-pub use status::{BackendKind, BackendStatus, ExtentStatus, RangeStatus, Status, VolumeStatus};
+pub use status::{BackendKind, BackendStatus, ExtentStatus, LegView, RangeStatus, Status, VolumeStatus};

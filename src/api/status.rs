@@ -8,11 +8,35 @@ use std::path::PathBuf;
 pub struct ExtentStatus {
     pub start: u64,
     pub length: u64,
-    /// `None` for a zero extent.
+    /// The linear extent's store; `None` for every other layout.
     pub backend: Option<String>,
     pub backend_offset: Option<u64>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub zero: bool,
+    /// `linear`, `zero`, `mirror` or `stripe`; empty from a daemon that
+    /// predates layouts (read `backend`/`zero` then).
+    #[serde(default)]
+    pub layout: String,
+    /// Mirror legs or stripe members, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub legs: Vec<LegView>,
+    /// Stripe chunk size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk: Option<u64>,
+    /// Mirror region size (the write-intent bitmap's unit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<u64>,
+}
+
+/// One mirror leg or stripe member of an extent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegView {
+    pub backend: String,
+    pub backend_offset: u64,
+    /// A mirror leg's runtime state (e.g. in sync, resyncing, failed);
+    /// `None` where the layout has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,4 +104,29 @@ pub struct Status {
     pub listen: Vec<String>,
     pub volumes: Vec<VolumeStatus>,
     pub backends: Vec<BackendStatus>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extent_json_of_earlier_daemons_still_reads() {
+        let old: ExtentStatus = serde_json::from_str(r#"{"start":0,"length":4096,"backend":"a","backend_offset":0}"#).unwrap();
+        assert_eq!((old.layout.as_str(), old.legs.len(), old.chunk), ("", 0, None));
+        let stripe = ExtentStatus {
+            start: 0,
+            length: 8192,
+            backend: None,
+            backend_offset: None,
+            zero: false,
+            layout: "stripe".into(),
+            legs: vec![LegView { backend: "c".into(), backend_offset: 0, state: None }],
+            chunk: Some(4096),
+            region: None,
+        };
+        let json = serde_json::to_string(&stripe).unwrap();
+        assert!(!json.contains("region") && !json.contains("state"), "{json}");
+        assert_eq!(serde_json::from_str::<ExtentStatus>(&json).unwrap(), stripe);
+    }
 }

@@ -1,7 +1,7 @@
 //! Text and JSON output of the client commands. Tables are comfy-table's,
 //! borderless (one row per line, easy to grep).
 
-use nbdvirt::api::{ExtentStatus, GenerationRecord, MigrationStatus, ReloadReport, Status, VolumeStatus};
+use nbdvirt::api::{ExtentStatus, GenerationRecord, LegView, MigrationStatus, ReloadReport, Status, VolumeStatus};
 use comfy_table::{presets, Cell, CellAlignment, Table};
 use serde::Serialize;
 
@@ -43,7 +43,28 @@ fn state_of(v: &VolumeStatus) -> String {
     }
 }
 
+/// `a@0`, `b@1MiB (failed)`.
+fn leg_of(l: &LegView) -> String {
+    let at = if l.backend_offset == 0 { "0".into() } else { human(l.backend_offset) };
+    match &l.state {
+        Some(state) => format!("{}@{at} ({state})", l.backend),
+        None => format!("{}@{at}", l.backend),
+    }
+}
+
+/// `a @ 1MiB`, `zero`, `stripe c@0,d@0 chunk 64KiB`, `mirror a@0,b@0 region 1MiB`.
 fn target_of(e: &ExtentStatus) -> String {
+    if matches!(e.layout.as_str(), "mirror" | "stripe") {
+        let legs: Vec<String> = e.legs.iter().map(leg_of).collect();
+        let mut s = format!("{} {}", e.layout, legs.join(","));
+        if let Some(c) = e.chunk {
+            s += &format!(" chunk {}", human(c));
+        }
+        if let Some(r) = e.region {
+            s += &format!(" region {}", human(r));
+        }
+        return s;
+    }
     match (&e.backend, e.backend_offset) {
         (Some(b), Some(off)) => format!("{b} @ {}", human(off)),
         (Some(b), None) => b.clone(),
@@ -150,7 +171,7 @@ pub fn attached(list: &[nbdvirt::attach::DeviceStatus]) {
 
 #[cfg(test)]
 mod tests {
-    use super::human;
+    use super::*;
 
     #[test]
     fn human_sizes_are_exact() {
@@ -159,5 +180,26 @@ mod tests {
         assert_eq!(human(8 << 20), "8MiB");
         assert_eq!(human(1536), "1536B");
         assert_eq!(human(3 << 30), "3GiB");
+    }
+
+    #[test]
+    fn targets_show_their_layout() {
+        let leg = |b: &str, off: u64, state: Option<&str>| LegView { backend: b.into(), backend_offset: off, state: state.map(Into::into) };
+        let mut e = ExtentStatus {
+            start: 0,
+            length: 1 << 30,
+            backend: Some("a".into()),
+            backend_offset: Some(1 << 20),
+            zero: false,
+            layout: "linear".into(),
+            legs: Vec::new(),
+            chunk: None,
+            region: None,
+        };
+        assert_eq!(target_of(&e), "a @ 1MiB");
+        e = ExtentStatus { backend: None, backend_offset: None, layout: "stripe".into(), legs: vec![leg("c", 0, None), leg("d", 0, None)], chunk: Some(65536), ..e };
+        assert_eq!(target_of(&e), "stripe c@0,d@0 chunk 64KiB");
+        e = ExtentStatus { layout: "mirror".into(), legs: vec![leg("a", 0, None), leg("b", 4096, Some("failed"))], chunk: None, region: Some(1 << 20), ..e };
+        assert_eq!(target_of(&e), "mirror a@0,b@4KiB (failed) region 1MiB");
     }
 }

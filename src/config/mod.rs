@@ -2,6 +2,7 @@
 //! every check that can be made before anything is opened. Errors name the
 //! file, the line and the field.
 
+mod layout;
 mod parse_ctx;
 mod raw;
 mod units;
@@ -67,7 +68,37 @@ pub struct ServerConfig {
 pub struct BackendConfig {
     pub spec: BackendSpec,
     pub shared: bool,
+    /// Held in reserve: a mirror leg that fails is replaced by a spare
+    /// (see [`LegFailurePolicy`]).
+    pub spare: bool,
     pub line: usize,
+}
+
+/// What a mirror does when a leg fails (`on_leg_failure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LegFailurePolicy {
+    /// Rebuild onto a `spare = true` backend; run degraded until one is
+    /// found.
+    #[default]
+    Spare,
+    /// Run on the remaining legs until an operator acts.
+    Degrade,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}' is not one of spare, degrade")]
+pub struct UnknownPolicy(String);
+
+impl std::str::FromStr for LegFailurePolicy {
+    type Err = UnknownPolicy;
+
+    fn from_str(s: &str) -> Result<Self, UnknownPolicy> {
+        match s {
+            "spare" => Ok(LegFailurePolicy::Spare),
+            "degrade" => Ok(LegFailurePolicy::Degrade),
+            other => Err(UnknownPolicy(other.into())),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -76,11 +107,13 @@ pub struct VolumeConfig {
     pub description: String,
     pub read_only: bool,
     pub block_size: u32,
+    pub on_leg_failure: LegFailurePolicy,
     pub extents: Vec<Extent>,
     pub line: usize,
     /// Line of each `[[volume.extent]]`, for error messages.
     pub extent_lines: Vec<usize>,
-    /// Line of each extent's `backend_offset` (its header's if absent).
+    /// Line of each extent's `backend_offset` (its header's if absent; the
+    /// `mirror`/`stripe` key's for a layout with legs).
     pub extent_offset_lines: Vec<usize>,
 }
 
@@ -191,5 +224,14 @@ mod tests {
         assert!(e.to_string().starts_with("t.toml:2: server.busy_poll:"), "{e}");
         let d = Config::parse("", "t.toml", Path::new("")).unwrap();
         assert_eq!(d.server.busy_poll, std::time::Duration::from_micros(50));
+    }
+
+    #[test]
+    fn on_leg_failure_is_spare_or_degrade() {
+        let parse = |v: &str| Config::parse(&format!("[[volume]]\nname = \"v\"\n{v}[[volume.extent]]\nlength = 4096\nzero = true\n"), "t.toml", Path::new(""));
+        assert_eq!(parse("").unwrap().volumes[0].on_leg_failure, LegFailurePolicy::Spare);
+        assert_eq!(parse("on_leg_failure = \"degrade\"\n").unwrap().volumes[0].on_leg_failure, LegFailurePolicy::Degrade);
+        let e = parse("on_leg_failure = \"panic\"\n").unwrap_err();
+        assert!(e.to_string().starts_with("t.toml:3: volume.on_leg_failure: 'panic' is not one of spare, degrade"), "{e}");
     }
 }

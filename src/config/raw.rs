@@ -1,10 +1,11 @@
 //! TOML → checked `Config`. Every field is read with its span so that an
 //! error can name its line.
 
+use super::layout::{check_regions, extent_err, parse_extent, RawExtent, VolumeCtx};
 use super::parse_ctx::{valid_name, ParseCtx, Quantity};
-use super::{BackendConfig, Config, ConfigError, ServerConfig, VolumeConfig};
+use super::{BackendConfig, Config, ConfigError, LegFailurePolicy, ServerConfig, VolumeConfig};
 use crate::backend::BackendSpec;
-use crate::map::{validate_alignment, validate_exclusive, validate_layout, Extent, MapError, MappingTable, TargetSpec};
+use crate::map::{validate_alignment, validate_exclusive, validate_layout, MapError, MappingTable};
 use crate::defaults;
 use crate::endpoint::Endpoint;
 use serde::Deserialize;
@@ -53,6 +54,9 @@ struct RawBackend {
     #[serde(default)]
     read_only: bool,
     delay: Option<Spanned<Quantity>>,
+    /// Held in reserve to replace a failed mirror leg.
+    #[serde(default)]
+    spare: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -64,28 +68,9 @@ struct RawVolume {
     #[serde(default)]
     read_only: bool,
     block_size: Option<Spanned<Quantity>>,
+    on_leg_failure: Option<Spanned<String>>,
     #[serde(default)]
     extent: Vec<Spanned<RawExtent>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawExtent {
-    start: Option<Spanned<Quantity>>,
-    length: Spanned<Quantity>,
-    backend: Option<Spanned<String>>,
-    backend_offset: Option<Spanned<Quantity>>,
-    #[serde(default)]
-    zero: bool,
-}
-
-/// Config lines of one extent's keys (the header's where a key is absent).
-struct ExtentLines {
-    start: usize,
-    length: usize,
-    backend: usize,
-    backend_offset: usize,
-    header: usize,
 }
 
 pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
@@ -237,6 +222,7 @@ fn parse_backends(ctx: &ParseCtx<'_>, raw: &[Spanned<RawBackend>]) -> Result<Vec
                 delay: b.delay.as_ref().map(|d| ctx.duration(d, "backend.delay")).transpose()?,
             },
             shared: b.shared,
+            spare: b.spare,
             line: ctx.line(item.span().start),
         });
     }
@@ -267,69 +253,31 @@ fn parse_volumes(ctx: &ParseCtx<'_>, raw: &[Spanned<RawVolume>], backends: &[Bac
         if v.extent.is_empty() {
             return Err(ctx.err(&v.name, "volume.extent", format!("volume '{name}' has no [[volume.extent]]")));
         }
+        let on_leg_failure = match &v.on_leg_failure {
+            None => LegFailurePolicy::Spare,
+            Some(p) => p.get_ref().parse().map_err(|e: super::UnknownPolicy| ctx.err(p, "volume.on_leg_failure", e.to_string()))?,
+        };
         let mut extents = Vec::new();
         let mut lines = Vec::new();
         let mut next_start = 0u64;
+        let vctx = VolumeCtx { name, read_only: v.read_only, backends };
         for (index, e) in v.extent.iter().enumerate() {
-            let r = e.get_ref();
-            let field = |f: &str| format!("volume '{name}' extent {index}: {f}");
-            let start = r.start.as_ref().map(|s| ctx.size(s, &field("start"))).transpose()?.unwrap_or(next_start);
-            let length = ctx.size(&r.length, &field("length"))?;
-            let target = match (&r.backend, r.zero) {
-                (Some(b), false) => {
-                    let store = b.get_ref();
-                    let backend = backends.iter().find(|x| &x.spec.name == store);
-                    let backend = backend.ok_or_else(|| ctx.err(b, &field("backend"), format!("no backend named '{store}'")))?;
-                    if backend.spec.read_only && !v.read_only {
-                        return Err(ctx.err(b, &field("backend"), format!("backend '{store}' is read-only but volume '{name}' is not")));
-                    }
-                    let offset = r.backend_offset.as_ref().map(|o| ctx.size(o, &field("backend_offset"))).transpose()?.unwrap_or(0);
-                    TargetSpec::Linear { store: store.clone(), offset }
-                }
-                (None, true) => TargetSpec::Zero,
-                (Some(b), true) => return Err(ctx.err(b, &field("backend"), "an extent is either `zero = true` or has a backend")),
-                (None, false) => return Err(ctx.err(e, &field("backend"), "missing: give `backend = \"NAME\"` or `zero = true`")),
-            };
-            next_start = start.saturating_add(length);
-            // Where each key of this extent is, so a layout error points at
-            // the offending line rather than the `[[volume.extent]]` header.
-            let at = |s: Option<std::ops::Range<usize>>| ctx.line(s.unwrap_or(e.span()).start);
-            lines.push(ExtentLines {
-                start: at(r.start.as_ref().map(|s| s.span())),
-                length: at(Some(r.length.span())),
-                backend: at(r.backend.as_ref().map(|s| s.span())),
-                backend_offset: at(r.backend_offset.as_ref().map(|s| s.span())),
-                header: at(None),
-            });
-            extents.push(Extent { start, length, target });
+            let (extent, l) = parse_extent(ctx, &vctx, index, e, next_start)?;
+            next_start = extent.start.saturating_add(extent.length);
+            extents.push(extent);
+            lines.push(l);
         }
-        let extent_err = |err: MapError| {
-            let (index, field) = match &err {
-                MapError::ZeroLength { index } => (*index, "length"),
-                MapError::NotContiguous { index, .. } => (*index, "start"),
-                MapError::Misaligned { index, field, .. } => (*index, *field),
-                MapError::Overflow { index } => (*index, "length"),
-                MapError::UnknownStore { index, .. } | MapError::OutsideStore { index, .. } => (*index, "backend"),
-                _ => (0, "extent"),
-            };
-            let l = &lines[index];
-            let line = match field {
-                "start" => l.start,
-                "length" => l.length,
-                "backend" => l.backend,
-                "backend_offset" => l.backend_offset,
-                _ => l.header,
-            };
-            ctx.err_at(line, Some(format!("volume '{name}' extent {index}: {field}")), err.to_string())
-        };
+        let extent_err = |err: MapError| extent_err(ctx, name, &lines, err);
         validate_layout(&extents).map_err(extent_err)?;
         let table = MappingTable::new(0, extents.clone()).map_err(extent_err)?;
         validate_alignment(&table, block_size as u64).map_err(extent_err)?;
+        check_regions(ctx, name, &extents, &lines)?;
         out.push(VolumeConfig {
             name: name.clone(),
             description: v.description.clone(),
             read_only: v.read_only,
             block_size,
+            on_leg_failure,
             extents,
             line: ctx.line(item.span().start),
             extent_lines: lines.iter().map(|l| l.header).collect(),

@@ -1,17 +1,31 @@
 //! The daemon's state as API views (`status`, `history`, jobs, reports).
 
 use super::{Daemon, DaemonError};
-use crate::api::{self, BackendKind, ExtentStatus, RangeStatus, VolumeStatus};
+use crate::api::{self, BackendKind, ExtentStatus, LegView, RangeStatus, VolumeStatus};
 use crate::backend::StoreKind;
-use crate::map::Extent;
+use crate::map::{Extent, Leg, TargetSpec};
 use crate::sync::lock;
 use crate::volume::SwapReport;
 
 fn extent_status(e: &Extent) -> ExtentStatus {
-    // Today's targets map at most one store range; the view shows it.
-    match e.target.store_ranges(e.length).first() {
-        Some((store, r)) => ExtentStatus { start: e.start, length: e.length, backend: Some(store.to_string()), backend_offset: Some(r.start), zero: false },
-        None => ExtentStatus { start: e.start, length: e.length, backend: None, backend_offset: None, zero: true },
+    let view = |legs: &[Leg]| legs.iter().map(|l| LegView { backend: l.store.clone(), backend_offset: l.offset, state: None }).collect();
+    let base = ExtentStatus {
+        start: e.start,
+        length: e.length,
+        backend: None,
+        backend_offset: None,
+        zero: false,
+        layout: String::new(),
+        legs: Vec::new(),
+        chunk: None,
+        region: None,
+    };
+    // The view spells out each layout's settings, so it names the variants.
+    match &e.target {
+        TargetSpec::Linear { store, offset } => ExtentStatus { layout: "linear".into(), backend: Some(store.clone()), backend_offset: Some(*offset), ..base },
+        TargetSpec::Zero => ExtentStatus { layout: "zero".into(), zero: true, ..base },
+        TargetSpec::Mirror { legs, region } => ExtentStatus { layout: "mirror".into(), legs: view(legs), region: Some(*region), ..base },
+        TargetSpec::Stripe { members, chunk } => ExtentStatus { layout: "stripe".into(), legs: view(members), chunk: Some(*chunk), ..base },
     }
 }
 

@@ -13,10 +13,12 @@
 
 mod linear;
 mod mirror;
+mod stripe;
 mod zero;
 
 pub use linear::LinearTarget;
 pub use mirror::MirrorTarget;
+pub use stripe::StripeTarget;
 pub use zero::ZeroTarget;
 
 use super::redundancy::Redundancy;
@@ -31,8 +33,6 @@ use std::sync::Arc;
 pub enum TargetError {
     #[error("store '{store}' is not open")]
     MissingStore { store: String },
-    #[error("{layout} targets are not available yet")]
-    Unsupported { layout: &'static str },
     #[error("mirror state: {message}")]
     State { message: String },
 }
@@ -100,6 +100,9 @@ pub fn open_target(spec: &TargetSpec, ctx: &TargetCtx<'_>) -> Result<Arc<dyn Tar
             }
             Arc::new(MirrorTarget::new(open, ctx.extent_start, red.clone()))
         }
-        TargetSpec::Stripe { .. } => return Err(TargetError::Unsupported { layout: "stripe" }),
+        TargetSpec::Stripe { members, chunk } => {
+            let stores = members.iter().map(|m| store(&m.store)).collect::<Result<Vec<_>, _>>()?;
+            Arc::new(StripeTarget::new(stores, members.clone(), *chunk))
+        }
     })
 }
