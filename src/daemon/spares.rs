@@ -64,11 +64,13 @@ impl Daemon {
     }
 }
 
-// Filled in from the config's `on_leg_failure` and `spare` keys.
-fn spare_policy_of(_config: &crate::config::Config, _volume: &str) -> bool {
-    true
+/// `on_leg_failure` of volume `volume` (split copies and unknown volumes
+/// take the default, spare).
+fn spare_policy_of(config: &crate::config::Config, volume: &str) -> bool {
+    config.volumes.iter().find(|v| v.name == volume).is_none_or(|v| v.on_leg_failure == crate::config::LegFailurePolicy::Spare)
 }
 
-fn spare_backends(_config: &crate::config::Config) -> Vec<String> {
-    Vec::new()
+/// The backends declared `spare = true`.
+fn spare_backends(config: &crate::config::Config) -> Vec<String> {
+    config.backends.iter().filter(|b| b.spare).map(|b| b.spec.name.clone()).collect()
 }

@@ -7,8 +7,11 @@ use crate::map::{Extent, Leg, TargetSpec};
 use crate::sync::lock;
 use crate::volume::SwapReport;
 
-fn extent_status(e: &Extent) -> ExtentStatus {
-    let view = |legs: &[Leg]| legs.iter().map(|l| LegView { backend: l.store.clone(), backend_offset: l.offset, state: None }).collect();
+/// An extent's view; `leg_state` gives a mirror leg's state by store.
+fn extent_status(e: &Extent, leg_state: &dyn Fn(&str) -> Option<String>) -> ExtentStatus {
+    let view = |legs: &[Leg], mirror: bool| {
+        legs.iter().map(|l| LegView { backend: l.store.clone(), backend_offset: l.offset, state: if mirror { leg_state(&l.store) } else { None } }).collect()
+    };
     let base = ExtentStatus {
         start: e.start,
         length: e.length,
@@ -24,8 +27,8 @@ fn extent_status(e: &Extent) -> ExtentStatus {
     match &e.target {
         TargetSpec::Linear { store, offset } => ExtentStatus { layout: "linear".into(), backend: Some(store.clone()), backend_offset: Some(*offset), ..base },
         TargetSpec::Zero => ExtentStatus { layout: "zero".into(), zero: true, ..base },
-        TargetSpec::Mirror { legs, region } => ExtentStatus { layout: "mirror".into(), legs: view(legs), region: Some(*region), ..base },
-        TargetSpec::Stripe { members, chunk } => ExtentStatus { layout: "stripe".into(), legs: view(members), chunk: Some(*chunk), ..base },
+        TargetSpec::Mirror { legs, region } => ExtentStatus { layout: "mirror".into(), legs: view(legs, true), region: Some(*region), ..base },
+        TargetSpec::Stripe { members, chunk } => ExtentStatus { layout: "stripe".into(), legs: view(members, false), chunk: Some(*chunk), ..base },
     }
 }
 
@@ -70,7 +73,11 @@ impl Daemon {
                     read_only: v.spec().read_only,
                     generation: table.generation(),
                     state: gate.state.into(),
-                    extents: table.extents().iter().map(extent_status).collect(),
+                    extents: {
+                        let red = v.translation().redundancy().clone();
+                        let state = |store: &str| red.leg(store).map(|l| l.condition().as_str().to_string());
+                        table.extents().iter().map(|e| extent_status(e, &state)).collect()
+                    },
                     held_ranges: gate.held_ranges.iter().map(|r| RangeStatus { start: r.start, length: r.len() }).collect(),
                     in_flight: gate.in_flight,
                     held_requests: gate.held_requests,
