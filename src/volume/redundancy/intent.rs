@@ -35,6 +35,10 @@ pub struct WriteIntent {
     inflight: Vec<AtomicU32>,
     /// Writes begun per region (wrapping), for the clearer.
     begun: Vec<AtomicU32>,
+    /// `begun` as the previous clearing pass saw it: a region is cleared
+    /// only after a whole pass without writes, so a busy region keeps its
+    /// bit instead of paying a durable set again right after each pass.
+    seen: Vec<AtomicU32>,
     copying: Vec<AtomicBool>,
     waiters: Mutex<()>,
     changed: Condvar,
@@ -55,6 +59,7 @@ impl WriteIntent {
         WriteIntent {
             inflight: (0..n).map(|_| AtomicU32::new(0)).collect(),
             begun: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            seen: (0..n).map(|_| AtomicU32::new(u32::MAX)).collect(),
             copying: (0..n).map(|_| AtomicBool::new(false)).collect(),
             bits,
             waiters: Mutex::new(()),
@@ -130,11 +135,19 @@ impl WriteIntent {
         self.wake();
     }
 
-    /// Clears the bits of idle regions once `flush_legs` has made every
-    /// completed write durable on every leg. Returns how many were cleared.
+    /// Clears the bits of regions idle since the previous pass once
+    /// `flush_legs` has made every completed write durable on every leg.
+    /// Returns how many were cleared.
     pub fn clear_idle(&self, flush_legs: impl FnOnce() -> io::Result<()>) -> io::Result<usize> {
-        let candidates: Vec<(usize, u32)> =
-            self.bits.iter_set().filter(|r| self.inflight[*r].load(SeqCst) == 0).map(|r| (r, self.begun[r].load(SeqCst))).collect();
+        let candidates: Vec<(usize, u32)> = self
+            .bits
+            .iter_set()
+            .filter_map(|r| {
+                let begun = self.begun[r].load(SeqCst);
+                let idle = self.seen[r].swap(begun, SeqCst) == begun && self.inflight[r].load(SeqCst) == 0;
+                idle.then_some((r, begun))
+            })
+            .collect();
         if candidates.is_empty() {
             return Ok(0);
         }
@@ -174,7 +187,10 @@ mod tests {
         assert!(log.bits().get(2) && log.bits().get(3));
         assert_eq!(log.clear_idle(|| Ok(())).unwrap(), 0, "a write is in flight");
         drop(g);
-        assert_eq!(log.clear_idle(|| Ok(())).unwrap(), 2);
+        assert_eq!(log.clear_idle(|| Ok(())).unwrap(), 2, "idle since the last pass");
+        drop(log.begin_write(2..3).unwrap());
+        assert_eq!(log.clear_idle(|| Ok(())).unwrap(), 0, "written since the last pass");
+        assert_eq!(log.clear_idle(|| Ok(())).unwrap(), 1);
         assert_eq!(log.bits().count(), 0);
         let _g = log.begin_write(5..6).unwrap();
         let flush_failed = log.clear_idle(|| Err(io::Error::other("x")));
@@ -185,6 +201,7 @@ mod tests {
     fn a_write_begun_during_the_flush_keeps_its_bit() {
         let log = WriteIntent::new(RegionBitmap::in_memory(4));
         drop(log.begin_write(1..2).unwrap());
+        assert_eq!(log.clear_idle(|| Ok(())).unwrap(), 0, "first pass: not yet idle for a pass");
         let cleared = log
             .clear_idle(|| {
                 drop(log.begin_write(1..2).unwrap());
