@@ -8,12 +8,14 @@
 //! metrics) add their requests and views here, beside the ones below.
 
 mod error;
+mod fault;
 mod report;
 mod request;
 mod response;
 mod status;
 
 pub use error::{ApiError, ErrorKind, ExitCode};
+pub use fault::{FaultErrorArg, FaultReport, FaultScopeArg};
 pub use report::{GenerationRecord, MigrationList, MigrationState, MigrationStatus, ReloadReport, SwapOutcome};
 pub use request::{RangeArg, Request};
 pub use response::Response;

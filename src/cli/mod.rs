@@ -4,6 +4,7 @@
 
 mod attach;
 mod discover;
+mod fault;
 mod migrate;
 mod render;
 mod serve;
@@ -50,6 +51,8 @@ enum Command {
     Migrate(migrate::MigrateCommand),
     #[command(flatten)]
     Attach(attach::AttachCommand),
+    /// Make a backend fail on purpose (EIO/ENOSPC), for drills and tests; `--error off` ends it.
+    Fault(fault::FaultArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -81,6 +84,7 @@ pub fn run() -> ExitCode {
         Command::Volumes(c) => volumes::run(c),
         Command::Migrate(c) => migrate::run(c),
         Command::Attach(c) => attach::run(c),
+        Command::Fault(c) => fault::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -138,6 +138,7 @@ pub fn handle(daemon: &Arc<Daemon>, request: Request) -> Response {
         }
         Request::MigrateStatus { volume } => answer(daemon.migrate_status(volume.as_deref()).map(jobs)),
         Request::MigrateAbort { volume } => answer(daemon.migrate_abort(&volume).map(|s| jobs(vec![s]))),
+        Request::Fault { backend, error, scope } => answer(daemon.fault(&backend, error, scope)),
     }
 }
 
