@@ -104,3 +104,15 @@ fn an_unknown_backend_is_not_found() {
     let out = cli(&server, &["fault", "b", "--error", "eio", "--reads", "--writes"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
 }
+
+#[test]
+fn a_reload_that_keeps_the_backend_keeps_its_fault() {
+    let server = start(LINEAR);
+    cli_ok(&server, &["fault", "b", "--error", "eio", "--writes"]);
+    cli_ok(&server, &["reload"]);
+    assert_eq!(backend_fault(&server).as_deref(), Some("eio on writes"));
+    let human = cli_ok(&server, &["status"]);
+    assert!(human.contains("backend b: injected fault: eio on writes"), "{human}");
+    let seen = probe(&server, "t('write', lambda: h.pwrite(b'z' * 4096, 0))\nt('flush', lambda: h.flush())\nt('read', lambda: h.pread(4096, 0))");
+    assert_eq!(seen.lines().collect::<Vec<_>>(), ["write EIO", "flush EIO", "read OK"], "{seen}");
+}
