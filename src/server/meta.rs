@@ -179,6 +179,24 @@ mod tests {
         assert_eq!(dirty_descriptors(Some(&[run(0, true), run(512, false)]), 4096, 100), [d(512, false)]);
     }
 
+    proptest::proptest! {
+        /// Whatever a tracker answers, the chunk is valid: 1..=max
+        /// descriptors, none empty, neighbours differ, never past the request.
+        #[test]
+        fn dirty_descriptors_are_always_valid(
+            runs in proptest::collection::vec((0u64..1 << 34, proptest::bool::ANY), 0..40),
+            length in 1u32..,
+            max in 0usize..8,
+        ) {
+            let runs: Vec<DirtyRun> = runs.into_iter().map(|(length, dirty)| DirtyRun { length, dirty }).collect();
+            let d = dirty_descriptors(Some(&runs), length, max);
+            proptest::prop_assert!(!d.is_empty() && d.len() <= max.max(1));
+            proptest::prop_assert!(d.iter().all(|x| x.length > 0));
+            proptest::prop_assert!(d.windows(2).all(|w| w[0].flags != w[1].flags));
+            proptest::prop_assert!(d.iter().map(|x| x.length as u64).sum::<u64>() <= length as u64);
+        }
+    }
+
     #[test]
     fn a_vanished_tracker_reads_all_dirty() {
         let all = [Descriptor { length: 65536, flags: STATE_DIRTY }];
