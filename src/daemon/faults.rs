@@ -36,9 +36,11 @@ impl Daemon {
         shared_with.sort();
         // Warn level: an operator reading the log after an incident must
         // see that the errors were injected.
-        match fault {
-            Some(f) => tracing::warn!(backend, shared_with = ?shared_with, "fault injection on backend {backend}: {f}"),
-            None => tracing::warn!(backend, "fault injection on backend {backend}: off"),
+        let state = fault.map_or_else(|| "off".to_string(), |f| f.to_string());
+        if shared_with.is_empty() {
+            tracing::warn!("fault injection on backend {backend}: {state}");
+        } else {
+            tracing::warn!("fault injection on backend {backend}: {state} (same store as {})", shared_with.join(", "));
         }
         Ok(FaultReport { backend: backend.into(), fault: store.fault.describe(), shared_with })
     }
