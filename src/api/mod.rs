@@ -9,6 +9,7 @@
 
 mod error;
 mod mirror;
+mod fault;
 mod report;
 mod request;
 mod response;
@@ -16,6 +17,7 @@ mod status;
 
 pub use error::{ApiError, ErrorKind, ExitCode};
 pub use mirror::{LegStatus, MergeKeep, MirrorList, MirrorStatus, PairReport, TrackerStatus};
+pub use fault::{FaultErrorArg, FaultReport, FaultScopeArg};
 pub use report::{GenerationRecord, MigrationList, MigrationState, MigrationStatus, ReloadReport, SwapOutcome};
 pub use request::{RangeArg, Request};
 pub use response::Response;

@@ -107,6 +107,13 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    /// Make a backend fail on purpose (drills, tests); `error: off` ends it.
+    Fault {
+        backend: String,
+        error: super::FaultErrorArg,
+        #[serde(default)]
+        scope: super::FaultScopeArg,
+    },
 }
 
 fn default_keep() -> crate::api::MergeKeep {
@@ -124,5 +131,8 @@ mod tests {
         let r: Request = serde_json::from_str(r#"{"command":"pause","volume":"v","range":{"start":0,"length":8}}"#).unwrap();
         assert!(matches!(r, Request::Pause { range: Some(RangeArg { start: 0, length: 8 }), .. }));
         assert!(serde_json::from_str::<Request>(r#"{"command":"explode"}"#).is_err());
+        let r: Request = serde_json::from_str(r#"{"command":"fault","backend":"b","error":"eio"}"#).unwrap();
+        assert_eq!(r, Request::Fault { backend: "b".into(), error: super::super::FaultErrorArg::Eio, scope: super::super::FaultScopeArg::Both });
+        assert!(serde_json::from_str::<Request>(r#"{"command":"fault","backend":"b","error":"ebusy"}"#).is_err());
     }
 }

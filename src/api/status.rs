@@ -95,6 +95,9 @@ pub struct BackendStatus {
     pub size: u64,
     pub shared: bool,
     pub rotational: bool,
+    /// An injected fault in force (`nbdvirt fault`), e.g. "eio on reads".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -10,10 +10,12 @@ mod aligned;
 pub use aligned::AlignedBuf;
 mod blockdev;
 mod delay;
+mod fault;
 mod fd;
 mod open;
 
 pub use delay::DelayBackend;
+pub use fault::{Fault, FaultError, FaultScope, FaultSwitch, FaultyBackend};
 pub use fd::{FdBackend, StoreKind};
 pub use open::{file_identity, open_backend, BackendSpec, OpenError};
 

@@ -4,6 +4,7 @@
 
 mod attach;
 mod discover;
+mod fault;
 mod migrate;
 mod mirror;
 mod render;
@@ -56,6 +57,8 @@ enum Command {
     Mirror(mirror::MirrorCommand),
     #[command(flatten)]
     Pair(mirror::PairCommand),
+    /// Make a backend fail on purpose (EIO/ENOSPC), for drills and tests; `--error off` ends it.
+    Fault(fault::FaultArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -89,6 +92,7 @@ pub fn run() -> ExitCode {
         Command::Attach(c) => attach::run(c),
         Command::Mirror(c) => mirror::run(c),
         Command::Pair(c) => mirror::run_pair(c),
+        Command::Fault(c) => fault::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

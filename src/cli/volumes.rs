@@ -61,7 +61,11 @@ pub fn run(cmd: VolumeCommand) -> CliResult {
             if json {
                 render::json(&status)
             } else {
-                render::status(&status)
+                render::status(&status);
+                // Injected faults must not go unnoticed in a drill.
+                for b in status.backends.iter().filter(|b| b.fault.is_some()) {
+                    println!("backend {}: injected fault: {}", b.name, b.fault.as_deref().unwrap_or_default());
+                }
             }
         }
         VolumeCommand::Reload { server, force, json } => {

@@ -2,7 +2,7 @@
 //! stores, translations, volumes and catalogs. (The config layer only parses
 //! and validates; this is where its values meet the objects that serve.)
 
-use crate::backend::{file_identity, open_backend, Backend};
+use crate::backend::{file_identity, open_backend, Backend, FaultSwitch, FaultyBackend};
 use crate::config::{BackendConfig, Config, ConfigError, VolumeConfig};
 use crate::map::{validate_stores, MapError, MappingTable, Range};
 use crate::volume::{Catalog, Redundancy, Translation, Volume, VolumeSpec};
@@ -14,7 +14,12 @@ use std::sync::Arc;
 #[derive(Debug, Clone)]
 pub struct OpenStore {
     pub config: BackendConfig,
+    /// The store wrapped in a `FaultyBackend` driven by `fault`.
     pub handle: Arc<dyn Backend>,
+    /// Fault injection for drills (`nbdvirt fault`). Belongs to the handle:
+    /// a reload that reuses the handle keeps it, and backend names sharing
+    /// one file share it, because they are one store.
+    pub fault: Arc<FaultSwitch>,
 }
 
 /// Opens every backend of `config`, reusing handles in `existing` (from a
@@ -55,14 +60,18 @@ pub fn open_stores(config: &Config, existing: &HashMap<String, OpenStore>) -> Re
             if !(b.shared && first_store.config.shared) {
                 return Err(at(format!("same file as backend '{first}'; declare both `shared = true` to map one file under two names")));
             }
-            out.insert(b.spec.name.clone(), OpenStore { config: b.clone(), handle: first_store.handle.clone() });
+            let (handle, fault) = (first_store.handle.clone(), first_store.fault.clone());
+            out.insert(b.spec.name.clone(), OpenStore { config: b.clone(), handle, fault });
             continue;
         }
-        let handle = open_backend(&b.spec).map_err(|e| at(e.to_string()))?;
+        // Every store is wrapped so a drill can be started without a
+        // restart; while off the wrapper costs one relaxed atomic load.
+        let fault = FaultSwitch::new();
+        let handle = FaultyBackend::wrap(open_backend(&b.spec).map_err(|e| at(e.to_string()))?, fault.clone());
         if let Some(id) = b.spec.path.as_deref().and_then(file_identity) {
             by_identity.insert(id, b.spec.name.clone());
         }
-        out.insert(b.spec.name.clone(), OpenStore { config: b.clone(), handle });
+        out.insert(b.spec.name.clone(), OpenStore { config: b.clone(), handle, fault });
     }
     Ok(out)
 }

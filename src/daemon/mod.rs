@@ -6,11 +6,12 @@
 //! Rooms: `assemble` (stores, translations, volumes from a config),
 //! `reconcile` (config vs persisted generation), `reload` (plan → stage →
 //! apply; generations made durable by `persist::GenerationCommit`),
-//! `pauses` (manual pauses), `migrations` (the job registry), `status` (API
-//! views), `error`.
+//! `pauses` (manual pauses), `migrations` (the job registry), `faults`
+//! (injected store errors for drills), `status` (API views), `error`.
 
 pub mod assemble;
 mod error;
+mod faults;
 mod migrations;
 mod mirror_error;
 mod mirror_ops;

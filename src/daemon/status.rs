@@ -101,6 +101,7 @@ impl Daemon {
                     size: info.size,
                     shared: s.config.shared,
                     rotational: info.rotational,
+                    fault: s.fault.describe(),
                 }
             })
             .collect();

@@ -91,8 +91,16 @@ pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) | 2;
 pub const STATE_HOLE: u32 = 1 << 0;
 pub const STATE_ZERO: u32 = 1 << 1;
 
-/// The only metadata context this server offers.
+/// The standard metadata context (allocation: holes and zeros).
 pub const META_BASE_ALLOCATION: &str = "base:allocation";
+/// qemu's namespace; a LIST query of just the namespace lists all of it.
+pub const META_QEMU_NAMESPACE: &str = "qemu:";
+/// Prefix of qemu's dirty-bitmap contexts, `qemu:dirty-bitmap:NAME`
+/// (qemu docs/interop/nbd.txt); alone, a LIST query for all bitmaps.
+pub const META_DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+
+// qemu:dirty-bitmap flags: the one bit qemu defines.
+pub const STATE_DIRTY: u32 = 1 << 0;
 
 /// Sizes of fixed headers.
 pub const REQUEST_HEADER_LEN: usize = 28;

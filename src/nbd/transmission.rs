@@ -126,16 +126,36 @@ pub struct Descriptor {
 
 /// A complete NBD_REPLY_TYPE_BLOCK_STATUS chunk (DONE).
 pub fn chunk_block_status(cookie: u64, context_id: u32, descriptors: &[Descriptor]) -> Vec<u8> {
+    let mut out = Vec::new();
+    append_block_status(&mut out, cookie, context_id, descriptors, true);
+    out
+}
+
+/// One block-status chunk per selected context, in order, as one reply:
+/// proto.md wants exactly one chunk per negotiated context, and only the
+/// last chunk of a reply carries DONE.
+pub fn block_status_reply(cookie: u64, chunks: &[(u32, Vec<Descriptor>)]) -> Vec<u8> {
+    let size: usize = chunks.iter().map(|(_, d)| CHUNK_HEADER_LEN + 4 + 8 * d.len()).sum();
+    let mut out = Vec::with_capacity(size);
+    for (i, (id, descriptors)) in chunks.iter().enumerate() {
+        append_block_status(&mut out, cookie, *id, descriptors, i + 1 == chunks.len());
+    }
+    out
+}
+
+/// Appends one NBD_REPLY_TYPE_BLOCK_STATUS chunk to `out`.
+fn append_block_status(out: &mut Vec<u8>, cookie: u64, context_id: u32, descriptors: &[Descriptor], done: bool) {
     let len = 4 + 8 * descriptors.len();
-    let mut out = vec![0u8; CHUNK_HEADER_LEN];
-    write_chunk_header(&mut out, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, len as u32);
+    let start = out.len();
+    out.resize(start + CHUNK_HEADER_LEN, 0);
+    let flags = if done { REPLY_FLAG_DONE } else { 0 };
+    write_chunk_header(&mut out[start..], flags, REPLY_TYPE_BLOCK_STATUS, cookie, len as u32);
     out.reserve(len);
     out.extend_from_slice(&context_id.to_be_bytes());
     for d in descriptors {
         out.extend_from_slice(&d.length.to_be_bytes());
         out.extend_from_slice(&d.flags.to_be_bytes());
     }
-    out
 }
 
 #[cfg(test)]
@@ -153,6 +173,33 @@ mod tests {
     fn short_and_bad_headers() {
         assert_eq!(decode_request_header(&[0u8; 5]), Err(DecodeError::Incomplete(23)));
         assert!(matches!(decode_request_header(&[0u8; 28]), Err(DecodeError::BadMagic(0))));
+    }
+
+    #[test]
+    fn block_status_reply_has_one_chunk_per_context_and_done_on_the_last() {
+        let a = vec![Descriptor { length: 4096, flags: STATE_HOLE | STATE_ZERO }, Descriptor { length: 512, flags: 0 }];
+        let b = vec![Descriptor { length: 4608, flags: STATE_DIRTY }];
+        let out = block_status_reply(7, &[(1, a.clone()), (2, b.clone())]);
+        let first = CHUNK_HEADER_LEN + 4 + 16;
+        assert_eq!(out.len(), first + CHUNK_HEADER_LEN + 4 + 8);
+        // First chunk: not DONE, type BLOCK_STATUS, cookie, length, id 1.
+        assert_eq!(&out[..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&out[4..6], &0u16.to_be_bytes());
+        assert_eq!(&out[6..8], &REPLY_TYPE_BLOCK_STATUS.to_be_bytes());
+        assert_eq!(&out[8..16], &7u64.to_be_bytes());
+        assert_eq!(&out[16..20], &20u32.to_be_bytes());
+        assert_eq!(&out[20..24], &1u32.to_be_bytes());
+        assert_eq!(&out[24..28], &4096u32.to_be_bytes());
+        assert_eq!(&out[28..32], &3u32.to_be_bytes());
+        // Second chunk: DONE, id 2, one dirty descriptor.
+        let c = &out[first..];
+        assert_eq!(&c[4..6], &REPLY_FLAG_DONE.to_be_bytes());
+        assert_eq!(&c[16..20], &12u32.to_be_bytes());
+        assert_eq!(&c[20..24], &2u32.to_be_bytes());
+        assert_eq!(&c[24..28], &4608u32.to_be_bytes());
+        assert_eq!(&c[28..32], &STATE_DIRTY.to_be_bytes());
+        // A single context is the old single DONE chunk.
+        assert_eq!(block_status_reply(7, &[(1, a.clone())]), chunk_block_status(7, 1, &a));
     }
 
     #[test]

@@ -52,7 +52,7 @@ pub fn serve(
     let ctx = Arc::new(ConnectionCtx {
         volume: negotiated.volume,
         structured: negotiated.structured,
-        base_allocation: negotiated.base_allocation,
+        meta: negotiated.meta,
         sink: ReplySink::new(stream.try_clone()?),
         pools,
         shard: id as usize,
@@ -323,7 +323,7 @@ fn check(ctx: &ConnectionCtx, req: &RequestHeader) -> Result<(), (NbdError, Stri
                 Ok(())
             };
         }
-        CMD_BLOCK_STATUS if ctx.base_allocation.is_none() => {
+        CMD_BLOCK_STATUS if ctx.meta.is_empty() => {
             return Err((NbdError::Inval, "no metadata context was negotiated".into()));
         }
         CMD_BLOCK_STATUS if req.length == 0 => {

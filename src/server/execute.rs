@@ -5,6 +5,7 @@
 
 use super::budget::Permit;
 use super::buffers::Buffer;
+use super::meta::{dirty_descriptors, Context, MetaContexts};
 use super::pool::{Pools, WorkerPool};
 use super::sink::{Reply, ReplySink};
 use crate::backend::ZeroMode;
@@ -18,7 +19,8 @@ use std::sync::Arc;
 pub(super) struct ConnectionCtx {
     pub(super) volume: Arc<Volume>,
     pub(super) structured: bool,
-    pub(super) base_allocation: Option<u32>,
+    /// The metadata contexts BLOCK_STATUS answers for.
+    pub(super) meta: MetaContexts,
     pub(super) sink: ReplySink,
     pub(super) pools: Arc<Pools>,
     /// Spreads this connection's gate registrations over the gate's shards.
@@ -36,7 +38,7 @@ impl ConnectionCtx {
     }
 }
 
-/// Most base:allocation descriptors in one reply.
+/// Most descriptors in one block-status chunk (per context).
 const MAX_DESCRIPTORS: usize = 16 * 1024;
 
 pub(super) fn reply_error(ctx: &ConnectionCtx, req: &RequestHeader, err: NbdError, msg: &str, permit: Option<Permit>) {
@@ -195,16 +197,35 @@ pub(super) fn read(ctx: Arc<ConnectionCtx>, req: RequestHeader, permit: Permit, 
     });
 }
 
+/// One chunk per selected context, in selection order, sent as one reply.
+/// Everything is gathered first so that a failure answers a single error
+/// chunk instead of a half-sent set of chunks.
 pub(super) fn block_status(ctx: &ConnectionCtx, req: &RequestHeader, permit: Permit) {
     let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
     let max = if req_one { 1 } else { MAX_DESCRIPTORS };
+    let mut chunks = Vec::with_capacity(ctx.meta.selected.len());
+    for (id, context) in &ctx.meta.selected {
+        let descriptors = match context {
+            Context::BaseAllocation => match allocation_descriptors(ctx, req, max) {
+                Ok(d) => d,
+                Err(e) => return reply_error(ctx, req, NbdError::from_io(&e), &format!("BLOCK_STATUS: {e}"), Some(permit)),
+            },
+            Context::DirtyBitmap(name) => {
+                let runs = ctx.volume.dirty_runs(name, req.offset, req.length as u64, max);
+                dirty_descriptors(runs.as_deref(), req.length, max)
+            }
+        };
+        chunks.push((*id, descriptors));
+    }
+    ctx.sink.send(Reply::new(block_status_reply(req.cookie, &chunks), Some(permit)));
+}
+
+/// base:allocation of the request's range through the table.
+fn allocation_descriptors(ctx: &ConnectionCtx, req: &RequestHeader, max: usize) -> io::Result<Vec<Descriptor>> {
     let route = ctx.volume.route(req.offset, req.length as u64);
     let mut descriptors: Vec<Descriptor> = Vec::new();
     for piece in &route.pieces {
-        let runs = match route.translation.block_status(piece, max) {
-            Ok(r) => r,
-            Err(e) => return reply_error(ctx, req, NbdError::from_io(&e), &format!("BLOCK_STATUS: {e}"), Some(permit)),
-        };
+        let runs = route.translation.block_status(piece, max)?;
         let mut covered = 0;
         for run in runs {
             covered += run.length;
@@ -221,6 +242,5 @@ pub(super) fn block_status(ctx: &ConnectionCtx, req: &RequestHeader, permit: Per
         }
     }
     descriptors.truncate(max);
-    let id = ctx.base_allocation.unwrap_or(0);
-    ctx.sink.send(Reply::new(chunk_block_status(req.cookie, id, &descriptors), Some(permit)));
+    Ok(descriptors)
 }

@@ -2,6 +2,7 @@
 //! export chosen and the transmission features agreed, or with the
 //! connection closed.
 
+use super::meta::{matching_contexts, MetaContexts, MAX_SELECTED};
 use super::stream::Stream;
 use crate::nbd::*;
 use crate::volume::{Catalog, Volume};
@@ -13,13 +14,10 @@ use std::sync::Arc;
 pub struct Negotiated {
     pub volume: Arc<Volume>,
     pub structured: bool,
-    /// Context id of `base:allocation`, if the client selected it.
-    pub base_allocation: Option<u32>,
+    /// The metadata contexts the client selected, with their ids.
+    pub meta: MetaContexts,
     pub flags: u16,
 }
-
-/// The context id we hand out for `base:allocation`.
-pub const BASE_ALLOCATION_ID: u32 = 1;
 
 /// Transmission flags for `volume`.
 pub fn export_flags(volume: &Volume, structured: bool) -> u16 {
@@ -57,8 +55,8 @@ struct Haggle<'a> {
     stopping: &'a AtomicBool,
     no_zeroes: bool,
     structured: bool,
-    /// Export the meta contexts were selected for, and whether base:allocation was.
-    meta: Option<(String, bool)>,
+    /// Export the meta contexts were selected for, and what was selected.
+    meta: Option<(String, MetaContexts)>,
 }
 
 /// Runs the handshake. `Ok(None)` means the client ended it (ABORT, EOF, or
@@ -142,8 +140,8 @@ impl Haggle<'_> {
                 };
                 let flags = export_flags(&volume, self.structured);
                 self.send(&export_name_reply(volume.size(), flags, self.no_zeroes))?;
-                let base_allocation = self.base_allocation_for(volume.name(), &name);
-                Ok(Step::Transmit(Negotiated { volume, structured: self.structured, base_allocation, flags }))
+                let meta = self.meta_for(volume.name(), &name);
+                Ok(Step::Transmit(Negotiated { volume, structured: self.structured, meta, flags }))
             }
             OPT_ABORT => {
                 let _ = self.send(&option_reply(option, REP_ACK, &[]));
@@ -190,8 +188,8 @@ impl Haggle<'_> {
                 if option == OPT_INFO {
                     return Ok(Step::Continue);
                 }
-                let base_allocation = self.base_allocation_for(volume.name(), &request.export);
-                Ok(Step::Transmit(Negotiated { volume, structured: self.structured, base_allocation, flags }))
+                let meta = self.meta_for(volume.name(), &request.export);
+                Ok(Step::Transmit(Negotiated { volume, structured: self.structured, meta, flags }))
             }
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
@@ -214,40 +212,43 @@ impl Haggle<'_> {
                     Ok(r) => r,
                     Err(e) => return self.error(option, REP_ERR_INVALID, &bad(e)),
                 };
-                if self.catalog.export(&request.export).is_none() {
+                let Some(volume) = self.catalog.export(&request.export) else {
                     let msg = format!("no export named '{}'", request.export);
                     return self.error(option, REP_ERR_UNKNOWN, &msg);
-                }
-                let selected = if option == OPT_LIST_META_CONTEXT && request.queries.is_empty() {
-                    true
-                } else {
-                    request.queries.iter().any(|q| query_selects_base_allocation(q))
                 };
+                let list = option == OPT_LIST_META_CONTEXT;
+                let contexts = matching_contexts(list, &request.queries, &volume.dirty_bitmaps());
+                if !list && contexts.len() > MAX_SELECTED {
+                    let msg = format!("{} metadata contexts selected; at most {MAX_SELECTED} per connection", contexts.len());
+                    return self.error(option, REP_ERR_TOO_BIG, &msg);
+                }
                 let mut out = Vec::new();
-                if selected {
+                if list {
                     // LIST's ids mean nothing (proto.md: SHOULD be 0).
-                    let id = if option == OPT_SET_META_CONTEXT { BASE_ALLOCATION_ID } else { 0 };
-                    out.extend_from_slice(&rep_meta_context(option, id, META_BASE_ALLOCATION));
+                    for c in &contexts {
+                        out.extend_from_slice(&rep_meta_context(option, 0, &c.wire_name()));
+                    }
+                } else {
+                    let selected = MetaContexts::numbered(contexts);
+                    for (id, c) in &selected.selected {
+                        out.extend_from_slice(&rep_meta_context(option, *id, &c.wire_name()));
+                    }
+                    self.meta = Some((request.export, selected));
                 }
                 out.extend_from_slice(&option_reply(option, REP_ACK, &[]));
                 self.send(&out)?;
-                if option == OPT_SET_META_CONTEXT {
-                    self.meta = Some((request.export, selected));
-                }
                 Ok(Step::Continue)
             }
             _ => self.error(option, REP_ERR_UNSUP, "option not supported"),
         }
     }
 
-    /// The base:allocation context applies only if it was selected for the
+    /// The selected contexts apply only if they were selected for the
     /// export now being entered (by name, or both being the default).
-    fn base_allocation_for(&self, volume_name: &str, requested: &str) -> Option<u32> {
+    fn meta_for(&self, volume_name: &str, requested: &str) -> MetaContexts {
         match &self.meta {
-            Some((export, true)) if export == requested || self.catalog.export(export).is_some_and(|v| v.name() == volume_name) => {
-                Some(BASE_ALLOCATION_ID)
-            }
-            _ => None,
+            Some((export, meta)) if export == requested || self.catalog.export(export).is_some_and(|v| v.name() == volume_name) => meta.clone(),
+            _ => MetaContexts::default(),
         }
     }
 }

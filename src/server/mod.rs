@@ -11,6 +11,7 @@ mod connection;
 mod execute;
 pub mod handshake;
 mod listener;
+pub mod meta;
 mod pool;
 mod sink;
 mod stream;
