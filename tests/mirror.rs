@@ -160,6 +160,16 @@ fn split_and_merge_copy_only_what_changed_in_both_directions() {
         qemu_io(&server.uri("vb"), &[format!("write -P {theirs} 40M 4k")]);
         assert_eq!(read_at(&server.path("b.img"), 40 * MIB, 4096), vec![theirs; 4096]);
         assert_ne!(read_at(&server.path("a.img"), 40 * MIB, 4096), vec![theirs; 4096]);
+        // Backup tools see exactly the changed regions (1 MiB) on each side.
+        let map = |name: &str| {
+            require("nbdinfo", "libnbd-bin");
+            let out = run_ok(Command::new("nbdinfo").env("PATH", debian_path()).args(["--map=qemu:dirty-bitmap:split-vb", &server.uri(name)]));
+            out.lines().map(|l| l.split_whitespace().take(3).map(|w| w.parse::<u64>().unwrap()).collect::<Vec<_>>()).collect::<Vec<_>>()
+        };
+        assert_eq!(map("v"), vec![vec![0, 4 * MIB, 0], vec![4 * MIB, MIB, 1], vec![5 * MIB, 59 * MIB, 0]]);
+        assert_eq!(map("vb"), vec![vec![0, 40 * MIB, 0], vec![40 * MIB, MIB, 1], vec![41 * MIB, 23 * MIB, 0]]);
+        let list = run_ok(Command::new("nbdinfo").env("PATH", debian_path()).args(["--list", &server.uri("")]));
+        assert_eq!(list.matches("qemu:dirty-bitmap:split-vb").count(), 2, "listed on both volumes:\n{list}");
         let changed = |name: &str| mirror(&server, name)["trackers"][0]["changed_bytes"].as_u64().unwrap();
         assert_eq!((changed("v"), changed("vb")), (MIB, MIB), "one 1 MiB region changed on each side");
         // In-use guard: a client of the split copy blocks the merge.
