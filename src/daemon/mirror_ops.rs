@@ -4,7 +4,7 @@ use super::assemble::store_uses;
 use super::mirror_error::MirrorError;
 use super::{Daemon, DaemonError};
 use crate::api::{LegStatus, MirrorStatus, TrackerStatus};
-use crate::map::{rewrite, Leg, Range, TargetSpec};
+use crate::map::{add_leg, drop_leg, Range};
 use crate::pool::placement;
 use crate::sync::lock;
 use crate::volume::{LegCondition, LegEvent, Volume};
@@ -71,26 +71,9 @@ impl Daemon {
             return Err(MirrorError::AlreadyLeg { volume: name, leg: req.to, state: leg.condition().as_str(), hint }.into());
         }
         let dest_offset = self.place_on(&req.to, req.to_offset, range.len(), block)?;
-        let (to, region) = (req.to.clone(), red.region());
-        let not = |index: usize, what: &str| MirrorError::NotMirrorable { volume: name.clone(), index, what: what.into() };
-        let table = volume.table();
-        let mut bad: Option<MirrorError> = None;
-        let extents = rewrite(table.extents(), range, |part| {
-            let index = table.find(part.start).unwrap_or(0);
-            let new = Leg { store: to.clone(), offset: dest_offset + (part.start - range.start) };
-            let legs = match &part.target {
-                TargetSpec::Linear { store, offset } => vec![Leg { store: store.clone(), offset: *offset }, new],
-                TargetSpec::Mirror { legs, .. } => legs.iter().cloned().chain([new]).collect(),
-                TargetSpec::Zero => return Err(crate::map::MapError::Layout { index, reason: bad_extent(&mut bad, not(index, "a zero extent: it has no data to mirror")) }),
-                TargetSpec::Stripe { .. } => return Err(crate::map::MapError::Layout { index, reason: bad_extent(&mut bad, not(index, "a stripe: mirroring a stripe is not supported")) }),
-            };
-            Ok(TargetSpec::Mirror { legs, region })
-        });
-        let extents = match (extents, bad) {
-            (_, Some(e)) => return Err(e.into()),
-            (Err(source), None) => return Err(MirrorError::Table { volume: name, source }.into()),
-            (Ok(x), None) => x,
-        };
+        let to = req.to.clone();
+        let extents = add_leg(volume.table().extents(), range, &to, dest_offset, red.region())
+            .map_err(|source| MirrorError::Table { volume: name.clone(), source })?;
         red.add_resyncing_leg(&to, std::iter::once(red.regions_of(range.start, range.len())))
             .map_err(|source| MirrorError::State { volume: name.clone(), source })?;
         if let Err(e) = self.swap_extents(&volume, extents, &format!("mirror add {to}")) {
@@ -130,7 +113,7 @@ impl Daemon {
             }
         }
         self.mirrors.stop_job(name, leg);
-        let extents = super::pairs::drop_leg(table.extents(), leg).map_err(|source| MirrorError::Table { volume: name.into(), source })?;
+        let extents = drop_leg(table.extents(), Range::new(0, table.size()), leg).map_err(|source| MirrorError::Table { volume: name.into(), source })?;
         self.swap_extents(volume, extents, reason)?;
         red.remove_leg(leg).map_err(|source| MirrorError::State { volume: name.into(), source })?;
         tracing::info!(volume = name, leg, "mirror leg removed");
@@ -244,12 +227,4 @@ impl Daemon {
             Err(e) => tracing::error!(volume = event.volume, leg = event.leg, error = %e, "adding a spare failed; running degraded"),
         }
     }
-}
-
-/// Records the first typed error raised inside a `rewrite` closure, and
-/// returns its message for the map error the closure must return.
-fn bad_extent(slot: &mut Option<MirrorError>, e: MirrorError) -> String {
-    let msg = e.to_string();
-    slot.get_or_insert(e);
-    msg
 }

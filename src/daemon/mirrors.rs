@@ -127,7 +127,11 @@ impl Daemon {
         let mut commit = GenerationCommit::new(&self.state, name, config_extents, reason)
             .before_commit(|| while_held().map_err(|source| CommitError::Sync { what: "mirror state", source }));
         let swap = lock(&self.swap).clone();
-        Ok(volume.swap(translation, &swap, &mut commit)?)
+        let report = volume.swap(translation, &swap, &mut commit)?;
+        if let Err(e) = old.redundancy().retain_legs(&volume.table()) {
+            tracing::warn!(volume = name, error = %e, "forgetting dropped legs' state failed");
+        }
+        Ok(report)
     }
 }
 

@@ -13,7 +13,7 @@ use super::assemble::{open_redundancy, redundancy_dir};
 use super::mirror_error::MirrorError;
 use super::{Daemon, DaemonError};
 use crate::api::{GenerationRecord, MergeKeep, PairReport};
-use crate::map::{rewrite, Extent, Leg, MappingTable, Range, TargetSpec};
+use crate::map::{drop_leg, rewrite, Extent, Leg, MappingTable, Range, TargetSpec};
 use crate::backend::Backend;
 use crate::persist::StateDir;
 use crate::sync::lock;
@@ -117,18 +117,25 @@ impl Daemon {
         new_volume.translation().redundancy().add_tracker(&tracker).map_err(state_err)?;
         self.state.commit(&GenerationRecord::new(as_name, &new_table, &[], &format!("split from {name}"))).map_err(|e| DaemonError::io("persisting the split volume", e))?;
         self.state.write_json(&split_path(as_name), &rec).map_err(|e| DaemonError::io("persisting the split record", e))?;
-        let without = drop_leg(&table.extents().to_vec(), leg).map_err(|source| MirrorError::Table { volume: name.into(), source })?;
+        let without = drop_leg(table.extents(), Range::new(0, table.size()), leg).map_err(|source| MirrorError::Table { volume: name.into(), source })?;
         self.mirrors.stop_job(name, leg);
-        let report = match self.swap_extents(&volume, without, &format!("split {leg} as {as_name}")) {
+        // Marked split while the volume is held (nothing in flight), so the
+        // leg's state stays listed (as split) after the swap drops it.
+        let why = format!("split off as volume '{as_name}'");
+        let swapped = self.swap_extents_then(&volume, without, &format!("split {leg} as {as_name}"), || {
+            state.set_condition(LegCondition::Split, Some(why.clone()));
+            red.save_legs()
+        });
+        let report = match swapped {
             Ok(r) => r,
             Err(e) => {
+                state.set_condition(LegCondition::InSync, None);
+                let _ = red.save_legs();
                 let _ = std::fs::remove_file(self.state.root().join(split_path(as_name)));
                 let _ = red.remove_tracker(&tracker);
                 return Err(e);
             }
         };
-        state.set_condition(LegCondition::Split, Some(format!("split off as volume '{as_name}'")));
-        red.save_legs().map_err(state_err)?;
         self.publish(Some(new_volume), None);
         tracing::info!(volume = name, leg, split = as_name, "mirror leg split off as a volume of its own");
         Ok(PairReport { volume: name.into(), split_volume: as_name.into(), leg: leg.into(), generation: report.generation, resync_bytes: 0, disconnected: 0 })
@@ -184,7 +191,6 @@ impl Daemon {
         .map_err(|source| MirrorError::Table { volume: into.into(), source })?;
         let state_err = |source| MirrorError::State { volume: into.into(), source };
         let leg = red.add_resyncing_leg(&rec.leg, changed.iter().cloned()).map_err(state_err)?;
-        let others: Vec<_> = red.legs().into_iter().filter(|l| l.store() != rec.leg && l.writable()).collect();
         if keep == MergeKeep::Secondary {
             // The split copy wins: it is whole; the others lack the changes.
             leg.stale().clear_all();
@@ -196,6 +202,9 @@ impl Daemon {
             // Marked while the volume is held, so no read meanwhile finds
             // every copy of a changed region stale.
             self.swap_extents_then(&volume, extents, &reason, || {
+                // The other legs as the new table opened them (a volume left
+                // linear by the split has its leg state made anew).
+                let others: Vec<_> = red.legs().into_iter().filter(|l| l.store() != rec.leg && l.writable()).collect();
                 for other in &others {
                     for rs in &changed {
                         other.stale().set_volatile(rs.clone());
@@ -267,25 +276,6 @@ pub(super) fn add_split_volumes(
         volumes.insert(rec.name.clone(), build_split_volume(state, &rec, table, stores)?);
     }
     Ok(())
-}
-
-/// `extents` with leg `leg` dropped (a mirror left with one leg becomes
-/// linear).
-pub(super) fn drop_leg(extents: &[Extent], leg: &str) -> Result<Vec<Extent>, crate::map::MapError> {
-    let size = extents.last().map_or(0, Extent::end);
-    rewrite(extents, Range::new(0, size), |part| {
-        Ok(match &part.target {
-            TargetSpec::Mirror { legs, region } if legs.iter().any(|l| l.store == leg) => {
-                let kept: Vec<Leg> = legs.iter().filter(|l| l.store != leg).cloned().collect();
-                match kept.as_slice() {
-                    [] => return Err(crate::map::MapError::Layout { index: 0, reason: format!("'{leg}' is the only leg") }),
-                    [one] => TargetSpec::Linear { store: one.store.clone(), offset: one.offset },
-                    _ => TargetSpec::Mirror { legs: kept, region: *region },
-                }
-            }
-            other => other.clone(),
-        })
-    })
 }
 
 /// The set regions of `bits`, as runs of region numbers.

@@ -9,7 +9,7 @@ mod target;
 mod validate;
 
 pub use diff::*;
-pub use remap::{remap, rewrite};
+pub use remap::{add_leg, drop_leg, remap, rewrite};
 pub use table::*;
 pub use target::{stripe_place, Leg, TargetSpec, CHUNK_MIN, DEFAULT_REGION, REGION_MAX, REGION_MIN};
 pub use validate::*;

@@ -2,7 +2,7 @@
 //! cutover), or rewriting the targets inside a range (adding or dropping
 //! mirror legs).
 
-use super::{Extent, MapError, Range, TargetSpec};
+use super::{Extent, Leg, MapError, Range, TargetSpec};
 
 /// `extents` with `range` re-pointed at `target`; extents partly inside the
 /// range are split. Adjacent extents that continue each other's mapping
@@ -38,6 +38,51 @@ pub fn rewrite(extents: &[Extent], range: Range, mut f: impl FnMut(&Extent) -> R
     Ok(out)
 }
 
+/// `extents` with a leg on `store` added to every extent inside `range`
+/// (`store` from `offset` at `range.start`): a linear extent becomes a
+/// two-leg mirror of `region`, a mirror gains a leg. Zero and stripe
+/// extents cannot be mirrored.
+pub fn add_leg(extents: &[Extent], range: Range, store: &str, offset: u64, region: u64) -> Result<Vec<Extent>, MapError> {
+    let index_of = |start: u64| extents.partition_point(|e| e.end() <= start);
+    rewrite(extents, range, |part| {
+        let new = Leg { store: store.into(), offset: offset + (part.start - range.start) };
+        let refuse = |reason: &str| MapError::Layout { index: index_of(part.start), reason: reason.into() };
+        let legs = match &part.target {
+            TargetSpec::Linear { .. } | TargetSpec::Mirror { .. } if part.target.store_ranges(1).iter().any(|(x, _)| *x == store) => {
+                return Err(refuse(&format!("already on store '{store}'")));
+            }
+            TargetSpec::Linear { store, offset } => vec![Leg { store: store.clone(), offset: *offset }, new],
+            TargetSpec::Mirror { legs, .. } => legs.iter().cloned().chain([new]).collect(),
+            TargetSpec::Zero => return Err(refuse("a zero extent: it has no data to mirror")),
+            TargetSpec::Stripe { .. } => return Err(refuse("a stripe: mirroring a stripe is not supported")),
+        };
+        let region = match &part.target {
+            TargetSpec::Mirror { region, .. } => *region,
+            _ => region,
+        };
+        Ok(TargetSpec::Mirror { legs, region })
+    })
+}
+
+/// `extents` with the leg on `store` dropped from every mirror inside
+/// `range` (a mirror left with one leg becomes linear on it).
+pub fn drop_leg(extents: &[Extent], range: Range, store: &str) -> Result<Vec<Extent>, MapError> {
+    let index_of = |start: u64| extents.partition_point(|e| e.end() <= start);
+    rewrite(extents, range, |part| {
+        Ok(match &part.target {
+            TargetSpec::Mirror { legs, region } if legs.iter().any(|l| l.store == store) => {
+                let kept: Vec<Leg> = legs.iter().filter(|l| l.store != store).cloned().collect();
+                match kept.as_slice() {
+                    [] => return Err(MapError::Layout { index: index_of(part.start), reason: format!("'{store}' is the only leg") }),
+                    [one] => TargetSpec::Linear { store: one.store.clone(), offset: one.offset },
+                    _ => TargetSpec::Mirror { legs: kept, region: *region },
+                }
+            }
+            other => other.clone(),
+        })
+    })
+}
+
 fn uncuttable(index: usize, e: &Extent, at: u64) -> MapError {
     let row = match &e.target {
         TargetSpec::Stripe { members, chunk } => chunk * members.len() as u64,
@@ -67,6 +112,22 @@ mod tests {
 
     fn ext(start: u64, length: u64, store: &str, offset: u64) -> Extent {
         Extent { start, length, target: TargetSpec::Linear { store: store.into(), offset } }
+    }
+
+    #[test]
+    fn legs_are_added_and_dropped_inside_a_range() {
+        let old = vec![ext(0, 100, "a", 0), ext(100, 100, "b", 50)];
+        let m = add_leg(&old, Range::new(50, 100), "d", 1000, 4096).unwrap();
+        let leg = |s: &str, o: u64| Leg { store: s.into(), offset: o };
+        assert_eq!(m[1], Extent { start: 50, length: 50, target: TargetSpec::Mirror { legs: vec![leg("a", 50), leg("d", 1000)], region: 4096 } });
+        assert_eq!(m[2], Extent { start: 100, length: 50, target: TargetSpec::Mirror { legs: vec![leg("b", 50), leg("d", 1050)], region: 4096 } });
+        assert!(add_leg(&m, Range::new(50, 10), "d", 0, 4096).unwrap_err().to_string().contains("already on store 'd'"));
+        let back = drop_leg(&m, Range::new(0, 200), "d").unwrap();
+        assert_eq!(back, old, "dropping the leg merges the linear pieces back");
+        let moved = drop_leg(&m, Range::new(0, 200), "a").unwrap();
+        assert_eq!(moved[1], ext(50, 50, "d", 1000));
+        let zero = vec![Extent { start: 0, length: 10, target: TargetSpec::Zero }];
+        assert!(add_leg(&zero, Range::new(0, 10), "d", 0, 4096).is_err());
     }
 
     #[test]

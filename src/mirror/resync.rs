@@ -162,6 +162,7 @@ impl ResyncJob {
                         let n = (len - off).min(COPY_IO) as usize;
                         src.read_at(&mut buf[..n], at + off).map_err(src_err)?;
                         dest.write_at(&buf[..n], to + done + off, false).map_err(CopyError::Dest)?;
+                        leg.data.fetch_add(n as u64, Ordering::Relaxed);
                         off += n as u64;
                     }
                 }

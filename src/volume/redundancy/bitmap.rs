@@ -19,7 +19,7 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Mutex, MutexGuard};
 
 #[derive(Debug)]
@@ -29,6 +29,8 @@ pub struct RegionBitmap {
     file: Option<(PathBuf, File)>,
     /// Serialises writers of the file, and clearing against durable sets.
     writer: Mutex<()>,
+    /// Set bits at the last [`sync`](Self::sync) (what a crash keeps).
+    synced: AtomicUsize,
 }
 
 fn words_for(regions: usize) -> usize {
@@ -37,7 +39,7 @@ fn words_for(regions: usize) -> usize {
 
 impl RegionBitmap {
     pub fn in_memory(regions: usize) -> RegionBitmap {
-        RegionBitmap { words: (0..words_for(regions)).map(|_| AtomicU64::new(0)).collect(), regions, file: None, writer: Mutex::new(()) }
+        RegionBitmap { words: (0..words_for(regions)).map(|_| AtomicU64::new(0)).collect(), regions, file: None, writer: Mutex::new(()), synced: AtomicUsize::new(0) }
     }
 
     /// Opens (or creates, all clear) the bitmap at `path`. A file of the
@@ -62,8 +64,9 @@ impl RegionBitmap {
             .chunks(8)
             .map(|c| AtomicU64::new(if all { u64::MAX } else { u64::from_le_bytes(c.try_into().expect("8 bytes")) }))
             .collect();
-        let bitmap = RegionBitmap { words, regions, file: Some((path.to_path_buf(), file)), writer: Mutex::new(()) };
+        let bitmap = RegionBitmap { words, regions, file: Some((path.to_path_buf(), file)), writer: Mutex::new(()), synced: AtomicUsize::new(0) };
         bitmap.mask_tail();
+        bitmap.synced.store(bitmap.count(), SeqCst);
         if !existed || all {
             bitmap.write_words(0..n)?;
             bitmap.file_sync()?;
@@ -186,8 +189,16 @@ impl RegionBitmap {
     /// Writes the whole bitmap and waits until it is on disk.
     pub fn sync(&self) -> io::Result<()> {
         let _w = lock(&self.writer);
+        let count = self.count();
         self.write_words(0..self.words.len())?;
-        self.file_sync()
+        self.file_sync()?;
+        self.synced.store(count, SeqCst);
+        Ok(())
+    }
+
+    /// Set bits as of the last sync (or open).
+    pub fn synced_count(&self) -> usize {
+        self.synced.load(SeqCst)
     }
 
     pub fn count(&self) -> usize {

@@ -65,8 +65,10 @@ pub struct LegState {
     /// The open store, once a target used it (to tell failed stores apart
     /// when flushing).
     backend: Mutex<Option<Arc<dyn Backend>>>,
-    /// Bytes copied to this leg by resync since it began, and the rate.
+    /// Bytes of regions resync brought to this leg since the daemon
+    /// started (holes included), of data it actually copied, and the rate.
     pub copied: AtomicU64,
+    pub data: AtomicU64,
     pub rate: AtomicU64,
 }
 
@@ -80,6 +82,7 @@ impl LegState {
             reads: AtomicU32::new(0),
             backend: Mutex::new(None),
             copied: AtomicU64::new(0),
+            data: AtomicU64::new(0),
             rate: AtomicU64::new(0),
         }
     }

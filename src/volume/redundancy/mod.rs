@@ -182,6 +182,18 @@ impl Redundancy {
         self.save_legs()
     }
 
+    /// Forgets the legs `table` no longer has (split legs stay listed
+    /// until merged): after a swap that dropped them.
+    pub fn retain_legs(&self, table: &crate::map::MappingTable) -> io::Result<()> {
+        let in_table = |store: &str| table.extents().iter().any(|e| e.target.legs().is_some_and(|l| l.iter().any(|l| l.store == store)));
+        let gone: Vec<String> =
+            self.legs().iter().filter(|l| l.condition() != LegCondition::Split && !in_table(l.store())).map(|l| l.store().to_string()).collect();
+        for store in gone {
+            self.remove_leg(&store)?;
+        }
+        Ok(())
+    }
+
     /// Persists every leg's condition (atomically).
     pub fn save_legs(&self) -> io::Result<()> {
         let Some(dir) = &self.dir else { return Ok(()) };
