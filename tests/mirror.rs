@@ -90,7 +90,9 @@ fn a_leg_added_live_resyncs_and_takes_every_later_write() {
     let mut server = server;
     assert!(server.stop().success());
     respawn(&mut server);
-    assert_eq!(mirror(&server, "v")["pair"], "duplex");
+    let m = mirror(&server, "v");
+    assert_eq!(m["pair"], "duplex", "{m}");
+    assert_eq!(m["recovered_regions"], 0, "a clean stop leaves nothing to resync: {m}");
     // Dropping a leg returns to a linear volume on the other.
     cli_ok(&server, &["mirror", "remove", "v", "--leg", "a"]);
     let st = vol(&server, "v");

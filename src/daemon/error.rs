@@ -108,7 +108,7 @@ impl DaemonError {
             },
             Migration(e) => match e.kind() {
                 MigrateErrorKind::NotFound => ErrorKind::NotFound,
-                // Attaching write forwarding or the cutover did not drain.
+                // A migration's swap (leg added, cutover) did not drain.
                 MigrateErrorKind::Busy => ErrorKind::SwapFailed,
                 MigrateErrorKind::Invalid => ErrorKind::Invalid,
                 MigrateErrorKind::Io => ErrorKind::Io,

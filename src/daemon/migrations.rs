@@ -58,8 +58,7 @@ pub fn resume_all(state: &StateDir, catalog: &Catalog, swap: &SwapOptions) -> Re
         let name = cp.spec.volume.clone();
         let entry = match (cp.state, catalog.volumes.get(&name)) {
             (MigrationState::Running, Some(volume)) => {
-                let chunks = cp.spec.range.len().div_ceil(cp.spec.chunk) as usize;
-                let resumed = MigrationJob::new(cp.spec.clone(), volume.clone(), catalog.stores.clone(), state.clone(), swap.clone(), &cp.copied(chunks), cp.started_at)
+                let resumed = MigrationJob::new(cp.spec.clone(), volume.clone(), catalog.stores.clone(), state.clone(), swap.clone(), cp.copied_bytes, cp.started_at)
                     .and_then(|job| job.start().map(|()| job));
                 match resumed {
                     Ok(job) => {
@@ -142,7 +141,7 @@ impl Daemon {
             discard_source: req.discard_source,
         };
         let swap = lock(&self.swap).clone();
-        let job = MigrationJob::new(spec, volume, catalog.stores.clone(), self.state.clone(), swap, &[], now_secs())?;
+        let job = MigrationJob::new(spec, volume, catalog.stores.clone(), self.state.clone(), swap, 0, now_secs())?;
         job.start()?;
         let status = job.status();
         lock(&self.migrations).insert(name, JobEntry::Live(job));

@@ -215,6 +215,12 @@ impl Daemon {
     /// The failure policy: with `on_leg_failure = "spare"` (the default), a
     /// spare backend joins beside the failed leg and resyncs.
     pub(super) fn on_leg_failure(&self, event: &LegEvent) {
+        if self.is_migrating(&event.volume) {
+            // The migration ends (failed) and drops its destination leg; a
+            // spare would be a second copy nobody asked for.
+            tracing::warn!(volume = event.volume, leg = event.leg, "leg failed during a migration; no spare is added");
+            return;
+        }
         if !self.spare_policy(&event.volume) {
             tracing::warn!(volume = event.volume, leg = event.leg, "leg failed; on_leg_failure = \"degrade\": running degraded");
             return;

@@ -62,9 +62,12 @@ impl Daemon {
     /// Resumes every resync left unfinished (restart, crash recovery) and
     /// starts the supervisor thread.
     pub(super) fn start_mirrors(self: &Arc<Self>) {
+        // A migration's destination leg is resynced by its job.
+        let migrating = self.running_migrations();
         for volume in self.catalog().volumes.values() {
             for leg in volume.translation().redundancy().legs() {
-                if leg.condition() == LegCondition::Resyncing {
+                let owned = migrating.iter().any(|m| m.volume == volume.name() && m.dest == leg.store());
+                if leg.condition() == LegCondition::Resyncing && !owned {
                     self.start_resync(volume, leg.store(), None);
                 }
             }

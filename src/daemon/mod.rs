@@ -136,7 +136,15 @@ impl Daemon {
         for job in live {
             job.suspend();
         }
-        lock(&self.server).shutdown()
+        lock(&self.server).shutdown()?;
+        // Nothing is in flight any more: a clean stop leaves no region in
+        // doubt, so the next start resyncs nothing.
+        for volume in self.catalog().volumes.values() {
+            if let Err(e) = volume.translation().redundancy().close_clean() {
+                tracing::warn!(volume = volume.name(), error = %e, "write-intent log not cleared: the next start resyncs the regions it marks");
+            }
+        }
+        Ok(())
     }
 
     fn volume(&self, name: &str) -> Result<Arc<Volume>, DaemonError> {

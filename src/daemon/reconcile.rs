@@ -76,8 +76,37 @@ pub fn startup_tables(config: &Config, state: &StateDir) -> Result<(Vec<MappingT
             }
             (Err(e), _) => return Err(e),
         };
+        let table = match without_missing_legs(&table, |s| config.backends.iter().any(|b| b.spec.name == s)) {
+            Some(kept) => {
+                tracing::warn!(volume = %v.name, "mirror legs on backends no longer configured are dropped (the other legs have the data)");
+                let base = pending.iter().find(|r| r.volume == v.name).map_or_else(|| rec.as_ref().map(|r| r.config_extents.clone()), |r| Some(r.config_extents.clone()));
+                pending.retain(|r| r.volume != v.name);
+                pending.push(GenerationRecord::new(&v.name, &kept, &base.unwrap_or_else(|| v.extents.clone()), "legs on removed backends dropped"));
+                kept
+            }
+            None => table,
+        };
         tables.push(table);
     }
     config.validate_tables(&tables)?;
     Ok((tables, pending))
+}
+
+/// `table` with the mirror legs on stores `known` does not know dropped,
+/// as the next generation; `None` if it has none. A mirror's last leg is
+/// kept (the config check then names the missing backend).
+fn without_missing_legs(table: &MappingTable, known: impl Fn(&str) -> bool) -> Option<MappingTable> {
+    let mut extents = table.extents().to_vec();
+    let missing: Vec<String> =
+        extents.iter().filter_map(|e| e.target.legs()).flatten().filter(|l| !known(&l.store)).map(|l| l.store.clone()).collect();
+    for store in &missing {
+        let whole = crate::map::Range::new(0, table.size());
+        if let Ok(kept) = crate::map::drop_leg(&extents, whole, store) {
+            extents = kept;
+        }
+    }
+    if missing.is_empty() {
+        return None;
+    }
+    MappingTable::new(table.generation() + 1, extents).ok()
 }

@@ -22,6 +22,9 @@ impl Daemon {
     /// if no spare fits.
     pub(super) fn replace_with_spare(&self, volume: &Arc<Volume>, failed: &str) -> Result<Option<String>, DaemonError> {
         let table = volume.table();
+        if !table.extents().iter().any(|e| e.target.legs().is_some_and(|l| l.iter().any(|l| l.store == failed))) {
+            return Ok(None); // dropped meanwhile (mirror remove, a migration's end)
+        }
         // Store ranges the spare must hold: the failed leg's, same offsets.
         let needed = table
             .extents()

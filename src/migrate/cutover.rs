@@ -1,73 +1,119 @@
-//! Installing write forwarding and the final cutover, both through the
-//! volume's swap phases.
+//! The three table changes of a migration, each a pause–drain–swap
+//! persisted as a generation: adding the destination leg, dropping it
+//! again (abort, failure), and the cutover onto the destination alone.
 
 use super::{MigrateError, MigrationJob};
-use crate::map::{remap, MappingTable, Range, TargetSpec};
+use crate::map::{add_leg, drop_leg, remap, Extent, MappingTable, Range, TargetSpec};
 use crate::persist::GenerationCommit;
-use crate::volume::{CommitError, SwapError, Translation, Unpersisted, WriteForward};
-use std::sync::Arc;
+use crate::volume::{CommitError, SwapOptions, SwapReport, Translation};
+use std::sync::atomic::Ordering;
 
 impl MigrationJob {
-    /// Attaches (`Some`) or detaches (`None`) write forwarding: a staged
-    /// change of the same generation, paused and drained like any swap,
-    /// with nothing to persist.
-    pub(super) fn set_forwarding(&self, forward: Option<Arc<WriteForward>>) -> Result<(), SwapError> {
-        let staged = self.volume.stage_forwarding(forward);
-        let paused = staged.pause(self.swap.pause_timeout).map_err(|timed_out| timed_out.error)?;
-        paused.commit(&mut Unpersisted).map(drop)
+    /// Whether every extent of the range has the destination as a leg.
+    fn has_leg(&self) -> bool {
+        let t = self.volume.translation();
+        let r = self.spec.range;
+        t.table().pieces(r.start, r.len()).all(|p| t.table().extents()[p.extent].target.legs().is_some_and(|l| l.iter().any(|l| l.store == self.spec.dest)))
     }
 
-    /// Detaches disabled forwarding. A disabled forwarding passes writes to
-    /// the source only, so leaving it attached is safe; this is tidiness.
-    pub(super) fn detach_forwarding(&self) {
-        if let Err(e) = self.set_forwarding(None) {
-            tracing::warn!(volume = %self.spec.volume, error = %e, "could not detach the disabled write forwarding");
-        }
+    /// Whether the range already is on the destination alone (a crash
+    /// after the cutover's commit, before the job's record said so).
+    pub(super) fn cut_over(&self) -> bool {
+        let t = self.volume.translation();
+        let r = self.spec.range;
+        t.table().pieces(r.start, r.len()).all(|p| {
+            let at = Range::new(self.spec.dest_offset + (p.volume_offset - r.start), p.length);
+            t.table().extents()[p.extent].target.locate(p.extent_offset, p.length) == [(self.spec.dest.as_str(), at)]
+        })
     }
 
-    /// Pause–drain–swap of the range onto the destination; returns the
-    /// generation in force afterwards.
-    pub(super) fn cutover(&self) -> Result<u64, MigrateError> {
+    /// Swaps the volume onto `extents`, persisted with `reason`; `check`
+    /// runs while held, before the commit.
+    /// Only the cutover carries the crash injection of `self.swap`.
+    fn swap_to(&self, extents: Vec<Extent>, reason: &str, cutover: bool, mut check: impl FnMut() -> Result<(), CommitError>) -> Result<SwapReport, MigrateError> {
         let old = self.volume.translation();
-        let (dest, range) = (&self.spec.dest, self.spec.range);
-        // Resumed after a crash between the cutover's commit and the final
-        // checkpoint: the range already is on the destination.
-        let done = old.table().pieces(range.start, range.len()).all(|p| {
-            let at = Range::new(self.forward.dest_offset_of(p.volume_offset), p.length);
-            old.table().extents()[p.extent].target.locate(p.extent_offset, p.length) == [(dest.as_str(), at)]
-        });
-        if done {
-            self.set_forwarding(None).map_err(MigrateError::Forwarding)?;
-            return Ok(old.table().generation());
-        }
-        let onto = TargetSpec::Linear { store: dest.clone(), offset: self.spec.dest_offset };
-        let table = MappingTable::new(old.table().generation() + 1, remap(old.table().extents(), range, &onto)?)?;
+        let table = MappingTable::new(old.table().generation() + 1, extents)?;
         let translation = Translation::open(table, &self.stores, old.redundancy())?;
         let record = self.state_dir.load(&self.spec.volume)?;
         let config_extents = record.map(|r| r.config_extents).unwrap_or_else(|| old.table().extents().to_vec());
-        let forward = self.forward.clone();
-        let mut commit = GenerationCommit::new(&self.state_dir, &self.spec.volume, config_extents, &format!("migration to {dest}"))
-            .before_commit(move || {
-                // Paused and drained: forwarding disabled by now (abort,
-                // destination error) may have let writes reach the source only.
-                if forward.is_disabled() {
-                    return Err(CommitError::Refused(forward.error().unwrap_or_else(|| "aborted".into())));
-                }
-                // Only writes forwarded since the last checkpoint are left to sync.
-                forward.dest().flush().map_err(|source| CommitError::Sync { what: "destination", source })
-            });
-        let report = self.volume.swap(translation, &self.swap, &mut commit).map_err(MigrateError::Cutover)?;
+        let mut commit = GenerationCommit::new(&self.state_dir, &self.spec.volume, config_extents, reason).before_commit(move || check());
+        let options = SwapOptions { crash_at: if cutover { self.swap.crash_at } else { None }, ..self.swap.clone() };
+        let report = self.volume.swap(translation, &options, &mut commit).map_err(MigrateError::Cutover)?;
+        if let Err(e) = old.redundancy().retain_legs(&self.volume.table()) {
+            tracing::warn!(volume = %self.spec.volume, error = %e, "forgetting dropped legs' state failed");
+        }
+        Ok(report)
+    }
+
+    /// Adds the destination as a resyncing leg of every extent in the
+    /// range, unless a resumed job's table has it (or is cut over) already.
+    pub(super) fn add_leg(&self) -> Result<(), MigrateError> {
+        if self.has_leg() || self.cut_over() {
+            return Ok(());
+        }
+        let red = self.volume.translation().redundancy().clone();
+        let (dest, r) = (&self.spec.dest, self.spec.range);
+        let extents = add_leg(self.volume.table().extents(), r, dest, self.spec.dest_offset, red.region())?;
+        red.add_resyncing_leg(dest, std::iter::once(red.regions_of(r.start, r.len()))).map_err(MigrateError::Progress)?;
+        if let Err(e) = self.swap_to(extents, &format!("migration to {dest}: copying"), false, || Ok(())) {
+            let _ = red.remove_leg(dest);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Drops the destination leg again: the source, which took every
+    /// write, is the mapping. Best effort (logged): a failed drop leaves
+    /// a mirror that still answers correctly.
+    pub(super) fn drop_leg(&self, why: &str) {
+        if let Some(job) = crate::sync::lock(&self.resync).take() {
+            job.stop();
+        }
+        if !self.has_leg() {
+            return;
+        }
+        let r = self.volume.table();
+        let dropped = drop_leg(r.extents(), self.spec.range, &self.spec.dest)
+            .map_err(MigrateError::from)
+            .and_then(|extents| self.swap_to(extents, why, false, || Ok(())));
+        if let Err(e) = dropped {
+            tracing::error!(volume = %self.spec.volume, error = %e, "could not drop the destination leg; it stays a mirror leg");
+        }
+    }
+
+    /// Pause–drain–swap of the range onto the destination alone, after a
+    /// final flush of it; returns the generation in force afterwards.
+    pub(super) fn cutover(&self) -> Result<u64, MigrateError> {
+        if self.cut_over() {
+            return Ok(self.volume.generation());
+        }
+        let old = self.volume.translation();
+        let (dest, range) = (&self.spec.dest, self.spec.range);
+        let onto = TargetSpec::Linear { store: dest.clone(), offset: self.spec.dest_offset };
+        let extents = remap(old.table().extents(), range, &onto)?;
+        let store = self.stores.get(dest).cloned().ok_or_else(|| MigrateError::UnknownStore(dest.clone()))?;
+        let abort = &self.abort;
+        let report = self.swap_to(extents, &format!("migration to {dest}"), true, || {
+            // Held and drained: an abort now keeps the source.
+            if abort.load(Ordering::SeqCst) {
+                return Err(CommitError::Refused("aborted".into()));
+            }
+            store.flush().map_err(|source| CommitError::Sync { what: "destination", source })
+        })?;
         if self.spec.discard_source {
-            // Not through `old`: it forwards, which would zero the
-            // destination too. The old table's own targets trim the source.
-            match Translation::new(old.table().clone(), &self.stores) {
-                Ok(source) => {
-                    for piece in old.table().pieces(range.start, range.len()) {
-                        if let Err(e) = source.trim(&piece, false) {
-                            tracing::warn!(volume = %self.spec.volume, error = %e, "discarding the source range failed");
+            // The source alone, as before the migration: trimming through it
+            // leaves the destination alone.
+            match drop_leg(old.table().extents(), range, dest).map_err(MigrateError::from).and_then(|e| Ok(MappingTable::new(0, e)?)) {
+                Ok(table) => match Translation::new(table, &self.stores) {
+                    Ok(source) => {
+                        for piece in source.table().pieces(range.start, range.len()) {
+                            if let Err(e) = source.trim(&piece, false) {
+                                tracing::warn!(volume = %self.spec.volume, error = %e, "discarding the source range failed");
+                            }
                         }
                     }
-                }
+                    Err(e) => tracing::warn!(volume = %self.spec.volume, error = %e, "discarding the source range failed"),
+                },
                 Err(e) => tracing::warn!(volume = %self.spec.volume, error = %e, "discarding the source range failed"),
             }
         }

@@ -1,24 +1,27 @@
-//! Live migration of a volume range onto another store, chunk by chunk,
-//! while the volume is in use (like pvmove / drive-mirror):
+//! Live migration of a volume range onto another store while the volume
+//! is in use (like pvmove / drive-mirror), expressed on the mirror
+//! machinery:
 //!
-//! 1. [`WriteForward`] is attached to the volume through the swap phases
-//!    (stage, pause: drain the range, commit nothing to persist);
-//! 2. a copier thread (`copier.rs`) copies chunk after chunk, only allocated
-//!    data (holes are punched on the destination), rate-limited and at low
-//!    CPU/IO priority; writes to copied chunks are forwarded by the volume
-//!    layer;
-//! 3. every second, the destination is fdatasync'ed and *then* the progress
-//!    table is persisted, so a restart resumes from a checkpoint whose
-//!    chunks really are on the destination;
-//! 4. cutover (`cutover.rs`) is a pause–drain–swap of the range onto the
-//!    destination, after a final fdatasync, persisted as a new generation;
-//! 5. abort or a destination error detaches the forwarding: the mapping
-//!    stays on the source, which always had every write.
+//! 1. `start`: a pause–drain–swap adds a mirror leg on the destination to
+//!    every extent of the range (`map::add_leg`), resyncing; every write
+//!    from then on goes to source and destination before it is answered;
+//! 2. a resync job (`crate::mirror`) copies the regions the leg lacks,
+//!    only allocated data (holes are punched), rate-limited and at low
+//!    priority, flushing the destination before each durable checkpoint of
+//!    its stale map, so a restart resumes where it was;
+//! 3. the job (`watch.rs`) follows the leg: once in sync, the cutover
+//!    (`cutover.rs`) is a pause–drain–swap of the range onto the
+//!    destination alone, after a final flush, persisted as a generation;
+//! 4. abort or a destination error drops the leg again by a swap: the
+//!    source, which had every write, is the mapping.
+//!
+//! The job's own record (`migrations/VOLUME.json`) keeps what `migrate
+//! status` shows and whether the job still runs.
 
 mod checkpoint;
-mod copier;
 mod cutover;
 mod error;
+mod watch;
 
 pub use checkpoint::Checkpoint;
 pub use error::{MigrateError, MigrateErrorKind};
@@ -26,8 +29,9 @@ pub use error::{MigrateError, MigrateErrorKind};
 use crate::api::{MigrationState, MigrationStatus};
 use crate::backend::Backend;
 use crate::map::Range;
+use crate::mirror::ResyncJob;
 use crate::persist::{now_secs, PersistError, StateDir};
-use crate::volume::{ChunkState, SwapOptions, Volume, WriteForward};
+use crate::volume::{SwapOptions, Volume};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -54,10 +58,10 @@ pub const DEFAULT_CHUNK: u64 = 1 << 20;
 /// Default copy rate: 64 MiB/s keeps a migration from crowding out
 /// foreground I/O on ordinary disks; `--rate 0` removes the limit.
 pub const DEFAULT_RATE: u64 = 64 << 20;
-/// Largest single read/write of the copier.
-const COPY_IO: u64 = 1 << 20;
-/// How often progress is made durable.
+/// How often the job's record is saved.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// How often the job looks at its leg.
+const POLL: Duration = Duration::from_millis(50);
 
 /// The status of a job of `spec`, as `migrate status` shows it.
 fn status_of(
@@ -92,7 +96,8 @@ fn status_of(
 pub struct MigrationJob {
     spec: MigrationSpec,
     volume: Arc<Volume>,
-    forward: Arc<WriteForward>,
+    /// The destination leg's resync, once started.
+    resync: Mutex<Option<Arc<ResyncJob>>>,
     stores: HashMap<String, Arc<dyn Backend>>,
     state_dir: StateDir,
     swap: SwapOptions,
@@ -121,24 +126,24 @@ fn checkpoint_path(volume: &str) -> PathBuf {
 }
 
 impl MigrationJob {
-    /// Prepares a job: the write forwarding is built (from `copied`, when
-    /// resuming) but not attached; `start` attaches it and starts copying.
+    /// Prepares a job; `start` adds the destination leg (unless a resumed
+    /// job's table has it already) and starts following it.
     pub fn new(
         spec: MigrationSpec,
         volume: Arc<Volume>,
         stores: HashMap<String, Arc<dyn Backend>>,
         state_dir: StateDir,
         swap: SwapOptions,
-        copied: &[bool],
+        copied_bytes: u64,
         started_at: u64,
     ) -> Result<Arc<MigrationJob>, MigrateError> {
-        let dest = stores.get(&spec.dest).cloned().ok_or_else(|| MigrateError::UnknownStore(spec.dest.clone()))?;
-        let forward = WriteForward::new(spec.range, spec.chunk, dest, spec.dest_offset, copied);
-        let copied_bytes: u64 = (0..forward.chunks()).filter(|i| copied.get(*i).copied().unwrap_or(false)).map(|i| forward.chunk_range(i).len()).sum();
+        if !stores.contains_key(&spec.dest) {
+            return Err(MigrateError::UnknownStore(spec.dest.clone()));
+        }
         Ok(Arc::new(MigrationJob {
             spec,
             volume,
-            forward,
+            resync: Mutex::new(None),
             stores,
             state_dir,
             swap,
@@ -167,11 +172,10 @@ impl MigrationJob {
         lock(&self.status).state == MigrationState::Running
     }
 
-    /// Attaches the write forwarding (draining the range first; a volume
-    /// nobody uses yet drains at once) and starts the copier thread. On
-    /// failure nothing stays attached.
+    /// Adds the destination leg (a pause–drain–swap of the range) and
+    /// starts the thread that follows it. On failure nothing stays.
     pub fn start(self: &Arc<Self>) -> Result<(), MigrateError> {
-        self.set_forwarding(Some(self.forward.clone())).map_err(MigrateError::Forwarding)?;
+        self.add_leg()?;
         let job = self.clone();
         let started = self.save_checkpoint().map_err(MigrateError::Progress).and_then(|()| {
             std::thread::Builder::new()
@@ -182,8 +186,7 @@ impl MigrationJob {
         let handle = match started {
             Ok(handle) => handle,
             Err(e) => {
-                self.forward.disable();
-                self.detach_forwarding();
+                self.drop_leg("the migration could not start");
                 return Err(e);
             }
         };
@@ -194,7 +197,6 @@ impl MigrationJob {
 
     pub fn abort(&self) {
         self.abort.store(true, Ordering::SeqCst);
-        self.forward.disable();
     }
 
     /// Stops copying, keeps the job `running` with a durable checkpoint;
@@ -221,14 +223,16 @@ impl MigrationJob {
         status
     }
 
+    /// The job's record. Its progress is what the destination leg's
+    /// stale map had at its last durable sync, so a restart never shows
+    /// less than a saved record.
     fn checkpoint(&self) -> Checkpoint {
         let s = lock(&self.status);
         Checkpoint::new(
             self.spec.clone(),
             s.state,
             s.reason.clone(),
-            &self.forward.states().iter().map(|c| *c == ChunkState::Copied).collect::<Vec<_>>(),
-            self.copied_bytes.load(Ordering::Relaxed),
+            self.durable_copied_bytes().unwrap_or_else(|| self.copied_bytes.load(Ordering::Relaxed)),
             s.started_at,
             s.finished_at,
             s.generation,
@@ -239,12 +243,6 @@ impl MigrationJob {
         self.checkpoint().save(&self.state_dir)
     }
 
-    /// Destination durable first, then the progress that relies on it.
-    fn durable_checkpoint(&self) -> Result<(), MigrateError> {
-        self.forward.dest().flush().map_err(MigrateError::destination_sync)?;
-        self.save_checkpoint().map_err(MigrateError::Progress)
-    }
-
     fn finish(&self, state: MigrationState, reason: Option<String>) {
         {
             let mut s = lock(&self.status);
@@ -253,8 +251,7 @@ impl MigrationJob {
             s.finished_at = Some(now_secs());
         }
         if state != MigrationState::Completed {
-            self.forward.disable();
-            self.detach_forwarding();
+            self.drop_leg(&format!("migration {}", state.as_str()));
         }
         if let Err(e) = self.save_checkpoint() {
             tracing::error!(volume = %self.spec.volume, error = %e, "persisting the final migration state failed");

@@ -15,7 +15,7 @@ pub enum CommitError {
     #[error("syncing {what}: {source}")]
     Sync { what: &'static str, source: io::Error },
     /// A pre-commit check refused: what the generation depends on is not
-    /// safe (e.g. write forwarding was disabled); the reason says why.
+    /// safe (e.g. the migration was aborted while held); the reason says why.
     #[error("{0}")]
     Refused(String),
 }
@@ -32,8 +32,8 @@ pub trait Commit {
     fn committed(&mut self, _table: &MappingTable) {}
 }
 
-/// For changes that are not a new generation (attaching or detaching write
-/// forwarding): nothing to persist.
+/// For tables nobody needs to find again (tests, tools): nothing to
+/// persist.
 #[derive(Debug, Default)]
 pub struct Unpersisted;
 

@@ -11,7 +11,6 @@
 
 mod catalog;
 mod commit;
-mod forward;
 mod gate;
 mod phases;
 pub mod redundancy;
@@ -21,7 +20,6 @@ mod translation;
 
 pub use catalog::Catalog;
 pub use commit::{Commit, CommitError, Unpersisted};
-pub use forward::{ChunkState, WriteForward};
 pub use gate::{Gate, GateStatus, HoldId, Ticket};
 pub use phases::{DrainTimedOut, Paused, Staged};
 pub use swap::{SwapError, SwapOptions, SwapPhase, SwapReport, UnknownSwapPhase};

@@ -2,8 +2,8 @@
 //! this process can drive them (stage everywhere, pause everywhere, then
 //! commit or abort everywhere):
 //!
-//! - [`Volume::stage`] / [`Volume::stage_forwarding`]: validate the change
-//!   and compute the ranges it affects. Takes the volume's
+//! - [`Volume::stage`]: validate the change and compute the ranges it
+//!   affects. Takes the volume's
 //!   one-transaction-at-a-time lock, kept until the transaction ends.
 //! - [`Staged::prepare`]: the commit's work that may be slow (fsync of a
 //!   temporary file), before anything is held.
@@ -13,7 +13,6 @@
 //!   publish it, or release. Dropping a `Paused` aborts.
 
 use super::commit::{Commit, CommitError};
-use super::forward::WriteForward;
 use super::swap::{SwapError, SwapPhase, SwapReport};
 use super::{HoldId, Translation, Volume};
 use crate::map::{diff, MappingTable, Range};
@@ -65,18 +64,6 @@ impl Volume {
         }
         let ranges = diff(from, to);
         Ok(Staged::new(self, guard, old, Arc::new(new), ranges))
-    }
-
-    /// Stages attaching (`Some`) or detaching (`None`) a migration's write
-    /// forwarding: the same generation, with the forwarded range to drain,
-    /// so no write admitted before the change still runs after it.
-    pub fn stage_forwarding(&self, forward: Option<Arc<WriteForward>>) -> Staged<'_> {
-        let guard = crate::sync::lock(&self.swap_lock);
-        let old = self.translation();
-        let mut ranges: Vec<Range> = forward.iter().chain(old.forward()).map(|f| f.range()).collect();
-        ranges.dedup();
-        let new = Arc::new(old.with_forward(forward));
-        Staged::new(self, guard, old, new, ranges)
     }
 }
 
@@ -183,7 +170,6 @@ impl Paused<'_> {
             hold,
             drain: self.drain,
         };
-        // A new generation is a swap; attaching forwarding is not.
         if report.generation != report.from_generation {
             volume.record(Some(hold), Some(self.drain), None);
             tracing::info!(
@@ -264,19 +250,5 @@ mod tests {
         drop(ticket);
         let paused = timed_out.staged.pause(Duration::from_millis(10)).ok().unwrap();
         assert_eq!(paused.commit(&mut Unpersisted).unwrap().attempts, 2);
-    }
-
-    #[test]
-    fn forwarding_is_a_staged_change_of_the_same_generation() {
-        let stores = stores();
-        let v = volume(&stores);
-        let forward = WriteForward::new(Range::new(4096, 4096), 4096, stores["b"].clone(), 0, &[]);
-        let staged = v.stage_forwarding(Some(forward));
-        assert_eq!(staged.ranges(), &[Range::new(4096, 4096)]);
-        staged.pause(Duration::from_millis(10)).ok().unwrap().commit(&mut Unpersisted).unwrap();
-        assert!(v.translation().forward().is_some());
-        assert_eq!((v.generation(), v.stats().swaps), (1, 0), "not a new generation, not counted as a swap");
-        v.stage_forwarding(None).pause(Duration::from_millis(10)).ok().unwrap().commit(&mut Unpersisted).unwrap();
-        assert!(v.translation().forward().is_none());
     }
 }

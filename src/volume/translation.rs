@@ -1,4 +1,3 @@
-use super::forward::WriteForward;
 use super::redundancy::Redundancy;
 use super::target::{open_target, Target, TargetCtx, TargetError};
 use crate::backend::{Allocation, Backend, ZeroMode};
@@ -15,8 +14,7 @@ pub struct TranslateError {
     pub source: TargetError,
 }
 
-/// One generation of a volume's mapping with its targets opened, and the
-/// write forwarding of a migration in progress, if any.
+/// One generation of a volume's mapping with its targets opened.
 #[derive(Debug, Clone)]
 pub struct Translation {
     table: MappingTable,
@@ -33,7 +31,6 @@ pub struct Translation {
     rotational: bool,
     /// Some store may block for long: never run I/O inline on a reader.
     may_block: bool,
-    forward: Option<Arc<WriteForward>>,
     /// The volume's legs, intent log and change trackers (shared by every
     /// translation of the volume).
     redundancy: Arc<Redundancy>,
@@ -77,23 +74,12 @@ impl Translation {
             min_io,
             rotational,
             may_block,
-            forward: None,
             redundancy: redundancy.clone(),
         })
     }
 
     pub fn redundancy(&self) -> &Arc<Redundancy> {
         &self.redundancy
-    }
-
-    /// The same table with `forward` attached (or detached). Only a staged
-    /// change installs it (see `Volume::stage_forwarding`).
-    pub(super) fn with_forward(&self, forward: Option<Arc<WriteForward>>) -> Translation {
-        Translation { forward, ..self.clone() }
-    }
-
-    pub fn forward(&self) -> Option<&Arc<WriteForward>> {
-        self.forward.as_ref()
     }
 
     pub fn table(&self) -> &MappingTable {
@@ -109,18 +95,17 @@ impl Translation {
         self.rotational
     }
 
-    /// Whether I/O through this table may block for long (see `Backend::may_block`),
-    /// counting a migration destination too.
+    /// Whether I/O through this table may block for long (see `Backend::may_block`).
     pub fn may_block(&self) -> bool {
-        self.may_block || self.forward.as_ref().is_some_and(|f| f.dest().may_block())
+        self.may_block
     }
 
     pub fn stores(&self) -> &[Arc<dyn Backend>] {
         &self.stores
     }
 
-    /// Flushes every store, and a migration's destination: a forwarded
-    /// write is answered only once it is on both, so FLUSH must cover both.
+    /// Flushes every store; mirrors flush their legs themselves, tolerating
+    /// a failed one.
     pub fn flush(&self) -> io::Result<()> {
         for store in &self.strict_stores {
             store.flush()?;
@@ -128,25 +113,7 @@ impl Translation {
         for target in &self.redundant {
             target.flush()?;
         }
-        if let Some(f) = &self.forward {
-            if !f.is_disabled() {
-                f.dest().flush()?;
-            }
-        }
         Ok(())
-    }
-
-    /// Runs a change through the write forwarding when one covers the piece.
-    fn forwarded(
-        &self,
-        piece: &Piece,
-        source: impl FnOnce() -> io::Result<()>,
-        dest_op: impl Fn(&dyn Backend, u64, u64, u64) -> io::Result<()>,
-    ) -> io::Result<()> {
-        match &self.forward {
-            Some(f) => f.change(piece.volume_offset, piece.length, source, dest_op),
-            None => source(),
-        }
     }
 
     fn target(&self, piece: &Piece) -> &dyn Target {
@@ -159,24 +126,17 @@ impl Translation {
 
     pub fn write(&self, piece: &Piece, data: &[u8], fua: bool) -> io::Result<()> {
         self.redundancy.track(piece.volume_offset, piece.length)?;
-        let source = || self.target(piece).write(piece.extent_offset, data, fua);
-        self.forwarded(piece, source, |dest, off, start, len| dest.write_at(&data[start as usize..(start + len) as usize], off, fua))
+        self.target(piece).write(piece.extent_offset, data, fua)
     }
 
     pub fn trim(&self, piece: &Piece, fua: bool) -> io::Result<()> {
         self.redundancy.track(piece.volume_offset, piece.length)?;
-        let source = || self.target(piece).trim(piece.extent_offset, piece.length, fua);
-        // Trimmed source data reads back as zeros on files; keep the copy
-        // identical by zeroing (punching) the destination.
-        let zero = ZeroMode { may_trim: true, fast_only: false };
-        self.forwarded(piece, source, |dest, off, _, len| dest.write_zeroes(off, len, zero, fua))
+        self.target(piece).trim(piece.extent_offset, piece.length, fua)
     }
 
     pub fn write_zeroes(&self, piece: &Piece, mode: ZeroMode, fua: bool) -> io::Result<()> {
         self.redundancy.track(piece.volume_offset, piece.length)?;
-        let source = || self.target(piece).write_zeroes(piece.extent_offset, piece.length, mode, fua);
-        let dest_mode = ZeroMode { fast_only: false, ..mode };
-        self.forwarded(piece, source, |dest, off, _, len| dest.write_zeroes(off, len, dest_mode, fua))
+        self.target(piece).write_zeroes(piece.extent_offset, piece.length, mode, fua)
     }
 
     /// See `Target::fast_zero_certain`.

@@ -63,8 +63,9 @@ impl Daemon {
             });
             plans.push(plan);
         }
-        new.validate_tables(&tables)?;
+        // First: naming the migration says more than the overlap it causes.
         self.check_migration_destinations(new, &tables)?;
+        new.validate_tables(&tables)?;
         // Split copies are not in the config; reload leaves them alone.
         let removed: Vec<String> =
             catalog.volumes.keys().filter(|n| !new.volumes.iter().any(|v| &v.name == *n) && !self.is_split_volume(n)).cloned().collect();

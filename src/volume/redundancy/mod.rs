@@ -237,6 +237,29 @@ impl Redundancy {
         self.legs().iter().any(|l| !l.writable() && l.backend().is_some_and(|b| Arc::ptr_eq(&b, store)))
     }
 
+    /// Clears the whole intent log after flushing every writable leg and
+    /// syncing every stale map. Only when no write can be in flight (the
+    /// server has stopped).
+    pub fn close_clean(&self) -> io::Result<()> {
+        if self.intent.bits().count() == 0 {
+            return Ok(());
+        }
+        for leg in self.legs() {
+            if leg.writable() {
+                if let Some(b) = leg.backend() {
+                    b.flush()?;
+                }
+            }
+            leg.stale().sync()?;
+        }
+        let bits = self.intent.bits();
+        let _w = bits.writer();
+        bits.clear_all();
+        bits.write_back()?;
+        drop(_w);
+        bits.sync()
+    }
+
     /// Clears the intent bits of idle regions, after flushing every
     /// writable leg and syncing every leg's stale map (see
     /// `WriteIntent::clear_idle`).

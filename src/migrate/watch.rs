@@ -1,0 +1,92 @@
+//! The job's thread: starts the destination leg's resync, follows it, and
+//! ends the job — cutover when the leg is in sync, the source kept on
+//! abort or when the leg fails, suspended (still running) on shutdown.
+
+use super::{MigrationJob, CHECKPOINT_EVERY, POLL};
+use crate::api::MigrationState;
+use crate::mirror::{ResyncEnd, ResyncJob};
+use crate::sync::lock;
+use crate::volume::{LegCondition, LegState};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+impl MigrationJob {
+    pub(super) fn run(self: Arc<Self>) {
+        if self.cut_over() {
+            return self.completed();
+        }
+        let Some(leg) = self.leg() else {
+            return self.finish(MigrationState::Failed, Some(format!("volume '{}' has no leg on '{}'", self.spec.volume, self.spec.dest)));
+        };
+        let job = ResyncJob::start(self.volume.clone(), &self.spec.dest, self.spec.rate);
+        *lock(&self.resync) = Some(job.clone());
+        let mut last_checkpoint = Instant::now();
+        loop {
+            self.track(&leg);
+            if self.abort.load(Ordering::SeqCst) {
+                return self.finish(MigrationState::Aborted, None);
+            }
+            if self.suspend.load(Ordering::SeqCst) {
+                job.stop();
+                self.track(&leg);
+                if let Err(e) = self.save_checkpoint() {
+                    tracing::error!(volume = %self.spec.volume, error = %e, "final checkpoint before shutdown failed");
+                }
+                return;
+            }
+            if leg.condition() == LegCondition::Failed {
+                let reason = leg.reason().unwrap_or_else(|| "the destination failed".into());
+                return self.finish(MigrationState::Failed, Some(reason));
+            }
+            match job.end() {
+                Some(ResyncEnd::InSync) => break,
+                Some(ResyncEnd::Failed(reason)) => return self.finish(MigrationState::Failed, Some(leg.reason().unwrap_or(reason))),
+                Some(ResyncEnd::Stopped) | None => {}
+            }
+            if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+                if let Err(e) = self.save_checkpoint() {
+                    tracing::warn!(volume = %self.spec.volume, error = %e, "saving migration progress failed");
+                }
+                last_checkpoint = Instant::now();
+            }
+            std::thread::sleep(POLL);
+        }
+        self.track(&leg);
+        match self.cutover() {
+            Ok(generation) => {
+                lock(&self.status).generation = Some(generation);
+                self.completed();
+            }
+            Err(_) if self.abort.load(Ordering::SeqCst) => self.finish(MigrationState::Aborted, None),
+            Err(e) => self.finish(MigrationState::Failed, Some(e.to_string())),
+        }
+    }
+
+    fn completed(&self) {
+        self.copied_bytes.store(self.spec.range.len(), Ordering::Relaxed);
+        self.finish(MigrationState::Completed, None);
+    }
+
+    fn leg(&self) -> Option<Arc<LegState>> {
+        self.volume.translation().redundancy().leg(&self.spec.dest)
+    }
+
+    /// Bytes of the range the leg lacks per `stale_count` stale regions.
+    fn missing(&self, stale_count: usize) -> u64 {
+        (stale_count as u64 * self.volume.translation().redundancy().region()).min(self.spec.range.len())
+    }
+
+    /// Progress now (for status).
+    fn track(&self, leg: &LegState) {
+        let copied = self.spec.range.len() - self.missing(leg.stale().count());
+        self.copied_bytes.store(copied, Ordering::Relaxed);
+        self.data_bytes.store(leg.data.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// Progress as of the leg's last durable checkpoint.
+    pub(super) fn durable_copied_bytes(&self) -> Option<u64> {
+        let leg = self.leg()?;
+        Some(self.spec.range.len() - self.missing(leg.stale().synced_count()))
+    }
+}
