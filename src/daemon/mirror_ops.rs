@@ -238,6 +238,11 @@ impl Daemon {
         }
         let _admin = lock(&self.admin);
         let Ok(volume) = self.volume(&event.volume) else { return };
+        // An event heard late (see `Redundancy::notify`): the leg may have
+        // been re-added or removed since.
+        if volume.translation().redundancy().leg(&event.leg).map(|l| l.condition()) != Some(LegCondition::Failed) {
+            return;
+        }
         match self.replace_with_spare(&volume, &event.leg) {
             Ok(Some(spare)) => tracing::warn!(volume = event.volume, failed = event.leg, spare, "spare added in place of the failed leg; resyncing"),
             Ok(None) => tracing::error!(volume = event.volume, leg = event.leg, "no spare backend fits; running degraded"),
