@@ -147,8 +147,7 @@ impl Daemon {
         if state.condition() != LegCondition::Failed {
             return Err(MirrorError::NotFailed { volume: name.into(), leg: leg.into(), state: state.condition().as_str() }.into());
         }
-        state.set_condition(LegCondition::Resyncing, None);
-        red.save_legs().map_err(|source| MirrorError::State { volume: name.into(), source })?;
+        red.readd_leg(&state).map_err(|source| MirrorError::State { volume: name.into(), source })?;
         tracing::info!(volume = name, leg, stale_regions = state.stale().count(), "failed leg re-added; resyncing what it missed");
         self.start_resync(&volume, leg, rate);
         Ok(self.mirror_view(&volume))

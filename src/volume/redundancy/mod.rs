@@ -220,6 +220,17 @@ impl Redundancy {
         }
     }
 
+    /// Brings failed leg `leg` back as resyncing (`mirror readd`). A write
+    /// that found the leg failed just before marks its regions stale only
+    /// after its other legs took it, maybe after a resync took its snapshot
+    /// (or ended): every such write still holds its intent bits, so those
+    /// regions are marked stale here, after the switch.
+    pub fn readd_leg(&self, leg: &LegState) -> io::Result<()> {
+        leg.set_condition(LegCondition::Resyncing, None);
+        leg.stale().union_from(self.intent.bits());
+        self.save_legs()
+    }
+
     /// Failure events of this volume's legs.
     pub fn subscribe(&self) -> mpsc::Receiver<LegEvent> {
         let (tx, rx) = mpsc::channel();
@@ -286,6 +297,22 @@ mod tests {
         assert_eq!(first.try_recv().unwrap().leg, "a");
         assert_eq!(second.try_recv().unwrap().leg, "a");
         assert!(first.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_readded_leg_resyncs_the_regions_of_writes_in_flight() {
+        let red = Redundancy::in_memory("v", 4 << 20, 1 << 20);
+        let _a = red.leg_for_target("a", true, 0..4).unwrap();
+        let b = red.leg_for_target("b", true, 0..4).unwrap();
+        red.leg_failed(&b, "EIO".into());
+        b.stale().set_volatile(0..1);
+        // A write to region 2 in flight (it may have seen b failed, and not
+        // marked region 2 stale on it yet).
+        let write = red.intent().begin_write(2..3).unwrap();
+        red.readd_leg(&b).unwrap();
+        drop(write);
+        assert_eq!(b.condition(), LegCondition::Resyncing);
+        assert_eq!(b.stale().iter_set().collect::<Vec<_>>(), [0, 2], "what it missed, and the write in flight");
     }
 
     #[test]
