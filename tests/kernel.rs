@@ -45,7 +45,8 @@
 //! far: nbd-client + ext4, fio verify, reload under ext4,
 //! `nbdvirt attach` (netlink, 4 connections, `--ioctl`; detach by device and
 //! by volume), live migration under a writer, and kill -9 + restart of the
-//! server with `nbdvirt attach --persist` reconnecting (NBD_CMD_RECONFIGURE).
+//! server with `nbdvirt attach --persist` reconnecting (NBD_CMD_RECONFIGURE),
+//! and a mirror leg failing (`nbdvirt fault`) under ext4, a spare taking over.
 //! Extra helpers for such scripts: `check_dmesg_allowing ERE` (expected
 //! kernel messages, e.g. a dead link), `jq_assert FILE FILTER MSG` (with
 //! `.tool("jq")`), `count_lines FILE`.
@@ -548,4 +549,143 @@ echo "MIGRATE RESTART OK"
         .run(Duration::from_secs(420))
         .assert_success()
         .assert_output_contains("MIGRATE RESTART OK");
+}
+
+/// vol0 (128 MiB) mirrored on `a` (offset 0) and `b` (offset 16 MiB), and a
+/// spare `s` of `b`'s size: on a failure of `b` the spare joins at b's offset.
+const MIRROR_CONFIG: &str = r#"
+[server]
+listen = ["unix:/run/nbd.sock"]
+control = "/run/nbdvirt-control.sock"
+state_dir = "/tmp/state"
+shutdown_grace = "1s"
+
+[[backend]]
+name = "a"
+path = "/tmp/a.img"
+size = "128MiB"
+
+[[backend]]
+name = "b"
+path = "/tmp/b.img"
+size = "144MiB"
+
+[[backend]]
+name = "s"
+path = "/tmp/s.img"
+size = "144MiB"
+spare = true
+
+[[volume]]
+name = "vol0"
+
+[[volume.extent]]
+length = "128MiB"
+mirror = [ { backend = "a", backend_offset = 0 }, { backend = "b", backend_offset = "16MiB" } ]
+"#;
+
+/// A mirror leg fails under a mounted ext4 that is being written: ext4 on
+/// a 2-leg mirror (nbd-client), a writer fsyncing files; `nbdvirt fault b
+/// --error eio` fails the leg, the spare joins and resyncs, then `b` is
+/// healed and re-added, all under the writer. The kernel must see no I/O
+/// error, fsck must be clean, every checksum must hold (also after a
+/// re-attach), and every leg must hold the same bytes (`cmp` of the legs'
+/// ranges, offsets from `status --json`).
+#[test]
+fn mirror_leg_fault_and_spare_under_mounted_ext4() {
+    Guest::new()
+        .name("mirror-fault")
+        .tool("jq")
+        .write("/etc/nbdvirt/nbdvirt.toml", MIRROR_CONFIG)
+        .script(
+            r#"
+# writer: files /mnt/v/w<i> of random data with fsync, until /tmp/stop;
+# each checksum goes to /tmp/sums, each completed write is a line in
+# /tmp/written.
+writer() {
+	i=0
+	while [ ! -e /tmp/stop ]; do
+		i=$((i + 1))
+		dd if=/dev/urandom of=/tmp/src bs=16k count=$((1 + i % 16)) 2>/dev/null
+		dd if=/tmp/src of=/mnt/v/w$i bs=16k conv=fsync 2>/dev/null || { echo "writer: write w$i failed"; touch /tmp/writer.failed; return 1; }
+		echo "$(sha256sum </tmp/src | cut -d' ' -f1)  w$i" >>/tmp/sums
+		echo $i >>/tmp/written
+	done
+}
+written_at_least() { [ "$(count_lines /tmp/written)" -ge "$1" ]; }
+leg_is() { nbdvirt mirror status vol0 --json | jq -e ".mirrors[0].legs[] | select(.backend == \"$1\") | .state == \"$2\"" >/dev/null; }
+legs() { nbdvirt mirror status vol0 --json | jq -c '[.mirrors[0].legs[] | [.backend, .state]]'; }
+
+step "serve (b resyncs from a), attach, mkfs, fill"
+start_nbdvirt /etc/nbdvirt/nbdvirt.toml /run/nbd.sock
+wait_for 60 leg_is b in_sync || { legs; fail "leg b of the configured mirror is not in sync"; }
+nbd_attach /run/nbd.sock vol0 /dev/nbd0 -b 4096
+mkfs.ext4 -q -F /dev/nbd0
+mkdir -p /mnt/v
+mount -t ext4 /dev/nbd0 /mnt/v
+for i in 1 2 3 4; do
+	dd if=/dev/urandom of=/mnt/v/big$i bs=1M count=4 2>/dev/null
+done
+(cd /mnt/v && sha256sum big*) >/tmp/sums
+sync
+echo "legs: $(legs)"
+
+step "fault b (EIO) under a writer: b fails, the spare s resyncs"
+writer &
+wpid=$!
+wait_for 30 written_at_least 3 || fail "the writer does not get going"
+nbdvirt fault b --error eio
+wait_for 30 leg_is b failed || { legs; fail "leg b did not fail"; }
+at_fail=$(count_lines /tmp/written)
+wait_for 60 leg_is s in_sync || { legs; fail "the spare s did not get in sync"; }
+echo "legs: $(legs)"
+wait_for 30 written_at_least $((at_fail + 3)) || fail "writes do not go on after the failure"
+grep -q "spare added in place of the failed leg" /tmp/nbdvirt.log || fail "no spare added in the log"
+
+step "heal b and re-add it under the writer"
+nbdvirt fault b --error off
+nbdvirt mirror readd vol0 --leg b --wait >/tmp/readd.out 2>&1 || { cat /tmp/readd.out; fail "mirror readd failed"; }
+tail -n 1 /tmp/readd.out
+at_readd=$(count_lines /tmp/written)
+wait_for 30 written_at_least $((at_readd + 3)) || fail "writes do not go on after the re-add"
+touch /tmp/stop
+wait $wpid || fail "the writer failed"
+[ ! -e /tmp/writer.failed ] || fail "the writer saw an error"
+echo "files written: $(count_lines /tmp/written) ($at_fail when b failed, $at_readd when b was back)"
+echo "legs: $(legs)"
+for l in a b s; do leg_is $l in_sync || { legs; fail "leg $l is not in sync"; }; done
+
+step "verify, fsck, reattach, verify again"
+(cd /mnt/v && sha256sum -c -s /tmp/sums) || fail "checksums differ while mounted"
+umount /mnt/v
+e2fsck -fn /dev/nbd0
+nbd_detach /dev/nbd0
+nbd_attach /run/nbd.sock vol0 /dev/nbd0 -b 4096
+e2fsck -fn /dev/nbd0
+mount -t ext4 /dev/nbd0 /mnt/v
+(cd /mnt/v && sha256sum -c -s /tmp/sums) || fail "checksums differ after reattach"
+umount /mnt/v
+nbd_detach /dev/nbd0
+
+step "every leg holds the same bytes"
+nbdvirt status --json | jq -r '.volumes[] | select(.name == "vol0") | .extents[0] | .length as $n | .legs[] | "\(.backend) \(.backend_offset) \($n)"' >/tmp/legs
+cat /tmp/legs
+[ "$(count_lines /tmp/legs)" -eq 3 ] || fail "expected 3 legs"
+read -r first off0 len </tmp/legs
+[ "$first" = a ] && [ "$off0" -eq 0 ] || fail "unexpected first leg"
+grep -q "^s 16777216 " /tmp/legs || fail "the spare is not at the failed leg's offset"
+while read -r name off n; do
+	[ "$name" = a ] && continue
+	cmp -n "$n" /tmp/a.img "/tmp/$name.img" 0 "$off" || fail "legs a and $name differ"
+	echo "a@0 and $name@$off: $n bytes identical"
+done </tmp/legs
+
+check_dmesg
+stop_nbdvirt
+echo "MIRROR FAULT OK"
+"#,
+        )
+        .run(Duration::from_secs(420))
+        .assert_success()
+        .assert_output_contains("MIRROR FAULT OK");
 }

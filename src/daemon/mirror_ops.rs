@@ -130,8 +130,7 @@ impl Daemon {
         if state.condition() != LegCondition::Failed {
             return Err(MirrorError::NotFailed { volume: name.into(), leg: leg.into(), state: state.condition().as_str() }.into());
         }
-        state.set_condition(LegCondition::Resyncing, None);
-        red.save_legs().map_err(|source| MirrorError::State { volume: name.into(), source })?;
+        red.readd_leg(&state).map_err(|source| MirrorError::State { volume: name.into(), source })?;
         tracing::info!(volume = name, leg, stale_regions = state.stale().count(), "failed leg re-added; resyncing what it missed");
         self.start_resync(&volume, leg, rate);
         Ok(self.mirror_view(&volume))
@@ -227,6 +226,11 @@ impl Daemon {
         }
         let _admin = lock(&self.admin);
         let Ok(volume) = self.volume(&event.volume) else { return };
+        // An event heard late (see `Redundancy::notify`): the leg may have
+        // been re-added or removed since.
+        if volume.translation().redundancy().leg(&event.leg).map(|l| l.condition()) != Some(LegCondition::Failed) {
+            return;
+        }
         match self.replace_with_spare(&volume, &event.leg) {
             Ok(Some(spare)) => tracing::warn!(volume = event.volume, failed = event.leg, spare, "spare added in place of the failed leg; resyncing"),
             Ok(None) => tracing::error!(volume = event.volume, leg = event.leg, "no spare backend fits; running degraded"),

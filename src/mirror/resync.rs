@@ -49,46 +49,53 @@ impl ResyncJob {
         let mut buf = AlignedBuf::zeroed(COPY_IO as usize);
         let mut known: Option<KnownData> = None;
         let (mut last_checkpoint, mut window_bytes) = (Instant::now(), 0u64);
-        // Regions only become stale again if the leg fails, which ends this
-        // job; one pass over a snapshot therefore covers everything.
-        let stale: Vec<usize> = leg.stale().iter_set().collect();
-        for r in stale {
-            if self.stopping() {
-                return self.checkpoint(&red, &leg).map_or_else(ResyncEnd::Failed, |()| ResyncEnd::Stopped);
+        // Passes over snapshots of the stale map until it is empty. One pass
+        // is not always enough: a write that found the leg failed just
+        // before `mirror readd` made it resyncing marks its regions stale
+        // a moment later, possibly after this job took its snapshot.
+        loop {
+            let stale: Vec<usize> = leg.stale().iter_set().collect();
+            if stale.is_empty() {
+                break;
             }
-            if !leg.writable() {
-                return ResyncEnd::Failed(leg.reason().unwrap_or_else(|| "the leg left the mirror".into()));
-            }
-            limiter.wait_due();
-            let copied = loop {
-                red.intent().begin_copy(r);
-                let result = self.copy_region(&red, &leg, r, buf.as_mut_slice(), &mut known);
-                red.intent().end_copy(r);
-                match result {
-                    Ok(bytes) => break bytes,
-                    Err(CopyError::Source(src, e)) => {
-                        red.leg_failed(&src, format!("{:?}: resync read: {e}", errno_of(&e)));
-                        known = None;
+            for r in stale {
+                if self.stopping() {
+                    return self.checkpoint(&red, &leg).map_or_else(ResyncEnd::Failed, |()| ResyncEnd::Stopped);
+                }
+                if !leg.writable() {
+                    return ResyncEnd::Failed(leg.reason().unwrap_or_else(|| "the leg left the mirror".into()));
+                }
+                limiter.wait_due();
+                let copied = loop {
+                    red.intent().begin_copy(r);
+                    let result = self.copy_region(&red, &leg, r, buf.as_mut_slice(), &mut known);
+                    red.intent().end_copy(r);
+                    match result {
+                        Ok(bytes) => break bytes,
+                        Err(CopyError::Source(src, e)) => {
+                            red.leg_failed(&src, format!("{:?}: resync read: {e}", errno_of(&e)));
+                            known = None;
+                        }
+                        Err(CopyError::Dest(e)) => {
+                            let reason = format!("{:?}: resync write: {e}", errno_of(&e));
+                            red.leg_failed(&leg, reason.clone());
+                            return ResyncEnd::Failed(reason);
+                        }
+                        Err(CopyError::NoSource(r)) => return ResyncEnd::Failed(format!("no in-sync leg has region {r}")),
                     }
-                    Err(CopyError::Dest(e)) => {
-                        let reason = format!("{:?}: resync write: {e}", errno_of(&e));
-                        red.leg_failed(&leg, reason.clone());
+                };
+                leg.stale().clear(r);
+                leg.copied.fetch_add(copied, Ordering::Relaxed);
+                limiter.pay(copied);
+                window_bytes += copied;
+                if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+                    if let Err(reason) = self.checkpoint(&red, &leg) {
                         return ResyncEnd::Failed(reason);
                     }
-                    Err(CopyError::NoSource(r)) => return ResyncEnd::Failed(format!("no in-sync leg has region {r}")),
+                    let secs = last_checkpoint.elapsed().as_secs_f64();
+                    leg.rate.store((window_bytes as f64 / secs) as u64, Ordering::Relaxed);
+                    (last_checkpoint, window_bytes) = (Instant::now(), 0);
                 }
-            };
-            leg.stale().clear(r);
-            leg.copied.fetch_add(copied, Ordering::Relaxed);
-            limiter.pay(copied);
-            window_bytes += copied;
-            if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
-                if let Err(reason) = self.checkpoint(&red, &leg) {
-                    return ResyncEnd::Failed(reason);
-                }
-                let secs = last_checkpoint.elapsed().as_secs_f64();
-                leg.rate.store((window_bytes as f64 / secs) as u64, Ordering::Relaxed);
-                (last_checkpoint, window_bytes) = (Instant::now(), 0);
             }
         }
         if let Err(reason) = self.checkpoint(&red, &leg) {
@@ -171,5 +178,49 @@ impl ResyncJob {
             covered += piece.length;
         }
         Ok(covered)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{open_backend, BackendSpec};
+    use crate::map::{Extent, Leg, MappingTable, TargetSpec, DEFAULT_REGION};
+    use crate::volume::{Translation, Volume, VolumeSpec};
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    #[test]
+    fn regions_marked_stale_during_the_pass_are_copied_too() {
+        let mem = |name: &str| open_backend(&BackendSpec { name: name.into(), path: None, size: Some(4 << 20), direct: false, read_only: false, delay: None }).unwrap();
+        let stores = HashMap::from([("a".to_string(), mem("a")), ("b".to_string(), mem("b"))]);
+        let legs = vec![Leg { store: "a".into(), offset: 0 }, Leg { store: "b".into(), offset: 0 }];
+        let table = MappingTable::new(1, vec![Extent { start: 0, length: 4 << 20, target: TargetSpec::Mirror { legs, region: DEFAULT_REGION } }]).unwrap();
+        let spec = VolumeSpec { name: "v".into(), description: String::new(), read_only: false, block_size: 4096 };
+        let volume = Arc::new(Volume::new(spec, Translation::new(table, &stores).unwrap()));
+        stores["a"].write_at(&[7; 4096], 3 << 20, false).unwrap();
+        let red = volume.translation().redundancy().clone();
+        let b = red.leg("b").unwrap();
+        assert_eq!(b.condition(), LegCondition::Resyncing);
+        // b lacks regions 0 and 2 when the job starts.
+        b.stale().clear(1);
+        b.stale().clear(3);
+        // 2 MiB/s: half a second between the 1 MiB regions.
+        let job = ResyncJob::start(volume.clone(), "b", 2 << 20);
+        let t0 = Instant::now();
+        while b.copied.load(Ordering::Relaxed) == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "region 0 not copied");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Region 3 becomes stale after the job's snapshot (a write that saw
+        // the leg failed, marking it late).
+        b.stale().set_volatile(3..4);
+        job.join();
+        assert_eq!(job.end(), Some(ResyncEnd::InSync));
+        assert_eq!(b.stale().count(), 0, "region 3 was copied too");
+        assert_eq!(b.condition(), LegCondition::InSync);
+        let mut buf = [0u8; 4096];
+        stores["b"].read_at(&mut buf, 3 << 20).unwrap();
+        assert_eq!(buf, [7; 4096]);
     }
 }

@@ -40,6 +40,15 @@ pub struct LegEvent {
     pub reason: String,
 }
 
+/// Where leg failures go: the subscribers, and the failures raised while
+/// there were none (a leg can fail before the daemon's supervisor first
+/// subscribes a new volume); the next subscriber gets those first.
+#[derive(Debug, Default)]
+struct Events {
+    subscribers: Vec<mpsc::Sender<LegEvent>>,
+    unheard: Vec<LegEvent>,
+}
+
 #[derive(Debug)]
 pub struct Redundancy {
     volume: String,
@@ -51,7 +60,7 @@ pub struct Redundancy {
     intent: WriteIntent,
     legs: Mutex<Vec<Arc<LegState>>>,
     trackers: ArcSwap<Vec<Arc<Tracker>>>,
-    events: Mutex<Vec<mpsc::Sender<LegEvent>>>,
+    events: Mutex<Events>,
     /// Regions found dirty in the intent log at start (crash recovery).
     recovered: AtomicUsize,
 }
@@ -72,7 +81,7 @@ impl Redundancy {
             intent: WriteIntent::new(intent),
             legs: Mutex::new(legs),
             trackers: ArcSwap::from_pointee(trackers),
-            events: Mutex::new(Vec::new()),
+            events: Mutex::new(Events::default()),
             recovered: AtomicUsize::new(0),
         }
     }
@@ -216,7 +225,22 @@ impl Redundancy {
             tracing::error!(volume = self.volume, error = %e, "cannot persist the failed leg's state");
         }
         let event = LegEvent { volume: self.volume.clone(), leg: leg.store().into(), reason };
-        lock(&self.events).retain(|tx| tx.send(event.clone()).is_ok());
+        let mut events = lock(&self.events);
+        events.subscribers.retain(|tx| tx.send(event.clone()).is_ok());
+        if events.subscribers.is_empty() {
+            events.unheard.push(event);
+        }
+    }
+
+    /// Brings failed leg `leg` back as resyncing (`mirror readd`). A write
+    /// that found the leg failed just before marks its regions stale only
+    /// after its other legs took it, maybe after a resync took its snapshot
+    /// (or ended): every such write still holds its intent bits, so those
+    /// regions are marked stale here, after the switch.
+    pub fn readd_leg(&self, leg: &LegState) -> io::Result<()> {
+        leg.set_condition(LegCondition::Resyncing, None);
+        leg.stale().union_from(self.intent.bits());
+        self.save_legs()
     }
 
     /// Failure events of this volume's legs.
@@ -226,9 +250,18 @@ impl Redundancy {
         rx
     }
 
-    /// Sends this volume's leg failures to `tx` too.
+    /// Sends this volume's leg failures to `tx` too, starting with those
+    /// no subscriber has heard of yet.
     pub fn notify(&self, tx: mpsc::Sender<LegEvent>) {
-        lock(&self.events).push(tx);
+        let mut events = lock(&self.events);
+        let unheard = std::mem::take(&mut events.unheard);
+        for (i, event) in unheard.iter().enumerate() {
+            if tx.send(event.clone()).is_err() {
+                events.unheard = unheard[i..].to_vec();
+                return;
+            }
+        }
+        events.subscribers.push(tx);
     }
 
     /// Whether `store` is the store of a leg that failed (its flush errors
@@ -277,5 +310,52 @@ impl Redundancy {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_before_any_subscriber_reaches_the_first_one() {
+        let red = Redundancy::in_memory("v", 4 << 20, 1 << 20);
+        let a = red.leg_for_target("a", true, 0..4).unwrap();
+        let b = red.leg_for_target("b", true, 0..4).unwrap();
+        red.leg_failed(&b, "EIO: early".into());
+        let first = red.subscribe();
+        assert_eq!(first.try_recv().unwrap(), LegEvent { volume: "v".into(), leg: "b".into(), reason: "EIO: early".into() });
+        // Heard once: a later subscriber gets only later failures.
+        let second = red.subscribe();
+        assert!(second.try_recv().is_err());
+        red.leg_failed(&a, "EIO: later".into());
+        assert_eq!(first.try_recv().unwrap().leg, "a");
+        assert_eq!(second.try_recv().unwrap().leg, "a");
+        assert!(first.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_readded_leg_resyncs_the_regions_of_writes_in_flight() {
+        let red = Redundancy::in_memory("v", 4 << 20, 1 << 20);
+        let _a = red.leg_for_target("a", true, 0..4).unwrap();
+        let b = red.leg_for_target("b", true, 0..4).unwrap();
+        red.leg_failed(&b, "EIO".into());
+        b.stale().set_volatile(0..1);
+        // A write to region 2 in flight (it may have seen b failed, and not
+        // marked region 2 stale on it yet).
+        let write = red.intent().begin_write(2..3).unwrap();
+        red.readd_leg(&b).unwrap();
+        drop(write);
+        assert_eq!(b.condition(), LegCondition::Resyncing);
+        assert_eq!(b.stale().iter_set().collect::<Vec<_>>(), [0, 2], "what it missed, and the write in flight");
+    }
+
+    #[test]
+    fn a_dropped_subscriber_leaves_the_failure_unheard() {
+        let red = Redundancy::in_memory("v", 4 << 20, 1 << 20);
+        let b = red.leg_for_target("b", true, 0..4).unwrap();
+        drop(red.subscribe());
+        red.leg_failed(&b, "EIO".into());
+        assert_eq!(red.subscribe().try_recv().unwrap().leg, "b");
     }
 }
