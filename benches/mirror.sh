@@ -171,7 +171,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
   # Merge: split, change every region of the copy, merge back (primary).
   ctl a split rs --leg r2 --as rs2 >/dev/null
   fio --name=m --ioengine=nbd --uri="nbd+unix:///rs2?socket=$W/a.sock" --rw=write --bs=1M --iodepth=4 --size="${SIZE_MB}M" >/dev/null 2>&1
-  ctl a merge rs2 --into rs >/dev/null
+  ctl a merge rs2 --into rs --rate 0 >/dev/null
   echo -e "merge\tnbdvirt\t$(wait_leg a rs r2)" >>"$RES"
   echo -e "merge\tdd\t$(dd_secs "$SIZE_MB")" >>"$RES"
   ctl a mirror remove rs --leg r2 >/dev/null

@@ -106,6 +106,9 @@ pub enum Request {
         keep: crate::api::MergeKeep,
         #[serde(default)]
         force: bool,
+        /// Resync bytes per second; 0 = unlimited; absent = 64 MiB/s.
+        #[serde(default)]
+        rate: Option<u64>,
     },
     /// Make a backend fail on purpose (drills, tests); `error: off` ends it.
     Fault {

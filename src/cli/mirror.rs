@@ -94,6 +94,12 @@ pub enum PairCommand {
         /// Disconnect the split copy's clients first.
         #[arg(long)]
         force: bool,
+        /// Resync bandwidth limit, bytes/s with units; 0 = unlimited. Default 64MiB.
+        #[arg(long)]
+        rate: Option<String>,
+        /// Wait until every leg is in sync, showing progress.
+        #[arg(long)]
+        wait: bool,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -138,16 +144,33 @@ pub fn run(cmd: MirrorCommand) -> CliResult {
 pub fn run_pair(cmd: PairCommand) -> CliResult {
     let (report, json): (PairReport, bool) = match cmd {
         PairCommand::Split { volume, leg, as_volume, read_only, json, server } => (server.call(&Request::Split { volume, leg, as_volume, read_only })?, json),
-        PairCommand::Merge { volume, into, keep, force, json, server } => {
+        PairCommand::Merge { volume, into, keep, force, rate, wait, json, server } => {
             let keep = match keep {
                 Keep::Primary => MergeKeep::Primary,
                 Keep::Secondary => MergeKeep::Secondary,
             };
-            (server.call(&Request::Merge { volume, into, keep, force })?, json)
+            let rate = rate.map(|s| parse_size(&s, "--rate")).transpose()?;
+            let report: PairReport = server.call(&Request::Merge { volume, into: into.clone(), keep, force, rate })?;
+            if wait {
+                show_pair(&report, json);
+                // The side that lost copies from the other.
+                let list: MirrorList = server.call(&Request::MirrorStatus { volume: Some(into.clone()) })?;
+                let copying: Vec<String> = list.mirrors.iter().flat_map(|m| &m.legs).filter(|l| l.state == "resyncing").map(|l| l.backend.clone()).collect();
+                for leg in copying {
+                    wait_in_sync(&server, &into, &leg)?;
+                }
+                return Ok(());
+            }
+            (report, json)
         }
     };
+    show_pair(&report, json);
+    Ok(())
+}
+
+fn show_pair(report: &PairReport, json: bool) {
     if json {
-        render::json(&report);
+        render::json(report);
     } else if report.resync_bytes > 0 || report.disconnected > 0 {
         println!(
             "merged '{}' into '{}' (leg {}): generation {}, resyncing {} bytes, {} client(s) disconnected",
@@ -156,7 +179,6 @@ pub fn run_pair(cmd: PairCommand) -> CliResult {
     } else {
         println!("'{}' leg {} is now volume '{}' (generation {} of '{}')", report.volume, report.leg, report.split_volume, report.generation, report.volume);
     }
-    Ok(())
 }
 
 fn show(list: MirrorList, json: bool) {

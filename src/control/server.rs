@@ -146,7 +146,7 @@ pub fn handle(daemon: &Arc<Daemon>, request: Request) -> Response {
         Request::MirrorReadd { volume, leg, rate } => answer(daemon.mirror_readd(&volume, &leg, rate).map(|m| MirrorList { mirrors: vec![m] })),
         Request::MirrorStatus { volume } => answer(daemon.mirror_status(volume.as_deref()).map(|mirrors| MirrorList { mirrors })),
         Request::Split { volume, leg, as_volume, read_only } => answer(daemon.split(&volume, &leg, &as_volume, read_only)),
-        Request::Merge { volume, into, keep, force } => answer(daemon.merge(&volume, &into, keep, force)),
+        Request::Merge { volume, into, keep, force, rate } => answer(daemon.merge(&volume, &into, keep, force, rate)),
         Request::Fault { backend, error, scope } => answer(daemon.fault(&backend, error, scope)),
     }
 }

@@ -141,7 +141,7 @@ impl Daemon {
         Ok(PairReport { volume: name.into(), split_volume: as_name.into(), leg: leg.into(), generation: report.generation, resync_bytes: 0, disconnected: 0 })
     }
 
-    pub fn merge(&self, split: &str, into: &str, keep: MergeKeep, force: bool) -> Result<PairReport, DaemonError> {
+    pub fn merge(&self, split: &str, into: &str, keep: MergeKeep, force: bool, rate: Option<u64>) -> Result<PairReport, DaemonError> {
         let _admin = lock(&self.admin);
         let volume = self.volume(into)?;
         let copy = self.volume(split)?;
@@ -224,7 +224,7 @@ impl Daemon {
         let _ = std::fs::remove_dir_all(redundancy_dir(self.state.root(), split));
         for l in red.legs() {
             if l.condition() == LegCondition::Resyncing {
-                self.start_resync(&volume, l.store(), None);
+                self.start_resync(&volume, l.store(), rate);
             }
         }
         let resync_bytes = union.count() as u64 * red.region();

@@ -59,16 +59,18 @@ impl MirrorTarget {
     /// Runs a read-like operation on the least busy leg that has `rs`,
     /// failing over to the next on error.
     fn from_one_leg<T>(&self, rs: Range<usize>, what: &str, mut op: impl FnMut(&MirrorLeg) -> io::Result<T>) -> io::Result<T> {
-        let mut tried: Vec<usize> = Vec::new();
+        // Legs tried so far, as bits (no allocation per read; a mirror has
+        // far fewer than 64 legs).
+        let mut tried = 0u64;
         let mut last: Option<io::Error> = None;
         loop {
-            let pick = (0..self.legs.len())
-                .filter(|i| !tried.contains(i) && self.legs[*i].state.readable(rs.clone()))
+            let pick = (0..self.legs.len().min(64))
+                .filter(|i| tried & (1 << i) == 0 && self.legs[*i].state.readable(rs.clone()))
                 .min_by_key(|i| self.legs[*i].state.reads());
             let Some(i) = pick else {
                 return Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::Other, format!("{what}: no mirror leg has this range in sync"))));
             };
-            tried.push(i);
+            tried |= 1 << i;
             let leg = &self.legs[i];
             leg.state.read_started();
             let result = op(leg);
