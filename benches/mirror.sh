@@ -18,12 +18,15 @@
 #                 vs the same run with no resync
 #
 # Environment: ROUNDS=3 RUNTIME=8 SIZE_MB=512 NO_BUILD=1 NBDVIRT_BIN=PATH
+# ROWS="rw16 rr16" (fio rows) PARTS="copy rrw" (the other parts)
 # WAIT_LOAD=2.5 (wait, at most 300 s, for the 1-minute load average to
 # drop below it before each round).
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
 RUNTIME=${RUNTIME:-8}
+ROWS=${ROWS:-"rw16 rr16"}
+PARTS=${PARTS:-"copy rrw"}
 SIZE_MB=${SIZE_MB:-512}
 WAIT_LOAD=${WAIT_LOAD:-2.5}
 if [[ -n ${NBDVIRT_BIN:-} ]]; then NO_BUILD=1; fi
@@ -38,6 +41,7 @@ need fio fio
 need nbdkit nbdkit
 need python3 python3
 need dd coreutils
+need fallocate util-linux
 fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no 'nbd' ioengine: install the Debian package 'fio'"
 
 cd "$(dirname "$0")/.."
@@ -83,7 +87,7 @@ mirror() { printf '[[volume]]\nname = "%s"\n[[volume.extent]]\nlength = %s\nmirr
   printf '[server]\nlisten = ["unix:%s/b.sock"]\ncontrol = "%s/b-control.sock"\nstate_dir = "%s/b-state"\n' "$W" "$W" "$W"
   backend n1; backend n2; mirror mirn n1 n2
 } >"$W/b.toml"
-RUST_LOG=nbdvirt=warn "$NBDVIRT" serve --config "$W/a.toml" >"$W/a.log" 2>&1 &
+RUST_LOG=nbdvirt=info "$NBDVIRT" serve --config "$W/a.toml" >"$W/a.log" 2>&1 &
 PIDS+=($!)
 NBDVIRT_BENCH_NO_INTENT=1 RUST_LOG=nbdvirt=warn "$NBDVIRT" serve --config "$W/b.toml" >"$W/b.log" 2>&1 &
 PIDS+=($!)
@@ -98,12 +102,15 @@ ctl() { # a|b args...
   local c=$1; shift
   "$NBDVIRT" "$@" --control "$W/$c-control.sock"
 }
-# Seconds until leg $3 of volume $2 on server $1 is in sync.
+# Seconds from running the command after `--` (if any) until leg $3 of
+# volume $2 on server $1 is in sync.
 wait_leg() {
-  python3 - "$NBDVIRT" "$W/$1-control.sock" "$2" "$3" <<'EOF'
+  python3 - "$NBDVIRT" "$W/$1-control.sock" "$2" "$3" "${@:4}" <<'EOF'
 import json, subprocess, sys, time
-binary, control, volume, leg = sys.argv[1:]
+binary, control, volume, leg = sys.argv[1:5]
 start = time.monotonic()
+if sys.argv[5:6] == ["--"]:
+    subprocess.run([binary, *sys.argv[6:], "--control", control], check=True, capture_output=True)
 while time.monotonic() - start < 600:
     out = subprocess.run([binary, "mirror", "status", volume, "--json", "--control", control], capture_output=True, text=True, check=True).stdout
     state = [l["state"] for l in json.loads(out)["mirrors"][0]["legs"] if l["backend"] == leg]
@@ -132,12 +139,29 @@ wait_load() {
     sleep 1
   done
 }
-dd_secs() { # bytes-MiB
+# Server-side seconds of the last copy onto r2: from the log line of the
+# operation ($1: "mirror leg added" or "split copy merged back") to the
+# resync's "in sync" (no CLI start-up or status polling in it).
+server_secs() {
+  python3 - "$W/a.log" "$1" <<'EOF'
+import datetime, re, sys
+lines = open(sys.argv[1]).read().splitlines()
+ts = lambda l: datetime.datetime.fromisoformat(l.split()[0].rstrip("Z"))
+end = max(i for i, l in enumerate(lines) if "resynced: in sync" in l and 'leg="r2"' in l)
+start = max(i for i, l in enumerate(lines[:end]) if sys.argv[2] in l)
+print(f"{(ts(lines[end]) - ts(lines[start])).total_seconds():.3f}")
+EOF
+}
+
+# dd of SIZE_MB from r1 into a fresh file (like a resync into a punched
+# leg: tmpfs allocates pages) or over an allocated one (like a merge, whose
+# leg was just written by the split side).
+dd_secs() { # fresh|over
   local t0 t1
+  [[ $1 == fresh ]] && rm -f "$W/dd.img"
   t0=$(date +%s.%N)
-  dd if="$W/r1.img" of="$W/dd.img" bs=1M count="$1" status=none
+  dd if="$W/r1.img" of="$W/dd.img" bs=1M count="$SIZE_MB" conv=notrunc status=none
   t1=$(date +%s.%N)
-  rm -f "$W/dd.img"
   python3 -c "print(f'{$t1 - $t0:.3f}')"
 }
 
@@ -158,29 +182,34 @@ for ((round = 1; round <= ROUNDS; round++)); do
   targets=(lin mir mirn nbdkit)
   rot=$(((round - 1) % 4))
   order=("${targets[@]:rot}" "${targets[@]:0:rot}")
-  for row in rw16 rr16; do
+  for row in $ROWS; do
     rw=randwrite; [[ $row == rr16 ]] && rw=randread
     for t in "${order[@]}"; do
       echo -e "$row\t$t\t$(fio_iops "$t" --rw=$rw --bs=4k --iodepth=16)" >>"$RES"
     done
   done
-  # Resync of SIZE_MB of data vs dd; alternated within the round.
-  ctl a mirror add rs --to r2 --rate 0 >/dev/null
-  echo -e "resync\tnbdvirt\t$(wait_leg a rs r2)" >>"$RES"
-  echo -e "resync\tdd\t$(dd_secs "$SIZE_MB")" >>"$RES"
+  if [[ " $PARTS " == *" copy "* ]]; then
+  # Resync of SIZE_MB of data into a punched leg vs dd into a new file.
+  fallocate -p -o 0 -l "$BYTES" "$W/r2.img"
+  echo -e "resync\tnbdvirt\t$(wait_leg a rs r2 -- mirror add rs --to r2 --rate 0)" >>"$RES"
+  echo -e "resync-server\tnbdvirt\t$(server_secs "mirror leg added")" >>"$RES"
+  echo -e "resync\tdd\t$(dd_secs fresh)" >>"$RES"
   # Merge: split, change every region of the copy, merge back (primary).
   ctl a split rs --leg r2 --as rs2 >/dev/null
   fio --name=m --ioengine=nbd --uri="nbd+unix:///rs2?socket=$W/a.sock" --rw=write --bs=1M --iodepth=4 --size="${SIZE_MB}M" >/dev/null 2>&1
-  ctl a merge rs2 --into rs --rate 0 >/dev/null
-  echo -e "merge\tnbdvirt\t$(wait_leg a rs r2)" >>"$RES"
-  echo -e "merge\tdd\t$(dd_secs "$SIZE_MB")" >>"$RES"
+  echo -e "merge\tnbdvirt\t$(wait_leg a rs r2 -- merge rs2 --into rs --rate 0)" >>"$RES"
+  echo -e "merge-server\tnbdvirt\t$(server_secs "split copy merged back")" >>"$RES"
+  echo -e "merge\tdd\t$(dd_secs over)" >>"$RES"
   ctl a mirror remove rs --leg r2 >/dev/null
+  fi
+  if [[ " $PARTS " == *" rrw "* ]]; then
   # Foreground randrw during a default-rate resync vs none.
   echo -e "rrw-resync\tidle\t$(fio_iops rs --rw=randrw --bs=4k --iodepth=16)" >>"$RES"
   ctl a mirror add rs --to r2 >/dev/null
   echo -e "rrw-resync\tresyncing\t$(fio_iops rs --rw=randrw --bs=4k --iodepth=16)" >>"$RES"
   wait_leg a rs r2 >/dev/null
   ctl a mirror remove rs --leg r2 >/dev/null
+  fi
 done
 
 python3 - "$RES" <<'EOF'
@@ -195,17 +224,27 @@ def fmt(vs, unit):
 med = lambda r, w: statistics.median(rows[r][w])
 print("\n## Results (median, min–max over rounds)\n")
 print("| row | variant | result |\n|---|---|---|")
-names = {"rw16": "4k randwrite QD16", "rr16": "4k randread QD16", "resync": "resync copy", "merge": "merge copy", "rrw-resync": "4k randrw QD16"}
+names = {"rw16": "4k randwrite QD16", "rr16": "4k randread QD16", "resync": "resync copy (wall: CLI, swap, polling)", "merge": "merge copy (wall)",
+         "resync-server": "resync copy (server log)", "merge-server": "merge copy (server log)", "rrw-resync": "4k randrw QD16"}
 for row, d in rows.items():
-    unit = "s" if row in ("resync", "merge") else "IOPS"
+    unit = "s" if row.startswith(("resync", "merge")) else "IOPS"
     for who, vs in d.items():
         print(f"| {names[row]} | {who} | {fmt(vs, unit)} |")
 print("\n## Ratios (medians)\n")
-print(f"- mirror / linear, 4k randwrite QD16: {med('rw16','mir')/med('rw16','lin'):.2f} (target >= 0.8)")
-print(f"- mirror / linear, 4k randread QD16: {med('rr16','mir')/med('rr16','lin'):.2f} (target >= 1.0)")
-print(f"- write-intent bitmap cost, 4k randwrite: {(1 - med('rw16','mir')/med('rw16','mirn'))*100:.1f}% (target <= 5%)")
-print(f"- resync speed / dd: {med('resync','dd')/med('resync','nbdvirt'):.2f} (target >= 0.8)")
-print(f"- merge speed / dd: {med('merge','dd')/med('merge','nbdvirt'):.2f} (target >= 0.8)")
-print(f"- randrw during a default-rate resync / idle: {med('rrw-resync','resyncing')/med('rrw-resync','idle'):.2f} (target >= 0.7)")
-print(f"- linear / nbdkit, 4k randwrite QD16: {med('rw16','lin')/med('rw16','nbdkit'):.2f}; randread: {med('rr16','lin')/med('rr16','nbdkit'):.2f}")
+def ratio(label, a, b, target, invert=False):
+    try:
+        v = med(*b) / med(*a) if invert else med(*a) / med(*b)
+        print(f"- {label}: {v:.2f} ({target})")
+    except KeyError:
+        pass
+ratio("mirror / linear, 4k randwrite QD16", ("rw16", "mir"), ("rw16", "lin"), "target >= 0.8")
+ratio("mirror / linear, 4k randread QD16", ("rr16", "mir"), ("rr16", "lin"), "target >= 1.0")
+ratio("mirror with / without the write-intent bitmap, 4k randwrite", ("rw16", "mir"), ("rw16", "mirn"), "target >= 0.95")
+ratio("resync speed / dd, wall", ("resync", "nbdvirt"), ("resync", "dd"), "target >= 0.8", invert=True)
+ratio("resync speed / dd, server side", ("resync-server", "nbdvirt"), ("resync", "dd"), "target >= 0.8", invert=True)
+ratio("merge speed / dd, wall", ("merge", "nbdvirt"), ("merge", "dd"), "target >= 0.8", invert=True)
+ratio("merge speed / dd, server side", ("merge-server", "nbdvirt"), ("merge", "dd"), "target >= 0.8", invert=True)
+ratio("randrw during a default-rate resync / idle", ("rrw-resync", "resyncing"), ("rrw-resync", "idle"), "target >= 0.7")
+ratio("linear / nbdkit, 4k randwrite QD16", ("rw16", "lin"), ("rw16", "nbdkit"), "reference")
+ratio("linear / nbdkit, 4k randread QD16", ("rr16", "lin"), ("rr16", "nbdkit"), "reference")
 EOF

@@ -25,6 +25,10 @@ size = "64MiB"
 name = "c"
 path = "{dir}/c.img"
 size = "64MiB"
+[[backend]]
+name = "tiny"
+path = "{dir}/tiny.img"
+size = "1MiB"
 
 [[volume]]
 name = "v"
@@ -233,6 +237,11 @@ fn bad_requests_get_clear_errors_and_exit_codes() {
     assert!(e.contains("no mirror leg on backend 'b'"), "{e}");
     let (c, e) = code(&["mirror", "add", "v", "--to", "b", "--range", "0:1000"]);
     assert_eq!(c, Some(7), "{e}");
+    let (c, e) = code(&["mirror", "add", "v", "--to", "tiny"]);
+    assert_eq!(c, Some(4), "a leg must hold the range: {e}");
+    assert!(e.contains("'tiny'") && e.contains("67108864"), "{e}");
+    let (c, e) = code(&["mirror", "add", "v", "--to", "b:63MiB"]);
+    assert_eq!(c, Some(7), "past the end of b: {e}");
     cli_ok(&server, &["mirror", "add", "v", "--to", "b", "--rate", "1MiB"]);
     let (c, e) = code(&["split", "v", "--leg", "b", "--as", "vb"]);
     assert_eq!(c, Some(4), "{e}");
