@@ -71,9 +71,10 @@ pub enum DaemonError {
     State(#[from] PersistError),
     #[error(transparent)]
     Migration(#[from] MigrateError),
-    /// A persisted generation that is not a valid table.
+    /// Boxed: its table errors would make every `DaemonError` large.
     #[error(transparent)]
-    Mirror(#[from] super::mirror_error::MirrorError),
+    Mirror(Box<super::mirror_error::MirrorError>),
+    /// A persisted generation that is not a valid table.
     #[error("volume '{volume}': persisted generation {generation}: {source}")]
     CorruptTable { volume: String, generation: u64, source: Box<crate::map::MapError> },
 
@@ -92,7 +93,7 @@ impl DaemonError {
     pub fn kind(&self) -> ErrorKind {
         use DaemonError::*;
         match self {
-            Mirror(e) => e.kind(),
+            Mirror(e) => e.as_ref().kind(),
             NoVolume(_) | NoBackend(_) | NoMigration(_) | NoRunningMigration(_) => ErrorKind::NotFound,
             AlreadyPaused(_) | Paused(_) | Migrating(_) | MappingLocked { .. } | ClientsConnected { .. } => ErrorKind::Busy,
             NotPaused(_) | RuntimeChanges { .. } | MigrationDestination(_) => ErrorKind::Conflict,
@@ -123,6 +124,12 @@ impl DaemonError {
 impl From<DaemonError> for ApiError {
     fn from(e: DaemonError) -> ApiError {
         ApiError::new(e.kind(), e.to_string())
+    }
+}
+
+impl From<super::mirror_error::MirrorError> for DaemonError {
+    fn from(e: super::mirror_error::MirrorError) -> DaemonError {
+        DaemonError::Mirror(Box::new(e))
     }
 }
 

@@ -98,7 +98,7 @@ impl TargetSpec {
             TargetSpec::Mirror { legs, region } => TargetSpec::Mirror { legs: shift(legs, by), region: *region },
             TargetSpec::Stripe { members, chunk } => {
                 let row = chunk * members.len() as u64;
-                if by % row != 0 {
+                if !by.is_multiple_of(row) {
                     return None;
                 }
                 TargetSpec::Stripe { members: shift(members, by / members.len() as u64), chunk: *chunk }
@@ -162,7 +162,7 @@ impl TargetSpec {
                     return layout(format!("chunk {chunk} must be a power of two of at least 4KiB"));
                 }
                 let row = chunk * members.len() as u64;
-                if length % row != 0 {
+                if !length.is_multiple_of(row) {
                     return layout(format!("length {length} is not a multiple of chunk × stores ({chunk} × {} = {row})", members.len()));
                 }
                 if !overflow(members, length / members.len() as u64) {

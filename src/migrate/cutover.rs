@@ -30,13 +30,13 @@ impl MigrationJob {
     /// Swaps the volume onto `extents`, persisted with `reason`; `check`
     /// runs while held, before the commit.
     /// Only the cutover carries the crash injection of `self.swap`.
-    fn swap_to(&self, extents: Vec<Extent>, reason: &str, cutover: bool, mut check: impl FnMut() -> Result<(), CommitError>) -> Result<SwapReport, MigrateError> {
+    fn swap_to(&self, extents: Vec<Extent>, reason: &str, cutover: bool, check: impl FnMut() -> Result<(), CommitError>) -> Result<SwapReport, MigrateError> {
         let old = self.volume.translation();
         let table = MappingTable::new(old.table().generation() + 1, extents)?;
         let translation = Translation::open(table, &self.stores, old.redundancy())?;
         let record = self.state_dir.load(&self.spec.volume)?;
         let config_extents = record.map(|r| r.config_extents).unwrap_or_else(|| old.table().extents().to_vec());
-        let mut commit = GenerationCommit::new(&self.state_dir, &self.spec.volume, config_extents, reason).before_commit(move || check());
+        let mut commit = GenerationCommit::new(&self.state_dir, &self.spec.volume, config_extents, reason).before_commit(check);
         let options = SwapOptions { crash_at: if cutover { self.swap.crash_at } else { None }, ..self.swap.clone() };
         let report = self.volume.swap(translation, &options, &mut commit).map_err(MigrateError::Cutover)?;
         if let Err(e) = old.redundancy().retain_legs(&self.volume.table()) {

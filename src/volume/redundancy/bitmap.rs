@@ -76,7 +76,7 @@ impl RegionBitmap {
 
     /// Bits past `regions` in the last word stay clear.
     fn mask_tail(&self) {
-        if self.regions % 64 != 0 {
+        if !self.regions.is_multiple_of(64) {
             if let Some(last) = self.words.last() {
                 last.fetch_and((1u64 << (self.regions % 64)) - 1, SeqCst);
             }

@@ -58,7 +58,7 @@ impl MirrorTarget {
 
     /// Runs a read-like operation on the least busy leg that has `rs`,
     /// failing over to the next on error.
-    fn from_one_leg<T>(&self, rs: Range<usize>, what: &str, mut op: impl FnMut(&MirrorLeg) -> io::Result<T>) -> io::Result<T> {
+    fn on_one_leg<T>(&self, rs: Range<usize>, what: &str, mut op: impl FnMut(&MirrorLeg) -> io::Result<T>) -> io::Result<T> {
         // Legs tried so far, as bits (no allocation per read; a mirror has
         // far fewer than 64 legs).
         let mut tried = 0u64;
@@ -68,7 +68,7 @@ impl MirrorTarget {
                 .filter(|i| tried & (1 << i) == 0 && self.legs[*i].state.readable(rs.clone()))
                 .min_by_key(|i| self.legs[*i].state.reads());
             let Some(i) = pick else {
-                return Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::Other, format!("{what}: no mirror leg has this range in sync"))));
+                return Err(last.unwrap_or_else(|| io::Error::other(format!("{what}: no mirror leg has this range in sync"))));
             };
             tried |= 1 << i;
             let leg = &self.legs[i];
@@ -87,7 +87,7 @@ impl MirrorTarget {
 
     /// Applies a change to every writable leg, after the intent bits of
     /// its regions are durable.
-    fn to_every_leg(&self, offset: u64, length: u64, what: &str, op: impl Fn(&MirrorLeg) -> io::Result<()>) -> io::Result<()> {
+    fn on_every_leg(&self, offset: u64, length: u64, what: &str, op: impl Fn(&MirrorLeg) -> io::Result<()>) -> io::Result<()> {
         let rs = self.regions(offset, length);
         let _intent = self.redundancy.intent().begin_write(rs.clone())?;
         let mut complete = false;
@@ -119,33 +119,33 @@ impl MirrorTarget {
 impl Target for MirrorTarget {
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let rs = self.regions(offset, buf.len() as u64);
-        self.from_one_leg(rs, "read", |leg| leg.store.read_at(buf, leg.offset + offset))
+        self.on_one_leg(rs, "read", |leg| leg.store.read_at(buf, leg.offset + offset))
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        self.to_every_leg(offset, data.len() as u64, "write", |leg| leg.store.write_at(data, leg.offset + offset, fua))
+        self.on_every_leg(offset, data.len() as u64, "write", |leg| leg.store.write_at(data, leg.offset + offset, fua))
     }
 
     fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {
         let mode = ZeroMode { may_trim: true, fast_only: false };
-        self.to_every_leg(offset, length, "trim", |leg| leg.store.write_zeroes(leg.offset + offset, length, mode, fua))
+        self.on_every_leg(offset, length, "trim", |leg| leg.store.write_zeroes(leg.offset + offset, length, mode, fua))
     }
 
     fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode, fua: bool) -> io::Result<()> {
         if mode.fast_only && !self.fast_zero_certain(mode) {
             return Err(Errno::EOPNOTSUPP.into());
         }
-        self.to_every_leg(offset, length, "write_zeroes", |leg| leg.store.write_zeroes(leg.offset + offset, length, mode, fua))
+        self.on_every_leg(offset, length, "write_zeroes", |leg| leg.store.write_zeroes(leg.offset + offset, length, mode, fua))
     }
 
     fn block_status(&self, offset: u64, length: u64, max_runs: usize) -> io::Result<Vec<Allocation>> {
         let rs = self.regions(offset, length);
-        self.from_one_leg(rs, "block_status", |leg| leg.store.block_status(leg.offset + offset, length, max_runs))
+        self.on_one_leg(rs, "block_status", |leg| leg.store.block_status(leg.offset + offset, length, max_runs))
     }
 
     fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
         let rs = self.regions(offset, length);
-        self.from_one_leg(rs, "cache", |leg| leg.store.cache(leg.offset + offset, length))
+        self.on_one_leg(rs, "cache", |leg| leg.store.cache(leg.offset + offset, length))
     }
 
     /// Flushes every writable leg; a leg that cannot flush is failed. The
