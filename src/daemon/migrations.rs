@@ -1,13 +1,11 @@
 //! The migration registry: jobs running in this process and finished ones
 //! (known from their checkpoints), and the `migrate_*` operations.
 
-use super::assemble::store_uses;
 use super::{Daemon, DaemonError};
 use crate::map::Range;
 use crate::api::{MigrationState, MigrationStatus};
 use crate::migrate::{self, Checkpoint, MigrationJob, MigrationSpec};
 use crate::persist::{now_secs, StateDir};
-use crate::pool::placement;
 use crate::sync::lock;
 use crate::volume::{Catalog, SwapOptions};
 use std::collections::BTreeMap;
@@ -107,30 +105,15 @@ impl Daemon {
         if self.pauses.contains(&name) {
             return Err(DaemonError::Paused(name));
         }
-        let dest = catalog.stores.get(&req.to).ok_or_else(|| DaemonError::NoBackend(req.to.clone()))?;
-        let block = volume.spec().block_size as u64;
-        let range = req.range.unwrap_or(Range::new(0, volume.size()));
-        if range.is_empty() || range.end > volume.size() {
-            return Err(DaemonError::RangeOutside { volume: name, range, size: volume.size() });
+        if !catalog.stores.contains_key(&req.to) {
+            return Err(DaemonError::NoBackend(req.to.clone()));
         }
-        if !range.start.is_multiple_of(block) || !range.len().is_multiple_of(block) {
-            return Err(DaemonError::RangeMisaligned { range, block });
-        }
+        let (range, block) = super::mirror_ops::range_of(&volume, req.range)?;
         let chunk = req.chunk.unwrap_or(migrate::DEFAULT_CHUNK);
         if chunk == 0 || !chunk.is_multiple_of(block) {
             return Err(DaemonError::BadChunk { chunk, block });
         }
-        // Every range of the destination store (under any of its names) in
-        // use: volume mappings and destinations of running migrations.
-        let same_store = |n: &str| catalog.stores.get(n).is_some_and(|s| Arc::ptr_eq(s, dest));
-        let tables: Vec<_> = catalog.volumes.values().map(|v| (v.name(), v.table())).collect();
-        let mut used: Vec<Range> = store_uses(tables.iter().map(|(n, t)| (*n, t)), same_store).into_iter().map(|u| u.range).collect();
-        used.extend(self.running_migrations().iter().filter(|s| same_store(&s.dest)).map(|s| Range::new(s.dest_offset, s.range.len())));
-        let placed = match req.to_offset {
-            Some(off) => placement::check_at(&used, dest.size(), off, range.len(), block),
-            None => placement::lowest_free(&used, dest.size(), range.len(), block),
-        };
-        let dest_offset = placed.map_err(|error| DaemonError::Placement { dest: req.to.clone(), error })?;
+        let dest_offset = self.place_on(&req.to, req.to_offset, range.len(), block)?;
         let spec = MigrationSpec {
             volume: name.clone(),
             range,

@@ -10,6 +10,20 @@ use crate::sync::lock;
 use crate::volume::{LegCondition, LegEvent, Volume};
 use std::sync::Arc;
 
+/// `range` (default: the whole volume), checked to lie inside `volume`
+/// and be aligned to its block size; and that block size.
+pub(super) fn range_of(volume: &Volume, range: Option<Range>) -> Result<(Range, u64), DaemonError> {
+    let block = volume.spec().block_size as u64;
+    let range = range.unwrap_or(Range::new(0, volume.size()));
+    if range.is_empty() || range.end > volume.size() {
+        return Err(DaemonError::RangeOutside { volume: volume.name().into(), range, size: volume.size() });
+    }
+    if !range.start.is_multiple_of(block) || !range.len().is_multiple_of(block) {
+        return Err(DaemonError::RangeMisaligned { range, block });
+    }
+    Ok((range, block))
+}
+
 /// What `mirror add` asks for.
 #[derive(Debug, Clone)]
 pub struct MirrorAddRequest {
@@ -56,14 +70,7 @@ impl Daemon {
         let _admin = lock(&self.admin);
         let volume = self.mirror_checks(&req.volume)?;
         let name = req.volume.clone();
-        let block = volume.spec().block_size as u64;
-        let range = req.range.unwrap_or(Range::new(0, volume.size()));
-        if range.is_empty() || range.end > volume.size() {
-            return Err(DaemonError::RangeOutside { volume: name, range, size: volume.size() });
-        }
-        if !range.start.is_multiple_of(block) || !range.len().is_multiple_of(block) {
-            return Err(DaemonError::RangeMisaligned { range, block });
-        }
+        let (range, block) = range_of(&volume, req.range)?;
         let red = volume.translation().redundancy().clone();
         if let Some(leg) = red.leg(&req.to).filter(|l| l.condition() != LegCondition::Split) {
             let failed = leg.condition() == LegCondition::Failed;

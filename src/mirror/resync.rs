@@ -69,6 +69,12 @@ impl ResyncJob {
                 let copied = loop {
                     red.intent().begin_copy(r);
                     let result = self.copy_region(&red, &leg, r, buf.as_mut_slice(), &mut known);
+                    if result.is_ok() {
+                        // Still inside the copy's exclusion: a write admitted
+                        // after it must see the region as the leg's (writes
+                        // skip a leg's stale regions, see the mirror target).
+                        leg.stale().clear(r);
+                    }
                     red.intent().end_copy(r);
                     match result {
                         Ok(bytes) => break bytes,
@@ -84,7 +90,6 @@ impl ResyncJob {
                         Err(CopyError::NoSource(r)) => return ResyncEnd::Failed(format!("no in-sync leg has region {r}")),
                     }
                 };
-                leg.stale().clear(r);
                 leg.copied.fetch_add(copied, Ordering::Relaxed);
                 limiter.pay(copied);
                 window_bytes += copied;

@@ -44,18 +44,6 @@ impl Target for LinearTarget {
         self.store.cache(self.offset + offset, length)
     }
 
-    fn min_io(&self) -> u32 {
-        self.store.info().min_io
-    }
-
-    fn may_block(&self) -> bool {
-        self.store.may_block()
-    }
-
-    fn rotational(&self) -> bool {
-        self.store.info().rotational
-    }
-
     fn fast_zero_certain(&self, mode: ZeroMode) -> bool {
         self.store.fast_zero_certain(mode)
     }

@@ -1,7 +1,8 @@
 //! The mirror target (dm-raid1): the same bytes on every leg.
 //!
 //! - Writes, trims and zeroings: the regions' intent bits are made durable,
-//!   then the change goes to every writable leg before the reply. A leg
+//!   then the change goes to every writable leg before the reply (except a
+//!   resyncing leg that lacks all its regions: the resync brings them). A leg
 //!   that fails is marked failed (the volume's `Redundancy` persists and
 //!   reports it) and I/O goes on; the client sees an error only if no leg
 //!   that has every region of the request took it. Legs that are failed
@@ -14,7 +15,7 @@
 
 use super::Target;
 use crate::backend::{errno_of, Allocation, Backend, ZeroMode};
-use crate::volume::redundancy::{LegState, Redundancy};
+use crate::volume::redundancy::{LegCondition, LegState, Redundancy};
 use nix::errno::Errno;
 use std::io;
 use std::ops::Range;
@@ -97,6 +98,12 @@ impl MirrorTarget {
                 leg.state.stale().set_volatile(rs.clone());
                 continue;
             }
+            // A resyncing leg that lacks every region here gets them by the
+            // resync copy, which cannot run while this write holds them
+            // (`begin_write`) and reads them from a leg that has this write.
+            if leg.state.condition() == LegCondition::Resyncing && leg.state.stale().all(rs.clone()) {
+                continue;
+            }
             // Whether the leg had every region before this change.
             let had_all = leg.state.readable(rs.clone());
             match op(leg) {
@@ -154,7 +161,7 @@ impl Target for MirrorTarget {
         let mut complete = false;
         let mut first_error = None;
         for leg in self.legs.iter().filter(|l| l.state.writable()) {
-            let in_sync = leg.state.condition() == crate::volume::LegCondition::InSync;
+            let in_sync = leg.state.condition() == LegCondition::InSync;
             match leg.store.flush() {
                 Ok(()) => complete |= in_sync,
                 Err(e) => {
@@ -172,18 +179,6 @@ impl Target for MirrorTarget {
 
     fn redundant(&self) -> bool {
         true
-    }
-
-    fn min_io(&self) -> u32 {
-        self.stores.iter().map(|s| s.info().min_io).max().unwrap_or(1)
-    }
-
-    fn may_block(&self) -> bool {
-        self.stores.iter().any(|s| s.may_block())
-    }
-
-    fn rotational(&self) -> bool {
-        self.stores.iter().any(|s| s.info().rotational)
     }
 
     fn fast_zero_certain(&self, mode: ZeroMode) -> bool {

@@ -71,11 +71,18 @@ pub trait Target: Send + Sync + Debug {
         false
     }
 
-    /// Smallest I/O unit this target accepts.
-    fn min_io(&self) -> u32;
-    /// Whether a small I/O may take long (see `Backend::may_block`).
-    fn may_block(&self) -> bool;
-    fn rotational(&self) -> bool;
+    /// Smallest I/O unit this target accepts: its stores' largest.
+    fn min_io(&self) -> u32 {
+        self.stores().iter().map(|s| s.info().min_io).max().unwrap_or(1)
+    }
+    /// Whether a small I/O may take long (see `Backend::may_block`): if any
+    /// of its stores may.
+    fn may_block(&self) -> bool {
+        self.stores().iter().any(|s| s.may_block())
+    }
+    fn rotational(&self) -> bool {
+        self.stores().iter().any(|s| s.info().rotational)
+    }
     /// Whether fast zeroing in `mode` is certain to succeed, known before
     /// trying (see `Backend::fast_zero_certain`).
     fn fast_zero_certain(&self, mode: ZeroMode) -> bool;

@@ -119,18 +119,6 @@ impl Target for StripeTarget {
         self.segments(offset, length).try_for_each(|s| self.store(&s).cache(s.at, s.length))
     }
 
-    fn min_io(&self) -> u32 {
-        self.stores.iter().map(|s| s.info().min_io).max().unwrap_or(1)
-    }
-
-    fn may_block(&self) -> bool {
-        self.stores.iter().any(|s| s.may_block())
-    }
-
-    fn rotational(&self) -> bool {
-        self.stores.iter().any(|s| s.info().rotational)
-    }
-
     fn fast_zero_certain(&self, mode: ZeroMode) -> bool {
         self.stores.iter().all(|s| s.fast_zero_certain(mode))
     }

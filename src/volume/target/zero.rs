@@ -39,18 +39,6 @@ impl Target for ZeroTarget {
         Ok(())
     }
 
-    fn min_io(&self) -> u32 {
-        1
-    }
-
-    fn may_block(&self) -> bool {
-        false
-    }
-
-    fn rotational(&self) -> bool {
-        false
-    }
-
     /// Trivially fast: nothing to do.
     fn fast_zero_certain(&self, _mode: ZeroMode) -> bool {
         true
