@@ -367,7 +367,7 @@ declare -A WL_FIO=(
 copier_ticks() { # -> utime+stime of the server's copier thread, or empty
   local t
   for t in /proc/"$SERVER_PID"/task/*; do
-    if [[ $(cat "$t/comm" 2>/dev/null) == nbdvirt-migrat* ]]; then
+    if [[ $(cat "$t/comm" 2>/dev/null) == @(nbdvirt-migrat*|resync-*) ]]; then
       awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "$t/stat"
       return 0
     fi
@@ -538,7 +538,7 @@ EOF
   echo "Per-round ratio = the two adjacent runs of one round (less sensitive to load drifting over the benchmark)."
   echo "Each 'migrating' run: \`migrate start v --to dst${FG_RATE:+ --rate $FG_RATE}\` (${FG_RATE:-default} rate), ${SETTLE}s, fio (${RAMP}s ramp + ${RUNTIME}s), then \`migrate abort v\`;"
   echo "before every run (both conditions): \`sync\` and the source file read into the page cache."
-  echo "'copy rate' = copied_bytes delta over the fio run. CPU in % of one core; copier = the nbdvirt-migrate thread."
+  echo "'copy rate' = copied_bytes delta over the fio run. CPU in % of one core; copier = the resync thread that copies for the migration (resync-DEST)."
   echo
 fi
 echo "loadavg after: $(cut -d' ' -f1-3 /proc/loadavg)"

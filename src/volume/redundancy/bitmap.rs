@@ -25,8 +25,6 @@ use std::sync::{Mutex, MutexGuard};
 #[derive(Debug)]
 pub struct RegionBitmap {
     words: Vec<AtomicU64>,
-    /// Bits callers of `set_durable` wait to see on disk.
-    pending: Vec<AtomicU64>,
     regions: usize,
     file: Option<(PathBuf, File)>,
     /// Serialises writers of the file, and clearing against durable sets.
@@ -41,14 +39,7 @@ fn words_for(regions: usize) -> usize {
 
 impl RegionBitmap {
     pub fn in_memory(regions: usize) -> RegionBitmap {
-        RegionBitmap {
-            words: (0..words_for(regions)).map(|_| AtomicU64::new(0)).collect(),
-            pending: (0..words_for(regions)).map(|_| AtomicU64::new(0)).collect(),
-            regions,
-            file: None,
-            writer: Mutex::new(()),
-            synced: AtomicUsize::new(0),
-        }
+        RegionBitmap { words: (0..words_for(regions)).map(|_| AtomicU64::new(0)).collect(), regions, file: None, writer: Mutex::new(()), synced: AtomicUsize::new(0) }
     }
 
     /// Opens (or creates, all clear) the bitmap at `path`. A file of the
@@ -73,8 +64,7 @@ impl RegionBitmap {
             .chunks(8)
             .map(|c| AtomicU64::new(if all { u64::MAX } else { u64::from_le_bytes(c.try_into().expect("8 bytes")) }))
             .collect();
-        let pending = (0..n).map(|_| AtomicU64::new(0)).collect();
-        let bitmap = RegionBitmap { words, pending, regions, file: Some((path.to_path_buf(), file)), writer: Mutex::new(()), synced: AtomicUsize::new(0) };
+        let bitmap = RegionBitmap { words, regions, file: Some((path.to_path_buf(), file)), writer: Mutex::new(()), synced: AtomicUsize::new(0) };
         bitmap.mask_tail();
         bitmap.synced.store(bitmap.count(), SeqCst);
         if !existed || all {
@@ -119,38 +109,32 @@ impl RegionBitmap {
 
     /// Sets `rs` and returns once they are on disk; only then are they
     /// visible to [`get`](Self::get).
-    ///
-    /// Group commit: a caller first posts its bits in `pending`; whoever
-    /// holds the writer lock writes every posted bit with one pwrite and
-    /// one fdatasync, so writers that arrive together share a sync instead
-    /// of queueing one each (on a disk, the difference between one and
-    /// dozens of syncs when a burst dirties many regions at once).
     pub fn set_durable(&self, rs: Range<usize>) -> io::Result<()> {
         let rs = rs.start.min(self.regions)..rs.end.min(self.regions);
         if self.all(rs.clone()) {
             return Ok(());
         }
-        for (w, m) in Self::masks(rs.clone()) {
-            self.pending[w].fetch_or(m, SeqCst);
-        }
         let _w = lock(&self.writer);
         if self.all(rs.clone()) {
             return Ok(());
         }
-        // Everything posted so far, and this caller's bits in any case (a
-        // clear may have taken them out of `pending` meanwhile).
-        let mut want: Vec<u64> = self.pending.iter().map(|p| p.swap(0, SeqCst)).collect();
-        for (w, m) in Self::masks(rs) {
-            want[w] |= m;
-        }
-        let changed: Vec<usize> = (0..want.len()).filter(|w| want[*w] & !self.words[*w].load(SeqCst) != 0).collect();
-        if let (Some((_, file)), Some(first), Some(last)) = (&self.file, changed.first(), changed.last()) {
-            let raw: Vec<u8> = (*first..=*last).flat_map(|w| (self.words[w].load(SeqCst) | want[w]).to_le_bytes()).collect();
-            file.write_all_at(&raw, *first as u64 * 8)?;
+        if let Some((_, file)) = &self.file {
+            let (first, last) = (rs.start / 64, (rs.end - 1) / 64);
+            let mut raw = Vec::with_capacity((last - first + 1) * 8);
+            for w in first..=last {
+                let mut word = self.words[w].load(SeqCst);
+                for (mw, m) in Self::masks(rs.clone()) {
+                    if mw == w {
+                        word |= m;
+                    }
+                }
+                raw.extend_from_slice(&word.to_le_bytes());
+            }
+            file.write_all_at(&raw, first as u64 * 8)?;
             file.sync_data()?;
         }
-        for w in changed {
-            self.words[w].fetch_or(want[w], SeqCst);
+        for (w, m) in Self::masks(rs) {
+            self.words[w].fetch_or(m, SeqCst);
         }
         Ok(())
     }
