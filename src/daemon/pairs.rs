@@ -17,6 +17,7 @@ use crate::map::{drop_leg, rewrite, Extent, Leg, MappingTable, Range, TargetSpec
 use crate::backend::Backend;
 use crate::persist::StateDir;
 use crate::sync::lock;
+use crate::volume::redundancy::Tracker;
 use crate::volume::{Catalog, LegCondition, RegionBitmap, Translation, Volume, VolumeSpec};
 use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
@@ -163,11 +164,45 @@ impl Daemon {
         self.publish(None, Some(split));
         let disconnected = lock(&self.server).disconnect_export(split);
         let drain = lock(&self.swap).pause_timeout;
-        if let Err(e) = copy.pause(Vec::new(), drain) {
+        let hold = match copy.pause(Vec::new(), drain) {
+            Ok(hold) => hold,
+            Err(e) => {
+                self.publish(Some(copy.clone()), None);
+                return Err(e.into());
+            }
+        };
+        // On success the hold is never released: the split volume is
+        // retired for good. On failure the split copy comes back as it was.
+        let merged = self.rejoin(&volume, &copy, &rec, keep, rate, &mine, &theirs, disconnected);
+        if merged.is_err() {
+            copy.resume(hold);
+            if let Some(leg) = red.leg(&rec.leg) {
+                leg.set_condition(LegCondition::Split, Some(format!("split off as volume '{split}'")));
+                let _ = red.save_legs();
+            }
             self.publish(Some(copy.clone()), None);
-            return Err(e.into());
         }
-        // The hold is never released: the split volume is retired for good.
+        merged
+    }
+
+    /// The part of a merge after the split copy is drained: the leg goes
+    /// back into `volume`, the losing side resyncs the changed regions.
+    #[allow(clippy::too_many_arguments)]
+    fn rejoin(
+        &self,
+        volume: &Arc<Volume>,
+        copy: &Arc<Volume>,
+        rec: &SplitRecord,
+        keep: MergeKeep,
+        rate: Option<u64>,
+        mine: &Tracker,
+        theirs: &Tracker,
+        disconnected: usize,
+    ) -> Result<PairReport, DaemonError> {
+        let (split, into) = (rec.name.as_str(), volume.name());
+        let tracker = tracker_name(split);
+        let red = volume.translation().redundancy().clone();
+        let copy_red = copy.translation().redundancy().clone();
         copy.flush().map_err(|e| DaemonError::io(format!("flushing split volume '{split}'"), e))?;
         let union = RegionBitmap::in_memory(red.regions());
         union.union_from(mine.bits());
@@ -201,7 +236,7 @@ impl Daemon {
         let swapped = if keep == MergeKeep::Secondary {
             // Marked while the volume is held, so no read meanwhile finds
             // every copy of a changed region stale.
-            self.swap_extents_then(&volume, extents, &reason, || {
+            self.swap_extents_then(volume, extents, &reason, || {
                 // The other legs as the new table opened them (a volume left
                 // linear by the split has its leg state made anew).
                 let others: Vec<_> = red.legs().into_iter().filter(|l| l.store() != rec.leg && l.writable()).collect();
@@ -215,21 +250,27 @@ impl Daemon {
                 red.save_legs()
             })
         } else {
-            self.swap_extents(&volume, extents, &reason)
+            self.swap_extents(volume, extents, &reason)
         };
-        let report = swapped?;
+        let report = match swapped {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = red.remove_leg(&rec.leg);
+                return Err(e);
+            }
+        };
         let _ = red.remove_tracker(&tracker);
         let _ = std::fs::remove_file(self.state.root().join(split_path(split)));
         let _ = copy_red.remove_tracker(&tracker);
         let _ = std::fs::remove_dir_all(redundancy_dir(self.state.root(), split));
         for l in red.legs() {
             if l.condition() == LegCondition::Resyncing {
-                self.start_resync(&volume, l.store(), rate);
+                self.start_resync(volume, l.store(), rate);
             }
         }
         let resync_bytes = union.count() as u64 * red.region();
         tracing::info!(volume = into, split, ?keep, resync_bytes, "split copy merged back");
-        Ok(PairReport { volume: into.into(), split_volume: split.into(), leg: rec.leg, generation: report.generation, resync_bytes, disconnected })
+        Ok(PairReport { volume: into.into(), split_volume: split.into(), leg: rec.leg.clone(), generation: report.generation, resync_bytes, disconnected })
     }
 }
 
