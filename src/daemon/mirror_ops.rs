@@ -81,14 +81,9 @@ impl Daemon {
         let to = req.to.clone();
         let extents = add_leg(volume.table().extents(), range, &to, dest_offset, red.region())
             .map_err(|source| MirrorError::Table { volume: name.clone(), source })?;
-        red.add_resyncing_leg(&to, std::iter::once(red.regions_of(range.start, range.len())))
-            .map_err(|source| MirrorError::State { volume: name.clone(), source })?;
-        if let Err(e) = self.swap_extents(&volume, extents, &format!("mirror add {to}")) {
-            let _ = red.remove_leg(&to);
-            return Err(e);
-        }
+        let stale = std::iter::once(red.regions_of(range.start, range.len()));
+        self.add_leg_resyncing(&volume, &to, stale, extents, &format!("mirror add {to}"), req.rate)?;
         tracing::info!(volume = name, leg = to, offset = dest_offset, "mirror leg added; resyncing");
-        self.start_resync(&volume, &to, req.rate);
         Ok(self.mirror_view(&volume))
     }
 

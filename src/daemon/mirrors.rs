@@ -101,6 +101,27 @@ impl Daemon {
         }
     }
 
+    /// Registers `leg` as resyncing with `stale` regions, swaps `volume`
+    /// onto `extents` (which have the leg) and starts its resync; if the
+    /// swap fails the leg's state is forgotten again.
+    pub(super) fn add_leg_resyncing(
+        &self,
+        volume: &Arc<Volume>,
+        leg: &str,
+        stale: impl Iterator<Item = std::ops::Range<usize>>,
+        extents: Vec<Extent>,
+        reason: &str,
+        rate: Option<u64>,
+    ) -> Result<SwapReport, DaemonError> {
+        let red = volume.translation().redundancy().clone();
+        red.add_resyncing_leg(leg, stale).map_err(|source| MirrorError::State { volume: volume.name().into(), source })?;
+        let report = self.swap_extents(volume, extents, reason).inspect_err(|_| {
+            let _ = red.remove_leg(leg);
+        })?;
+        self.start_resync(volume, leg, rate);
+        Ok(report)
+    }
+
     /// Swaps `volume` onto `extents` as its next generation through
     /// pause–drain–swap, persisted with `reason`.
     pub(super) fn swap_extents(&self, volume: &Arc<Volume>, extents: Vec<Extent>, reason: &str) -> Result<SwapReport, DaemonError> {

@@ -57,12 +57,7 @@ impl Daemon {
             })
         })
         .map_err(|source| MirrorError::Table { volume: name.into(), source })?;
-        red.add_resyncing_leg(&spare, regions.into_iter()).map_err(|source| MirrorError::State { volume: name.into(), source })?;
-        if let Err(e) = self.swap_extents(volume, extents, &format!("spare {spare} for failed {failed}")) {
-            let _ = red.remove_leg(&spare);
-            return Err(e);
-        }
-        self.start_resync(volume, &spare, None);
+        self.add_leg_resyncing(volume, &spare, regions.into_iter(), extents, &format!("spare {spare} for failed {failed}"), None)?;
         Ok(Some(spare))
     }
 }
