@@ -277,19 +277,12 @@ impl Redundancy {
         if self.intent.bits().count() == 0 {
             return Ok(());
         }
-        for leg in self.legs() {
-            if leg.writable() {
-                if let Some(b) = leg.backend() {
-                    b.flush()?;
-                }
-            }
-            leg.stale().sync()?;
-        }
+        self.flush_legs(false)?;
         let bits = self.intent.bits();
-        let _w = bits.writer();
-        bits.clear_all();
-        bits.write_back()?;
-        drop(_w);
+        {
+            let _w = bits.writer();
+            bits.clear_all();
+        }
         bits.sync()
     }
 
@@ -297,19 +290,24 @@ impl Redundancy {
     /// writable leg and syncing every leg's stale map (see
     /// `WriteIntent::clear_idle`).
     pub fn clear_idle(&self) -> io::Result<usize> {
-        self.intent.clear_idle(|| {
-            for leg in self.legs() {
-                if leg.writable() {
-                    if let Some(b) = leg.backend() {
-                        if let Err(e) = b.flush() {
-                            self.leg_failed(&leg, format!("{:?}: flush: {e}", crate::backend::errno_of(&e)));
-                        }
-                    }
+        self.intent.clear_idle(|| self.flush_legs(true))
+    }
+
+    /// Flushes every writable leg, then syncs every leg's stale map, so
+    /// every completed write is on each writable leg's disk and every stale
+    /// mark on disk. A leg whose flush fails is failed (its regions in
+    /// doubt become stale) with `fail_legs`; without, the error is returned.
+    fn flush_legs(&self, fail_legs: bool) -> io::Result<()> {
+        for leg in self.legs() {
+            if let Some(b) = leg.backend().filter(|_| leg.writable()) {
+                match b.flush() {
+                    Err(e) if fail_legs => self.leg_failed(&leg, format!("{:?}: flush: {e}", crate::backend::errno_of(&e))),
+                    other => other?,
                 }
-                leg.stale().sync()?;
             }
-            Ok(())
-        })
+            leg.stale().sync()?;
+        }
+        Ok(())
     }
 }
 
