@@ -22,6 +22,8 @@ pub enum ErrorKind {
     /// A table swap did not happen (drain timeout, commit failure); the
     /// volume stays on its previous generation.
     SwapFailed,
+    /// A pool has not enough free (or reclaimable) space for the request.
+    NoSpace,
     /// A bug or an unexpected condition on the server.
     Internal,
     /// Anything else, including failures of the client itself (server
@@ -42,6 +44,7 @@ pub enum ExitCode {
     Io = 5,
     SwapFailed = 6,
     Invalid = 7,
+    NoSpace = 8,
 }
 
 impl ErrorKind {
@@ -52,6 +55,7 @@ impl ErrorKind {
             ErrorKind::Invalid => ExitCode::Invalid,
             ErrorKind::Io => ExitCode::Io,
             ErrorKind::SwapFailed => ExitCode::SwapFailed,
+            ErrorKind::NoSpace => ExitCode::NoSpace,
             ErrorKind::Internal | ErrorKind::Other => ExitCode::Other,
         }
     }
@@ -65,6 +69,7 @@ impl ErrorKind {
             ErrorKind::Invalid => "invalid",
             ErrorKind::Io => "io",
             ErrorKind::SwapFailed => "swap_failed",
+            ErrorKind::NoSpace => "no_space",
             ErrorKind::Internal => "internal",
             ErrorKind::Other => "other",
         }
@@ -97,7 +102,7 @@ mod tests {
 
     #[test]
     fn kinds_are_snake_case_and_unknown_ones_are_other() {
-        for k in [ErrorKind::NotFound, ErrorKind::Busy, ErrorKind::Conflict, ErrorKind::Invalid, ErrorKind::Io, ErrorKind::SwapFailed, ErrorKind::Internal] {
+        for k in [ErrorKind::NotFound, ErrorKind::Busy, ErrorKind::Conflict, ErrorKind::Invalid, ErrorKind::Io, ErrorKind::SwapFailed, ErrorKind::NoSpace, ErrorKind::Internal] {
             assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
             assert_eq!(serde_json::from_value::<ErrorKind>(k.as_str().into()).unwrap(), k);
         }

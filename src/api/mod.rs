@@ -10,6 +10,7 @@
 mod error;
 mod mirror;
 mod fault;
+mod pool;
 mod report;
 mod request;
 mod response;
@@ -17,6 +18,10 @@ mod status;
 
 pub use error::{ApiError, ErrorKind, ExitCode};
 pub use mirror::{LegStatus, MergeKeep, MirrorList, MirrorStatus, PairReport, TrackerStatus};
+pub use pool::{
+    PoolCheckList, PoolCheckReport, PoolChoice, PoolLayout, PoolList, PoolStatus, PoolStoreStatus, PoolVolumeInfo, ResizeReport, UsageReport,
+    VolumeCreate, VolumePriority, VolumeUsage,
+};
 pub use fault::{FaultErrorArg, FaultReport, FaultScopeArg};
 pub use report::{GenerationRecord, MigrationList, MigrationState, MigrationStatus, ReloadReport, SwapOutcome};
 pub use request::{RangeArg, Request};

@@ -117,6 +117,36 @@ pub enum Request {
         #[serde(default)]
         scope: super::FaultScopeArg,
     },
+    /// A volume from a pool, exported at once and persisted.
+    VolumeCreate(super::VolumeCreate),
+    /// Grows online (pause–drain–swap); shrinking drops the tail, refused
+    /// when it holds data unless `force`.
+    VolumeResize {
+        volume: String,
+        size: u64,
+        #[serde(default)]
+        force: bool,
+    },
+    /// Refused while clients are connected unless `force`.
+    VolumeDelete {
+        volume: String,
+        #[serde(default)]
+        force: bool,
+    },
+    PoolStatus {
+        #[serde(default)]
+        pool: Option<String>,
+    },
+    PoolCheck {
+        #[serde(default)]
+        pool: Option<String>,
+    },
+    /// Usage since `since` (Unix seconds; absent: since each volume was
+    /// created).
+    PoolUsage {
+        #[serde(default)]
+        since: Option<u64>,
+    },
 }
 
 fn default_keep() -> crate::api::MergeKeep {

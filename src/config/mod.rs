@@ -62,6 +62,8 @@ pub struct ServerConfig {
     /// How long an idle connection polls for the next request before it
     /// sleeps (0 = never poll).
     pub busy_poll: Duration,
+    /// Where `/metrics` (Prometheus text) is served; `None` = off.
+    pub metrics: Option<Endpoint>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +103,42 @@ impl std::str::FromStr for LegFailurePolicy {
     }
 }
 
+/// What a thin write gets when its pool has no free chunk (`on_full`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFull {
+    /// Hold the write up to `queue_timeout` while reclaim, a reload or
+    /// auto-extend finds space; then ENOSPC.
+    #[default]
+    Queue,
+    /// ENOSPC at once.
+    Error,
+}
+
+/// One `[[pool]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    pub name: String,
+    /// Volumes may ask for a class instead of a pool.
+    pub class: Option<String>,
+    /// Backends whose space the pool owns (minus the ranges config volumes
+    /// map).
+    pub backends: Vec<String>,
+    /// Allocation unit: a power of two from 64 KiB to 64 MiB.
+    pub chunk: u64,
+    /// Allocation order across pools of one class (lower first).
+    pub priority: u32,
+    pub on_full: OnFull,
+    pub queue_timeout: Duration,
+    /// Free fraction (percent of the pool) below which an event is logged
+    /// once and the low-water metric is set.
+    pub low_water_percent: u8,
+    /// Auto-extend: grow a pool store that is a regular file by this
+    /// percent of its size when the pool is full (`None` = off).
+    pub grow_percent: Option<u8>,
+    pub line: usize,
+}
+
 #[derive(Debug, Clone)]
 pub struct VolumeConfig {
     pub name: String,
@@ -130,6 +168,9 @@ pub struct Config {
     pub server: ServerConfig,
     pub backends: Vec<BackendConfig>,
     pub volumes: Vec<VolumeConfig>,
+    /// Storage pools (`[[pool]]`): space from which volumes are created at
+    /// run time (`nbdvirt volume create`).
+    pub pools: Vec<PoolConfig>,
 }
 
 impl Config {

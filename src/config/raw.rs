@@ -95,7 +95,7 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError>
             });
         }
     }
-    Ok(Config { source: None, server, backends, volumes })
+    Ok(Config { source: None, server, backends, volumes, pools: Vec::new() })
 }
 
 fn parse_server(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawServer>>) -> Result<ServerConfig, ConfigError> {
@@ -183,6 +183,7 @@ fn parse_server(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawServer>>) -> Result<
         max_inflight,
         shutdown_grace,
         default_export: s.default_export.as_ref().map(|d| d.get_ref().clone()),
+        metrics: None,
     })
 }
 

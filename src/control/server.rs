@@ -148,6 +148,12 @@ pub fn handle(daemon: &Arc<Daemon>, request: Request) -> Response {
         Request::Split { volume, leg, as_volume, read_only } => answer(daemon.split(&volume, &leg, &as_volume, read_only)),
         Request::Merge { volume, into, keep, force, rate } => answer(daemon.merge(&volume, &into, keep, force, rate)),
         Request::Fault { backend, error, scope } => answer(daemon.fault(&backend, error, scope)),
+        Request::VolumeCreate(_)
+        | Request::VolumeResize { .. }
+        | Request::VolumeDelete { .. }
+        | Request::PoolStatus { .. }
+        | Request::PoolCheck { .. }
+        | Request::PoolUsage { .. } => Response::err(crate::api::ApiError::new(crate::api::ErrorKind::Internal, "pools: not yet")),
     }
 }
 

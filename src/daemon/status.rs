@@ -29,6 +29,7 @@ fn extent_status(e: &Extent, leg_state: &dyn Fn(&str) -> Option<String>) -> Exte
         TargetSpec::Zero => ExtentStatus { layout: "zero".into(), zero: true, ..base },
         TargetSpec::Mirror { legs, region } => ExtentStatus { layout: "mirror".into(), legs: view(legs, true), region: Some(*region), ..base },
         TargetSpec::Stripe { members, chunk } => ExtentStatus { layout: "stripe".into(), legs: view(members, false), chunk: Some(*chunk), ..base },
+        TargetSpec::Thin { pool, chunk } => ExtentStatus { layout: format!("thin (pool {pool})"), chunk: Some(*chunk), ..base },
     }
 }
 

@@ -55,6 +55,7 @@ pub fn add_leg(extents: &[Extent], range: Range, store: &str, offset: u64, regio
             TargetSpec::Mirror { legs, .. } => legs.iter().cloned().chain([new]).collect(),
             TargetSpec::Zero => return Err(refuse("a zero extent: it has no data to mirror")),
             TargetSpec::Stripe { .. } => return Err(refuse("a stripe: mirroring a stripe is not supported")),
+            TargetSpec::Thin { .. } => return Err(refuse("a pool volume: its chunks are placed by its pool")),
         };
         let region = match &part.target {
             TargetSpec::Mirror { region, .. } => *region,

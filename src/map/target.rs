@@ -47,7 +47,16 @@ pub enum TargetSpec {
     /// Chunk `c` of the extent on member `c % N`, at member chunk `c / N`
     /// (dm-stripe).
     Stripe { members: Vec<Leg>, chunk: u64 },
+    /// A chunk-mapped pool volume (thin, or low priority): chunk `c` of the
+    /// extent lives wherever the volume's chunk map says, or nowhere (reads
+    /// zeros). The map is runtime state kept by the pool, not part of the
+    /// table, so the extent names no store and cannot be cut.
+    Thin { pool: String, chunk: u64 },
 }
+
+/// Allowed pool chunks (allocation units).
+pub const POOL_CHUNK_MIN: u64 = 64 << 10;
+pub const POOL_CHUNK_MAX: u64 = 64 << 20;
 
 impl TargetSpec {
     /// Every store range that bytes `[within, within+length)` of the extent
@@ -55,7 +64,7 @@ impl TargetSpec {
     pub fn locate(&self, within: u64, length: u64) -> Vec<(&str, Range)> {
         match self {
             TargetSpec::Linear { store, offset } => vec![(store.as_str(), Range::new(offset + within, length))],
-            TargetSpec::Zero => Vec::new(),
+            TargetSpec::Zero | TargetSpec::Thin { .. } => Vec::new(),
             TargetSpec::Mirror { legs, .. } => legs.iter().map(|l| (l.store.as_str(), Range::new(l.offset + within, length))).collect(),
             TargetSpec::Stripe { members, chunk } => {
                 let mut out: Vec<(&str, Range)> = Vec::new();
@@ -103,6 +112,9 @@ impl TargetSpec {
                 }
                 TargetSpec::Stripe { members: shift(members, by / members.len() as u64), chunk: *chunk }
             }
+            // Chunk numbers count from the extent's start: only whole.
+            TargetSpec::Thin { .. } if by == 0 => self.clone(),
+            TargetSpec::Thin { .. } => return None,
         })
     }
 
@@ -116,7 +128,7 @@ impl TargetSpec {
     /// piece lands on one store range and pieces run in parallel.
     pub fn boundary(&self) -> Option<u64> {
         match self {
-            TargetSpec::Stripe { chunk, .. } => Some(*chunk),
+            TargetSpec::Stripe { chunk, .. } | TargetSpec::Thin { chunk, .. } => Some(*chunk),
             _ => None,
         }
     }
@@ -167,6 +179,15 @@ impl TargetSpec {
                 }
                 if !overflow(members, length / members.len() as u64) {
                     return Err(MapError::Overflow { index });
+                }
+                Ok(())
+            }
+            TargetSpec::Thin { chunk, .. } => {
+                if !chunk.is_power_of_two() || !(POOL_CHUNK_MIN..=POOL_CHUNK_MAX).contains(chunk) {
+                    return layout(format!("chunk {chunk} must be a power of two from 64KiB to 64MiB"));
+                }
+                if !length.is_multiple_of(*chunk) {
+                    return layout(format!("length {length} is not a multiple of the chunk {chunk}"));
                 }
                 Ok(())
             }

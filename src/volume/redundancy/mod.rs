@@ -63,6 +63,10 @@ pub struct Redundancy {
     events: Mutex<Events>,
     /// Regions found dirty in the intent log at start (crash recovery).
     recovered: AtomicUsize,
+    /// The chunk map of a chunk-mapped pool volume (thin targets), set once
+    /// by the pool when the volume is built. It lives here because it is
+    /// per-volume state every translation of the volume shares.
+    chunk_map: std::sync::OnceLock<Arc<dyn crate::volume::target::ChunkMap>>,
 }
 
 impl Redundancy {
@@ -83,7 +87,17 @@ impl Redundancy {
             trackers: ArcSwap::from_pointee(trackers),
             events: Mutex::new(Events::default()),
             recovered: AtomicUsize::new(0),
+            chunk_map: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Gives a chunk-mapped volume its map (once; later calls are ignored).
+    pub fn set_chunk_map(&self, map: Arc<dyn crate::volume::target::ChunkMap>) {
+        let _ = self.chunk_map.set(map);
+    }
+
+    pub fn chunk_map(&self) -> Option<Arc<dyn crate::volume::target::ChunkMap>> {
+        self.chunk_map.get().cloned()
     }
 
     pub fn volume(&self) -> &str {

@@ -14,11 +14,13 @@
 mod linear;
 mod mirror;
 mod stripe;
+mod thin;
 mod zero;
 
 pub use linear::LinearTarget;
 pub use mirror::MirrorTarget;
 pub use stripe::StripeTarget;
+pub use thin::{ChunkMap, ChunkPlace, ThinTarget};
 pub use zero::ZeroTarget;
 
 use super::redundancy::Redundancy;
@@ -110,6 +112,10 @@ pub fn open_target(spec: &TargetSpec, ctx: &TargetCtx<'_>) -> Result<Arc<dyn Tar
         TargetSpec::Stripe { members, chunk } => {
             let stores = members.iter().map(|m| store(&m.store)).collect::<Result<Vec<_>, _>>()?;
             Arc::new(StripeTarget::new(stores, members.clone(), *chunk))
+        }
+        TargetSpec::Thin { .. } => {
+            let map = ctx.redundancy.chunk_map().ok_or_else(|| TargetError::State { message: "a thin extent needs its pool's chunk map".into() })?;
+            Arc::new(ThinTarget::new(map, ctx.length))
         }
     })
 }
