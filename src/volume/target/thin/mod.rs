@@ -2,7 +2,7 @@
 //! lives where the volume's [`ChunkMap`] says; an unmapped chunk reads as
 //! zeros and is a hole in block status. The first write to a chunk maps one
 //! (the rest of it reads zeros); a TRIM or WRITE_ZEROES covering whole
-//! chunks unmaps them; FLUSH (and a FUA write to a new chunk) first flushes
+//! chunks unmaps them (WRITE_ZEROES with NO_HOLE maps them instead); FLUSH (and a FUA write to a new chunk) first flushes
 //! the stores, then commits the map, so a mapping is never durable before
 //! the data it points at.
 //!
@@ -54,6 +54,14 @@ pub trait ChunkMap: Send + Sync + Debug {
     fn uncommitted(&self) -> bool;
     /// Every store the map may place chunks on.
     fn stores(&self) -> &[Arc<dyn Backend>];
+    /// Whether `map` may wait (for space: `on_full = "queue"`). Small
+    /// reads and writes on stores that never block run on the connection's
+    /// reader or the CPU workers; a write waiting there for space would
+    /// hold up that connection's reads, or other volumes. Asked when a
+    /// table is opened, so a change takes effect at the next table.
+    fn may_wait(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Debug)]
@@ -324,6 +332,12 @@ impl Target for ThinTarget {
             }
         }
         Ok(())
+    }
+
+    /// If its map may wait for space, like a store that may block (see
+    /// [`ChunkMap::may_wait`]).
+    fn may_block(&self) -> bool {
+        self.map.may_wait() || self.map.stores().iter().any(|s| s.may_block())
     }
 
     /// The map flushes the stores, then commits.

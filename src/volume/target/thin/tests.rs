@@ -5,7 +5,7 @@
 use super::*;
 use crate::backend::{open_backend, BackendSpec};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::Mutex;
 
 const CHUNK: u64 = 65536;
@@ -37,6 +37,8 @@ struct FakeMap {
     stolen: AtomicUsize,
     /// A chunk whose place lies past the largest file size (I/O fails).
     broken: Option<u64>,
+    /// `map` may wait for space.
+    waits: AtomicBool,
 }
 
 impl FakeMap {
@@ -56,6 +58,7 @@ impl FakeMap {
             active: AtomicI64::new(0),
             stolen: AtomicUsize::new(0),
             broken,
+            waits: AtomicBool::new(false),
         })
     }
 
@@ -127,6 +130,9 @@ impl ChunkMap for FakeMap {
     }
     fn stores(&self) -> &[Arc<dyn Backend>] {
         &self.stores
+    }
+    fn may_wait(&self) -> bool {
+        self.waits.load(SeqCst)
     }
 }
 
@@ -255,6 +261,15 @@ fn fua_commits_new_mappings_and_flush_commits() {
     assert_eq!((m.commits.load(SeqCst), m.uncommitted()), (4, false));
     assert!(t.redundant());
     assert_eq!(t.stores().len(), 1);
+}
+
+#[test]
+fn a_map_that_may_wait_makes_the_target_blocking() {
+    let (t, m) = thin(None);
+    assert!(!t.may_block());
+    m.waits.store(true, SeqCst);
+    assert!(t.may_block());
+    assert_eq!((t.min_io(), t.rotational()), (1, false));
 }
 
 #[test]
