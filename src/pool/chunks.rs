@@ -18,11 +18,17 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 const PAGE: u64 = 4096;
+/// Set in an entry while `zeroed` decides whether to unmap it: reads still
+/// go to the chunk, a write through it is made again.
+const FROZEN: u64 = 1 << 63;
 
 #[derive(Debug)]
 struct Page {
     ids: Box<[AtomicU64]>,
     stamps: Box<[AtomicU32]>,
+    /// Per chunk, which 64ths of it partial TRIMs/WRITE_ZEROES zeroed
+    /// since the last write there; all 64 → the chunk is unmapped.
+    zeroed: Box<[AtomicU64]>,
 }
 
 type Slot = Arc<OnceLock<Page>>;
@@ -108,11 +114,13 @@ impl ThinMap {
         let page = slot.get_or_init(|| Page {
             ids: (0..PAGE).map(|_| AtomicU64::new(0)).collect(),
             stamps: (0..PAGE).map(|_| AtomicU32::new(0)).collect(),
+            zeroed: (0..PAGE).map(|_| AtomicU64::new(0)).collect(),
         });
         if value != 0 {
             page.stamps[i].store(now_secs(), Relaxed);
         }
-        page.ids[i].swap(value, AcqRel)
+        page.zeroed[i].store(0, SeqCst);
+        page.ids[i].swap(value, SeqCst)
     }
 
     /// Start-up: chunk `c` is `id` (committed).
@@ -196,6 +204,59 @@ impl ThinMap {
         true
     }
 
+    /// The 64ths of a chunk that `[within, within+len)` covers whole
+    /// (`whole`) or touches at all.
+    fn granules(&self, within: u64, len: u64, whole: bool) -> u64 {
+        let g = (self.chunk / 64).max(1);
+        let (first, end) = if whole { (within.div_ceil(g), (within + len) / g) } else { (within / g, (within + len).div_ceil(g)) };
+        (first.min(64)..end.min(64)).fold(0, |m, k| m | (1 << k))
+    }
+
+    /// A write to `[within, within+len)` of chunk `c`, made through the
+    /// chunk `id`, is done: forget those zeroed 64ths, then say whether
+    /// `c` still maps `id`. False: the chunk was unmapped meanwhile (a
+    /// TRIM completing it, reclaim) and the write must be made again.
+    pub fn wrote_through(&self, c: u64, within: u64, len: u64, id: ChunkId) -> bool {
+        self.written.fetch_add(len, Relaxed);
+        let Some((slot, i)) = self.page(c) else { return false };
+        let Some(p) = slot.get() else { return false };
+        p.stamps[i].store(now_secs(), Relaxed);
+        p.zeroed[i].fetch_and(!self.granules(within, len, false), SeqCst);
+        p.ids[i].load(SeqCst) == id + 1
+    }
+
+    /// A partial TRIM/WRITE_ZEROES zeroed `[within, within+len)` of mapped
+    /// chunk `c`. When every 64th of the chunk has been zeroed since its
+    /// last write, the chunk holds only zeros: it is unmapped at once.
+    pub fn zeroed(&self, c: u64, within: u64, len: u64) -> io::Result<()> {
+        let bits = self.granules(within, len, true);
+        let Some((slot, i)) = self.page(c) else { return Ok(()) };
+        let Some(p) = slot.get() else { return Ok(()) };
+        if bits == 0 || p.zeroed[i].fetch_or(bits, SeqCst) | bits != u64::MAX {
+            return Ok(());
+        }
+        let _g = crate::sync::lock(&self.alloc);
+        let cur = p.ids[i].load(SeqCst);
+        if cur == 0 {
+            return Ok(());
+        }
+        // Freeze first, then look at the mask again: a write that cleared
+        // its 64ths after this look finds the entry changed and writes
+        // again; reads meanwhile still see the chunk's data.
+        p.ids[i].store(cur | FROZEN, SeqCst);
+        if p.zeroed[i].load(SeqCst) != u64::MAX {
+            p.ids[i].store(cur, SeqCst);
+            return Ok(());
+        }
+        p.ids[i].store(0, SeqCst);
+        self.mapped.fetch_sub(1, Relaxed);
+        if let Some(place) = self.place_of(cur - 1) {
+            place.store.trim(place.offset, self.chunk, false)?;
+        }
+        self.push(Change::Unmap { vchunk: c, id: cur - 1 });
+        Ok(())
+    }
+
     /// Unmaps chunk `c` if it maps `expect` (reclaim), or whatever it maps
     /// (`None`). Returns the chunk it mapped.
     pub fn unmap_if(&self, c: u64, expect: Option<ChunkId>) -> io::Result<Option<ChunkId>> {
@@ -223,7 +284,7 @@ impl ChunkMap for ThinMap {
     }
 
     fn lookup(&self, c: u64) -> Option<ChunkPlace> {
-        match self.entry(c) {
+        match self.entry(c) & !FROZEN {
             0 => None,
             v => self.place_of(v - 1),
         }

@@ -196,9 +196,12 @@ impl Inner {
                     Change::Unmap { vchunk, id } => (vchunk, id, false),
                 };
                 let e = MapEntry { volume: m.volume.clone(), pool: m.pool.clone(), vchunk, copy: 0, id };
+                // The store applies unmaps before maps, so a chunk mapped
+                // and unmapped again within one commit leaves no map entry.
                 if mapped {
                     batch.mapped.push(e);
                 } else {
+                    batch.mapped.retain(|x| x != &e);
                     batch.unmapped.push(e);
                 }
             }

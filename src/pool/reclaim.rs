@@ -1,7 +1,10 @@
-//! Reclaim, when a pool is short: first chunks of chunk-mapped volumes
-//! that hold only zeros (their store range is all holes: zero writes and
-//! trims punched them), then chunks of low-priority volumes, least recently
-//! written first. Normal and high priority data is never taken.
+//! Reclaim, when a pool is short. Chunks that hold only zeros come back
+//! first: a normal thin volume's chunk is unmapped as soon as TRIMs and
+//! WRITE_ZEROES have zeroed all of it (`ThinMap::zeroed`, safe against
+//! racing writes); here, low-priority volumes' chunks whose store range is
+//! all holes go first, then their other chunks, least recently written
+//! first. Normal and high priority data is never taken: a store-level scan
+//! of theirs could race a write in flight.
 
 use super::inner::Inner;
 use crate::api::VolumePriority;
@@ -19,7 +22,7 @@ impl Inner {
         };
         let mut got = 0;
         // Zero-only chunks first: nobody loses anything.
-        'zero: for (m, _) in &maps {
+        'zero: for (m, _) in maps.iter().filter(|(_, p)| *p == VolumePriority::Low) {
             for (c, id, _) in m.mapped_chunks() {
                 if got >= want {
                     break 'zero;
@@ -32,7 +35,7 @@ impl Inner {
             }
         }
         if got > 0 {
-            tracing::info!(pool, chunks = got, "reclaimed chunks that held only zeros");
+            tracing::info!(pool, chunks = got, "reclaimed low-priority chunks that held only zeros");
         }
         // Then low-priority data, oldest writes first.
         let mut low: Vec<(u32, u64, u64, usize)> = Vec::new();

@@ -107,8 +107,8 @@ fn full_pools_answer_enospc_and_low_priority_space_is_reclaimed() {
         let p = scratch.lookup(c).unwrap();
         p.store.write_at(b"scratch", p.offset, false).unwrap();
     }
-    // A chunk that holds only zeros goes first.
-    let zeros = thin.lookup(3).unwrap();
+    // A scratch chunk that holds only zeros goes first.
+    let zeros = scratch.lookup(7).unwrap();
     zeros.store.trim(zeros.offset, 1 << 20, false).unwrap();
     assert_eq!(thin.map(4).unwrap_err().raw_os_error(), Some(libc::ENOSPC));
     // The pool thread reclaims in the background for the failed write: the
@@ -116,12 +116,12 @@ fn full_pools_answer_enospc_and_low_priority_space_is_reclaimed() {
     while pools.status(None).unwrap()[0].reclaimed == 0 {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(thin.lookup(3).is_none(), "the zero-only chunk was reclaimed");
+    assert!(scratch.lookup(7).is_none(), "the zero-only chunk was reclaimed first");
     // A normal volume that needs the scratch volume's space gets it.
     pools.create(&create("data", 6 << 20, "linear", false, VolumePriority::Normal), &none).unwrap();
     let left = (0..8).filter(|c| scratch.lookup(*c).is_some()).count();
-    assert_eq!(left, 3, "five scratch chunks were reclaimed, oldest first");
-    assert!((0..3).all(|c| thin.lookup(c).is_some()), "normal data is never reclaimed");
+    assert_eq!(left, 2, "one zero-only and five more scratch chunks were reclaimed");
+    assert!((0..4).all(|c| thin.lookup(c).is_some()), "normal data is never reclaimed");
     let s = &pools.status(None).unwrap()[0];
     assert_eq!(s.reclaimed, 6 << 20);
     pools.close().unwrap();
