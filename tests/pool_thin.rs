@@ -214,7 +214,7 @@ fn reclaim_takes_the_oldest_low_priority_chunks_and_never_normal_data() {
     qemu_io_ok(&server.uri("scratch"), &["write -P 0xaa 0 8M", "flush"]);
     std::thread::sleep(Duration::from_millis(2100));
     qemu_io_ok(&server.uri("scratch"), &["write -P 0xbb 8M 16M", "flush"]);
-    let out = cli(&server, &["volume", "create", "big", "--size", "16MiB", "--pool", "p"]);
+    let out = cli(&server, &["volume", "create", "big", "--size", "32MiB", "--pool", "p"]);
     assert_eq!(out.status.code(), Some(8), "more than free + reclaimable: no_space:\n{}", text(&out));
     assert!(text(&out).contains("short by"), "the error names the shortfall:\n{}", text(&out));
     // 8 MiB more fits once the scratch volume's oldest 8 MiB are reclaimed.

@@ -30,11 +30,13 @@ pub fn written(v: &VolState) -> u64 {
     v.usage.written + v.written_unmetered + v.map.as_ref().map_or(0, |m| m.written.load(Relaxed))
 }
 
-/// The meter brought up to now (not stored).
+/// The meter brought up to now (not stored). The pool thread brings every
+/// meter up to date each second, so the allocation is taken as the
+/// current one since then.
 pub fn metered(v: &VolState, chunk: u64, now: f64) -> UsageRecord {
     let allocated = v.allocated_chunks() * chunk;
     let mut u = v.usage.clone();
-    u.byte_seconds += u.allocated as f64 * (now - u.until).max(0.0);
+    u.byte_seconds += allocated as f64 * (now - u.until).max(0.0);
     u.until = now;
     u.allocated = allocated;
     u.written = written(v);

@@ -15,27 +15,37 @@ const PERIOD: Duration = Duration::from_secs(1);
 const METER_PERIOD: Duration = Duration::from_secs(60);
 
 /// Folds what a volume wrote and held since the last update into its meter.
+/// The allocation is taken as the current one since the last update (at
+/// most a second ago: an allocation change counts from the last tick).
 pub fn meter_now(v: &mut VolState, chunk: u64, now: f64) {
     let w = v.map.as_ref().map_or(0, |m| m.written.swap(0, Relaxed));
     let allocated = v.allocated_chunks() * chunk;
     let u = &mut v.usage;
     u.written += w + std::mem::take(&mut v.written_unmetered);
-    u.byte_seconds += u.allocated as f64 * (now - u.until).max(0.0);
+    u.byte_seconds += allocated as f64 * (now - u.until).max(0.0);
     u.until = now;
     u.allocated = allocated;
 }
 
 impl Inner {
-    /// Every meter brought up to now, as a batch (with a sample each).
-    pub fn meter_batch(&self) -> Batch {
+    /// Brings every meter up to now (in memory).
+    fn meter_all(&self) {
         let now = unix_now();
         let mut st = lock(&self.state);
         let chunks: std::collections::BTreeMap<String, u64> = st.pools.iter().map(|(n, p)| (n.clone(), p.chunk())).collect();
-        let mut batch = Batch::default();
         for v in st.volumes.values_mut() {
             meter_now(v, chunks[&v.record.pool], now);
+        }
+    }
+
+    /// Every meter brought up to now, as a batch (with a sample each).
+    pub fn meter_batch(&self) -> Batch {
+        self.meter_all();
+        let st = lock(&self.state);
+        let mut batch = Batch::default();
+        for v in st.volumes.values() {
             batch.usage.push((v.record.name.clone(), v.usage.clone()));
-            batch.samples.push((v.record.name.clone(), now as u64, v.usage.clone()));
+            batch.samples.push((v.record.name.clone(), v.usage.until as u64, v.usage.clone()));
         }
         batch
     }
@@ -96,6 +106,7 @@ impl Inner {
             *last_meter = Instant::now();
             self.meter_batch()
         } else {
+            self.meter_all();
             Batch::default()
         };
         let pending = lock(&self.state).volumes.values().any(|v| v.map.as_ref().is_some_and(|m| crate::volume::target::ChunkMap::uncommitted(m.as_ref())));
