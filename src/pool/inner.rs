@@ -62,6 +62,9 @@ pub struct VolState {
     /// Written bytes reported by the daemon for thick volumes (delta since
     /// the last meter update).
     pub written_unmetered: u64,
+    /// The meter after each of the last updates (one a second), for usage
+    /// periods that start between the persisted minute samples.
+    pub recent: std::collections::VecDeque<UsageRecord>,
 }
 
 impl VolState {

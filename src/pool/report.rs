@@ -162,7 +162,13 @@ impl Inner {
             let cur = metered(v, chunk, now);
             let base = match since {
                 Some(t) if t > v.record.created => {
-                    let sample = self.meta.sample_before(&v.record.name, t).map_err(|e| PoolError::Metadata { path: self.meta.path().display().to_string(), message: e.0 })?;
+                    // The latest snapshot at or before `t`: in memory for
+                    // the last two minutes, else the persisted samples.
+                    let recent = v.recent.iter().rev().find(|u| u.until <= t as f64).filter(|_| v.recent.front().is_some_and(|f| f.until <= t as f64));
+                    let sample = match recent {
+                        Some(u) => Some((u.until as u64, u.clone())),
+                        None => self.meta.sample_before(&v.record.name, t).map_err(|e| PoolError::Metadata { path: self.meta.path().display().to_string(), message: e.0 })?,
+                    };
                     // Between samples the allocation is taken as constant.
                     sample.map(|(_, u)| {
                         let mut u = u;

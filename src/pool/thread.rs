@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 const PERIOD: Duration = Duration::from_secs(1);
 const METER_PERIOD: Duration = Duration::from_secs(60);
+/// Per-second meter snapshots kept in memory (two persisted periods).
+const RECENT: usize = 120;
 
 /// Folds what a volume wrote and held since the last update into its meter.
 /// The allocation is taken as the current one since the last update (at
@@ -25,6 +27,10 @@ pub fn meter_now(v: &mut VolState, chunk: u64, now: f64) {
     u.byte_seconds += allocated as f64 * (now - u.until).max(0.0);
     u.until = now;
     u.allocated = allocated;
+    if v.recent.len() >= RECENT {
+        v.recent.pop_front();
+    }
+    v.recent.push_back(v.usage.clone());
 }
 
 impl Inner {

@@ -129,7 +129,7 @@ impl Inner {
             Arc::new(ThinMap::new(&record.name, &record.pool, chunk, record.size / chunk, stores, members, Arc::downgrade(self) as Weak<Inner>))
         });
         let usage = UsageRecord { until: unix_now(), ..UsageRecord::default() };
-        VolState { record: record.clone(), thick: BTreeMap::new(), map, usage, written_unmetered: 0 }
+        VolState { record: record.clone(), thick: BTreeMap::new(), map, usage, written_unmetered: 0, recent: Default::default() }
     }
 
     /// Ensures `chunks` free chunks in `pool`, reclaiming low-priority space
