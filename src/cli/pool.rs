@@ -126,7 +126,8 @@ pub fn run_volume(cmd: VolumeCommand) -> CliResult {
             let req = VolumeCreate { name, size, from, layout, thin, priority: priority.into(), description };
             let info: PoolVolumeInfo = server.call(&Request::VolumeCreate(req))?;
             if json {
-                return Ok(render::json(&info));
+                render::json(&info);
+                return Ok(());
             }
             println!("created volume '{}' in pool '{}'", info.name, info.pool);
             volumes_table(&[info]);
@@ -135,7 +136,8 @@ pub fn run_volume(cmd: VolumeCommand) -> CliResult {
             let size = parse_size(&size, "--size")?;
             let report: ResizeReport = server.call(&Request::VolumeResize { volume: name, size, force })?;
             if json {
-                return Ok(render::json(&report));
+                render::json(&report);
+                return Ok(());
             }
             let v = &report.volume;
             println!("volume '{}': {} -> {} (generation {})", v.name, render::human(report.old_size), render::human(v.size), report.generation);
@@ -146,7 +148,8 @@ pub fn run_volume(cmd: VolumeCommand) -> CliResult {
         VolumeCommand::Delete { name, force, json, server } => {
             let info: PoolVolumeInfo = server.call(&Request::VolumeDelete { volume: name, force })?;
             if json {
-                return Ok(render::json(&info));
+                render::json(&info);
+                return Ok(());
             }
             println!("deleted volume '{}'; {} returned to pool '{}'", info.name, render::human(info.allocated), info.pool);
         }
@@ -159,7 +162,8 @@ pub fn run_pool(cmd: PoolCommand) -> CliResult {
         PoolCommand::Status { pool, json, server } => {
             let list: PoolList = server.call(&Request::PoolStatus { pool })?;
             if json {
-                return Ok(render::json(&list));
+                render::json(&list);
+                return Ok(());
             }
             pools_table(&list);
         }
@@ -180,7 +184,8 @@ pub fn run_pool(cmd: PoolCommand) -> CliResult {
             let since = since.map(|s| parse_since(&s, now())).transpose()?;
             let report: UsageReport = server.call(&Request::PoolUsage { since })?;
             if json {
-                return Ok(render::json(&report));
+                render::json(&report);
+                return Ok(());
             }
             usage_table(&report);
         }

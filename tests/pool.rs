@@ -1,0 +1,264 @@
+//! Pool volumes against the real binary with real clients: volumes of every
+//! layout created from a pool of three files, written with qemu-io, found
+//! again with their data after a restart and a reload; online growth seen
+//! by new connections (nbdinfo); shrink refused over data; deletion; the
+//! numbers of `pool status`; and each bad request's own exit code.
+
+mod common;
+
+use common::cli::*;
+use common::nbd_client::MIB;
+use common::script::Script;
+use common::*;
+use serde_json::Value;
+use std::process::Command;
+use std::time::Duration;
+
+/// Pool `p` (class `fast`, 1 MiB chunks) over three 64 MiB files; config
+/// volume `cfg` on a backend of its own.
+const POOL: &str = r#"[[backend]]
+name = "a"
+path = "{dir}/a.img"
+size = "64MiB"
+[[backend]]
+name = "b"
+path = "{dir}/b.img"
+size = "64MiB"
+[[backend]]
+name = "c"
+path = "{dir}/c.img"
+size = "64MiB"
+[[backend]]
+name = "other"
+path = "{dir}/other.img"
+size = "8MiB"
+
+[[pool]]
+name = "p"
+class = "fast"
+backends = ["a", "b", "c"]
+chunk = "1MiB"
+
+[[volume]]
+name = "cfg"
+[[volume.extent]]
+length = "8MiB"
+backend = "other"
+"#;
+
+/// Every layout, as (volume, extra `volume create` arguments, size in MiB).
+const LAYOUTS: [(&str, &[&str], u64); 4] = [
+    ("lin", &["--layout", "linear"], 8),
+    ("str", &["--layout", "stripe:3"], 12),
+    ("mir", &["--layout", "mirror:2"], 8),
+    ("thin", &["--thin"], 16),
+];
+
+fn qemu_io(uri: &str, cmds: &[String]) -> String {
+    require("qemu-io", "qemu-utils");
+    let mut cmd = Command::new("qemu-io");
+    cmd.env("PATH", debian_path()).args(["-f", "raw"]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    cmd.arg(uri);
+    let out = run_ok(&mut cmd);
+    assert!(!out.contains("failed") && !out.contains("Pattern verification"), "qemu-io reported a failure:\n{out}");
+    out
+}
+
+/// Writes MiB `i` of `volume` with pattern `seed + i` for each given MiB.
+fn write_mibs(server: &TestServer, volume: &str, seed: u64, mibs: &[u64]) {
+    let cmds: Vec<String> = mibs.iter().map(|i| format!("write -P {} {} 1M", (seed + i) % 250 + 1, i * MIB)).collect();
+    qemu_io(&server.uri(volume), &cmds);
+}
+
+/// Checks MiB `i` of `volume` holds pattern `seed + i` (qemu-io `read -P`).
+fn read_mibs(server: &TestServer, volume: &str, seed: u64, mibs: &[u64]) {
+    let cmds: Vec<String> = mibs.iter().map(|i| format!("read -P {} {} 1M", (seed + i) % 250 + 1, i * MIB)).collect();
+    qemu_io(&server.uri(volume), &cmds);
+}
+
+fn create(server: &TestServer, name: &str, extra: &[&str], mib: u64) -> Value {
+    let size = format!("{mib}MiB");
+    let mut args = vec!["volume", "create", name, "--size", &size, "--pool", "p", "--json"];
+    args.extend_from_slice(extra);
+    json(&cli_ok(server, &args))
+}
+
+fn pool_status(server: &TestServer) -> Value {
+    let list = json(&cli_ok(server, &["pool", "status", "p", "--json"]));
+    list["pools"][0].clone()
+}
+
+/// nbdinfo's size of `volume` on a new connection.
+fn nbd_size(server: &TestServer, volume: &str) -> u64 {
+    require("nbdinfo", "libnbd-bin");
+    let out = run_ok(Command::new("nbdinfo").env("PATH", debian_path()).args(["--size", &server.uri(volume)]));
+    out.trim().parse().unwrap_or_else(|_| panic!("nbdinfo --size printed {out:?}"))
+}
+
+fn exit_code(server: &TestServer, args: &[&str]) -> (i32, String) {
+    let out = cli(server, args);
+    (out.status.code().unwrap_or(-1), text(&out))
+}
+
+/// Allocated bytes add up: the pool's equals the sum of its volumes', and
+/// its size is free + allocated.
+fn assert_numbers_add_up(p: &Value) {
+    let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or_else(|| panic!("no number {k} in {v}"));
+    let volumes: u64 = p["volumes"].as_array().unwrap().iter().map(|v| n(v, "allocated")).sum();
+    assert_eq!(n(p, "allocated"), volumes, "pool allocated != sum of its volumes': {p}");
+    assert_eq!(n(p, "size"), n(p, "free") + n(p, "allocated"), "size != free + allocated: {p}");
+    let chunks: u64 = p["stores"].as_array().unwrap().iter().map(|s| n(s, "chunks")).sum();
+    assert_eq!(chunks * n(p, "chunk"), n(p, "size"), "stores' chunks do not make the pool's size: {p}");
+}
+
+#[test]
+fn volumes_of_every_layout_keep_their_data_across_restart_and_reload() {
+    let mut server = start(POOL);
+    for (seed, (name, extra, mib)) in LAYOUTS.iter().enumerate() {
+        let info = create(&server, name, extra, *mib);
+        assert_eq!((info["name"].as_str(), info["size"].as_u64(), info["pool"].as_str()), (Some(*name), Some(mib * MIB), Some("p")), "{info}");
+        // Exported at once; thin volumes take space only where written.
+        let all: Vec<u64> = (0..*mib).collect();
+        let written: Vec<u64> = if *name == "thin" { vec![0, 5, mib - 1] } else { all };
+        write_mibs(&server, name, seed as u64 * 40, &written);
+        read_mibs(&server, name, seed as u64 * 40, &written);
+    }
+    let thin = vol(&server, "thin");
+    assert_eq!(thin["extents"][0]["layout"], "thin (pool p)", "{thin}");
+    let p = pool_status(&server);
+    assert_numbers_add_up(&p);
+    let thin_info = p["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "thin").unwrap().clone();
+    assert_eq!(thin_info["allocated"].as_u64(), Some(3 * MIB), "a thin volume holds only the chunks written: {thin_info}");
+    let mirror = p["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "mir").unwrap().clone();
+    assert_eq!(mirror["allocated"].as_u64(), Some(16 * MIB), "a mirror holds both copies: {mirror}");
+
+    // A clean restart, then a kill -9 restart: every volume, every byte.
+    assert!(server.stop().success());
+    respawn(&mut server);
+    server.kill();
+    respawn(&mut server);
+    for (seed, (name, _, mib)) in LAYOUTS.iter().enumerate() {
+        let written: Vec<u64> = if *name == "thin" { vec![0, 5, mib - 1] } else { (0..*mib).collect() };
+        read_mibs(&server, name, seed as u64 * 40, &written);
+        assert_eq!(nbd_size(&server, name), mib * MIB);
+    }
+    // An unwritten thin chunk reads zeros.
+    qemu_io(&server.uri("thin"), &["read -P 0 1M 1M".to_string()]);
+    let check = json(&cli_ok(&server, &["pool", "check", "--json"]));
+    assert_eq!(check["pools"][0]["errors"], serde_json::json!([]), "{check}");
+
+    // A reload of the unchanged config keeps pool volumes.
+    let report = json(&cli_ok(&server, &["reload", "--json"]));
+    assert_eq!(report["removed"], serde_json::json!([]), "{report}");
+    read_mibs(&server, "lin", 0, &[0, 7]);
+
+    // Deleted volumes return their space and stay deleted after a restart.
+    let before = pool_status(&server);
+    let gone = json(&cli_ok(&server, &["volume", "delete", "str", "--json"]));
+    assert_eq!(gone["name"], "str");
+    let after = pool_status(&server);
+    assert_eq!(after["free"].as_u64().unwrap(), before["free"].as_u64().unwrap() + 12 * MIB, "{before}\n{after}");
+    assert_numbers_add_up(&after);
+    assert!(server.stop().success());
+    respawn(&mut server);
+    let status = poll_status(&server);
+    let names: Vec<&str> = status["volumes"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["cfg", "lin", "mir", "thin"], "{status}");
+    let (code, out) = exit_code(&server, &["volume", "delete", "str"]);
+    assert_eq!(code, 3, "{out}");
+}
+
+#[test]
+fn every_layout_grows_online_and_new_connections_see_the_new_size() {
+    let server = start(POOL);
+    for (seed, (name, extra, mib)) in LAYOUTS.iter().enumerate() {
+        let seed = seed as u64 * 40;
+        create(&server, name, extra, *mib);
+        write_mibs(&server, name, seed, &[0, mib - 1]);
+        let grown = 2 * mib;
+        let report = json(&cli_ok(&server, &["volume", "resize", name, "--size", &format!("{grown}MiB"), "--json"]));
+        assert_eq!((report["old_size"].as_u64(), report["volume"]["size"].as_u64()), (Some(mib * MIB), Some(grown * MIB)), "{report}");
+        assert_eq!(nbd_size(&server, name), grown * MIB, "{name}: a new connection sees the new size");
+        assert_eq!(vol(&server, name)["size"].as_u64(), Some(grown * MIB));
+        // The old data is where it was; the new tail takes writes.
+        read_mibs(&server, name, seed, &[0, mib - 1]);
+        write_mibs(&server, name, seed, &[grown - 1]);
+        read_mibs(&server, name, seed, &[0, mib - 1, grown - 1]);
+    }
+    assert_numbers_add_up(&pool_status(&server));
+}
+
+#[test]
+fn a_shrink_that_cuts_off_data_needs_force() {
+    let server = start(POOL);
+    create(&server, "lin", &[], 8);
+    create(&server, "thin", &["--thin"], 8);
+    // Nothing written past 4 MiB of `thin`: shrinking it needs no force.
+    write_mibs(&server, "thin", 0, &[1]);
+    cli_ok(&server, &["volume", "resize", "thin", "--size", "4MiB"]);
+    assert_eq!(nbd_size(&server, "thin"), 4 * MIB);
+    read_mibs(&server, "thin", 0, &[1]);
+    // Data at 6 MiB of `lin`: refused, then forced.
+    write_mibs(&server, "lin", 0, &[1, 6]);
+    let (code, out) = exit_code(&server, &["volume", "resize", "lin", "--size", "4MiB"]);
+    assert_eq!(code, 4, "a shrink over data is a conflict: {out}");
+    assert!(out.contains("--force"), "{out}");
+    assert_eq!(nbd_size(&server, "lin"), 8 * MIB, "a refused shrink changes nothing");
+    let report = json(&cli_ok(&server, &["volume", "resize", "lin", "--size", "4MiB", "--force", "--json"]));
+    assert_eq!(report["volume"]["size"].as_u64(), Some(4 * MIB), "{report}");
+    assert_eq!(nbd_size(&server, "lin"), 4 * MIB);
+    read_mibs(&server, "lin", 0, &[1]);
+    let p = pool_status(&server);
+    assert_numbers_add_up(&p);
+}
+
+#[test]
+fn bad_requests_each_have_their_own_exit_code() {
+    let server = start(POOL);
+    let cases: [(&[&str], i32, &str); 6] = [
+        (&["volume", "create", "x", "--size", "4MiB", "--pool", "nosuch"], 3, "nosuch"),
+        (&["volume", "create", "x", "--size", "4MiB", "--class", "slow"], 3, "slow"),
+        (&["volume", "create", "x", "--size", "1536KiB", "--pool", "p"], 7, "chunk"),
+        (&["volume", "create", "cfg", "--size", "4MiB", "--pool", "p"], 4, "cfg"),
+        (&["volume", "create", "x", "--size", "1GiB", "--pool", "p"], 8, "too small"),
+        (&["volume", "create", "x", "--size", "4MiB", "--pool", "p", "--layout", "raid5"], 7, "raid5"),
+    ];
+    for (args, want, names) in cases {
+        let (code, out) = exit_code(&server, args);
+        assert_eq!(code, want, "nbdvirt {args:?}: {out}");
+        assert!(out.contains(names), "nbdvirt {args:?} should name {names:?}: {out}");
+    }
+    // A thin volume may be larger than the pool (overcommit).
+    cli_ok(&server, &["volume", "create", "big", "--size", "1GiB", "--pool", "p", "--thin"]);
+    // Pool volume names are taken for config volumes and other pool volumes.
+    let (code, out) = exit_code(&server, &["volume", "create", "big", "--size", "4MiB", "--class", "fast"]);
+    assert_eq!(code, 4, "{out}");
+    // Not a pool volume: nothing to delete or resize.
+    assert_eq!(exit_code(&server, &["volume", "delete", "cfg"]).0, 3);
+    assert_eq!(exit_code(&server, &["volume", "resize", "nosuch", "--size", "4MiB"]).0, 3);
+    assert_eq!(exit_code(&server, &["pool", "status", "nosuch"]).0, 3);
+
+    // Delete while a client is connected: busy; --force disconnects it.
+    create(&server, "used", &[], 4);
+    let mut client = Script::start("holder", &server.uri("used"), "print('open', flush=True)\nimport sys\nsys.stdin.readline()\n");
+    client.expect("open", Duration::from_secs(30));
+    let (code, out) = exit_code(&server, &["volume", "delete", "used"]);
+    assert_eq!(code, 4, "delete of a volume in use: {out}");
+    assert!(out.contains("connection"), "{out}");
+    assert_eq!(nbd_size(&server, "used"), 4 * MIB, "still exported");
+    cli_ok(&server, &["volume", "delete", "used", "--force"]);
+    let listed = poll_status(&server)["volumes"].as_array().unwrap().iter().any(|v| v["name"] == "used");
+    assert!(!listed, "a deleted volume is not exported");
+    drop(client);
+
+    // A config volume may not map what the pool owns.
+    let mut config = std::fs::read_to_string(&server.config).unwrap();
+    config.push_str("\n[[volume]]\nname = \"grab\"\n[[volume.extent]]\nlength = \"4MiB\"\nbackend = \"a\"\n");
+    std::fs::write(&server.config, config).unwrap();
+    let (code, out) = exit_code(&server, &["reload"]);
+    assert_eq!(code, 4, "a config volume over pool space: {out}");
+    assert!(out.contains("pool"), "{out}");
+}
