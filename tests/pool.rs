@@ -126,6 +126,9 @@ fn volumes_of_every_layout_keep_their_data_across_restart_and_reload() {
         write_mibs(&server, name, seed as u64 * 40, &written);
         read_mibs(&server, name, seed as u64 * 40, &written);
     }
+    // A new mirror's copies start in sync: nothing was written to copy.
+    let legs = vol(&server, "mir")["extents"].as_array().unwrap().iter().flat_map(|e| e["legs"].as_array().unwrap().clone()).collect::<Vec<_>>();
+    assert!(legs.len() >= 2 && legs.iter().all(|l| l["state"] == "in_sync"), "{legs:?}");
     let thin = vol(&server, "thin");
     assert_eq!(thin["extents"][0]["layout"], "thin (pool p)", "{thin}");
     let p = pool_status(&server);

@@ -99,12 +99,25 @@ fn pool_redundancy(state_dir: &Path, info: &PoolVolumeInfo, table: &MappingTable
 }
 
 /// Builds pool volume `name` as its pool records it. A chunk-mapped one
-/// gets its chunk map before its thin target is opened.
-pub(super) fn build_pool_volume(pools: &Pools, state_dir: &Path, name: &str, stores: &HashMap<String, Arc<dyn Backend>>) -> Result<Arc<Volume>, DaemonError> {
+/// gets its chunk map before its thin target is opened. A `fresh` mirror's
+/// legs start in sync: its chunks were just allocated, none written, so
+/// there is nothing to copy (as `lvcreate --nosync`).
+pub(super) fn build_pool_volume(
+    pools: &Pools,
+    state_dir: &Path,
+    name: &str,
+    stores: &HashMap<String, Arc<dyn Backend>>,
+    fresh: bool,
+) -> Result<Arc<Volume>, DaemonError> {
     let info = pools.volume(name).ok_or_else(|| PoolError::UnknownVolume(name.into()))?;
     let table = pools.table(name)?;
     let map = pools.chunk_map(name);
     let red = pool_redundancy(state_dir, &info, &table, map.is_some())?;
+    if fresh && red.dir().is_some() {
+        for leg in table.extents().iter().filter_map(|e| e.target.legs()).flatten() {
+            red.leg_for_target(&leg.store, true, 0..0).map_err(|e| DaemonError::io(format!("pool volume '{name}': mirror state"), e))?;
+        }
+    }
     if let Some(map) = map {
         red.set_chunk_map(map);
     }
@@ -129,7 +142,7 @@ pub(super) fn add_pool_volumes(
                 info.name, info.pool
             )));
         }
-        volumes.insert(info.name.clone(), build_pool_volume(pools, state_dir, &info.name, stores)?);
+        volumes.insert(info.name.clone(), build_pool_volume(pools, state_dir, &info.name, stores, false)?);
     }
     Ok(())
 }
@@ -155,7 +168,7 @@ impl Daemon {
         let info = self.pools.create(req, &taken)?;
         // Mirror state left by an earlier volume of that name is not ours.
         let _ = std::fs::remove_dir_all(redundancy_dir(self.state.root(), &req.name));
-        let volume = match build_pool_volume(&self.pools, self.state.root(), &req.name, &catalog.stores) {
+        let volume = match build_pool_volume(&self.pools, self.state.root(), &req.name, &catalog.stores, true) {
             Ok(v) => v,
             Err(e) => {
                 if let Err(undo) = self.pools.delete(&req.name) {
