@@ -214,8 +214,44 @@ fn a_shrink_that_cuts_off_data_needs_force() {
     assert_eq!(report["volume"]["size"].as_u64(), Some(4 * MIB), "{report}");
     assert_eq!(nbd_size(&server, "lin"), 4 * MIB);
     read_mibs(&server, "lin", 0, &[1]);
+    // Striped and mirrored volumes shrink too (nothing written past the cut).
+    create(&server, "str", &["--layout", "stripe:3"], 12);
+    create(&server, "mir", &["--layout", "mirror:2"], 8);
+    write_mibs(&server, "str", 0, &[0, 5]);
+    write_mibs(&server, "mir", 0, &[0, 3]);
+    cli_ok(&server, &["volume", "resize", "str", "--size", "6MiB"]);
+    cli_ok(&server, &["volume", "resize", "mir", "--size", "4MiB"]);
+    assert_eq!((nbd_size(&server, "str"), nbd_size(&server, "mir")), (6 * MIB, 4 * MIB));
+    read_mibs(&server, "str", 0, &[0, 5]);
+    read_mibs(&server, "mir", 0, &[0, 3]);
     let p = pool_status(&server);
     assert_numbers_add_up(&p);
+    let allocated = |name: &str| p["volumes"].as_array().unwrap().iter().find(|v| v["name"] == name).unwrap()["allocated"].as_u64();
+    assert_eq!((allocated("lin"), allocated("str"), allocated("mir")), (Some(4 * MIB), Some(6 * MIB), Some(8 * MIB)), "{p}");
+}
+
+#[test]
+fn a_reload_adds_a_store_to_the_pool_and_keeps_its_volumes() {
+    let server = start(POOL);
+    create(&server, "lin", &[], 8);
+    write_mibs(&server, "lin", 7, &[0, 7]);
+    let before = pool_status(&server);
+    let grown = POOL.replace("backends = [\"a\", \"b\", \"c\"]", "backends = [\"a\", \"b\", \"c\", \"d\"]")
+        + "[[backend]]\nname = \"d\"\npath = \"{dir}/d.img\"\nsize = \"32MiB\"\n";
+    rewrite_config(&server, &grown);
+    cli_ok(&server, &["reload"]);
+    let after = pool_status(&server);
+    assert_eq!(after["size"].as_u64().unwrap(), before["size"].as_u64().unwrap() + 32 * MIB, "{after}");
+    assert_numbers_add_up(&after);
+    read_mibs(&server, "lin", 7, &[0, 7]);
+    // A store holding a volume's chunks cannot leave the pool.
+    create(&server, "wide", &["--layout", "stripe:4"], 8);
+    rewrite_config(&server, POOL);
+    let (code, out) = exit_code(&server, &["reload"]);
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("backend 'd' cannot leave"), "the refusal names the store: {out}");
+    assert_eq!(pool_status(&server)["size"], after["size"], "a refused reload changes nothing");
+    read_mibs(&server, "lin", 7, &[0, 7]);
 }
 
 #[test]
