@@ -133,6 +133,15 @@ fn volumes_of_every_layout_keep_their_data_across_restart_and_reload() {
     assert_eq!(thin["extents"][0]["layout"], "thin (pool p)", "{thin}");
     let p = pool_status(&server);
     assert_numbers_add_up(&p);
+    // The human forms name every pool and volume.
+    let text = cli_ok(&server, &["pool", "status"]);
+    for name in ["p", "lin", "str", "mir", "thin", "stripe:3", "mirror:2"] {
+        assert!(text.contains(name), "pool status does not show {name}:\n{text}");
+    }
+    let usage = json(&cli_ok(&server, &["pool", "usage", "--since", "1h", "--json"]));
+    assert!(usage["since"].as_u64() < usage["until"].as_u64(), "{usage}");
+    let billed: Vec<&str> = usage["volumes"].as_array().unwrap().iter().map(|v| v["volume"].as_str().unwrap()).collect();
+    assert!(["lin", "str", "mir", "thin"].iter().all(|v| billed.contains(v)), "{usage}");
     let thin_info = p["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "thin").unwrap().clone();
     assert_eq!(thin_info["allocated"].as_u64(), Some(3 * MIB), "a thin volume holds only the chunks written: {thin_info}");
     let mirror = p["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "mir").unwrap().clone();
@@ -270,6 +279,7 @@ fn bad_requests_each_have_their_own_exit_code() {
         assert_eq!(code, want, "nbdvirt {args:?}: {out}");
         assert!(out.contains(names), "nbdvirt {args:?} should name {names:?}: {out}");
     }
+    assert_eq!(exit_code(&server, &["pool", "usage", "--since", "yesterday"]).0, 7);
     // A thin volume may be larger than the pool (overcommit).
     cli_ok(&server, &["volume", "create", "big", "--size", "1GiB", "--pool", "p", "--thin"]);
     // Pool volume names are taken for config volumes and other pool volumes.
