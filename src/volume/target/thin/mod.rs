@@ -2,67 +2,25 @@
 //! lives where the volume's [`ChunkMap`] says; an unmapped chunk reads as
 //! zeros and is a hole in block status. The first write to a chunk maps one
 //! (the rest of it reads zeros); a TRIM or WRITE_ZEROES covering whole
-//! chunks unmaps them (WRITE_ZEROES with NO_HOLE maps them instead); FLUSH (and a FUA write to a new chunk) first flushes
-//! the stores, then commits the map, so a mapping is never durable before
-//! the data it points at.
+//! chunks unmaps them (WRITE_ZEROES with NO_HOLE maps them instead); FLUSH
+//! (and a FUA write to a new chunk) first flushes the stores, then commits
+//! the map, so a mapping is never durable before the data it points at.
 //!
 //! The map itself (allocation, commit, reclaim, metering) belongs to the
 //! pool (`crate::pool`), which implements [`ChunkMap`]; the table only says
 //! "thin, this chunk size", so this file knows nothing of pools.
 
-use super::Target;
-use crate::backend::{Allocation, Backend, ZeroMode};
-use nix::errno::Errno;
-use std::fmt::Debug;
-use std::io;
-use std::sync::Arc;
-
+mod map;
 #[cfg(test)]
 mod tests;
 
-/// Where one mapped chunk lives.
-#[derive(Debug, Clone)]
-pub struct ChunkPlace {
-    pub store: Arc<dyn Backend>,
-    /// Store offset of the chunk's first byte.
-    pub offset: u64,
-}
+pub use map::{ChunkMap, ChunkPlace};
 
-/// A volume's chunk map, kept by its pool. Chunk numbers count from the
-/// start of the volume.
-pub trait ChunkMap: Send + Sync + Debug {
-    fn chunk_size(&self) -> u64;
-    /// Where chunk `c` lives, if mapped.
-    fn lookup(&self, c: u64) -> Option<ChunkPlace>;
-    /// Chunk `c`, mapped now if it was not (a new chunk reads zeros). When
-    /// the pool has no free chunk: ENOSPC, at once or after the pool's
-    /// queue timeout.
-    fn map(&self, c: u64) -> io::Result<ChunkPlace>;
-    /// Unmaps chunk `c` (its space returns to the pool once the unmapping
-    /// is committed and no I/O that looked it up is still running).
-    fn unmap(&self, c: u64) -> io::Result<()>;
-    /// Accounts `bytes` written to chunk `c` (metering, recency).
-    fn wrote(&self, c: u64, bytes: u64);
-    /// Starts an I/O on looked-up chunks: until the matching `leave`, no
-    /// chunk unmapped meanwhile is handed to anyone else.
-    fn enter(&self) -> u64;
-    fn leave(&self, token: u64);
-    /// Makes every mapping change so far durable (flushing the stores
-    /// first).
-    fn commit(&self) -> io::Result<()>;
-    /// Whether some mapping change is not yet durable.
-    fn uncommitted(&self) -> bool;
-    /// Every store the map may place chunks on.
-    fn stores(&self) -> &[Arc<dyn Backend>];
-    /// Whether `map` may wait (for space: `on_full = "queue"`). Small
-    /// reads and writes on stores that never block run on the connection's
-    /// reader or the CPU workers; a write waiting there for space would
-    /// hold up that connection's reads, or other volumes. Asked when a
-    /// table is opened, so a change takes effect at the next table.
-    fn may_wait(&self) -> bool {
-        false
-    }
-}
+use super::Target;
+use crate::backend::{Allocation, Backend, ZeroMode};
+use nix::errno::Errno;
+use std::io;
+use std::sync::Arc;
 
 #[derive(Debug)]
 pub struct ThinTarget {
@@ -123,6 +81,10 @@ fn push_run(out: &mut Vec<Allocation>, run: Allocation, max: usize) -> bool {
 /// maps while holding one (see `with_place`).
 const MAP_TRIES: usize = 3;
 
+/// How many times a write is made again because its chunk was unmapped
+/// under it (see `ChunkMap::wrote_to`) before it fails.
+const REWRITES: usize = 8;
+
 impl ThinTarget {
     pub fn new(map: Arc<dyn ChunkMap>, length: u64) -> ThinTarget {
         ThinTarget { map, length }
@@ -160,7 +122,8 @@ impl ThinTarget {
     }
 
     /// Runs `io` on chunk `c`'s place, mapping the chunk first if need be;
-    /// `io` is told whether this call mapped it. Returns that too.
+    /// `io` is told whether this call mapped it. Returns what `io` did and
+    /// that too.
     ///
     /// `map` may wait for space, and the space reclaim frees becomes
     /// reusable only once every I/O entered before the free has left: a
@@ -169,14 +132,13 @@ impl ThinTarget {
     /// one (the place `map` returned may be unmapped by a racing TRIM and
     /// handed out before we enter). Only if TRIMs keep winning that race is
     /// the chunk mapped under a token.
-    fn with_place(&self, c: u64, mut io: impl FnMut(&ChunkPlace, bool) -> io::Result<()>) -> io::Result<bool> {
+    fn with_place<T>(&self, c: u64, mut io: impl FnMut(&ChunkPlace, bool) -> io::Result<T>) -> io::Result<(T, bool)> {
         let map = &*self.map;
         let mut mapped = false;
         for _ in 0..MAP_TRIES {
             let entered = Entered::new(map);
             if let Some(place) = map.lookup(c) {
-                io(&place, mapped)?;
-                return Ok(mapped);
+                return Ok((io(&place, mapped)?, mapped));
             }
             drop(entered);
             map.map(c)?;
@@ -184,8 +146,25 @@ impl ThinTarget {
         }
         let _entered = Entered::new(map);
         let place = map.map(c)?;
-        io(&place, true)?;
-        Ok(true)
+        Ok((io(&place, true)?, true))
+    }
+
+    /// Writes part `p` with `io` (given the place and whether the store
+    /// should do FUA itself), again while its chunk is unmapped under it.
+    /// `changed`: an earlier part changed the map (a commit follows, which
+    /// flushes the stores). Returns whether the map changed.
+    fn write_part(&self, p: &Part, fua: bool, mut changed: bool, io: impl Fn(&ChunkPlace, bool) -> io::Result<()>) -> io::Result<bool> {
+        for _ in 0..REWRITES {
+            let (kept, new) = self.with_place(p.chunk, |place, new| {
+                io(place, fua && !new && !changed)?;
+                Ok(self.map.wrote_to(p.chunk, p.within, p.length, place))
+            })?;
+            changed |= new || !kept;
+            if kept {
+                return Ok(changed);
+            }
+        }
+        Err(io::Error::other(format!("chunk {} was unmapped under {REWRITES} writes to it in a row", p.chunk)))
     }
 
     /// After a call that changed the map (or with changes of others still
@@ -201,8 +180,8 @@ impl ThinTarget {
 
     /// TRIM, or WRITE_ZEROES that may leave holes: whole chunks are
     /// unmapped (their space returns to the pool), parts of mapped chunks
-    /// go to `pass` (with the FUA flag still worth sending), and parts of
-    /// unmapped chunks read zeros already.
+    /// go to `pass` (with the FUA flag still worth sending) and then to
+    /// `ChunkMap::zeroed`, and parts of unmapped chunks read zeros already.
     fn discard(&self, offset: u64, length: u64, fua: bool, pass: impl Fn(&ChunkPlace, &Part, bool) -> io::Result<()>) -> io::Result<()> {
         self.check(offset, length)?;
         let mut changed = false;
@@ -215,7 +194,10 @@ impl ThinTarget {
                         self.map.unmap(p.chunk)?;
                         changed = true;
                     }
-                    Some(place) => pass(&place, &p, fua && !changed)?,
+                    Some(place) => {
+                        pass(&place, &p, fua && !changed)?;
+                        self.map.zeroed(p.chunk, p.within, p.length)?;
+                    }
                 }
             }
         }
@@ -257,9 +239,8 @@ impl Target for ThinTarget {
         self.check(offset, data.len() as u64)?;
         let mut changed = false;
         for p in self.parts(offset, data.len() as u64) {
-            let (part, earlier) = (&data[span(&p)], changed);
-            changed |= self.with_place(p.chunk, |place, new| place.store.write_at(part, place.offset + p.within, fua && !new && !earlier))?;
-            self.map.wrote(p.chunk, p.length);
+            let part = &data[span(&p)];
+            changed = self.write_part(&p, fua, changed, |place, fua| place.store.write_at(part, place.offset + p.within, fua))?;
         }
         self.settle(fua, changed)
     }
@@ -284,7 +265,7 @@ impl Target for ThinTarget {
         let mut changed = false;
         for p in self.parts(offset, length) {
             let earlier = changed;
-            changed |= self.with_place(p.chunk, |place, new| place.store.write_zeroes(place.offset + p.within, p.length, mode, fua && !new && !earlier))?;
+            changed |= self.with_place(p.chunk, |place, new| place.store.write_zeroes(place.offset + p.within, p.length, mode, fua && !new && !earlier))?.1;
         }
         self.settle(fua, changed)
     }

@@ -39,6 +39,10 @@ struct FakeMap {
     broken: Option<u64>,
     /// `map` may wait for space.
     waits: AtomicBool,
+    /// Writes left that find their chunk unmapped under them.
+    lose: AtomicUsize,
+    /// `zeroed` calls: (chunk, within, bytes).
+    zeroed: Mutex<Vec<(u64, u64, u64)>>,
 }
 
 impl FakeMap {
@@ -59,6 +63,8 @@ impl FakeMap {
             stolen: AtomicUsize::new(0),
             broken,
             waits: AtomicBool::new(false),
+            lose: AtomicUsize::new(0),
+            zeroed: Mutex::new(Vec::new()),
         })
     }
 
@@ -112,6 +118,21 @@ impl ChunkMap for FakeMap {
     }
     fn wrote(&self, _c: u64, bytes: u64) {
         self.written.fetch_add(bytes, SeqCst);
+    }
+    fn wrote_to(&self, c: u64, _within: u64, bytes: u64, place: &ChunkPlace) -> bool {
+        self.wrote(c, bytes);
+        let mut state = self.state.lock().unwrap();
+        if self.lose.load(SeqCst) > 0 {
+            // Unmapped (and punched) under the write, as when a partial
+            // TRIM completes the zeroing of the rest of the chunk.
+            self.lose.fetch_sub(1, SeqCst);
+            self.free_slot(&mut state, c);
+        }
+        state.map.get(&c).is_some_and(|slot| slot * CHUNK == place.offset)
+    }
+    fn zeroed(&self, c: u64, within: u64, bytes: u64) -> io::Result<()> {
+        self.zeroed.lock().unwrap().push((c, within, bytes));
+        Ok(())
     }
     fn enter(&self) -> u64 {
         self.active.fetch_add(1, SeqCst) as u64
@@ -198,6 +219,7 @@ fn whole_chunk_trim_unmaps_and_partial_trim_reaches_the_store() {
     t.write(CHUNK, &vec![1; (2 * CHUNK) as usize], false).unwrap();
     t.trim(CHUNK, CHUNK + CHUNK / 2, false).unwrap();
     assert_eq!((m.mapped(), m.unmaps.load(SeqCst)), (1, 1));
+    assert_eq!(*m.zeroed.lock().unwrap(), [(2, 0, CHUNK / 2)], "the map hears of the partial trim");
     assert_eq!(read(&t, CHUNK, CHUNK), vec![0; CHUNK as usize]);
     let two = read(&t, 2 * CHUNK, CHUNK);
     assert!(two[..(CHUNK / 2) as usize].iter().all(|b| *b == 0));
@@ -220,9 +242,11 @@ fn write_zeroes_unmaps_whole_chunks_or_provisions_without_holes() {
     // Partial zeroing of an unmapped chunk without NO_HOLE maps nothing.
     t.write_zeroes(2 * CHUNK, 16, TRIM, false).unwrap();
     assert_eq!(m.mapped(), 1);
-    // NO_HOLE maps the chunks (allocated zeros) and never unmaps.
+    // NO_HOLE maps the chunks (allocated zeros) and never unmaps, nor
+    // tells the map of zeros it could unmap.
     t.write_zeroes(CHUNK, 2 * CHUNK, NO_HOLE, false).unwrap();
     assert_eq!((m.mapped(), m.unmaps.load(SeqCst)), (2, 1));
+    assert_eq!(*m.zeroed.lock().unwrap(), [(1, 0, 16)]);
     assert_eq!(read(&t, CHUNK, 2 * CHUNK), vec![0; (2 * CHUNK) as usize]);
     assert_eq!(m.active.load(SeqCst), 0);
 }
@@ -324,4 +348,20 @@ fn a_mapping_lost_to_a_racing_trim_is_mapped_again() {
         assert_eq!(read(&t, CHUNK, 12), [0, 0, 0, 0, 0, 6, 6, 6, 6, 6, 0, 0], "stolen {stolen}");
         assert_eq!((m.mapped(), m.active.load(SeqCst)), (1, 0));
     }
+}
+
+#[test]
+fn a_write_whose_chunk_was_unmapped_under_it_is_made_again() {
+    let (t, m) = thin(None);
+    t.write(0, &[1; 8], false).unwrap();
+    t.write(CHUNK, &[1; 8], true).unwrap();
+    let commits = m.commits.load(SeqCst);
+    m.lose.store(2, SeqCst);
+    t.write(4, &[2; 8], true).unwrap();
+    assert_eq!(read(&t, 0, 14), [0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2, 0, 0], "earlier data went with the chunk, the write stayed");
+    assert_eq!((m.mapped(), m.active.load(SeqCst)), (2, 0));
+    assert_eq!(m.commits.load(SeqCst), commits + 1, "FUA commits the new mapping");
+    m.lose.store(usize::MAX, SeqCst);
+    assert!(t.write(CHUNK, &[3], false).is_err(), "gives up rather than spin");
+    assert_eq!(m.active.load(SeqCst), 0);
 }
