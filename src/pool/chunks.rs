@@ -212,23 +212,19 @@ impl ThinMap {
         (first.min(64)..end.min(64)).fold(0, |m, k| m | (1 << k))
     }
 
-    /// A write to `[within, within+len)` of chunk `c`, made through the
-    /// chunk `id`, is done: forget those zeroed 64ths, then say whether
-    /// `c` still maps `id`. False: the chunk was unmapped meanwhile (a
-    /// TRIM completing it, reclaim) and the write must be made again.
-    pub fn wrote_through(&self, c: u64, within: u64, len: u64, id: ChunkId) -> bool {
-        self.written.fetch_add(len, Relaxed);
-        let Some((slot, i)) = self.page(c) else { return false };
-        let Some(p) = slot.get() else { return false };
-        p.stamps[i].store(now_secs(), Relaxed);
-        p.zeroed[i].fetch_and(!self.granules(within, len, false), SeqCst);
-        p.ids[i].load(SeqCst) == id + 1
+    /// Whether chunk `c` maps `place` now (not frozen, not changed).
+    fn maps(&self, c: u64, place: &ChunkPlace) -> bool {
+        match self.entry(c) {
+            0 => false,
+            v if v & FROZEN != 0 => false,
+            v => self.place_of(v - 1).is_some_and(|p| p.offset == place.offset && Arc::ptr_eq(&p.store, &place.store)),
+        }
     }
 
     /// A partial TRIM/WRITE_ZEROES zeroed `[within, within+len)` of mapped
     /// chunk `c`. When every 64th of the chunk has been zeroed since its
     /// last write, the chunk holds only zeros: it is unmapped at once.
-    pub fn zeroed(&self, c: u64, within: u64, len: u64) -> io::Result<()> {
+    fn zeroed_part(&self, c: u64, within: u64, len: u64) -> io::Result<()> {
         let bits = self.granules(within, len, true);
         let Some((slot, i)) = self.page(c) else { return Ok(()) };
         let Some(p) = slot.get() else { return Ok(()) };
@@ -275,6 +271,18 @@ impl ThinMap {
         }
         self.push(Change::Unmap { vchunk: c, id });
         Ok(Some(id))
+    }
+}
+
+impl ThinMap {
+    fn wrote_to_granules(&self, c: u64, within: u64, len: u64, bytes: u64) {
+        self.written.fetch_add(bytes, Relaxed);
+        let Some((slot, i)) = self.page(c) else { return };
+        let Some(p) = slot.get() else { return };
+        p.stamps[i].store(now_secs(), Relaxed);
+        if len > 0 {
+            p.zeroed[i].fetch_and(!self.granules(within, len, false), SeqCst);
+        }
     }
 }
 
@@ -325,12 +333,23 @@ impl ChunkMap for ThinMap {
     }
 
     fn wrote(&self, c: u64, bytes: u64) {
-        self.written.fetch_add(bytes, Relaxed);
-        if let Some((slot, i)) = self.page(c) {
-            if let Some(p) = slot.get() {
-                p.stamps[i].store(now_secs(), Relaxed);
-            }
-        }
+        self.wrote_to_granules(c, 0, 0, bytes);
+    }
+
+    /// Forgets the zeroed 64ths the write touched, then checks the entry:
+    /// a write racing an unmapping (see `zeroed`) either cleared its 64ths
+    /// before the unmapping looked, or sees the entry changed here.
+    fn wrote_to(&self, c: u64, within: u64, bytes: u64, place: &ChunkPlace) -> bool {
+        self.wrote_to_granules(c, within, bytes, bytes);
+        self.maps(c, place)
+    }
+
+    fn zeroed(&self, c: u64, within: u64, bytes: u64) -> io::Result<()> {
+        self.zeroed_part(c, within, bytes)
+    }
+
+    fn may_wait(&self) -> bool {
+        self.inner.upgrade().is_some_and(|i| i.may_wait(&self.pool))
     }
 
     fn enter(&self) -> u64 {

@@ -155,6 +155,11 @@ impl Inner {
         }
     }
 
+    /// Whether allocations in `pool` may wait for space (`on_full = "queue"`).
+    pub fn may_wait(&self, pool: &str) -> bool {
+        lock(&self.state).pools.get(pool).is_some_and(|p| p.config.on_full == OnFull::Queue)
+    }
+
     /// A chunk allocated but never published goes straight back.
     pub fn give_back(&self, pool: &str, id: ChunkId) {
         if let Some(p) = lock(&self.state).pools.get_mut(pool) {

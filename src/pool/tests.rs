@@ -113,7 +113,7 @@ fn full_pools_answer_enospc_and_low_priority_space_is_reclaimed() {
     assert_eq!(thin.map(4).unwrap_err().raw_os_error(), Some(libc::ENOSPC));
     // The pool thread reclaims in the background for the failed write: the
     // zero-only chunk goes first.
-    while pools.status(None).unwrap()[0].reclaimed == 0 {
+    while pools.status(None).unwrap()[0].free == 0 {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(scratch.lookup(7).is_none(), "the zero-only chunk was reclaimed first");
@@ -124,5 +124,31 @@ fn full_pools_answer_enospc_and_low_priority_space_is_reclaimed() {
     assert!((0..4).all(|c| thin.lookup(c).is_some()), "normal data is never reclaimed");
     let s = &pools.status(None).unwrap()[0];
     assert_eq!(s.reclaimed, 6 << 20);
+    pools.close().unwrap();
+}
+
+#[test]
+fn partial_zeroing_of_a_whole_chunk_unmaps_it_and_a_racing_write_is_told_to_write_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores = vec![store("a", 8 << 20), store("b", 8 << 20), store("c", 8 << 20)];
+    let (pools, _) = Pools::open(dir.path(), &[pool(OnFull::Error)], &stores).unwrap();
+    pools.create(&create("t", 8 << 20, "linear", true, VolumePriority::Normal), &|_| false).unwrap();
+    let map = pools.chunk_map("t").unwrap();
+    let place = map.map(0).unwrap();
+    assert!(map.wrote_to(0, 0, 4096, &place), "nothing changed under the write");
+    // Half the chunk zeroed: still mapped; the other half too: unmapped.
+    map.zeroed(0, 0, 512 << 10).unwrap();
+    assert!(map.lookup(0).is_some());
+    map.zeroed(0, 512 << 10, 512 << 10).unwrap();
+    assert!(map.lookup(0).is_none(), "a chunk zeroed all over holds nothing");
+    assert!(!map.wrote_to(0, 0, 4096, &place), "a write through the old place must be made again");
+    // A write in between forgets the zeroed part it touched.
+    let place = map.map(1).unwrap();
+    map.zeroed(1, 0, 512 << 10).unwrap();
+    assert!(map.wrote_to(1, 4096, 4096, &place));
+    map.zeroed(1, 512 << 10, 512 << 10).unwrap();
+    assert!(map.lookup(1).is_some(), "the written 64th was not zeroed since");
+    map.commit().unwrap();
+    assert_eq!(pools.status(None).unwrap()[0].allocated, 1 << 20);
     pools.close().unwrap();
 }
