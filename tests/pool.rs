@@ -201,6 +201,15 @@ fn every_layout_grows_online_and_new_connections_see_the_new_size() {
         read_mibs(&server, name, seed, &[0, mib - 1, grown - 1]);
     }
     assert_numbers_add_up(&pool_status(&server));
+    // A client connected across a resize is told it keeps the old size.
+    let mut client = Script::start("holder", &server.uri("lin"), "print('open', flush=True)\nimport sys\nsys.stdin.readline()\n");
+    client.expect("open", Duration::from_secs(30));
+    let report = json(&cli_ok(&server, &["volume", "resize", "lin", "--size", "24MiB", "--json"]));
+    let note = report["note"].as_str().unwrap_or_default();
+    assert!(note.contains("1 connection(s)") && note.contains("re-attached"), "{report}");
+    let quiet = json(&cli_ok(&server, &["volume", "resize", "str", "--size", "36MiB", "--json"]));
+    assert!(quiet["note"].is_null(), "no client, nothing to say: {quiet}");
+    drop(client);
 }
 
 #[test]
