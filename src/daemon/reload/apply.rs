@@ -58,7 +58,10 @@ impl Daemon {
                 VolumeStep::Add(v, t) => (v.name().to_string(), t.clone()),
             })
             .collect();
-        for (name, v) in self.catalog().volumes.iter().filter(|(n, _)| self.is_split_volume(n)) {
+        // The running non-pool volumes' tables too: a volume this reload
+        // removes keeps its clients until the new catalog is in force, so
+        // its space joins a pool only at the next reload or start.
+        for (name, v) in self.catalog().volumes.iter().filter(|(n, _)| !self.is_pool_volume(n)) {
             tables.push((name.clone(), v.table()));
         }
         self.reconfigure_pools(new, &stores, &tables)?;
