@@ -320,3 +320,28 @@ fn bad_requests_each_have_their_own_exit_code() {
     assert_eq!(code, 4, "a config volume over pool space: {out}");
     assert!(out.contains("pool"), "{out}");
 }
+
+#[test]
+fn a_config_volume_named_like_a_pool_volume_is_refused_by_reload_and_start() {
+    let mut server = start(POOL);
+    create(&server, "db", &[], 4);
+    write_mibs(&server, "db", 3, &[0, 3]);
+    let clash = format!("{POOL}[[backend]]\nname = \"extra\"\npath = \"{{dir}}/extra.img\"\nsize = \"4MiB\"\n[[volume]]\nname = \"db\"\n[[volume.extent]]\nlength = \"4MiB\"\nbackend = \"extra\"\n");
+    rewrite_config(&server, &clash);
+    let (code, out) = exit_code(&server, &["reload"]);
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("'db' is a pool volume"), "{out}");
+    read_mibs(&server, "db", 3, &[0, 3]);
+    // At start neither may shadow the other: the server refuses, naming both.
+    assert!(server.stop().success());
+    let mut serve = Command::new(BIN);
+    serve.args(["serve", "--config"]).arg(&server.config).env_remove("NBDVIRT_CONFIG");
+    let out = run_timeout(&mut serve, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(stderr.contains("volume 'db'") && stderr.contains("pool 'p'"), "{stderr}");
+    // Back to the old config: the pool volume and its data are there.
+    rewrite_config(&server, POOL);
+    respawn(&mut server);
+    read_mibs(&server, "db", 3, &[0, 3]);
+}
