@@ -7,6 +7,7 @@ mod discover;
 mod fault;
 mod migrate;
 mod mirror;
+mod pool;
 mod render;
 mod serve;
 mod volumes;
@@ -59,6 +60,12 @@ enum Command {
     Pair(mirror::PairCommand),
     /// Make a backend fail on purpose (EIO/ENOSPC), for drills and tests; `--error off` ends it.
     Fault(fault::FaultArgs),
+    /// Volumes from a storage pool: create, resize, delete.
+    #[command(subcommand)]
+    Volume(pool::VolumeCommand),
+    /// Storage pools: status, check, usage.
+    #[command(subcommand)]
+    Pool(pool::PoolCommand),
 }
 
 fn init_logging(verbose: u8) {
@@ -93,6 +100,8 @@ pub fn run() -> ExitCode {
         Command::Mirror(c) => mirror::run(c),
         Command::Pair(c) => mirror::run_pair(c),
         Command::Fault(c) => fault::run(c),
+        Command::Volume(c) => pool::run_volume(c),
+        Command::Pool(c) => pool::run_pool(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,6 +4,7 @@
 
 mod layout;
 mod parse_ctx;
+mod pool;
 mod raw;
 mod units;
 

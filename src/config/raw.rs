@@ -21,6 +21,8 @@ struct RawConfig {
     backend: Vec<Spanned<RawBackend>>,
     #[serde(default)]
     volume: Vec<Spanned<RawVolume>>,
+    #[serde(default)]
+    pool: Vec<Spanned<super::pool::RawPool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +86,7 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError>
     let server = parse_server(&ctx, raw.server.as_ref())?;
     let backends = parse_backends(&ctx, &raw.backend)?;
     let volumes = parse_volumes(&ctx, &raw.volume, &backends)?;
+    let pools = super::pool::parse_pools(&ctx, &raw.pool, &backends)?;
     if let Some(default) = &server.default_export {
         if !volumes.iter().any(|v| &v.name == default) {
             let line = raw.server.as_ref().and_then(|s| s.get_ref().default_export.as_ref()).map(|d| ctx.line(d.span().start));
@@ -95,7 +98,7 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError>
             });
         }
     }
-    Ok(Config { source: None, server, backends, volumes, pools: Vec::new() })
+    Ok(Config { source: None, server, backends, volumes, pools })
 }
 
 fn parse_server(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawServer>>) -> Result<ServerConfig, ConfigError> {

@@ -148,12 +148,12 @@ pub fn handle(daemon: &Arc<Daemon>, request: Request) -> Response {
         Request::Split { volume, leg, as_volume, read_only } => answer(daemon.split(&volume, &leg, &as_volume, read_only)),
         Request::Merge { volume, into, keep, force, rate } => answer(daemon.merge(&volume, &into, keep, force, rate)),
         Request::Fault { backend, error, scope } => answer(daemon.fault(&backend, error, scope)),
-        Request::VolumeCreate(_)
-        | Request::VolumeResize { .. }
-        | Request::VolumeDelete { .. }
-        | Request::PoolStatus { .. }
-        | Request::PoolCheck { .. }
-        | Request::PoolUsage { .. } => Response::err(crate::api::ApiError::new(crate::api::ErrorKind::Internal, "pools: not yet")),
+        Request::VolumeCreate(req) => answer(daemon.volume_create(&req)),
+        Request::VolumeResize { volume, size, force } => answer(daemon.volume_resize(&volume, size, force)),
+        Request::VolumeDelete { volume, force } => answer(daemon.volume_delete(&volume, force)),
+        Request::PoolStatus { pool } => answer(daemon.pool_status(pool.as_deref())),
+        Request::PoolCheck { pool } => answer(daemon.pool_check(pool.as_deref())),
+        Request::PoolUsage { since } => answer(daemon.pool_usage(since)),
     }
 }
 

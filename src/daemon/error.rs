@@ -41,6 +41,15 @@ pub enum DaemonError {
     MappingLocked { at: String, volume: String },
     #[error("volume '{volume}' is removed from the config but has {connections} client connection(s); disconnect them or reload with --force")]
     ClientsConnected { volume: String, connections: usize },
+    #[error("volume '{volume}' has {connections} client connection(s) ({peers}); disconnect them or use --force")]
+    VolumeInUse { volume: String, connections: usize, peers: String },
+    /// Mirror, migration and split operations change a table; a pool
+    /// volume's table belongs to its pool.
+    #[error("volume '{0}' is a pool volume: its layout is managed by its pool (use `nbdvirt volume resize|delete`)")]
+    PoolVolume(String),
+    /// A name or a range both the config and a pool claim.
+    #[error("{0}")]
+    PoolConflict(String),
 
     #[error("volume '{0}' is not paused")]
     NotPaused(String),
@@ -74,6 +83,9 @@ pub enum DaemonError {
     /// Boxed: its table errors would make every `DaemonError` large.
     #[error(transparent)]
     Mirror(Box<super::mirror_error::MirrorError>),
+    /// Boxed like `Mirror`; its kind is the pool error's own.
+    #[error(transparent)]
+    Pool(Box<crate::pool::PoolError>),
     /// A persisted generation that is not a valid table.
     #[error("volume '{volume}': persisted generation {generation}: {source}")]
     CorruptTable { volume: String, generation: u64, source: Box<crate::map::MapError> },
@@ -94,6 +106,9 @@ impl DaemonError {
         use DaemonError::*;
         match self {
             Mirror(e) => e.as_ref().kind(),
+            Pool(e) => e.as_ref().kind(),
+            VolumeInUse { .. } => ErrorKind::Busy,
+            PoolVolume(_) | PoolConflict(_) => ErrorKind::Conflict,
             NoVolume(_) | NoBackend(_) | NoMigration(_) | NoRunningMigration(_) => ErrorKind::NotFound,
             AlreadyPaused(_) | Paused(_) | Migrating(_) | MappingLocked { .. } | ClientsConnected { .. } => ErrorKind::Busy,
             NotPaused(_) | RuntimeChanges { .. } | MigrationDestination(_) => ErrorKind::Conflict,
@@ -127,6 +142,12 @@ impl From<DaemonError> for ApiError {
     }
 }
 
+impl From<crate::pool::PoolError> for DaemonError {
+    fn from(e: crate::pool::PoolError) -> DaemonError {
+        DaemonError::Pool(Box::new(e))
+    }
+}
+
 impl From<super::mirror_error::MirrorError> for DaemonError {
     fn from(e: super::mirror_error::MirrorError) -> DaemonError {
         DaemonError::Mirror(Box::new(e))
@@ -155,6 +176,9 @@ mod tests {
             ),
             (DaemonError::io("state_dir", std::io::Error::from(std::io::ErrorKind::PermissionDenied)), ErrorKind::Io, "state_dir: permission denied"),
             (DaemonError::ReloadPartial { errors: vec!["a".into(), "b".into()], swap_failed: true }, ErrorKind::SwapFailed, "reload partly failed: a; b"),
+            (crate::pool::PoolError::NoSpace { pool: "p".into(), needed: 8, available: 3 }.into(), ErrorKind::NoSpace, "pool 'p' is too small: 8 bytes needed"),
+            (crate::pool::PoolError::UnknownClass("ssd".into()).into(), ErrorKind::NotFound, "no pool of class 'ssd'"),
+            (DaemonError::VolumeInUse { volume: "v".into(), connections: 1, peers: "p".into() }, ErrorKind::Busy, "volume 'v' has 1 client connection(s)"),
         ];
         for (e, kind, message) in cases {
             let api = ApiError::from(e);

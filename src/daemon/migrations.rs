@@ -99,6 +99,7 @@ impl Daemon {
         let catalog = self.catalog();
         let volume = self.volume(&req.volume)?;
         let name = req.volume.clone();
+        self.not_pool_volume(&name)?;
         if self.is_migrating(&name) {
             return Err(DaemonError::Migrating(name));
         }

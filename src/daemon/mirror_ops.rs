@@ -38,6 +38,7 @@ impl Daemon {
     /// Refuses changes to a volume that is being migrated or is paused.
     fn mirror_checks(&self, name: &str) -> Result<Arc<Volume>, DaemonError> {
         let volume = self.volume(name)?;
+        self.not_pool_volume(name)?;
         if self.is_migrating(name) {
             return Err(DaemonError::Migrating(name.into()));
         }
@@ -57,6 +58,8 @@ impl Daemon {
         let tables: Vec<_> = catalog.volumes.values().map(|v| (v.name(), v.table())).collect();
         let mut used: Vec<Range> = store_uses(tables.iter().map(|(n, t)| (*n, t)), same_store).into_iter().map(|u| u.range).collect();
         used.extend(self.running_migrations().iter().filter(|s| same_store(&s.dest)).map(|s| Range::new(s.dest_offset, s.range.len())));
+        // What a pool owns is not free for anyone else.
+        used.extend(catalog.stores.keys().filter(|n| same_store(n)).flat_map(|n| self.pools.owned_ranges(n)));
         let placed = match to_offset {
             Some(off) => placement::check_at(&used, dest.size(), off, len, block),
             None => placement::lowest_free(&used, dest.size(), len, block),

@@ -18,6 +18,7 @@ mod mirror_ops;
 mod mirrors;
 mod pairs;
 mod pauses;
+mod pools;
 mod reconcile;
 mod reload;
 mod spares;
@@ -49,6 +50,8 @@ pub struct Daemon {
     pauses: pauses::PauseRegistry,
     migrations: Mutex<migrations::Registry>,
     mirrors: mirrors::MirrorRegistry,
+    /// Storage pools and the volumes created from them.
+    pools: Arc<crate::pool::Pools>,
     /// Serialises administrative operations (reload, pause, resume, migrate).
     admin: Mutex<()>,
 }
@@ -87,6 +90,8 @@ impl Daemon {
             volumes.insert(v.name.clone(), Arc::new(build_volume(&file, v, table, &handles, Some(state.root()))?));
         }
         pairs::add_split_volumes(&state, &mut volumes, &handles)?;
+        let pools = pools::open_pools(state.root(), &config, &stores, &volumes)?;
+        pools::add_pool_volumes(&pools, state.root(), &file, &mut volumes, &handles)?;
         for rec in &pending {
             state.commit(rec).map_err(|e| DaemonError::io(format!("persisting volume '{}'", rec.volume), e))?;
         }
@@ -99,6 +104,7 @@ impl Daemon {
             config_path,
             migrations: Mutex::new(migrations),
             mirrors: mirrors::MirrorRegistry::new(),
+            pools,
             swap: Mutex::new(swap),
             config: Mutex::new(config),
             stores: Mutex::new(stores),
@@ -143,6 +149,10 @@ impl Daemon {
             if let Err(e) = volume.translation().redundancy().close_clean() {
                 tracing::warn!(volume = volume.name(), error = %e, "write-intent log not cleared: the next start resyncs the regions it marks");
             }
+        }
+        // After the drain: no thin write can map a chunk any more.
+        if let Err(e) = self.pools.close() {
+            tracing::error!(error = %e, "closing the pool metadata failed: the next start's check returns what was not committed");
         }
         Ok(())
     }

@@ -56,7 +56,7 @@ impl Daemon {
 
 
     /// Publishes the catalog with `volume` added (or `name` removed).
-    fn publish(&self, add: Option<Arc<Volume>>, remove: Option<&str>) {
+    pub(super) fn publish(&self, add: Option<Arc<Volume>>, remove: Option<&str>) {
         let server = lock(&self.server);
         let old = server.catalog();
         let mut volumes = old.volumes.clone();
@@ -72,10 +72,11 @@ impl Daemon {
     pub fn split(&self, name: &str, leg: &str, as_name: &str, read_only: bool) -> Result<PairReport, DaemonError> {
         let _admin = lock(&self.admin);
         let volume = self.volume(name)?;
+        self.not_pool_volume(name)?;
         if self.is_migrating(name) {
             return Err(DaemonError::Migrating(name.into()));
         }
-        if self.catalog().volumes.contains_key(as_name) || lock(&self.config).volumes.iter().any(|v| v.name == as_name) {
+        if self.is_pool_volume(as_name) || self.catalog().volumes.contains_key(as_name) || lock(&self.config).volumes.iter().any(|v| v.name == as_name) {
             return Err(MirrorError::VolumeExists(as_name.into()).into());
         }
         if !crate::config::valid_name(as_name) {

@@ -13,9 +13,10 @@ use crate::volume::Volume;
 use std::sync::Arc;
 
 impl Daemon {
-    /// Whether volume `name` replaces failed legs with spares.
+    /// Whether volume `name` replaces failed legs with spares. A pool
+    /// volume's legs are its pool's chunks: it runs degraded.
     pub(super) fn spare_policy(&self, name: &str) -> bool {
-        spare_policy_of(&crate::sync::lock(&self.config), name)
+        !self.is_pool_volume(name) && spare_policy_of(&crate::sync::lock(&self.config), name)
     }
 
     /// Adds a spare beside failed leg `failed`; the spare's name, or `None`

@@ -52,11 +52,18 @@ pub struct Paused<'v> {
 impl Volume {
     /// Stages a new generation: same size, a later generation number.
     pub fn stage(&self, new: Translation) -> Result<Staged<'_>, SwapError> {
+        self.stage_sized(new, false)
+    }
+
+    /// [`stage`](Self::stage), also accepting a new size when `resize`
+    /// (pool volumes: their redundancy state is made for it). The tail
+    /// gained or lost differs, so it is held like any changed range.
+    pub fn stage_sized(&self, new: Translation, resize: bool) -> Result<Staged<'_>, SwapError> {
         let guard = crate::sync::lock(&self.swap_lock);
         let old = self.translation();
         let invalid = |reason: String| SwapError::Invalid { volume: self.name().to_string(), reason };
         let (from, to) = (old.table(), new.table());
-        if to.size() != from.size() {
+        if to.size() != from.size() && !resize {
             return Err(invalid(format!("changing the size ({} -> {} bytes) is not supported under live I/O", from.size(), to.size())));
         }
         if to.generation() <= from.generation() {

@@ -108,7 +108,13 @@ impl Volume {
     /// durably and is called while the changed ranges are paused and
     /// drained.
     pub fn swap(&self, new: Translation, options: &SwapOptions, commit: &mut dyn Commit) -> Result<SwapReport, SwapError> {
-        let mut staged = self.stage(new)?.crash_at(options.crash_at);
+        self.swap_sized(new, options, commit, false)
+    }
+
+    /// [`swap`](Self::swap) that may change the size when `resize` (see
+    /// [`Volume::stage_sized`]).
+    pub fn swap_sized(&self, new: Translation, options: &SwapOptions, commit: &mut dyn Commit, resize: bool) -> Result<SwapReport, SwapError> {
+        let mut staged = self.stage_sized(new, resize)?.crash_at(options.crash_at);
         staged.prepare(commit)?;
         loop {
             match staged.pause(options.pause_timeout) {

@@ -48,6 +48,23 @@ impl Daemon {
                 Plan::Add(table) => VolumeStep::Add(Arc::new(build_volume(&file, v, table.clone(), &handles, Some(self.state.root()))?), table),
             });
         }
+        // What the non-pool volumes will map stays theirs; the pools take
+        // their new settings and stores (refused as a whole if they cannot).
+        let mut tables: Vec<(String, MappingTable)> = steps
+            .iter()
+            .map(|s| match s {
+                VolumeStep::Keep(v) => (v.name().to_string(), v.table()),
+                VolumeStep::Swap(v, t) => (v.name().to_string(), t.table().clone()),
+                VolumeStep::Add(v, t) => (v.name().to_string(), t.clone()),
+            })
+            .collect();
+        // The running non-pool volumes' tables too: a volume this reload
+        // removes keeps its clients until the new catalog is in force, so
+        // its space joins a pool only at the next reload or start.
+        for (name, v) in self.catalog().volumes.iter().filter(|(n, _)| !self.is_pool_volume(n)) {
+            tables.push((name.clone(), v.table()));
+        }
+        self.reconfigure_pools(new, &stores, &tables)?;
         Ok(StagedReload { steps, removed: plan.removed, stores, handles, existing })
     }
 
@@ -92,7 +109,7 @@ impl Daemon {
             volumes.insert(volume.name().to_string(), volume);
         }
         for (name, v) in self.catalog().volumes.iter() {
-            if self.is_split_volume(name) {
+            if self.is_split_volume(name) || self.is_pool_volume(name) {
                 volumes.insert(name.clone(), v.clone());
             }
         }

@@ -36,6 +36,9 @@ impl Daemon {
             if self.is_split_volume(&v.name) {
                 return Err(super::super::MirrorError::VolumeExists(format!("{} (a split copy; merge it first) at {at}", v.name)).into());
             }
+            if self.is_pool_volume(&v.name) {
+                return Err(DaemonError::PoolConflict(format!("{at}: volume '{}' is a pool volume (made by `nbdvirt volume create`); give the config's volume another name", v.name)));
+            }
             let record = self.state.load(&v.name)?;
             let decision = decide(&at, v, record.as_ref())?;
             let plan = match catalog.volumes.get(&v.name) {
@@ -66,9 +69,15 @@ impl Daemon {
         // First: naming the migration says more than the overlap it causes.
         self.check_migration_destinations(new, &tables)?;
         new.validate_tables(&tables)?;
-        // Split copies are not in the config; reload leaves them alone.
-        let removed: Vec<String> =
-            catalog.volumes.keys().filter(|n| !new.volumes.iter().any(|v| &v.name == *n) && !self.is_split_volume(n)).cloned().collect();
+        self.check_pool_ranges(new, &tables)?;
+        // Split copies and pool volumes are not in the config; reload
+        // leaves them alone.
+        let removed: Vec<String> = catalog
+            .volumes
+            .keys()
+            .filter(|n| !new.volumes.iter().any(|v| &v.name == *n) && !self.is_split_volume(n) && !self.is_pool_volume(n))
+            .cloned()
+            .collect();
         let connections = connection_exports(self);
         for name in &removed {
             let n = connections.iter().filter(|c| c.as_deref() == Some(name.as_str())).count();
