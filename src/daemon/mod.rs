@@ -12,6 +12,7 @@
 pub mod assemble;
 mod error;
 mod faults;
+mod metrics;
 mod migrations;
 mod mirror_error;
 mod mirror_ops;
@@ -51,6 +52,8 @@ pub struct Daemon {
     mirrors: mirrors::MirrorRegistry,
     /// Serialises administrative operations (reload, pause, resume, migrate).
     admin: Mutex<()>,
+    /// The `/metrics` endpoint, when `[server] metrics` is set.
+    metrics: Mutex<Option<crate::metrics::MetricsServer>>,
 }
 
 fn options(config: &Config) -> ServerOptions {
@@ -106,7 +109,9 @@ impl Daemon {
             state,
             pauses: pauses::PauseRegistry::default(),
             admin: Mutex::new(()),
+            metrics: Mutex::new(None),
         });
+        daemon.start_metrics()?;
         daemon.start_mirrors();
         Ok(daemon)
     }
@@ -144,6 +149,7 @@ impl Daemon {
                 tracing::warn!(volume = volume.name(), error = %e, "write-intent log not cleared: the next start resyncs the regions it marks");
             }
         }
+        self.stop_metrics();
         Ok(())
     }
 
