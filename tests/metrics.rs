@@ -1,0 +1,230 @@
+//! `[server] metrics`: the daemon serves `/metrics` in the Prometheus text
+//! format; `promtool check metrics` accepts it, and the request and byte
+//! counters equal what real clients (fio, qemu-io) say they did.
+mod common;
+use common::cli::*;
+use common::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// A loopback port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One plain HTTP/1.0 request; (status code, body).
+fn http(port: u16, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("connect to the metrics port {port}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP header end in {raw:?}"));
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad status line in {head:?}"));
+    if code == 200 {
+        assert!(head.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "classic text format announced: {head}");
+    }
+    (code, body.to_string())
+}
+
+fn scrape(port: u16) -> String {
+    let (code, body) = http(port, "GET", "/metrics");
+    assert_eq!(code, 200, "GET /metrics: {body}");
+    body
+}
+
+/// The value of one series (`name{labels}` exactly as exposed).
+fn value(text: &str, series: &str) -> f64 {
+    let prefix = format!("{series} ");
+    let line = text.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no series {series} in:\n{text}"));
+    line[prefix.len()..].parse().unwrap_or_else(|e| panic!("{line}: {e}"))
+}
+
+fn count(text: &str, volume: &str, op: &str, result: &str) -> f64 {
+    value(text, &format!("nbdvirt_requests_total{{volume=\"{volume}\",op=\"{op}\",result=\"{result}\"}}"))
+}
+
+fn bytes(text: &str, what: &str, volume: &str) -> f64 {
+    value(text, &format!("nbdvirt_{what}_bytes_total{{volume=\"{volume}\"}}"))
+}
+
+/// `promtool check metrics` on `text`; panics with its complaints.
+fn promtool_check(text: &str) {
+    require("promtool", "prometheus");
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed ({}):\n{}{}\n--- exposition ---\n{text}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// fio (nbd engine) doing exactly `ios` 4 KiB requests of `rw` at QD16;
+/// returns (requests, bytes) as fio counted them.
+fn fio(dir: &Path, uri: &str, rw: &str, ios: u64) -> (u64, u64) {
+    require("fio", "fio");
+    let mut cmd = Command::new("fio");
+    cmd.current_dir(dir).args([
+        "--name=metrics",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        &format!("--rw={rw}"),
+        "--bs=4k",
+        "--size=8M",
+        "--iodepth=16",
+        &format!("--number_ios={ios}"),
+        "--output-format=json",
+    ]);
+    let out = run_timeout(&mut cmd, Duration::from_secs(120));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_str(&stdout[stdout.find("\n{").map_or(0, |i| i + 1)..]).unwrap_or_else(|e| panic!("fio JSON ({e}):\n{stdout}"));
+    let side = &v["jobs"][0][if rw.contains("read") { "read" } else { "write" }];
+    let (n, b) = (side["total_ios"].as_u64().unwrap(), side["io_bytes"].as_u64().unwrap());
+    assert_eq!(n, ios, "fio did the number of requests asked: {side}");
+    (n, b)
+}
+
+fn qemu_io(uri: &str, cmds: &[&str]) {
+    require("qemu-io", "qemu-utils");
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    run_ok(cmd.arg(uri));
+}
+
+fn body(port: u16, config: &str) -> String {
+    // Right after the harness's [server] block, still inside it.
+    format!("metrics = \"tcp:127.0.0.1:{port}\"\n\n{config}\n[[volume]]\nname = \"idle\"\n[[volume.extent]]\nlength = \"1MiB\"\nzero = true\n")
+}
+
+#[test]
+fn counters_equal_what_the_clients_did_and_promtool_accepts_the_page() {
+    require("promtool", "prometheus");
+    let port = free_port();
+    let server = start(&body(port, SHARED));
+    let uri = server.uri("v");
+    let before = scrape(port);
+    promtool_check(&before);
+    assert_eq!(count(&before, "v", "write", "ok"), 0.0);
+
+    let (writes, written) = fio(server.dir.path(), &uri, "randwrite", 1000);
+    let (reads, read) = fio(server.dir.path(), &uri, "randread", 600);
+    let page = scrape(port);
+    promtool_check(&page);
+    assert_eq!(count(&page, "v", "write", "ok"), writes as f64, "write requests equal fio's count");
+    assert_eq!(count(&page, "v", "read", "ok"), reads as f64, "read requests equal fio's count");
+    assert_eq!((bytes(&page, "written", "v"), bytes(&page, "read", "v")), (written as f64, read as f64), "byte counters equal fio's");
+    assert_eq!((count(&page, "v", "write", "error"), count(&page, "v", "read", "error")), (0.0, 0.0));
+    let latency = |op: &str| value(&page, &format!("nbdvirt_request_duration_seconds_count{{volume=\"v\",op=\"{op}\"}}"));
+    assert_eq!((latency("write"), latency("read")), (writes as f64, reads as f64), "every request is in its duration histogram");
+    let inf = value(&page, "nbdvirt_request_duration_seconds_bucket{volume=\"v\",op=\"write\",le=\"+Inf\"}");
+    assert_eq!(inf, writes as f64);
+    assert_eq!(value(&page, "nbdvirt_requests_in_flight{volume=\"v\"}"), 0.0, "nothing in flight once fio is done");
+    assert_eq!(count(&page, "idle", "read", "ok"), 0.0, "counters are per volume");
+
+    // qemu-io: one 64 KiB write, one write-zeroes and one trim of 128 KiB.
+    qemu_io(&uri, &["write -P 7 0 64k", "write -z 1M 128k", "discard 2M 128k"]);
+    let after = scrape(port);
+    assert_eq!(count(&after, "v", "write", "ok") - writes as f64, 1.0, "qemu-io's one write");
+    assert_eq!(bytes(&after, "written", "v") - written as f64, 65536.0);
+    assert_eq!((count(&after, "v", "write_zeroes", "ok"), bytes(&after, "zeroed", "v")), (1.0, 131072.0));
+    assert_eq!((count(&after, "v", "trim", "ok"), bytes(&after, "trimmed", "v")), (1.0, 131072.0));
+
+    // A read past the end (libnbd's own bounds check off) is answered with
+    // an error, and counted so.
+    nbdsh(&uri, "h.set_strict_mode(0)\ntry:\n    h.pread(4096, 8 << 20)\nexcept nbd.Error:\n    pass");
+    let page = scrape(port);
+    assert_eq!(count(&page, "v", "read", "error"), 1.0, "the failed read is counted as an error");
+
+    // Other paths and methods: 404.
+    assert_eq!(http(port, "GET", "/").0, 404);
+    assert_eq!(http(port, "POST", "/metrics").0, 404);
+    assert!(scrape(port).contains("# TYPE nbdvirt_requests_total counter\n"));
+}
+
+#[test]
+fn connections_gauge_follows_an_open_client_and_swaps_are_counted() {
+    require("promtool", "prometheus");
+    require("nbdsh", "python3-libnbd");
+    let port = free_port();
+    let server = start(&body(port, SHARED));
+    let connections = || value(&scrape(port), "nbdvirt_connections{volume=\"v\"}");
+    assert_eq!(connections(), 0.0);
+    let mut client = Command::new("nbdsh")
+        .env("PATH", debian_path())
+        .args(["-u", &server.uri("v"), "-c", "import sys\nprint('connected', flush=True)\nsys.stdin.read()"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run nbdsh");
+    let mut line = String::new();
+    BufReader::new(client.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "connected");
+    // The server counts the connection right after the handshake it has
+    // just answered: wait (bounded) for it to get there.
+    wait_until(&server, "the connection to be counted", Duration::from_secs(10), || connections() == 1.0);
+    assert_eq!(value(&scrape(port), "nbdvirt_connections{volume=\"idle\"}"), 0.0);
+    drop(client.stdin.take()); // EOF: the script ends and disconnects
+    assert!(client.wait().unwrap().success());
+    wait_until(&server, "the connection to be uncounted", Duration::from_secs(10), || connections() == 0.0);
+
+    // One swap by reload: counted with its hold and drain, generation 2.
+    rewrite_config(&server, &body(port, &recut(2 << 20, "b")));
+    let report = json(&cli_ok(&server, &["reload", "--json"]));
+    assert_eq!(report["swapped"].as_array().map(Vec::len), Some(1), "{report}");
+    let page = scrape(port);
+    promtool_check(&page);
+    assert_eq!(value(&page, "nbdvirt_swaps_total{volume=\"v\",result=\"ok\"}"), 1.0);
+    assert_eq!(value(&page, "nbdvirt_swap_hold_seconds_count{volume=\"v\"}"), 1.0);
+    assert_eq!(value(&page, "nbdvirt_swap_drain_seconds_count{volume=\"v\"}"), 1.0);
+    assert_eq!(value(&page, "nbdvirt_generation{volume=\"v\"}"), 2.0);
+    assert_eq!(value(&page, "nbdvirt_swaps_total{volume=\"idle\",result=\"ok\"}"), 0.0);
+}
+
+#[test]
+fn bad_metrics_endpoints_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    for (value, says) in [
+        ("unix:/tmp/metrics.sock", "tcp:HOST:PORT only"),
+        ("tcp:127.0.0.1:http", "port number"),
+        ("tcp:127.0.0.1:99999", "port number"),
+        ("127.0.0.1:9810", "expected unix:PATH or tcp:HOST:PORT"),
+    ] {
+        std::fs::write(&config, format!("[server]\nlisten = [\"unix:{}/nbd.sock\"]\nmetrics = \"{value}\"\n", dir.path().display())).unwrap();
+        let out = run_timeout(Command::new(BIN).args(["check", "--config"]).arg(&config), Duration::from_secs(30));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{value} accepted");
+        assert!(err.contains("bad.toml:3: server.metrics:") && err.contains(says), "{value}: the error names file, line, field and the problem: {err}");
+    }
+
+    // A port already taken fails the start, naming the setting.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let d = dir.path().display();
+    let text = format!(
+        "[server]\nlisten = [\"unix:{d}/nbd.sock\"]\ncontrol = \"{d}/control.sock\"\nstate_dir = \"{d}/state\"\nmetrics = \"tcp:127.0.0.1:{port}\"\n\n[[volume]]\nname = \"z\"\n[[volume.extent]]\nlength = \"1MiB\"\nzero = true\n"
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = run_timeout(Command::new(BIN).args(["serve", "--config"]).arg(&config), Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "serve started on a taken metrics port");
+    assert!(err.contains(&format!("server.metrics tcp:127.0.0.1:{port}")) && err.to_lowercase().contains("in use"), "{err}");
+}
