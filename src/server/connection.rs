@@ -227,8 +227,8 @@ fn reader_loop(ctx: &Arc<ConnectionCtx>, budget: &Arc<Budget>, reader: &mut Read
             return Ok(());
         }
         // The request's duration (nbdvirt_request_duration_seconds) runs
-        // from here to its reply; Instant::now() is a vDSO call, no syscall.
-        let started = Instant::now();
+        // from here to its reply (a TSC read, see volume/stats.rs).
+        let started = crate::volume::VolumeStats::now();
         // Payload first, so framing survives whatever we answer.
         let payload_len = req.payload_len();
         let payload = if payload_len > MAX_PAYLOAD {

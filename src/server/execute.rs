@@ -10,11 +10,10 @@ use super::pool::{Pools, WorkerPool};
 use super::sink::{Reply, ReplySink};
 use crate::backend::ZeroMode;
 use crate::nbd::*;
-use crate::volume::{Op, Route, Ticket, Volume};
+use crate::volume::{Op, Route, Stamp, Ticket, Volume};
 use bytes::Bytes;
 use std::io;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// What every admitted request carries to its reply: its budget permit and
 /// when it was admitted. Whichever path produces the reply records the
@@ -22,14 +21,14 @@ use std::time::Instant;
 /// sees it counted), then sends it.
 pub(super) struct Admitted {
     pub(super) permit: Permit,
-    pub(super) started: Instant,
+    pub(super) started: Stamp,
 }
 
 impl Admitted {
     /// Counts the request (op, result, bytes, duration) and hands back the
     /// permit for its reply.
     fn done(self, ctx: &ConnectionCtx, req: &RequestHeader, ok: bool) -> Option<Permit> {
-        ctx.volume.counters().completed(op_of(req.command), ok, req.length as u64, self.started.elapsed());
+        ctx.volume.counters().completed(op_of(req.command), ok, req.length as u64, self.started);
         Some(self.permit)
     }
 }

@@ -24,7 +24,7 @@ pub use commit::{Commit, CommitError, Unpersisted};
 pub use gate::{Gate, GateStatus, HoldId, Ticket};
 pub use phases::{DrainTimedOut, Paused, Staged};
 pub use swap::{SwapError, SwapOptions, SwapPhase, SwapReport, UnknownSwapPhase};
-pub use stats::{HistogramSnapshot, Op, StatsSnapshot, SwapResult, VolumeStats, BUCKETS};
+pub use stats::{HistogramSnapshot, Op, Stamp, StatsSnapshot, SwapResult, VolumeStats, BUCKETS};
 pub use redundancy::{DirtyRun, LegCondition, LegEvent, LegState, Redundancy, RegionBitmap};
 pub use target::{open_target, Target, TargetCtx, TargetError};
 pub use translation::{Route, TranslateError, Translation};
@@ -79,7 +79,7 @@ impl Volume {
             gate: Gate::new(),
             swap_lock: Mutex::new(()),
             stats: Mutex::new(SwapStats::default()),
-            counters: Arc::default(),
+            counters: Arc::new(VolumeStats::new()),
             retired: Mutex::new(Vec::new()),
         }
     }
