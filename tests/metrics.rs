@@ -228,3 +228,85 @@ fn bad_metrics_endpoints_are_clear_errors() {
     assert!(!out.status.success(), "serve started on a taken metrics port");
     assert!(err.contains(&format!("server.metrics tcp:127.0.0.1:{port}")) && err.to_lowercase().contains("in use"), "{err}");
 }
+
+const MIRROR: &str = r#"[[backend]]
+name = "a"
+path = "{dir}/a.img"
+size = "8MiB"
+[[backend]]
+name = "b"
+path = "{dir}/b.img"
+size = "8MiB"
+
+[[volume]]
+name = "m"
+[[volume.extent]]
+length = "8MiB"
+mirror = [ { backend = "a", backend_offset = 0 }, { backend = "b", backend_offset = 0 } ]
+"#;
+
+#[test]
+fn mirror_legs_are_reported_and_promtool_accepts_them() {
+    require("promtool", "prometheus");
+    let port = free_port();
+    let server = start(&body(port, MIRROR));
+    let state = |leg: &str, s: &str| value(&scrape(port), &format!("nbdvirt_mirror_leg_state{{volume=\"m\",leg=\"{leg}\",state=\"{s}\"}}"));
+    wait_until(&server, "leg b in sync", Duration::from_secs(60), || state("b", "in_sync") == 1.0);
+    let page = scrape(port);
+    promtool_check(&page);
+    for s in ["resyncing", "failed", "split"] {
+        assert_eq!((state("a", s), state("b", s)), (0.0, 0.0), "one state per leg: {s}");
+    }
+    assert_eq!(value(&page, "nbdvirt_resync_remaining_bytes{volume=\"m\",leg=\"b\"}"), 0.0);
+    assert_eq!(value(&page, "nbdvirt_mirror_leg_state{volume=\"m\",leg=\"a\",state=\"in_sync\"}"), 1.0);
+}
+
+/// The pool families, rendered from pool views as the daemon will hand
+/// them over (the pool engine lands separately), pass promtool too.
+#[test]
+fn pool_and_usage_families_pass_promtool() {
+    use nbdvirt::api::{PoolStatus, PoolVolumeInfo, UsageReport, VolumeUsage, PoolLayout, VolumePriority, Status};
+    use nbdvirt::metrics::{render, Views};
+    let volume = PoolVolumeInfo {
+        name: "t".into(),
+        pool: "fast".into(),
+        size: 1 << 30,
+        layout: PoolLayout::Linear,
+        thin: true,
+        priority: VolumePriority::Low,
+        description: String::new(),
+        allocated: 3 << 20,
+        written: 5 << 20,
+        created: 0,
+    };
+    let pool = PoolStatus {
+        name: "fast".into(),
+        class: Some("ssd".into()),
+        chunk: 1 << 20,
+        priority: 10,
+        on_full: "queue".into(),
+        stores: Vec::new(),
+        size: 64 << 20,
+        allocated: 3 << 20,
+        free: 61 << 20,
+        reclaimable: 3 << 20,
+        overcommit: 16.0,
+        low_water: true,
+        queued_writes: 0,
+        volumes: vec![volume],
+    };
+    let usage = UsageReport {
+        since: 0,
+        until: 10,
+        volumes: vec![VolumeUsage { volume: "t".into(), pool: "fast".into(), rate: "low".into(), allocated: 3 << 20, written_bytes: 5 << 20, allocation_byte_seconds: 31457280.0 }],
+    };
+    let status = Status { config: None, listen: Vec::new(), volumes: Vec::new(), backends: Vec::new() };
+    let text = render(&Views { status, counters: Vec::new(), mirrors: Vec::new(), migrations: Vec::new(), pools: vec![pool], usage: Some(usage) });
+    promtool_check(&text);
+    assert_eq!(value(&text, "nbdvirt_pool_size_bytes{pool=\"fast\"}"), (64u64 << 20) as f64);
+    assert_eq!(value(&text, "nbdvirt_pool_free_bytes{pool=\"fast\"}"), (61u64 << 20) as f64);
+    assert_eq!(value(&text, "nbdvirt_pool_low_water{pool=\"fast\"}"), 1.0);
+    assert_eq!(value(&text, "nbdvirt_volume_allocated_bytes{volume=\"t\"}"), (3u64 << 20) as f64);
+    assert_eq!(value(&text, "nbdvirt_volume_written_bytes{volume=\"t\"}"), (5u64 << 20) as f64);
+    assert_eq!(value(&text, "nbdvirt_volume_allocation_byte_seconds_total{volume=\"t\",rate=\"low\"}"), 31457280.0);
+}

@@ -109,6 +109,11 @@ impl HistogramSnapshot {
     pub fn count(&self) -> u64 {
         self.cumulative[BUCKETS.len()]
     }
+
+    /// Both histograms' observations together.
+    pub fn merged(&self, other: &HistogramSnapshot) -> HistogramSnapshot {
+        HistogramSnapshot { cumulative: std::array::from_fn(|i| self.cumulative[i] + other.cumulative[i]), sum_seconds: self.sum_seconds + other.sum_seconds }
+    }
 }
 
 impl Histogram {
@@ -140,15 +145,19 @@ const OPS: usize = Op::ALL.len();
 #[derive(Debug)]
 pub struct VolumeStats {
     /// Per op: [succeeded, failed].
-    requests: [[AtomicU64; 2]; OPS],
+    /// Per op and result (succeeded, failed): durations. Their counts are
+    /// the request counts (one add per request instead of two).
+    latency: [[Histogram; 2]; OPS],
+    /// Requests admitted; minus those completed (the histograms' counts),
+    /// the requests in flight (one add per request instead of an add and
+    /// a subtract).
+    admitted: AtomicU64,
     /// Bytes of successful reads, writes, trims, write-zeroes.
     read: AtomicU64,
     written: AtomicU64,
     trimmed: AtomicU64,
     zeroed: AtomicU64,
-    in_flight: AtomicU64,
     connections: AtomicU64,
-    latency: [Histogram; OPS],
     swaps: [AtomicU64; SwapResult::ALL.len()],
     swap_hold: Histogram,
     swap_drain: Histogram,
@@ -184,14 +193,13 @@ impl VolumeStats {
     pub fn new() -> VolumeStats {
         clock(); // calibrated now, not on a request
         VolumeStats {
-            requests: Default::default(),
+            latency: Default::default(),
+            admitted: AtomicU64::new(0),
             read: AtomicU64::new(0),
             written: AtomicU64::new(0),
             trimmed: AtomicU64::new(0),
             zeroed: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
             connections: AtomicU64::new(0),
-            latency: Default::default(),
             swaps: Default::default(),
             swap_hold: Histogram::default(),
             swap_drain: Histogram::default(),
@@ -205,7 +213,7 @@ impl VolumeStats {
 
     /// A request was admitted (it will be [`completed`](Self::completed)).
     pub fn started(&self) {
-        self.in_flight.fetch_add(1, Relaxed);
+        self.admitted.fetch_add(1, Relaxed);
     }
 
     /// A request's reply is ready: `bytes` is its length (counted for
@@ -215,7 +223,6 @@ impl VolumeStats {
         let clock = clock();
         let elapsed_ns = clock.delta_as_nanos(started.0, clock.raw());
         let i = op as usize;
-        self.requests[i][usize::from(!ok)].fetch_add(1, Relaxed);
         if ok {
             let counter = match op {
                 Op::Read => Some(&self.read),
@@ -228,8 +235,7 @@ impl VolumeStats {
                 c.fetch_add(bytes, Relaxed);
             }
         }
-        self.latency[i].observe_ns(elapsed_ns);
-        self.in_flight.fetch_sub(1, Relaxed);
+        self.latency[i][usize::from(!ok)].observe_ns(elapsed_ns);
     }
 
     pub fn connection_opened(&self) {
@@ -253,15 +259,20 @@ impl VolumeStats {
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {
+        // Completions first: a request is admitted before it completes, so
+        // `admitted` read after them is at least their count (saturating
+        // anyway: relaxed loads of different counters promise no order).
+        let by_result: Vec<[HistogramSnapshot; 2]> = self.latency.iter().map(|[ok, failed]| [ok.snapshot(), failed.snapshot()]).collect();
+        let admitted = self.admitted.load(Relaxed);
         StatsSnapshot {
-            requests: std::array::from_fn(|i| (self.requests[i][0].load(Relaxed), self.requests[i][1].load(Relaxed))),
+            requests: std::array::from_fn(|i| (by_result[i][0].count(), by_result[i][1].count())),
             read_bytes: self.read.load(Relaxed),
             written_bytes: self.written.load(Relaxed),
             trimmed_bytes: self.trimmed.load(Relaxed),
             zeroed_bytes: self.zeroed.load(Relaxed),
-            in_flight: self.in_flight.load(Relaxed),
+            in_flight: admitted.saturating_sub(by_result.iter().flatten().map(HistogramSnapshot::count).sum()),
             connections: self.connections.load(Relaxed),
-            latency: self.latency.iter().map(Histogram::snapshot).collect(),
+            latency: by_result.iter().map(|[ok, failed]| ok.merged(failed)).collect(),
             swaps: std::array::from_fn(|i| self.swaps[i].load(Relaxed)),
             swap_hold: self.swap_hold.snapshot(),
             swap_drain: self.swap_drain.snapshot(),
