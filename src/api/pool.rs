@@ -141,6 +141,9 @@ pub struct PoolStatus {
     pub low_water: bool,
     /// Thin writes waiting for a free chunk now.
     pub queued_writes: u64,
+    /// Bytes taken back by reclaim since the daemon started.
+    #[serde(default)]
+    pub reclaimed: u64,
     pub volumes: Vec<PoolVolumeInfo>,
 }
 

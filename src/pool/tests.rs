@@ -1,0 +1,154 @@
+//! The pool engine against memory stores: create every layout, tables,
+//! thin mapping and commit, restart, check, delete.
+
+use super::*;
+use crate::api::{PoolChoice, VolumePriority};
+use crate::backend::{open_backend, BackendSpec};
+use crate::config::OnFull;
+use std::time::Duration;
+
+fn store(name: &str, size: u64) -> PoolStore {
+    let spec = BackendSpec { name: name.into(), path: None, size: Some(size), direct: false, read_only: false, delay: None };
+    PoolStore { backend: name.into(), handle: open_backend(&spec).unwrap(), path: None, reserved: Vec::new() }
+}
+
+fn pool(on_full: OnFull) -> PoolConfig {
+    PoolConfig {
+        name: "p".into(),
+        class: Some("ssd".into()),
+        backends: vec!["a".into(), "b".into(), "c".into()],
+        chunk: 1 << 20,
+        priority: 0,
+        on_full,
+        queue_timeout: Duration::from_millis(300),
+        low_water_percent: 10,
+        grow_percent: None,
+        line: 1,
+    }
+}
+
+fn create(name: &str, size: u64, layout: &str, thin: bool, priority: VolumePriority) -> VolumeCreate {
+    VolumeCreate { name: name.into(), size, from: PoolChoice::Pool("p".into()), layout: layout.parse().unwrap(), thin, priority, description: String::new() }
+}
+
+#[test]
+fn volumes_of_every_layout_survive_a_restart_and_free_their_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores = vec![store("a", 8 << 20), store("b", 8 << 20), store("c", 8 << 20)];
+    let (pools, reports) = Pools::open(dir.path(), &[pool(OnFull::Error)], &stores).unwrap();
+    assert_eq!(reports[0].chunks, 24);
+    let none = |_: &str| false;
+    pools.create(&create("lin", 4 << 20, "linear", false, VolumePriority::Normal), &none).unwrap();
+    pools.create(&create("mir", 2 << 20, "mirror:2", false, VolumePriority::Normal), &none).unwrap();
+    pools.create(&create("str", 6 << 20, "stripe:3", false, VolumePriority::Normal), &none).unwrap();
+    pools.create(&create("thin", 64 << 20, "linear", true, VolumePriority::Normal), &none).unwrap();
+    let err = pools.create(&create("big", 16 << 20, "linear", false, VolumePriority::Normal), &none).unwrap_err();
+    assert!(matches!(err, PoolError::NoSpace { .. }), "{err}");
+    assert!(matches!(pools.create(&create("odd", 3 << 19, "linear", false, VolumePriority::Normal), &none), Err(PoolError::Invalid(_))));
+    assert!(matches!(pools.create(&create("lin", 1 << 20, "linear", false, VolumePriority::Normal), &none), Err(PoolError::Exists(_))));
+    let t = pools.table("mir").unwrap();
+    assert_eq!(t.size(), 2 << 20);
+    assert!(t.extents().iter().all(|e| e.target.legs().is_some_and(|l| l.len() == 2)));
+    assert_eq!(pools.table("str").unwrap().extents().len(), 1, "a stripe's chunks line up into one extent");
+    let s = &pools.status(None).unwrap()[0];
+    assert_eq!(s.allocated, (4 + 4 + 6) << 20);
+    assert_eq!(s.free + s.allocated, s.size);
+    // Thin: a write maps a chunk; commit makes it durable.
+    let map = pools.chunk_map("thin").unwrap();
+    assert!(map.lookup(5).is_none());
+    let place = map.map(5).unwrap();
+    place.store.write_at(b"hello", place.offset, false).unwrap();
+    assert!(map.uncommitted());
+    map.commit().unwrap();
+    assert!(!map.uncommitted());
+    pools.close().unwrap();
+    drop(pools);
+
+    let (pools, reports) = Pools::open(dir.path(), &[pool(OnFull::Error)], &stores).unwrap();
+    assert!(reports[0].errors.is_empty(), "{:?}", reports[0].errors);
+    assert_eq!(reports[0].leaked_returned, 0);
+    let map = pools.chunk_map("thin").unwrap();
+    let place = map.lookup(5).expect("the committed mapping is back");
+    let mut buf = [0u8; 5];
+    place.store.read_at(&mut buf, place.offset).unwrap();
+    assert_eq!(&buf, b"hello");
+    assert_eq!(pools.status(None).unwrap()[0].allocated, 15 << 20);
+    let check = pools.check(None).unwrap();
+    assert!(check[0].errors.is_empty() && check[0].leaked_returned == 0, "{check:?}");
+    // Grow and shrink.
+    pools.grow("lin", 6 << 20).unwrap();
+    assert_eq!(pools.table("lin").unwrap().size(), 6 << 20);
+    assert!(!pools.tail_holds_data("lin", 4 << 20).unwrap());
+    pools.shrink("lin", 4 << 20).unwrap();
+    assert!(pools.tail_holds_data("thin", 4 << 20).unwrap());
+    for v in ["lin", "mir", "str", "thin"] {
+        pools.delete(v).unwrap();
+    }
+    let s = &pools.status(None).unwrap()[0];
+    assert_eq!((s.allocated, s.free), (0, 24 << 20));
+    assert!(pools.check(None).unwrap()[0].errors.is_empty());
+}
+
+#[test]
+fn full_pools_answer_enospc_and_low_priority_space_is_reclaimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores = vec![store("a", 4 << 20), store("b", 4 << 20), store("c", 4 << 20)];
+    let (pools, _) = Pools::open(dir.path(), &[pool(OnFull::Error)], &stores).unwrap();
+    let none = |_: &str| false;
+    pools.create(&create("scratch", 8 << 20, "linear", false, VolumePriority::Low), &none).unwrap();
+    pools.create(&create("thin", 8 << 20, "linear", true, VolumePriority::Normal), &none).unwrap();
+    let thin = pools.chunk_map("thin").unwrap();
+    let scratch = pools.chunk_map("scratch").unwrap();
+    for c in 0..4 {
+        let p = thin.map(c).unwrap();
+        p.store.write_at(b"data", p.offset, false).unwrap();
+    }
+    for c in 0..8 {
+        let p = scratch.lookup(c).unwrap();
+        p.store.write_at(b"scratch", p.offset, false).unwrap();
+    }
+    // A scratch chunk that holds only zeros goes first.
+    let zeros = scratch.lookup(7).unwrap();
+    zeros.store.trim(zeros.offset, 1 << 20, false).unwrap();
+    assert_eq!(thin.map(4).unwrap_err().raw_os_error(), Some(libc::ENOSPC));
+    // The pool thread reclaims in the background for the failed write: the
+    // zero-only chunk goes first.
+    while pools.status(None).unwrap()[0].free == 0 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(scratch.lookup(7).is_none(), "the zero-only chunk was reclaimed first");
+    // A normal volume that needs the scratch volume's space gets it.
+    pools.create(&create("data", 6 << 20, "linear", false, VolumePriority::Normal), &none).unwrap();
+    let left = (0..8).filter(|c| scratch.lookup(*c).is_some()).count();
+    assert_eq!(left, 2, "one zero-only and five more scratch chunks were reclaimed");
+    assert!((0..4).all(|c| thin.lookup(c).is_some()), "normal data is never reclaimed");
+    let s = &pools.status(None).unwrap()[0];
+    assert_eq!(s.reclaimed, 6 << 20);
+    pools.close().unwrap();
+}
+
+#[test]
+fn partial_zeroing_of_a_whole_chunk_unmaps_it_and_a_racing_write_is_told_to_write_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores = vec![store("a", 8 << 20), store("b", 8 << 20), store("c", 8 << 20)];
+    let (pools, _) = Pools::open(dir.path(), &[pool(OnFull::Error)], &stores).unwrap();
+    pools.create(&create("t", 8 << 20, "linear", true, VolumePriority::Normal), &|_| false).unwrap();
+    let map = pools.chunk_map("t").unwrap();
+    let place = map.map(0).unwrap();
+    assert!(map.wrote_to(0, 0, 4096, &place), "nothing changed under the write");
+    // Half the chunk zeroed: still mapped; the other half too: unmapped.
+    map.zeroed(0, 0, 512 << 10).unwrap();
+    assert!(map.lookup(0).is_some());
+    map.zeroed(0, 512 << 10, 512 << 10).unwrap();
+    assert!(map.lookup(0).is_none(), "a chunk zeroed all over holds nothing");
+    assert!(!map.wrote_to(0, 0, 4096, &place), "a write through the old place must be made again");
+    // A write in between forgets the zeroed part it touched.
+    let place = map.map(1).unwrap();
+    map.zeroed(1, 0, 512 << 10).unwrap();
+    assert!(map.wrote_to(1, 4096, 4096, &place));
+    map.zeroed(1, 512 << 10, 512 << 10).unwrap();
+    assert!(map.lookup(1).is_some(), "the written 64th was not zeroed since");
+    map.commit().unwrap();
+    assert_eq!(pools.status(None).unwrap()[0].allocated, 1 << 20);
+    pools.close().unwrap();
+}
