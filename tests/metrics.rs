@@ -293,6 +293,7 @@ fn pool_and_usage_families_pass_promtool() {
         overcommit: 16.0,
         low_water: true,
         queued_writes: 0,
+        reclaimed: 2 << 20,
         volumes: vec![volume],
     };
     let usage = UsageReport {
@@ -306,6 +307,7 @@ fn pool_and_usage_families_pass_promtool() {
     assert_eq!(value(&text, "nbdvirt_pool_size_bytes{pool=\"fast\"}"), (64u64 << 20) as f64);
     assert_eq!(value(&text, "nbdvirt_pool_free_bytes{pool=\"fast\"}"), (61u64 << 20) as f64);
     assert_eq!(value(&text, "nbdvirt_pool_low_water{pool=\"fast\"}"), 1.0);
+    assert_eq!(value(&text, "nbdvirt_pool_reclaimed_bytes_total{pool=\"fast\"}"), (2u64 << 20) as f64);
     assert_eq!(value(&text, "nbdvirt_volume_allocated_bytes{volume=\"t\"}"), (3u64 << 20) as f64);
     assert_eq!(value(&text, "nbdvirt_volume_written_bytes{volume=\"t\"}"), (5u64 << 20) as f64);
     assert_eq!(value(&text, "nbdvirt_volume_allocation_byte_seconds_total{volume=\"t\",rate=\"low\"}"), 31457280.0);

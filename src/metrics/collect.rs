@@ -155,6 +155,7 @@ fn pools(e: &mut Exposition, pools: &[api::PoolStatus]) {
     let mut low_water = Family::gauge("nbdvirt_pool_low_water", "1 while free space is below the pool's low_water mark.");
     let mut overcommit = Family::gauge("nbdvirt_pool_overcommit_ratio", "Provisioned volume sizes over the pool's size.");
     let mut queued = Family::gauge("nbdvirt_pool_queued_writes", "Thin writes waiting for a free chunk.");
+    let mut reclaimed = Family::counter("nbdvirt_pool_reclaimed_bytes_total", "Bytes reclaim took back since the daemon started.");
     for p in pools {
         let l = [("pool", p.name.as_str())];
         size.sample(&l, p.size);
@@ -164,8 +165,9 @@ fn pools(e: &mut Exposition, pools: &[api::PoolStatus]) {
         low_water.sample(&l, p.low_water);
         overcommit.sample(&l, p.overcommit);
         queued.sample(&l, p.queued_writes);
+        reclaimed.sample(&l, p.reclaimed);
     }
-    for f in [size, allocated, free, reclaimable, low_water, overcommit, queued] {
+    for f in [size, allocated, free, reclaimable, low_water, overcommit, queued, reclaimed] {
         e.push(f);
     }
 }
