@@ -312,3 +312,45 @@ fn pool_and_usage_families_pass_promtool() {
     assert_eq!(value(&text, "nbdvirt_volume_written_bytes{volume=\"t\"}"), (5u64 << 20) as f64);
     assert_eq!(value(&text, "nbdvirt_volume_allocation_byte_seconds_total{volume=\"t\",rate=\"low\"}"), 31457280.0);
 }
+
+/// Volume `v` on one slow file under the name `slow` (`s1` or `s2`): a
+/// write takes 1 s, longer than a swap may wait for it.
+fn slow_body(port: u16, slow: &str) -> String {
+    format!(
+        "metrics = \"tcp:127.0.0.1:{port}\"\npause_timeout = \"200ms\"\npause_retries = 0\n\n\
+         [[backend]]\nname = \"s1\"\npath = \"{{dir}}/slow.img\"\nsize = \"4MiB\"\nshared = true\ndelay = \"1s\"\n\n\
+         [[backend]]\nname = \"s2\"\npath = \"{{dir}}/slow.img\"\nsize = \"4MiB\"\nshared = true\ndelay = \"1s\"\n\n\
+         [[volume]]\nname = \"v\"\n[[volume.extent]]\nlength = \"4MiB\"\nbackend = \"{slow}\"\nbackend_offset = 0\n"
+    )
+}
+
+#[test]
+fn in_flight_gauge_and_a_drain_timeout_are_reported() {
+    require("promtool", "prometheus");
+    require("qemu-io", "qemu-utils");
+    let port = free_port();
+    let server = start(&slow_body(port, "s1"));
+    let mut write = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 3 0 4k", &server.uri("v")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run qemu-io");
+    let in_flight = || value(&scrape(port), "nbdvirt_requests_in_flight{volume=\"v\"}");
+    wait_until(&server, "the slow write in flight", Duration::from_secs(10), || in_flight() == 1.0);
+    rewrite_config(&server, &slow_body(port, "s2"));
+    let err = cli_err(&server, &["reload"]);
+    assert!(err.contains("drain timed out"), "{err}");
+    assert!(write.wait().unwrap().success(), "the slow write completes");
+    let page = scrape(port);
+    promtool_check(&page);
+    assert_eq!(value(&page, "nbdvirt_swaps_total{volume=\"v\",result=\"drain_timeout\"}"), 1.0);
+    assert_eq!(value(&page, "nbdvirt_swaps_total{volume=\"v\",result=\"ok\"}"), 0.0);
+    assert_eq!(value(&page, "nbdvirt_swap_drain_seconds_count{volume=\"v\"}"), 1.0, "the timed-out drain is timed");
+    assert_eq!(value(&page, "nbdvirt_swap_hold_seconds_count{volume=\"v\"}"), 0.0, "nothing was committed");
+    assert_eq!(value(&page, "nbdvirt_generation{volume=\"v\"}"), 1.0);
+    assert_eq!(value(&page, "nbdvirt_requests_in_flight{volume=\"v\"}"), 0.0);
+    assert_eq!(count(&page, "v", "write", "ok"), 1.0);
+    // The write took the store's 1 s delay: it is past the 0.5 s bucket.
+    assert_eq!(value(&page, "nbdvirt_request_duration_seconds_bucket{volume=\"v\",op=\"write\",le=\"0.5\"}"), 0.0);
+}
