@@ -2,6 +2,10 @@
 //! what `promtool check metrics` and every Prometheus server read): per
 //! family `# HELP`, `# TYPE`, then its samples, all together. Not
 //! OpenMetrics (no `# EOF`, counters named with their `_total`).
+//! `prometheus-client`, the crate issue 11 suggests, encodes OpenMetrics
+//! only (`# TYPE x counter` then `x_total`, `# EOF`), which Debian's
+//! promtool 2.42 rejects; this encoder is a hundred lines over samples we
+//! collect ourselves anyway, so no registry crate is used.
 
 use crate::volume::{HistogramSnapshot, BUCKETS};
 use std::fmt::Write;
