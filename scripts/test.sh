@@ -20,6 +20,7 @@ declare -A PACKAGES=(
   [e2fsprogs]=mkfs.ext4
   [mount]=losetup
   [systemd]=systemd-analyze
+  [prometheus]=promtool
 )
 
 missing=()

@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod defaults;
 pub mod endpoint;
 pub mod map;
+pub mod metrics;
 pub mod migrate;
 pub mod mirror;
 pub mod nbd;

@@ -39,6 +39,7 @@ struct RawServer {
     pause_timeout: Option<Spanned<Quantity>>,
     pause_retries: Option<Spanned<i64>>,
     busy_poll: Option<Spanned<Quantity>>,
+    metrics: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,6 +115,7 @@ fn parse_server(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawServer>>) -> Result<
         pause_timeout: None,
         pause_retries: None,
         busy_poll: None,
+        metrics: None,
     };
     let s = raw.map_or(&empty, |s| s.get_ref());
     let mut listen = Vec::new();
@@ -186,8 +188,22 @@ fn parse_server(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawServer>>) -> Result<
         max_inflight,
         shutdown_grace,
         default_export: s.default_export.as_ref().map(|d| d.get_ref().clone()),
-        metrics: None,
+        metrics: s.metrics.as_ref().map(|m| metrics_endpoint(ctx, m)).transpose()?,
     })
+}
+
+/// `server.metrics`: `tcp:HOST:PORT` with a numeric port (HTTP over TCP
+/// only; the host is resolved when the daemon binds it).
+fn metrics_endpoint(ctx: &ParseCtx<'_>, m: &Spanned<String>) -> Result<Endpoint, ConfigError> {
+    let text = m.get_ref();
+    let endpoint: Endpoint = text.parse().map_err(|e: crate::endpoint::EndpointError| ctx.err(m, "server.metrics", e.to_string()))?;
+    let Endpoint::Tcp(addr) = &endpoint else {
+        return Err(ctx.err(m, "server.metrics", format!("'{text}': metrics are served over HTTP on tcp:HOST:PORT only")));
+    };
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(endpoint),
+        _ => Err(ctx.err(m, "server.metrics", format!("'{text}': expected tcp:HOST:PORT with a port number 0-65535"))),
+    }
 }
 
 fn parse_backends(ctx: &ParseCtx<'_>, raw: &[Spanned<RawBackend>]) -> Result<Vec<BackendConfig>, ConfigError> {

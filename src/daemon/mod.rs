@@ -12,6 +12,7 @@
 pub mod assemble;
 mod error;
 mod faults;
+mod metrics;
 mod migrations;
 mod mirror_error;
 mod mirror_ops;
@@ -54,6 +55,8 @@ pub struct Daemon {
     pools: Arc<crate::pool::Pools>,
     /// Serialises administrative operations (reload, pause, resume, migrate).
     admin: Mutex<()>,
+    /// The `/metrics` endpoint, when `[server] metrics` is set.
+    metrics: Mutex<Option<crate::metrics::MetricsServer>>,
 }
 
 fn options(config: &Config) -> ServerOptions {
@@ -112,7 +115,9 @@ impl Daemon {
             state,
             pauses: pauses::PauseRegistry::default(),
             admin: Mutex::new(()),
+            metrics: Mutex::new(None),
         });
+        daemon.start_metrics()?;
         daemon.start_mirrors();
         Ok(daemon)
     }
@@ -154,6 +159,7 @@ impl Daemon {
         if let Err(e) = self.pools.close() {
             tracing::error!(error = %e, "closing the pool metadata failed: the next start's check returns what was not committed");
         }
+        self.stop_metrics();
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use super::buffers::Buffer;
 use super::handshake::Negotiated;
 use super::pool::Pools;
 use super::sink::ReplySink;
-use super::execute::{execute, reply_error, ConnectionCtx};
+use super::execute::{execute, reply_error, Admitted, ConnectionCtx};
 use super::stream::Stream;
 use crate::nbd::*;
 use crate::map::Range;
@@ -57,6 +57,7 @@ pub fn serve(
         pools,
         shard: id as usize,
     });
+    let _counted = ConnectionCounted::new(&ctx.volume);
     let budget = Budget::new(limits.max_inflight_bytes, limits.max_inflight_requests);
     let mut reader = Reader {
         inner: BufReader::with_capacity(256 * 1024, stream),
@@ -73,6 +74,23 @@ pub fn serve(
     budget.wait_idle(Duration::from_secs(3600));
     ctx.sink.close();
     result
+}
+
+/// Counts the connection in its volume's `connections` gauge for as long as
+/// it lives, whichever way `serve` returns.
+struct ConnectionCounted(Arc<crate::volume::VolumeStats>);
+
+impl ConnectionCounted {
+    fn new(volume: &crate::volume::Volume) -> ConnectionCounted {
+        volume.counters().connection_opened();
+        ConnectionCounted(volume.counters().clone())
+    }
+}
+
+impl Drop for ConnectionCounted {
+    fn drop(&mut self) {
+        self.0.connection_closed();
+    }
 }
 
 struct Reader<'a> {
@@ -208,6 +226,9 @@ fn reader_loop(ctx: &Arc<ConnectionCtx>, budget: &Arc<Budget>, reader: &mut Read
             tracing::debug!("client sent NBD_CMD_DISC");
             return Ok(());
         }
+        // The request's duration (nbdvirt_request_duration_seconds) runs
+        // from here to its reply (a TSC read, see volume/stats.rs).
+        let started = crate::volume::VolumeStats::now();
         // Payload first, so framing survives whatever we answer.
         let payload_len = req.payload_len();
         let payload = if payload_len > MAX_PAYLOAD {
@@ -221,24 +242,27 @@ fn reader_loop(ctx: &Arc<ConnectionCtx>, budget: &Arc<Budget>, reader: &mut Read
         } else {
             None
         };
+        // From here on every request gets exactly one reply, which counts
+        // it done (`Admitted`).
+        ctx.volume.counters().started();
         // Every request, even one answered with an error, holds a permit
         // until its reply is written: error replies to a client that does
         // not read them must not pile up without bound either.
         if reader.stopping() {
             let permit = payload.map(|(_, p)| p).unwrap_or_else(|| acquire(ctx, budget, 0));
-            reply_error(ctx, &req, NbdError::Shutdown, "server is shutting down", Some(permit));
+            reply_error(ctx, &req, NbdError::Shutdown, "server is shutting down", Admitted { permit, started });
             continue;
         }
         if let Err((err, msg)) = check(ctx, &req) {
             let permit = payload.map(|(_, p)| p).unwrap_or_else(|| acquire(ctx, budget, 0));
-            reply_error(ctx, &req, err, &msg, Some(permit));
+            reply_error(ctx, &req, err, &msg, Admitted { permit, started });
             continue;
         }
         let (data, permit) = match payload {
-            Some((data, permit)) => (data, permit),
+            Some((data, permit)) => (data, Admitted { permit, started }),
             None => {
                 let reply_payload = if req.command == CMD_READ { req.length as u64 } else { 0 };
-                (Bytes::new(), acquire(ctx, budget, reply_payload))
+                (Bytes::new(), Admitted { permit: acquire(ctx, budget, reply_payload), started })
             }
         };
         let ctx2 = ctx.clone();

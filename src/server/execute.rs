@@ -10,10 +10,42 @@ use super::pool::{Pools, WorkerPool};
 use super::sink::{Reply, ReplySink};
 use crate::backend::ZeroMode;
 use crate::nbd::*;
-use crate::volume::{Route, Ticket, Volume};
+use crate::volume::{Op, Route, Stamp, Ticket, Volume};
 use bytes::Bytes;
 use std::io;
 use std::sync::Arc;
+
+/// What every admitted request carries to its reply: its budget permit and
+/// when it was admitted. Whichever path produces the reply records the
+/// request in the volume's counters first (so a client that has its reply
+/// sees it counted), then sends it.
+pub(super) struct Admitted {
+    pub(super) permit: Permit,
+    pub(super) started: Stamp,
+}
+
+impl Admitted {
+    /// Counts the request (op, result, bytes, duration) and hands back the
+    /// permit for its reply.
+    fn done(self, ctx: &ConnectionCtx, req: &RequestHeader, ok: bool) -> Option<Permit> {
+        ctx.volume.counters().completed(op_of(req.command), ok, req.length as u64, self.started);
+        Some(self.permit)
+    }
+}
+
+/// The counters' name for an NBD command.
+fn op_of(command: u16) -> Op {
+    match command {
+        CMD_READ => Op::Read,
+        CMD_WRITE => Op::Write,
+        CMD_FLUSH => Op::Flush,
+        CMD_TRIM => Op::Trim,
+        CMD_WRITE_ZEROES => Op::WriteZeroes,
+        CMD_CACHE => Op::Cache,
+        CMD_BLOCK_STATUS => Op::BlockStatus,
+        _ => Op::Unknown,
+    }
+}
 
 /// What every request of a connection needs, shared with pool jobs.
 pub(super) struct ConnectionCtx {
@@ -41,24 +73,24 @@ impl ConnectionCtx {
 /// Most descriptors in one block-status chunk (per context).
 const MAX_DESCRIPTORS: usize = 16 * 1024;
 
-pub(super) fn reply_error(ctx: &ConnectionCtx, req: &RequestHeader, err: NbdError, msg: &str, permit: Option<Permit>) {
+pub(super) fn reply_error(ctx: &ConnectionCtx, req: &RequestHeader, err: NbdError, msg: &str, admitted: Admitted) {
     tracing::debug!(command = command_name(req.command), offset = req.offset, length = req.length, error = err.name(), msg, "request failed");
     let bytes = if ctx.structured {
         chunk_error(req.cookie, err.code(), msg)
     } else {
         simple_reply(req.cookie, err.code()).to_vec()
     };
-    ctx.sink.send(Reply::new(bytes, permit));
+    ctx.sink.send(Reply::new(bytes, admitted.done(ctx, req, false)));
 }
 
-pub(super) fn reply_ok(ctx: &ConnectionCtx, req: &RequestHeader, permit: Permit) {
-    ctx.sink.send(Reply::new(simple_reply(req.cookie, 0).to_vec(), Some(permit)));
+pub(super) fn reply_ok(ctx: &ConnectionCtx, req: &RequestHeader, admitted: Admitted) {
+    ctx.sink.send(Reply::new(simple_reply(req.cookie, 0).to_vec(), admitted.done(ctx, req, true)));
 }
 
-pub(super) fn finish(ctx: &ConnectionCtx, req: &RequestHeader, result: io::Result<()>, permit: Permit) {
+pub(super) fn finish(ctx: &ConnectionCtx, req: &RequestHeader, result: io::Result<()>, permit: Admitted) {
     match result {
         Ok(()) => reply_ok(ctx, req, permit),
-        Err(e) => reply_error(ctx, req, NbdError::from_io(&e), &format!("{}: {e}", command_name(req.command)), Some(permit)),
+        Err(e) => reply_error(ctx, req, NbdError::from_io(&e), &format!("{}: {e}", command_name(req.command)), permit),
     }
 }
 
@@ -69,7 +101,7 @@ fn first_error(results: Vec<io::Result<()>>) -> io::Result<()> {
 
 /// Runs on an I/O thread. `ticket` is the request's gate admission; it is
 /// dropped once the request's I/O is done.
-pub(super) fn execute(ctx: Arc<ConnectionCtx>, req: RequestHeader, payload: Bytes, permit: Permit, ticket: Option<Ticket>) {
+pub(super) fn execute(ctx: Arc<ConnectionCtx>, req: RequestHeader, payload: Bytes, permit: Admitted, ticket: Option<Ticket>) {
     let fua = req.flags & CMD_FLAG_FUA != 0;
     match req.command {
         CMD_READ => read(ctx, req, permit, ticket),
@@ -109,7 +141,7 @@ pub(super) fn execute(ctx: Arc<ConnectionCtx>, req: RequestHeader, payload: Byte
                 && !route.pieces.iter().all(|p| route.translation.fast_zero_certain(p, mode))
             {
                 drop(ticket);
-                return reply_error(&ctx, &req, NbdError::NotSup, "WRITE_ZEROES: fast zeroing is not certain on every store", Some(permit));
+                return reply_error(&ctx, &req, NbdError::NotSup, "WRITE_ZEROES: fast zeroing is not certain on every store", permit);
             }
             if route.pieces.len() <= 1 {
                 let result = if route.pieces.is_empty() { Ok(()) } else { work(0) };
@@ -124,7 +156,7 @@ pub(super) fn execute(ctx: Arc<ConnectionCtx>, req: RequestHeader, payload: Byte
                 });
             }
         }
-        _ => reply_error(&ctx, &req, NbdError::Inval, "unknown command", Some(permit)),
+        _ => reply_error(&ctx, &req, NbdError::Inval, "unknown command", permit),
     }
 }
 
@@ -145,10 +177,10 @@ fn write_read_header(ctx: &ConnectionCtx, req: &RequestHeader, out: &mut [u8]) {
     }
 }
 
-pub(super) fn read(ctx: Arc<ConnectionCtx>, req: RequestHeader, permit: Permit, ticket: Option<Ticket>) {
+pub(super) fn read(ctx: Arc<ConnectionCtx>, req: RequestHeader, permit: Admitted, ticket: Option<Ticket>) {
     if req.length == 0 {
         let bytes = if ctx.structured { chunk_none(req.cookie) } else { simple_reply(req.cookie, 0).to_vec() };
-        ctx.sink.send(Reply::new(bytes, Some(permit)));
+        ctx.sink.send(Reply::new(bytes, permit.done(&ctx, &req, true)));
         return;
     }
     let route = ctx.volume.route(req.offset, req.length as u64);
@@ -163,9 +195,9 @@ pub(super) fn read(ctx: Arc<ConnectionCtx>, req: RequestHeader, permit: Permit, 
             Ok(()) => {
                 let mut header = vec![0u8; prefix];
                 write_read_header(&ctx, &req, &mut header);
-                ctx.sink.send(Reply { parts: vec![Bytes::from(header), Bytes::from(buf)], permit: Some(permit) });
+                ctx.sink.send(Reply { parts: vec![Bytes::from(header), Bytes::from(buf)], permit: permit.done(&ctx, &req, true) });
             }
-            Err(e) => reply_error(&ctx, &req, NbdError::from_io(&e), &format!("READ: {e}"), Some(permit)),
+            Err(e) => reply_error(&ctx, &req, NbdError::from_io(&e), &format!("READ: {e}"), permit),
         }
         return;
     }
@@ -190,17 +222,17 @@ pub(super) fn read(ctx: Arc<ConnectionCtx>, req: RequestHeader, permit: Permit, 
         for r in results {
             match r {
                 Ok(b) => parts.push(b),
-                Err(e) => return reply_error(&ctx, &req, NbdError::from_io(&e), &format!("READ: {e}"), Some(permit)),
+                Err(e) => return reply_error(&ctx, &req, NbdError::from_io(&e), &format!("READ: {e}"), permit),
             }
         }
-        ctx.sink.send(Reply { parts, permit: Some(permit) });
+        ctx.sink.send(Reply { parts, permit: permit.done(&ctx, &req, true) });
     });
 }
 
 /// One chunk per selected context, in selection order, sent as one reply.
 /// Everything is gathered first so that a failure answers a single error
 /// chunk instead of a half-sent set of chunks.
-pub(super) fn block_status(ctx: &ConnectionCtx, req: &RequestHeader, permit: Permit) {
+pub(super) fn block_status(ctx: &ConnectionCtx, req: &RequestHeader, permit: Admitted) {
     let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
     let max = if req_one { 1 } else { MAX_DESCRIPTORS };
     let mut chunks = Vec::with_capacity(ctx.meta.selected.len());
@@ -208,7 +240,7 @@ pub(super) fn block_status(ctx: &ConnectionCtx, req: &RequestHeader, permit: Per
         let descriptors = match context {
             Context::BaseAllocation => match allocation_descriptors(ctx, req, max) {
                 Ok(d) => d,
-                Err(e) => return reply_error(ctx, req, NbdError::from_io(&e), &format!("BLOCK_STATUS: {e}"), Some(permit)),
+                Err(e) => return reply_error(ctx, req, NbdError::from_io(&e), &format!("BLOCK_STATUS: {e}"), permit),
             },
             Context::DirtyBitmap(name) => {
                 let runs = ctx.volume.dirty_runs(name, req.offset, req.length as u64, max);
@@ -217,7 +249,7 @@ pub(super) fn block_status(ctx: &ConnectionCtx, req: &RequestHeader, permit: Per
         };
         chunks.push((*id, descriptors));
     }
-    ctx.sink.send(Reply::new(block_status_reply(req.cookie, &chunks), Some(permit)));
+    ctx.sink.send(Reply::new(block_status_reply(req.cookie, &chunks), permit.done(ctx, req, true)));
 }
 
 /// base:allocation of the request's range through the table.

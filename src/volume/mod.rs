@@ -14,6 +14,7 @@ mod commit;
 mod gate;
 mod phases;
 pub mod redundancy;
+mod stats;
 mod swap;
 pub mod target;
 mod translation;
@@ -23,6 +24,7 @@ pub use commit::{Commit, CommitError, Unpersisted};
 pub use gate::{Gate, GateStatus, HoldId, Ticket};
 pub use phases::{DrainTimedOut, Paused, Staged};
 pub use swap::{SwapError, SwapOptions, SwapPhase, SwapReport, UnknownSwapPhase};
+pub use stats::{HistogramSnapshot, Op, Stamp, StatsSnapshot, SwapResult, VolumeStats, BUCKETS};
 pub use redundancy::{DirtyRun, LegCondition, LegEvent, LegState, Redundancy, RegionBitmap};
 pub use target::{open_target, Target, TargetCtx, TargetError};
 pub use translation::{Route, TranslateError, Translation};
@@ -62,6 +64,8 @@ pub struct Volume {
     /// One swap at a time per volume.
     swap_lock: Mutex<()>,
     stats: Mutex<SwapStats>,
+    /// I/O and swap counters for the metrics exporter (atomics only).
+    counters: Arc<VolumeStats>,
     /// Stores earlier tables wrote to that the current one does not use;
     /// FLUSH syncs them too until a flush after their retirement succeeds.
     retired: Mutex<Vec<Arc<dyn Backend>>>,
@@ -75,6 +79,7 @@ impl Volume {
             gate: Gate::new(),
             swap_lock: Mutex::new(()),
             stats: Mutex::new(SwapStats::default()),
+            counters: Arc::new(VolumeStats::new()),
             retired: Mutex::new(Vec::new()),
         }
     }
@@ -124,7 +129,24 @@ impl Volume {
         lock(&self.stats).clone()
     }
 
+    /// The volume's I/O and swap counters (see [`VolumeStats`]); distinct
+    /// from [`stats`](Self::stats), the last swap's details for status.
+    pub fn counters(&self) -> &Arc<VolumeStats> {
+        &self.counters
+    }
+
     fn record(&self, hold: Option<Duration>, drain: Option<Duration>, error: Option<String>) {
+        // A hold means the swap reached its commit; an error without one is
+        // a final drain timeout; neither is a manual pause (not a swap).
+        let result = match (hold.is_some(), error.is_some()) {
+            (true, false) => Some(SwapResult::Ok),
+            (true, true) => Some(SwapResult::CommitFailed),
+            (false, true) => Some(SwapResult::DrainTimeout),
+            (false, false) => None,
+        };
+        if let Some(result) = result {
+            self.counters.swap_finished(result, hold, drain);
+        }
         let mut s = lock(&self.stats);
         if error.is_none() && hold.is_some() {
             s.swaps += 1;

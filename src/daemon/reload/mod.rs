@@ -27,6 +27,9 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     if n.io_threads != o.io_threads || n.max_inflight != o.max_inflight || n.busy_poll != o.busy_poll {
         out.push("server.io_threads/max_inflight/busy_poll".into());
     }
+    if n.metrics != o.metrics {
+        out.push("server.metrics".into());
+    }
     out
 }
 
