@@ -234,6 +234,7 @@ fn meters_add_up_and_byte_seconds_grow_with_time() {
     cli_ok(&server, &["volume", "create", "t", "--size", "64MiB", "--pool", "p", "--thin"]);
     cli_ok(&server, &["volume", "create", "k", "--size", "4MiB", "--pool", "p", "--priority", "high"]);
     qemu_io_ok(&server.uri("t"), &["write -P 1 0 3M", "write -P 2 10M 4k", "flush"]);
+    qemu_io_ok(&server.uri("k"), &["write -P 3 0 1M", "flush"]);
     let usage = |s: &TestServer| json(&cli_ok(s, &["pool", "usage", "--json"]));
     let find = |u: &Value, v: &str| u["volumes"].as_array().unwrap().iter().find(|x| x["volume"] == v).cloned().unwrap();
     let t0 = Instant::now();
@@ -245,6 +246,8 @@ fn meters_add_up_and_byte_seconds_grow_with_time() {
     assert_eq!(b["allocated"], 4 * MIB, "three chunks and one more: {b}");
     assert_eq!(b["written_bytes"], 3 * MIB + 4096, "{b}");
     assert_eq!(b["rate"], "standard");
+    let k = find(&u2, "k");
+    assert_eq!((k["written_bytes"].as_u64(), k["allocated"].as_u64()), (Some(MIB), Some(4 * MIB)), "a thick volume's writes are metered too: {k}");
     let grown = b["allocation_byte_seconds"].as_f64().unwrap() - a["allocation_byte_seconds"].as_f64().unwrap();
     let alloc = (4 * MIB) as f64;
     assert!(grown >= alloc * 1.9 && grown <= alloc * (elapsed + 0.5), "byte-seconds grow by allocation × time: {grown} over {elapsed:.2}s");
@@ -259,4 +262,66 @@ fn meters_add_up_and_byte_seconds_grow_with_time() {
     let r = find(&recent, "t");
     assert!(r["allocation_byte_seconds"].as_f64().unwrap() <= alloc * 2.0, "{r}");
     assert_eq!(r["written_bytes"], 0, "{r}");
+}
+
+/// Reads past the new end (eight at a time), in flight or held while a
+/// shrink's swap drains the tail, get error replies and the connection
+/// stays framed.
+const TAIL_READS: &str = r#"
+import time
+errs, done, inflight = 0, 0, []
+def reap():
+    global errs, done, inflight
+    still = []
+    for c in inflight:
+        try:
+            if h.aio_command_completed(c):
+                done += 1
+            else:
+                still.append(c)
+        except nbd.Error:
+            errs += 1
+    inflight = still
+t0 = time.time()
+while time.time() - t0 < 3 and errs <= 200:
+    while len(inflight) < 8:
+        inflight.append(h.aio_pread(nbd.Buffer(4096), 6 * 1024 * 1024))
+    h.poll(-1)
+    reap()
+while inflight:
+    h.poll(-1)
+    reap()
+assert h.pread(4096, 0) == bytes(4096)
+print('alive', errs, done)
+"#;
+
+#[test]
+fn reads_racing_a_shrink_get_errors_and_the_connection_stays_framed() {
+    // Slow stores (20 ms an I/O): the shrink's drain waits for the read in
+    // flight, and the reader's next read arrives during the hold.
+    let slow = pool_config(2, "16MiB", "1MiB", "error").replace("size = \"16MiB\"\n", "size = \"16MiB\"\ndelay = \"20ms\"\n");
+    assert!(slow.contains("delay"), "{slow}");
+    let server = start(&slow);
+    cli_ok(&server, &["volume", "create", "v", "--size", "8MiB", "--pool", "p"]);
+    require("nbdsh", "python3-libnbd");
+    for round in 0..3 {
+        if round > 0 {
+            cli_ok(&server, &["volume", "resize", "v", "--size", "8MiB"]);
+        }
+        let reader = Command::new("nbdsh").env("PATH", debian_path()).args(["-u", &server.uri("v"), "-c", TAIL_READS]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        cli_ok(&server, &["volume", "resize", "v", "--size", "4MiB", "--force"]);
+        let mut reader = reader;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while reader.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = reader.kill();
+                panic!("round {round}: the reader hung after the shrink (a reply without its data breaks the framing)\n{}", server.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = reader.wait_with_output().unwrap();
+        let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && all.contains("alive"), "round {round}: the reader's connection must survive the shrink:\n{all}\n{}", server.log());
+    }
 }

@@ -168,7 +168,10 @@ fn supervise(daemon: Weak<Daemon>, events: mpsc::Receiver<LegEvent>) {
         }
         match event {
             Ok(e) => d.on_leg_failure(&e),
-            Err(mpsc::RecvTimeoutError::Timeout) => d.mirror_tick(),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                d.mirror_tick();
+                d.meter_pool_writes();
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
     }

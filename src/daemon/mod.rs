@@ -53,6 +53,9 @@ pub struct Daemon {
     mirrors: mirrors::MirrorRegistry,
     /// Storage pools and the volumes created from them.
     pools: Arc<crate::pool::Pools>,
+    /// Per thick pool volume, its written-bytes counter as last handed to
+    /// the pool meters (the volume object's counters start at zero).
+    pool_written: Mutex<HashMap<String, (usize, u64)>>,
     /// Serialises administrative operations (reload, pause, resume, migrate).
     admin: Mutex<()>,
     /// The `/metrics` endpoint, when `[server] metrics` is set.
@@ -108,6 +111,7 @@ impl Daemon {
             migrations: Mutex::new(migrations),
             mirrors: mirrors::MirrorRegistry::new(),
             pools,
+            pool_written: Mutex::new(HashMap::new()),
             swap: Mutex::new(swap),
             config: Mutex::new(config),
             stores: Mutex::new(stores),

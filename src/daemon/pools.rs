@@ -279,7 +279,34 @@ impl Daemon {
         Ok(info)
     }
 
+    /// Hands what clients wrote to thick pool volumes since the last call
+    /// to the pool meters (chunk-mapped volumes count their own writes).
+    /// Called every supervisor tick and before the pool views.
+    pub(super) fn meter_pool_writes(&self) {
+        let catalog = self.catalog();
+        let mut seen = lock(&self.pool_written);
+        seen.retain(|name, _| catalog.volumes.contains_key(name));
+        for info in self.pools.volumes() {
+            let Some(volume) = catalog.volumes.get(&info.name) else { continue };
+            if self.pools.chunk_map(&info.name).is_some() {
+                continue;
+            }
+            // A rebuilt volume object (restart, reload) counts from zero.
+            let id = Arc::as_ptr(volume) as usize;
+            let now = volume.counters().snapshot().written_bytes;
+            let last = match seen.get(&info.name) {
+                Some((same, last)) if *same == id => *last,
+                _ => 0,
+            };
+            if now > last {
+                self.pools.add_written(&info.name, now - last);
+            }
+            seen.insert(info.name.clone(), (id, now));
+        }
+    }
+
     pub fn pool_status(&self, pool: Option<&str>) -> Result<PoolList, DaemonError> {
+        self.meter_pool_writes();
         Ok(PoolList { pools: self.pools.status(pool)? })
     }
 
@@ -288,6 +315,7 @@ impl Daemon {
     }
 
     pub fn pool_usage(&self, since: Option<u64>) -> Result<UsageReport, DaemonError> {
+        self.meter_pool_writes();
         Ok(self.pools.usage(since)?)
     }
 

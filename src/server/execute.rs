@@ -99,6 +99,16 @@ fn first_error(results: Vec<io::Result<()>>) -> io::Result<()> {
     results.into_iter().collect()
 }
 
+/// Whether a request reaches past the end of the table it was routed on:
+/// checked against the export's size when it arrived, it may have been
+/// held by a swap that shrank the volume (pool volumes), and the smaller
+/// table's pieces would not cover it. Answered like any request past the
+/// end.
+fn past_end(route: &Route, req: &RequestHeader) -> Option<NbdError> {
+    let end = req.offset.saturating_add(req.length as u64);
+    (end > route.translation.table().size()).then_some(if req.command == CMD_WRITE { NbdError::NoSpc } else { NbdError::Inval })
+}
+
 /// Runs on an I/O thread. `ticket` is the request's gate admission; it is
 /// dropped once the request's I/O is done.
 pub(super) fn execute(ctx: Arc<ConnectionCtx>, req: RequestHeader, payload: Bytes, permit: Admitted, ticket: Option<Ticket>) {
@@ -115,6 +125,10 @@ pub(super) fn execute(ctx: Arc<ConnectionCtx>, req: RequestHeader, payload: Byte
         }
         CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_CACHE => {
             let route = Arc::new(ctx.volume.route(req.offset, req.length as u64));
+            if let Some(err) = past_end(&route, &req) {
+                drop(ticket);
+                return reply_error(&ctx, &req, err, "past the end of the export (it shrank)", permit);
+            }
             let mode = ZeroMode { may_trim: req.flags & CMD_FLAG_NO_HOLE == 0, fast_only: req.flags & CMD_FLAG_FAST_ZERO != 0 };
             let work = {
                 let route = route.clone();
@@ -184,6 +198,10 @@ pub(super) fn read(ctx: Arc<ConnectionCtx>, req: RequestHeader, permit: Admitted
         return;
     }
     let route = ctx.volume.route(req.offset, req.length as u64);
+    if let Some(err) = past_end(&route, &req) {
+        drop(ticket);
+        return reply_error(&ctx, &req, err, "past the end of the export (it shrank)", permit);
+    }
     let prefix = read_prefix(ctx.structured);
     if route.pieces.len() == 1 {
         // Common case: one page-aligned buffer read in place, sent after
@@ -255,6 +273,9 @@ pub(super) fn block_status(ctx: &ConnectionCtx, req: &RequestHeader, permit: Adm
 /// base:allocation of the request's range through the table.
 fn allocation_descriptors(ctx: &ConnectionCtx, req: &RequestHeader, max: usize) -> io::Result<Vec<Descriptor>> {
     let route = ctx.volume.route(req.offset, req.length as u64);
+    if past_end(&route, req).is_some() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
     let mut descriptors: Vec<Descriptor> = Vec::new();
     for piece in &route.pieces {
         let runs = route.translation.block_status(piece, max)?;
