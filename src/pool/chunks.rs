@@ -60,6 +60,8 @@ pub struct ThinMap {
     active: [AtomicU64; 2],
     pub written: AtomicU64,
     pub mapped: AtomicU64,
+    /// The pool's "an allocation may wait" flag.
+    may_wait: Arc<std::sync::atomic::AtomicBool>,
     inner: Weak<Inner>,
 }
 
@@ -73,7 +75,16 @@ fn pages_for(chunks: u64) -> Vec<Slot> {
 
 impl ThinMap {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(volume: &str, pool: &str, chunk: u64, chunks: u64, stores: Vec<Option<Arc<dyn Backend>>>, members: Vec<usize>, inner: Weak<Inner>) -> ThinMap {
+    pub fn new(
+        volume: &str,
+        pool: &str,
+        chunk: u64,
+        chunks: u64,
+        stores: Vec<Option<Arc<dyn Backend>>>,
+        members: Vec<usize>,
+        may_wait: Arc<std::sync::atomic::AtomicBool>,
+        inner: Weak<Inner>,
+    ) -> ThinMap {
         let all_stores = stores.iter().flatten().cloned().collect();
         ThinMap {
             volume: volume.into(),
@@ -91,6 +102,7 @@ impl ThinMap {
             active: [AtomicU64::new(0), AtomicU64::new(0)],
             written: AtomicU64::new(0),
             mapped: AtomicU64::new(0),
+            may_wait,
             inner,
         }
     }
@@ -349,7 +361,7 @@ impl ChunkMap for ThinMap {
     }
 
     fn may_wait(&self) -> bool {
-        self.inner.upgrade().is_some_and(|i| i.may_wait(&self.pool))
+        self.may_wait.load(Relaxed)
     }
 
     fn enter(&self) -> u64 {

@@ -33,6 +33,10 @@ pub struct PoolState {
     /// Allocations that found no free chunk since the pool thread's last
     /// pass (it then reclaims or extends).
     pub short: u64,
+    /// Set while a queue-mode pool is close to full (its thin volumes' I/O
+    /// then leaves the reader threads: an allocation may wait). Shared
+    /// with the volumes' chunk maps.
+    pub may_wait: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl PoolState {
@@ -48,6 +52,11 @@ impl PoolState {
             tracing::warn!(pool = %self.config.name, free = self.space.free_chunks() * self.chunk(), "pool free space is below low_water ({}%)", self.config.low_water_percent);
         }
         self.below_low_water = below;
+        // Near full: some writes may wait soon. A margin, so that a burst
+        // of first writes is on the blocking pool before it runs dry.
+        let margin = (usable / 100).max(64);
+        let near = self.config.on_full == OnFull::Queue && (self.space.free_chunks() < margin || self.waiting > 0);
+        self.may_wait.store(near, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -156,11 +165,6 @@ impl Inner {
                 p.waiting -= 1;
             }
         }
-    }
-
-    /// Whether allocations in `pool` may wait for space (`on_full = "queue"`).
-    pub fn may_wait(&self, pool: &str) -> bool {
-        lock(&self.state).pools.get(pool).is_some_and(|p| p.config.on_full == OnFull::Queue)
     }
 
     /// A chunk allocated but never published goes straight back.

@@ -115,6 +115,7 @@ impl Pools {
             }
         }
         *crate::sync::lock(&inner.state) = state;
+        crate::sync::lock(&inner.state).pools.values_mut().for_each(inner::PoolState::note_free_space);
         if !batch.is_empty() {
             inner.meta.apply(&batch).map_err(meta_err)?;
         }
@@ -170,7 +171,9 @@ impl Pools {
                     None => {
                         let space = open::space_of(&rec, stores);
                         batch.pools.push(rec.clone());
-                        st.pools.insert(cfg.name.clone(), inner::PoolState { config: cfg, record: rec, space, waiting: 0, below_low_water: false, reclaimed: 0, short: 0 });
+                        let mut p = inner::PoolState { config: cfg, record: rec, space, waiting: 0, below_low_water: false, reclaimed: 0, short: 0, may_wait: Default::default() };
+                        p.note_free_space();
+                        st.pools.insert(p.config.name.clone(), p);
                     }
                 }
             }

@@ -77,7 +77,7 @@ pub fn build(inner: &Arc<Inner>, loaded: &Loaded, pools: &[PoolConfig], stores: 
                 batch.pools.push(rec.clone());
             }
             let space = space_of(&rec, stores);
-            st.pools.insert(cfg.name.clone(), PoolState { config: cfg.clone(), record: rec, space, waiting: 0, below_low_water: false, reclaimed: 0, short: 0 });
+            st.pools.insert(cfg.name.clone(), PoolState { config: cfg.clone(), record: rec, space, waiting: 0, below_low_water: false, reclaimed: 0, short: 0, may_wait: Default::default() });
             reports.push(PoolCheckReport { pool: cfg.name.clone(), chunks: 0, owned: 0, free: 0, leaked_returned: 0, errors: Vec::new() });
         }
         for v in &loaded.volumes {

@@ -126,7 +126,7 @@ impl Inner {
         let map = record.chunk_mapped().then(|| {
             let stores = p.space.stores.iter().map(|s| s.handle.clone()).collect();
             let members = if matches!(record.layout, PoolLayout::Stripe { .. }) { record.members.clone() } else { Vec::new() };
-            Arc::new(ThinMap::new(&record.name, &record.pool, chunk, record.size / chunk, stores, members, Arc::downgrade(self) as Weak<Inner>))
+            Arc::new(ThinMap::new(&record.name, &record.pool, chunk, record.size / chunk, stores, members, p.may_wait.clone(), Arc::downgrade(self) as Weak<Inner>))
         });
         let usage = UsageRecord { until: unix_now(), ..UsageRecord::default() };
         VolState { record: record.clone(), thick: BTreeMap::new(), map, usage, written_unmetered: 0, recent: Default::default() }

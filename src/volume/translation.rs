@@ -31,6 +31,9 @@ pub struct Translation {
     rotational: bool,
     /// Some store may block for long: never run I/O inline on a reader.
     may_block: bool,
+    /// Targets that may have to wait at times (thin volumes of a pool
+    /// short of space): asked per request.
+    waiting: Vec<Arc<dyn Target>>,
     /// The volume's legs, intent log and change trackers (shared by every
     /// translation of the volume).
     redundancy: Arc<Redundancy>,
@@ -65,6 +68,7 @@ impl Translation {
         let min_io = targets.iter().map(|t| t.min_io()).max().unwrap_or(1);
         let rotational = targets.iter().any(|t| t.rotational());
         let may_block = targets.iter().any(|t| t.may_block());
+        let waiting = targets.iter().filter(|t| t.can_wait()).cloned().collect();
         Ok(Translation {
             table,
             targets,
@@ -74,6 +78,7 @@ impl Translation {
             min_io,
             rotational,
             may_block,
+            waiting,
             redundancy: redundancy.clone(),
         })
     }
@@ -95,9 +100,11 @@ impl Translation {
         self.rotational
     }
 
-    /// Whether I/O through this table may block for long (see `Backend::may_block`).
+    /// Whether I/O through this table may block for long (see
+    /// `Backend::may_block`), or may wait now (a thin volume whose pool is
+    /// short of space): then it does not run inline or on the CPU pool.
     pub fn may_block(&self) -> bool {
-        self.may_block
+        self.may_block || self.waiting.iter().any(|t| t.may_wait())
     }
 
     pub fn stores(&self) -> &[Arc<dyn Backend>] {

@@ -82,6 +82,17 @@ pub trait Target: Send + Sync + Debug {
     fn may_block(&self) -> bool {
         self.stores().iter().any(|s| s.may_block())
     }
+    /// Whether a request may have to wait now (a thin volume whose pool
+    /// is short of space, `on_full = "queue"`): then it runs where waiting
+    /// holds up no one else. Asked per request, so it must be cheap.
+    fn may_wait(&self) -> bool {
+        false
+    }
+    /// Whether `may_wait` can ever be true (the translation asks only
+    /// those targets).
+    fn can_wait(&self) -> bool {
+        false
+    }
     fn rotational(&self) -> bool {
         self.stores().iter().any(|s| s.info().rotational)
     }

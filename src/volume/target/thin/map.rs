@@ -58,11 +58,12 @@ pub trait ChunkMap: Send + Sync + Debug {
     fn uncommitted(&self) -> bool;
     /// Every store the map may place chunks on.
     fn stores(&self) -> &[Arc<dyn Backend>];
-    /// Whether `map` may wait (for space: `on_full = "queue"`). Small
-    /// reads and writes on stores that never block run on the connection's
-    /// reader or the CPU workers; a write waiting there for space would
-    /// hold up that connection's reads, or other volumes. Asked when a
-    /// table is opened, so a change takes effect at the next table.
+    /// Whether `map` may wait now (for space: `on_full = "queue"` and the
+    /// pool short of free chunks). Small reads and writes on stores that
+    /// never block run on the connection's reader or the CPU workers; a
+    /// write waiting there for space would hold up that connection's
+    /// reads, or other volumes, so while this says yes they go to the
+    /// blocking pool. Asked per request: one atomic load.
     fn may_wait(&self) -> bool {
         false
     }

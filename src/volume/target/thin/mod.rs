@@ -315,10 +315,13 @@ impl Target for ThinTarget {
         Ok(())
     }
 
-    /// If its map may wait for space, like a store that may block (see
-    /// [`ChunkMap::may_wait`]).
-    fn may_block(&self) -> bool {
-        self.map.may_wait() || self.map.stores().iter().any(|s| s.may_block())
+    /// While its map may wait for space (see [`ChunkMap::may_wait`]).
+    fn may_wait(&self) -> bool {
+        self.map.may_wait()
+    }
+
+    fn can_wait(&self) -> bool {
+        true
     }
 
     /// The map flushes the stores, then commits.

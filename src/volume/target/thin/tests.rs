@@ -288,11 +288,12 @@ fn fua_commits_new_mappings_and_flush_commits() {
 }
 
 #[test]
-fn a_map_that_may_wait_makes_the_target_blocking() {
+fn a_map_that_may_wait_makes_the_target_wait() {
     let (t, m) = thin(None);
-    assert!(!t.may_block());
+    assert!(!t.may_wait() && t.can_wait());
     m.waits.store(true, SeqCst);
-    assert!(t.may_block());
+    assert!(t.may_wait());
+    assert!(!t.may_block(), "only while the pool is short, not for good");
     assert_eq!((t.min_io(), t.rotational()), (1, false));
 }
 
