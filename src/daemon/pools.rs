@@ -156,15 +156,9 @@ impl Daemon {
     /// Creates a volume from a pool and exports it at once.
     pub fn volume_create(&self, req: &VolumeCreate) -> Result<PoolVolumeInfo, DaemonError> {
         let _admin = lock(&self.admin);
-        if !crate::config::valid_name(&req.name) {
-            return Err(PoolError::Invalid(format!("'{}' is not a valid volume name (letters, digits, - _ . : @ +)", req.name)).into());
-        }
         let catalog = self.catalog();
         let config_names: Vec<String> = lock(&self.config).volumes.iter().map(|v| v.name.clone()).collect();
         let taken = |n: &str| catalog.volumes.contains_key(n) || config_names.iter().any(|c| c == n) || self.is_split_volume(n);
-        if taken(&req.name) && !self.is_pool_volume(&req.name) {
-            return Err(PoolError::Exists(req.name.clone()).into());
-        }
         let info = self.pools.create(req, &taken)?;
         // Mirror state left by an earlier volume of that name is not ours.
         let _ = std::fs::remove_dir_all(redundancy_dir(self.state.root(), &req.name));

@@ -298,23 +298,7 @@ impl Pools {
         let mut out = Vec::new();
         for p in st.pools.values() {
             for s in p.space.stores.iter().filter(|s| s.backend == backend && s.handle.is_some()) {
-                // Chunks under config volumes' ranges stay theirs; the rest
-                // is the pool's, whether allocated or free.
-                let chunk = p.chunk();
-                let mut run: Option<Range> = None;
-                for i in 0..s.chunks {
-                    let r = Range::new(i * chunk, chunk);
-                    let ours = !s.is_reserved(i, chunk);
-                    match (&mut run, ours) {
-                        (Some(cur), true) if cur.end == r.start => cur.end = r.end,
-                        (_, true) => {
-                            out.extend(run.take());
-                            run = Some(r);
-                        }
-                        (_, false) => out.extend(run.take()),
-                    }
-                }
-                out.extend(run);
+                out.extend(s.owned_ranges(p.chunk()));
             }
         }
         out

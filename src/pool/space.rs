@@ -64,10 +64,24 @@ impl StoreSpace {
         }
     }
 
-    /// Whether chunk `i` lies under a range a config volume maps.
-    pub fn is_reserved(&self, i: u64, chunk: u64) -> bool {
-        let r = Range::new(i * chunk, chunk);
-        self.reserved_ranges.iter().any(|u| u.overlaps(&r))
+    /// The store's ranges the pool owns (allocated or free): every chunk
+    /// but those under a range a config volume maps, from the reserved
+    /// ranges rounded out to whole chunks (no walk over every chunk).
+    pub fn owned_ranges(&self, chunk: u64) -> Vec<Range> {
+        let mut taken: Vec<(u64, u64)> = self.reserved_ranges.iter().map(|r| (r.start / chunk, r.end.div_ceil(chunk).min(self.chunks))).filter(|(a, b)| a < b).collect();
+        taken.sort_unstable();
+        let mut out = Vec::new();
+        let mut next = 0;
+        for (a, b) in taken {
+            if a > next {
+                out.push(Range::new(next * chunk, (a - next) * chunk));
+            }
+            next = next.max(b);
+        }
+        if next < self.chunks {
+            out.push(Range::new(next * chunk, (self.chunks - next) * chunk));
+        }
+        out
     }
 
     pub fn is_free(&self, i: u64) -> bool {
@@ -199,6 +213,7 @@ mod tests {
         let mut s = StoreSpace::new("a", Some(mem), None, 8, 1 << 20, &[Range::new(1 << 20, 4096)]);
         assert_eq!((s.free_count, s.reserved), (7, 1));
         assert!(!s.is_free(1));
+        assert_eq!(s.owned_ranges(1 << 20), vec![Range::new(0, 1 << 20), Range::new(2 << 20, 6 << 20)]);
         assert_eq!((s.alloc(), s.alloc(), s.alloc()), (Some(0), Some(2), Some(3)), "the reserved chunk is skipped");
         assert_eq!(s.alloc(), Some(4));
         assert!(!s.take(3), "already taken");
