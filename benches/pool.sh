@@ -17,10 +17,17 @@
 #            has far more chunks than fio writes blocks, so nearly every
 #            write maps a chunk; "fresh" = chunks mapped / writes says how
 #            nearly (from `pool status --json`).
+#   cpu      server CPU time (user+sys, all threads) per I/O of each row
+#            above: less noisy than IOPS on a shared machine
+#   commit   the pool thread's CPU time per chunk the fresh rows mapped
+#            (commits of the chunk maps, meters)
 #   create   `volume create` of a CREATE_SIZE thin volume, wall time of the
 #            CLI (date +%s%N around it), CREATES per round, each deleted
 #            after; `rtt` = the same CLI doing `pool status` (start-up and
 #            socket round trip: the floor under `create`).
+#
+# Ratios are taken per round (variants run back to back), then the median
+# and range over rounds: a noisy minute moves both sides of a ratio.
 #
 # Environment: ROUNDS=5 RUNTIME=8 SIZE_MB=1024 FRESH_SIZE=1TiB (bytes or
 # NNN[KMGT]iB) FRESH_RUNTIME=2 FRESH_POOL_GB=256 (sparse room for fresh
@@ -177,6 +184,18 @@ pools = doc["pools"] if isinstance(doc, dict) and "pools" in doc else doc if isi
 print(next(v["allocated"] for p in pools for v in p["volumes"] if v["name"] == sys.argv[1]))' "$2"
 }
 us_since() { echo $((($(date +%s%N) - $1) / 1000)); }
+ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "$1"; } # utime+stime of a stat file
+server_ticks() { ticks "/proc/$SERVER/stat"; }
+pool_thread_ticks() {
+  local t
+  for t in /proc/"$SERVER"/task/*; do
+    [[ $(cat "$t/comm" 2>/dev/null) == pools ]] && { ticks "$t/stat"; return; }
+  done
+  die "the server has no 'pools' thread"
+}
+TCK=$(getconf CLK_TCK)
+# CPU microseconds per I/O: ticks spent, IOPS, seconds the run lasted.
+per_io() { python3 -c "print(f'{$1 / $TCK * 1e6 / max($2 * $3, 1):.2f}')"; }
 wait_load() {
   local i
   for ((i = 0; i < 300; i++)); do
@@ -221,8 +240,11 @@ for ((round = 1; round <= ROUNDS; round++)); do
   for row in $ROWS; do
     rw=randwrite; [[ $row == rr16 ]] && rw=randread
     for v in "${order[@]}"; do
+      c0=$(server_ticks)
       out=$(fio_run "$v" --rw=$rw --bs=4k --iodepth=16 --size="$BYTES" --time_based --runtime="$RUNTIME" --ramp_time=1)
-      echo -e "$row\t$v\t${out% *}" >>"$RES"
+      c1=$(server_ticks)
+      echo -e "$row\t$v\t${out% *}\t$round" >>"$RES"
+      echo -e "cpu-$row\t$v\t$(per_io $((c1 - c0)) "${out% *}" $((RUNTIME + 1)))\t$round" >>"$RES"
     done
   done
   if [[ " $PARTS " == *" fresh "* ]]; then
@@ -231,12 +253,19 @@ for ((round = 1; round <= ROUNDS; round++)); do
     for pv in "${fresh[@]}"; do
       p=${pv%:*} v=${pv#*:}
       create "$v" "$p" "$FRESH_BYTES" --thin
+      c0=$(server_ticks) p0=$(pool_thread_ticks)
       out=$(fio_run "$v" --rw=randwrite --bs=4k --iodepth=16 --size="$FRESH_BYTES" --time_based --runtime="$FRESH_RUNTIME")
       read -r iops ios <<<"$out"
+      c1=$(server_ticks)
+      # The last second's maps are committed by the pool thread's next pass.
+      sleep 1.2
+      p1=$(pool_thread_ticks)
       chunk=$((1 << 20)); [[ $p == p64k ]] && chunk=65536
       a=$(allocated "$p" "$v")
-      echo -e "fresh\t$v\t$iops" >>"$RES"
-      echo -e "fresh-share\t$v\t$(python3 -c "print(f'{$a / $chunk / max($ios, 1):.3f}')")" >>"$RES"
+      echo -e "fresh\t$v\t$iops\t$round" >>"$RES"
+      echo -e "cpu-fresh\t$v\t$(per_io $((c1 - c0)) "$iops" "$FRESH_RUNTIME")\t$round" >>"$RES"
+      echo -e "commit\t$v\t$(python3 -c "print(f'{($p1 - $p0) / $TCK * 1e6 / max($a // $chunk, 1):.2f}')")\t$round" >>"$RES"
+      echo -e "fresh-share\t$v\t$(python3 -c "print(f'{$a / $chunk / max($ios, 1):.3f}')")\t$round" >>"$RES"
       ctl volume delete "$v" --force >/dev/null || die "volume delete $v failed: $(tail -5 "$W/server.log")"
     done
   fi
@@ -244,11 +273,11 @@ for ((round = 1; round <= ROUNDS; round++)); do
     for ((i = 0; i < CREATES; i++)); do
       t0=$(date +%s%N)
       create "ct$i" p1m "$CREATE_BYTES" --thin
-      echo -e "create\tthin\t$(us_since "$t0")" >>"$RES"
+      echo -e "create\tthin\t$(us_since "$t0")\t$round" >>"$RES"
       ctl volume delete "ct$i" --force >/dev/null || die "volume delete ct$i failed: $(tail -5 "$W/server.log")"
       t0=$(date +%s%N)
       ctl pool status p1m --json >/dev/null
-      echo -e "create\trtt\t$(us_since "$t0")" >>"$RES"
+      echo -e "create\trtt\t$(us_since "$t0")\t$round" >>"$RES"
     done
   fi
 done
@@ -256,37 +285,41 @@ kill -0 "$SERVER" 2>/dev/null || die "the server died: $(tail -20 "$W/server.log
 
 python3 - "$RES" <<'EOF'
 import statistics, sys
-rows = {}
+rows, by_round = {}, {}
 for line in open(sys.argv[1]):
-    row, who, v = line.split()
+    row, who, v, rnd = line.split()
     rows.setdefault(row, {}).setdefault(who, []).append(float(v))
+    by_round[(row, who, rnd)] = float(v)
 names = {"rw16": "4k randwrite QD16, mapped chunks", "rr16": "4k randread QD16", "fresh": "4k randwrite QD16, fresh chunks",
-         "fresh-share": "  writes that mapped a chunk", "create": "volume create (CLI wall time)"}
+         "cpu-rw16": "  server CPU µs per I/O", "cpu-rr16": "  server CPU µs per I/O", "cpu-fresh": "  server CPU µs per I/O",
+         "commit": "  pool thread CPU µs per mapped chunk", "fresh-share": "  writes that mapped a chunk",
+         "create": "volume create (CLI wall time)"}
 def fmt(row, vs):
     m = statistics.median(vs)
     if row == "create":
         return f"{m / 1000:.1f} ms ({min(vs) / 1000:.1f}–{max(vs) / 1000:.1f})"
     if row == "fresh-share":
         return f"{m:.3f} ({min(vs):.3f}–{max(vs):.3f})"
+    if row.startswith("cpu-") or row == "commit":
+        return f"{m:.2f} ({min(vs):.2f}–{max(vs):.2f})"
     return f"{m:,.0f} IOPS ({min(vs):,.0f}–{max(vs):,.0f})"
 print("\n## Results (median, min–max over rounds)\n")
 print("| row | volume | result |\n|---|---|---|")
-for row, d in rows.items():
-    for who, vs in d.items():
+for row in ["rw16", "cpu-rw16", "rr16", "cpu-rr16", "fresh", "cpu-fresh", "commit", "fresh-share", "create"]:
+    for who, vs in rows.get(row, {}).items():
         print(f"| {names[row]} | {who} | {fmt(row, vs)} |")
-med = lambda r, w: statistics.median(rows[r][w])
-print("\n## Ratios (medians)\n")
+print("\n## Ratios (per round, then median and min–max over rounds)\n")
 def ratio(label, a, b, target):
-    try:
-        print(f"- {label}: {med(*a) / med(*b):.2f} ({target})")
-    except KeyError:
-        pass
+    rs = [v / by_round[(b[0], b[1], r)] for (row, who, r), v in by_round.items() if (row, who) == a and (b[0], b[1], r) in by_round]
+    if rs:
+        print(f"- {label}: {statistics.median(rs):.2f} ({min(rs):.2f}–{max(rs):.2f}; {target})")
 for v, chunk in (("thin", "1 MiB"), ("thin64", "64 KiB")):
     ratio(f"{v} / linear, 4k randwrite to mapped chunks ({chunk})", ("rw16", v), ("rw16", "lin"), "target >= 0.95")
     ratio(f"{v} / linear, 4k randread ({chunk})", ("rr16", v), ("rr16", "lin"), "target >= 0.95")
 for v, chunk in (("fresh1m", "1 MiB"), ("fresh64k", "64 KiB")):
     ratio(f"{v} / linear, 4k randwrite to fresh chunks ({chunk})", ("fresh", v), ("rw16", "lin"), "target >= 0.5")
 if "create" in rows:
+    med = lambda r, w: statistics.median(rows[r][w])
     print(f"- volume create of a thin volume: {med('create', 'thin') / 1000:.1f} ms median (target < 50 ms),"
           f" of which CLI start-up and round trip ≈ {med('create', 'rtt') / 1000:.1f} ms")
 EOF

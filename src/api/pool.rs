@@ -166,10 +166,11 @@ pub struct PoolCheckReport {
     pub chunks: u64,
     pub owned: u64,
     pub free: u64,
-    /// Chunks neither free nor owned, returned to the free list.
+    /// Owner records of no volume (leaks), dropped: their chunks are free.
     pub leaked_returned: u64,
-    /// Problems that could not be repaired (a chunk owned twice, a map
-    /// entry without its owner record, ...). Empty = clean.
+    /// Problems that could not be repaired (two chunks for one chunk of a
+    /// volume, a record the map in memory disagrees with, ...). Empty =
+    /// clean.
     pub errors: Vec<String>,
 }
 

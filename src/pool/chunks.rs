@@ -1,37 +1,27 @@
 //! The chunk map of a chunk-mapped pool volume (thin or low priority): the
 //! [`ChunkMap`] a thin target serves I/O through.
 //!
-//! Lookups are lock-free: a directory of lazily allocated pages of atomics
-//! (chunk id + 1, 0 = unmapped; and the second of the chunk's last write,
+//! Lookups are lock-free (`entries.rs`: per chunk its id + 1, 0 =
+//! unmapped; the 64ths zeroed since its last write; that write's second,
 //! for reclaim). Mapping and unmapping take the volume's allocation lock
 //! and queue a change; the pool's committer makes changes durable (stores
 //! flushed first), and releases unmapped chunks only after that commit and
 //! after every I/O that might still use them (epoch counters) has left.
 
-use super::records::{split_id, ChunkId};
+use super::entries::{Entries, Entry};
+use super::records::{split_id, ChunkId, VolumeRecord};
+use crate::api::{PoolLayout, VolumePriority};
 use super::inner::Inner;
 use crate::backend::{Backend, ZeroMode};
 use crate::volume::target::{ChunkMap, ChunkPlace};
 use arc_swap::ArcSwap;
 use std::io;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::atomic::{AtomicU64, Ordering::*};
+use std::sync::{Arc, Mutex, Weak};
 
-const PAGE: u64 = 4096;
 /// Set in an entry while `zeroed` decides whether to unmap it: reads still
 /// go to the chunk, a write through it is made again.
 const FROZEN: u64 = 1 << 63;
-
-#[derive(Debug)]
-struct Page {
-    ids: Box<[AtomicU64]>,
-    stamps: Box<[AtomicU32]>,
-    /// Per chunk, which 64ths of it partial TRIMs/WRITE_ZEROES zeroed
-    /// since the last write there; all 64 → the chunk is unmapped.
-    zeroed: Box<[AtomicU64]>,
-}
-
-type Slot = Arc<OnceLock<Page>>;
 
 /// A change not yet committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +35,7 @@ pub struct ThinMap {
     pub volume: String,
     pub pool: String,
     chunk: u64,
-    dir: ArcSwap<Vec<Slot>>,
+    entries: Entries,
     /// Store index → open store (the pool's, as of the last reconfigure).
     stores: ArcSwap<Vec<Option<Arc<dyn Backend>>>>,
     /// Every store at creation, for `ChunkMap::stores`.
@@ -65,32 +55,22 @@ pub struct ThinMap {
     inner: Weak<Inner>,
 }
 
-fn now_secs() -> u32 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as u32)
-}
-
-fn pages_for(chunks: u64) -> Vec<Slot> {
-    (0..chunks.div_ceil(PAGE)).map(|_| Arc::new(OnceLock::new())).collect()
-}
 
 impl ThinMap {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        volume: &str,
-        pool: &str,
-        chunk: u64,
-        chunks: u64,
-        stores: Vec<Option<Arc<dyn Backend>>>,
-        members: Vec<usize>,
-        may_wait: Arc<std::sync::atomic::AtomicBool>,
-        inner: Weak<Inner>,
-    ) -> ThinMap {
+    /// The (empty) map of `record`'s volume: `chunk`-sized chunks on the
+    /// pool's `stores`; `may_wait` is the pool's flag.
+    pub fn new(record: &VolumeRecord, chunk: u64, stores: Vec<Option<Arc<dyn Backend>>>, may_wait: Arc<std::sync::atomic::AtomicBool>, inner: Weak<Inner>) -> ThinMap {
+        let members = if matches!(record.layout, PoolLayout::Stripe { .. }) { record.members.clone() } else { Vec::new() };
+        // Reclaim takes a low-priority volume's least recently written
+        // chunks: only those maps keep write times.
+        let stamps = record.priority == VolumePriority::Low;
+        let (volume, pool, chunks) = (record.name.as_str(), record.pool.as_str(), record.size / chunk);
         let all_stores = stores.iter().flatten().cloned().collect();
         ThinMap {
             volume: volume.into(),
             pool: pool.into(),
             chunk,
-            dir: ArcSwap::from_pointee(pages_for(chunks)),
+            entries: Entries::new(chunks, stamps),
             stores: ArcSwap::from_pointee(stores),
             all_stores,
             members,
@@ -107,49 +87,43 @@ impl ThinMap {
         }
     }
 
-    fn page(&self, c: u64) -> Option<(Slot, usize)> {
-        let dir = self.dir.load();
-        let slot = dir.get((c / PAGE) as usize)?.clone();
-        Some((slot, (c % PAGE) as usize))
+    fn with_entry<R>(&self, c: u64, init: bool, f: impl FnOnce(Entry<'_>) -> R) -> Option<R> {
+        self.entries.with(c, init, f)
     }
 
     fn entry(&self, c: u64) -> u64 {
-        match self.page(c) {
-            Some((slot, i)) => slot.get().map_or(0, |p| p.ids[i].load(Acquire)),
-            None => 0,
-        }
+        self.entries.id(c)
     }
 
     /// Sets chunk `c`'s entry (allocating its page), returning the old one.
     fn set_entry(&self, c: u64, value: u64) -> u64 {
-        let Some((slot, i)) = self.page(c) else { return 0 };
-        let page = slot.get_or_init(|| Page {
-            ids: (0..PAGE).map(|_| AtomicU64::new(0)).collect(),
-            stamps: (0..PAGE).map(|_| AtomicU32::new(0)).collect(),
-            zeroed: (0..PAGE).map(|_| AtomicU64::new(0)).collect(),
-        });
-        if value != 0 {
-            page.stamps[i].store(now_secs(), Relaxed);
-        }
-        page.zeroed[i].store(0, SeqCst);
-        page.ids[i].swap(value, SeqCst)
+        self.with_entry(c, true, |e| {
+            if value != 0 {
+                e.stamp();
+            }
+            if let Some(z) = e.zeroed() {
+                z.store(0, SeqCst);
+            }
+            e.id.swap(value, SeqCst)
+        })
+        .unwrap_or(0)
     }
 
-    /// Start-up: chunk `c` is `id` (committed).
-    pub fn load(&self, c: u64, id: ChunkId) {
-        if self.set_entry(c, id + 1) == 0 {
-            self.mapped.fetch_add(1, Relaxed);
+    /// Start-up: chunk `c` is `id` (committed). Returns the id it had.
+    pub fn load(&self, c: u64, id: ChunkId) -> Option<ChunkId> {
+        match self.set_entry(c, id + 1) {
+            0 => {
+                self.mapped.fetch_add(1, Relaxed);
+                None
+            }
+            old => Some((old & !FROZEN) - 1),
         }
     }
 
-    /// Grows (or shrinks) the directory to hold `chunks` chunks; pages
-    /// already there are shared, so concurrent I/O loses nothing.
+    /// Grows (or shrinks) the map to hold `chunks` chunks; concurrent I/O
+    /// loses nothing.
     pub fn resize(&self, chunks: u64) {
-        let old = self.dir.load();
-        let want = chunks.div_ceil(PAGE) as usize;
-        let mut dir: Vec<Slot> = old.iter().take(want).cloned().collect();
-        dir.extend((dir.len()..want).map(|_| Arc::new(OnceLock::new())));
-        self.dir.store(Arc::new(dir));
+        self.entries.resize(chunks);
     }
 
     pub fn set_stores(&self, stores: Vec<Option<Arc<dyn Backend>>>) {
@@ -164,17 +138,26 @@ impl ThinMap {
 
     /// Every mapped chunk: (chunk, id, last write second).
     pub fn mapped_chunks(&self) -> Vec<(u64, ChunkId, u32)> {
-        let dir = self.dir.load();
         let mut out = Vec::new();
-        for (p, slot) in dir.iter().enumerate() {
-            if let Some(page) = slot.get() {
-                for i in 0..PAGE as usize {
-                    let v = page.ids[i].load(Acquire);
-                    if v != 0 {
-                        out.push((p as u64 * PAGE + i as u64, v - 1, page.stamps[i].load(Relaxed)));
-                    }
-                }
+        self.entries.for_each(|c, v, stamp| {
+            if v != 0 {
+                out.push((c, v - 1, stamp));
             }
+        });
+        out
+    }
+
+    /// The mapping as committed: (chunk, id) of every mapped chunk with the
+    /// changes not yet committed undone, taken at one instant (under the
+    /// allocation lock, which every map change holds).
+    pub fn durable_entries(&self) -> std::collections::BTreeMap<u64, ChunkId> {
+        let _g = crate::sync::lock(&self.alloc);
+        let mut out: std::collections::BTreeMap<u64, ChunkId> = self.mapped_chunks().into_iter().map(|(c, id, _)| (c, id)).collect();
+        for change in crate::sync::lock(&self.pending).iter().rev() {
+            match *change {
+                Change::Map { vchunk, .. } => out.remove(&vchunk),
+                Change::Unmap { vchunk, id } => out.insert(vchunk, id),
+            };
         }
         out
     }
@@ -238,25 +221,27 @@ impl ThinMap {
     /// last write, the chunk holds only zeros: it is unmapped at once.
     fn zeroed_part(&self, c: u64, within: u64, len: u64) -> io::Result<()> {
         let bits = self.granules(within, len, true);
-        let Some((slot, i)) = self.page(c) else { return Ok(()) };
-        let Some(p) = slot.get() else { return Ok(()) };
-        if bits == 0 || p.zeroed[i].fetch_or(bits, SeqCst) | bits != u64::MAX {
+        if bits == 0 || self.with_entry(c, false, |e| e.zeroed_or_init().fetch_or(bits, SeqCst) | bits != u64::MAX).unwrap_or(true) {
             return Ok(());
         }
         let _g = crate::sync::lock(&self.alloc);
-        let cur = p.ids[i].load(SeqCst);
-        if cur == 0 {
-            return Ok(());
-        }
         // Freeze first, then look at the mask again: a write that cleared
         // its 64ths after this look finds the entry changed and writes
         // again; reads meanwhile still see the chunk's data.
-        p.ids[i].store(cur | FROZEN, SeqCst);
-        if p.zeroed[i].load(SeqCst) != u64::MAX {
-            p.ids[i].store(cur, SeqCst);
-            return Ok(());
-        }
-        p.ids[i].store(0, SeqCst);
+        let unmapped = self.with_entry(c, false, |e| {
+            let cur = e.id.load(SeqCst);
+            if cur == 0 {
+                return None;
+            }
+            e.id.store(cur | FROZEN, SeqCst);
+            if e.zeroed_or_init().load(SeqCst) != u64::MAX {
+                e.id.store(cur, SeqCst);
+                return None;
+            }
+            e.id.store(0, SeqCst);
+            Some(cur)
+        });
+        let Some(cur) = unmapped.flatten() else { return Ok(()) };
         self.mapped.fetch_sub(1, Relaxed);
         if let Some(place) = self.place_of(cur - 1) {
             place.store.trim(place.offset, self.chunk, false)?;
@@ -289,12 +274,15 @@ impl ThinMap {
 impl ThinMap {
     fn wrote_to_granules(&self, c: u64, within: u64, len: u64, bytes: u64) {
         self.written.fetch_add(bytes, Relaxed);
-        let Some((slot, i)) = self.page(c) else { return };
-        let Some(p) = slot.get() else { return };
-        p.stamps[i].store(now_secs(), Relaxed);
-        if len > 0 {
-            p.zeroed[i].fetch_and(!self.granules(within, len, false), SeqCst);
-        }
+        // No masks in the page: nothing was zeroed there; a mask created
+        // after this look only takes 64ths a TRIM overlapping this write
+        // zeroed (which may then win: they were concurrent).
+        self.with_entry(c, false, |e| {
+            e.stamp();
+            if let Some(z) = e.zeroed().filter(|_| len > 0) {
+                z.fetch_and(!self.granules(within, len, false), SeqCst);
+            }
+        });
     }
 }
 
@@ -318,7 +306,7 @@ impl ChunkMap for ThinMap {
         let prefer = (!self.members.is_empty()).then(|| self.members[(c % self.members.len() as u64) as usize]);
         // Allocation may wait for space: not under the allocation lock, so
         // unmaps (TRIM, reclaim) of this volume go on meanwhile.
-        let id = inner.allocate(&self.pool, prefer)?;
+        let (id, clean) = inner.allocate(&self.pool, prefer)?;
         let _g = crate::sync::lock(&self.alloc);
         if let Some(p) = self.lookup(c) {
             inner.give_back(&self.pool, id);
@@ -329,8 +317,9 @@ impl ChunkMap for ThinMap {
             return Err(io::Error::other(format!("pool '{}': chunk {id} has no open store", self.pool)));
         };
         // A reused chunk holds someone's old data: zero it before anyone
-        // can read it through this map.
-        if let Err(e) = place.store.write_zeroes(place.offset, self.chunk, ZeroMode { may_trim: true, fast_only: false }, false) {
+        // can read it through this map (a clean one reads zeros already).
+        let zeroed = if clean { Ok(()) } else { place.store.write_zeroes(place.offset, self.chunk, ZeroMode { may_trim: true, fast_only: false }, false) };
+        if let Err(e) = zeroed {
             inner.give_back(&self.pool, id);
             return Err(e);
         }

@@ -99,6 +99,10 @@ pub struct Inner {
     pub space_freed: Condvar,
     /// One commit at a time.
     pub commit_lock: Mutex<()>,
+    /// One volume create, resize, delete or check at a time (taken before
+    /// `commit_lock`): the check must not see a volume's records before
+    /// the volume is in memory.
+    pub admin: Mutex<()>,
     /// Unmapped chunks whose last user had not left at commit time.
     deferred: Mutex<Vec<(Arc<ThinMap>, Vec<ChunkId>)>>,
     pub stop: AtomicBool,
@@ -118,6 +122,7 @@ impl Inner {
             state: Mutex::new(state),
             space_freed: Condvar::new(),
             commit_lock: Mutex::new(()),
+            admin: Mutex::new(()),
             deferred: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             kick: (Mutex::new(false), Condvar::new()),
@@ -129,17 +134,18 @@ impl Inner {
         self.kick.1.notify_all();
     }
 
-    /// A free chunk of `pool` (on store `prefer` if it has one). When none
-    /// is free: ENOSPC at once (`on_full = "error"`), or after waiting up
-    /// to `queue_timeout` for reclaim, auto-extend or a reload.
-    pub fn allocate(&self, pool: &str, prefer: Option<usize>) -> io::Result<ChunkId> {
+    /// A free chunk of `pool` (on store `prefer` if it has one), and
+    /// whether it is clean (reads zeros already). When none is free:
+    /// ENOSPC at once (`on_full = "error"`), or after waiting up to
+    /// `queue_timeout` for reclaim, auto-extend or a reload.
+    pub fn allocate(&self, pool: &str, prefer: Option<usize>) -> io::Result<(ChunkId, bool)> {
         let mut st = lock(&self.state);
         let mut deadline: Option<Instant> = None;
         loop {
             let p = st.pools.get_mut(pool).ok_or_else(|| io::Error::other(format!("pool '{pool}' is gone")))?;
-            if let Some(id) = p.space.alloc(prefer, &[]) {
+            if let Some(got) = p.space.alloc(prefer, &[]) {
                 p.note_free_space();
-                return Ok(id);
+                return Ok(got);
             }
             p.note_free_space();
             p.short += 1;

@@ -1,7 +1,13 @@
 //! The pool metadata store: one redb database per daemon
 //! (`state_dir/pools.redb`). Every change is a [`Batch`] applied in one
-//! write transaction (one fsync): a chunk's map entry and its owner record
-//! change together or not at all.
+//! write transaction (one fsync).
+//!
+//! A chunk's mapping is one row, keyed by the chunk: (pool, chunk id) →
+//! (volume, chunk of the volume, copy). The volumes' maps are that table
+//! read the other way round at start-up. One row per chunk means a chunk
+//! cannot be owned twice, nothing can disagree with a second table, and a
+//! commit of N first writes inserts N rows whose keys (ids handed out in
+//! order) sit next to each other in the B-tree.
 
 use super::records::{ChunkId, PoolRecord, UsageRecord, VolumeRecord};
 use redb::{Database, ReadableTable, TableDefinition};
@@ -10,8 +16,10 @@ use std::path::{Path, PathBuf};
 
 const POOLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pools");
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
-/// (volume, chunk of the volume, copy) → chunk id in the volume's pool.
-const MAP: TableDefinition<(&str, u64, u8), u64> = TableDefinition::new("map");
+/// Databases written before the owners table became the only map also
+/// kept the map keyed by volume: the owners table always held the same
+/// rows (both changed in one transaction), so that table is dropped.
+const LEGACY_MAP: TableDefinition<(&str, u64, u8), u64> = TableDefinition::new("map");
 /// (pool, chunk id) → (volume, chunk of the volume, copy).
 const OWNERS: TableDefinition<(&str, u64), (&str, u64, u8)> = TableDefinition::new("owners");
 const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage");
@@ -45,7 +53,7 @@ pub struct Batch {
     pub deleted_volumes: Vec<String>,
     pub mapped: Vec<MapEntry>,
     pub unmapped: Vec<MapEntry>,
-    /// Owner records without a map entry (check repairs).
+    /// Owner records of no volume (leaks the checks return).
     pub dropped_owners: Vec<(String, ChunkId)>,
     pub usage: Vec<(String, UsageRecord)>,
     pub samples: Vec<(String, u64, UsageRecord)>,
@@ -69,10 +77,28 @@ impl Batch {
 pub struct Loaded {
     pub pools: Vec<PoolRecord>,
     pub volumes: Vec<VolumeRecord>,
-    pub maps: Vec<MapEntry>,
-    /// (pool, id) → (volume, vchunk, copy).
-    pub owners: BTreeMap<(String, ChunkId), (String, u64, u8)>,
+    /// Every owner record, in (pool, id) order.
+    pub owners: Vec<MapEntry>,
     pub usage: BTreeMap<String, UsageRecord>,
+}
+
+/// A read transaction: what the store held at one commit.
+pub struct Snapshot(redb::ReadTransaction);
+
+impl Snapshot {
+    /// The owner records of `pool`, or of its volume `volume` only.
+    pub fn owners(&self, pool: &str, volume: Option<&str>) -> Result<Vec<MapEntry>, MetaError> {
+        let table = self.0.open_table(OWNERS).map_err(err)?;
+        let mut out = Vec::new();
+        for row in table.range((pool, 0)..=(pool, u64::MAX)).map_err(err)? {
+            let (k, v) = row.map_err(err)?;
+            let (owner, vchunk, copy) = v.value();
+            if volume.is_none_or(|want| want == owner) {
+                out.push(MapEntry { volume: owner.into(), pool: pool.into(), vchunk, copy, id: k.value().1 });
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Debug)]
@@ -87,6 +113,9 @@ impl Meta {
         let meta = Meta { db, path: path.to_path_buf() };
         // Create every table, so readers never meet a missing one.
         meta.apply(&Batch::default())?;
+        let tx = meta.db.begin_write().map_err(err)?;
+        tx.delete_table(LEGACY_MAP).map_err(err)?;
+        tx.commit().map_err(err)?;
         Ok(meta)
     }
 
@@ -105,20 +134,11 @@ impl Meta {
             let (_, v) = row.map_err(err)?;
             out.volumes.push(serde_json::from_slice(v.value()).map_err(err)?);
         }
-        let pool_of: BTreeMap<&str, &str> = out.volumes.iter().map(|v| (v.name.as_str(), v.pool.as_str())).collect();
-        let mut maps = Vec::new();
-        for row in tx.open_table(MAP).map_err(err)?.iter().map_err(err)? {
-            let (k, v) = row.map_err(err)?;
-            let (volume, vchunk, copy) = k.value();
-            let pool = pool_of.get(volume).copied().unwrap_or("").to_string();
-            maps.push(MapEntry { volume: volume.into(), pool, vchunk, copy, id: v.value() });
-        }
-        out.maps = maps;
         for row in tx.open_table(OWNERS).map_err(err)?.iter().map_err(err)? {
             let (k, v) = row.map_err(err)?;
             let (pool, id) = k.value();
             let (volume, vchunk, copy) = v.value();
-            out.owners.insert((pool.into(), id), (volume.into(), vchunk, copy));
+            out.owners.push(MapEntry { volume: volume.into(), pool: pool.into(), vchunk, copy, id });
         }
         for row in tx.open_table(USAGE).map_err(err)?.iter().map_err(err)? {
             let (k, v) = row.map_err(err)?;
@@ -127,29 +147,14 @@ impl Meta {
         Ok(out)
     }
 
-    /// The owner records of `pool` (for the online check).
-    pub fn owners(&self, pool: &str) -> Result<Vec<(ChunkId, String, u64, u8)>, MetaError> {
-        let tx = self.db.begin_read().map_err(err)?;
-        let table = tx.open_table(OWNERS).map_err(err)?;
-        let mut out = Vec::new();
-        for row in table.range((pool, 0)..=(pool, u64::MAX)).map_err(err)? {
-            let (k, v) = row.map_err(err)?;
-            let (volume, vchunk, copy) = v.value();
-            out.push((k.value().1, volume.to_string(), vchunk, copy));
-        }
-        Ok(out)
+    /// The owner records of `pool`, or of its volume `volume` only.
+    pub fn owners(&self, pool: &str, volume: Option<&str>) -> Result<Vec<MapEntry>, MetaError> {
+        self.snapshot()?.owners(pool, volume)
     }
 
-    /// The map entries of `volume`.
-    pub fn map_of(&self, volume: &str) -> Result<Vec<(u64, u8, ChunkId)>, MetaError> {
-        let tx = self.db.begin_read().map_err(err)?;
-        let table = tx.open_table(MAP).map_err(err)?;
-        let mut out = Vec::new();
-        for row in table.range((volume, 0, 0)..=(volume, u64::MAX, u8::MAX)).map_err(err)? {
-            let (k, v) = row.map_err(err)?;
-            out.push((k.value().1, k.value().2, v.value()));
-        }
-        Ok(out)
+    /// The store as of the last commit, for reading at leisure.
+    pub fn snapshot(&self) -> Result<Snapshot, MetaError> {
+        Ok(Snapshot(self.db.begin_read().map_err(err)?))
     }
 
     /// The meter of `volume` at the last sample at or before `at`.
@@ -178,17 +183,17 @@ impl Meta {
             for v in &batch.volumes {
                 volumes.insert(v.name.as_str(), serde_json::to_vec(v).map_err(err)?.as_slice()).map_err(err)?;
             }
-            let mut map = tx.open_table(MAP).map_err(err)?;
             let mut owners = tx.open_table(OWNERS).map_err(err)?;
             // Unmaps first: a chunk freed and mapped again in one batch
             // (impossible today: freed chunks wait for the commit) would
             // otherwise lose its new owner.
             for e in &batch.unmapped {
-                map.remove((e.volume.as_str(), e.vchunk, e.copy)).map_err(err)?;
                 owners.remove((e.pool.as_str(), e.id)).map_err(err)?;
             }
-            for e in &batch.mapped {
-                map.insert((e.volume.as_str(), e.vchunk, e.copy), e.id).map_err(err)?;
+            // In key order: neighbouring inserts share B-tree pages.
+            let mut mapped: Vec<&MapEntry> = batch.mapped.iter().collect();
+            mapped.sort_unstable_by(|a, b| (a.pool.as_str(), a.id).cmp(&(b.pool.as_str(), b.id)));
+            for e in mapped {
                 owners.insert((e.pool.as_str(), e.id), (e.volume.as_str(), e.vchunk, e.copy)).map_err(err)?;
             }
             for (pool, id) in &batch.dropped_owners {
@@ -202,18 +207,10 @@ impl Meta {
             for (v, at, u) in &batch.samples {
                 log.insert((v.as_str(), *at), serde_json::to_vec(u).map_err(err)?.as_slice()).map_err(err)?;
             }
+            // A deleted volume's chunks come in `unmapped`.
             for name in &batch.deleted_volumes {
                 volumes.remove(name.as_str()).map_err(err)?;
                 usage.remove(name.as_str()).map_err(err)?;
-                let keys: Vec<(u64, u8)> = map
-                    .range((name.as_str(), 0, 0)..=(name.as_str(), u64::MAX, u8::MAX))
-                    .map_err(err)?
-                    .map(|r| r.map(|(k, _)| (k.value().1, k.value().2)))
-                    .collect::<Result<_, _>>()
-                    .map_err(err)?;
-                for (c, copy) in keys {
-                    map.remove((name.as_str(), c, copy)).map_err(err)?;
-                }
                 let samples: Vec<u64> =
                     log.range((name.as_str(), 0)..=(name.as_str(), u64::MAX)).map_err(err)?.map(|r| r.map(|(k, _)| k.value().1)).collect::<Result<_, _>>().map_err(err)?;
                 for at in samples {

@@ -13,6 +13,7 @@
 //! with migrations and mirrors.
 
 mod chunks;
+mod entries;
 mod inner;
 mod meta;
 mod open;
@@ -114,6 +115,8 @@ impl Pools {
                 return Err(PoolError::Metadata { path: path.display().to_string(), message: format!("volume '{name}' lacks {missing} chunk(s)") });
             }
         }
+        let mut state = state;
+        state.pools.values_mut().for_each(|p| p.space.scan_clean());
         *crate::sync::lock(&inner.state) = state;
         crate::sync::lock(&inner.state).pools.values_mut().for_each(inner::PoolState::note_free_space);
         if !batch.is_empty() {
@@ -161,6 +164,7 @@ impl Pools {
                                 None => p.space.stores.push(space::StoreSpace::new(&s.backend, open.map(|o| o.handle.clone()), open.and_then(|o| o.path.clone()), s.chunks, rec.chunk, open.map_or(&[][..], |o| &o.reserved[..]))),
                             }
                         }
+                        p.space.scan_clean();
                         p.config = cfg;
                         if p.record != rec {
                             batch.pools.push(rec.clone());
@@ -169,7 +173,8 @@ impl Pools {
                         p.note_free_space();
                     }
                     None => {
-                        let space = open::space_of(&rec, stores);
+                        let mut space = open::space_of(&rec, stores);
+                        space.scan_clean();
                         batch.pools.push(rec.clone());
                         let mut p = inner::PoolState { config: cfg, record: rec, space, waiting: 0, below_low_water: false, reclaimed: 0, short: 0, may_wait: Default::default() };
                         p.note_free_space();
@@ -214,6 +219,7 @@ impl Pools {
     /// low-priority chunks if need be). `taken` says whether a name is
     /// used outside the pools (config volumes).
     pub fn create(&self, req: &VolumeCreate, taken: &dyn Fn(&str) -> bool) -> Result<PoolVolumeInfo, PoolError> {
+        let _admin = crate::sync::lock(&self.inner.admin);
         let rec = self.inner.create(req, taken)?;
         self.volume(&rec.name).ok_or(PoolError::UnknownVolume(rec.name))
     }
@@ -235,6 +241,7 @@ impl Pools {
     /// the caller then swaps to `table(name)`, and calls
     /// `shrink(name, old_size)` to undo if the swap fails.
     pub fn grow(&self, name: &str, size: u64) -> Result<PoolVolumeInfo, PoolError> {
+        let _admin = crate::sync::lock(&self.inner.admin);
         self.inner.grow(name, size)?;
         self.volume(name).ok_or_else(|| PoolError::UnknownVolume(name.into()))
     }
@@ -255,6 +262,7 @@ impl Pools {
     /// Shrinks (after the swap to `table_at(name, size)`): frees the tail's
     /// chunks and records the new size and generation, committed.
     pub fn shrink(&self, name: &str, size: u64) -> Result<PoolVolumeInfo, PoolError> {
+        let _admin = crate::sync::lock(&self.inner.admin);
         self.inner.shrink(name, size)?;
         self.volume(name).ok_or_else(|| PoolError::UnknownVolume(name.into()))
     }
@@ -262,6 +270,7 @@ impl Pools {
     /// Deletes a volume no client uses any more: every chunk returns to
     /// the pool (punched, so it reads zeros when reused), committed.
     pub fn delete(&self, name: &str) -> Result<(), PoolError> {
+        let _admin = crate::sync::lock(&self.inner.admin);
         self.inner.delete(name)
     }
 
@@ -272,6 +281,7 @@ impl Pools {
     /// Online consistency check (every chunk owned at most once, owners
     /// equal to the maps, no leak); leaked chunks are returned.
     pub fn check(&self, pool: Option<&str>) -> Result<Vec<PoolCheckReport>, PoolError> {
+        let _admin = crate::sync::lock(&self.inner.admin);
         self.inner.check(pool)
     }
 

@@ -4,7 +4,7 @@
 
 use super::inner::{Inner, PoolState, State, VolState};
 use super::meta::{Batch, Loaded};
-use super::records::{split_id, PoolRecord, StoreRecord};
+use super::records::{split_id, ChunkId, PoolRecord, StoreRecord};
 use super::space::{Space, StoreSpace};
 use super::{PoolError, PoolStore};
 use crate::api::PoolCheckReport;
@@ -70,7 +70,7 @@ pub fn build(inner: &Arc<Inner>, loaded: &Loaded, pools: &[PoolConfig], stores: 
         }
         for cfg in pools {
             let old = recorded.get(cfg.name.as_str()).copied();
-            let owned_on = |i: usize| loaded.owners.keys().filter(|(p, id)| p == &cfg.name && split_id(*id).0 == i).count() as u64;
+            let owned_on = |i: usize| loaded.owners.iter().filter(|o| o.pool == cfg.name && split_id(o.id).0 == i).count() as u64;
             let has_volumes = loaded.volumes.iter().any(|v| v.pool == cfg.name);
             let rec = reconcile_record(cfg, old, stores, &owned_on, has_volumes)?;
             if old != Some(&rec) {
@@ -86,41 +86,29 @@ pub fn build(inner: &Arc<Inner>, loaded: &Loaded, pools: &[PoolConfig], stores: 
             state.usage = loaded.usage.get(&v.name).cloned().unwrap_or(state.usage);
             st.volumes.insert(v.name.clone(), state);
         }
-        // Owners first: each marks its chunk taken; a second claim, or a
-        // claim on a reserved chunk, is an error.
+        // Each owner record maps one chunk of a volume and marks the chunk
+        // taken. A record of no volume (or of one in another pool) is a
+        // leak: returned. A second record for one chunk of a volume, or a
+        // claim on a reserved chunk, is an error (kept, never reused).
         let report_of = |reports: &mut Vec<PoolCheckReport>, pool: &str| reports.iter().position(|r| r.pool == pool);
-        let mut mapped: std::collections::BTreeSet<(String, String, u64, u8)> = Default::default();
-        for m in &loaded.maps {
-            mapped.insert((m.pool.clone(), m.volume.clone(), m.vchunk, m.copy));
-        }
-        for ((pool, id), (volume, vchunk, copy)) in &loaded.owners {
-            let Some(k) = report_of(&mut reports, pool) else { continue };
-            let known = mapped.contains(&(pool.clone(), volume.clone(), *vchunk, *copy)) && st.volumes.contains_key(volume);
-            if !known {
-                // Leaked: owned by no map. Return it.
-                batch.dropped_owners.push((pool.clone(), *id));
+        for o in &loaded.owners {
+            let Some(k) = report_of(&mut reports, &o.pool) else { continue };
+            let Some(v) = st.volumes.get_mut(&o.volume).filter(|v| v.record.pool == o.pool) else {
+                batch.dropped_owners.push((o.pool.clone(), o.id));
                 reports[k].leaked_returned += 1;
                 continue;
+            };
+            let p = st.pools.get_mut(&o.pool).expect("report exists");
+            if !p.space.take(o.id) {
+                reports[k].errors.push(format!("chunk {} of volume '{}' is not placeable at start-up (under a config volume's range)", o.id, o.volume));
             }
-            let p = st.pools.get_mut(pool).expect("report exists");
-            if !p.space.take(*id) {
-                reports[k].errors.push(format!("chunk {id} of volume '{volume}' is not free or not placeable at start-up (claimed twice, or under a config volume's range)"));
-            }
-        }
-        for m in &loaded.maps {
-            let Some(k) = report_of(&mut reports, &m.pool) else { continue };
-            match loaded.owners.get(&(m.pool.clone(), m.id)) {
-                Some((ov, oc, ocopy)) if (ov, *oc, *ocopy) == (&m.volume, m.vchunk, m.copy) => {}
-                Some((ov, ..)) => reports[k].errors.push(format!("volume '{}' chunk {} maps chunk {} owned by '{ov}'", m.volume, m.vchunk, m.id)),
-                None => reports[k].errors.push(format!("volume '{}' chunk {} maps chunk {} that has no owner record", m.volume, m.vchunk, m.id)),
-            }
-            if let Some(v) = st.volumes.get_mut(&m.volume) {
-                match &v.map {
-                    Some(map) => map.load(m.vchunk, m.id),
-                    None => {
-                        v.thick.insert((m.vchunk, m.copy), m.id);
-                    }
-                }
+            let mut load = |id: ChunkId| match &v.map {
+                Some(map) => map.load(o.vchunk, id),
+                None => v.thick.insert((o.vchunk, o.copy), id),
+            };
+            if let Some(first) = load(o.id) {
+                load(first);
+                reports[k].errors.push(format!("volume '{}' chunk {} (copy {}) is owned by chunks {first} and {}: kept {first}", o.volume, o.vchunk, o.copy, o.id));
             }
         }
         for r in reports.iter_mut() {

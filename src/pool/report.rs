@@ -2,12 +2,26 @@
 
 use super::inner::{Inner, VolState};
 use super::meta::Batch;
-use super::records::{split_id, UsageRecord};
+use super::records::{split_id, ChunkId, UsageRecord};
+use std::collections::BTreeMap;
 use super::volumes::{reclaimable_chunks, unix_now};
 use super::PoolError;
 use crate::api::{PoolCheckReport, PoolStatus, PoolStoreStatus, PoolVolumeInfo, UsageReport, VolumeUsage};
 use crate::sync::lock;
 use std::sync::atomic::Ordering::Relaxed;
+
+/// What the check holds a pool's owner records against.
+#[derive(Default)]
+struct PoolView {
+    chunks: u64,
+    free: u64,
+    /// Per store, its free-chunk bitmap.
+    free_bits: Vec<Vec<u64>>,
+    /// Volume name → its number in `expect`.
+    volumes: BTreeMap<String, u32>,
+    /// (volume number, chunk, copy) → chunk id, as committed.
+    expect: BTreeMap<(u32, u64, u8), ChunkId>,
+}
 
 pub fn info(v: &VolState, chunk: u64) -> PoolVolumeInfo {
     let r = &v.record;
@@ -83,67 +97,79 @@ impl Inner {
         Ok(out)
     }
 
-    /// Commits what is pending, then holds the durable records against each
-    /// other and against the free space in memory. Owner records no map
-    /// entry explains are returned to the pool.
+    /// Commits what is pending, then holds the durable owner records
+    /// against the maps and the free space in memory. Records of no volume
+    /// are leaks: returned to the pool. The caller holds `admin` (no volume
+    /// is created, resized or deleted meanwhile).
     pub fn check(&self, pool: Option<&str>) -> Result<Vec<PoolCheckReport>, PoolError> {
         self.commit_all().map_err(|source| PoolError::Io { what: "committing before the check".into(), source })?;
-        let names: Vec<String> = {
-            let st = lock(&self.state);
-            if let Some(p) = pool {
-                st.pools.get(p).ok_or_else(|| PoolError::UnknownPool(p.into()))?;
-            }
-            st.pools.keys().filter(|n| pool.is_none_or(|p| p == n.as_str())).cloned().collect()
-        };
         let meta_err = |e: super::meta::MetaError| PoolError::Metadata { path: self.meta.path().display().to_string(), message: e.0 };
-        let mut out = Vec::new();
-        for name in names {
-            let owners = self.meta.owners(&name).map_err(meta_err)?;
-            let mut report = PoolCheckReport { pool: name.clone(), chunks: 0, owned: owners.len() as u64, free: 0, leaked_returned: 0, errors: Vec::new() };
-            let mut leaked = Vec::new();
-            let mut by_volume: std::collections::BTreeMap<String, Vec<(u64, u8, u64)>> = Default::default();
-            for (id, volume, vchunk, copy) in &owners {
-                if !by_volume.contains_key(volume) {
-                    let entries = self.meta.map_of(volume).map_err(meta_err)?;
-                    by_volume.insert(volume.clone(), entries);
+        // One instant with no commit in between: the store as of its last
+        // commit, the maps in memory with what is not committed yet undone,
+        // and the free space. Compared at leisure afterwards (commits, and
+        // so FLUSHes, wait only for this part).
+        let (snapshot, views) = {
+            let _serial = lock(&self.commit_lock);
+            let snapshot = self.meta.snapshot().map_err(meta_err)?;
+            let (mut views, maps) = {
+                let st = lock(&self.state);
+                if let Some(p) = pool {
+                    st.pools.get(p).ok_or_else(|| PoolError::UnknownPool(p.into()))?;
                 }
-                if !by_volume[volume].iter().any(|(c, k, i)| (c, k, i) == (vchunk, copy, id)) {
-                    leaked.push(*id);
-                }
-            }
-            let st = lock(&self.state);
-            let p = &st.pools[&name];
-            report.chunks = p.space.usable_chunks();
-            report.free = p.space.free_chunks();
-            for (volume, entries) in &by_volume {
-                if !st.volumes.contains_key(volume) && !entries.is_empty() {
-                    report.errors.push(format!("map entries of unknown volume '{volume}'"));
-                }
-            }
-            for (id, volume, ..) in &owners {
-                let (s, i) = split_id(*id);
-                if p.space.stores.get(s).is_some_and(|st| st.is_free(i)) {
-                    report.errors.push(format!("chunk {id} is owned by '{volume}' but free in memory"));
-                }
-            }
-            let mut entries = 0;
-            for v in st.volumes.values().filter(|v| v.record.pool == name) {
-                let count = self.meta.map_of(&v.record.name).map_err(meta_err)?;
-                entries += count.len() as u64;
-                for (c, k, id) in count {
-                    if !owners.iter().any(|(oid, ov, oc, ok)| (oid, ov, oc, ok) == (&id, &v.record.name, &c, &k)) {
-                        report.errors.push(format!("volume '{}' chunk {c} maps chunk {id} without an owner record", v.record.name));
+                let mut views = BTreeMap::new();
+                let mut maps = Vec::new();
+                for (name, p) in st.pools.iter().filter(|(n, _)| pool.is_none_or(|want| want == n.as_str())) {
+                    let mut view = PoolView { chunks: p.space.usable_chunks(), free: p.space.free_chunks(), ..PoolView::default() };
+                    view.free_bits = p.space.stores.iter().map(|s| s.free_bits()).collect();
+                    for v in st.volumes.values().filter(|v| &v.record.pool == name) {
+                        let k = view.volumes.len() as u32;
+                        view.volumes.insert(v.record.name.clone(), k);
+                        match &v.map {
+                            Some(m) => maps.push((name.clone(), k, m.clone())),
+                            None => view.expect.extend(v.thick.iter().map(|((c, copy), id)| ((k, *c, *copy), *id))),
+                        }
                     }
+                    views.insert(name.clone(), view);
+                }
+                (views, maps)
+            };
+            // Outside the state lock: a map's allocation lock comes first.
+            for (pool, k, m) in maps {
+                let view = views.get_mut(&pool).expect("collected above");
+                view.expect.extend(m.durable_entries().into_iter().map(|(c, id)| ((k, c, 0), id)));
+            }
+            (snapshot, views)
+        };
+        let mut out = Vec::new();
+        for (name, view) in views {
+            let owners = snapshot.owners(&name, None).map_err(meta_err)?;
+            let mut report = PoolCheckReport { pool: name.clone(), chunks: view.chunks, owned: owners.len() as u64, free: view.free, leaked_returned: 0, errors: Vec::new() };
+            let mut leaked = Vec::new();
+            let mut matched = 0u64;
+            for o in &owners {
+                let Some(k) = view.volumes.get(&o.volume) else {
+                    leaked.push(o.id);
+                    continue;
+                };
+                let (s, i) = split_id(o.id);
+                if view.free_bits.get(s).is_some_and(|bits| bits.get((i / 64) as usize).is_some_and(|w| w & (1 << (i % 64)) != 0)) {
+                    report.errors.push(format!("chunk {} is owned by '{}' but free in memory", o.id, o.volume));
+                }
+                match view.expect.get(&(*k, o.vchunk, o.copy)) {
+                    Some(id) if *id == o.id => matched += 1,
+                    Some(id) => report.errors.push(format!("volume '{}' chunk {} is chunk {} in memory but chunk {} on disk", o.volume, o.vchunk, id, o.id)),
+                    None => report.errors.push(format!("volume '{}' chunk {} owns chunk {} on disk but maps nothing in memory", o.volume, o.vchunk, o.id)),
                 }
             }
-            drop(st);
-            if entries + leaked.len() as u64 != owners.len() as u64 {
-                report.errors.push(format!("{} owner records for {entries} map entries", owners.len()));
+            if matched != view.expect.len() as u64 {
+                report.errors.push(format!("{} chunks mapped in memory, {matched} of them with an owner record", view.expect.len()));
             }
+            // A record of no volume: its chunk is free in memory already
+            // (start-up derives free space from the records and skipped
+            // it) or, if something holds it, free at the next start-up.
             if !leaked.is_empty() {
                 let dropped = leaked.iter().map(|id| (name.clone(), *id)).collect();
                 self.meta.apply(&Batch { dropped_owners: dropped, ..Batch::default() }).map_err(meta_err)?;
-                self.release(&name, &leaked);
                 report.leaked_returned = leaked.len() as u64;
                 tracing::warn!(pool = %name, chunks = leaked.len(), "pool check returned leaked chunks");
             }

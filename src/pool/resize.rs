@@ -141,7 +141,8 @@ impl Inner {
             let entries: Vec<(u64, u8, ChunkId)> = match &v.map {
                 Some(m) => {
                     drop(m.take_pending());
-                    self.meta.map_of(name).map_err(meta_err(self))?
+                    let owners = self.meta.owners(&v.record.pool, Some(name)).map_err(meta_err(self))?;
+                    owners.into_iter().map(|o| (o.vchunk, o.copy, o.id)).collect()
                 }
                 None => v.thick.iter().map(|((c, k), id)| (*c, *k, *id)).collect(),
             };

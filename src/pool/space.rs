@@ -20,6 +20,9 @@ pub struct StoreSpace {
     /// Bit set = free.
     free: Vec<u64>,
     pub free_count: u64,
+    /// Bit set = free and known to read zeros (a hole of a file store no
+    /// one was given since it was seen): mapped without zeroing it first.
+    clean: Vec<u64>,
     /// Chunks under ranges config volumes map: never free, never owned.
     pub reserved: u64,
     /// Where the next search for a free chunk starts.
@@ -31,7 +34,7 @@ pub struct StoreSpace {
 impl StoreSpace {
     /// All chunks free except those overlapping `reserved`.
     pub fn new(backend: &str, handle: Option<Arc<dyn Backend>>, path: Option<std::path::PathBuf>, chunks: u64, chunk: u64, reserved: &[Range]) -> StoreSpace {
-        let mut s = StoreSpace { backend: backend.into(), handle, path, chunks: 0, free: Vec::new(), free_count: 0, reserved: 0, hint: 0, reserved_ranges: Vec::new() };
+        let mut s = StoreSpace { backend: backend.into(), handle, path, chunks: 0, free: Vec::new(), free_count: 0, clean: Vec::new(), reserved: 0, hint: 0, reserved_ranges: Vec::new() };
         s.extend(chunks, chunk, reserved);
         s
     }
@@ -42,6 +45,7 @@ impl StoreSpace {
         self.chunks = chunks.max(old);
         self.reserved_ranges.extend_from_slice(reserved);
         self.free.resize(self.chunks.div_ceil(64) as usize, 0);
+        self.clean.resize(self.free.len(), 0);
         for i in old..self.chunks {
             let r = Range::new(i * chunk, chunk);
             if self.handle.is_some() && !reserved.iter().any(|u| u.overlaps(&r)) {
@@ -54,6 +58,7 @@ impl StoreSpace {
 
     fn set(&mut self, i: u64, free: bool) {
         let (w, b) = ((i / 64) as usize, 1u64 << (i % 64));
+        self.clean[w] &= !b;
         let was = self.free[w] & b != 0;
         if free && !was {
             self.free[w] |= b;
@@ -84,6 +89,11 @@ impl StoreSpace {
         out
     }
 
+    /// The free-chunk bitmap (bit `i % 64` of word `i / 64`).
+    pub fn free_bits(&self) -> Vec<u64> {
+        self.free.clone()
+    }
+
     pub fn is_free(&self, i: u64) -> bool {
         i < self.chunks && self.free[(i / 64) as usize] & (1 << (i % 64)) != 0
     }
@@ -101,8 +111,40 @@ impl StoreSpace {
         }
     }
 
-    /// The lowest free chunk at or after the hint (wrapping), taken.
-    pub fn alloc(&mut self) -> Option<u64> {
+    /// Marks the free chunks at and above the highest one in use that
+    /// read zeros (holes, by the store's block status) as clean. Free
+    /// chunks lower down may hold what a write put there before a crash
+    /// lost its mapping: they are zeroed when mapped.
+    pub fn scan_clean(&mut self, chunk: u64) {
+        let Some(store) = self.handle.clone() else { return };
+        let used = (0..self.chunks).rev().find(|i| !self.is_free(*i) && !self.reserved_ranges.iter().any(|r| r.overlaps(&Range::new(i * chunk, chunk))));
+        let from = used.map_or(0, |i| i + 1);
+        if from >= self.chunks {
+            return;
+        }
+        let Ok(runs) = store.block_status(from * chunk, (self.chunks - from) * chunk, 1024) else { return };
+        let mut at = from * chunk;
+        for run in runs {
+            if run.hole {
+                for i in at.div_ceil(chunk)..(at + run.length) / chunk {
+                    if self.is_free(i) {
+                        self.clean[(i / 64) as usize] |= 1 << (i % 64);
+                    }
+                }
+            }
+            at += run.length;
+        }
+    }
+
+    /// Free chunks known to read zeros.
+    #[cfg(test)]
+    pub fn clean_chunks(&self) -> u64 {
+        self.clean.iter().map(|w| w.count_ones() as u64).sum()
+    }
+
+    /// The lowest free chunk at or after the hint (wrapping), taken, and
+    /// whether it was clean.
+    pub fn alloc(&mut self) -> Option<(u64, bool)> {
         if self.free_count == 0 || self.handle.is_none() {
             return None;
         }
@@ -112,9 +154,10 @@ impl StoreSpace {
             let w = (start + k) % words;
             if self.free[w] != 0 {
                 let i = w as u64 * 64 + self.free[w].trailing_zeros() as u64;
+                let clean = self.clean[w] & (1 << (i % 64)) != 0;
                 self.set(i, false);
                 self.hint = i + 1;
-                return Some(i);
+                return Some((i, clean));
             }
         }
         None
@@ -145,11 +188,12 @@ impl Space {
     }
 
     /// A free chunk, on `prefer` if it has one, else on the next store in
-    /// round-robin order that is not in `avoid`.
-    pub fn alloc(&mut self, prefer: Option<usize>, avoid: &[usize]) -> Option<ChunkId> {
+    /// round-robin order that is not in `avoid`; and whether it is clean
+    /// (reads zeros).
+    pub fn alloc(&mut self, prefer: Option<usize>, avoid: &[usize]) -> Option<(ChunkId, bool)> {
         if let Some(p) = prefer {
-            if let Some(i) = self.stores.get_mut(p).and_then(StoreSpace::alloc) {
-                return Some(chunk_id(p, i));
+            if let Some((i, clean)) = self.stores.get_mut(p).and_then(StoreSpace::alloc) {
+                return Some((chunk_id(p, i), clean));
             }
         }
         let n = self.stores.len();
@@ -158,9 +202,9 @@ impl Space {
             if avoid.contains(&s) {
                 continue;
             }
-            if let Some(i) = self.stores[s].alloc() {
+            if let Some((i, clean)) = self.stores[s].alloc() {
                 self.cursor = (s + 1) % n;
-                return Some(chunk_id(s, i));
+                return Some((chunk_id(s, i), clean));
             }
         }
         None
@@ -177,6 +221,12 @@ impl Space {
         }
         self.cursor = (self.cursor + 1) % count.max(1);
         Some(order[..n].to_vec())
+    }
+
+    /// Clean chunks on every store (see `StoreSpace::scan_clean`).
+    pub fn scan_clean(&mut self) {
+        let chunk = self.chunk;
+        self.stores.iter_mut().for_each(|s| s.scan_clean(chunk));
     }
 
     pub fn take(&mut self, id: ChunkId) -> bool {
@@ -214,8 +264,9 @@ mod tests {
         assert_eq!((s.free_count, s.reserved), (7, 1));
         assert!(!s.is_free(1));
         assert_eq!(s.owned_ranges(1 << 20), vec![Range::new(0, 1 << 20), Range::new(2 << 20, 6 << 20)]);
-        assert_eq!((s.alloc(), s.alloc(), s.alloc()), (Some(0), Some(2), Some(3)), "the reserved chunk is skipped");
-        assert_eq!(s.alloc(), Some(4));
+        let first = |s: &mut StoreSpace| s.alloc().map(|a| a.0);
+        assert_eq!((first(&mut s), first(&mut s), first(&mut s)), (Some(0), Some(2), Some(3)), "the reserved chunk is skipped");
+        assert_eq!(first(&mut s), Some(4));
         assert!(!s.take(3), "already taken");
         s.release(3);
         assert!(s.is_free(3));

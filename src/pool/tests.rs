@@ -152,3 +152,114 @@ fn partial_zeroing_of_a_whole_chunk_unmaps_it_and_a_racing_write_is_told_to_writ
     assert_eq!(pools.status(None).unwrap()[0].allocated, 1 << 20);
     pools.close().unwrap();
 }
+
+#[test]
+fn owner_records_of_no_volume_are_leaks_and_pending_changes_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores = vec![store("a", 8 << 20), store("b", 8 << 20), store("c", 8 << 20)];
+    let (pools, _) = Pools::open(dir.path(), &[pool(OnFull::Error)], &stores).unwrap();
+    pools.create(&create("t", 16 << 20, "linear", true, VolumePriority::Normal), &|_| false).unwrap();
+    let map = pools.chunk_map("t").unwrap();
+    let thin = crate::sync::lock(&pools.inner.state).volumes["t"].map.clone().unwrap();
+    map.map(0).unwrap();
+    map.map(1).unwrap();
+    assert!(thin.durable_entries().is_empty(), "maps not committed yet are not durable");
+    map.commit().unwrap();
+    let durable = thin.durable_entries();
+    assert_eq!(durable.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
+    map.unmap(1).unwrap();
+    map.map(2).unwrap();
+    assert_eq!(thin.durable_entries(), durable, "an uncommitted unmap and map change nothing durable");
+    // An owner record of a volume that does not exist: a leak, returned
+    // by the online check and not an error.
+    let ghost = |id| super::meta::MapEntry { volume: "ghost".into(), pool: "p".into(), vchunk: 0, copy: 0, id };
+    let free_id = |pools: &Pools| {
+        let st = crate::sync::lock(&pools.inner.state);
+        let s = &st.pools["p"].space.stores[1];
+        (0..8).find(|i| s.is_free(*i)).map(|i| (1u64 << 40) | i).unwrap()
+    };
+    pools.inner.meta.apply(&super::meta::Batch { mapped: vec![ghost(free_id(&pools))], ..Default::default() }).unwrap();
+    let check = pools.check(None).unwrap();
+    assert_eq!((check[0].leaked_returned, check[0].errors.clone()), (1, Vec::<String>::new()), "{check:?}");
+    assert_eq!(pools.check(None).unwrap()[0].leaked_returned, 0, "returned once");
+    // The same at start-up.
+    pools.inner.meta.apply(&super::meta::Batch { mapped: vec![ghost(free_id(&pools))], ..Default::default() }).unwrap();
+    pools.close().unwrap();
+    drop(pools);
+    let (pools, reports) = Pools::open(dir.path(), &[pool(OnFull::Error)], &stores).unwrap();
+    assert_eq!((reports[0].leaked_returned, reports[0].errors.clone()), (1, Vec::<String>::new()), "{reports:?}");
+    let map = pools.chunk_map("t").unwrap();
+    assert!(map.lookup(0).is_some() && map.lookup(1).is_none() && map.lookup(2).is_some(), "the closing commit kept the last changes");
+    assert_eq!(pools.status(None).unwrap()[0].allocated, 2 << 20);
+    // A second record for a chunk that has one: reported, the first kept.
+    let first = map.lookup(0).unwrap();
+    let twice = super::meta::MapEntry { volume: "t".into(), ..ghost(free_id(&pools)) };
+    pools.inner.meta.apply(&super::meta::Batch { mapped: vec![twice], ..Default::default() }).unwrap();
+    pools.close().unwrap();
+    drop((pools, map));
+    let (pools, reports) = Pools::open(dir.path(), &[pool(OnFull::Error)], &stores).unwrap();
+    assert!(reports[0].errors.len() == 1 && reports[0].errors[0].contains("is owned by chunks"), "{reports:?}");
+    let place = pools.chunk_map("t").unwrap().lookup(0).unwrap();
+    assert_eq!((place.offset, Arc::ptr_eq(&place.store, &first.store)), (first.offset, true), "the first record wins");
+    pools.close().unwrap();
+}
+
+#[test]
+fn a_database_with_the_old_map_table_opens_and_loses_that_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores = vec![store("a", 8 << 20), store("b", 8 << 20), store("c", 8 << 20)];
+    let (pools, _) = Pools::open(dir.path(), &[pool(OnFull::Error)], &stores).unwrap();
+    pools.create(&create("lin", 2 << 20, "linear", false, VolumePriority::Normal), &|_| false).unwrap();
+    pools.close().unwrap();
+    drop(pools);
+    let path = dir.path().join("pools.redb");
+    let legacy: redb::TableDefinition<(&str, u64, u8), u64> = redb::TableDefinition::new("map");
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let tx = db.begin_write().unwrap();
+        tx.open_table(legacy).unwrap().insert(("lin", 0, 0), 0).unwrap();
+        tx.commit().unwrap();
+    }
+    let (pools, reports) = Pools::open(dir.path(), &[pool(OnFull::Error)], &stores).unwrap();
+    assert!(reports[0].errors.is_empty(), "{reports:?}");
+    assert_eq!(pools.table("lin").unwrap().size(), 2 << 20);
+    pools.close().unwrap();
+    drop(pools);
+    use redb::TableHandle as _;
+    let db = redb::Database::create(&path).unwrap();
+    let names: Vec<String> = db.begin_read().unwrap().list_tables().unwrap().map(|t| t.name().to_string()).collect();
+    assert!(!names.contains(&"map".to_string()), "{names:?}");
+}
+
+#[test]
+fn free_chunks_that_hold_data_are_zeroed_when_mapped_and_holes_are_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores = vec![store("a", 8 << 20), store("b", 8 << 20), store("c", 8 << 20)];
+    let clean = |pools: &Pools| crate::sync::lock(&pools.inner.state).pools["p"].space.stores.iter().map(|s| s.clean_chunks()).sum::<u64>();
+    let (pools, _) = Pools::open(dir.path(), &[pool(OnFull::Error)], &stores).unwrap();
+    assert_eq!(clean(&pools), 24, "new sparse stores: every chunk is a hole");
+    pools.create(&create("t", 32 << 20, "linear", true, VolumePriority::Normal), &|_| false).unwrap();
+    let map = pools.chunk_map("t").unwrap();
+    map.map(0).unwrap();
+    assert_eq!(clean(&pools), 23, "a chunk handed out is no longer clean");
+    map.commit().unwrap();
+    pools.close().unwrap();
+    drop(pools);
+    // What a write leaves behind when a crash loses its mapping: data in
+    // free chunks, here in the first bytes of every chunk of every store.
+    for s in &stores {
+        for k in 0..8u64 {
+            s.handle.write_at(b"left over", k << 20, false).unwrap();
+        }
+    }
+    let (pools, _) = Pools::open(dir.path(), &[pool(OnFull::Error)], &stores).unwrap();
+    assert_eq!(clean(&pools), 0, "no free chunk reads zeros");
+    let map = pools.chunk_map("t").unwrap();
+    for c in 1..24 {
+        let place = map.map(c).unwrap();
+        let mut buf = [1u8; 9];
+        place.store.read_at(&mut buf, place.offset).unwrap();
+        assert_eq!(buf, [0u8; 9], "chunk {c} was zeroed before it was mapped");
+    }
+    pools.close().unwrap();
+}

@@ -79,6 +79,7 @@ impl Inner {
             return false;
         }
         s.extend(s.chunks + add, chunk, &[]);
+        s.scan_clean(chunk);
         p.record.stores[k].chunks = s.chunks;
         let record = p.record.clone();
         tracing::warn!(pool, store = %p.record.stores[k].backend, chunks = add, "pool auto-extended a file store");

@@ -125,8 +125,7 @@ impl Inner {
     pub fn new_volume_state(self: &Arc<Self>, record: &VolumeRecord, p: &PoolState, chunk: u64) -> VolState {
         let map = record.chunk_mapped().then(|| {
             let stores = p.space.stores.iter().map(|s| s.handle.clone()).collect();
-            let members = if matches!(record.layout, PoolLayout::Stripe { .. }) { record.members.clone() } else { Vec::new() };
-            Arc::new(ThinMap::new(&record.name, &record.pool, chunk, record.size / chunk, stores, members, p.may_wait.clone(), Arc::downgrade(self) as Weak<Inner>))
+            Arc::new(ThinMap::new(record, chunk, stores, p.may_wait.clone(), Arc::downgrade(self) as Weak<Inner>))
         });
         let usage = UsageRecord { until: unix_now(), ..UsageRecord::default() };
         VolState { record: record.clone(), thick: BTreeMap::new(), map, usage, written_unmetered: 0, recent: Default::default() }
@@ -159,6 +158,8 @@ impl Inner {
     /// volumes (preallocated low priority) get them in their map.
     pub fn allocate_range(&self, record: &VolumeRecord, state: &mut VolState, from: u64, to: u64, batch: &mut Batch) -> Result<(), PoolError> {
         let mut got: Vec<(u64, u8, ChunkId)> = Vec::new();
+        // Chunks that may hold old data (not clean): zeroed.
+        let mut dirty: Vec<ChunkId> = Vec::new();
         let result = (|| {
             let mut st = lock(&self.state);
             let p = st.pools.get_mut(&record.pool).ok_or_else(|| PoolError::UnknownPool(record.pool.clone()))?;
@@ -170,7 +171,10 @@ impl Inner {
                     let prefer = record.members.get(k as usize).copied();
                     let strict = record.width() > 1;
                     let id = if strict { prefer.and_then(|m| p.space.alloc(Some(m), &(0..p.space.stores.len()).filter(|s| *s != m).collect::<Vec<_>>())) } else { p.space.alloc(prefer, &used) };
-                    let id = id.ok_or_else(|| PoolError::NoSpace { pool: record.pool.clone(), needed: (to - unit) * slots * chunk, available: p.space.free_chunks() * chunk })?;
+                    let (id, clean) = id.ok_or_else(|| PoolError::NoSpace { pool: record.pool.clone(), needed: (to - unit) * slots * chunk, available: p.space.free_chunks() * chunk })?;
+                    if !clean {
+                        dirty.push(id);
+                    }
                     used.push(split_id(id).0);
                     // A stripe's unit k is chunk `unit*width + k` of the volume.
                     let (vchunk, copy) = if record.width() > 1 { (unit * record.width() + k, 0) } else { (unit, k as u8) };
@@ -178,7 +182,7 @@ impl Inner {
                 }
             }
             p.note_free_space();
-            let places: Vec<_> = got.iter().filter_map(|(_, _, id)| p.space.place(*id)).collect();
+            let places: Vec<_> = dirty.iter().filter_map(|id| p.space.place(*id)).collect();
             drop(st);
             for (store, offset) in places {
                 store.write_zeroes(offset, chunk, ZeroMode { may_trim: true, fast_only: false }, false).map_err(io_err("zeroing new chunks"))?;
@@ -193,7 +197,9 @@ impl Inner {
         for (vchunk, copy, id) in got {
             batch.mapped.push(MapEntry { volume: record.name.clone(), pool: record.pool.clone(), vchunk, copy, id });
             match &state.map {
-                Some(m) => m.load(vchunk, id),
+                Some(m) => {
+                    m.load(vchunk, id);
+                }
                 None => {
                     state.thick.insert((vchunk, copy), id);
                 }
