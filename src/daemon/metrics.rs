@@ -58,5 +58,8 @@ impl Daemon {
 /// `nbdvirt_volume_allocation_byte_seconds_total`): every pool, and usage
 /// since each volume was created.
 fn pool_views(daemon: &Daemon) -> (Vec<api::PoolStatus>, Option<api::UsageReport>) {
-    (daemon.pool_status(None).map(|l| l.pools).unwrap_or_default(), daemon.pool_usage(None).ok())
+    // Metered once for both views (`pool_status` and `pool_usage` would
+    // each meter again).
+    daemon.meter_pool_writes();
+    (daemon.pools.status(None).unwrap_or_default(), daemon.pools.usage(None).ok())
 }

@@ -76,18 +76,25 @@ impl SwapResult {
     }
 }
 
-/// Upper bounds of the duration histograms' buckets, in seconds (the
-/// `+Inf` bucket comes after them). One fixed set for requests and swaps:
-/// 10 µs (a page-cache 4 KiB read) to 10 s (a slow device or a long hold).
-pub const BUCKETS: [f64; 19] = [
-    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
-/// `BUCKETS` in nanoseconds, what `observe` compares against.
+/// Upper bounds of the duration histograms' buckets, in nanoseconds (what
+/// `observe` compares against; the `+Inf` bucket comes after them). One
+/// fixed set for requests and swaps: 10 µs (a page-cache 4 KiB read) to
+/// 10 s (a slow device or a long hold).
 const BUCKETS_NS: [u64; 19] = [
     10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000, 25_000_000, 50_000_000, 100_000_000, 250_000_000,
     500_000_000, 1_000_000_000, 2_500_000_000, 5_000_000_000, 10_000_000_000,
 ];
+
+/// [`BUCKETS_NS`] in seconds, the `le` labels.
+pub const BUCKETS: [f64; 19] = {
+    let mut out = [0.0; 19];
+    let mut i = 0;
+    while i < out.len() {
+        out[i] = BUCKETS_NS[i] as f64 / 1e9;
+        i += 1;
+    }
+    out
+};
 
 /// A duration histogram over [`BUCKETS`]: per-bucket (not cumulative)
 /// counts, so an observation is one add, plus the sum in nanoseconds.
@@ -144,7 +151,6 @@ const OPS: usize = Op::ALL.len();
 /// by its connections).
 #[derive(Debug)]
 pub struct VolumeStats {
-    /// Per op: [succeeded, failed].
     /// Per op and result (succeeded, failed): durations. Their counts are
     /// the request counts (one add per request instead of two).
     latency: [[Histogram; 2]; OPS],
