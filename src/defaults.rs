@@ -21,8 +21,9 @@ pub const MAX_INFLIGHT_REQUESTS: u64 = 1024;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// `server.busy_poll`: poll an idle connection this long before sleeping.
 pub const BUSY_POLL: Duration = Duration::from_micros(50);
-/// Longest NBD handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// `server.handshake_timeout`: longest option haggling (TLS included);
+/// a client still negotiating after it is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `server.pause_timeout`: longest drain of a swap.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Upper bound of `server.pause_timeout`: the Linux NBD client fails a
@@ -34,3 +35,12 @@ pub const PAUSE_RETRIES: u32 = 3;
 pub const SWAP_BACKOFF: Duration = Duration::from_millis(200);
 /// A manual pause's automatic end (`nbdvirt pause --timeout`).
 pub const MANUAL_PAUSE: Duration = Duration::from_secs(30);
+/// `server.max_option_payload`: largest option payload read during the
+/// handshake (proto.md strings are at most 4 KiB; meta-context queries
+/// may carry several).
+pub const MAX_OPTION_PAYLOAD: u32 = 64 * 1024;
+/// `server.max_export_name`: longest export name (proto.md's limit).
+pub const MAX_EXPORT_NAME: usize = 4096;
+/// `server.max_connections_per_address`: connections from one source
+/// address (Unix-socket clients count as one address).
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 64;

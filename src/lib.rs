@@ -7,6 +7,7 @@
 //! Beside them: `map` (pure tables and checks) and `config`.
 //! See docs/ARCHITECTURE.md.
 
+pub mod access;
 pub mod api;
 pub mod attach;
 pub mod backend;
@@ -24,4 +25,5 @@ pub mod persist;
 pub mod pool;
 pub mod server;
 pub mod sync;
+pub mod tls;
 pub mod volume;

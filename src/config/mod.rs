@@ -6,9 +6,11 @@ mod layout;
 mod parse_ctx;
 mod pool;
 mod raw;
+mod security;
 mod units;
 
 pub use parse_ctx::valid_name;
+pub use security::ServerSecurity;
 pub use units::{parse_duration, parse_size, UnitError};
 
 use crate::backend::BackendSpec;
@@ -65,6 +67,8 @@ pub struct ServerConfig {
     pub busy_poll: Duration,
     /// Where `/metrics` (Prometheus text) is served; `None` = off.
     pub metrics: Option<Endpoint>,
+    /// TLS and the handshake's limits.
+    pub security: ServerSecurity,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,6 +151,8 @@ pub struct VolumeConfig {
     pub read_only: bool,
     pub block_size: u32,
     pub on_leg_failure: LegFailurePolicy,
+    /// `tls_only`, `allow`, `read_only_for`.
+    pub access: crate::access::ExportAccess,
     pub extents: Vec<Extent>,
     pub line: usize,
     /// Line of each `[[volume.extent]]`, for error messages.

@@ -25,9 +25,9 @@ struct RawConfig {
     pool: Vec<Spanned<super::pool::RawPool>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawServer {
+pub(super) struct RawServer {
     listen: Option<Vec<Spanned<String>>>,
     control: Option<Spanned<String>>,
     state_dir: Option<Spanned<String>>,
@@ -40,6 +40,16 @@ struct RawServer {
     pause_retries: Option<Spanned<i64>>,
     busy_poll: Option<Spanned<Quantity>>,
     metrics: Option<Spanned<String>>,
+    // Read by `security.rs`.
+    pub(super) tls: Option<Spanned<String>>,
+    pub(super) tls_certificates: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) tls_verify_peer: bool,
+    pub(super) tls_psk: Option<Spanned<String>>,
+    pub(super) handshake_timeout: Option<Spanned<Quantity>>,
+    pub(super) max_connections_per_address: Option<Spanned<i64>>,
+    pub(super) max_option_payload: Option<Spanned<Quantity>>,
+    pub(super) max_export_name: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -64,8 +74,8 @@ struct RawBackend {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawVolume {
-    name: Spanned<String>,
+pub(super) struct RawVolume {
+    pub(super) name: Spanned<String>,
     #[serde(default)]
     description: String,
     #[serde(default)]
@@ -74,6 +84,11 @@ struct RawVolume {
     on_leg_failure: Option<Spanned<String>>,
     #[serde(default)]
     extent: Vec<Spanned<RawExtent>>,
+    // Read by `security.rs`.
+    #[serde(default)]
+    pub(super) tls_only: bool,
+    pub(super) allow: Option<Vec<Spanned<String>>>,
+    pub(super) read_only_for: Option<Vec<Spanned<String>>>,
 }
 
 pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
@@ -103,20 +118,7 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError>
 }
 
 fn parse_server(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawServer>>) -> Result<ServerConfig, ConfigError> {
-    let empty = RawServer {
-        listen: None,
-        control: None,
-        state_dir: None,
-        io_threads: None,
-        max_connections: None,
-        max_inflight: None,
-        shutdown_grace: None,
-        default_export: None,
-        pause_timeout: None,
-        pause_retries: None,
-        busy_poll: None,
-        metrics: None,
-    };
+    let empty = RawServer::default();
     let s = raw.map_or(&empty, |s| s.get_ref());
     let mut listen = Vec::new();
     for item in s.listen.iter().flatten() {
@@ -189,6 +191,7 @@ fn parse_server(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawServer>>) -> Result<
         shutdown_grace,
         default_export: s.default_export.as_ref().map(|d| d.get_ref().clone()),
         metrics: s.metrics.as_ref().map(|m| metrics_endpoint(ctx, m)).transpose()?,
+        security: super::security::parse_server_security(ctx, s)?,
     })
 }
 
@@ -298,6 +301,7 @@ fn parse_volumes(ctx: &ParseCtx<'_>, raw: &[Spanned<RawVolume>], backends: &[Bac
             read_only: v.read_only,
             block_size,
             on_leg_failure,
+            access: super::security::parse_access(ctx, v)?,
             extents,
             line: ctx.line(item.span().start),
             extent_lines: lines.iter().map(|l| l.header).collect(),

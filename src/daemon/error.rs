@@ -64,6 +64,9 @@ pub enum DaemonError {
     NoConfigFile,
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// TLS credential files that cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("{at}: volume '{volume}': changing read_only, block_size or description of a live volume is not supported; remove it, reload, add it back (or restart)")]
     LiveSpecChange { at: String, volume: String },
     #[error("range {}+{} is not inside volume '{volume}' ({size} bytes)", range.start, range.len())]
@@ -116,7 +119,7 @@ impl DaemonError {
                 PlacementError::InUse { .. } | PlacementError::NoFreeRange { .. } => ErrorKind::Conflict,
                 PlacementError::Misaligned { .. } | PlacementError::PastEnd { .. } => ErrorKind::Invalid,
             },
-            NoConfigFile | Config(_) | LiveSpecChange { .. } | RangeOutside { .. } | RangeMisaligned { .. } | BadChunk { .. } => ErrorKind::Invalid,
+            NoConfigFile | Config(_) | Tls(_) | LiveSpecChange { .. } | RangeOutside { .. } | RangeMisaligned { .. } | BadChunk { .. } => ErrorKind::Invalid,
             Io { .. } | CorruptTable { .. } => ErrorKind::Io,
             State(e) => match e {
                 PersistError::NotFound { .. } => ErrorKind::NotFound,

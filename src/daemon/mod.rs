@@ -67,7 +67,6 @@ fn options(config: &Config) -> ServerOptions {
     ServerOptions {
         io_threads: s.io_threads,
         max_connections: s.max_connections,
-        handshake_timeout: crate::defaults::HANDSHAKE_TIMEOUT,
         limits: ConnLimits {
             max_inflight_bytes: s.max_inflight,
             max_inflight_requests: crate::defaults::MAX_INFLIGHT_REQUESTS,
@@ -75,6 +74,26 @@ fn options(config: &Config) -> ServerOptions {
             busy_poll: s.busy_poll,
         },
     }
+}
+
+/// The server's TLS context, access rules and handshake limits, with the
+/// credential files read now (at start and at every reload).
+fn security(config: &Config) -> Result<crate::server::Security, DaemonError> {
+    let s = &config.server.security;
+    let tls_server = match s.tls {
+        crate::tls::TlsMode::Off => None,
+        _ => Some(Arc::new(crate::tls::TlsServer::load(&s.tls_files)?)),
+    };
+    let exports = config.volumes.iter().filter(|v| v.access != Default::default()).map(|v| (v.name.clone(), v.access.clone())).collect();
+    Ok(crate::server::Security {
+        tls: s.tls,
+        tls_server,
+        exports,
+        max_option_payload: s.max_option_payload,
+        max_export_name: s.max_export_name,
+        handshake_timeout: s.handshake_timeout,
+        max_connections_per_address: s.max_connections_per_address,
+    })
 }
 
 fn swap_options(config: &Config, crash_at: Option<SwapPhase>) -> SwapOptions {
@@ -105,7 +124,9 @@ impl Daemon {
         // Resume interrupted migrations before anyone can connect.
         let swap = swap_options(&config, crash_at);
         let migrations = migrations::resume_all(&state, &catalog, &swap)?;
+        let security = security(&config)?;
         let server = Server::bind(&config.server.listen, catalog, options(&config)).map_err(|e| DaemonError::io("listen", e))?;
+        server.set_security(security);
         let daemon = Arc::new(Daemon {
             config_path,
             migrations: Mutex::new(migrations),

@@ -52,6 +52,7 @@ pub fn serve(
     let ctx = Arc::new(ConnectionCtx {
         volume: negotiated.volume,
         structured: negotiated.structured,
+        read_only: negotiated.read_only,
         meta: negotiated.meta,
         sink: ReplySink::new(stream.try_clone()?),
         pools,
@@ -153,7 +154,7 @@ impl Reader<'_> {
     /// flight, so the poll never competes with this connection's own I/O,
     /// and it yields the CPU each round to any runnable thread.
     fn poll_briefly(&self) {
-        if self.busy_poll.is_zero() {
+        if self.busy_poll.is_zero() || self.inner.get_ref().tls_pending() {
             return;
         }
         let fd = self.inner.get_ref().as_raw_fd();
@@ -326,7 +327,7 @@ fn check(ctx: &ConnectionCtx, req: &RequestHeader) -> Result<(), (NbdError, Stri
     }
     // proto.md: with SEND_FUA advertised the server MUST accept FUA on
     // every command (it is a no-op where nothing is written).
-    let fua_ok = if ctx.volume.spec().read_only { 0 } else { CMD_FLAG_FUA };
+    let fua_ok = if ctx.read_only { 0 } else { CMD_FLAG_FUA };
     let extra = req.flags & !(allowed_flags(req.command) | fua_ok);
     if extra != 0 {
         return Err((NbdError::Inval, format!("flags {extra:#x} are not valid for {name}")));
@@ -336,7 +337,7 @@ fn check(ctx: &ConnectionCtx, req: &RequestHeader) -> Result<(), (NbdError, Stri
     }
     let volume = &ctx.volume;
     let writes = matches!(req.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
-    if writes && volume.spec().read_only {
+    if writes && ctx.read_only {
         return Err((NbdError::Perm, format!("{name} on read-only export '{}'", volume.name())));
     }
     match req.command {

@@ -51,6 +51,8 @@ fn op_of(command: u16) -> Op {
 pub(super) struct ConnectionCtx {
     pub(super) volume: Arc<Volume>,
     pub(super) structured: bool,
+    /// The volume's own setting, or `read_only_for` this client.
+    pub(super) read_only: bool,
     /// The metadata contexts BLOCK_STATUS answers for.
     pub(super) meta: MetaContexts,
     pub(super) sink: ReplySink,

@@ -92,6 +92,7 @@ fn set_blocking(stream: &Stream) -> io::Result<()> {
     match stream {
         Stream::Tcp(s) => s.set_nonblocking(false),
         Stream::Unix(s) => s.set_nonblocking(false),
+        Stream::Tls(_) => Ok(()), // never accepted as such
     }?;
     let _ = stream.as_raw_fd();
     Ok(())

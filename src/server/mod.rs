@@ -8,11 +8,15 @@
 mod budget;
 mod buffers;
 mod connection;
+pub mod counters;
 mod execute;
+mod exports;
 pub mod handshake;
 mod listener;
 pub mod meta;
 mod pool;
+mod reaper;
+pub mod security;
 mod sink;
 mod stream;
 
@@ -21,6 +25,9 @@ use crate::endpoint::Endpoint;
 pub use listener::Listener;
 pub use pool::{WorkerPool, Pools};
 pub use stream::Stream;
+pub use counters::{Limit, ServerCountersView};
+pub use security::Security;
+use counters::ServerCounters;
 
 use crate::defaults;
 use crate::sync::lock;
@@ -36,7 +43,6 @@ use std::time::{Duration, Instant};
 pub struct ServerOptions {
     pub io_threads: usize,
     pub max_connections: usize,
-    pub handshake_timeout: Duration,
     pub limits: ConnLimits,
 }
 
@@ -45,7 +51,6 @@ impl Default for ServerOptions {
         ServerOptions {
             io_threads: defaults::IO_THREADS,
             max_connections: defaults::MAX_CONNECTIONS,
-            handshake_timeout: defaults::HANDSHAKE_TIMEOUT,
             limits: ConnLimits {
                 max_inflight_bytes: defaults::MAX_INFLIGHT_BYTES,
                 max_inflight_requests: defaults::MAX_INFLIGHT_REQUESTS,
@@ -59,12 +64,20 @@ impl Default for ServerOptions {
 /// A live connection, as seen by status and shutdown.
 struct ConnEntry {
     peer: String,
+    /// TCP source address, for the per-address limit.
+    addr: Option<std::net::IpAddr>,
+    /// `None` while the handshake runs.
     export: Option<String>,
     socket: Stream,
+    accepted: Instant,
+    /// Dropped by the reaper (counted once).
+    reaped: bool,
 }
 
 struct ServerState {
     catalog: ArcSwap<Catalog>,
+    security: ArcSwap<Security>,
+    counters: ServerCounters,
     pools: Arc<Pools>,
     stopping: AtomicBool,
     options: ServerOptions,
@@ -96,6 +109,8 @@ impl Server {
         }
         let shared = Arc::new(ServerState {
             catalog: ArcSwap::from_pointee(catalog),
+            security: ArcSwap::from_pointee(Security::default()),
+            counters: ServerCounters::default(),
             pools: Arc::new(Pools::new(options.io_threads, pool::cpu_threads())),
             stopping: AtomicBool::new(false),
             options,
@@ -128,6 +143,16 @@ impl Server {
         self.shared.catalog.store(Arc::new(catalog));
     }
 
+    /// Publishes new TLS settings, credentials and access rules: new
+    /// connections use them; live ones keep what they negotiated.
+    pub fn set_security(&self, security: Security) {
+        self.shared.security.store(Arc::new(security));
+    }
+
+    pub fn counters(&self) -> ServerCountersView {
+        self.shared.counters.view()
+    }
+
     /// Closes every connection to `export`; returns how many.
     pub fn disconnect_export(&self, export: &str) -> usize {
         let conns = lock(&self.shared.connections);
@@ -150,6 +175,12 @@ impl Server {
                 .expect("spawn accept thread");
             self.accept_threads.push(handle);
         }
+        let shared = self.shared.clone();
+        let reaper = std::thread::Builder::new()
+            .name("nbdvirt-reaper".into())
+            .spawn(move || reaper::run(&shared))
+            .expect("spawn reaper thread");
+        self.accept_threads.push(reaper);
     }
 
     /// Graceful stop: no new connections; open ones finish their in-flight
@@ -184,14 +215,21 @@ fn accept_loop(listener: &Listener, shared: &Arc<ServerState>) {
     while !shared.stopping.load(Ordering::Relaxed) {
         match listener.accept_timeout(Duration::from_millis(200)) {
             Ok(Some(stream)) => {
-                let active = lock(&shared.connections).len();
-                if active >= shared.options.max_connections {
-                    tracing::warn!(peer = %stream.peer(), active, "too many connections; refusing");
-                    continue;
-                }
-                let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+                let addr = match &stream {
+                    Stream::Tcp(s) => s.peer_addr().ok().map(|a| a.ip()),
+                    _ => None,
+                };
                 let Ok(socket) = stream.try_clone() else { continue };
-                lock(&shared.connections).insert(id, ConnEntry { peer: stream.peer(), export: None, socket });
+                let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+                {
+                    let mut conns = lock(&shared.connections);
+                    if let Some(limit) = over_limit(&conns, addr, shared.options.max_connections, &shared.security.load()) {
+                        shared.counters.trip(limit);
+                        tracing::warn!(peer = %stream.peer(), limit = limit.name(), "connection refused: {} reached", limit.name());
+                        continue;
+                    }
+                    conns.insert(id, ConnEntry { peer: stream.peer(), addr, export: None, socket, accepted: Instant::now(), reaped: false });
+                }
                 let shared = shared.clone();
                 let spawned = std::thread::Builder::new().name(format!("nbdvirt-conn-{id}")).spawn({
                     let shared = shared.clone();
@@ -214,13 +252,31 @@ fn accept_loop(listener: &Listener, shared: &Arc<ServerState>) {
     }
 }
 
+/// The limit a new connection from `addr` would exceed, if any.
+fn over_limit(conns: &HashMap<u64, ConnEntry>, addr: Option<std::net::IpAddr>, max: usize, security: &Security) -> Option<Limit> {
+    if conns.len() >= max {
+        return Some(Limit::MaxConnections);
+    }
+    let from = |a| conns.values().filter(|c| c.addr == Some(a)).count();
+    addr.filter(|a| from(*a) >= security.max_connections_per_address).map(|_| Limit::MaxConnectionsPerAddress)
+}
+
 fn run_connection(id: u64, mut stream: Stream, shared: &ServerState) {
     let peer = stream.peer();
     let _span = tracing::info_span!("conn", id, peer = %peer).entered();
-    let _ = stream.set_read_timeout(Some(shared.options.handshake_timeout));
-    let _ = stream.set_write_timeout(Some(shared.options.handshake_timeout));
     let catalog = shared.catalog.load_full();
-    let negotiated = match handshake::negotiate(&mut stream, &catalog, &shared.stopping) {
+    let security = shared.security.load_full();
+    let _ = stream.set_read_timeout(Some(security.handshake_timeout));
+    let _ = stream.set_write_timeout(Some(security.handshake_timeout));
+    let mut who = security::identify(&stream);
+    let ctx = handshake::HandshakeCtx {
+        catalog: &catalog,
+        security: &security,
+        stopping: &shared.stopping,
+        counters: &shared.counters,
+        timeout: security.handshake_timeout,
+    };
+    let negotiated = match handshake::negotiate(&mut stream, &ctx, &mut who) {
         Ok(Some(n)) => n,
         Ok(None) => return,
         Err(e) => {
@@ -229,11 +285,12 @@ fn run_connection(id: u64, mut stream: Stream, shared: &ServerState) {
         }
     };
     drop(catalog);
+    drop(security);
     let export = negotiated.volume.name().to_string();
     if let Some(c) = lock(&shared.connections).get_mut(&id) {
         c.export = Some(export.clone());
     }
-    tracing::info!(export = %export, structured = negotiated.structured, "client connected");
+    tracing::info!(export = %export, client = %who, structured = negotiated.structured, read_only = negotiated.read_only, "client connected");
     match connection::serve(id, stream, negotiated, shared.pools.clone(), &shared.options.limits, &shared.stopping) {
         Ok(()) => tracing::info!(export = %export, "client disconnected"),
         Err(e) => tracing::info!(export = %export, error = %e, "connection ended"),

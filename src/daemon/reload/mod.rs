@@ -39,10 +39,14 @@ impl Daemon {
         let _admin = lock(&self.admin);
         let path = self.config_path.clone().ok_or(DaemonError::NoConfigFile)?;
         let new = Config::load(&path)?;
+        // Credentials first: a bad certificate fails the reload before
+        // anything changes.
+        let security = super::security(&new)?;
         let mut report = ReloadReport { needs_restart: needs_restart(&lock(&self.config), &new), ..ReloadReport::default() };
         let plan = self.plan_reload(&new, force)?;
         let staged = self.stage_reload(&new, plan)?;
         let swap_failed = self.apply_reload(new, staged, &mut report);
+        lock(&self.server).set_security(security);
         tracing::info!(?report, "reload applied");
         if report.errors.is_empty() {
             Ok(report)
