@@ -302,7 +302,7 @@ fn pool_and_usage_families_pass_promtool() {
         volumes: vec![VolumeUsage { volume: "t".into(), pool: "fast".into(), rate: "low".into(), allocated: 3 << 20, written_bytes: 5 << 20, allocation_byte_seconds: 31457280.0 }],
     };
     let status = Status { config: None, listen: Vec::new(), volumes: Vec::new(), backends: Vec::new() };
-    let text = render(&Views { status, counters: Vec::new(), mirrors: Vec::new(), migrations: Vec::new(), pools: vec![pool], usage: Some(usage) });
+    let text = render(&Views { status, counters: Vec::new(), mirrors: Vec::new(), migrations: Vec::new(), pools: vec![pool], server: Default::default(), usage: Some(usage) });
     promtool_check(&text);
     assert_eq!(value(&text, "nbdvirt_pool_size_bytes{pool=\"fast\"}"), (64u64 << 20) as f64);
     assert_eq!(value(&text, "nbdvirt_pool_free_bytes{pool=\"fast\"}"), (61u64 << 20) as f64);

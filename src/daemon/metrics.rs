@@ -49,6 +49,7 @@ impl Daemon {
             migrations: self.migrate_status(None).unwrap_or_default(),
             pools,
             usage,
+            server: lock(&self.server).counters(),
         }
     }
 }

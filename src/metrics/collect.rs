@@ -24,6 +24,8 @@ pub struct Views {
     pub pools: Vec<api::PoolStatus>,
     /// Metering since the pools began (`pool usage` without `--since`).
     pub usage: Option<api::UsageReport>,
+    /// Handshakes, access refusals and limit trips.
+    pub server: crate::server::ServerCountersView,
 }
 
 /// The `/metrics` body.
@@ -36,7 +38,23 @@ pub fn render(v: &Views) -> String {
     migrations(&mut e, &v.migrations);
     pools(&mut e, &v.pools);
     usage(&mut e, &v.pools, v.usage.as_ref());
+    guards(&mut e, &v.server);
     e.finish()
+}
+
+fn guards(e: &mut Exposition, s: &crate::server::ServerCountersView) {
+    let mut tls = Family::counter("nbdvirt_tls_handshakes_total", "TLS handshakes after NBD_OPT_STARTTLS, by result (ok or failed).");
+    tls.sample(&[("result", "ok")], s.tls_ok);
+    tls.sample(&[("result", "failed")], s.tls_failed);
+    let mut denied = Family::counter("nbdvirt_access_denied_total", "Requests for an export the client's allow rules do not admit (answered as unknown).");
+    denied.sample(&[], s.access_denied);
+    let mut trips = Family::counter("nbdvirt_limit_trips_total", "Clients refused or dropped by a limit, by the limit's config key.");
+    for (limit, n) in &s.limits {
+        trips.sample(&[("limit", limit)], *n);
+    }
+    for f in [tls, denied, trips] {
+        e.push(f);
+    }
 }
 
 fn requests(e: &mut Exposition, counters: &[VolumeCounters]) {
