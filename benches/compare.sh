@@ -18,6 +18,12 @@
 #   NO_BUILD=1      skip `cargo build --release` (use the existing binary)
 #   NBDVIRT_BIN=PATH  serve with this nbdvirt binary instead (implies NO_BUILD)
 #   NBDVIRT_SERVER_TOML='io_threads = 2'  extra lines for nbdvirt's [server]
+#   TLS=1           every server requires TLS (X.509, the same certificates
+#                   made by tests/tls/make-pki.sh): nbdvirt tls = "require",
+#                   nbdkit --tls=require, qemu-nbd --tls-creds. fio connects
+#                   with nbds+unix; its libnbd refuses certificate paths in
+#                   URIs, so it finds them at $HOME/.pki/libnbd, running as
+#                   nobody when we are root (root's place is /etc/pki/libnbd)
 #   NBDVIRT_BASE_BIN=PATH  the server "nbdvirt-base" (add it to SERVERS) is
 #                   this other nbdvirt binary, e.g. a build of the commit
 #                   before a change: before/after alternated in one run
@@ -57,6 +63,7 @@ need fio fio
 need python3 python3
 need timeout coreutils
 need dd coreutils
+if [[ -n ${TLS:-} ]]; then need openssl openssl; need psktool gnutls-bin; fi
 for s in $SERVERS; do
   case $s in
     nbdvirt) [[ -n ${NO_BUILD:-} ]] || need cargo "cargo (or a rustup toolchain)" ;;
@@ -145,6 +152,7 @@ if [[ " $SERVERS " == *" nbdvirt "* ]]; then
   [[ " $SERVERS " == *" nbdvirt-base "* ]] && echo "nbdvirt-base: $NBDVIRT_BASE_BIN: $("$NBDVIRT_BASE_BIN" --version)"
   [[ -n ${NBDVIRT_SERVER_TOML:-} ]] && echo "nbdvirt [server] extra: ${NBDVIRT_SERVER_TOML//$'\n'/; }"
 fi
+[[ -n ${TLS:-} ]] && echo "tls:       every server requires TLS (X.509, tests/tls/make-pki.sh certificates)"
 echo "rounds:    $ROUNDS x ${RUNTIME}s (+${RAMP}s ramp) per server per row"
 echo '```'
 echo
@@ -153,6 +161,24 @@ echo
 log "filling $IMG with ${SIZE_MB} MiB from /dev/urandom"
 timeout 600 dd if=/dev/urandom of="$IMG" bs=1M count="$SIZE_MB" status=none conv=fsync || die "cannot fill $IMG"
 if [[ " $SERVERS " == *" nbdvirt-base "* ]]; then cp "$IMG" "$IMG_BASE" || die "cannot copy $IMG"; fi
+
+# ---- TLS -------------------------------------------------------------------
+NBDVIRT_TLS_TOML=""; NBDKIT_TLS=(); QEMU_TLS=(); FIO_AS=(); SCHEME="nbd+unix"
+if [[ -n ${TLS:-} ]]; then
+  bash "$REPO/tests/tls/make-pki.sh" "$WORK/pki" || die "cannot make test certificates"
+  NBDVIRT_TLS_TOML=$'tls = "require"\ntls_certificates = "'"$WORK/pki/server"'"'
+  NBDKIT_TLS=(--tls=require --tls-certificates="$WORK/pki/server")
+  QEMU_TLS=(--object "tls-creds-x509,id=tls0,dir=$WORK/pki/server,endpoint=server" --tls-creds tls0)
+  mkdir -p "$WORK/fiohome/.pki"
+  cp -r "$WORK/pki/alice" "$WORK/fiohome/.pki/libnbd"
+  FIO_AS=(env HOME="$WORK/fiohome")
+  if [[ $(id -u) -eq 0 ]]; then
+    need setpriv util-linux
+    chmod -R a+rX "$WORK"
+    FIO_AS=(setpriv --reuid=65534 --regid=65534 --clear-groups "${FIO_AS[@]}")
+  fi
+  SCHEME="nbds+unix"
+fi
 
 # ---- servers ---------------------------------------------------------------
 wait_socket() { # server socket pid
@@ -179,6 +205,7 @@ listen = ["unix:$sock"]
 control = "$WORK/$s-control.sock"
 state_dir = "$WORK/$s-state"
 ${NBDVIRT_SERVER_TOML:-}
+$NBDVIRT_TLS_TOML
 
 [[backend]]
 name = "bench"
@@ -198,16 +225,17 @@ EOF
     nbdkit)
       # Defaults: thread model parallel, 16 threads per connection
       # (nbdkit(1) --threads), file plugin cache=default fadvise=normal.
-      nbdkit --foreground --exit-with-parent --unix "$sock" file "$IMG" >"$WORK/$s.log" 2>&1 &
+      nbdkit --foreground --exit-with-parent "${NBDKIT_TLS[@]}" --unix "$sock" file "$IMG" >"$WORK/$s.log" 2>&1 &
       ;;
     qemu-nbd)
       # --persistent: stay up between fio runs (one client at a time, so the
       # default --shared=1 suffices).
-      qemu-nbd -f raw --cache=writeback --aio=threads --persistent -k "$sock" "$IMG" >"$WORK/$s.log" 2>&1 &
+      qemu-nbd -f raw --cache=writeback --aio=threads --persistent "${QEMU_TLS[@]}" -k "$sock" "$IMG" >"$WORK/$s.log" 2>&1 &
       ;;
   esac
   PID[$s]=$!
   wait_socket "$s" "$sock" "${PID[$s]}"
+  [[ -z ${TLS:-} ]] || chmod a+rw "$sock" # fio runs as nobody
 }
 
 cpu_ticks() { # pid -> utime+stime in clock ticks
@@ -248,7 +276,7 @@ run_one() { # round row server
   sampler=$!
   # shellcheck disable=SC2086
   if ! timeout --kill-after=10 $((RUNTIME + RAMP + 60)) \
-    fio --name="$row" --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
+    "${FIO_AS[@]}" fio --name="$row" --ioengine=nbd --uri="$SCHEME:///?socket=$sock" \
       ${ROW_FIO[$row]} --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
       --norandommap --randrepeat=0 --output-format=json >"$out" 2>"$out.err"; then
     kill "$sampler" 2>/dev/null || true
