@@ -73,7 +73,7 @@ fn limits_trip_log_and_count() {
     // Two connections from 127.0.0.1 are allowed; the third is closed at once
     // (no greeting), and a Unix client is not counted against TCP's address.
     let open = || {
-        let mut s = TcpStream::connect(("127.0.0.1", nbd_port)).unwrap();
+        let s = TcpStream::connect(("127.0.0.1", nbd_port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         s
     };
