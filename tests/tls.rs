@@ -301,3 +301,24 @@ fn reload_rotates_certificates() {
     assert!(err.contains("server-key.pem"), "the error names the file: {err}");
     assert!(with(&new).is_ok(), "a failed reload keeps the credentials in force");
 }
+
+/// proto.md: TLS 1.2 at least; GnuTLS clients told to stop at 1.2 (its
+/// system priority file) still connect with either credential kind.
+#[test]
+fn tls_1_2_and_1_3_with_gnutls_clients() {
+    let pki = Pki::new();
+    let port = free_port();
+    let server = start(&pki.server_keys("require"), port);
+    let no13 = pki.root.join("gnutls-no-tls13.conf");
+    std::fs::write(&no13, "[overrides]\ndisabled-version = tls1.3\n").unwrap();
+    let uris = [format!("nbds://alice@127.0.0.1:{port}/v?tls-psk-file={}", pki.path("keys.psk")), format!("nbds://127.0.0.1:{port}/v?tls-certificates={}", pki.path("bob"))];
+    for uri in &uris {
+        assert!(nbdinfo(uri).is_ok(), "TLS 1.3: {uri}");
+        let out = run_timeout(Command::new("nbdinfo").env("PATH", debian_path()).env("GNUTLS_SYSTEM_PRIORITY_FILE", &no13).arg(uri), Duration::from_secs(60));
+        assert!(out.status.success(), "TLS 1.2: {uri}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let log = server.log();
+    let started: Vec<&str> = log.lines().filter(|l| l.contains("TLS started")).collect();
+    assert_eq!(started.iter().filter(|l| l.contains("TLSv1.3")).count(), 2, "{started:#?}");
+    assert_eq!(started.iter().filter(|l| l.contains("TLSv1.2")).count(), 2, "{started:#?}");
+}
