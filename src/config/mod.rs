@@ -6,6 +6,7 @@ mod layout;
 mod parse_ctx;
 mod pool;
 mod raw;
+mod server;
 mod units;
 
 pub use parse_ctx::valid_name;
