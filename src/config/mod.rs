@@ -66,6 +66,25 @@ pub struct ServerConfig {
     pub busy_poll: Duration,
     /// Where `/metrics` (Prometheus text) is served; `None` = off.
     pub metrics: Option<Endpoint>,
+    /// Who besides root and the server's own user may use the control
+    /// socket; `None` = nobody else.
+    pub control_group: Option<ControlGroup>,
+}
+
+/// `[server] control_group`, resolved when the config is loaded so that a
+/// typo fails the load (naming the line) instead of locking out the
+/// operators when the server starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlGroup {
+    /// As written in the config (a name, or a numeric gid without one).
+    pub name: String,
+    pub gid: u32,
+}
+
+impl fmt::Display for ControlGroup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "'{}' (gid {})", self.name, self.gid)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,10 +1,11 @@
-//! `[server]`: where the server listens, where it keeps its state, and
-//! the limits of its connections.
+//! `[server]`: where the server listens, where it keeps its state, who
+//! may control it, and the limits of its connections.
 
 use super::parse_ctx::{ParseCtx, Quantity};
-use super::{ConfigError, ServerConfig, VolumeConfig};
+use super::{ConfigError, ControlGroup, ServerConfig, VolumeConfig};
 use crate::defaults;
 use crate::endpoint::Endpoint;
+use nix::unistd::{Gid, Group};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -23,6 +24,15 @@ pub(super) struct RawServer {
     pause_retries: Option<Spanned<i64>>,
     busy_poll: Option<Spanned<Quantity>>,
     metrics: Option<Spanned<String>>,
+    control_group: Option<Spanned<GroupRef>>,
+}
+
+/// `control_group = "ops"` or `control_group = 1234`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum GroupRef {
+    Gid(i64),
+    Name(String),
 }
 
 pub(super) fn parse_server(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawServer>>) -> Result<ServerConfig, ConfigError> {
@@ -39,6 +49,7 @@ pub(super) fn parse_server(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawServer>>)
         pause_retries: None,
         busy_poll: None,
         metrics: None,
+        control_group: None,
     };
     let s = raw.map_or(&empty, |s| s.get_ref());
     let mut listen = Vec::new();
@@ -112,6 +123,7 @@ pub(super) fn parse_server(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawServer>>)
         shutdown_grace,
         default_export: s.default_export.as_ref().map(|d| d.get_ref().clone()),
         metrics: s.metrics.as_ref().map(|m| metrics_endpoint(ctx, m)).transpose()?,
+        control_group: s.control_group.as_ref().map(|g| control_group(ctx, g)).transpose()?,
     })
 }
 
@@ -129,6 +141,30 @@ fn metrics_endpoint(ctx: &ParseCtx<'_>, m: &Spanned<String>) -> Result<Endpoint,
     }
 }
 
+/// `server.control_group`: a group name, looked up as chown(1) does (a
+/// name first, then a number), or a numeric gid, which needs no entry in
+/// the group database.
+fn control_group(ctx: &ParseCtx<'_>, g: &Spanned<GroupRef>) -> Result<ControlGroup, ConfigError> {
+    const FIELD: &str = "server.control_group";
+    // (gid_t)-1 means "unchanged" to chown(2): never a group.
+    let gid = |n: i64| u32::try_from(n).ok().filter(|gid| *gid != u32::MAX);
+    match g.get_ref() {
+        GroupRef::Gid(n) => {
+            let gid = gid(*n).ok_or_else(|| ctx.err(g, FIELD, format!("{n} is not a gid (0 to 4294967294)")))?;
+            let name = Group::from_gid(Gid::from_raw(gid)).ok().flatten().map_or_else(|| gid.to_string(), |group| group.name);
+            Ok(ControlGroup { name, gid })
+        }
+        GroupRef::Name(name) => match Group::from_name(name) {
+            Ok(Some(group)) => Ok(ControlGroup { name: name.clone(), gid: group.gid.as_raw() }),
+            Ok(None) => match name.parse::<i64>().ok().and_then(gid) {
+                Some(gid) => Ok(ControlGroup { name: name.clone(), gid }),
+                None => Err(ctx.err(g, FIELD, format!("no group named '{name}' on this system (create it with groupadd, or give a numeric gid)"))),
+            },
+            Err(e) => Err(ctx.err(g, FIELD, format!("cannot look up group '{name}': {e}"))),
+        },
+    }
+}
+
 /// `default_export` must name a volume of the config.
 pub(super) fn check_default_export(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawServer>>, server: &ServerConfig, volumes: &[VolumeConfig]) -> Result<(), ConfigError> {
     let Some(default) = &server.default_export else { return Ok(()) };
@@ -137,4 +173,39 @@ pub(super) fn check_default_export(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawS
     }
     let line = raw.and_then(|s| s.get_ref().default_export.as_ref()).map(|d| ctx.line(d.span().start));
     Err(ConfigError { file: ctx.file.into(), line, field: Some("server.default_export".into()), message: format!("no volume named '{default}'") })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Config;
+    use std::path::Path;
+
+    fn parse(value: &str) -> Result<Config, super::ConfigError> {
+        Config::parse(&format!("[server]\nio_threads = 4\ncontrol_group = {value}\n"), "t.toml", Path::new(""))
+    }
+
+    #[test]
+    fn control_group_is_resolved_to_a_gid_when_the_config_is_loaded() {
+        // Group 0 exists on every Linux system; its name varies little but
+        // is read from the database, not assumed.
+        let root = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(0)).unwrap().expect("group 0 exists").name;
+        let by_name = parse(&format!("\"{root}\"")).unwrap().server.control_group.unwrap();
+        assert_eq!((by_name.name.as_str(), by_name.gid), (root.as_str(), 0));
+        let by_number = parse("0").unwrap().server.control_group.unwrap();
+        assert_eq!((by_number.name.as_str(), by_number.gid), (root.as_str(), 0));
+        // A numeric gid needs no entry in the group database.
+        let unnamed = parse("\"4000000000\"").unwrap().server.control_group.unwrap();
+        assert_eq!((unnamed.name.as_str(), unnamed.gid), ("4000000000", 4_000_000_000));
+        assert_eq!(Config::parse("", "t.toml", Path::new("")).unwrap().server.control_group, None);
+    }
+
+    #[test]
+    fn an_unknown_control_group_names_the_field_and_the_line() {
+        let e = parse("\"no-such-group-nbdvirt\"").unwrap_err();
+        assert!(e.to_string().starts_with("t.toml:3: server.control_group: no group named 'no-such-group-nbdvirt'"), "{e}");
+        for bad in ["-1", "4294967295", "\"\""] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!((e.line, e.field.as_deref()), (Some(3), Some("server.control_group")), "{bad}: {e}");
+        }
+    }
 }
