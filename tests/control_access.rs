@@ -287,6 +287,23 @@ fn a_server_running_as_a_user_serves_that_user_and_root() {
     assert_logged(&server, &format!("control: refused status from uid={} gid={} pid={pid}: not root, not the server's uid {}", stranger.uid, stranger.gid, member.uid));
 }
 
+#[test]
+fn a_server_that_cannot_give_the_socket_to_its_group_does_not_start() {
+    let Users { stranger, .. } = users();
+    // The stranger is not in the group, so may not chown to it.
+    let server = TestServer::prepare(&format!("control_group = \"{GROUP}\"\n\n{BODY}"));
+    std::fs::set_permissions(server.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_searchable_by_all(server.dir.path());
+    chown_to(server.dir.path(), stranger);
+    let mut cmd = Command::new(tool("setpriv", "util-linux"));
+    cmd.args([format!("--reuid={}", stranger.uid), format!("--regid={}", stranger.gid), "--init-groups".into()]).arg(BIN).arg("serve").arg("--config").arg(&server.config);
+    let out = run_timeout(&mut cmd, Duration::from_secs(30));
+    let expected = format!("cannot give {} to control_group '{GROUP}'", server.path("control.sock").display());
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&expected), "should say {expected:?}: {}", text(&out));
+    assert!(!server.path("control.sock").exists(), "no socket is left behind");
+}
+
 fn chown_to(path: &Path, to: &Ids) {
     std::os::unix::fs::chown(path, Some(to.uid), Some(to.gid)).unwrap();
 }

@@ -23,7 +23,7 @@ pub fn bind_socket(path: &Path, group: Option<&ControlGroup>) -> io::Result<Unix
         let listener = UnixListener::bind(&inside)?;
         let mode = match group {
             Some(g) => {
-                give_to_group(&inside, g)?;
+                give_to_group(&inside, path, g)?;
                 0o660
             }
             None => 0o600,
@@ -36,10 +36,12 @@ pub fn bind_socket(path: &Path, group: Option<&ControlGroup>) -> io::Result<Unix
     bound
 }
 
-fn give_to_group(path: &Path, group: &ControlGroup) -> io::Result<()> {
+/// Gives `path` to the group; errors name `shown` (the socket's final
+/// path, not the private one it is bound at).
+fn give_to_group(path: &Path, shown: &Path, group: &ControlGroup) -> io::Result<()> {
     chown(path, None, Some(Gid::from_raw(group.gid))).map_err(|e| {
         let uid = nix::unistd::geteuid();
-        io::Error::new(io::ErrorKind::PermissionDenied, format!("cannot give {} to control_group {group}: {e} (the server runs as uid {uid}: it must be root or a member of that group)", path.display()))
+        io::Error::new(io::ErrorKind::PermissionDenied, format!("cannot give {} to control_group {group}: {e} (the server runs as uid {uid}: it must be root or a member of that group)", shown.display()))
     })
 }
 
@@ -61,7 +63,7 @@ fn create_dirs(dir: &Path, group: Option<&ControlGroup>) -> io::Result<()> {
         Err(nix::errno::Errno::EEXIST) => return Ok(()),
         Err(e) => return Err(e.into()),
     }
-    give_to_group(dir, group)?;
+    give_to_group(dir, dir, group)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
 }
 
