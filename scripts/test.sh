@@ -21,6 +21,8 @@ declare -A PACKAGES=(
   [mount]=losetup
   [systemd]=systemd-analyze
   [prometheus]=promtool
+  [util-linux]=setpriv
+  [passwd]=useradd
 )
 
 missing=()

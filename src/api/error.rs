@@ -24,6 +24,9 @@ pub enum ErrorKind {
     SwapFailed,
     /// A pool has not enough free (or reclaimable) space for the request.
     NoSpace,
+    /// The caller may not use the control socket: not root, not the
+    /// server's own user, not in its `control_group`.
+    PermissionDenied,
     /// A bug or an unexpected condition on the server.
     Internal,
     /// Anything else, including failures of the client itself (server
@@ -45,6 +48,7 @@ pub enum ExitCode {
     SwapFailed = 6,
     Invalid = 7,
     NoSpace = 8,
+    PermissionDenied = 9,
 }
 
 impl ErrorKind {
@@ -56,6 +60,7 @@ impl ErrorKind {
             ErrorKind::Io => ExitCode::Io,
             ErrorKind::SwapFailed => ExitCode::SwapFailed,
             ErrorKind::NoSpace => ExitCode::NoSpace,
+            ErrorKind::PermissionDenied => ExitCode::PermissionDenied,
             ErrorKind::Internal | ErrorKind::Other => ExitCode::Other,
         }
     }
@@ -70,6 +75,7 @@ impl ErrorKind {
             ErrorKind::Io => "io",
             ErrorKind::SwapFailed => "swap_failed",
             ErrorKind::NoSpace => "no_space",
+            ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::Internal => "internal",
             ErrorKind::Other => "other",
         }
@@ -102,7 +108,7 @@ mod tests {
 
     #[test]
     fn kinds_are_snake_case_and_unknown_ones_are_other() {
-        for k in [ErrorKind::NotFound, ErrorKind::Busy, ErrorKind::Conflict, ErrorKind::Invalid, ErrorKind::Io, ErrorKind::SwapFailed, ErrorKind::NoSpace, ErrorKind::Internal] {
+        for k in [ErrorKind::NotFound, ErrorKind::Busy, ErrorKind::Conflict, ErrorKind::Invalid, ErrorKind::Io, ErrorKind::SwapFailed, ErrorKind::NoSpace, ErrorKind::PermissionDenied, ErrorKind::Internal] {
             assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
             assert_eq!(serde_json::from_value::<ErrorKind>(k.as_str().into()).unwrap(), k);
         }
@@ -118,6 +124,8 @@ mod tests {
         assert_eq!(ErrorKind::Io.exit_code() as u8, 5);
         assert_eq!(ErrorKind::SwapFailed.exit_code() as u8, 6);
         assert_eq!(ErrorKind::Invalid.exit_code() as u8, 7);
+        assert_eq!(ErrorKind::NoSpace.exit_code() as u8, 8);
+        assert_eq!(ErrorKind::PermissionDenied.exit_code() as u8, 9);
         assert_eq!(ErrorKind::Other.exit_code() as u8, 1);
     }
 }

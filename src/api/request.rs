@@ -149,6 +149,37 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// Whether the request changes the server's state (and is therefore
+    /// logged with who sent it). No wildcard: a new command must choose.
+    pub fn mutates(&self) -> bool {
+        match self {
+            Request::Status
+            | Request::History { .. }
+            | Request::MigrateStatus { .. }
+            | Request::MirrorStatus { .. }
+            | Request::PoolStatus { .. }
+            | Request::PoolUsage { .. } => false,
+            // `pool_check` returns leaked chunks to the free list.
+            Request::PoolCheck { .. }
+            | Request::Reload { .. }
+            | Request::Pause { .. }
+            | Request::Resume { .. }
+            | Request::MigrateStart { .. }
+            | Request::MigrateAbort { .. }
+            | Request::MirrorAdd { .. }
+            | Request::MirrorRemove { .. }
+            | Request::MirrorReadd { .. }
+            | Request::Split { .. }
+            | Request::Merge { .. }
+            | Request::Fault { .. }
+            | Request::VolumeCreate(_)
+            | Request::VolumeResize { .. }
+            | Request::VolumeDelete { .. } => true,
+        }
+    }
+}
+
 fn default_keep() -> crate::api::MergeKeep {
     crate::api::MergeKeep::Primary
 }
@@ -167,5 +198,16 @@ mod tests {
         let r: Request = serde_json::from_str(r#"{"command":"fault","backend":"b","error":"eio"}"#).unwrap();
         assert_eq!(r, Request::Fault { backend: "b".into(), error: super::super::FaultErrorArg::Eio, scope: super::super::FaultScopeArg::Both });
         assert!(serde_json::from_str::<Request>(r#"{"command":"fault","backend":"b","error":"ebusy"}"#).is_err());
+    }
+
+    #[test]
+    fn only_queries_are_read_only() {
+        let mutates = |line: &str| serde_json::from_str::<Request>(line).unwrap().mutates();
+        for query in ["status", "history\",\"volume\":\"v", "migrate_status", "mirror_status", "pool_status", "pool_usage"] {
+            assert!(!mutates(&format!(r#"{{"command":"{query}"}}"#)), "{query}");
+        }
+        for command in [r#"{"command":"reload"}"#, r#"{"command":"resume","volume":"v"}"#, r#"{"command":"pool_check"}"#, r#"{"command":"volume_delete","volume":"v"}"#] {
+            assert!(mutates(command), "{command}");
+        }
     }
 }

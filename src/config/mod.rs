@@ -7,6 +7,7 @@ mod parse_ctx;
 mod pool;
 mod raw;
 mod security;
+mod server;
 mod units;
 
 pub use parse_ctx::valid_name;
@@ -69,6 +70,25 @@ pub struct ServerConfig {
     pub metrics: Option<Endpoint>,
     /// TLS and the handshake's limits.
     pub security: ServerSecurity,
+    /// Who besides root and the server's own user may use the control
+    /// socket; `None` = nobody else.
+    pub control_group: Option<ControlGroup>,
+}
+
+/// `[server] control_group`, resolved when the config is loaded so that a
+/// typo fails the load (naming the line) instead of locking out the
+/// operators when the server starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlGroup {
+    /// As written in the config (a name, or a numeric gid without one).
+    pub name: String,
+    pub gid: u32,
+}
+
+impl fmt::Display for ControlGroup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "'{}' (gid {})", self.name, self.gid)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,11 +3,10 @@
 
 use super::layout::{check_regions, extent_err, parse_extent, RawExtent, VolumeCtx};
 use super::parse_ctx::{valid_name, ParseCtx, Quantity};
-use super::{BackendConfig, Config, ConfigError, LegFailurePolicy, ServerConfig, VolumeConfig};
+use super::server::{check_default_export, parse_server, RawServer};
+use super::{BackendConfig, Config, ConfigError, LegFailurePolicy, VolumeConfig};
 use crate::backend::BackendSpec;
 use crate::map::{validate_alignment, validate_exclusive, validate_layout, MapError, MappingTable};
-use crate::defaults;
-use crate::endpoint::Endpoint;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,33 +22,6 @@ struct RawConfig {
     volume: Vec<Spanned<RawVolume>>,
     #[serde(default)]
     pool: Vec<Spanned<super::pool::RawPool>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawServer {
-    listen: Option<Vec<Spanned<String>>>,
-    control: Option<Spanned<String>>,
-    state_dir: Option<Spanned<String>>,
-    io_threads: Option<Spanned<i64>>,
-    max_connections: Option<Spanned<i64>>,
-    max_inflight: Option<Spanned<Quantity>>,
-    shutdown_grace: Option<Spanned<Quantity>>,
-    default_export: Option<Spanned<String>>,
-    pause_timeout: Option<Spanned<Quantity>>,
-    pause_retries: Option<Spanned<i64>>,
-    busy_poll: Option<Spanned<Quantity>>,
-    metrics: Option<Spanned<String>>,
-    // Read by `security.rs`.
-    pub(super) tls: Option<Spanned<String>>,
-    pub(super) tls_certificates: Option<Spanned<String>>,
-    #[serde(default)]
-    pub(super) tls_verify_peer: bool,
-    pub(super) tls_psk: Option<Spanned<String>>,
-    pub(super) handshake_timeout: Option<Spanned<Quantity>>,
-    pub(super) max_connections_per_address: Option<Spanned<i64>>,
-    pub(super) max_option_payload: Option<Spanned<Quantity>>,
-    pub(super) max_export_name: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,110 +75,8 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError>
     let backends = parse_backends(&ctx, &raw.backend)?;
     let volumes = parse_volumes(&ctx, &raw.volume, &backends)?;
     let pools = super::pool::parse_pools(&ctx, &raw.pool, &backends)?;
-    if let Some(default) = &server.default_export {
-        if !volumes.iter().any(|v| &v.name == default) {
-            let line = raw.server.as_ref().and_then(|s| s.get_ref().default_export.as_ref()).map(|d| ctx.line(d.span().start));
-            return Err(ConfigError {
-                file: file.into(),
-                line,
-                field: Some("server.default_export".into()),
-                message: format!("no volume named '{default}'"),
-            });
-        }
-    }
+    check_default_export(&ctx, raw.server.as_ref(), &server, &volumes)?;
     Ok(Config { source: None, server, backends, volumes, pools })
-}
-
-fn parse_server(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawServer>>) -> Result<ServerConfig, ConfigError> {
-    let empty = RawServer::default();
-    let s = raw.map_or(&empty, |s| s.get_ref());
-    let mut listen = Vec::new();
-    for item in s.listen.iter().flatten() {
-        let endpoint: Endpoint = item.get_ref().parse().map_err(|m: crate::endpoint::EndpointError| ctx.err(item, "server.listen", m.to_string()))?;
-        listen.push(match endpoint {
-            Endpoint::Unix(p) => Endpoint::Unix(ctx.path(&p.to_string_lossy())),
-            other => other,
-        });
-    }
-    if s.listen.is_none() {
-        listen.push(defaults::LISTEN.parse().expect("the default endpoint parses"));
-    }
-    if listen.is_empty() {
-        let line = raw.map(|r| ctx.line(r.span().start)).unwrap_or(1);
-        return Err(ctx.err_at(line, Some("server.listen".into()), "at least one endpoint is needed"));
-    }
-    let state_dir = ctx.path(s.state_dir.as_ref().map_or(defaults::STATE_DIR, |d| d.get_ref()));
-    let control = s.control.as_ref().map_or_else(|| state_dir.join(defaults::CONTROL_SOCKET), |c| ctx.path(c.get_ref()));
-    let max_inflight = match &s.max_inflight {
-        None => defaults::MAX_INFLIGHT_BYTES,
-        Some(q) => {
-            let v = ctx.size(q, "server.max_inflight")?;
-            if v < crate::nbd::MAX_PAYLOAD as u64 {
-                return Err(ctx.err(q, "server.max_inflight", format!("must be at least 32MiB (the largest request), got {v}")));
-            }
-            v
-        }
-    };
-    let shutdown_grace = match &s.shutdown_grace {
-        None => defaults::SHUTDOWN_GRACE,
-        Some(q) => ctx.duration(q, "server.shutdown_grace")?,
-    };
-    let pause_timeout = match &s.pause_timeout {
-        None => defaults::PAUSE_TIMEOUT,
-        Some(q) => {
-            let d = ctx.duration(q, "server.pause_timeout")?;
-            // The Linux NBD client fails a request after 30 s; a pause must
-            // end well before that.
-            if d.is_zero() || d > defaults::PAUSE_TIMEOUT_MAX {
-                return Err(ctx.err(q, "server.pause_timeout", format!("{d:?} must be above 0 and at most 20s (Linux NBD requests time out at 30s)")));
-            }
-            d
-        }
-    };
-    let pause_retries = match &s.pause_retries {
-        None => defaults::PAUSE_RETRIES,
-        Some(n) if (0..=100).contains(n.get_ref()) => *n.get_ref() as u32,
-        Some(n) => return Err(ctx.err(n, "server.pause_retries", format!("{} is out of range 0..=100", n.get_ref()))),
-    };
-    let busy_poll = match &s.busy_poll {
-        None => defaults::BUSY_POLL,
-        Some(q) => {
-            let d = ctx.duration(q, "server.busy_poll")?;
-            if d > std::time::Duration::from_millis(1) {
-                return Err(ctx.err(q, "server.busy_poll", format!("{d:?} is above the maximum of 1ms")));
-            }
-            d
-        }
-    };
-    Ok(ServerConfig {
-        busy_poll,
-        pause_timeout,
-        pause_retries,
-        listen,
-        control,
-        state_dir,
-        io_threads: ctx.count(&s.io_threads, "server.io_threads", defaults::IO_THREADS, 1024)?,
-        max_connections: ctx.count(&s.max_connections, "server.max_connections", defaults::MAX_CONNECTIONS, 65536)?,
-        max_inflight,
-        shutdown_grace,
-        default_export: s.default_export.as_ref().map(|d| d.get_ref().clone()),
-        metrics: s.metrics.as_ref().map(|m| metrics_endpoint(ctx, m)).transpose()?,
-        security: super::security::parse_server_security(ctx, s)?,
-    })
-}
-
-/// `server.metrics`: `tcp:HOST:PORT` with a numeric port (HTTP over TCP
-/// only; the host is resolved when the daemon binds it).
-fn metrics_endpoint(ctx: &ParseCtx<'_>, m: &Spanned<String>) -> Result<Endpoint, ConfigError> {
-    let text = m.get_ref();
-    let endpoint: Endpoint = text.parse().map_err(|e: crate::endpoint::EndpointError| ctx.err(m, "server.metrics", e.to_string()))?;
-    let Endpoint::Tcp(addr) = &endpoint else {
-        return Err(ctx.err(m, "server.metrics", format!("'{text}': metrics are served over HTTP on tcp:HOST:PORT only")));
-    };
-    match addr.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(endpoint),
-        _ => Err(ctx.err(m, "server.metrics", format!("'{text}': expected tcp:HOST:PORT with a port number 0-65535"))),
-    }
 }
 
 fn parse_backends(ctx: &ParseCtx<'_>, raw: &[Spanned<RawBackend>]) -> Result<Vec<BackendConfig>, ConfigError> {

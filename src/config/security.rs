@@ -3,7 +3,8 @@
 //! here: the credential files are read when the daemon starts or reloads.
 
 use super::parse_ctx::ParseCtx;
-use super::raw::{RawServer, RawVolume};
+use super::raw::RawVolume;
+use super::server::RawServer;
 use super::ConfigError;
 use crate::access::{ExportAccess, Rule};
 use crate::defaults;

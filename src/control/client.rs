@@ -11,6 +11,11 @@ use std::time::Duration;
 pub enum ClientError {
     #[error("cannot reach the server's control socket {}: {source} (is `nbdvirt serve` running? use --control or --config)", path.display())]
     Connect { path: PathBuf, source: std::io::Error },
+    /// The socket's mode (or a directory above it) keeps this user out:
+    /// the same answer as the server's own check, so that scripts see one
+    /// exit code for "not allowed" whichever layer said it.
+    #[error("permission denied: cannot connect to the control socket {}: only root, the server's user and members of its control_group may (and every directory above the socket must let them through)", path.display())]
+    ConnectDenied { path: PathBuf },
     #[error("control socket: {0}")]
     Io(std::io::Error),
     #[error("control socket: bad answer: {0}")]
@@ -27,6 +32,7 @@ impl ClientError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             ClientError::Api(e) => e.kind,
+            ClientError::ConnectDenied { .. } => ErrorKind::PermissionDenied,
             _ => ErrorKind::Other,
         }
     }
@@ -50,7 +56,10 @@ fn short_type_name<T>() -> &'static str {
 /// Sends one request and waits (bounded by `timeout`) for its answer, which
 /// must parse as a `T`.
 pub fn call<T: DeserializeOwned>(path: &Path, request: &Request, timeout: Duration) -> Result<T, ClientError> {
-    let mut stream = UnixStream::connect(path).map_err(|source| ClientError::Connect { path: path.into(), source })?;
+    let mut stream = UnixStream::connect(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::PermissionDenied => ClientError::ConnectDenied { path: path.into() },
+        _ => ClientError::Connect { path: path.into(), source },
+    })?;
     stream.set_read_timeout(Some(timeout)).map_err(ClientError::Io)?;
     let mut line = serde_json::to_vec(request).map_err(ClientError::Envelope)?;
     line.push(b'\n');

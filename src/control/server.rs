@@ -1,11 +1,14 @@
-//! Serves control requests on a Unix socket created with mode 0600.
+//! Serves control requests on a Unix socket that only root, the server's
+//! own user and `control_group` can reach (`bind`), checks who connected
+//! (`access`), and logs every mutating command with who sent it.
 
+use super::access::{peer_of, AccessPolicy, Denied, Peer};
+use super::bind::{bind_socket, blocking_dirs};
 use crate::api::{ApiError, ErrorKind, MigrationList, MirrorList, Request, Response};
 use crate::daemon::{Daemon, DaemonError, MigrateRequest, MirrorAddRequest};
 use crate::map::Range;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,7 +23,13 @@ pub struct ControlServer {
 /// Longest request line accepted.
 const MAX_LINE: u64 = 64 * 1024;
 
+/// How long a refused peer may take to send the request it is refused.
+const REFUSED_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl ControlServer {
+    /// Binds the socket for the daemon's `control_group` as it is now; a
+    /// reload that changes the group reports that a restart is needed
+    /// (the socket's group and mode, and who is let in, stay as bound).
     pub fn start(path: &Path, daemon: Arc<Daemon>) -> std::io::Result<ControlServer> {
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
@@ -31,7 +40,16 @@ impl ControlServer {
             }
             std::fs::remove_file(path)?;
         }
-        let listener = bind_private(path)?;
+        let policy = Arc::new(AccessPolicy::new(daemon.control_group()));
+        let listener = bind_socket(path, policy.group())?;
+        if let Some(group) = policy.group() {
+            for dir in blocking_dirs(path, group) {
+                tracing::warn!(
+                    "control: members of control_group {group} cannot search {dir}, so they cannot reach {} unless an ACL lets them: give the group search permission there (chgrp + chmod g+x, or chmod o+x) or put `control` under a directory they can reach",
+                    path.display()
+                );
+            }
+        }
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
@@ -39,8 +57,8 @@ impl ControlServer {
             while !stop2.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        let daemon = daemon.clone();
-                        let _ = std::thread::Builder::new().name("nbdvirt-control-client".into()).spawn(move || serve_client(stream, &daemon));
+                        let (daemon, policy) = (daemon.clone(), policy.clone());
+                        let _ = std::thread::Builder::new().name("nbdvirt-control-client".into()).spawn(move || serve_client(stream, &daemon, &policy));
                     }
                     // Wait for a client (or the stop tick) in poll(2), not
                     // in a sleep: a command is answered at once instead of
@@ -65,28 +83,6 @@ fn wait_readable(listener: &std::os::unix::net::UnixListener, ms: u16) {
     let _ = poll(&mut fds, PollTimeout::from(ms));
 }
 
-/// Binds `path` so that nobody but the owner can ever connect: the socket
-/// is created inside a fresh mode-0700 directory beside `path`, made 0600,
-/// then renamed into place. (A process-wide umask around bind would race
-/// other threads creating files.)
-fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)?;
-    let name = path.file_name().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "control socket path has no file name"))?;
-    let private = parent.join(format!(".{}.{}.bind", name.to_string_lossy(), std::process::id()));
-    let _ = std::fs::remove_dir_all(&private);
-    nix::unistd::mkdir(&private, nix::sys::stat::Mode::S_IRWXU)?;
-    let bound = (|| {
-        let inside = private.join(name);
-        let listener = UnixListener::bind(&inside)?;
-        std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o600))?;
-        std::fs::rename(&inside, path)?;
-        Ok(listener)
-    })();
-    let _ = std::fs::remove_dir_all(&private);
-    bound
-}
-
 impl Drop for ControlServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -97,29 +93,94 @@ impl Drop for ControlServer {
     }
 }
 
-fn serve_client(stream: UnixStream, daemon: &Arc<Daemon>) {
+fn serve_client(stream: UnixStream, daemon: &Arc<Daemon>, policy: &AccessPolicy) {
     let _ = stream.set_nonblocking(false);
-    let Ok(mut writer) = stream.try_clone() else { return };
-    let mut reader = BufReader::new(std::io::Read::take(stream, u64::MAX));
-    loop {
-        let mut line = String::new();
-        reader.get_mut().set_limit(MAX_LINE);
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
+    let peer = match peer_of(&stream) {
+        Ok(peer) => peer,
+        Err(e) => {
+            // Cannot happen on a connected Unix socket; nobody unknown is served.
+            tracing::warn!("control: cannot read a connection's credentials ({e}); closing it");
+            return;
         }
+    };
+    if let Err(denied) = policy.check(&peer) {
+        return refuse(stream, &peer, policy, &denied);
+    }
+    let Ok(mut writer) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(Read::take(stream, u64::MAX));
+    loop {
+        let Some(line) = read_line(&mut reader) else { return };
         if line.trim().is_empty() {
             continue;
         }
         let response = match serde_json::from_str::<Request>(&line) {
-            Ok(request) => handle(daemon, request),
+            Ok(request) => audited(daemon, &peer, request),
             Err(e) => Response::err(ApiError::new(ErrorKind::Invalid, format!("bad request: {e}"))),
         };
-        let mut out = serde_json::to_vec(&response).unwrap_or_else(|_| b"{\"ok\":false,\"error\":\"encoding\",\"kind\":\"internal\"}".to_vec());
-        out.push(b'\n');
-        if writer.write_all(&out).is_err() {
+        if !send(&mut writer, &response) {
             return;
         }
+    }
+}
+
+/// The next request line (at most `MAX_LINE` bytes); `None` at the end.
+fn read_line(reader: &mut BufReader<std::io::Take<UnixStream>>) -> Option<String> {
+    let mut line = String::new();
+    reader.get_mut().set_limit(MAX_LINE);
+    match reader.read_line(&mut line) {
+        Ok(0) | Err(_) => None,
+        Ok(_) => Some(line),
+    }
+}
+
+/// Writes one answer line; false if the client is gone.
+fn send(writer: &mut UnixStream, response: &Response) -> bool {
+    let mut out = serde_json::to_vec(response).unwrap_or_else(|_| b"{\"ok\":false,\"error\":\"encoding\",\"kind\":\"internal\"}".to_vec());
+    out.push(b'\n');
+    writer.write_all(&out).is_ok()
+}
+
+/// Reads the refused peer's first request (so that its client is not cut
+/// off while writing it, and gets an answer), answers `permission_denied`,
+/// logs the refusal and closes.
+fn refuse(stream: UnixStream, peer: &Peer, policy: &AccessPolicy, denied: &Denied) {
+    let _ = stream.set_read_timeout(Some(REFUSED_READ_TIMEOUT));
+    let Ok(mut writer) = stream.try_clone() else { return };
+    let line = read_line(&mut BufReader::new(Read::take(stream, MAX_LINE)));
+    // Only a known command is named: the log gets no text the peer chose.
+    let command = match line.as_deref().map(serde_json::from_str::<Request>) {
+        Some(Ok(request)) => describe(&request).0,
+        Some(Err(_)) => "a request".into(),
+        None => "a connection".into(),
+    };
+    tracing::warn!("control: refused {command} from {peer}: {}", denied.reason);
+    if line.is_some() {
+        send(&mut writer, &Response::err(ApiError::new(ErrorKind::PermissionDenied, policy.refusal(peer))));
+    }
+}
+
+/// Runs a request. A mutating one is logged before it runs, with who sent
+/// it (and again if it fails), so that the log says who changed what.
+fn audited(daemon: &Arc<Daemon>, peer: &Peer, request: Request) -> Response {
+    if !request.mutates() {
+        return handle(daemon, request);
+    }
+    let (command, json) = describe(&request);
+    tracing::info!(request = %json, "control: {command} by {peer}");
+    let response = handle(daemon, request);
+    if let (false, Some(kind)) = (response.ok, response.kind) {
+        tracing::info!(error = ?response.error.as_deref().unwrap_or(""), "control: {command} by {peer} failed ({kind})");
+    }
+    response
+}
+
+/// A request's wire name (`volume_create`) and its JSON, for the log: both
+/// re-encoded from the parsed request, so quotes and newlines in names
+/// arrive escaped.
+fn describe(request: &Request) -> (String, String) {
+    match serde_json::to_value(request) {
+        Ok(v) => (v["command"].as_str().unwrap_or("?").to_string(), v.to_string()),
+        Err(_) => ("?".into(), String::new()),
     }
 }
 
@@ -165,24 +226,5 @@ pub fn handle(daemon: &Arc<Daemon>, request: Request) -> Response {
         Request::PoolStatus { pool } => answer(daemon.pool_status(pool.as_deref())),
         Request::PoolCheck { pool } => answer(daemon.pool_check(pool.as_deref())),
         Request::PoolUsage { since } => answer(daemon.pool_usage(since)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::FileTypeExt;
-
-    #[test]
-    fn the_socket_is_owner_only_and_no_bind_directory_is_left() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("run/control.sock");
-        let _listener = bind_private(&path).unwrap();
-        let meta = std::fs::metadata(&path).unwrap();
-        assert!(meta.file_type().is_socket());
-        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-        let left: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(left, vec![std::ffi::OsString::from("control.sock")]);
-        UnixStream::connect(&path).expect("connectable after the rename");
     }
 }

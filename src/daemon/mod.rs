@@ -159,6 +159,10 @@ impl Daemon {
         lock(&self.config).server.control.clone()
     }
 
+    pub fn control_group(&self) -> Option<crate::config::ControlGroup> {
+        lock(&self.config).server.control_group.clone()
+    }
+
     pub fn catalog(&self) -> Arc<Catalog> {
         lock(&self.server).catalog()
     }

@@ -95,6 +95,9 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub socket: PathBuf,
+    /// A command the server is started through (e.g. `setpriv --reuid=U`);
+    /// empty: started directly.
+    pub runner: Vec<String>,
     log: PathBuf,
 }
 
@@ -107,6 +110,18 @@ impl TestServer {
     }
 
     pub fn start_with(body: &str, extra_listen: &[&str]) -> TestServer {
+        let mut server = Self::prepare_with(body, extra_listen);
+        server.spawn();
+        server
+    }
+
+    /// Like `start`, without starting the server: the test may change the
+    /// directory or `runner` first, then call `spawn`.
+    pub fn prepare(body: &str) -> TestServer {
+        Self::prepare_with(body, &[])
+    }
+
+    fn prepare_with(body: &str, extra_listen: &[&str]) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path().display().to_string();
         let mut listen = vec![format!("\"unix:{d}/nbd.sock\"")];
@@ -118,15 +133,21 @@ impl TestServer {
         );
         let config = dir.path().join("nbdvirt.toml");
         std::fs::write(&config, config_text).unwrap();
-        let mut server = TestServer { child: None, socket: dir.path().join("nbd.sock"), config, log: dir.path().join("server.log"), dir };
-        server.spawn();
-        server
+        TestServer { child: None, socket: dir.path().join("nbd.sock"), config, runner: Vec::new(), log: dir.path().join("server.log"), dir }
     }
 
     /// (Re)starts the server process on the same config and directory.
     pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(BIN)
+        let mut cmd = match self.runner.split_first() {
+            Some((runner, args)) => {
+                let mut cmd = Command::new(runner);
+                cmd.args(args).arg(BIN);
+                cmd
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "nbdvirt=debug")

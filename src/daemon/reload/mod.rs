@@ -21,6 +21,13 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     if n.control != o.control {
         out.push("server.control".into());
     }
+    // The socket's group and mode are set atomically when it is bound
+    // (control/bind.rs); changing them on the live socket, and the
+    // directories above it, would open windows and loosen what the daemon
+    // may not own. So the group bound at start stays in force.
+    if n.control_group != o.control_group {
+        out.push("server.control_group".into());
+    }
     if n.state_dir != o.state_dir {
         out.push("server.state_dir".into());
     }
