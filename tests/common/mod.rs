@@ -10,6 +10,8 @@ pub mod script;
 /// The raw NBD client of the protocol and hostile tests (opt in:
 /// `use common::nbd_client::*;`).
 pub mod nbd_client;
+/// TLS credentials (opt in: `use common::pki::*;`).
+pub mod pki;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
