@@ -7,7 +7,9 @@
 //! the relays locks itself in memory (as nbd-client does for swap devices)
 //! and marks itself an I/O flusher (PR_SET_IO_FLUSHER, Linux 5.6: its own
 //! allocations then never wait on I/O and it is exempt from dirty
-//! throttling). Neither makes swap on such a device safe; the docs say so.
+//! throttling). It also keeps itself from the OOM killer, as nbd-client
+//! does for swap devices: killing it would take the device with it. None
+//! of this makes swap on such a device safe; the docs say so.
 
 /// PR_SET_IO_FLUSHER from <linux/prctl.h>; the libc crate defines it for
 /// Android only.
@@ -23,6 +25,8 @@ pub struct Pinned {
     pub locked: Result<(), PinError>,
     /// prctl(PR_SET_IO_FLUSHER, 1).
     pub io_flusher: Result<(), PinError>,
+    /// /proc/self/oom_score_adj = -1000.
+    pub oom_exempt: Result<(), PinError>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +38,8 @@ pub enum PinError {
     Limited(u64),
     #[error("{0}")]
     Sys(#[from] nix::errno::Errno),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// Locks this process's memory, present and future, and makes it an I/O
@@ -48,7 +54,8 @@ pub fn pin() -> Pinned {
     // SAFETY: prctl with integer arguments only; no memory is passed.
     let rc = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) };
     let io_flusher = nix::errno::Errno::result(rc).map(drop).map_err(PinError::from);
-    Pinned { locked, io_flusher }
+    let oom_exempt = std::fs::write("/proc/self/oom_score_adj", "-1000").map_err(PinError::from);
+    Pinned { locked, io_flusher, oom_exempt }
 }
 
 /// RLIMIT_MEMLOCK's soft limit; `None` if unlimited (or unknown).

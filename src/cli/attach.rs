@@ -233,6 +233,9 @@ fn pin_memory() {
     if let Err(e) = pinned.io_flusher {
         tracing::warn!("prctl(PR_SET_IO_FLUSHER): {e}: the TLS relay's allocations may wait on writeback to this device");
     }
+    if let Err(e) = pinned.oom_exempt {
+        tracing::warn!("oom_score_adj: {e}: the OOM killer may pick the TLS relay, and the device would go with it");
+    }
 }
 
 /// The error kind (and so the exit code) of a kernel-client failure.

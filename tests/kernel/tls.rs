@@ -6,9 +6,10 @@
 //! 2. PSK over the Unix socket, 2 connections, no `--persist`: the command
 //!    returns the device as without TLS; the relay process stays behind
 //!    (it is the one that connected the device: /sys/block/nbdN/pid),
-//!    locked in memory (VmLck) with no warning; ext4 made, filled,
-//!    checked; `nbdvirt detach` ends the relay process. Then `--ioctl`
-//!    (foreground, bob's key): the files read back, detach ends it.
+//!    locked in memory (VmLck), OOM-exempt, with no warning; ext4 made,
+//!    filled, checked; `nbdvirt detach` ends the relay process. Then
+//!    `--ioctl` (foreground, bob's key): the files read back, detach ends
+//!    it.
 //! 3. alice's certificate over TCP (127.0.0.1, the name checked), with
 //!    `--persist`: the files are read back after a fresh attach; the
 //!    server is killed with SIGKILL and restarted under a writer, the
@@ -78,11 +79,12 @@ step "attach over TLS with a PSK, 2 connections: the command returns, its relay 
 dev=$(nbdvirt attach vol0 --tls-psk $TLS/keys.psk --connections 2 2>/tmp/attach.err) || { cat /tmp/attach.err; fail "nbdvirt attach --tls-psk failed"; }
 cat /tmp/attach.err
 case "$dev" in /dev/nbd[0-9]*) ;; *) fail "attach printed '$dev', expected /dev/nbdN" ;; esac
-! grep -qE "mlockall|PR_SET_IO_FLUSHER" /tmp/attach.err || fail "the relay could not pin itself"
+! grep -qE "mlockall|PR_SET_IO_FLUSHER|oom_score_adj" /tmp/attach.err || fail "the relay could not pin itself"
 relay=$(cat /sys/block/${dev#/dev/}/pid)
 gone $relay && fail "the relay process $relay (that connected $dev) is not running"
 grep -E '^(Name|State|VmLck|VmRSS)' /proc/$relay/status
 [ "$(awk '/^VmLck/ {print $2}' /proc/$relay/status)" -gt 0 ] || fail "the relay's memory is not locked"
+[ "$(cat /proc/$relay/oom_score_adj)" -eq -1000 ] || fail "the relay is not exempt from the OOM killer"
 [ "$(grep -c 'TLS started.*psk=Some("alice")' $NBDVIRT_LOG)" -eq 2 ] || fail "the server did not see 2 TLS sessions of alice"
 
 step "mkfs.ext4 + write over TLS"
