@@ -21,6 +21,8 @@ declare -A PACKAGES=(
   [mount]=losetup
   [systemd]=systemd-analyze
   [prometheus]=promtool
+  [openssl]=openssl
+  [gnutls-bin]=psktool
 )
 
 missing=()
