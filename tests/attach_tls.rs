@@ -209,6 +209,7 @@ fn cli_names_what_failed_in_tls_and_exits_with_its_kind() {
     attach_fails(sock, &["--tls-psk", &p("nosuch.psk")], INVALID, &["TLS credentials", "nosuch.psk"]);
     attach_fails(sock, &["--tls-certificates", &p("nosuch")], INVALID, &["nosuch/ca-cert.pem", "missing"]);
     attach_fails(sock, &["--tls-psk", &p("keys.psk"), "--tls-hostname", "x"], INVALID, &["--tls-hostname needs --tls-certificates"]);
+    attach_fails(sock, &["--tls-certificates", &p("alice"), "--tls-username", "x"], INVALID, &["--tls-username needs --tls-psk"]);
     attach_fails(sock, &[], OTHER, &["server requires TLS", "--tls-psk"]);
     // Either flag makes TLS required: a server without TLS fails it.
     let plain = TestServer::start(VOLUME);

@@ -52,9 +52,12 @@ impl TlsArgs {
             return Ok(None);
         }
         // clap does not enforce `requires` when the flag required conflicts
-        // with one given (--tls-psk).
+        // with one given.
         if self.tls_hostname.is_some() && files.certificates.is_none() {
             return Err(invalid("--tls-hostname needs --tls-certificates (a PSK session has no certificate to check)"));
+        }
+        if files.username.is_some() && files.psk.is_none() {
+            return Err(invalid("--tls-username needs --tls-psk (a certificate names its own holder)"));
         }
         Ok(Some(AttachTls { files, hostname: self.tls_hostname }))
     }
