@@ -23,6 +23,8 @@ declare -A PACKAGES=(
   [prometheus]=promtool
   [util-linux]=setpriv
   [passwd]=useradd
+  [openssl]=openssl
+  [gnutls-bin]=psktool
 )
 
 missing=()

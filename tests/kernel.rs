@@ -7,8 +7,9 @@
 //! the nbd/ext4 modules, and runs one shell script in it. Server and kernel
 //! client both run in the guest and talk over a Unix socket. As root the
 //! first run installs what is missing (qemu-system-x86, busybox-static,
-//! nbd-client, e2fsprogs, fio) and downloads the kernel into
-//! ~/.cache/nbdvirt-kernel/; anything that cannot be had FAILS the test,
+//! nbd-client, e2fsprogs, fio; openssl and gnutls-bin for TLS credentials)
+//! and downloads the kernel into ~/.cache/nbdvirt-kernel/; anything that
+//! cannot be had FAILS the test,
 //! naming the package. Harness: tests/kernel/harness.rs (API, environment
 //! knobs such as NBDVIRT_KERNEL_VERBOSE=1), guest /init:
 //! tests/kernel/init.sh, script helpers: tests/kernel/prelude.sh.
@@ -46,13 +47,17 @@
 //! `nbdvirt attach` (netlink, 4 connections, `--ioctl`; detach by device and
 //! by volume), live migration under a writer, and kill -9 + restart of the
 //! server with `nbdvirt attach --persist` reconnecting (NBD_CMD_RECONFIGURE),
-//! and a mirror leg failing (`nbdvirt fault`) under ext4, a spare taking over.
+//! and a mirror leg failing (`nbdvirt fault`) under ext4, a spare taking over,
+//! and `nbdvirt attach` over TLS through its relays (tests/kernel/tls.rs).
 //! Extra helpers for such scripts: `check_dmesg_allowing ERE` (expected
 //! kernel messages, e.g. a dead link), `jq_assert FILE FILTER MSG` (with
 //! `.tool("jq")`), `count_lines FILE`.
 mod common;
 #[path = "kernel/harness.rs"]
 mod harness;
+/// `nbdvirt attach` over TLS (relays in the attach process).
+#[path = "kernel/tls.rs"]
+mod tls;
 
 use harness::Guest;
 use std::time::Duration;

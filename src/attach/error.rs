@@ -42,6 +42,12 @@ pub enum AttachError {
     JoinGroup(io::Error),
     #[error("/dev/nbd{0} now belongs to another backend; not reconnecting")]
     ForeignBackend(u32),
+    /// A credential file is missing or unreadable, or names no usable key.
+    #[error("TLS credentials: {0}")]
+    TlsCredentials(crate::tls::TlsError),
+    /// The socket pair or the thread of a TLS relay could not be made.
+    #[error("TLS relay: {0}")]
+    Relay(io::Error),
 }
 
 /// Why the client half of the NBD handshake failed.
@@ -63,6 +69,13 @@ pub enum HandshakeError {
     UnknownExport(String),
     #[error("server refused: {0}")]
     Refused(String),
+    #[error("server refused NBD_OPT_STARTTLS: {0}")]
+    StartTlsRefused(String),
+    /// `credentials` says which file and identity were used.
+    #[error("TLS handshake failed ({credentials}): {message}")]
+    Tls { credentials: String, message: String },
+    #[error("server requires TLS ({0}): give --tls-psk FILE or --tls-certificates DIR")]
+    TlsRequired(String),
 }
 
 impl HandshakeError {

@@ -6,19 +6,39 @@
 //! missing. `watch` keeps a device alive across server restarts: on the
 //! kernel's link-dead notification it reconnects and hands the new sockets
 //! over with NBD_CMD_RECONFIGURE, within the dead-connection timeout.
+//!
+//! With TLS the kernel gets one end of a socket pair per connection and a
+//! relay thread (`relay`) carries the bytes to and from the TLS session:
+//! the device then works only while the process that attached it runs
+//! (`memory` keeps that process runnable under memory pressure).
 
 pub mod client;
 mod error;
 mod ioctl;
+pub mod memory;
 pub mod netlink;
+pub mod relay;
 
 pub use error::{AttachError, HandshakeError};
+pub use relay::Relays;
 
 use crate::endpoint::Endpoint;
 use crate::nbd::TFLAG_CAN_MULTI_CONN;
+use crate::tls::{TlsClient, TlsClientFiles};
+use client::{Connection, TlsTarget};
 use netlink::{NbdAttr, NbdCmd, NbdFamily, Notifications, NbdRequest};
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
+
+/// TLS for every connection of an attach (STARTTLS is then required).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachTls {
+    pub files: TlsClientFiles,
+    /// The name the server's certificate must carry; default: the host of
+    /// a `tcp:` endpoint, none for a Unix socket (the chain is still
+    /// checked against `ca-cert.pem`).
+    pub hostname: Option<String>,
+}
 
 #[derive(Debug, Clone)]
 pub struct AttachOptions {
@@ -35,6 +55,21 @@ pub struct AttachOptions {
     pub block_size: Option<u32>,
     /// Use the ioctl interface even if netlink is available.
     pub force_ioctl: bool,
+    pub tls: Option<AttachTls>,
+}
+
+impl AttachOptions {
+    /// The hostname to check in the server's certificate.
+    fn tls_hostname(&self) -> Option<String> {
+        let tls = self.tls.as_ref()?;
+        if let Some(h) = &tls.hostname {
+            return Some(h.clone());
+        }
+        match &self.endpoint {
+            Endpoint::Tcp(addr) => addr.rsplit_once(':').map(|(host, _)| host.trim_start_matches('[').trim_end_matches(']').to_string()),
+            Endpoint::Unix(_) => None,
+        }
+    }
 }
 
 /// The backend identifier stored with the device (`/sys/block/nbdN/backend`).
@@ -49,20 +84,44 @@ pub fn device_index(dev: &str) -> Result<u32, AttachError> {
         .ok_or_else(|| AttachError::NotNbdDevice(dev.to_string()))
 }
 
-/// Connects `n` sockets and checks the export allows it.
-pub fn connect_all(opts: &AttachOptions) -> Result<(Vec<OwnedFd>, client::ExportInfo), AttachError> {
-    let mut socks = Vec::new();
-    let mut info = None;
-    for _ in 0..opts.connections.max(1) {
-        let (fd, i) = client::connect(&opts.endpoint, &opts.volume, Duration::from_secs(10))?;
-        socks.push(fd);
-        info = Some(i);
+/// Connects `n` sockets (with TLS: sessions) and checks the export allows
+/// it. The credential files are read at every call, so a reconnect uses
+/// rotated ones.
+pub fn connect_all(opts: &AttachOptions) -> Result<(Vec<Connection>, client::ExportInfo), AttachError> {
+    let tls_client = opts.tls.as_ref().map(|t| TlsClient::load(&t.files)).transpose().map_err(AttachError::TlsCredentials)?;
+    let hostname = opts.tls_hostname();
+    let target = tls_client.as_ref().map(|client| TlsTarget { client, hostname: hostname.as_deref() });
+    let connect = || client::connect(&opts.endpoint, &opts.volume, Duration::from_secs(10), target.as_ref());
+    let (first, info) = connect()?;
+    let mut conns = vec![first];
+    for _ in 1..opts.connections {
+        conns.push(connect()?.0);
     }
-    let info = info.expect("at least one connection");
     if opts.connections > 1 && info.flags & TFLAG_CAN_MULTI_CONN == 0 {
         return Err(AttachError::NoMultiConn(opts.volume.clone()));
     }
-    Ok((socks, info))
+    Ok((conns, info))
+}
+
+/// The sockets to hand the kernel: plain connections as they are, a TLS
+/// session through a relay started here (it ends by itself if the kernel
+/// never takes its socket, once that socket is dropped).
+fn kernel_sockets(conns: Vec<Connection>, relays: &mut Relays) -> Result<Vec<OwnedFd>, AttachError> {
+    let first = relays.len();
+    conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, conn)| match conn {
+            Connection::Plain(fd) => Ok(fd),
+            Connection::Tls(session) => relays.start(format!("connection {}", first + i + 1), *session).map_err(AttachError::Relay),
+        })
+        .collect()
+}
+
+/// Connects and makes the kernel's sockets in one go.
+fn connect_for_kernel(opts: &AttachOptions, relays: &mut Relays) -> Result<(Vec<OwnedFd>, client::ExportInfo), AttachError> {
+    let (conns, info) = connect_all(opts)?;
+    Ok((kernel_sockets(conns, relays)?, info))
 }
 
 /// A netlink socket and the resolved `nbd` family.
@@ -85,13 +144,22 @@ pub struct Attached {
     pub size: u64,
     pub connections: u32,
     pub interface: &'static str,
+    /// Whether the connections run over TLS (through relays in the
+    /// attaching process).
+    pub tls: bool,
 }
 
 /// Attaches with netlink; `Err` if it cannot. With `force_ioctl` or no
-/// netlink family, use [`attach_ioctl_blocking`] instead.
-pub fn attach(opts: &AttachOptions) -> Result<Attached, AttachError> {
+/// netlink family, use [`attach_ioctl_blocking`] instead. With TLS the
+/// returned relays carry the device's connections: the device works as
+/// long as they run (in this process).
+///
+/// The server is asked first, so that a wrong volume or credential is
+/// reported as such even where the kernel lacks the nbd module.
+pub fn attach(opts: &AttachOptions) -> Result<(Attached, Relays), AttachError> {
+    let mut relays = Relays::new();
+    let (socks, info) = connect_for_kernel(opts, &mut relays)?;
     let (mut sock, family) = nbd_family()?;
-    let (socks, info) = connect_all(opts)?;
     let block = opts.block_size.unwrap_or(info.preferred_block).clamp(512, 4096);
     let connect = || {
         let mut req = NbdRequest::new(NbdCmd::Connect);
@@ -114,7 +182,8 @@ pub fn attach(opts: &AttachOptions) -> Result<Attached, AttachError> {
     let index = reply.as_ref().and_then(|r| netlink::u32_attr(r, NbdAttr::Index)).or(opts.index).ok_or(AttachError::NoDeviceIndex)?;
     // The kernel holds its own references to the sockets now.
     drop(socks);
-    Ok(Attached { device: format!("/dev/nbd{index}"), index, size: info.size, connections: opts.connections.max(1), interface: "netlink" })
+    let attached = Attached { device: format!("/dev/nbd{index}"), index, size: info.size, connections: opts.connections.max(1), interface: "netlink", tls: opts.tls.is_some() };
+    Ok((attached, relays))
 }
 
 /// Whether the generic-netlink interface is available.
@@ -125,19 +194,28 @@ pub fn netlink_available() -> bool {
 /// ioctl fallback: one connection, and this call blocks (NBD_DO_IT) until
 /// the device is disconnected; run it in the foreground or a service.
 /// `ready` is called (from another thread) once the device has its size.
+/// A TLS relay runs in this process meanwhile, and is waited for.
 pub fn attach_ioctl_blocking(opts: &AttachOptions, ready: impl FnOnce(&Attached) + Send) -> Result<(), AttachError> {
+    if opts.connections > 1 {
+        return Err(AttachError::IoctlOneConnection);
+    }
+    let mut relays = Relays::new();
+    let (socks, info) = connect_for_kernel(opts, &mut relays)?;
+    let [sock] = <[OwnedFd; 1]>::try_from(socks).map_err(|_| AttachError::IoctlOneConnection)?;
     let index = match opts.index {
         Some(i) => i,
         None => ioctl::free_device().ok_or(AttachError::NoFreeDevice)?,
     };
-    if opts.connections > 1 {
-        return Err(AttachError::IoctlOneConnection);
-    }
-    let (mut socks, info) = connect_all(opts)?;
     let block = opts.block_size.unwrap_or(info.preferred_block).clamp(512, 4096);
-    let sock = socks.pop().expect("one connection");
-    let attached = Attached { device: format!("/dev/nbd{index}"), index, size: info.size, connections: 1, interface: "ioctl" };
-    ioctl::run(index, &sock, info.size, block, info.flags, opts.timeout, || ready(&attached))
+    let attached = Attached { device: format!("/dev/nbd{index}"), index, size: info.size, connections: 1, interface: "ioctl", tls: opts.tls.is_some() };
+    let result = ioctl::run(index, &sock, info.size, block, info.flags, opts.timeout, || ready(&attached));
+    // The relay sees its socket end once ours is closed too.
+    drop(sock);
+    while !relays.is_empty() {
+        relays.reap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    result
 }
 
 /// Disconnects `/dev/nbdN` (the kernel sends NBD_CMD_DISC to the server).
@@ -196,9 +274,10 @@ pub fn find_by_volume(volume: &str) -> Result<u32, AttachError> {
 }
 
 /// Keeps `/dev/nbdN` connected: on link-dead, reconnects (retrying every
-/// second) and hands the kernel new sockets. Returns when the device is
-/// detached, or when `stop()` says so.
-pub fn watch(opts: &AttachOptions, index: u32, stop: impl Fn() -> bool) -> Result<(), AttachError> {
+/// second) and hands the kernel new sockets (with TLS: new sessions and
+/// relays, added to `relays`). Returns when the device is detached, or
+/// when `stop()` says so.
+pub fn watch(opts: &AttachOptions, index: u32, relays: &mut Relays, stop: impl Fn() -> bool) -> Result<(), AttachError> {
     // Requests go on their own socket, so that notifications never
     // interleave with a request's reply and ACK.
     let (mut sock, family) = nbd_family()?;
@@ -206,11 +285,13 @@ pub fn watch(opts: &AttachOptions, index: u32, stop: impl Fn() -> bool) -> Resul
     let mut notifications = Notifications::join(group).map_err(AttachError::JoinGroup)?;
     let ident = backend_identifier(&opts.volume, &opts.endpoint);
     let mut dead_since: Option<Instant> = None;
+    let mut last_failure: Option<String> = None;
     tracing::info!(device = index, "watching for dead connections");
     loop {
         if stop() {
             return Ok(());
         }
+        relays.reap();
         let quiet = match notifications.wait_dead(Duration::from_secs(1)) {
             Ok(Some(dead)) => {
                 if dead.contains(&index) {
@@ -233,7 +314,7 @@ pub fn watch(opts: &AttachOptions, index: u32, stop: impl Fn() -> bool) -> Resul
             if sysfs(index, "backend").is_some_and(|b| b != ident) {
                 return Err(AttachError::ForeignBackend(index));
             }
-            match connect_all(opts) {
+            match connect_for_kernel(opts, relays) {
                 Ok((socks, info)) => {
                     // A device attached with a backend identifier can only be
                     // reconfigured by naming the same one: the kernel answers
@@ -247,6 +328,7 @@ pub fn watch(opts: &AttachOptions, index: u32, stop: impl Fn() -> bool) -> Resul
                         Ok(_) => {
                             tracing::info!(device = index, size = info.size, after = ?since.elapsed(), "reconnected");
                             dead_since = None;
+                            last_failure = None;
                         }
                         Err(e) => {
                             // Back off: each retry opens new server connections.
@@ -256,8 +338,18 @@ pub fn watch(opts: &AttachOptions, index: u32, stop: impl Fn() -> bool) -> Resul
                         }
                     }
                 }
+                // A server still down is expected; anything else (a TLS
+                // failure, unreadable credentials) is said once per change.
+                Err(AttachError::Connect { source, .. }) => {
+                    tracing::debug!(device = index, error = %source, "server not reachable yet");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
                 Err(e) => {
-                    tracing::debug!(device = index, error = %e, "server not reachable yet");
+                    let message = e.to_string();
+                    if last_failure.as_ref() != Some(&message) {
+                        tracing::warn!(device = index, error = %message, "reconnect failed; retrying");
+                        last_failure = Some(message);
+                    }
                     std::thread::sleep(Duration::from_millis(500));
                 }
             }

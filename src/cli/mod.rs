@@ -3,6 +3,7 @@
 //! `ErrorKind`, and the exit code is the kind's (README: Exit codes).
 
 mod attach;
+mod attach_daemon;
 mod discover;
 mod fault;
 mod migrate;

@@ -65,7 +65,7 @@ const DEFAULT_MODULES: &[&str] = &["nbd", "crc32c_generic", "ext4"];
 
 /// Host tools the harness itself needs: (command, Debian package).
 const HOST_TOOLS: &[(&str, &str)] =
-    &[("qemu-system-x86_64", "qemu-system-x86"), ("nbd-client", "nbd-client"), ("mke2fs", "e2fsprogs"), ("e2fsck", "e2fsprogs"), ("fio", "fio"), ("jq", "jq"), ("dpkg-deb", "dpkg"), ("ldd", "libc-bin")];
+    &[("qemu-system-x86_64", "qemu-system-x86"), ("nbd-client", "nbd-client"), ("mke2fs", "e2fsprogs"), ("e2fsck", "e2fsprogs"), ("fio", "fio"), ("jq", "jq"), ("dpkg-deb", "dpkg"), ("ldd", "libc-bin"), ("openssl", "openssl"), ("psktool", "gnutls-bin")];
 
 mod boot;
 mod guest;
