@@ -16,6 +16,7 @@ mod listener;
 pub mod meta;
 mod pool;
 mod reaper;
+mod request_check;
 pub mod security;
 mod sink;
 mod stream;
