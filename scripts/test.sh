@@ -69,4 +69,6 @@ fi
 # The tests use loop devices (block-device backend); make sure the module is there.
 if [[ $(id -u) -eq 0 ]]; then modprobe loop 2>/dev/null || true; fi
 
+# Includes the fuzz targets' bounded run (tests/fuzz: corpus replay, then
+# NBDVIRT_FUZZ_SECONDS, default 60, per target): not run separately here.
 cargo test --locked "$@"

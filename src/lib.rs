@@ -16,6 +16,7 @@ pub mod control;
 pub mod daemon;
 pub mod defaults;
 pub mod endpoint;
+pub mod fuzzing;
 pub mod map;
 pub mod metrics;
 pub mod migrate;

@@ -93,14 +93,15 @@ impl<T: Transport> Haggle<'_, T> {
         };
         let flags = export_flags(&volume, self.structured, read_only);
         let mut out = rep_info_export(option, volume.size(), flags);
-        for info in &request.requests {
-            match *info {
-                INFO_NAME => out.extend_from_slice(&rep_info_string(option, INFO_NAME, volume.name())),
-                INFO_DESCRIPTION if !volume.spec().description.is_empty() => {
-                    out.extend_from_slice(&rep_info_string(option, INFO_DESCRIPTION, &volume.spec().description))
-                }
-                _ => {}
-            }
+        // Each answered once however often it is asked for: a 64 KiB option
+        // holds 32K requests, and answering every one turned it into a
+        // reply of megabytes (found by the fuzzer, fuzz/corpus/handshake/).
+        if request.requests.contains(&INFO_NAME) {
+            out.extend_from_slice(&rep_info_string(option, INFO_NAME, volume.name()));
+        }
+        let description = &volume.spec().description;
+        if request.requests.contains(&INFO_DESCRIPTION) && !description.is_empty() {
+            out.extend_from_slice(&rep_info_string(option, INFO_DESCRIPTION, description));
         }
         // Always sent: our constraints are ones clients should know.
         let (min, preferred, max) = block_sizes(&volume);

@@ -16,6 +16,7 @@ mod listener;
 pub mod meta;
 mod pool;
 mod reaper;
+mod request_check;
 pub mod security;
 mod sink;
 mod stream;
@@ -27,6 +28,7 @@ pub use pool::{WorkerPool, Pools};
 pub use stream::Stream;
 pub use counters::{Limit, ServerCountersView};
 pub use security::Security;
+pub(crate) use request_check::check_request;
 use counters::ServerCounters;
 
 use crate::defaults;
