@@ -12,7 +12,9 @@ mod execute;
 pub mod handshake;
 mod listener;
 pub mod meta;
+mod outgoing;
 mod pool;
+mod recv;
 mod sink;
 mod stream;
 
