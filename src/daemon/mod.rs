@@ -70,6 +70,7 @@ fn options(config: &Config) -> ServerOptions {
         handshake_timeout: crate::defaults::HANDSHAKE_TIMEOUT,
         limits: ConnLimits {
             max_inflight_bytes: s.max_inflight,
+            max_request: s.max_request,
             max_inflight_requests: crate::defaults::MAX_INFLIGHT_REQUESTS,
             shutdown_grace: s.shutdown_grace,
             busy_poll: s.busy_poll,

@@ -10,6 +10,7 @@ use super::handshake::Negotiated;
 use super::pool::Pools;
 use super::recv::RecvBuf;
 use super::sink::ReplySink;
+use super::check::check;
 use super::execute::{execute, reply_error, Admitted, ConnectionCtx};
 use super::stream::Stream;
 use crate::nbd::*;
@@ -27,6 +28,9 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone)]
 pub struct ConnLimits {
     pub max_inflight_bytes: u64,
+    /// Largest READ/WRITE accepted (`server.max_request`, at most
+    /// `max_inflight_bytes`); larger ones are answered with an error.
+    pub max_request: u32,
     pub max_inflight_requests: u64,
     /// How long a connection keeps answering ESHUTDOWN after a stop request
     /// before it is closed.
@@ -60,6 +64,7 @@ pub fn serve(
         sink: ReplySink::new(stream.try_clone()?, id)?,
         pools,
         shard: id as usize,
+        max_request: limits.max_request,
     });
     let _counted = ConnectionCounted::new(&ctx.volume);
     let budget = Budget::new(limits.max_inflight_bytes, limits.max_inflight_requests);
@@ -234,7 +239,7 @@ fn reader_loop(ctx: &Arc<ConnectionCtx>, budget: &Arc<Budget>, reader: &mut Read
         let started = crate::volume::VolumeStats::now();
         // Payload first, so framing survives whatever we answer.
         let payload_len = req.payload_len();
-        let payload = if payload_len > MAX_PAYLOAD {
+        let payload = if payload_len > ctx.max_request {
             reader.discard(payload_len as u64)?;
             None
         } else if payload_len > 0 {
@@ -337,61 +342,4 @@ const INLINE_MAX: u32 = 128 * 1024;
 
 fn runs_inline(ctx: &ConnectionCtx, req: &RequestHeader) -> bool {
     matches!(req.command, CMD_READ | CMD_WRITE) && req.length <= INLINE_MAX && !ctx.volume.translation().may_block()
-}
-
-/// Validates a request before any I/O: command, flags, bounds, permissions.
-fn check(ctx: &ConnectionCtx, req: &RequestHeader) -> Result<(), (NbdError, String)> {
-    let name = command_name(req.command);
-    if !matches!(req.command, CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS) {
-        return Err((NbdError::Inval, format!("unknown command {}", req.command)));
-    }
-    // proto.md: with SEND_FUA advertised the server MUST accept FUA on
-    // every command (it is a no-op where nothing is written).
-    let fua_ok = if ctx.volume.spec().read_only { 0 } else { CMD_FLAG_FUA };
-    let extra = req.flags & !(allowed_flags(req.command) | fua_ok);
-    if extra != 0 {
-        return Err((NbdError::Inval, format!("flags {extra:#x} are not valid for {name}")));
-    }
-    if req.flags & CMD_FLAG_DF != 0 && !ctx.structured {
-        return Err((NbdError::Inval, "DF needs structured replies".into()));
-    }
-    let volume = &ctx.volume;
-    let writes = matches!(req.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
-    if writes && volume.spec().read_only {
-        return Err((NbdError::Perm, format!("{name} on read-only export '{}'", volume.name())));
-    }
-    match req.command {
-        CMD_FLUSH => {
-            return if req.offset != 0 || req.length != 0 {
-                Err((NbdError::Inval, "FLUSH takes offset 0 and length 0".into()))
-            } else {
-                Ok(())
-            };
-        }
-        CMD_BLOCK_STATUS if ctx.meta.is_empty() => {
-            return Err((NbdError::Inval, "no metadata context was negotiated".into()));
-        }
-        CMD_BLOCK_STATUS if req.length == 0 => {
-            return Err((NbdError::Inval, "BLOCK_STATUS of length 0".into()));
-        }
-        CMD_READ if req.length > MAX_PAYLOAD => {
-            let err = if ctx.structured { NbdError::Overflow } else { NbdError::Inval };
-            return Err((err, format!("READ of {} bytes exceeds the maximum of {MAX_PAYLOAD}", req.length)));
-        }
-        CMD_WRITE if req.length > MAX_PAYLOAD => {
-            return Err((NbdError::Inval, format!("WRITE of {} bytes exceeds the maximum of {MAX_PAYLOAD}", req.length)));
-        }
-        _ => {}
-    }
-    let size = volume.size();
-    let end = req.offset.checked_add(req.length as u64);
-    if end.is_none_or(|end| end > size) {
-        let err = if matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES) { NbdError::NoSpc } else { NbdError::Inval };
-        return Err((err, format!("{name} {}+{} is beyond the end of the export ({size} bytes)", req.offset, req.length)));
-    }
-    let min = volume.translation().min_io() as u64;
-    if min > 1 && matches!(req.command, CMD_READ | CMD_WRITE) && (!req.offset.is_multiple_of(min) || !(req.length as u64).is_multiple_of(min)) {
-        return Err((NbdError::Inval, format!("{name} is not aligned to the minimum block size {min}")));
-    }
-    Ok(())
 }

@@ -57,6 +57,8 @@ pub(super) struct ConnectionCtx {
     pub(super) pools: Arc<Pools>,
     /// Spreads this connection's gate registrations over the gate's shards.
     pub(super) shard: usize,
+    /// Largest READ/WRITE accepted (`ConnLimits::max_request`).
+    pub(super) max_request: u32,
 }
 
 impl ConnectionCtx {

@@ -7,6 +7,7 @@
 
 mod budget;
 mod buffers;
+mod check;
 mod connection;
 mod execute;
 pub mod handshake;
@@ -50,6 +51,7 @@ impl Default for ServerOptions {
             handshake_timeout: defaults::HANDSHAKE_TIMEOUT,
             limits: ConnLimits {
                 max_inflight_bytes: defaults::MAX_INFLIGHT_BYTES,
+                max_request: defaults::MAX_REQUEST as u32,
                 max_inflight_requests: defaults::MAX_INFLIGHT_REQUESTS,
                 shutdown_grace: defaults::SHUTDOWN_GRACE,
                 busy_poll: defaults::BUSY_POLL,

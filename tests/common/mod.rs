@@ -105,12 +105,22 @@ impl TestServer {
     }
 
     pub fn start_with(body: &str, extra_listen: &[&str]) -> TestServer {
+        Self::start_full("", body, extra_listen)
+    }
+
+    /// `start` with `server_keys` (lines such as `max_inflight = "32MiB"`)
+    /// added to the `[server]` section.
+    pub fn start_with_server(server_keys: &str, body: &str) -> TestServer {
+        Self::start_full(server_keys, body, &[])
+    }
+
+    fn start_full(server_keys: &str, body: &str, extra_listen: &[&str]) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path().display().to_string();
         let mut listen = vec![format!("\"unix:{d}/nbd.sock\"")];
         listen.extend(extra_listen.iter().map(|l| format!("\"{l}\"")));
         let config_text = format!(
-            "[server]\nlisten = [{}]\ncontrol = \"{d}/control.sock\"\nstate_dir = \"{d}/state\"\nshutdown_grace = \"1s\"\n\n{}",
+            "[server]\nlisten = [{}]\ncontrol = \"{d}/control.sock\"\nstate_dir = \"{d}/state\"\nshutdown_grace = \"1s\"\n{server_keys}\n\n{}",
             listen.join(", "),
             body.replace("{dir}", &d)
         );

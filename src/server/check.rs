@@ -1,0 +1,65 @@
+//! The checks every request passes before any I/O (or is answered with an
+//! error): command, flags, permissions, length, range, alignment.
+
+use super::execute::ConnectionCtx;
+use crate::nbd::*;
+
+/// Validates a request before any I/O: command, flags, bounds, permissions.
+pub(super) fn check(ctx: &ConnectionCtx, req: &RequestHeader) -> Result<(), (NbdError, String)> {
+    let name = command_name(req.command);
+    if !matches!(req.command, CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS) {
+        return Err((NbdError::Inval, format!("unknown command {}", req.command)));
+    }
+    // proto.md: with SEND_FUA advertised the server MUST accept FUA on
+    // every command (it is a no-op where nothing is written).
+    let fua_ok = if ctx.volume.spec().read_only { 0 } else { CMD_FLAG_FUA };
+    let extra = req.flags & !(allowed_flags(req.command) | fua_ok);
+    if extra != 0 {
+        return Err((NbdError::Inval, format!("flags {extra:#x} are not valid for {name}")));
+    }
+    if req.flags & CMD_FLAG_DF != 0 && !ctx.structured {
+        return Err((NbdError::Inval, "DF needs structured replies".into()));
+    }
+    let volume = &ctx.volume;
+    let writes = matches!(req.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if writes && volume.spec().read_only {
+        return Err((NbdError::Perm, format!("{name} on read-only export '{}'", volume.name())));
+    }
+    match req.command {
+        CMD_FLUSH => {
+            return if req.offset != 0 || req.length != 0 {
+                Err((NbdError::Inval, "FLUSH takes offset 0 and length 0".into()))
+            } else {
+                Ok(())
+            };
+        }
+        CMD_BLOCK_STATUS if ctx.meta.is_empty() => {
+            return Err((NbdError::Inval, "no metadata context was negotiated".into()));
+        }
+        CMD_BLOCK_STATUS if req.length == 0 => {
+            return Err((NbdError::Inval, "BLOCK_STATUS of length 0".into()));
+        }
+        // Clients are told 32 MiB (NBD_INFO_BLOCK_SIZE), but those that
+        // never asked (EXPORT_NAME) may send up to 64 MiB to nbd-server
+        // and nbdkit, and nbd's own tests do: up to `max_request` is served.
+        CMD_READ if req.length > ctx.max_request => {
+            let err = if ctx.structured { NbdError::Overflow } else { NbdError::Inval };
+            return Err((err, format!("READ of {} bytes exceeds the maximum of {}", req.length, ctx.max_request)));
+        }
+        CMD_WRITE if req.length > ctx.max_request => {
+            return Err((NbdError::Inval, format!("WRITE of {} bytes exceeds the maximum of {}", req.length, ctx.max_request)));
+        }
+        _ => {}
+    }
+    let size = volume.size();
+    let end = req.offset.checked_add(req.length as u64);
+    if end.is_none_or(|end| end > size) {
+        let err = if matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES) { NbdError::NoSpc } else { NbdError::Inval };
+        return Err((err, format!("{name} {}+{} is beyond the end of the export ({size} bytes)", req.offset, req.length)));
+    }
+    let min = volume.translation().min_io() as u64;
+    if min > 1 && matches!(req.command, CMD_READ | CMD_WRITE) && (!req.offset.is_multiple_of(min) || !(req.length as u64).is_multiple_of(min)) {
+        return Err((NbdError::Inval, format!("{name} is not aligned to the minimum block size {min}")));
+    }
+    Ok(())
+}
