@@ -1,11 +1,11 @@
 //! Request sizes at the edges, with the raw client: requests larger than
 //! the advertised 32 MiB up to `server.max_request` (nbd's own integrity
-//! test sends 47 MiB ones from an EXPORT_NAME client) and requests above
-//! it. Every refusal leaves the connection usable.
+//! test sends 47 MiB ones from an EXPORT_NAME client), requests above it,
+//! and zero-length requests. Every refusal leaves the connection usable.
 mod common;
 use common::nbd_client::*;
 use common::*;
-use nbdvirt::nbd::{CMD_READ, CMD_WRITE, INFO_BLOCK_SIZE, OPT_EXPORT_NAME, REP_INFO};
+use nbdvirt::nbd::{CMD_CACHE, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, INFO_BLOCK_SIZE, OPT_EXPORT_NAME, REP_INFO};
 
 const EINVAL: u32 = 22;
 const EOVERFLOW: u32 = 75;
@@ -92,4 +92,19 @@ fn max_request_is_configurable() {
     assert!(c.read(MIB, data.len() as u32) == data, "40 MiB read back differs");
     c.expect_error(0, CMD_READ, 0, 40 * MIB as u32 + 512, &[], EINVAL, "READ above the configured max_request");
     refused_write(&mut c, 40 * MIB as u32 + 512, "WRITE above the configured max_request");
+}
+
+#[test]
+fn zero_length_requests_get_einval_and_the_connection_goes_on() {
+    let server = start("");
+    for structured in [false, true] {
+        let mut c = open(&server, "v", structured);
+        for (cmd, name) in [(CMD_READ, "READ"), (CMD_WRITE, "WRITE"), (CMD_TRIM, "TRIM"), (CMD_WRITE_ZEROES, "WRITE_ZEROES"), (CMD_CACHE, "CACHE")] {
+            // At the start, inside, and at the very end of the export.
+            for offset in [0, 8 * MIB + 17, SIZE] {
+                let what = format!("{name} of length 0 at {offset} (structured: {structured})");
+                c.expect_error(0, cmd, offset, 0, &[], EINVAL, &what);
+            }
+        }
+    }
 }
