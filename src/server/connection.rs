@@ -61,7 +61,7 @@ pub fn serve(
         volume: negotiated.volume,
         structured: negotiated.structured,
         meta: negotiated.meta,
-        sink: ReplySink::new(stream.try_clone()?, id)?,
+        sink: ReplySink::new(stream.try_clone()?, id),
         pools,
         shard: id as usize,
         max_request: limits.max_request,

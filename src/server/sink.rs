@@ -28,6 +28,7 @@ use crate::sync::{lock, wait};
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex};
 
 /// A complete reply: wire bytes in order, and the permit it releases once sent.
@@ -69,8 +70,10 @@ struct Shared {
     /// Locked by the writer role holder only, so never contended; it may
     /// be held across a blocking write (by the flusher).
     out: Mutex<Outgoing>,
-    /// For `close`, which must not wait for `out`.
-    control: Stream,
+    /// The socket of `out.stream`, for `close`, which must not wait for
+    /// `out` (a flusher may hold it in a blocking write: the shutdown is
+    /// what ends that write). Valid as long as `out` is, i.e. as `self`.
+    fd: RawFd,
     /// Bytes taken from the queue per write: about a socket buffer.
     batch_bytes: usize,
     /// Names the flusher thread.
@@ -95,19 +98,19 @@ const MAX_BATCH: usize = 4 << 20;
 
 impl ReplySink {
     /// `id` names the flusher thread (`nbdvirt-out-ID`) if one is needed.
-    pub fn new(stream: Stream, id: u64) -> io::Result<ReplySink> {
+    pub fn new(stream: Stream, id: u64) -> ReplySink {
         let batch_bytes = stream.send_buffer_size().unwrap_or(MIN_BATCH).clamp(MIN_BATCH, MAX_BATCH);
-        let control = stream.try_clone()?;
+        let fd = stream.as_raw_fd();
         let out = Outgoing::new(stream);
         let shared = Shared {
             queue: Mutex::new(ReplyQueue::default()),
             handed: Condvar::new(),
             out: Mutex::new(out),
-            control,
+            fd,
             batch_bytes,
             id,
         };
-        Ok(ReplySink { shared: Arc::new(shared) })
+        ReplySink { shared: Arc::new(shared) }
     }
 
     /// Queues `reply`, and writes the queue if no other thread is doing so.
@@ -152,7 +155,7 @@ impl ReplySink {
     /// Shuts the socket down (both directions); queued replies are dropped.
     pub fn close(&self) {
         self.shared.close();
-        self.shared.control.shutdown();
+        self.shared.shutdown();
     }
 }
 
@@ -164,6 +167,11 @@ impl Drop for ReplySink {
 }
 
 impl Shared {
+    /// Shuts the socket down in both directions (the reader then sees EOF).
+    fn shutdown(&self) {
+        let _ = nix::sys::socket::shutdown(self.fd, nix::sys::socket::Shutdown::Both);
+    }
+
     fn close(&self) {
         let mut q = lock(&self.queue);
         q.broken = true;
@@ -218,7 +226,7 @@ impl Shared {
                     drop(q);
                     drop(dropped);
                     out.clear();
-                    this.control.shutdown();
+                    this.shutdown();
                     return;
                 }
             }
@@ -290,7 +298,7 @@ mod tests {
     fn corked_replies_leave_together_on_uncork_or_when_too_many() {
         let (ours, mut peer) = UnixStream::pair().unwrap();
         peer.set_nonblocking(true).unwrap();
-        let sink = ReplySink::new(Stream::Unix(ours), 1).unwrap();
+        let sink = ReplySink::new(Stream::Unix(ours), 1);
         sink.send(Reply::new(vec![1u8], None));
         assert_eq!(pending(&mut peer), [1], "uncorked: written at once");
         sink.cork();
@@ -318,7 +326,7 @@ mod tests {
         let (ours, mut peer) = UnixStream::pair().unwrap();
         // A sender that waits for the peer fails the test instead of hanging it.
         ours.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
-        let sink = ReplySink::new(Stream::Unix(ours), 2).unwrap();
+        let sink = ReplySink::new(Stream::Unix(ours), 2);
         let budget = Budget::new(1 << 30, 1 << 20);
         const N: usize = 64;
         const LEN: usize = 64 * 1024;
