@@ -5,7 +5,7 @@
 //! leave in completion order, not arrival order.
 
 use super::budget::{Budget, Permit};
-use super::buffers::Buffer;
+use super::buffers::{footprint, Buffer};
 use super::handshake::Negotiated;
 use super::pool::Pools;
 use super::recv::RecvBuf;
@@ -243,7 +243,7 @@ fn reader_loop(ctx: &Arc<ConnectionCtx>, budget: &Arc<Budget>, reader: &mut Read
             reader.discard(payload_len as u64)?;
             None
         } else if payload_len > 0 {
-            let permit = reader.acquire(budget, payload_len as u64);
+            let permit = reader.acquire(budget, footprint(payload_len as usize) as u64);
             let mut data = Buffer::take(payload_len as usize);
             reader.read_full(&mut data)?;
             Some((Bytes::from(data), permit))
@@ -275,7 +275,7 @@ fn reader_loop(ctx: &Arc<ConnectionCtx>, budget: &Arc<Budget>, reader: &mut Read
         let (data, permit) = match payload {
             Some((data, permit)) => (data, Admitted { permit, started }),
             None => {
-                let reply_payload = if req.command == CMD_READ { req.length as u64 } else { 0 };
+                let reply_payload = if req.command == CMD_READ { footprint(req.length as usize) as u64 } else { 0 };
                 (Bytes::new(), Admitted { permit: reader.acquire(budget, reply_payload), started })
             }
         };
