@@ -21,10 +21,11 @@ const SIZE: u64 = 256 * MIB;
 /// The terms of the bound (docs/ARCHITECTURE.md, "Memory bound"), in KiB.
 /// Per connection: the reader's receive buffer (all of it may be
 /// touched), the stacks of its reader and flusher threads (8-16 KiB
-/// touched, as measured in /proc/PID/smaps), its structures (~20 KiB).
+/// touched, as measured in /proc/PID/smaps), its structures (~20 KiB; the
+/// reply queues keep their capacity, up to ~80 KiB for 1024 replies).
 const RECV_BUFFER_KB: u64 = 256;
 const THREAD_STACK_KB: u64 = 64;
-const CONNECTION_STRUCTS_KB: u64 = 32;
+const CONNECTION_STRUCTS_KB: u64 = 128;
 const PER_CONNECTION_KB: u64 = RECV_BUFFER_KB + 2 * THREAD_STACK_KB + CONNECTION_STRUCTS_KB;
 /// Process-wide: the buffer pool's idle buffers (32 MiB at most) and the
 /// I/O threads' stacks (16 blocking + one per CPU).

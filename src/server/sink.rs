@@ -78,6 +78,8 @@ struct Shared {
     batch_bytes: usize,
     /// Names the flusher thread.
     id: u64,
+    /// The connection's log span, for the flusher's messages.
+    span: tracing::Span,
 }
 
 pub struct ReplySink {
@@ -97,7 +99,8 @@ const MIN_BATCH: usize = 64 * 1024;
 const MAX_BATCH: usize = 4 << 20;
 
 impl ReplySink {
-    /// `id` names the flusher thread (`nbdvirt-out-ID`) if one is needed.
+    /// `id` names the flusher thread (`nbdvirt-out-ID`) if one is needed;
+    /// it logs in the current span (the connection's).
     pub fn new(stream: Stream, id: u64) -> ReplySink {
         let batch_bytes = stream.send_buffer_size().unwrap_or(MIN_BATCH).clamp(MIN_BATCH, MAX_BATCH);
         let fd = stream.as_raw_fd();
@@ -109,6 +112,7 @@ impl ReplySink {
             fd,
             batch_bytes,
             id,
+            span: tracing::Span::current(),
         };
         ReplySink { shared: Arc::new(shared) }
     }
@@ -237,6 +241,13 @@ impl Shared {
     /// starting it the first time.
     fn hand_off(this: &Arc<Shared>) {
         let mut q = lock(&this.queue);
+        if q.closed {
+            // The flusher is gone or going: nobody will write this.
+            q.writing = false;
+            drop(q);
+            lock(&this.out).clear();
+            return;
+        }
         q.handed_off = true;
         if q.flusher_started {
             drop(q);
@@ -264,6 +275,7 @@ impl Shared {
 /// the client as long as it must (the socket's send timeout ends a client
 /// that never reads), until the sink closes.
 fn flusher(shared: &Arc<Shared>) {
+    let _span = shared.span.clone().entered();
     loop {
         {
             let mut q = lock(&shared.queue);
