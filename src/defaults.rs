@@ -15,6 +15,9 @@ pub const IO_THREADS: usize = 16;
 pub const MAX_CONNECTIONS: usize = 256;
 /// `server.max_inflight`: payload bytes in flight per connection.
 pub const MAX_INFLIGHT_BYTES: u64 = 64 << 20;
+/// `server.max_request`: largest READ/WRITE accepted (nbd-server's and
+/// nbdkit's limit; clients are told 32 MiB, `nbd::MAX_PAYLOAD`).
+pub const MAX_REQUEST: u64 = 64 << 20;
 /// Requests in flight per connection.
 pub const MAX_INFLIGHT_REQUESTS: u64 = 1024;
 /// `server.shutdown_grace`: ESHUTDOWN window after SIGTERM.

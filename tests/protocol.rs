@@ -498,9 +498,9 @@ fn simple_replies_when_structured_not_negotiated() {
         assert!(o.simple, "command {cmd}: not a simple reply");
         assert_eq!(o.error, 0, "command {cmd} failed");
     }
-    // A zero-length read succeeds with no data.
+    // A zero-length read is refused (EINVAL, as nbdkit) with a simple reply.
     let o = c.request(0, CMD_READ, 0, 0, &[]);
-    assert!(o.simple && o.error == 0 && o.data.is_empty());
+    assert!(o.simple && o.error == 22 && o.data.is_empty(), "{o:?}");
     // WRITE_ZEROES did zero.
     assert_eq!(c.read(8192, 4096), vec![0u8; 4096]);
 }
@@ -659,14 +659,16 @@ fn oversized_write_is_einval_and_connection_survives() {
     let server = start();
     for structured in [false, true] {
         let mut c = open(&server, "v", structured);
-        let len = 33 * 1024 * 1024u32;
+        // Above max_request (64 MiB by default, although 32 MiB is
+        // advertised): refused whatever the export's size.
+        let len = MAX_REQUEST + MIB as u32;
         let big = vec![0xA5u8; len as usize];
-        c.expect_error(0, CMD_WRITE, 0, len, &big, EINVAL, "33 MiB WRITE");
+        c.expect_error(0, CMD_WRITE, 0, len, &big, EINVAL, "65 MiB WRITE");
         // Nothing of it was written.
         assert_eq!(c.read(0, 4096), vec![0u8; 4096]);
-        // Exactly 32 MiB is allowed by size but not by the 16 MiB export.
-        let max = vec![0x5Au8; MAX_PAYLOAD as usize];
-        c.expect_error(0, CMD_WRITE, 0, MAX_PAYLOAD, &max, ENOSPC, "32 MiB WRITE beyond a 16 MiB export");
+        // Exactly max_request is allowed by size but not by the 16 MiB export.
+        let max = vec![0x5Au8; MAX_REQUEST as usize];
+        c.expect_error(0, CMD_WRITE, 0, MAX_REQUEST, &max, ENOSPC, "64 MiB WRITE beyond a 16 MiB export");
     }
 }
 
@@ -674,10 +676,11 @@ fn oversized_write_is_einval_and_connection_survives() {
 fn oversized_read() {
     let server = start();
     let mut c = open(&server, "v", true);
-    c.expect_error(0, CMD_READ, 0, 33 * 1024 * 1024, &[], EOVERFLOW, "structured 33 MiB READ");
-    c.expect_error(CMD_FLAG_DF, CMD_READ, 0, 33 * 1024 * 1024, &[], EOVERFLOW, "structured 33 MiB DF READ");
+    let len = MAX_REQUEST + MIB as u32;
+    c.expect_error(0, CMD_READ, 0, len, &[], EOVERFLOW, "structured 65 MiB READ");
+    c.expect_error(CMD_FLAG_DF, CMD_READ, 0, len, &[], EOVERFLOW, "structured 65 MiB DF READ");
     let mut c = open(&server, "v", false);
-    c.expect_error(0, CMD_READ, 0, 33 * 1024 * 1024, &[], EINVAL, "simple 33 MiB READ");
+    c.expect_error(0, CMD_READ, 0, len, &[], EINVAL, "simple 65 MiB READ");
 }
 
 /// proto.md, "Command flags": FUA "is valid for all commands, provided

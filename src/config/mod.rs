@@ -3,6 +3,7 @@
 //! file, the line and the field.
 
 mod layout;
+mod limits;
 mod parse_ctx;
 mod pool;
 mod raw;
@@ -56,6 +57,9 @@ pub struct ServerConfig {
     pub io_threads: usize,
     pub max_connections: usize,
     pub max_inflight: u64,
+    /// Largest READ or WRITE a client may send (at most `max_inflight`);
+    /// clients are still told 32 MiB.
+    pub max_request: u32,
     pub shutdown_grace: Duration,
     pub default_export: Option<String>,
     /// Longest a swap may wait for in-flight requests before it gives up

@@ -18,6 +18,7 @@ pub(super) struct RawServer {
     io_threads: Option<Spanned<i64>>,
     max_connections: Option<Spanned<i64>>,
     max_inflight: Option<Spanned<Quantity>>,
+    max_request: Option<Spanned<Quantity>>,
     shutdown_grace: Option<Spanned<Quantity>>,
     default_export: Option<Spanned<String>>,
     pause_timeout: Option<Spanned<Quantity>>,
@@ -65,16 +66,7 @@ pub(super) fn parse_server(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawServer>>)
     }
     let state_dir = ctx.path(s.state_dir.as_ref().map_or(defaults::STATE_DIR, |d| d.get_ref()));
     let control = s.control.as_ref().map_or_else(|| state_dir.join(defaults::CONTROL_SOCKET), |c| ctx.path(c.get_ref()));
-    let max_inflight = match &s.max_inflight {
-        None => defaults::MAX_INFLIGHT_BYTES,
-        Some(q) => {
-            let v = ctx.size(q, "server.max_inflight")?;
-            if v < crate::nbd::MAX_PAYLOAD as u64 {
-                return Err(ctx.err(q, "server.max_inflight", format!("must be at least 32MiB (the largest request), got {v}")));
-            }
-            v
-        }
-    };
+    let limits = super::limits::connection_limits(ctx, s.max_inflight.as_ref(), s.max_request.as_ref())?;
     let shutdown_grace = match &s.shutdown_grace {
         None => defaults::SHUTDOWN_GRACE,
         Some(q) => ctx.duration(q, "server.shutdown_grace")?,
@@ -115,7 +107,8 @@ pub(super) fn parse_server(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawServer>>)
         state_dir,
         io_threads: ctx.count(&s.io_threads, "server.io_threads", defaults::IO_THREADS, 1024)?,
         max_connections: ctx.count(&s.max_connections, "server.max_connections", defaults::MAX_CONNECTIONS, 65536)?,
-        max_inflight,
+        max_inflight: limits.max_inflight,
+        max_request: limits.max_request,
         shutdown_grace,
         default_export: s.default_export.as_ref().map(|d| d.get_ref().clone()),
         metrics: s.metrics.as_ref().map(|m| metrics_endpoint(ctx, m)).transpose()?,

@@ -69,6 +69,7 @@ fn options(config: &Config) -> ServerOptions {
         max_connections: s.max_connections,
         limits: ConnLimits {
             max_inflight_bytes: s.max_inflight,
+            max_request: s.max_request,
             max_inflight_requests: crate::defaults::MAX_INFLIGHT_REQUESTS,
             shutdown_grace: s.shutdown_grace,
             busy_poll: s.busy_poll,

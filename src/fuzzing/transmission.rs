@@ -10,6 +10,9 @@ use crate::nbd::*;
 use crate::server::check_request;
 use crate::server::handshake::Negotiated;
 
+/// The server's default `max_request`, which the fuzzed connection has.
+const MAX_REQUEST: u32 = crate::defaults::MAX_REQUEST as u32;
+
 /// Runs the requests in `rest` through the decoder and the checks; the
 /// verdict of every request must agree with the agreement `n`.
 pub fn requests(mut rest: &[u8], n: &Negotiated, features: &mut Vec<u64>) -> Result<(), Violation> {
@@ -32,7 +35,7 @@ pub fn requests(mut rest: &[u8], n: &Negotiated, features: &mut Vec<u64>) -> Res
         let payload = header.payload_len() as usize;
         let Some(after) = rest.get(payload..) else { return Ok(()) };
         rest = after;
-        let verdict = check_request(&n.volume, n.structured, n.read_only, &n.meta, &header);
+        let verdict = check_request(&n.volume, n.structured, n.read_only, &n.meta, MAX_REQUEST, &header);
         judge(&header, &verdict, n)?;
         let code = verdict.as_ref().map_or_else(|(e, _)| e.code(), |()| 0);
         features.push(0x7e00_0000 | (header.command.min(16) as u64) << 8 | code as u64);
@@ -78,8 +81,10 @@ fn accepted(h: &RequestHeader, n: &Negotiated) -> Option<&'static str> {
         (h.offset != 0 || h.length != 0).then_some("FLUSH with a range")
     } else if end.is_none_or(|e| e > n.volume.size()) {
         Some("a range past the end of the export")
-    } else if matches!(h.command, CMD_READ | CMD_WRITE) && h.length > MAX_PAYLOAD {
-        Some("a payload above the maximum")
+    } else if matches!(h.command, CMD_READ | CMD_WRITE) && h.length > MAX_REQUEST {
+        Some("a payload above max_request")
+    } else if h.length == 0 && h.command != CMD_FLUSH {
+        Some("a request of length 0")
     } else {
         None
     }

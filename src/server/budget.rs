@@ -1,8 +1,13 @@
-//! Per-connection bound on work in flight: payload bytes (write data held,
-//! read data being built) and request count. The reader takes a [`Permit`]
-//! before dispatching a request and blocks while the bound is reached, so a
-//! client that floods requests or never reads replies stops being read
-//! (TCP backpressure) instead of making the server grow.
+//! Per-connection bound on work in flight: payload buffer bytes (write data
+//! held, read data being built or waiting to be sent, each counted at the
+//! size of the buffer it takes, `buffers::footprint`) and request count.
+//! The reader takes a [`Permit`] before dispatching a request and blocks
+//! while the bound is reached, so a client that floods requests or never
+//! reads replies stops being read (TCP backpressure) instead of making the
+//! server grow. A permit comes back when its reply's last byte is written
+//! (the sink drops replies one by one), so the bound, `max_inflight`, is
+//! what a connection's requests can hold (docs/ARCHITECTURE.md, "Memory
+//! bound").
 
 use crate::sync::lock;
 use std::sync::{Arc, Condvar, Mutex};
@@ -25,7 +30,8 @@ pub struct Budget {
     max_requests: u64,
 }
 
-/// Fixed cost charged per request besides its payload.
+/// Fixed cost charged per request besides its payload: its reply's header
+/// and bookkeeping, a pool job, a gate ticket (a few hundred bytes).
 const REQUEST_OVERHEAD: u64 = 256;
 
 impl Budget {

@@ -46,6 +46,17 @@ fn class_of(len: usize) -> Option<usize> {
 
 use crate::sync::lock;
 
+/// The memory `Buffer::take(len)` holds: its class up to 4 MiB, whole
+/// pages above. Connections charge this to their budget rather than `len`,
+/// so the budget bounds what the buffers take (a READ of 2 MiB + 1 byte
+/// holds 4 MiB, a 1-byte one 4 KiB).
+pub fn footprint(len: usize) -> usize {
+    match class_of(len) {
+        Some(class) => 1 << (class as u32 + MIN_SHIFT),
+        None => len.next_multiple_of(AlignedBuf::ALIGN),
+    }
+}
+
 /// A page-aligned buffer of `len` bytes whose contents are unspecified
 /// (possibly another request's data) until the caller fills it. Returns to
 /// the pool on drop. Page alignment keeps the kernel's copies into and out
@@ -131,6 +142,10 @@ mod tests {
         assert_eq!(class_of((1 << 20) + 16), Some(9));
         assert_eq!(class_of(4 << 20), Some(10));
         assert_eq!(class_of((4 << 20) + 1), None);
+        assert_eq!(footprint(1), 4096);
+        assert_eq!(footprint((2 << 20) + 1), 4 << 20);
+        assert_eq!(footprint(4 << 20), 4 << 20);
+        assert_eq!(footprint((47 << 20) + 1), (47 << 20) + 4096);
     }
 
     #[test]

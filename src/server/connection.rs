@@ -5,9 +5,10 @@
 //! leave in completion order, not arrival order.
 
 use super::budget::{Budget, Permit};
-use super::buffers::Buffer;
+use super::buffers::{footprint, Buffer};
 use super::handshake::Negotiated;
 use super::pool::Pools;
+use super::recv::RecvBuf;
 use super::sink::ReplySink;
 use super::execute::{execute, reply_error, Admitted, ConnectionCtx};
 use super::request_check::check_request;
@@ -17,7 +18,7 @@ use crate::map::Range;
 use bytes::Bytes;
 use nix::errno::Errno;
 use nix::sys::socket::{recv, MsgFlags};
-use std::io::{self, BufReader, Read};
+use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,6 +28,9 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone)]
 pub struct ConnLimits {
     pub max_inflight_bytes: u64,
+    /// Largest READ/WRITE accepted (`server.max_request`, at most
+    /// `max_inflight_bytes`); larger ones are answered with an error.
+    pub max_request: u32,
     pub max_inflight_requests: u64,
     /// How long a connection keeps answering ESHUTDOWN after a stop request
     /// before it is closed.
@@ -38,6 +42,9 @@ pub struct ConnLimits {
 
 /// Read-timeout tick: how often an idle reader looks at the stop flag.
 const TICK: Duration = Duration::from_millis(200);
+
+/// The reader's receive buffer (9,000 request headers).
+pub(super) const RECV_BUFFER: usize = 256 * 1024;
 
 pub fn serve(
     id: u64,
@@ -55,14 +62,15 @@ pub fn serve(
         structured: negotiated.structured,
         read_only: negotiated.read_only,
         meta: negotiated.meta,
-        sink: ReplySink::new(stream.try_clone()?),
+        sink: ReplySink::new(stream.try_clone()?, id),
         pools,
         shard: id as usize,
+        max_request: limits.max_request,
     });
     let _counted = ConnectionCounted::new(&ctx.volume);
     let budget = Budget::new(limits.max_inflight_bytes, limits.max_inflight_requests);
     let mut reader = Reader {
-        inner: BufReader::with_capacity(256 * 1024, stream),
+        inner: RecvBuf::new(stream, RECV_BUFFER),
         stopping,
         stop_seen: None,
         grace: limits.shutdown_grace,
@@ -96,7 +104,7 @@ impl Drop for ConnectionCounted {
 }
 
 struct Reader<'a> {
-    inner: BufReader<Stream>,
+    inner: RecvBuf,
     stopping: &'a AtomicBool,
     stop_seen: Option<Instant>,
     grace: Duration,
@@ -124,7 +132,6 @@ impl Reader<'_> {
 
     /// Waits for the next request to start arriving.
     fn wait_request(&mut self, budget: &Budget) -> io::Result<Next> {
-        use std::io::BufRead;
         if self.inner.buffer().is_empty() {
             self.sink.uncork();
             if budget.in_flight() == 0 {
@@ -233,11 +240,11 @@ fn reader_loop(ctx: &Arc<ConnectionCtx>, budget: &Arc<Budget>, reader: &mut Read
         let started = crate::volume::VolumeStats::now();
         // Payload first, so framing survives whatever we answer.
         let payload_len = req.payload_len();
-        let payload = if payload_len > MAX_PAYLOAD {
+        let payload = if payload_len > ctx.max_request {
             reader.discard(payload_len as u64)?;
             None
         } else if payload_len > 0 {
-            let permit = acquire(ctx, budget, payload_len as u64);
+            let permit = reader.acquire(budget, footprint(payload_len as usize) as u64);
             let mut data = Buffer::take(payload_len as usize);
             reader.read_full(&mut data)?;
             Some((Bytes::from(data), permit))
@@ -251,20 +258,26 @@ fn reader_loop(ctx: &Arc<ConnectionCtx>, budget: &Arc<Budget>, reader: &mut Read
         // until its reply is written: error replies to a client that does
         // not read them must not pile up without bound either.
         if reader.stopping() {
-            let permit = payload.map(|(_, p)| p).unwrap_or_else(|| acquire(ctx, budget, 0));
+            let permit = match payload {
+                Some((_, p)) => p,
+                None => reader.acquire(budget, 0),
+            };
             reply_error(ctx, &req, NbdError::Shutdown, "server is shutting down", Admitted { permit, started });
             continue;
         }
-        if let Err((err, msg)) = check_request(&ctx.volume, ctx.structured, ctx.read_only, &ctx.meta, &req) {
-            let permit = payload.map(|(_, p)| p).unwrap_or_else(|| acquire(ctx, budget, 0));
+        if let Err((err, msg)) = check_request(&ctx.volume, ctx.structured, ctx.read_only, &ctx.meta, ctx.max_request, &req) {
+            let permit = match payload {
+                Some((_, p)) => p,
+                None => reader.acquire(budget, 0),
+            };
             reply_error(ctx, &req, err, &msg, Admitted { permit, started });
             continue;
         }
         let (data, permit) = match payload {
             Some((data, permit)) => (data, Admitted { permit, started }),
             None => {
-                let reply_payload = if req.command == CMD_READ { req.length as u64 } else { 0 };
-                (Bytes::new(), Admitted { permit: acquire(ctx, budget, reply_payload), started })
+                let reply_payload = if req.command == CMD_READ { footprint(req.length as usize) as u64 } else { 0 };
+                (Bytes::new(), Admitted { permit: reader.acquire(budget, reply_payload), started })
             }
         };
         let ctx2 = ctx.clone();
@@ -304,13 +317,25 @@ fn reader_loop(ctx: &Arc<ConnectionCtx>, budget: &Arc<Budget>, reader: &mut Read
     }
 }
 
-/// A budget permit; replies held back by a cork are written first if the
-/// reader would have to wait (they hold permits themselves).
-fn acquire(ctx: &ConnectionCtx, budget: &Arc<Budget>, payload: u64) -> Permit {
-    budget.try_acquire(payload).unwrap_or_else(|| {
-        ctx.sink.uncork();
+impl Reader<'_> {
+    /// A budget permit. Before waiting for one, the reader writes the
+    /// replies a cork held back (they hold permits themselves) and takes
+    /// whatever requests the socket holds into its buffer: a client that
+    /// reads replies only once it can write again must be able to write
+    /// while the reader waits (see `RecvBuf`).
+    fn acquire(&mut self, budget: &Arc<Budget>, payload: u64) -> Permit {
+        if let Some(permit) = budget.try_acquire(payload) {
+            return permit;
+        }
+        self.sink.uncork();
+        // A socket error shows again at the next read, which ends the
+        // connection; this request still gets its reply (or is dropped
+        // with the connection's output).
+        if let Err(e) = self.inner.take_pending() {
+            tracing::debug!(error = %e, "reading ahead before a budget wait failed");
+        }
         budget.acquire(payload)
-    })
+    }
 }
 
 /// Largest READ/WRITE run on the reader thread itself.

@@ -59,6 +59,8 @@ pub(super) struct ConnectionCtx {
     pub(super) pools: Arc<Pools>,
     /// Spreads this connection's gate registrations over the gate's shards.
     pub(super) shard: usize,
+    /// Largest READ/WRITE accepted (`ConnLimits::max_request`).
+    pub(super) max_request: u32,
 }
 
 impl ConnectionCtx {
@@ -194,11 +196,6 @@ fn write_read_header(ctx: &ConnectionCtx, req: &RequestHeader, out: &mut [u8]) {
 }
 
 pub(super) fn read(ctx: Arc<ConnectionCtx>, req: RequestHeader, permit: Admitted, ticket: Option<Ticket>) {
-    if req.length == 0 {
-        let bytes = if ctx.structured { chunk_none(req.cookie) } else { simple_reply(req.cookie, 0).to_vec() };
-        ctx.sink.send(Reply::new(bytes, permit.done(&ctx, &req, true)));
-        return;
-    }
     let route = ctx.volume.route(req.offset, req.length as u64);
     if let Some(err) = past_end(&route, &req) {
         drop(ticket);

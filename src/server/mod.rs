@@ -14,8 +14,10 @@ mod exports;
 pub mod handshake;
 mod listener;
 pub mod meta;
+mod outgoing;
 mod pool;
 mod reaper;
+mod recv;
 mod request_check;
 pub mod security;
 mod sink;
@@ -55,6 +57,7 @@ impl Default for ServerOptions {
             max_connections: defaults::MAX_CONNECTIONS,
             limits: ConnLimits {
                 max_inflight_bytes: defaults::MAX_INFLIGHT_BYTES,
+                max_request: defaults::MAX_REQUEST as u32,
                 max_inflight_requests: defaults::MAX_INFLIGHT_REQUESTS,
                 shutdown_grace: defaults::SHUTDOWN_GRACE,
                 busy_poll: defaults::BUSY_POLL,

@@ -1,7 +1,20 @@
 //! The reply side of a connection. Workers hand finished replies to the
-//! sink; whichever worker finds the socket free becomes the writer and sends
-//! everything queued so far in one `writev`, so under load many replies
-//! share a syscall and no thread ever waits for the socket behind another.
+//! sink; whichever thread finds the socket free becomes the writer and sends
+//! what is queued, so under load many replies share a syscall and no thread
+//! ever waits for the socket behind another.
+//!
+//! Only one thread per connection ever waits for the client to read: its
+//! **flusher**. The reader and the shared pool threads write without
+//! blocking (`MSG_DONTWAIT`); when the socket is full they hand the writer
+//! role, with the unwritten rest, to the flusher, started at the first such
+//! hand-off. So a client that does not read its replies stalls neither the
+//! reader (which keeps taking requests as long as the budget allows) nor a
+//! pool thread other connections need.
+//!
+//! Replies are written in batches of about a socket buffer, and each reply
+//! is dropped, returning its budget permit, as soon as its last byte is out:
+//! a reader waiting for budget resumes as the client reads, not once a
+//! whole backlog has gone.
 //!
 //! The reader can also *cork* the sink while it still has requests buffered
 //! that it will answer itself right away: replies then collect (up to
@@ -9,11 +22,14 @@
 //! syscall and one client wake-up per 4 KiB request.
 
 use super::budget::Permit;
-use crate::sync::lock;
-use super::stream::Stream;
+use super::outgoing::Outgoing;
+use super::stream::{Stream, Wait};
+use crate::sync::{lock, wait};
 use bytes::Bytes;
-use std::io::IoSlice;
-use std::sync::Mutex;
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// A complete reply: wire bytes in order, and the permit it releases once sent.
 pub struct Reply {
@@ -27,23 +43,48 @@ impl Reply {
     pub fn new(bytes: impl Into<Bytes>, permit: Option<Permit>) -> Reply {
         Reply { parts: vec![bytes.into()], permit }
     }
+
+    pub(super) fn len(&self) -> usize {
+        self.parts.iter().map(Bytes::len).sum()
+    }
 }
 
 #[derive(Default)]
 struct ReplyQueue {
-    replies: Vec<Reply>,
+    replies: VecDeque<Reply>,
+    /// A thread holds the writer role (it alone touches `Outgoing`).
     writing: bool,
     broken: bool,
     corked: bool,
+    /// The writer role was handed to the flusher, which has not taken it yet.
+    handed_off: bool,
+    flusher_started: bool,
+    /// The sink is closed: the flusher ends.
+    closed: bool,
+}
+
+struct Shared {
+    queue: Mutex<ReplyQueue>,
+    /// Wakes the flusher: the role was handed to it, or the sink closed.
+    handed: Condvar,
+    /// Locked by the writer role holder only, so never contended; it may
+    /// be held across a blocking write (by the flusher).
+    out: Mutex<Outgoing>,
+    /// The socket of `out.stream`, for `close`, which must not wait for
+    /// `out` (a flusher may hold it in a blocking write: the shutdown is
+    /// what ends that write). Valid as long as `out` is, i.e. as `self`.
+    fd: RawFd,
+    /// Bytes taken from the queue per write: about a socket buffer.
+    batch_bytes: usize,
+    /// Names the flusher thread.
+    id: u64,
+    /// The connection's log span, for the flusher's messages.
+    span: tracing::Span,
 }
 
 pub struct ReplySink {
-    queue: Mutex<ReplyQueue>,
-    stream: Mutex<Stream>,
+    shared: Arc<Shared>,
 }
-
-/// Most iovecs handed to one writev (IOV_MAX is 1024 on Linux).
-const MAX_IOV: usize = 1024;
 
 /// Most replies held back while corked; more are written at once. Small on
 /// purpose: the client refills its queue as replies arrive, so holding many
@@ -51,37 +92,58 @@ const MAX_IOV: usize = 1024;
 /// reads gain ~8% from the shared writev).
 const MAX_CORKED: usize = 4;
 
+/// Bounds of a write batch. The socket's send buffer decides within them:
+/// a batch much larger than it only holds permits longer (they return once
+/// the whole `writev` is done), a much smaller one costs syscalls.
+const MIN_BATCH: usize = 64 * 1024;
+const MAX_BATCH: usize = 4 << 20;
+
 impl ReplySink {
-    pub fn new(stream: Stream) -> ReplySink {
-        ReplySink { queue: Mutex::new(ReplyQueue::default()), stream: Mutex::new(stream) }
+    /// `id` names the flusher thread (`nbdvirt-out-ID`) if one is needed;
+    /// it logs in the current span (the connection's).
+    pub fn new(stream: Stream, id: u64) -> ReplySink {
+        let batch_bytes = stream.send_buffer_size().unwrap_or(MIN_BATCH).clamp(MIN_BATCH, MAX_BATCH);
+        let fd = stream.as_raw_fd();
+        let out = Outgoing::new(stream);
+        let shared = Shared {
+            queue: Mutex::new(ReplyQueue::default()),
+            handed: Condvar::new(),
+            out: Mutex::new(out),
+            fd,
+            batch_bytes,
+            id,
+            span: tracing::Span::current(),
+        };
+        ReplySink { shared: Arc::new(shared) }
     }
 
     /// Queues `reply`, and writes the queue if no other thread is doing so.
+    /// Never waits for the client.
     pub fn send(&self, reply: Reply) {
         {
-            let mut q = lock(&self.queue);
+            let mut q = lock(&self.shared.queue);
             if q.broken {
                 return; // client gone: drop the reply, releasing its permit
             }
-            q.replies.push(reply);
+            q.replies.push_back(reply);
             if q.writing || (q.corked && q.replies.len() < MAX_CORKED) {
                 return;
             }
             q.writing = true;
         }
-        self.write_queue();
+        Shared::write(&self.shared, Wait::No);
     }
 
     /// Holds replies back until [`uncork`](Self::uncork). Only the reader
     /// corks, and it uncorks before anything that may block it.
     pub fn cork(&self) {
-        lock(&self.queue).corked = true;
+        lock(&self.shared.queue).corked = true;
     }
 
-    /// Ends a cork and writes what collected meanwhile.
+    /// Ends a cork and writes what collected meanwhile (without waiting).
     pub fn uncork(&self) {
         {
-            let mut q = lock(&self.queue);
+            let mut q = lock(&self.shared.queue);
             if !q.corked {
                 return;
             }
@@ -91,52 +153,141 @@ impl ReplySink {
             }
             q.writing = true;
         }
-        self.write_queue();
-    }
-
-    /// Writes the queue until it is empty; the caller has set `writing`.
-    fn write_queue(&self) {
-        loop {
-            let batch = {
-                let mut q = lock(&self.queue);
-                if q.replies.is_empty() || q.broken {
-                    q.writing = false;
-                    q.replies.clear();
-                    return;
-                }
-                std::mem::take(&mut q.replies)
-            };
-            if let Err(e) = self.write_batch(&batch) {
-                tracing::debug!(error = %e, "reply write failed; dropping connection output");
-                let mut q = lock(&self.queue);
-                q.broken = true;
-                q.replies.clear();
-                q.writing = false;
-                drop(q);
-                lock(&self.stream).shutdown();
-                return;
-            }
-            // `batch` drops here, returning its permits.
-        }
-    }
-
-    fn write_batch(&self, batch: &[Reply]) -> std::io::Result<()> {
-        let mut stream = lock(&self.stream);
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len().min(MAX_IOV));
-        for part in batch.iter().flat_map(|r| r.parts.iter()).filter(|p| !p.is_empty()) {
-            if slices.len() == MAX_IOV {
-                stream.write_all_vectored(&mut slices)?;
-                slices.clear();
-            }
-            slices.push(IoSlice::new(part));
-        }
-        stream.write_all_vectored(&mut slices)
+        Shared::write(&self.shared, Wait::No);
     }
 
     /// Shuts the socket down (both directions); queued replies are dropped.
     pub fn close(&self) {
-        lock(&self.queue).broken = true;
-        lock(&self.stream).shutdown();
+        self.shared.close();
+        self.shared.shutdown();
+    }
+}
+
+impl Drop for ReplySink {
+    /// Lets the flusher thread end (it holds the shared state, not the sink).
+    fn drop(&mut self) {
+        self.shared.close();
+    }
+}
+
+impl Shared {
+    /// Shuts the socket down in both directions (the reader then sees EOF).
+    fn shutdown(&self) {
+        let _ = nix::sys::socket::shutdown(self.fd, nix::sys::socket::Shutdown::Both);
+    }
+
+    fn close(&self) {
+        let mut q = lock(&self.queue);
+        q.broken = true;
+        q.closed = true;
+        q.replies.clear();
+        drop(q);
+        self.handed.notify_all();
+    }
+
+    /// Writes until the queue is empty; the caller holds the writer role.
+    /// With `Wait::No`, a full socket hands the role to the flusher.
+    fn write(this: &Arc<Shared>, how: Wait) {
+        let mut out = lock(&this.out);
+        loop {
+            {
+                let mut q = lock(&this.queue);
+                if q.broken {
+                    q.writing = false;
+                    drop(q);
+                    out.clear();
+                    return;
+                }
+                while out.unsent < this.batch_bytes {
+                    let Some(reply) = q.replies.pop_front() else { break };
+                    out.unsent += reply.len();
+                    out.batch.push_back(reply);
+                }
+                if out.batch.is_empty() {
+                    q.writing = false;
+                    return;
+                }
+            }
+            match out.write_some(how) {
+                Ok(true) => {}
+                // The socket is full: a write that waits would now wait for
+                // the client.
+                Ok(false) if how == Wait::No => {
+                    drop(out);
+                    return Shared::hand_off(this);
+                }
+                Ok(false) => {}
+                Err(e) if how == Wait::No && e.kind() == io::ErrorKind::WouldBlock => {
+                    drop(out);
+                    return Shared::hand_off(this);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reply write failed; dropping connection output");
+                    let mut q = lock(&this.queue);
+                    q.broken = true;
+                    q.writing = false;
+                    let dropped = std::mem::take(&mut q.replies);
+                    drop(q);
+                    drop(dropped);
+                    out.clear();
+                    this.shutdown();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Gives the writer role (and the batch in `out`) to the flusher,
+    /// starting it the first time.
+    fn hand_off(this: &Arc<Shared>) {
+        let mut q = lock(&this.queue);
+        if q.closed {
+            // The flusher is gone or going: nobody will write this.
+            q.writing = false;
+            drop(q);
+            lock(&this.out).clear();
+            return;
+        }
+        q.handed_off = true;
+        if q.flusher_started {
+            drop(q);
+            this.handed.notify_one();
+            return;
+        }
+        q.flusher_started = true;
+        drop(q);
+        let shared = this.clone();
+        let spawned = std::thread::Builder::new().name(format!("nbdvirt-out-{}", this.id)).spawn(move || flusher(&shared));
+        if let Err(e) = spawned {
+            // No thread to hand to: finish the write here, waiting, as
+            // before there were flushers.
+            tracing::warn!(error = %e, "cannot start a reply flusher thread; writing on this thread");
+            let mut q = lock(&this.queue);
+            q.flusher_started = false;
+            q.handed_off = false;
+            drop(q);
+            Shared::write(this, Wait::Yes);
+        }
+    }
+}
+
+/// The flusher thread: waits for the writer role and writes, waiting for
+/// the client as long as it must (the socket's send timeout ends a client
+/// that never reads), until the sink closes.
+fn flusher(shared: &Arc<Shared>) {
+    let _span = shared.span.clone().entered();
+    loop {
+        {
+            let mut q = lock(&shared.queue);
+            while !q.handed_off && !q.closed {
+                q = wait(&shared.handed, q);
+            }
+            if q.closed && !q.handed_off {
+                return;
+            }
+            q.handed_off = false;
+        }
+        Shared::write(shared, Wait::Yes);
     }
 }
 
@@ -159,7 +310,7 @@ mod tests {
     fn corked_replies_leave_together_on_uncork_or_when_too_many() {
         let (ours, mut peer) = UnixStream::pair().unwrap();
         peer.set_nonblocking(true).unwrap();
-        let sink = ReplySink::new(Stream::Unix(ours));
+        let sink = ReplySink::new(Stream::Unix(ours), 1);
         sink.send(Reply::new(vec![1u8], None));
         assert_eq!(pending(&mut peer), [1], "uncorked: written at once");
         sink.cork();
@@ -175,5 +326,42 @@ mod tests {
         assert_eq!(pending(&mut peer).len(), MAX_CORKED, "a full cork is written");
         sink.uncork();
         assert!(pending(&mut peer).is_empty());
+    }
+
+    /// A peer that does not read: `send` still returns at once (the
+    /// flusher waits instead), and each reply returns its permit as soon as
+    /// it is written, not when the whole backlog is.
+    #[test]
+    fn a_peer_that_does_not_read_blocks_no_sender_and_permits_return_per_reply() {
+        use crate::server::budget::Budget;
+        use std::time::{Duration, Instant};
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        // A sender that waits for the peer fails the test instead of hanging it.
+        ours.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        let sink = ReplySink::new(Stream::Unix(ours), 2);
+        let budget = Budget::new(1 << 30, 1 << 20);
+        const N: usize = 64;
+        const LEN: usize = 64 * 1024;
+        let started = Instant::now();
+        for i in 0..N {
+            sink.send(Reply::new(vec![i as u8; LEN], Some(budget.acquire(LEN as u64))));
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "send waited for the peer");
+        // The socket holds a few hundred KiB: most replies are still queued.
+        assert!(budget.in_flight() > N as u64 / 2, "{} of {N} replies still held", budget.in_flight());
+        let mut got = vec![0u8; N * LEN];
+        peer.read_exact(&mut got[..LEN * N / 4]).unwrap();
+        // A quarter read: its permits come back while the rest waits.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while budget.in_flight() > (N - N / 4 + 1) as u64 {
+            assert!(Instant::now() < deadline, "permits of written replies not returned: {} held", budget.in_flight());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(budget.in_flight() > 0);
+        peer.read_exact(&mut got[LEN * N / 4..]).unwrap();
+        for (i, reply) in got.chunks(LEN).enumerate() {
+            assert!(reply.iter().all(|&b| b == i as u8), "reply {i} out of order or torn");
+        }
+        assert!(budget.wait_idle(Duration::from_secs(10)), "permits left after everything was read");
     }
 }

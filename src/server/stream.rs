@@ -1,12 +1,22 @@
 //! A connected client socket, TCP or Unix, plain or (after STARTTLS) TLS.
 
+use nix::sys::socket::{getsockopt, sendmsg, sockopt, MsgFlags, UnixAddr};
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use crate::tls::TlsSession;
+
+/// Whether a write may wait for the peer to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Up to the socket's send timeout.
+    Yes,
+    /// Not at all (`MSG_DONTWAIT`): what fits in the socket buffer.
+    No,
+}
 
 #[derive(Debug)]
 pub enum Stream {
@@ -79,17 +89,43 @@ impl Stream {
         }
     }
 
-    /// Writes all of `bufs`, looping over short writes.
-    pub fn write_all_vectored(&mut self, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
-        while !bufs.is_empty() {
-            match self.write_vectored(bufs) {
-                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "peer stopped reading")),
-                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+    /// One `sendmsg` of `bufs`; returns the bytes written, which may be
+    /// fewer than offered. With `Wait::No` a full socket is `WouldBlock`.
+    pub fn send_vectored(&self, bufs: &[IoSlice<'_>], how: Wait) -> io::Result<usize> {
+        if let Stream::Tls(s) = self {
+            return s.send_vectored(bufs, how == Wait::Yes);
+        }
+        let mut flags = MsgFlags::MSG_NOSIGNAL;
+        if how == Wait::No {
+            flags |= MsgFlags::MSG_DONTWAIT;
+        }
+        loop {
+            match sendmsg::<UnixAddr>(self.as_raw_fd(), bufs, &[], flags, None) {
+                Ok(0) if bufs.iter().any(|b| !b.is_empty()) => {
+                    return Err(io::Error::new(io::ErrorKind::WriteZero, "peer stopped reading"))
+                }
+                Ok(n) => return Ok(n),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
             }
         }
-        Ok(())
+    }
+
+    /// The socket's send buffer size (`SO_SNDBUF`).
+    pub fn send_buffer_size(&self) -> Option<usize> {
+        getsockopt(self, sockopt::SndBuf).ok()
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+            // SAFETY: the session owns the socket for as long as `self`
+            // (one of its handles) lives.
+            Stream::Tls(s) => unsafe { BorrowedFd::borrow_raw(s.as_raw_fd()) },
+        }
     }
 }
 

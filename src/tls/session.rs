@@ -94,6 +94,12 @@ impl<S: Read + Write + AsRawFd> TlsSession<S> {
     }
 
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.recv(buf, true)
+    }
+
+    /// One read; `wait: false` returns `WouldBlock` when no whole record
+    /// has arrived.
+    pub fn recv(&self, buf: &mut [u8], wait: bool) -> io::Result<usize> {
         let deadline = deadline(*lock(&self.shared.read_timeout));
         loop {
             let result = lock(&self.shared.ssl).ssl_read(buf);
@@ -101,6 +107,9 @@ impl<S: Read + Write + AsRawFd> TlsSession<S> {
                 Ok(n) => return Ok(n),
                 Err(e) => match e.code() {
                     ErrorCode::ZERO_RETURN => return Ok(0),
+                    ErrorCode::WANT_READ | ErrorCode::WANT_WRITE if !wait => {
+                        return Err(io::Error::new(io::ErrorKind::WouldBlock, "no TLS record yet"))
+                    }
                     ErrorCode::WANT_READ => self.wait(PollFlags::POLLIN, deadline)?,
                     ErrorCode::WANT_WRITE => self.wait(PollFlags::POLLOUT, deadline)?,
                     ErrorCode::SYSCALL if e.io_error().is_none() => return Ok(0),
@@ -111,6 +120,14 @@ impl<S: Read + Write + AsRawFd> TlsSession<S> {
     }
 
     pub fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        self.send(buf, true)
+    }
+
+    /// One write; `wait: false` returns `WouldBlock` instead of waiting for
+    /// room. A retry after `WouldBlock` must offer the same bytes first
+    /// (OpenSSL may hold part of a record): the reply sink does, it
+    /// consumes nothing that was not written.
+    fn send(&self, buf: &[u8], wait: bool) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
         }
@@ -120,6 +137,9 @@ impl<S: Read + Write + AsRawFd> TlsSession<S> {
             match result {
                 Ok(n) => return Ok(n),
                 Err(e) => match e.code() {
+                    ErrorCode::WANT_WRITE | ErrorCode::WANT_READ if !wait => {
+                        return Err(io::Error::new(io::ErrorKind::WouldBlock, "TLS socket full"))
+                    }
                     ErrorCode::WANT_WRITE => self.wait(PollFlags::POLLOUT, deadline)?,
                     ErrorCode::WANT_READ => self.wait(PollFlags::POLLIN, deadline)?,
                     _ => return Err(into_io(e)),
@@ -128,13 +148,17 @@ impl<S: Read + Write + AsRawFd> TlsSession<S> {
         }
     }
 
+    pub fn write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.send_vectored(bufs, true)
+    }
+
     /// Writes the first slice directly if it is large, else gathers small
     /// slices (and the head of a large one) into one record.
-    pub fn write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    pub fn send_vectored(&self, bufs: &[IoSlice<'_>], wait: bool) -> io::Result<usize> {
         let mut slices = bufs.iter().filter(|b| !b.is_empty());
         let Some(first) = slices.next() else { return Ok(0) };
         if first.len() >= GATHER / 4 {
-            return self.write(first);
+            return self.send(first, wait);
         }
         let mut scratch = lock(&self.shared.scratch);
         scratch.clear();
@@ -145,7 +169,7 @@ impl<S: Read + Write + AsRawFd> TlsSession<S> {
                 break;
             }
         }
-        self.write(&scratch)
+        self.send(&scratch, wait)
     }
 
     fn wait(&self, events: PollFlags, deadline: Option<Instant>) -> io::Result<()> {

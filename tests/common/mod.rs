@@ -110,7 +110,17 @@ impl TestServer {
     }
 
     pub fn start_with(body: &str, extra_listen: &[&str]) -> TestServer {
-        let mut server = Self::prepare_with(body, extra_listen);
+        Self::start_full("", body, extra_listen)
+    }
+
+    /// `start` with `server_keys` (lines such as `max_inflight = "32MiB"`)
+    /// added to the `[server]` section.
+    pub fn start_with_server(server_keys: &str, body: &str) -> TestServer {
+        Self::start_full(server_keys, body, &[])
+    }
+
+    fn start_full(server_keys: &str, body: &str, extra_listen: &[&str]) -> TestServer {
+        let mut server = Self::prepare_full(server_keys, body, extra_listen);
         server.spawn();
         server
     }
@@ -118,16 +128,16 @@ impl TestServer {
     /// Like `start`, without starting the server: the test may change the
     /// directory or `runner` first, then call `spawn`.
     pub fn prepare(body: &str) -> TestServer {
-        Self::prepare_with(body, &[])
+        Self::prepare_full("", body, &[])
     }
 
-    fn prepare_with(body: &str, extra_listen: &[&str]) -> TestServer {
+    fn prepare_full(server_keys: &str, body: &str, extra_listen: &[&str]) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path().display().to_string();
         let mut listen = vec![format!("\"unix:{d}/nbd.sock\"")];
         listen.extend(extra_listen.iter().map(|l| format!("\"{l}\"")));
         let config_text = format!(
-            "[server]\nlisten = [{}]\ncontrol = \"{d}/control.sock\"\nstate_dir = \"{d}/state\"\nshutdown_grace = \"1s\"\n\n{}",
+            "[server]\nlisten = [{}]\ncontrol = \"{d}/control.sock\"\nstate_dir = \"{d}/state\"\nshutdown_grace = \"1s\"\n{server_keys}\n\n{}",
             listen.join(", "),
             body.replace("{dir}", &d)
         );

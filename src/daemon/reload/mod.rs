@@ -31,8 +31,8 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     if n.state_dir != o.state_dir {
         out.push("server.state_dir".into());
     }
-    if n.io_threads != o.io_threads || n.max_inflight != o.max_inflight || n.busy_poll != o.busy_poll {
-        out.push("server.io_threads/max_inflight/busy_poll".into());
+    if n.io_threads != o.io_threads || n.max_inflight != o.max_inflight || n.max_request != o.max_request || n.busy_poll != o.busy_poll {
+        out.push("server.io_threads/max_inflight/max_request/busy_poll".into());
     }
     if n.metrics != o.metrics {
         out.push("server.metrics".into());

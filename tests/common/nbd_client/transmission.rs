@@ -13,9 +13,11 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 
-/// Largest payload the server accepts (its `max_payload`); a chunk may
-/// exceed it only by its own header fields.
+/// The maximum block size the server advertises (NBD_INFO_BLOCK_SIZE).
 pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+/// Largest READ the server serves by default (`server.max_request`); a
+/// chunk may exceed it only by its own header fields.
+pub const MAX_REQUEST: u32 = 64 * 1024 * 1024;
 
 /// A request awaiting its reply.
 #[derive(Debug, Clone, Copy)]
@@ -110,7 +112,7 @@ impl Conn {
                     assert!(self.structured, "structured reply chunk although structured replies were not negotiated");
                     let h = read_n(&mut self.s, 16, "chunk header");
                     let (flags, kind, cookie, len) = (be16(&h), be16(&h[2..]), be64(&h[4..]), be32(&h[12..]));
-                    assert!(len <= MAX_PAYLOAD + 64, "chunk of {len} bytes");
+                    assert!(len <= MAX_REQUEST + 64, "chunk of {len} bytes");
                     let payload = read_n(&mut self.s, len as usize, "chunk payload");
                     let p = *self.pending.get(&cookie).unwrap_or_else(|| panic!("chunk for cookie {cookie:#x}, not in flight"));
                     let part = self.partial.entry(cookie).or_default();
