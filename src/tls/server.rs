@@ -59,6 +59,10 @@ impl TlsServer {
         // is slower wherever the CPU has AES instructions.
         b.set_options(SslOptions::NO_RENEGOTIATION | SslOptions::IGNORE_UNEXPECTED_EOF | SslOptions::CIPHER_SERVER_PREFERENCE);
         b.set_ciphersuites(SUITES)?;
+        // One read(2) takes every record that has arrived, not a header and
+        // then a body per record (decrypted bytes stay visible to
+        // `pending`; raw ones are taken by the next read without waiting).
+        b.set_read_ahead(true);
         if let Some(dir) = &files.certificates {
             let cert = need(dir, "server-cert.pem")?;
             let key = need(dir, "server-key.pem")?;
