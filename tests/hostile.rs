@@ -761,8 +761,8 @@ fn unread_error_replies_stay_bounded() {
         for i in 0..2 {
             w.write_all(&header(0, CMD_READ, i, 0, 16 << 20)).unwrap();
         }
-        // (an I/O thread, not the request reader, is now the one stuck
-        // writing replies)
+        // (the connection's flusher thread, not the request reader, is
+        // now the one waiting to write replies)
         std::thread::sleep(Duration::from_millis(500));
         // ... then a stream of invalid requests, 64 KiB of headers at a time.
         let bad: Vec<u8> = (0..2340u64).flat_map(|i| header(0, CMD_READ, 1000 + i, SIZE, 4096)).collect();

@@ -44,7 +44,7 @@ pub struct ConnLimits {
 const TICK: Duration = Duration::from_millis(200);
 
 /// The reader's receive buffer (9,000 request headers).
-pub(super) const RECV_BUFFER: usize = 256 * 1024;
+const RECV_BUFFER: usize = 256 * 1024;
 
 pub fn serve(
     id: u64,
