@@ -9,10 +9,6 @@ use common::*;
 use std::process::Command;
 use std::time::Duration;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// Two throwaway system users (created when missing): (uid, gid) each.
 fn users() -> [(u32, u32); 2] {
     require("setpriv", "util-linux");

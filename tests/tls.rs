@@ -12,10 +12,6 @@ use std::io::{Read, Write};
 use std::process::Command;
 use std::time::Duration;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 const VOLUMES: &str = r#"
 [[backend]]
 name = "m"

@@ -20,6 +20,11 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_nbdvirt");
 
+/// A loopback TCP port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// Fails the test unless `tool` is on PATH, naming the package to install.
 pub fn require(tool: &str, package: &str) {
     let found = std::env::var_os("PATH")
