@@ -102,7 +102,10 @@ impl<S: Read + Write + AsRawFd> TlsSession<S> {
     pub fn recv(&self, buf: &mut [u8], wait: bool) -> io::Result<usize> {
         let deadline = deadline(*lock(&self.shared.read_timeout));
         loop {
-            let result = lock(&self.shared.ssl).ssl_read(buf);
+            let result = {
+                let mut ssl = lock(&self.shared.ssl);
+                ssl.ssl_read(buf).map(|n| read_buffered(&mut ssl, buf, n))
+            };
             match result {
                 Ok(n) => return Ok(n),
                 Err(e) => match e.code() {
@@ -152,10 +155,33 @@ impl<S: Read + Write + AsRawFd> TlsSession<S> {
         self.send_vectored(bufs, true)
     }
 
-    /// Writes the first slice directly if it is large, else gathers small
-    /// slices (and the head of a large one) into one record.
+    /// Writes as much of `bufs` as the socket takes, like a `writev`:
+    /// fewer bytes than offered only when the socket is full (then
+    /// `WouldBlock` if nothing went). One SSL_write takes one record at most
+    /// (partial-write mode), so this loops; a short count must mean "full"
+    /// to the reply sink, which hands a full socket to its flusher thread.
     pub fn send_vectored(&self, bufs: &[IoSlice<'_>], wait: bool) -> io::Result<usize> {
-        let mut slices = bufs.iter().filter(|b| !b.is_empty());
+        let mut done = 0;
+        loop {
+            match self.send_gathered(bufs, done, wait) {
+                Ok(0) => return Ok(done),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && done > 0 => return Ok(done),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One SSL_write of `bufs` after its first `skip` bytes: the next slice
+    /// directly if it is large, else the small slices (and the head of a
+    /// large one) gathered into one buffer. A retry after `WouldBlock`
+    /// offers the same bytes first, as OpenSSL requires.
+    fn send_gathered(&self, bufs: &[IoSlice<'_>], mut skip: usize, wait: bool) -> io::Result<usize> {
+        let mut slices = bufs.iter().filter_map(|b| {
+            let rest = b.get(skip.min(b.len())..).unwrap_or_default();
+            skip = skip.saturating_sub(b.len());
+            (!rest.is_empty()).then_some(rest)
+        });
         let Some(first) = slices.next() else { return Ok(0) };
         if first.len() >= GATHER / 4 {
             return self.send(first, wait);
@@ -203,6 +229,34 @@ impl<S> AsRawFd for TlsSession<S> {
     }
 }
 
+/// After a read of `n` bytes, decrypts the further records OpenSSL has
+/// already taken from the socket (read-ahead) into the rest of `buf`: a
+/// client that pipelines sends a record per request, and SSL_read returns
+/// one record at a time. The reader then sees every waiting request at
+/// once and corks their replies together (one record and one send for
+/// several replies). Stops at the first record not wholly buffered, so it
+/// never waits; an error here shows again at the next read.
+fn read_buffered<S: Read + Write>(ssl: &mut SslStream<S>, buf: &mut [u8], mut n: usize) -> usize {
+    while n > 0 && n < buf.len() && has_pending(ssl.ssl()) {
+        match ssl.ssl_read(&mut buf[n..]) {
+            Ok(more) if more > 0 => n += more,
+            _ => break,
+        }
+    }
+    n
+}
+
+/// Bytes buffered inside the session, decrypted or not (`SSL_has_pending`).
+fn has_pending(ssl: &openssl::ssl::SslRef) -> bool {
+    use foreign_types::ForeignTypeRef;
+    extern "C" {
+        fn SSL_has_pending(s: *const openssl_sys::SSL) -> std::ffi::c_int;
+    }
+    // SAFETY: a valid SSL pointer borrowed for the call; SSL_has_pending
+    // (OpenSSL >= 1.1.0, vendored here) only reads the session's buffers.
+    unsafe { SSL_has_pending(ssl.as_ptr()) == 1 }
+}
+
 fn deadline(timeout: Option<Duration>) -> Option<Instant> {
     timeout.map(|t| Instant::now() + t)
 }
@@ -219,4 +273,68 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(io::Error::from)?;
     fcntl(fd, FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK)).map_err(io::Error::from)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::{TlsClient, TlsClientFiles, TlsFiles, TlsServer};
+    use std::os::unix::net::UnixStream;
+
+    /// A PSK session over a socket pair: (server session, client stream).
+    fn pair() -> (TlsSession<UnixStream>, SslStream<UnixStream>) {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys.psk");
+        std::fs::write(&keys, "alice:000102030405060708090a0b0c0d0e0f\n").unwrap();
+        let server = TlsServer::load(&TlsFiles { psk: Some(keys.clone()), ..Default::default() }).unwrap();
+        let client = TlsClient::load(&TlsClientFiles { psk: Some(keys), ..Default::default() }).unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let connecting = std::thread::spawn(move || client.connect(None, theirs).unwrap());
+        let (stream, peer) = server.accept(ours).unwrap();
+        (TlsSession::new(stream, peer).unwrap(), connecting.join().unwrap())
+    }
+
+    /// A pipelining client sends a record per request; one read takes
+    /// every record that has arrived, so the reader sees them all at once.
+    #[test]
+    fn one_read_takes_every_record_already_arrived() {
+        let (session, mut client) = pair();
+        for i in 0..5u8 {
+            client.write_all(&[i; 32]).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let mut buf = vec![0u8; 4096];
+        let n = session.recv(&mut buf, true).unwrap();
+        assert_eq!(n, 160, "five 32-byte records in one read");
+        assert!(buf[..160].chunks(32).enumerate().all(|(i, c)| c.iter().all(|&b| b == i as u8)));
+        assert!(matches!(session.recv(&mut buf, false), Err(e) if e.kind() == io::ErrorKind::WouldBlock));
+    }
+
+    /// A write of more than one record's worth goes out whole while the
+    /// socket has room (a short count tells the reply sink "socket full"),
+    /// and stops short, without waiting, once it is full.
+    #[test]
+    fn a_vectored_write_is_short_only_when_the_socket_is_full() {
+        let (session, mut client) = pair();
+        let replies: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 4112]).collect();
+        let slices: Vec<IoSlice<'_>> = replies.iter().map(|r| IoSlice::new(r)).collect();
+        assert_eq!(session.send_vectored(&slices, false).unwrap(), 41120, "four records' worth in one call");
+        let mut got = vec![0u8; 41120];
+        client.read_exact(&mut got).unwrap();
+        assert!(got.chunks(4112).enumerate().all(|(i, c)| c.iter().all(|&b| b == i as u8)));
+
+        let big = vec![7u8; 16 << 20];
+        let n = session.send_vectored(&[IoSlice::new(&big)], false).unwrap();
+        assert!(n > 0 && n < big.len(), "a client that does not read: {n} bytes taken");
+        let reading = std::thread::spawn(move || {
+            let mut all = vec![0u8; 16 << 20];
+            client.read_exact(&mut all).unwrap();
+            all
+        });
+        let mut sent = n;
+        while sent < big.len() {
+            sent += session.send_vectored(&[IoSlice::new(&big[sent..])], true).unwrap();
+        }
+        assert!(reading.join().unwrap().iter().all(|&b| b == 7));
+    }
 }
