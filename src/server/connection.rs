@@ -55,8 +55,10 @@ pub fn serve(
     stopping: &AtomicBool,
 ) -> io::Result<()> {
     stream.set_read_timeout(Some(TICK))?;
-    // A client that stops reading replies must not pin an I/O thread forever.
-    stream.set_write_timeout(Some(Duration::from_secs(60)))?;
+    // How long a pool thread's reply write may wait for room before the
+    // connection's flusher takes over (which then waits up to 60 s).
+    stream.set_write_timeout(Some(super::outgoing::WORKER_WAIT))?;
+    ReplySink::on_reader_thread();
     let ctx = Arc::new(ConnectionCtx {
         volume: negotiated.volume,
         structured: negotiated.structured,

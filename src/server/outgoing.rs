@@ -1,11 +1,49 @@
 //! The writer's side of the reply sink: the replies taken from the queue
 //! and not yet completely written, and the `writev` that sends them. Held
-//! only by the thread with the writer role (see `sink.rs`).
+//! only by the thread with the writer role (see `sink.rs`), and who that
+//! may be (`Writer`), which decides how long a write may wait.
 
 use super::sink::Reply;
 use super::stream::{Stream, Wait};
 use std::collections::VecDeque;
+use std::cell::Cell;
 use std::io::{self, IoSlice};
+use std::time::Duration;
+
+/// The socket's send timeout during transmission: how long a pool thread
+/// writing a reply waits for room before it hands off to the flusher.
+pub(super) const WORKER_WAIT: Duration = Duration::from_millis(10);
+
+/// How long the flusher waits for a client that reads nothing before the
+/// connection is dropped.
+pub(super) const FLUSHER_PATIENCE: Duration = Duration::from_secs(60);
+
+thread_local! {
+    /// Set on a connection's reader thread (`ReplySink::on_reader_thread`):
+    /// replies written there never wait for the socket.
+    pub(super) static ON_READER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Who holds the writer role, which decides how long it waits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Writer {
+    /// The connection's reader: never waits.
+    Reader,
+    /// A pool thread: up to `WORKER_WAIT`, then hands off.
+    Worker,
+    /// The flusher: as long as the client makes progress.
+    Flusher,
+}
+
+impl Writer {
+    pub(super) fn current() -> Writer {
+        if ON_READER.get() {
+            Writer::Reader
+        } else {
+            Writer::Worker
+        }
+    }
+}
 
 /// Most iovecs handed to one writev (IOV_MAX is 1024 on Linux).
 const MAX_IOV: usize = 1024;
