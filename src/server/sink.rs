@@ -103,6 +103,10 @@ const MAX_CORKED: usize = 4;
 /// a batch much larger than it only holds permits longer (they return once
 /// the whole `writev` is done), a much smaller one costs syscalls.
 const MIN_BATCH: usize = 64 * 1024;
+/// Replies a batch may always take, whatever their size: four 1 MiB
+/// READ replies leave in one `writev` (one sleep in the kernel while the
+/// client drains them), as before the byte cap.
+const MIN_BATCH_REPLIES: usize = 4;
 const MAX_BATCH: usize = 4 << 20;
 
 impl ReplySink {
@@ -212,7 +216,7 @@ impl Shared {
                     out.clear();
                     return;
                 }
-                while out.unsent < this.batch_bytes {
+                while out.unsent < this.batch_bytes || out.batch.len() < MIN_BATCH_REPLIES {
                     let Some(reply) = q.replies.pop_front() else { break };
                     out.unsent += reply.len();
                     out.batch.push_back(reply);
