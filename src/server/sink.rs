@@ -16,7 +16,8 @@
 //! at the first full socket made the flusher the writer for good under
 //! streaming 1 MiB reads, and cost 10-15% more CPU per read.)
 //!
-//! Replies are written in batches of about a socket buffer, and each reply
+//! Replies are written in batches of about a socket buffer (but at least
+//! four replies, so 1 MiB replies still share a `writev`), and each reply
 //! is dropped, returning its budget permit, as soon as its last byte is out:
 //! a reader waiting for budget resumes as the client reads, not once a
 //! whole backlog has gone.
@@ -36,7 +37,6 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
-
 
 /// A complete reply: wire bytes in order, and the permit it releases once sent.
 pub struct Reply {
