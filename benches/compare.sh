@@ -11,7 +11,8 @@
 #   RAMP=1          fio ramp_time, seconds
 #   SIZE_MB=1024    size of the served file, MiB (filled from /dev/urandom)
 #   SERVERS="nbdvirt nbdkit qemu-nbd"   subset/order of servers
-#   ROWS="..."      subset of row ids (rr16 rw16 sr4 sw4 rr1)
+#   ROWS="..."      subset of row ids (rr16 rw16 sr4 sw4 rr1; also rr16x4
+#                   rw16x4: fio numjobs=4, one connection per job)
 #   RESULTS=FILE    also write the raw per-run results (TSV) to FILE
 #   WAIT_LOAD=2.5   before each run wait (at most WAIT_LOAD_MAX=300 s) until
 #                   the 1-minute load average is below this
@@ -79,9 +80,12 @@ if [[ " $SERVERS " == *" nbdkit "* ]]; then
 fi
 
 # ---- rows ------------------------------------------------------------------
+# The x4 rows run fio numjobs=4: four jobs, each on its own NBD connection,
+# reported together (group_reporting): multi-connection scaling.
 declare -A ROW_NAME=(
   [rr16]="4k randread QD16" [rw16]="4k randwrite QD16"
   [sr4]="1M seq read QD4" [sw4]="1M seq write QD4" [rr1]="4k randread QD1"
+  [rr16x4]="4k randread QD16 x4 conns" [rw16x4]="4k randwrite QD16 x4 conns"
 )
 declare -A ROW_FIO=(
   [rr16]="--rw=randread --bs=4k --iodepth=16"
@@ -89,6 +93,8 @@ declare -A ROW_FIO=(
   [sr4]="--rw=read --bs=1M --iodepth=4"
   [sw4]="--rw=write --bs=1M --iodepth=4"
   [rr1]="--rw=randread --bs=4k --iodepth=1"
+  [rr16x4]="--rw=randread --bs=4k --iodepth=16 --numjobs=4 --group_reporting"
+  [rw16x4]="--rw=randwrite --bs=4k --iodepth=16 --numjobs=4 --group_reporting"
 )
 for r in $ROWS; do [[ -n ${ROW_NAME[$r]:-} ]] || die "unknown row '$r' in ROWS (known: ${!ROW_NAME[*]})"; done
 
@@ -228,9 +234,9 @@ EOF
       nbdkit --foreground --exit-with-parent "${NBDKIT_TLS[@]}" --unix "$sock" file "$IMG" >"$WORK/$s.log" 2>&1 &
       ;;
     qemu-nbd)
-      # --persistent: stay up between fio runs (one client at a time, so the
-      # default --shared=1 suffices).
-      qemu-nbd -f raw --cache=writeback --aio=threads --persistent "${QEMU_TLS[@]}" -k "$sock" "$IMG" >"$WORK/$s.log" 2>&1 &
+      # --persistent: stay up between fio runs; --shared=4: the x4 rows
+      # connect four times at once.
+      qemu-nbd -f raw --cache=writeback --aio=threads --persistent --shared=4 "${QEMU_TLS[@]}" -k "$sock" "$IMG" >"$WORK/$s.log" 2>&1 &
       ;;
   esac
   PID[$s]=$!
@@ -331,7 +337,8 @@ python3 - "$RAW" "$ROWS" "$SERVERS" <<'EOF'
 import csv, statistics, sys
 raw, rows, servers = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
 names = {"rr16": "4k randread QD16", "rw16": "4k randwrite QD16", "sr4": "1M seq read QD4",
-         "sw4": "1M seq write QD4", "rr1": "4k randread QD1"}
+         "sw4": "1M seq write QD4", "rr1": "4k randread QD1",
+         "rr16x4": "4k randread QD16 x4 conns", "rw16x4": "4k randwrite QD16 x4 conns"}
 data = {}
 for r in csv.DictReader(open(raw), delimiter="\t"):
     data.setdefault((r["row"], r["server"]), []).append(r)
