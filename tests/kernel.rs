@@ -606,20 +606,6 @@ fn mirror_leg_fault_and_spare_under_mounted_ext4() {
         .write("/etc/nbdvirt/nbdvirt.toml", MIRROR_CONFIG)
         .script(
             r#"
-# writer: files /mnt/v/w<i> of random data with fsync, until /tmp/stop;
-# each checksum goes to /tmp/sums, each completed write is a line in
-# /tmp/written.
-writer() {
-	i=0
-	while [ ! -e /tmp/stop ]; do
-		i=$((i + 1))
-		dd if=/dev/urandom of=/tmp/src bs=16k count=$((1 + i % 16)) 2>/dev/null
-		dd if=/tmp/src of=/mnt/v/w$i bs=16k conv=fsync 2>/dev/null || { echo "writer: write w$i failed"; touch /tmp/writer.failed; return 1; }
-		echo "$(sha256sum </tmp/src | cut -d' ' -f1)  w$i" >>/tmp/sums
-		echo $i >>/tmp/written
-	done
-}
-written_at_least() { [ "$(count_lines /tmp/written)" -ge "$1" ]; }
 leg_is() { nbdvirt mirror status vol0 --json | jq -e ".mirrors[0].legs[] | select(.backend == \"$1\") | .state == \"$2\"" >/dev/null; }
 legs() { nbdvirt mirror status vol0 --json | jq -c '[.mirrors[0].legs[] | [.backend, .state]]'; }
 
@@ -638,7 +624,7 @@ sync
 echo "legs: $(legs)"
 
 step "fault b (EIO) under a writer: b fails, the spare s resyncs"
-writer &
+fsync_writer &
 wpid=$!
 wait_for 30 written_at_least 3 || fail "the writer does not get going"
 nbdvirt fault b --error eio

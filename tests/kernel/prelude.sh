@@ -99,6 +99,22 @@ jq_assert() {
 # count_lines FILE: the number of lines in FILE (0 if it does not exist).
 count_lines() { if [ -e "$1" ]; then wc -l <"$1" | tr -d ' '; else echo 0; fi; }
 
+# fsync_writer: files /mnt/v/w<i> of random data with fsync, until
+# /tmp/stop; each checksum goes to /tmp/sums, each completed write is a
+# line in /tmp/written (a failed write touches /tmp/writer.failed).
+fsync_writer() {
+	i=0
+	while [ ! -e /tmp/stop ]; do
+		i=$((i + 1))
+		dd if=/dev/urandom of=/tmp/src bs=16k count=$((1 + i % 16)) 2>/dev/null
+		dd if=/tmp/src of=/mnt/v/w$i bs=16k conv=fsync 2>/dev/null || { echo "writer: write w$i failed"; touch /tmp/writer.failed; return 1; }
+		echo "$(sha256sum </tmp/src | cut -d' ' -f1)  w$i" >>/tmp/sums
+		echo $i >>/tmp/written
+	done
+}
+# written_at_least N: fsync_writer has completed N writes.
+written_at_least() { [ "$(count_lines /tmp/written)" -ge "$1" ]; }
+
 __on_exit() {
 	_rc=$?
 	if [ "$_rc" -ne 0 ]; then

@@ -49,17 +49,6 @@ fn tls_attach_through_the_relay_ext4_roundtrip() {
             r#"
 # gone PID: the process has exited (a zombie counts: nobody may reap it).
 gone() { [ ! -e /proc/$1 ] || grep -q '^State:.*Z' /proc/$1/status; }
-writer() {
-	i=0
-	while [ ! -e /tmp/stop ]; do
-		i=$((i + 1))
-		dd if=/dev/urandom of=/tmp/src bs=16k count=$((1 + i % 16)) 2>/dev/null
-		dd if=/tmp/src of=/mnt/v/w$i bs=16k conv=fsync 2>/dev/null || { echo "writer: write w$i failed"; touch /tmp/writer.failed; return 1; }
-		echo "$(sha256sum </tmp/src | cut -d' ' -f1)  w$i" >>/tmp/sums
-		echo $i >>/tmp/written
-	done
-}
-written_at_least() { [ "$(count_lines /tmp/written)" -ge "$1" ]; }
 TLS=/etc/nbdvirt/tls
 
 step "serve with tls = require (Unix socket and 127.0.0.1:10809)"
@@ -139,7 +128,7 @@ step "kill -9 the server under writes, restart it: new TLS sessions"
 dev2=$(nbdvirt attach vol0 /dev/nbd2 --tls-psk $TLS/keys.psk) || fail "attach /dev/nbd2 failed"
 relay2=$(cat /sys/block/nbd2/pid)
 sessions=$(grep -c 'TLS started.*cn=\["alice"\]' $NBDVIRT_LOG)
-rm -f /tmp/stop; writer & WPID=$!
+rm -f /tmp/stop; fsync_writer & WPID=$!
 wait_for 30 written_at_least 3 || fail "the writer does not get going"
 kill -9 $NBDVIRT_PID
 wait $NBDVIRT_PID || true
