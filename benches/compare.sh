@@ -11,8 +11,14 @@
 #   RAMP=1          fio ramp_time, seconds
 #   SIZE_MB=1024    size of the served file, MiB (filled from /dev/urandom)
 #   SERVERS="nbdvirt nbdkit qemu-nbd"   subset/order of servers
-#   ROWS="..."      subset of row ids (rr16 rw16 sr4 sw4 rr1; also rr16x4
-#                   rw16x4: fio numjobs=4, one connection per job)
+#   ROWS="..."      subset of row ids (rr16 rw16 sr4 sw4 rr1; also sr4m:
+#                   4M seq read QD4; rr1t: QD1 with 100 us of client think
+#                   time between requests (a sparse client); rr16x4 rw16x4: fio numjobs=4, one
+#                   connection per job; cpin1 cpin4 cpout1 cpout4: nbdcopy
+#                   --requests=64 of the whole volume in from a tmpfs file
+#                   or out to null:, with 1 or 4 connections; ceiling: dd
+#                   of the served file to /dev/null, bs 1M and 4M, once a
+#                   round, the bound the seq read rows are measured against)
 #   RESULTS=FILE    also write the raw per-run results (TSV) to FILE
 #   WAIT_LOAD=2.5   before each run wait (at most WAIT_LOAD_MAX=300 s) until
 #                   the 1-minute load average is below this
@@ -64,6 +70,7 @@ need fio fio
 need python3 python3
 need timeout coreutils
 need dd coreutils
+if [[ " $ROWS " =~ \ cp(in|out)[14]\  ]]; then need nbdcopy libnbd-bin; fi
 if [[ -n ${TLS:-} ]]; then need openssl openssl; need psktool gnutls-bin; fi
 for s in $SERVERS; do
   case $s in
@@ -86,6 +93,10 @@ declare -A ROW_NAME=(
   [rr16]="4k randread QD16" [rw16]="4k randwrite QD16"
   [sr4]="1M seq read QD4" [sw4]="1M seq write QD4" [rr1]="4k randread QD1"
   [rr16x4]="4k randread QD16 x4 conns" [rw16x4]="4k randwrite QD16 x4 conns"
+  [sr4m]="4M seq read QD4" [rr1t]="4k randread QD1 100us think"
+  [cpin1]="nbdcopy in, 1 conn" [cpin4]="nbdcopy in, 4 conns"
+  [cpout1]="nbdcopy out, 1 conn" [cpout4]="nbdcopy out, 4 conns"
+  [ceiling]="dd of the served file"
 )
 declare -A ROW_FIO=(
   [rr16]="--rw=randread --bs=4k --iodepth=16"
@@ -95,6 +106,17 @@ declare -A ROW_FIO=(
   [rr1]="--rw=randread --bs=4k --iodepth=1"
   [rr16x4]="--rw=randread --bs=4k --iodepth=16 --numjobs=4 --group_reporting"
   [rw16x4]="--rw=randwrite --bs=4k --iodepth=16 --numjobs=4 --group_reporting"
+  [sr4m]="--rw=read --bs=4M --iodepth=4"
+  [rr1t]="--rw=randread --bs=4k --iodepth=1 --thinktime=100"
+)
+# nbdcopy rows: arguments before SOURCE DESTINATION ("in": a tmpfs file
+# into the volume; "out": the volume to null:, so only the server's side
+# and nbdcopy's reads are measured). 64 requests of 256 KiB (nbdcopy's
+# default size) in flight; with 4 connections nbdcopy needs the server to
+# advertise multi-conn, or it silently uses one.
+declare -A ROW_COPY=(
+  [cpin1]="--connections=1 --requests=64" [cpin4]="--connections=4 --requests=64"
+  [cpout1]="--connections=1 --requests=64" [cpout4]="--connections=4 --requests=64"
 )
 for r in $ROWS; do [[ -n ${ROW_NAME[$r]:-} ]] || die "unknown row '$r' in ROWS (known: ${!ROW_NAME[*]})"; done
 
@@ -103,6 +125,8 @@ WORK=$(mktemp -d /tmp/nbdvirt-compare.XXXXXX)
 IMG=$(mktemp /dev/shm/nbdvirt-compare.XXXXXX.img)
 # nbdvirt locks its stores (flock): a second nbdvirt serves an identical copy.
 IMG_BASE="$IMG.base"
+# Source of the nbdcopy "in" rows, made only if one runs.
+IMG_SRC="$IMG.src"
 declare -A PID=()
 
 stop_pid() { # pid
@@ -120,7 +144,7 @@ cleanup() {
   local s
   trap - EXIT INT TERM
   for s in "${!PID[@]}"; do stop_pid "${PID[$s]}"; done
-  rm -f "$IMG" "$IMG_BASE"
+  rm -f "$IMG" "$IMG_BASE" "$IMG_SRC"
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -128,6 +152,7 @@ trap 'log interrupted; exit 130' INT TERM
 
 avail_kb=$(df -Pk /dev/shm | awk 'NR == 2 { print $4 }')
 copies=1; [[ " $SERVERS " == *" nbdvirt-base "* ]] && copies=2
+[[ " $ROWS " =~ \ cpin[14]\  ]] && copies=$((copies + 1))
 ((avail_kb > copies * SIZE_MB * 1024 + 65536)) || die "/dev/shm has ${avail_kb} KiB free; need $((copies * SIZE_MB * 1024 + 65536)) KiB"
 
 # ---- build -----------------------------------------------------------------
@@ -167,6 +192,7 @@ echo
 log "filling $IMG with ${SIZE_MB} MiB from /dev/urandom"
 timeout 600 dd if=/dev/urandom of="$IMG" bs=1M count="$SIZE_MB" status=none conv=fsync || die "cannot fill $IMG"
 if [[ " $SERVERS " == *" nbdvirt-base "* ]]; then cp "$IMG" "$IMG_BASE" || die "cannot copy $IMG"; fi
+if [[ " $ROWS " =~ \ cpin[14]\  ]]; then cp "$IMG" "$IMG_SRC" || die "cannot copy $IMG"; fi
 
 # ---- TLS -------------------------------------------------------------------
 NBDVIRT_TLS_TOML=""; NBDKIT_TLS=(); QEMU_TLS=(); FIO_AS=(); SCHEME="nbd+unix"
@@ -266,7 +292,45 @@ wait_quiet() { # optional: wait (bounded) for the 1-minute load average to drop
   log "loadavg still $(cut -d' ' -f1 /proc/loadavg) >= $WAIT_LOAD after ${WAIT_LOAD_MAX:-300}s; running anyway"
 }
 
+# One nbdcopy of the whole volume; the server's CPU over the whole copy.
+run_copy() { # round row server
+  local round=$1 row=$2 s=$3 uri="$SCHEME:///?socket=$WORK/$3.sock" load c0 c1 t0 t1 src dst
+  kill -0 "${PID[$s]}" 2>/dev/null || { cat "$WORK/$s.log" >&2; die "$s (pid ${PID[$s]}) died (log above)"; }
+  wait_quiet
+  load=$(cut -d' ' -f1 /proc/loadavg)
+  if [[ $row == cpin* ]]; then src=$IMG_SRC dst=$uri; else src=$uri dst=null:; fi
+  c0=$(cpu_ticks "${PID[$s]}")
+  t0=$(date +%s.%N)
+  # shellcheck disable=SC2086
+  timeout --kill-after=10 600 "${FIO_AS[@]}" nbdcopy ${ROW_COPY[$row]} "$src" "$dst" >"$WORK/copy.err" 2>&1 ||
+    { cat "$WORK/copy.err" >&2; die "nbdcopy failed on $s, row '${ROW_NAME[$row]}' (output above)"; }
+  t1=$(date +%s.%N)
+  c1=$(cpu_ticks "${PID[$s]}")
+  awk -v r="$round" -v row="$row" -v s="$s" -v c0="$c0" -v c1="$c1" -v t0="$t0" -v t1="$t1" \
+    -v tck="$CLK_TCK" -v bytes=$((SIZE_MB * 1048576)) -v load="$load" 'BEGIN {
+      secs = t1 - t0; cpu = (c1 - c0) / tck; reqs = bytes / 262144
+      printf "%s\t%s\t%s\t%.0f\t%.0f\t0\t%.0f\t%.2f\t%s\n", r, row, s, reqs / secs, bytes / secs, cpu / secs * 100, cpu * 1e6 / reqs, load
+    }' >>"$RAW"
+  tail -1 "$RAW" | awk -F'\t' '{ printf "compare.sh: round %s %-6s %-9s %9d req/s %8.1f MB/s  server CPU %4d%% %7.2f us/req  load %s\n", $1, $2, $3, $4, $5 / 1e6, $7, $8, $9 }' >&2
+}
+
+# The ceiling: dd of the served file (in the page cache: tmpfs) to
+# /dev/null, 1M and 4M blocks. No server involved.
+CEILING="$WORK/ceiling.tsv"
+printf 'round\tbs\tbw_bytes\n' >"$CEILING"
+run_ceiling() { # round
+  local bs out
+  for bs in 1M 4M; do
+    wait_quiet
+    out=$(LC_ALL=C dd if="$IMG" of=/dev/null bs=$bs 2>&1) || die "dd of $IMG failed: $out"
+    # "N bytes (...) copied, S s, ..." 
+    echo "$out" | awk -v r="$1" -v bs="$bs" '/copied/ { for (i = 1; i <= NF; i++) if ($i == "s,") secs = $(i - 1); printf "%s\t%s\t%.0f\n", r, bs, $1 / secs }' >>"$CEILING"
+    tail -1 "$CEILING" | awk -F'\t' '{ printf "compare.sh: round %s dd bs=%s %8.1f MB/s\n", $1, $2, $3 / 1e6 }' >&2
+  done
+}
+
 run_one() { # round row server
+  if [[ -n ${ROW_COPY[$2]:-} ]]; then run_copy "$@"; return; fi
   local round=$1 row=$2 s=$3 sock="$WORK/$3.sock" out="$WORK/fio-$1-$2-$3.json" load sampler
   kill -0 "${PID[$s]}" 2>/dev/null || { cat "$WORK/$s.log" >&2; die "$s (pid ${PID[$s]}) died (log above)"; }
   wait_quiet
@@ -315,6 +379,7 @@ NS=${#SERVER_LIST[@]}
 slot=0
 for ((round = 1; round <= ROUNDS; round++)); do
   for row in $ROWS; do
+    if [[ $row == ceiling ]]; then run_ceiling "$round"; continue; fi
     # Rotate the server order every slot so no server always goes first.
     for ((k = 0; k < NS; k++)); do
       run_one "$round" "$row" "${SERVER_LIST[$(((slot + k) % NS))]}"
@@ -333,33 +398,7 @@ done
 # ---- report ----------------------------------------------------------------
 echo "## Results (median of $ROUNDS rounds, ${RUNTIME}s each)"
 echo
-python3 - "$RAW" "$ROWS" "$SERVERS" <<'EOF'
-import csv, statistics, sys
-raw, rows, servers = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
-names = {"rr16": "4k randread QD16", "rw16": "4k randwrite QD16", "sr4": "1M seq read QD4",
-         "sw4": "1M seq write QD4", "rr1": "4k randread QD1",
-         "rr16x4": "4k randread QD16 x4 conns", "rw16x4": "4k randwrite QD16 x4 conns"}
-data = {}
-for r in csv.DictReader(open(raw), delimiter="\t"):
-    data.setdefault((r["row"], r["server"]), []).append(r)
-med = lambda rs, k: statistics.median(float(r[k]) for r in rs)
-print("| row | server | IOPS | MB/s | ratio to nbdkit | mean lat (µs) | server CPU % | server CPU µs/IO | IOPS min–max |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---|")
-for row in rows:
-    base = med(data[(row, "nbdkit")], "iops") if (row, "nbdkit") in data else None
-    for s in servers:
-        rs = data[(row, s)]
-        iops = med(rs, "iops")
-        ratio = f"{iops / base:.2f}×" if base else "–"
-        spread = f"{min(float(r['iops']) for r in rs):.0f}–{max(float(r['iops']) for r in rs):.0f}"
-        print(f"| {names[row]} | {s} | {iops:.0f} | {med(rs, 'bw_bytes') / 1e6:.1f} | {ratio} | "
-              f"{med(rs, 'lat_mean_us'):.1f} | {med(rs, 'srv_cpu_pct'):.0f} | {med(rs, 'srv_cpu_us_per_io'):.2f} | {spread} |")
-EOF
-echo
-echo "Medians over the rounds, each column separately. MB/s = 10^6 bytes/s. Ratio = IOPS / nbdkit's IOPS."
-echo "Server CPU = user+sys time of all the server's threads during fio's measured window (% of one core),"
-echo "and divided by the number of I/Os completed in it (µs/IO: lower is more efficient, and less"
-echo "sensitive to other load on the machine than IOPS)."
+python3 "$REPO/benches/compare_report.py" "$RAW" "${ROWS//ceiling/}" "$SERVERS" "$CEILING"
 echo
 echo "## Peak RSS (VmHWM at the end of the benchmark)"
 echo

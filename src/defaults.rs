@@ -22,7 +22,8 @@ pub const MAX_REQUEST: u64 = 64 << 20;
 pub const MAX_INFLIGHT_REQUESTS: u64 = 1024;
 /// `server.shutdown_grace`: ESHUTDOWN window after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
-/// `server.busy_poll`: poll an idle connection this long before sleeping.
+/// `server.busy_poll`: poll an idle connection at most this long before
+/// sleeping (the window adapts below it, see `server::idle_poll`).
 pub const BUSY_POLL: Duration = Duration::from_micros(50);
 /// `server.handshake_timeout`: longest option haggling (TLS included);
 /// a client still negotiating after it is dropped.

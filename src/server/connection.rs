@@ -7,6 +7,7 @@
 use super::budget::{Budget, Permit};
 use super::buffers::{footprint, Buffer};
 use super::handshake::Negotiated;
+use super::idle_poll::IdlePoll;
 use super::pool::Pools;
 use super::recv::RecvBuf;
 use super::sink::ReplySink;
@@ -16,8 +17,6 @@ use super::stream::Stream;
 use crate::nbd::*;
 use crate::map::Range;
 use bytes::Bytes;
-use nix::errno::Errno;
-use nix::sys::socket::{recv, MsgFlags};
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,8 +34,8 @@ pub struct ConnLimits {
     /// How long a connection keeps answering ESHUTDOWN after a stop request
     /// before it is closed.
     pub shutdown_grace: Duration,
-    /// How long a reader with nothing in flight polls for the next request
-    /// before it sleeps in `recv` (see `Reader::poll_briefly`).
+    /// Longest a reader with nothing in flight polls for the next request
+    /// before it sleeps in `recv` (see `IdlePoll`).
     pub busy_poll: Duration,
 }
 
@@ -76,7 +75,7 @@ pub fn serve(
         stopping,
         stop_seen: None,
         grace: limits.shutdown_grace,
-        busy_poll: limits.busy_poll,
+        idle_poll: IdlePoll::new(limits.busy_poll),
         sink: &ctx.sink,
     };
     let result = reader_loop(&ctx, &budget, &mut reader);
@@ -110,7 +109,7 @@ struct Reader<'a> {
     stopping: &'a AtomicBool,
     stop_seen: Option<Instant>,
     grace: Duration,
-    busy_poll: Duration,
+    idle_poll: IdlePoll,
     /// Uncorked before every read that may sleep: held-back replies must
     /// never wait on the client, who may be waiting on them.
     sink: &'a ReplySink,
@@ -134,16 +133,25 @@ impl Reader<'_> {
 
     /// Waits for the next request to start arriving.
     fn wait_request(&mut self, budget: &Budget) -> io::Result<Next> {
+        // Set when the connection is idle: nothing buffered, nothing in
+        // flight, so the wait lasts until the client sends again.
+        let mut idle_since = None;
         if self.inner.buffer().is_empty() {
             self.sink.uncork();
-            if budget.in_flight() == 0 {
-                self.poll_briefly();
+            if budget.in_flight() == 0 && !self.inner.get_ref().tls_pending() {
+                let since = Instant::now();
+                idle_since = Some((since, self.idle_poll.poll(self.inner.get_ref().as_raw_fd())));
             }
         }
         loop {
             match self.inner.fill_buf() {
                 Ok([]) => return Ok(Next::Eof),
-                Ok(_) => return Ok(Next::Data),
+                Ok(_) => {
+                    if let Some((since, polled)) = idle_since {
+                        self.idle_poll.record(polled, since.elapsed());
+                    }
+                    return Ok(Next::Data);
+                }
                 Err(e) if is_timeout(&e) => {
                     if self.stopping() && budget.in_flight() == 0 && self.stop_seen.is_some_and(|t| t.elapsed() >= self.grace) {
                         return Ok(Next::Stop);
@@ -151,31 +159,6 @@ impl Reader<'_> {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Polls the socket without sleeping for up to `busy_poll`, returning
-    /// as soon as data is there. A client waiting on its last reply sends
-    /// the next request within microseconds; a reader asleep in `recv` has to
-    /// be woken by an inter-processor interrupt, which on a virtual machine
-    /// costs more than the whole 4 KiB request (QD1 latency 65 µs asleep vs
-    /// 30 µs polling, docs/PERFORMANCE.md). Only called with nothing in
-    /// flight, so the poll never competes with this connection's own I/O,
-    /// and it yields the CPU each round to any runnable thread.
-    fn poll_briefly(&self) {
-        if self.busy_poll.is_zero() || self.inner.get_ref().tls_pending() {
-            return;
-        }
-        let fd = self.inner.get_ref().as_raw_fd();
-        let start = Instant::now();
-        let mut byte = [0u8; 1];
-        while start.elapsed() < self.busy_poll {
-            match recv(fd, &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
-                Err(Errno::EAGAIN) => std::thread::yield_now(),
-                // Data, or EOF: either way fill_buf will not sleep. An
-                // error: let fill_buf report it.
-                _ => return,
             }
         }
     }

@@ -10,6 +10,7 @@ mod buffers;
 mod connection;
 pub mod counters;
 mod execute;
+mod idle_poll;
 mod exports;
 pub mod handshake;
 mod listener;
