@@ -13,8 +13,8 @@
 #   SERVERS="nbdvirt nbdkit qemu-nbd"   subset/order of servers
 #   ROWS="..."      subset of row ids (rr16 rw16 sr4 sw4 rr1; also sr4m:
 #                   4M seq read QD4; rr1t: QD1 with 100 us of client think
-#                   time between requests (a sparse client); rr16x4 rw16x4: fio numjobs=4, one
-#                   connection per job; cpin1 cpin4 cpout1 cpout4: nbdcopy
+#                   time between requests (a sparse client); rr16x4 rw16x4:
+#                   fio numjobs=4, one connection per job; cpin1 cpin4 cpout1 cpout4: nbdcopy
 #                   --requests=64 of the whole volume in from a tmpfs file
 #                   or out to null:, with 1 or 4 connections; ceiling: dd
 #                   of the served file to /dev/null, bs 1M and 4M, once a
@@ -323,7 +323,7 @@ run_ceiling() { # round
   for bs in 1M 4M; do
     wait_quiet
     out=$(LC_ALL=C dd if="$IMG" of=/dev/null bs=$bs 2>&1) || die "dd of $IMG failed: $out"
-    # "N bytes (...) copied, S s, ..." 
+    # "N bytes (...) copied, S s, ..."
     echo "$out" | awk -v r="$1" -v bs="$bs" '/copied/ { for (i = 1; i <= NF; i++) if ($i == "s,") secs = $(i - 1); printf "%s\t%s\t%.0f\n", r, bs, $1 / secs }' >>"$CEILING"
     tail -1 "$CEILING" | awk -F'\t' '{ printf "compare.sh: round %s dd bs=%s %8.1f MB/s\n", $1, $2, $3 / 1e6 }' >&2
   done
