@@ -365,7 +365,8 @@ done
 # ---- report ----------------------------------------------------------------
 echo "## Results (median of $ROUNDS rounds, ${RUNTIME}s each)"
 echo
-python3 "$REPO/benches/compare_report.py" "$RAW" "${ROWS//ceiling/}" "$SERVERS" "$CEILING"
+for r in "${!ROW_NAME[@]}"; do printf '%s\t%s\n' "$r" "${ROW_NAME[$r]}"; done >"$WORK/names.tsv"
+python3 "$REPO/benches/compare_report.py" "$RAW" "${ROWS//ceiling/}" "$SERVERS" "$WORK/names.tsv" "$CEILING"
 echo
 echo "## Peak RSS (VmHWM at the end of the benchmark)"
 echo

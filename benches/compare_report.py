@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """The tables of benches/compare.sh, from its raw per-run TSV.
 
-    compare_report.py RESULTS.tsv "ROWS" "SERVERS" [CEILING.tsv]
+    compare_report.py RESULTS.tsv "ROWS" "SERVERS" NAMES.tsv [CEILING.tsv]
+
+NAMES.tsv: row id, tab, the row's name (compare.sh's ROW_NAME).
 
 Medians over the rounds, each column separately; the IOPS spread is min-max.
 nbdcopy rows count requests of 256 KiB (nbdcopy's default) as I/Os. With a
@@ -12,14 +14,6 @@ import csv
 import statistics
 import sys
 
-NAMES = {
-    "rr16": "4k randread QD16", "rw16": "4k randwrite QD16",
-    "sr4": "1M seq read QD4", "sr4m": "4M seq read QD4", "sw4": "1M seq write QD4",
-    "rr1": "4k randread QD1", "rr1t": "4k randread QD1 100us think",
-    "rr16x4": "4k randread QD16 x4 conns", "rw16x4": "4k randwrite QD16 x4 conns",
-    "cpin1": "nbdcopy in, 1 conn", "cpin4": "nbdcopy in, 4 conns",
-    "cpout1": "nbdcopy out, 1 conn", "cpout4": "nbdcopy out, 4 conns",
-}
 # Which dd block size is the ceiling of a seq read row.
 CEILING_OF = {"sr4": "1M", "sr4m": "4M"}
 
@@ -30,6 +24,7 @@ def median(rs, key):
 
 def main():
     raw, rows, servers = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
+    names = dict(line.rstrip("\n").split("\t", 1) for line in open(sys.argv[4]))
     data = {}
     for r in csv.DictReader(open(raw), delimiter="\t"):
         data.setdefault((r["row"], r["server"]), []).append(r)
@@ -43,7 +38,7 @@ def main():
             ratio = f"{iops / base:.2f}×" if base else "–"
             spread = f"{min(float(r['iops']) for r in rs):.0f}–{max(float(r['iops']) for r in rs):.0f}"
             lat = median(rs, "lat_mean_us")
-            print(f"| {NAMES[row]} | {s} | {iops:.0f} | {median(rs, 'bw_bytes') / 1e6:.1f} | {ratio} | "
+            print(f"| {names[row]} | {s} | {iops:.0f} | {median(rs, 'bw_bytes') / 1e6:.1f} | {ratio} | "
                   f"{f'{lat:.1f}' if lat > 0 else '–'} | {median(rs, 'srv_cpu_pct'):.0f} | "
                   f"{median(rs, 'srv_cpu_us_per_io'):.2f} | {spread} |")
     print()
@@ -52,12 +47,12 @@ def main():
     print("and divided by the number of I/Os completed in it (µs/IO: lower is more efficient, and less")
     print("sensitive to other load on the machine than IOPS). nbdcopy rows: the whole copy is the window,")
     print("an I/O is one 256 KiB request, and there is no latency.")
-    scaling(data, rows, servers)
-    if len(sys.argv) > 4:
-        ceiling(data, rows, servers, sys.argv[4])
+    scaling(data, rows, servers, names)
+    if len(sys.argv) > 5:
+        ceiling(data, rows, servers, names, sys.argv[5])
 
 
-def scaling(data, rows, servers):
+def scaling(data, rows, servers, names):
     pairs = [(one, four) for one, four in [("rr16", "rr16x4"), ("rw16", "rw16x4"), ("cpin1", "cpin4"), ("cpout1", "cpout4")]
              if one in rows and four in rows]
     if not pairs:
@@ -69,10 +64,10 @@ def scaling(data, rows, servers):
     print("|---|" + "---:|" * len(servers))
     for one, four in pairs:
         cells = [f"{median(data[(four, s)], 'iops') / median(data[(one, s)], 'iops'):.2f}×" for s in servers]
-        print(f"| {NAMES[one]} → {NAMES[four]} | " + " | ".join(cells) + " |")
+        print(f"| {names[one]} → {names[four]} | " + " | ".join(cells) + " |")
 
 
-def ceiling(data, rows, servers, path):
+def ceiling(data, rows, servers, names, path):
     dd = {}
     for r in csv.DictReader(open(path), delimiter="\t"):
         dd.setdefault(r["bs"], []).append(float(r["bw_bytes"]))
@@ -89,7 +84,7 @@ def ceiling(data, rows, servers, path):
             continue
         top = statistics.median(dd[bs])
         cells = [f"{median(data[(row, s)], 'bw_bytes') / 1e6:.0f} ({median(data[(row, s)], 'bw_bytes') / top:.0%})" for s in servers]
-        print(f"| {bs} ({NAMES[row]}) | {top / 1e6:.0f} | {min(dd[bs]) / 1e6:.0f}–{max(dd[bs]) / 1e6:.0f} | " + " | ".join(cells) + " |")
+        print(f"| {bs} ({names[row]}) | {top / 1e6:.0f} | {min(dd[bs]) / 1e6:.0f}–{max(dd[bs]) / 1e6:.0f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
