@@ -280,7 +280,7 @@ CLK_TCK=$(getconf CLK_TCK)
 
 # ---- runs ------------------------------------------------------------------
 RAW="$WORK/results.tsv"
-printf 'round\trow\tserver\tiops\tbw_bytes\tlat_mean_us\tsrv_cpu_pct\tsrv_cpu_us_per_io\tloadavg\n' >"$RAW"
+printf 'round\trow\tserver\tiops\tbw_bytes\tlat_mean_us\tsrv_cpu_pct\tsrv_cpu_us_per_io\tloadavg\tcli_cpu_pct\n' >"$RAW"
 
 wait_quiet() { # optional: wait (bounded) for the 1-minute load average to drop
   [[ -n ${WAIT_LOAD:-} ]] || return 0
@@ -336,9 +336,13 @@ if d["io_bytes"] == 0:
 cpu_s = (float(c1) - float(c0)) / float(tck)
 cpu_pct = cpu_s / float(runtime) * 100
 us_per_io = cpu_s * 1e6 / (d["iops"] * float(runtime))
-print(f"{rnd}\t{row}\t{srv}\t{d['iops']:.0f}\t{d['bw_bytes']}\t{d['lat_ns']['mean'] / 1000:.1f}\t{cpu_pct:.0f}\t{us_per_io:.2f}\t{load}")
+# fio's own CPU (user+sys, % of one core): near 100 per job, the row
+# measures the client. A group_reporting job's figure is the mean of its
+# jobs (its runtime is theirs summed), so times the jobs: their total.
+cli_pct = (job["usr_cpu"] + job["sys_cpu"]) * int(job["job options"].get("numjobs", 1))
+print(f"{rnd}\t{row}\t{srv}\t{d['iops']:.0f}\t{d['bw_bytes']}\t{d['lat_ns']['mean'] / 1000:.1f}\t{cpu_pct:.0f}\t{us_per_io:.2f}\t{load}\t{cli_pct:.0f}")
 EOF
-  tail -1 "$RAW" | awk -F'\t' '{ printf "compare.sh: round %s %-5s %-9s %9d IOPS %8.1f MB/s  lat %8.1f us  server CPU %4d%% %7.2f us/IO  load %s\n", $1, $2, $3, $4, $5 / 1e6, $6, $7, $8, $9 }' >&2
+  tail -1 "$RAW" | awk -F'\t' '{ printf "compare.sh: round %s %-5s %-9s %9d IOPS %8.1f MB/s  lat %8.1f us  server CPU %4d%% %7.2f us/IO  fio CPU %4d%%  load %s\n", $1, $2, $3, $4, $5 / 1e6, $6, $7, $8, $10, $9 }' >&2
 }
 
 read -r -a SERVER_LIST <<<"$SERVERS"

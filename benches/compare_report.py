@@ -22,14 +22,20 @@ def median(rs, key):
     return statistics.median(float(r[key]) for r in rs)
 
 
+def client(rs):
+    """Median client CPU %, or – for results from before the column."""
+    got = [float(r["cli_cpu_pct"]) for r in rs if r.get("cli_cpu_pct") not in (None, "")]
+    return f"{statistics.median(got):.0f}" if got else "–"
+
+
 def main():
     raw, rows, servers = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
     names = dict(line.rstrip("\n").split("\t", 1) for line in open(sys.argv[4]))
     data = {}
     for r in csv.DictReader(open(raw), delimiter="\t"):
         data.setdefault((r["row"], r["server"]), []).append(r)
-    print("| row | server | IOPS | MB/s | ratio to nbdkit | mean lat (µs) | server CPU % | server CPU µs/IO | IOPS min–max |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    print("| row | server | IOPS | MB/s | ratio to nbdkit | mean lat (µs) | server CPU % | server CPU µs/IO | client CPU % | IOPS min–max |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
         base = median(data[(row, "nbdkit")], "iops") if (row, "nbdkit") in data else None
         for s in servers:
@@ -40,13 +46,15 @@ def main():
             lat = median(rs, "lat_mean_us")
             print(f"| {names[row]} | {s} | {iops:.0f} | {median(rs, 'bw_bytes') / 1e6:.1f} | {ratio} | "
                   f"{f'{lat:.1f}' if lat > 0 else '–'} | {median(rs, 'srv_cpu_pct'):.0f} | "
-                  f"{median(rs, 'srv_cpu_us_per_io'):.2f} | {spread} |")
+                  f"{median(rs, 'srv_cpu_us_per_io'):.2f} | {client(rs)} | {spread} |")
     print()
     print("Medians over the rounds, each column separately. MB/s = 10^6 bytes/s. Ratio = IOPS / nbdkit's IOPS.")
     print("Server CPU = user+sys time of all the server's threads during fio's measured window (% of one core),")
     print("and divided by the number of I/Os completed in it (µs/IO: lower is more efficient, and less")
     print("sensitive to other load on the machine than IOPS). nbdcopy rows: the whole copy is the window,")
-    print("an I/O is one 256 KiB request, and there is no latency.")
+    print("an I/O is one 256 KiB request, and there is no latency. Client CPU = fio's (or nbdcopy's) own")
+    print("user+sys time, % of one core, all of fio's jobs together: near 100 per job (on a 2-core machine,")
+    print("where the server has the other core), the client bounds the row, not the server.")
     scaling(data, rows, servers, names)
     if len(sys.argv) > 5:
         ceiling(data, rows, servers, names, sys.argv[5])
