@@ -397,6 +397,35 @@ fn set_meta_context_then_block_status() {
     c.expect_error(0, CMD_BLOCK_STATUS, SIZE - 4096, 8192, &[], EINVAL, "BLOCK_STATUS past the end");
 }
 
+/// BLOCK_STATUS remembers the data run it last found (backend/allocation.rs):
+/// a TRIM or WRITE_ZEROES that punches a hole inside that run must still
+/// show as a hole at once, and a write into a hole as data.
+#[test]
+fn block_status_follows_punched_holes_and_new_writes() {
+    let server = start();
+    let mut h = Handshake::start(&server);
+    h.structured_reply();
+    h.set_meta("v", &["base:allocation"]);
+    let mut c = h.go("v");
+    let status = |c: &mut Conn, len: u32| -> Vec<(u32, u32)> {
+        let o = c.request(0, CMD_BLOCK_STATUS, 0, len, &[]);
+        assert_eq!(o.error, 0, "{o:?}");
+        descriptors(o.chunks.iter().find(|x| x.kind == REPLY_TYPE_BLOCK_STATUS).unwrap()).1
+    };
+    let hole = STATE_HOLE | STATE_ZERO;
+    c.write(0, &pattern(11, 64 * 1024));
+    assert_eq!(status(&mut c, 64 * 1024), [(64 * 1024, 0)], "written range is data");
+    assert_eq!(status(&mut c, 64 * 1024), [(64 * 1024, 0)], "asked again (from the remembered run)");
+    let o = c.request(0, CMD_TRIM, 16 * 1024, 16 * 1024, &[]);
+    assert_eq!(o.error, 0, "{o:?}");
+    assert_eq!(status(&mut c, 64 * 1024), [(16 * 1024, 0), (16 * 1024, hole), (32 * 1024, 0)], "TRIM punched a hole");
+    let o = c.request(0, CMD_WRITE_ZEROES, 48 * 1024, 16 * 1024, &[]);
+    assert_eq!(o.error, 0, "{o:?}");
+    assert_eq!(status(&mut c, 64 * 1024), [(16 * 1024, 0), (16 * 1024, hole), (16 * 1024, 0), (16 * 1024, hole)], "WRITE_ZEROES punched one");
+    c.write(16 * 1024, &pattern(12, 16 * 1024));
+    assert_eq!(status(&mut c, 64 * 1024), [(48 * 1024, 0), (16 * 1024, hole)], "a write fills the hole");
+}
+
 fn check_descriptors(d: &[(u32, u32)], req_len: u32, req_one: bool) {
     assert!(!d.is_empty(), "no descriptors");
     assert!(d.iter().all(|x| x.0 > 0), "zero-length descriptor: {d:?}");

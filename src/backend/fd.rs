@@ -2,10 +2,9 @@
 //! block device or a memfd.
 
 use super::aligned::AlignedBuf;
+use super::allocation::AllocationMap;
 use super::{blockdev, Allocation, Backend, StoreInfo, ZeroMode};
-use nix::errno::Errno;
 use nix::fcntl::{fallocate, posix_fadvise, FallocateFlags, Flock, PosixFadviseAdvice};
-use nix::unistd::{lseek, Whence};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -34,6 +33,8 @@ pub struct FdBackend {
     /// only when the backend goes.
     #[allow(dead_code)]
     store_lock: Option<Flock<File>>,
+    /// What BLOCK_STATUS learnt of the file's holes.
+    allocation: AllocationMap,
 }
 
 /// Chunk size for writing zeros by hand when the kernel cannot do it.
@@ -49,7 +50,7 @@ fn unsupported(e: &io::Error) -> bool {
 
 impl FdBackend {
     pub fn new(file: File, info: StoreInfo) -> FdBackend {
-        FdBackend { file, info, dirty: AtomicBool::new(false), flush_lock: Mutex::new(()), store_lock: None }
+        FdBackend { file, info, dirty: AtomicBool::new(false), flush_lock: Mutex::new(()), store_lock: None, allocation: AllocationMap::default() }
     }
 
     /// Keeps `lock` (the store's flock) as long as this backend lives.
@@ -121,8 +122,19 @@ impl FdBackend {
         self.settle(fua)
     }
 
+    /// Every hole this store makes, it makes here: BLOCK_STATUS forgets
+    /// its known data run before and after the punch (a scan racing it
+    /// may still keep the data it saw: see `allocation.rs`).
     fn fallocate(&self, flags: FallocateFlags, offset: u64, length: u64) -> io::Result<()> {
-        fallocate(self.file.as_raw_fd(), flags, offset as i64, length as i64).map_err(errno)
+        let punch = flags.contains(FallocateFlags::FALLOC_FL_PUNCH_HOLE);
+        if punch {
+            self.allocation.forget();
+        }
+        let result = fallocate(self.file.as_raw_fd(), flags, offset as i64, length as i64).map_err(errno);
+        if punch {
+            self.allocation.forget();
+        }
+        result
     }
 }
 
@@ -272,32 +284,10 @@ impl Backend for FdBackend {
     }
 
     fn block_status(&self, offset: u64, length: u64, max_runs: usize) -> io::Result<Vec<Allocation>> {
-        let end = offset + length;
         if self.info.kind == StoreKind::BlockDevice {
             return Ok(vec![Allocation { length, hole: false }]);
         }
-        let fd = self.file.as_raw_fd();
-        let mut runs = Vec::new();
-        let mut pos = offset;
-        while pos < end && runs.len() < max_runs.max(1) {
-            let data = match lseek(fd, pos as i64, Whence::SeekData) {
-                Ok(data) => (data as u64).min(end),
-                Err(Errno::ENXIO) => end, // only a hole from here to EOF
-                // No SEEK_DATA support: report everything as data.
-                Err(_) => return Ok(vec![Allocation { length, hole: false }]),
-            };
-            if data > pos {
-                runs.push(Allocation { length: data - pos, hole: true });
-                pos = data;
-                continue;
-            }
-            let hole = lseek(fd, pos as i64, Whence::SeekHole).map_or(end, |hole| (hole as u64).min(end));
-            // The file may have changed between the two seeks; always advance.
-            let hole = hole.max(pos + 1).min(end);
-            runs.push(Allocation { length: hole - pos, hole: false });
-            pos = hole;
-        }
-        Ok(runs)
+        self.allocation.scan(self.file.as_raw_fd(), offset, length, max_runs)
     }
 
     fn cache(&self, offset: u64, length: u64) -> io::Result<()> {

@@ -7,6 +7,7 @@
 //! worker threads, never on an event loop.
 
 mod aligned;
+mod allocation;
 pub use aligned::AlignedBuf;
 mod blockdev;
 mod delay;
