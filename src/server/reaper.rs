@@ -1,6 +1,7 @@
-//! Drops clients that are still haggling after `handshake_timeout`. Socket
-//! timeouts alone cannot: a client that sends a byte now and then resets
-//! them forever.
+//! The server's housekeeping tick. Drops clients that are still haggling
+//! after `handshake_timeout` (socket timeouts alone cannot: a client that
+//! sends a byte now and then resets them forever), and lets the buffer
+//! pool's cap follow use.
 
 use super::counters::Limit;
 use super::ServerState;
@@ -13,6 +14,7 @@ const TICK: Duration = Duration::from_millis(200);
 pub(super) fn run(shared: &ServerState) {
     while !shared.stopping.load(Ordering::Relaxed) {
         std::thread::sleep(TICK);
+        super::buffers::tick();
         let limit = shared.security.load().handshake_timeout;
         let mut conns = lock(&shared.connections);
         for (id, c) in conns.iter_mut().filter(|(_, c)| c.export.is_none() && !c.reaped && c.accepted.elapsed() > limit) {
