@@ -12,11 +12,11 @@ run_copy() { # round row server
   if [[ $row == cpin* ]]; then src=$IMG_SRC dst=$uri; else src=$uri dst=null:; fi
   c0=$(cpu_ticks "${PID[$s]}")
   t0=$(date +%s.%N)
-  # shellcheck disable=SC2086
   # `times` in the subshell: nbdcopy's user and sys time (its second line,
   # the children's), e.g. "0m1.250s 0m0.750s".
+  # shellcheck disable=SC2086
   cli=$({ timeout --kill-after=10 600 "${FIO_AS[@]}" nbdcopy ${ROW_COPY[$row]} "$src" "$dst" >"$WORK/copy.err" 2>&1 || exit 1; times; } |
-    awk 'END { n = split($1 " " $2, t, /[ ms]+/); print t[1] * 60 + t[2] + t[3] * 60 + t[4] }') && [[ -n $cli ]] ||
+    awk 'END { split($1 " " $2, t, /[ ms]+/); print t[1] * 60 + t[2] + t[3] * 60 + t[4] }') && [[ -n $cli ]] ||
     { cat "$WORK/copy.err" >&2; die "nbdcopy failed on $s, row '${ROW_NAME[$row]}' (output above)"; }
   t1=$(date +%s.%N)
   c1=$(cpu_ticks "${PID[$s]}")
