@@ -4,7 +4,8 @@
 //! `SEEK_HOLE` costs time in proportion to the distance to the next hole:
 //! on a fully allocated 512 MiB tmpfs file each call walks the page cache
 //! to the end of the file, and nbdcopy asks once per request, which made
-//! the seeks 13 % of the server's CPU in a copy out of a volume. The run
+//! that walk 6.5 % of the server's CPU in a copy out of a volume (perf,
+//! docs/PERFORMANCE.md §14). The run
 //! found is remembered, so the next question inside it needs no syscall.
 //!
 //! A remembered run can only be wrong in one direction: it may call data
@@ -14,6 +15,7 @@
 //! data is just not skipped), and our own punches forget the run.
 
 use super::Allocation;
+use crate::sync::lock;
 use nix::errno::Errno;
 use nix::unistd::{lseek, Whence};
 use std::io;
@@ -30,16 +32,15 @@ pub(super) struct AllocationMap {
 impl AllocationMap {
     /// Forgets what was learnt: the store is about to punch a hole, or has.
     pub(super) fn forget(&self) {
-        *self.known_data.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *lock(&self.known_data) = None;
     }
 
     fn known_data_end(&self, pos: u64) -> Option<u64> {
-        let known = self.known_data.lock().unwrap_or_else(|p| p.into_inner());
-        known.as_ref().filter(|run| run.contains(&pos)).map(|run| run.end)
+        lock(&self.known_data).as_ref().filter(|run| run.contains(&pos)).map(|run| run.end)
     }
 
     fn learn(&self, run: Range<u64>) {
-        *self.known_data.lock().unwrap_or_else(|p| p.into_inner()) = Some(run);
+        *lock(&self.known_data) = Some(run);
     }
 
     /// The allocation of `[offset, offset + length)` of `fd`, in at most

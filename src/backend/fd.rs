@@ -4,6 +4,7 @@
 use super::aligned::AlignedBuf;
 use super::allocation::AllocationMap;
 use super::{blockdev, Allocation, Backend, StoreInfo, ZeroMode};
+use crate::sync::lock;
 use nix::fcntl::{fallocate, posix_fadvise, FallocateFlags, Flock, PosixFadviseAdvice};
 use std::fs::File;
 use std::io;
@@ -273,7 +274,7 @@ impl Backend for FdBackend {
     }
 
     fn flush(&self) -> io::Result<()> {
-        let _serial = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _serial = lock(&self.flush_lock);
         if self.dirty.swap(false, Ordering::AcqRel) {
             if let Err(e) = nix::unistd::fdatasync(self.file.as_raw_fd()) {
                 self.mark_dirty();

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::backend::AlignedBuf;
+use crate::sync::lock;
 
 /// Smallest class: 4 KiB (2^12).
 const MIN_SHIFT: u32 = 12;
@@ -69,7 +70,7 @@ impl BufferPool {
     /// Storage of at least `len` bytes: its class's size, reused if idle.
     fn take(&self, len: usize) -> AlignedBuf {
         let Some(class) = class_of(len) else { return AlignedBuf::zeroed(len) };
-        let size = 1 << (class as u32 + MIN_SHIFT);
+        let size = class_bytes(class);
         let reused = lock(&self.classes[class]).pop();
         if reused.is_some() {
             self.idle_bytes.fetch_sub(size, Ordering::Relaxed);
@@ -82,7 +83,7 @@ impl BufferPool {
     /// else freed.
     fn give(&self, storage: AlignedBuf) {
         let size = storage.as_slice().len();
-        let Some(class) = class_of(size).filter(|c| 1usize << (*c as u32 + MIN_SHIFT) == size) else {
+        let Some(class) = class_of(size).filter(|&c| class_bytes(c) == size) else {
             return; // unpooled size: freed
         };
         self.in_use.fetch_sub(size, Ordering::Relaxed);
@@ -137,7 +138,10 @@ fn class_of(len: usize) -> Option<usize> {
     (shift <= MAX_SHIFT).then(|| (shift - MIN_SHIFT) as usize)
 }
 
-use crate::sync::lock;
+/// The size of every buffer of `class`.
+fn class_bytes(class: usize) -> usize {
+    1 << (class as u32 + MIN_SHIFT)
+}
 
 /// The memory `Buffer::take(len)` holds: its class up to 4 MiB, whole
 /// pages above. Connections charge this to their budget rather than `len`,
@@ -145,7 +149,7 @@ use crate::sync::lock;
 /// holds 4 MiB, a 1-byte one 4 KiB).
 pub fn footprint(len: usize) -> usize {
     match class_of(len) {
-        Some(class) => 1 << (class as u32 + MIN_SHIFT),
+        Some(class) => class_bytes(class),
         None => len.next_multiple_of(AlignedBuf::ALIGN),
     }
 }
