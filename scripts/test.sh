@@ -25,6 +25,7 @@ declare -A PACKAGES=(
   [passwd]=useradd
   [openssl]=openssl
   [gnutls-bin]=psktool
+  [etcd-server]=etcd
 )
 
 missing=()

@@ -48,3 +48,6 @@ pub const MAX_EXPORT_NAME: usize = 4096;
 /// `server.max_connections_per_address`: connections from one source
 /// address (Unix-socket clients count as one address).
 pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
+
+/// `[cluster] lease_ttl`: how long etcd keeps a silent node's membership.
+pub const CLUSTER_LEASE_TTL: Duration = Duration::from_secs(5);

@@ -11,6 +11,7 @@ pub mod access;
 pub mod api;
 pub mod attach;
 pub mod backend;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -7,6 +7,7 @@
 //! Wire format: docs/CONTROL.md. Future families (pools, cluster peers,
 //! metrics) add their requests and views here, beside the ones below.
 
+mod cluster;
 mod error;
 mod mirror;
 mod fault;
@@ -16,6 +17,7 @@ mod request;
 mod response;
 mod status;
 
+pub use cluster::{ClusterStatus, CoordinatorView, NodeState, NodeView};
 pub use error::{ApiError, ErrorKind, ExitCode};
 pub use mirror::{LegStatus, MergeKeep, MirrorList, MirrorStatus, PairReport, TrackerStatus};
 pub use pool::{

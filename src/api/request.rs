@@ -20,6 +20,8 @@ pub struct RangeArg {
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum Request {
     Status,
+    /// This node's view of its cluster (`[cluster]` nodes only).
+    ClusterStatus,
     Reload {
         #[serde(default)]
         force: bool,
@@ -155,6 +157,7 @@ impl Request {
     pub fn mutates(&self) -> bool {
         match self {
             Request::Status
+            | Request::ClusterStatus
             | Request::History { .. }
             | Request::MigrateStatus { .. }
             | Request::MirrorStatus { .. }
@@ -203,7 +206,7 @@ mod tests {
     #[test]
     fn only_queries_are_read_only() {
         let mutates = |line: &str| serde_json::from_str::<Request>(line).unwrap().mutates();
-        for query in ["status", "history\",\"volume\":\"v", "migrate_status", "mirror_status", "pool_status", "pool_usage"] {
+        for query in ["status", "cluster_status", "history\",\"volume\":\"v", "migrate_status", "mirror_status", "pool_status", "pool_usage"] {
             assert!(!mutates(&format!(r#"{{"command":"{query}"}}"#)), "{query}");
         }
         for command in [r#"{"command":"reload"}"#, r#"{"command":"resume","volume":"v"}"#, r#"{"command":"pool_check"}"#, r#"{"command":"volume_delete","volume":"v"}"#] {

@@ -4,6 +4,7 @@
 
 mod attach;
 mod attach_daemon;
+mod cluster;
 mod discover;
 mod fault;
 mod migrate;
@@ -67,6 +68,9 @@ enum Command {
     /// Storage pools: status, check, usage.
     #[command(subcommand)]
     Pool(pool::PoolCommand),
+    /// Cluster mode on etcd: status.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
 }
 
 fn init_logging(verbose: u8) {
@@ -103,6 +107,7 @@ pub fn run() -> ExitCode {
         Command::Fault(c) => fault::run(c),
         Command::Volume(c) => pool::run_volume(c),
         Command::Pool(c) => pool::run_pool(c),
+        Command::Cluster(c) => cluster::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,7 @@
 //! every check that can be made before anything is opened. Errors name the
 //! file, the line and the field.
 
+mod cluster;
 mod layout;
 mod limits;
 mod parse_ctx;
@@ -202,6 +203,25 @@ pub struct Config {
     /// Storage pools (`[[pool]]`): space from which volumes are created at
     /// run time (`nbdvirt volume create`).
     pub pools: Vec<PoolConfig>,
+    /// `[cluster]`: this node's place in a cluster on etcd; `None` = a
+    /// single node.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]` (checked; `crate::cluster` runs it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// etcd client URLs, `http://HOST:PORT`.
+    pub etcd: Vec<String>,
+    /// The cluster's name: its keys live under `/nbdvirt/<name>/`.
+    pub name: String,
+    /// This node's id, unique in the cluster.
+    pub node: String,
+    /// This node's node-to-node endpoint, published for its peers.
+    pub peer: Endpoint,
+    /// The membership lease's TTL (whole seconds, 2–20 s).
+    pub lease_ttl: Duration,
+    pub line: usize,
 }
 
 impl Config {

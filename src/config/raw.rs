@@ -22,6 +22,7 @@ struct RawConfig {
     volume: Vec<Spanned<RawVolume>>,
     #[serde(default)]
     pool: Vec<Spanned<super::pool::RawPool>>,
+    cluster: Option<Spanned<super::cluster::RawCluster>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,7 +77,8 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError>
     let volumes = parse_volumes(&ctx, &raw.volume, &backends)?;
     let pools = super::pool::parse_pools(&ctx, &raw.pool, &backends)?;
     check_default_export(&ctx, raw.server.as_ref(), &server, &volumes)?;
-    Ok(Config { source: None, server, backends, volumes, pools })
+    let cluster = super::cluster::parse_cluster(&ctx, raw.cluster.as_ref(), pools.len())?;
+    Ok(Config { source: None, server, backends, volumes, pools, cluster })
 }
 
 fn parse_backends(ctx: &ParseCtx<'_>, raw: &[Spanned<RawBackend>]) -> Result<Vec<BackendConfig>, ConfigError> {

@@ -196,6 +196,7 @@ pub fn handle(daemon: &Arc<Daemon>, request: Request) -> Response {
     let jobs = |migrations| MigrationList { migrations };
     match request {
         Request::Status => Response::ok(daemon.status()),
+        Request::ClusterStatus => answer(daemon.cluster_status()),
         Request::Reload { force } => answer(daemon.reload(force)),
         Request::Pause { volume, range, timeout_ms } => {
             let range = range.map(|r| Range::new(r.start, r.length));

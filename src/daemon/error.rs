@@ -94,6 +94,13 @@ pub enum DaemonError {
     CorruptTable { volume: String, generation: u64, source: Box<crate::map::MapError> },
 
     #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
+    #[error("this node is not in a cluster: its config has no [cluster] section")]
+    NotClustered,
+    #[error("{at}: [cluster] cannot change by a reload; restart the node to change it")]
+    ClusterChange { at: String },
+
+    #[error(transparent)]
     Swap(#[from] SwapError),
     /// Some swaps or additions of a reload failed; the rest is in force.
     #[error("reload partly failed: {}", errors.join("; "))]
@@ -132,6 +139,11 @@ impl DaemonError {
                 MigrateErrorKind::Invalid => ErrorKind::Invalid,
                 MigrateErrorKind::Io => ErrorKind::Io,
             },
+            Cluster(e) => match e {
+                crate::cluster::ClusterError::DuplicateNode { .. } | crate::cluster::ClusterError::StaleEpoch { .. } => ErrorKind::Conflict,
+                _ => ErrorKind::Io,
+            },
+            NotClustered | ClusterChange { .. } => ErrorKind::Invalid,
             Swap(_) => ErrorKind::SwapFailed,
             ReloadPartial { swap_failed: true, .. } => ErrorKind::SwapFailed,
             ReloadPartial { swap_failed: false, .. } => ErrorKind::Io,

@@ -60,11 +60,14 @@ pub struct Daemon {
     admin: Mutex<()>,
     /// The `/metrics` endpoint, when `[server] metrics` is set.
     metrics: Mutex<Option<crate::metrics::MetricsServer>>,
+    /// This node's membership, when `[cluster]` is set.
+    cluster: std::sync::OnceLock<crate::cluster::Cluster>,
 }
 
-fn options(config: &Config) -> ServerOptions {
+fn options(config: &Config, fence: Arc<crate::server::ServeFence>) -> ServerOptions {
     let s = &config.server;
     ServerOptions {
+        fence,
         io_threads: s.io_threads,
         max_connections: s.max_connections,
         limits: ConnLimits {
@@ -126,7 +129,13 @@ impl Daemon {
         let swap = swap_options(&config, crash_at);
         let migrations = migrations::resume_all(&state, &catalog, &swap)?;
         let security = security(&config)?;
-        let server = Server::bind(&config.server.listen, catalog, options(&config)).map_err(|e| DaemonError::io("listen", e))?;
+        // A cluster node serves nothing before it has joined (`cluster`).
+        let fence = Arc::new(match config.cluster {
+            Some(_) => crate::server::ServeFence::closed(),
+            None => crate::server::ServeFence::always(),
+        });
+        let cluster = config.cluster.clone();
+        let server = Server::bind(&config.server.listen, catalog, options(&config, fence.clone())).map_err(|e| DaemonError::io("listen", e))?;
         server.set_security(security);
         let daemon = Arc::new(Daemon {
             config_path,
@@ -142,7 +151,11 @@ impl Daemon {
             pauses: pauses::PauseRegistry::default(),
             admin: Mutex::new(()),
             metrics: Mutex::new(None),
+            cluster: std::sync::OnceLock::new(),
         });
+        if let Some(cfg) = cluster {
+            daemon.join_cluster(cfg, fence)?;
+        }
         daemon.start_metrics()?;
         daemon.start_mirrors();
         Ok(daemon)
@@ -178,6 +191,10 @@ impl Daemon {
             job.suspend();
         }
         lock(&self.server).shutdown()?;
+        // After the drain: the lease covered every request served.
+        if let Some(cluster) = self.cluster.get() {
+            cluster.stop();
+        }
         // Nothing is in flight any more: a clean stop leaves no region in
         // doubt, so the next start resyncs nothing.
         for volume in self.catalog().volumes.values() {
@@ -191,6 +208,23 @@ impl Daemon {
         }
         self.stop_metrics();
         Ok(())
+    }
+
+    /// Joins the cluster of `[cluster]`; returns once this node may serve.
+    fn join_cluster(self: &Arc<Self>, cfg: crate::config::ClusterConfig, fence: Arc<crate::server::ServeFence>) -> Result<(), DaemonError> {
+        let weak = Arc::downgrade(self);
+        let generations: crate::cluster::Generations = Arc::new(move || {
+            weak.upgrade().map(|d| d.catalog().volumes.iter().map(|(name, v)| (name.clone(), v.generation())).collect()).unwrap_or_default()
+        });
+        let state = StateDir::open(self.state.root()).map_err(|e| DaemonError::io("state_dir", e))?;
+        let cluster = crate::cluster::Cluster::start(cfg, state, fence, generations)?;
+        let _ = self.cluster.set(cluster);
+        Ok(())
+    }
+
+    /// `cluster status`: this node's view of the cluster.
+    pub fn cluster_status(&self) -> Result<crate::api::ClusterStatus, DaemonError> {
+        self.cluster.get().map(|c| c.status()).ok_or(DaemonError::NotClustered)
     }
 
     fn volume(&self, name: &str) -> Result<Arc<Volume>, DaemonError> {

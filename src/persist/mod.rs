@@ -167,6 +167,15 @@ impl StateDir {
         sync_dir(&dir)
     }
 
+    /// `STATE_DIR/rel` parsed, `None` if it does not exist.
+    pub fn read_json<T: for<'de> Deserialize<'de>>(&self, rel: &Path) -> Result<Option<T>, PersistError> {
+        match read_json(&self.root.join(rel)) {
+            Ok(value) => Ok(Some(value)),
+            Err(PersistError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Every `*.json` under `STATE_DIR/rel`, parsed (name, value).
     pub fn read_json_dir<T: for<'de> Deserialize<'de>>(&self, rel: &Path) -> Result<Vec<(String, T)>, PersistError> {
         let dir = self.root.join(rel);

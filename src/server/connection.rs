@@ -50,9 +50,10 @@ pub fn serve(
     stream: Stream,
     negotiated: Negotiated,
     pools: Arc<Pools>,
-    limits: &ConnLimits,
+    options: &super::ServerOptions,
     stopping: &AtomicBool,
 ) -> io::Result<()> {
+    let limits = &options.limits;
     stream.set_read_timeout(Some(TICK))?;
     // How long a pool thread's reply write may wait for room before the
     // connection's flusher takes over (which then waits up to 60 s).
@@ -67,6 +68,7 @@ pub fn serve(
         pools,
         shard: id as usize,
         max_request: limits.max_request,
+        fence: options.fence.clone(),
     });
     let _counted = ConnectionCounted::new(&ctx.volume);
     let budget = Budget::new(limits.max_inflight_bytes, limits.max_inflight_requests);

@@ -61,6 +61,8 @@ pub(super) struct ConnectionCtx {
     pub(super) shard: usize,
     /// Largest READ/WRITE accepted (`ConnLimits::max_request`).
     pub(super) max_request: u32,
+    /// Past its deadline no request runs (`fence.rs`).
+    pub(super) fence: Arc<super::ServeFence>,
 }
 
 impl ConnectionCtx {
@@ -116,6 +118,15 @@ fn past_end(route: &Route, req: &RequestHeader) -> Option<NbdError> {
 /// Runs on an I/O thread. `ticket` is the request's gate admission; it is
 /// dropped once the request's I/O is done.
 pub(super) fn execute(ctx: Arc<ConnectionCtx>, req: RequestHeader, payload: Bytes, permit: Admitted, ticket: Option<Ticket>) {
+    if !ctx.fence.is_open() {
+        // Checked here, where every path (inline, pool, released from a
+        // hold) runs a request. The socket closes before the "reply", so
+        // the client sees a dead server, not an error, and resends.
+        tracing::warn!("request not run: this cluster node is fenced; closing the connection");
+        ctx.sink.close();
+        drop(ticket);
+        return reply_error(&ctx, &req, NbdError::Shutdown, "fenced", permit);
+    }
     let fua = req.flags & CMD_FLAG_FUA != 0;
     match req.command {
         CMD_READ => read(ctx, req, permit, ticket),

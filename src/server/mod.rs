@@ -11,6 +11,7 @@ mod connection;
 pub mod counters;
 mod execute;
 mod exports;
+mod fence;
 pub mod handshake;
 mod idle_poll;
 mod listener;
@@ -30,6 +31,7 @@ pub use listener::Listener;
 pub use pool::{WorkerPool, Pools};
 pub use stream::Stream;
 pub use counters::{Limit, ServerCountersView};
+pub use fence::ServeFence;
 pub use security::Security;
 pub(crate) use request_check::check_request;
 use counters::ServerCounters;
@@ -49,6 +51,8 @@ pub struct ServerOptions {
     pub io_threads: usize,
     pub max_connections: usize,
     pub limits: ConnLimits,
+    /// Until when requests may run (a cluster node's lease; see `fence.rs`).
+    pub fence: Arc<ServeFence>,
 }
 
 impl Default for ServerOptions {
@@ -63,6 +67,7 @@ impl Default for ServerOptions {
                 shutdown_grace: defaults::SHUTDOWN_GRACE,
                 busy_poll: defaults::BUSY_POLL,
             },
+            fence: Arc::new(ServeFence::always()),
         }
     }
 }
@@ -270,6 +275,11 @@ fn over_limit(conns: &HashMap<u64, ConnEntry>, addr: Option<std::net::IpAddr>, m
 fn run_connection(id: u64, mut stream: Stream, shared: &ServerState) {
     let peer = stream.peer();
     let _span = tracing::info_span!("conn", id, peer = %peer).entered();
+    if !shared.options.fence.is_open() {
+        // Closed at once, so the client tries its next server.
+        tracing::info!("connection refused: this cluster node is fenced (its membership lease is not certainly valid)");
+        return;
+    }
     let catalog = shared.catalog.load_full();
     let security = shared.security.load_full();
     let _ = stream.set_read_timeout(Some(security.handshake_timeout));
@@ -297,7 +307,7 @@ fn run_connection(id: u64, mut stream: Stream, shared: &ServerState) {
         c.export = Some(export.clone());
     }
     tracing::info!(export = %export, client = %who, structured = negotiated.structured, read_only = negotiated.read_only, "client connected");
-    match connection::serve(id, stream, negotiated, shared.pools.clone(), &shared.options.limits, &shared.stopping) {
+    match connection::serve(id, stream, negotiated, shared.pools.clone(), &shared.options, &shared.stopping) {
         Ok(()) => tracing::info!(export = %export, "client disconnected"),
         Err(e) => tracing::info!(export = %export, error = %e, "connection ended"),
     }

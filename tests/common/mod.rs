@@ -12,6 +12,8 @@ pub mod script;
 pub mod nbd_client;
 /// Test TLS credentials (opt in: `use common::pki::*;`).
 pub mod pki;
+/// A real etcd for cluster tests (opt in: `use common::etcd::*;`).
+pub mod etcd;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

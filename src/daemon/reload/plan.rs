@@ -6,6 +6,7 @@ use super::super::reconcile::{decide, Decision};
 use super::super::error::DestinationTaken;
 use super::super::{Daemon, DaemonError};
 use crate::config::Config;
+use crate::sync::lock;
 use crate::map::{MappingTable, Range};
 use crate::volume::Volume;
 use std::sync::Arc;
@@ -28,6 +29,10 @@ pub struct ReloadPlan {
 impl Daemon {
     pub(super) fn plan_reload(&self, new: &Config, force: bool) -> Result<ReloadPlan, DaemonError> {
         let file = new.file_name();
+        if new.cluster != lock(&self.config).cluster {
+            let line = new.cluster.as_ref().map_or(1, |c| c.line);
+            return Err(DaemonError::ClusterChange { at: format!("{file}:{line}") });
+        }
         let catalog = self.catalog();
         let mut plans = Vec::new();
         let mut tables = Vec::new();

@@ -1,0 +1,76 @@
+//! Where the cluster keeps what in etcd, and the records it writes there.
+//!
+//! ```text
+//! /nbdvirt/<name>/nodes/<node>    NodeRecord, bound to the node's lease:
+//!                                 present exactly while the lease lives
+//! /nbdvirt/<name>/members/<node>  MemberRecord, no lease: every node that
+//!                                 ever joined, so status shows dead ones
+//! /nbdvirt/<name>/coordinator     the coordinator's node id, bound to its
+//!                                 lease; its create revision is the epoch
+//! ```
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub fn prefix(cluster: &str) -> String {
+    format!("/nbdvirt/{cluster}/")
+}
+
+pub fn nodes(cluster: &str) -> String {
+    format!("{}nodes/", prefix(cluster))
+}
+
+pub fn node(cluster: &str, node: &str) -> String {
+    format!("{}{node}", nodes(cluster))
+}
+
+pub fn members(cluster: &str) -> String {
+    format!("{}members/", prefix(cluster))
+}
+
+pub fn member(cluster: &str, node: &str) -> String {
+    format!("{}{node}", members(cluster))
+}
+
+pub fn coordinator(cluster: &str) -> String {
+    format!("{}coordinator", prefix(cluster))
+}
+
+/// A live node, as it publishes itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub node: String,
+    pub peer: String,
+    pub pid: u32,
+    pub version: String,
+    /// The generation of each volume it serves.
+    #[serde(default)]
+    pub generations: BTreeMap<String, u64>,
+}
+
+/// A node that joined once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    pub node: String,
+    pub peer: String,
+}
+
+/// The highest coordinator epoch a node has seen (`STATE_DIR/cluster/epoch.json`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub highest: i64,
+}
+
+pub const EPOCH_FILE: &str = "cluster/epoch.json";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn keys_live_under_the_cluster_prefix() {
+        assert_eq!(super::node("prod", "n1"), "/nbdvirt/prod/nodes/n1");
+        assert_eq!(super::member("prod", "n1"), "/nbdvirt/prod/members/n1");
+        assert_eq!(super::coordinator("prod"), "/nbdvirt/prod/coordinator");
+        // A cluster named "a" must not see the keys of one named "ab".
+        assert!(!super::node("ab", "n1").starts_with(&super::prefix("a")));
+    }
+}

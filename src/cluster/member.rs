@@ -1,0 +1,224 @@
+//! One node's membership, renewed tick by tick on the cluster thread: join
+//! (a lease and the node's key, created only if absent), renew (which moves
+//! the serving fence), publish (the node's volume generations), elect (try
+//! to become coordinator) and observe (what `cluster status` shows).
+
+use super::etcd::{Etcd, EtcdError};
+use super::keys::{self, EpochRecord, MemberRecord, NodeRecord};
+use super::{lease, ClusterError, Generations, Shared};
+use crate::api::{CoordinatorView, NodeView};
+use crate::persist::StateDir;
+use etcdv3client::LeaseKeepAliver;
+use std::path::Path;
+use std::time::Instant;
+
+/// A node registered in etcd under its lease.
+struct Joined {
+    lease: i64,
+    keeper: Option<LeaseKeepAliver>,
+    published: NodeRecord,
+}
+
+pub(super) struct Member {
+    pub(super) shared: std::sync::Arc<Shared>,
+    pub(super) state: StateDir,
+    pub(super) generations: Generations,
+    pub(super) etcd: Option<Etcd>,
+    joined: Option<Joined>,
+    highest_epoch: i64,
+    /// Ever joined: a node that loses its lease is fenced, not joining.
+    was_joined: bool,
+}
+
+impl Member {
+    pub(super) fn new(shared: std::sync::Arc<Shared>, state: StateDir, generations: Generations) -> Result<Member, ClusterError> {
+        let highest = state.read_json::<EpochRecord>(Path::new(keys::EPOCH_FILE)).map_err(|e| ClusterError::State(e.to_string()))?.unwrap_or_default();
+        super::lock_view(&shared).highest_epoch = highest.highest;
+        Ok(Member { shared, state, generations, etcd: None, joined: None, highest_epoch: highest.highest, was_joined: false })
+    }
+
+    fn cfg(&self) -> &crate::config::ClusterConfig {
+        &self.shared.cfg
+    }
+
+    /// One round; the caller records the error, if any, and tries again at
+    /// the next tick.
+    pub(super) async fn tick(&mut self) -> Result<(), ClusterError> {
+        let etcd = match &self.etcd {
+            Some(e) => e.clone(),
+            None => {
+                let e = Etcd::connect(&self.cfg().etcd, super::call_limit(self.cfg())).await?;
+                self.etcd = Some(e.clone());
+                e
+            }
+        };
+        if self.joined.is_none() {
+            self.join(&etcd).await?;
+        }
+        self.renew(&etcd).await?;
+        self.publish(&etcd).await?;
+        self.elect(&etcd).await?;
+        self.observe(&etcd).await
+    }
+
+    fn record(&self) -> NodeRecord {
+        NodeRecord {
+            node: self.cfg().node.clone(),
+            peer: self.cfg().peer.to_string(),
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            generations: (self.generations)(),
+        }
+    }
+
+    async fn join(&mut self, etcd: &Etcd) -> Result<(), ClusterError> {
+        let cfg = self.cfg().clone();
+        let (id, _) = etcd.grant(cfg.lease_ttl).await?;
+        let record = self.record();
+        let value = serde_json::to_vec(&record).expect("a node record serializes");
+        match etcd.create(&keys::node(&cfg.name, &cfg.node), value, id).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(existing)) => {
+                let _ = etcd.revoke(id).await;
+                let peer = serde_json::from_slice::<NodeRecord>(&existing.value).map_or_else(|_| "?".into(), |r| r.peer);
+                return Err(ClusterError::DuplicateNode { cluster: cfg.name, node: cfg.node, peer });
+            }
+            Err(e) => {
+                let _ = etcd.revoke(id).await;
+                return Err(e.into());
+            }
+        }
+        let member = serde_json::to_vec(&MemberRecord { node: cfg.node.clone(), peer: cfg.peer.to_string() }).expect("serializes");
+        etcd.put(&keys::member(&cfg.name, &cfg.node), member, 0).await?;
+        tracing::info!(cluster = %cfg.name, node = %cfg.node, lease = format!("{id:x}"), "joined the cluster");
+        self.joined = Some(Joined { lease: id, keeper: None, published: record });
+        self.was_joined = true;
+        Ok(())
+    }
+
+    async fn renew(&mut self, etcd: &Etcd) -> Result<(), ClusterError> {
+        let ttl = self.cfg().lease_ttl;
+        let joined = self.joined.as_mut().expect("renew after join");
+        if joined.keeper.is_none() {
+            joined.keeper = Some(etcd.keeper(joined.lease).await?);
+        }
+        let sent = Instant::now();
+        let granted = match etcd.renew(joined.keeper.as_mut().expect("just set")).await {
+            Ok(g) => g,
+            Err(e) => {
+                // The stream may be broken: a new one at the next tick.
+                joined.keeper = None;
+                return Err(e.into());
+            }
+        };
+        match lease::serve_until(sent, granted, ttl) {
+            Some(deadline) => self.shared.fence.open_until(deadline),
+            None => {
+                self.shared.fence.close();
+                tracing::warn!(lease = format!("{:x}", joined.lease), "membership lease expired in etcd: fenced, serving nothing until re-joined");
+                self.joined = None;
+                return Err(ClusterError::LeaseExpired);
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish(&mut self, etcd: &Etcd) -> Result<(), ClusterError> {
+        let record = self.record();
+        let cfg = self.cfg().clone();
+        let joined = self.joined.as_mut().expect("publish after join");
+        if record != joined.published {
+            let value = serde_json::to_vec(&record).expect("a node record serializes");
+            etcd.put(&keys::node(&cfg.name, &cfg.node), value, joined.lease).await?;
+            joined.published = record;
+        }
+        Ok(())
+    }
+
+    /// Becomes coordinator if there is none; learns who is otherwise.
+    async fn elect(&mut self, etcd: &Etcd) -> Result<(), ClusterError> {
+        let cfg = self.cfg().clone();
+        let lease = self.joined.as_ref().expect("elect after join").lease;
+        let (node, epoch) = match etcd.create(&keys::coordinator(&cfg.name), cfg.node.clone().into_bytes(), lease).await? {
+            Ok(revision) => (cfg.node.clone(), revision),
+            Err(entry) => (String::from_utf8_lossy(&entry.value).into_owned(), entry.create_revision),
+        };
+        if epoch < self.highest_epoch {
+            // etcd's revisions only grow: an older epoch means a replaced
+            // etcd cluster or a stale answer; never follow it.
+            return Err(ClusterError::StaleEpoch { epoch, highest: self.highest_epoch });
+        }
+        if epoch > self.highest_epoch {
+            self.state
+                .write_json(Path::new(keys::EPOCH_FILE), &EpochRecord { highest: epoch })
+                .map_err(|e| ClusterError::State(e.to_string()))?;
+            self.highest_epoch = epoch;
+            if node == cfg.node {
+                tracing::info!(epoch, "this node is now the coordinator");
+            } else {
+                tracing::info!(coordinator = %node, epoch, "coordinator");
+            }
+        }
+        let mut view = super::lock_view(&self.shared);
+        view.highest_epoch = self.highest_epoch;
+        view.coordinator = Some(CoordinatorView { node, epoch });
+        Ok(())
+    }
+
+    async fn observe(&mut self, etcd: &Etcd) -> Result<(), ClusterError> {
+        let cfg = self.cfg().clone();
+        let observed = Instant::now();
+        let mut nodes: Vec<NodeView> = Vec::new();
+        for entry in etcd.list(&keys::members(&cfg.name)).await? {
+            if let Ok(m) = serde_json::from_slice::<MemberRecord>(&entry.value) {
+                nodes.push(NodeView { node: m.node, peer: m.peer, alive: false, lease_left_ms: None, coordinator: false, generations: Default::default() });
+            }
+        }
+        for entry in etcd.list(&keys::nodes(&cfg.name)).await? {
+            let Ok(record) = serde_json::from_slice::<NodeRecord>(&entry.value) else { continue };
+            let left = etcd.ttl_left(entry.lease).await?;
+            let i = match nodes.iter().position(|n| n.node == record.node) {
+                Some(i) => i,
+                None => {
+                    nodes.push(NodeView { node: record.node.clone(), peer: String::new(), alive: false, lease_left_ms: None, coordinator: false, generations: Default::default() });
+                    nodes.len() - 1
+                }
+            };
+            let n = &mut nodes[i];
+            n.peer = record.peer;
+            n.alive = left.is_some();
+            n.lease_left_ms = left.map(|s| s as u64 * 1000);
+            n.generations = record.generations;
+        }
+        nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        let mut view = super::lock_view(&self.shared);
+        for n in &mut nodes {
+            n.coordinator = view.coordinator.as_ref().is_some_and(|c| c.node == n.node && n.alive);
+        }
+        view.nodes = nodes;
+        view.observed = observed;
+        Ok(())
+    }
+
+    /// (registered now, ever registered), for the state `status` reports.
+    pub(super) fn joined(&self) -> (bool, bool) {
+        (self.joined.is_some(), self.was_joined)
+    }
+
+    /// Leaves the cluster: revoking the lease deletes the node's key and,
+    /// if it held it, the coordinator key.
+    pub(super) async fn leave(&mut self) {
+        if let (Some(etcd), Some(joined)) = (&self.etcd, self.joined.take()) {
+            match etcd.revoke(joined.lease).await {
+                Ok(()) => tracing::info!("left the cluster"),
+                Err(e) => tracing::warn!(error = %e, "could not revoke the membership lease: it expires by itself"),
+            }
+        }
+    }
+}
+
+impl From<EtcdError> for ClusterError {
+    fn from(e: EtcdError) -> ClusterError {
+        ClusterError::Etcd(e)
+    }
+}

@@ -1,0 +1,192 @@
+//! Cluster mode on etcd: this node's membership lease (which bounds how
+//! long it may serve: the server's `ServeFence`), the coordinator election
+//! (a key created only if absent; its creation revision is the epoch), and
+//! the view `nbdvirt cluster status` shows.
+//!
+//! Everything here runs on one thread of its own with a current-thread
+//! tokio runtime (the etcd client is async); the data path never waits on
+//! it. Rooms: `etcd` (bounded calls), `keys` (the key layout and records),
+//! `lease` (the serving deadline), `member` (join, renew, publish, elect,
+//! observe).
+
+mod etcd;
+mod keys;
+mod lease;
+mod member;
+
+pub use etcd::EtcdError;
+
+use crate::api::{ClusterStatus, CoordinatorView, NodeState, NodeView};
+use crate::config::ClusterConfig;
+use crate::persist::StateDir;
+use crate::server::ServeFence;
+use crate::sync::lock;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Etcd(EtcdError),
+    #[error("node id '{node}' is already in use by a live node (peer {peer}) in cluster '{cluster}': every node needs its own [cluster] node")]
+    DuplicateNode { cluster: String, node: String, peer: String },
+    #[error("the membership lease expired in etcd")]
+    LeaseExpired,
+    #[error("etcd shows coordinator epoch {epoch}, older than epoch {highest} this node has seen: refused (was etcd replaced? remove STATE_DIR/cluster/epoch.json only if so)")]
+    StaleEpoch { epoch: i64, highest: i64 },
+    #[error("cluster state in state_dir: {0}")]
+    State(String),
+    #[error("cannot start the cluster thread: {0}")]
+    Thread(String),
+}
+
+/// The generation of each volume this node serves, read at every tick.
+pub type Generations = Arc<dyn Fn() -> BTreeMap<String, u64> + Send + Sync>;
+
+/// What the cluster thread shares with `status`.
+struct Shared {
+    cfg: ClusterConfig,
+    fence: Arc<ServeFence>,
+    view: Mutex<View>,
+}
+
+struct View {
+    joined: bool,
+    was_joined: bool,
+    etcd_error: Option<String>,
+    observed: Instant,
+    coordinator: Option<CoordinatorView>,
+    highest_epoch: i64,
+    nodes: Vec<NodeView>,
+}
+
+fn lock_view(shared: &Shared) -> MutexGuard<'_, View> {
+    lock(&shared.view)
+}
+
+/// How long one etcd call may take: a renewal that takes longer than the
+/// renewal period is as good as lost.
+fn call_limit(cfg: &ClusterConfig) -> Duration {
+    lease::renew_every(cfg.lease_ttl).min(Duration::from_secs(2))
+}
+
+/// This node's membership, run on the `nbdvirt-cluster` thread.
+pub struct Cluster {
+    shared: Arc<Shared>,
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Cluster {
+    /// Joins the cluster and returns once this node may serve. Fails if
+    /// etcd cannot be reached, or the node id is held by a live node,
+    /// for longer than a lease (a previous run of this node killed a
+    /// moment ago still holds its id until its lease expires).
+    pub fn start(cfg: ClusterConfig, state: StateDir, fence: Arc<ServeFence>, generations: Generations) -> Result<Cluster, ClusterError> {
+        let view = View { joined: false, was_joined: false, etcd_error: None, observed: Instant::now(), coordinator: None, highest_epoch: 0, nodes: Vec::new() };
+        let shared = Arc::new(Shared { cfg, fence, view: Mutex::new(view) });
+        let mut member = member::Member::new(shared.clone(), state, generations)?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let (first_tx, first_rx) = std::sync::mpsc::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| ClusterError::Thread(e.to_string()))?;
+        let thread = std::thread::Builder::new()
+            .name("nbdvirt-cluster".into())
+            .spawn(move || runtime.block_on(run(&mut member, stopped, first_tx)))
+            .map_err(|e| ClusterError::Thread(e.to_string()))?;
+        let cluster = Cluster { shared, stop, thread: Mutex::new(Some(thread)) };
+        match first_rx.recv() {
+            Ok(Ok(())) => Ok(cluster),
+            Ok(Err(e)) => {
+                cluster.stop();
+                Err(e)
+            }
+            Err(_) => Err(ClusterError::Thread("the cluster thread ended before joining".into())),
+        }
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        let cfg = &self.shared.cfg;
+        let view = lock_view(&self.shared);
+        let open = self.shared.fence.is_open();
+        let state = match (view.joined, view.was_joined) {
+            (true, _) if open => NodeState::Serving,
+            (_, true) => NodeState::Fenced,
+            _ => NodeState::Joining,
+        };
+        ClusterStatus {
+            name: cfg.name.clone(),
+            node: cfg.node.clone(),
+            etcd: cfg.etcd.clone(),
+            lease_ttl_ms: cfg.lease_ttl.as_millis() as u64,
+            state,
+            serving_left_ms: self.shared.fence.left().filter(|_| open).map(|d| d.as_millis() as u64),
+            etcd_error: view.etcd_error.clone(),
+            observed_ms_ago: view.observed.elapsed().as_millis() as u64,
+            coordinator: view.coordinator.clone(),
+            highest_epoch: view.highest_epoch,
+            nodes: view.nodes.clone(),
+        }
+    }
+
+    /// Leaves the cluster (revokes the lease) and ends the thread. Called
+    /// once the server has drained: until then the lease must stay valid.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The thread's loop: a tick per renewal period until stopped. Until the
+/// first join succeeds, failures are retried for a lease and a bit (a
+/// previous run's key must expire first), then reported to `start`.
+async fn run(member: &mut member::Member, mut stopped: tokio::sync::watch::Receiver<bool>, first: std::sync::mpsc::Sender<Result<(), ClusterError>>) {
+    let cfg = member.shared.cfg.clone();
+    let every = lease::renew_every(cfg.lease_ttl);
+    let give_up = Instant::now() + cfg.lease_ttl + Duration::from_secs(2) + call_limit(&cfg);
+    let mut first = Some(first);
+    loop {
+        let started = Instant::now();
+        let result = member.tick().await;
+        let joined = member.joined();
+        {
+            let mut view = lock_view(&member.shared);
+            (view.joined, view.was_joined) = joined;
+            let message = result.as_ref().err().map(ToString::to_string);
+            if message != view.etcd_error {
+                match &message {
+                    Some(m) if first.is_none() => tracing::warn!(error = %m, "cluster: etcd call failed; serving only while the lease is certainly valid"),
+                    Some(m) => tracing::info!(error = %m, "cluster: not joined yet; retrying"),
+                    None if first.is_none() => tracing::info!("cluster: etcd answers again"),
+                    None => {}
+                }
+                view.etcd_error = message;
+            }
+        }
+        match (result, first.take()) {
+            (Ok(()), Some(tx)) => {
+                let _ = tx.send(Ok(()));
+            }
+            (Err(e), Some(tx)) if Instant::now() >= give_up => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+            (_, f) => first = f,
+        }
+        let wait = every.saturating_sub(started.elapsed());
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stopped.changed() => break,
+        }
+    }
+    member.leave().await;
+}

@@ -1,0 +1,202 @@
+//! Cluster mode on a real etcd (Debian's etcd-server, started by the test
+//! on loopback): membership leases, the coordinator and its epoch, the
+//! serving fence when etcd is lost, and the errors of a bad start.
+
+mod common;
+
+use common::cli::*;
+use common::etcd::TestEtcd;
+use common::{free_port, run_timeout, TestServer, BIN};
+use serde_json::Value;
+use std::process::Command;
+use std::time::Duration;
+
+fn node_body(etcd: &str, node: &str, ttl: u32) -> String {
+    format!(
+        r#"[cluster]
+etcd = ["{etcd}"]
+name = "t"
+node = "{node}"
+peer = "tcp:127.0.0.1:{peer}"
+lease_ttl = "{ttl}s"
+
+[[backend]]
+name = "b"
+path = "{{dir}}/b.img"
+size = "16MiB"
+
+[[volume]]
+name = "v"
+[[volume.extent]]
+length = "16MiB"
+backend = "b"
+backend_offset = 0
+"#,
+        peer = free_port()
+    )
+}
+
+fn cluster_status(node: &TestServer) -> Value {
+    json(&cli_ok(node, &["cluster", "status", "--json"]))
+}
+
+fn node_of<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["nodes"].as_array().unwrap().iter().find(|n| n["node"] == name).unwrap_or_else(|| panic!("no node {name} in {status}"))
+}
+
+fn coordinator(status: &Value) -> (String, i64) {
+    let c = &status["coordinator"];
+    (c["node"].as_str().unwrap_or_else(|| panic!("no coordinator in {status}")).to_string(), c["epoch"].as_i64().unwrap())
+}
+
+#[test]
+fn three_nodes_join_one_coordinates_and_all_see_the_same() {
+    let etcd = TestEtcd::start();
+    let nodes: Vec<TestServer> = ["n1", "n2", "n3"].iter().map(|n| start(&node_body(&etcd.url, n, 2))).collect();
+    // Every node publishes itself at its next tick (at most a third of the TTL).
+    for node in &nodes {
+        wait_until(node, "all three nodes alive with one coordinator", Duration::from_secs(10), || {
+            let s = cluster_status(node);
+            s["nodes"].as_array().unwrap().iter().filter(|n| n["alive"] == true).count() == 3 && !s["coordinator"].is_null()
+        });
+    }
+    let views: Vec<Value> = nodes.iter().map(cluster_status).collect();
+    let (leader, epoch) = coordinator(&views[0]);
+    assert!(epoch > 0, "{}", views[0]);
+    for (i, s) in views.iter().enumerate() {
+        assert_eq!(s["state"], "serving", "{s}");
+        assert_eq!(s["node"], format!("n{}", i + 1));
+        assert_eq!(coordinator(s), (leader.clone(), epoch), "all nodes agree on the coordinator: {s}");
+        assert_eq!(s["nodes"].as_array().unwrap().iter().filter(|n| n["coordinator"] == true).count(), 1, "{s}");
+        assert!(s["highest_epoch"].as_i64().unwrap() >= epoch, "{s}");
+        for n in ["n1", "n2", "n3"] {
+            let v = node_of(s, n);
+            assert_eq!(v["generations"]["v"], 1, "{s}");
+            assert!(v["lease_left_ms"].as_u64().unwrap() <= 2000, "{s}");
+        }
+    }
+    // The epoch is persisted in the state directory.
+    let persisted: Value = json(&std::fs::read_to_string(nodes[0].path("state/cluster/epoch.json")).unwrap());
+    assert!(persisted["highest"].as_i64().unwrap() >= epoch);
+    // Serving: a real client reads and writes through every node.
+    for node in &nodes {
+        let out = common::nbdsh(&node.uri("v"), "h.pwrite(b'x' * 4096, 0); assert h.pread(4096, 0) == b'x' * 4096; print('ok')");
+        assert_eq!(out.trim(), "ok");
+    }
+    // The human view names the coordinator.
+    let text = cli_ok(&nodes[1], &["cluster", "status"]);
+    assert!(text.contains(&format!("coordinator {leader} (epoch {epoch})")), "{text}");
+    // [cluster] cannot change by a reload.
+    let config = std::fs::read_to_string(&nodes[1].config).unwrap();
+    std::fs::write(&nodes[1].config, config.replace("lease_ttl = \"2s\"", "lease_ttl = \"3s\"")).unwrap();
+    let out = cli(&nodes[1], &["reload"]);
+    assert_eq!(out.status.code(), Some(7), "{}", text_of(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("[cluster] cannot change by a reload"), "{}", text_of(&out));
+}
+
+fn text_of(out: &std::process::Output) -> String {
+    text(out)
+}
+
+#[test]
+fn a_killed_coordinator_is_replaced_with_a_higher_epoch_and_rejoins_as_a_member() {
+    let etcd = TestEtcd::start();
+    let mut nodes: Vec<TestServer> = ["n1", "n2", "n3"].iter().map(|n| start(&node_body(&etcd.url, n, 2))).collect();
+    wait_until(&nodes[2], "a coordinator", Duration::from_secs(10), || !cluster_status(&nodes[2])["coordinator"].is_null());
+    let (old, old_epoch) = coordinator(&cluster_status(&nodes[2]));
+    let dead = old[1..].parse::<usize>().unwrap() - 1;
+    nodes[dead].kill();
+    let survivor = (dead + 1) % 3;
+    // The old key lives until its lease expires in etcd (2 s), then the
+    // next tick of a survivor takes over.
+    wait_until(&nodes[survivor], "a new coordinator", Duration::from_secs(10), || {
+        let s = cluster_status(&nodes[survivor]);
+        s["coordinator"]["node"] != old.as_str() && !s["coordinator"].is_null() && node_of(&s, &old)["alive"] == false
+    });
+    let (new, new_epoch) = coordinator(&cluster_status(&nodes[survivor]));
+    assert!(new_epoch > old_epoch, "epoch {new_epoch} after {old_epoch}");
+    let other = 3 - dead - survivor;
+    wait_until(&nodes[other], "the other survivor agrees", Duration::from_secs(10), || coordinator(&cluster_status(&nodes[other])) == (new.clone(), new_epoch));
+    // The killed node restarts with the same id and joins as a member.
+    respawn(&mut nodes[dead]);
+    wait_until(&nodes[dead], "the restarted node alive again", Duration::from_secs(10), || {
+        let s = cluster_status(&nodes[dead]);
+        s["state"] == "serving" && node_of(&s, &old)["alive"] == true && coordinator(&s) == (new.clone(), new_epoch)
+    });
+}
+
+#[test]
+fn a_node_id_held_by_a_live_node_is_refused() {
+    let etcd = TestEtcd::start();
+    let _n1 = start(&node_body(&etcd.url, "n1", 2));
+    let twin = TestServer::prepare(&node_body(&etcd.url, "n1", 2));
+    // The twin waits one lease (a killed predecessor's key must expire
+    // first), then gives up: the key is renewed by a live node.
+    let out = run_timeout(Command::new(BIN).args(["serve", "--config"]).arg(&twin.config), Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(4), "conflict: {}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("node id 'n1' is already in use by a live node"), "{stderr}");
+}
+
+#[test]
+fn an_unreachable_etcd_fails_the_start_naming_it() {
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let node = TestServer::prepare(&node_body(&url, "n1", 2));
+    let out = run_timeout(Command::new(BIN).args(["serve", "--config"]).arg(&node.config), Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(5), "I/O: {}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("cannot reach etcd at {url}")), "{stderr}");
+    // A node without [cluster] says so.
+    let single = start("");
+    let err = cli_err(&single, &["cluster", "status"]);
+    assert!(err.contains("not in a cluster"), "{err}");
+}
+
+/// Without etcd a node cannot renew its lease: it stops serving before the
+/// lease could expire (a live connection is closed, not answered with an
+/// error; new ones are refused), and serves again once it has renewed.
+#[test]
+fn a_node_that_loses_etcd_stops_serving_before_its_lease_ends_and_comes_back() {
+    let mut etcd = TestEtcd::start();
+    let node = start(&node_body(&etcd.url, "n1", 2));
+    let uri = node.uri("v");
+    common::nbdsh(&uri, "h.pwrite(b'a' * 4096, 0); h.flush()");
+    // A client connected before etcd stops; it reads once before and once after.
+    let script = format!(
+        r#"
+import time
+h.pread(4096, 0)
+open("{dir}/connected", "w").close()
+while not __import__("os").path.exists("{dir}/go"):
+    time.sleep(0.05)
+try:
+    h.pread(4096, 0)
+    print("answered")
+except nbd.Error as e:
+    print("dead" if h.aio_is_dead() or h.aio_is_closed() else "error reply: " + str(e))
+"#,
+        dir = node.dir.path().display()
+    );
+    let client = {
+        let uri = uri.clone();
+        std::thread::spawn(move || common::nbdsh(&uri, &script))
+    };
+    wait_until(&node, "the client connected", Duration::from_secs(20), || node.path("connected").exists());
+    etcd.freeze();
+    // 2 s TTL: the node stops serving 1.5 s after its last renewal at most.
+    wait_until(&node, "the node fenced", Duration::from_secs(10), || cluster_status(&node)["state"] == "fenced");
+    let s = cluster_status(&node);
+    assert!(s["etcd_error"].as_str().is_some_and(|e| e.contains("etcd")), "{s}");
+    std::fs::write(node.path("go"), b"").unwrap();
+    let answer = client.join().unwrap();
+    assert_eq!(answer.trim(), "dead", "the fenced node must close the connection, not answer");
+    let refused = Command::new("nbdinfo").env("PATH", common::debian_path()).arg(&uri).output().expect("nbdinfo (libnbd-bin)");
+    assert!(!refused.status.success(), "a fenced node accepted a connection: {}", text(&refused));
+    etcd.thaw();
+    // The lease expired in etcd meanwhile (or survived the freeze): either
+    // way the node serves again once it holds a renewed lease.
+    wait_until(&node, "the node serving again", Duration::from_secs(20), || cluster_status(&node)["state"] == "serving");
+    let out = common::nbdsh(&uri, "assert h.pread(4096, 0) == b'a' * 4096; print('ok')");
+    assert_eq!(out.trim(), "ok");
+    assert!(node.log().contains("fenced"), "{}", node.log());
+}
