@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 fn bench(c: &mut Criterion) {
-    let spec = BackendSpec { name: "a".into(), path: None, size: Some(1 << 20), direct: false, read_only: false, delay: None };
+    let spec = BackendSpec { name: "a".into(), path: None, size: Some(1 << 20), direct: false, read_only: false, delay: None, sharing: Default::default() };
     let stores: HashMap<String, Arc<dyn Backend>> = HashMap::from([("a".to_string(), open_backend(&spec).unwrap())]);
     let table: MappingTable = serde_json::from_str(
         r#"{"generation":1,"size":2097152,"extents":[

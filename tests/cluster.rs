@@ -53,7 +53,7 @@ fn coordinator(status: &Value) -> (String, i64) {
 fn three_nodes_join_one_coordinates_and_all_see_the_same() {
     let etcd = TestEtcd::start();
     let nodes: Vec<TestServer> = ["n1", "n2", "n3"].iter().map(|n| start(&node_body(&etcd.url, n, 2))).collect();
-    // Every node publishes itself at its next tick (at most a third of the TTL).
+    // Every node publishes itself at its next tick (a third of its serving window).
     for node in &nodes {
         wait_until(node, "all three nodes alive with one coordinator", Duration::from_secs(10), || {
             let s = cluster_status(node);
@@ -199,4 +199,55 @@ except nbd.Error as e:
     let out = common::nbdsh(&uri, "assert h.pread(4096, 0) == b'a' * 4096; print('ok')");
     assert_eq!(out.trim(), "ok");
     assert!(node.log().contains("fenced"), "{}", node.log());
+}
+
+/// `attach --connect A,B`: a server that does not answer is skipped (the
+/// attach gets as far as the kernel, which this host may lack), every
+/// server failing names each one, and a bad item is named.
+#[test]
+fn attach_tries_each_server_of_a_connect_list() {
+    let live = start("[[backend]]\nname = \"b\"\npath = \"{dir}/b.img\"\nsize = \"1MiB\"\n[[volume]]\nname = \"v\"\n[[volume.extent]]\nlength = \"1MiB\"\nbackend = \"b\"\n");
+    let dead = live.path("dead.sock");
+    let attach = |list: String| {
+        run_timeout(Command::new(BIN).args(["attach", "v", "--connect", &list]).env_remove("NBDVIRT_CONFIG"), Duration::from_secs(60))
+    };
+    let out = attach(format!("unix:{},unix:{}", dead.display(), live.socket.display()));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    if out.status.success() {
+        // A host with the nbd module: the device is attached; let it go.
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        run_timeout(Command::new(BIN).args(["detach", &dev]), Duration::from_secs(30));
+    } else {
+        assert!(!err.contains("dead.sock"), "the dead server was not skipped:\n{err}");
+        assert!(err.contains("nbd"), "{err}");
+    }
+    let out = attach(format!("unix:{},unix:{}", dead.display(), live.path("gone.sock").display()));
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no server of the list could be used") && err.contains("dead.sock") && err.contains("gone.sock"), "{err}");
+    let out = attach(format!("unix:{},bogus", live.socket.display()));
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--connect: 'bogus'"), "{}", text(&out));
+}
+
+/// Until the cluster barrier exists, nothing may change one node's table
+/// alone: its clients and another node's would see different mappings.
+#[test]
+fn a_table_change_on_one_node_alone_is_refused() {
+    let etcd = TestEtcd::start();
+    let node = start(&node_body(&etcd.url, "n1", 2));
+    let config = std::fs::read_to_string(&node.config).unwrap();
+    let recut = config.replace("length = \"16MiB\"\nbackend = \"b\"\nbackend_offset = 0\n", "length = \"8MiB\"\nbackend = \"b\"\nbackend_offset = \"8MiB\"\n[[volume.extent]]\nlength = \"8MiB\"\nbackend = \"b\"\nbackend_offset = 0\n");
+    assert_ne!(recut, config);
+    std::fs::write(&node.config, recut).unwrap();
+    let out = cli(&node, &["reload"]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs the cluster barrier"), "{}", text(&out));
+    assert_eq!(generation(&node, "v"), 1, "the table must not have changed");
+    // A reload that changes no table (e.g. new TLS files) still works.
+    std::fs::write(&node.config, config).unwrap();
+    cli_ok(&node, &["reload"]);
+    let out = cli(&node, &["migrate", "start", "v", "--to", "b"]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("migrate start: in a cluster"), "{}", text(&out));
 }

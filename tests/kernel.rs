@@ -48,7 +48,9 @@
 //! by volume), live migration under a writer, and kill -9 + restart of the
 //! server with `nbdvirt attach --persist` reconnecting (NBD_CMD_RECONFIGURE),
 //! and a mirror leg failing (`nbdvirt fault`) under ext4, a spare taking over,
-//! and `nbdvirt attach` over TLS through its relays (tests/kernel/tls.rs).
+//! and `nbdvirt attach` over TLS through its relays (tests/kernel/tls.rs),
+//! and `attach --connect A,B --persist` failing over from a killed cluster
+//! node to another (tests/kernel/cluster.rs, with etcd in the guest).
 //! Extra helpers for such scripts: `check_dmesg_allowing ERE` (expected
 //! kernel messages, e.g. a dead link), `jq_assert FILE FILTER MSG` (with
 //! `.tool("jq")`), `count_lines FILE`.
@@ -58,6 +60,9 @@ mod harness;
 /// `nbdvirt attach` over TLS (relays in the attach process).
 #[path = "kernel/tls.rs"]
 mod tls;
+/// `nbdvirt attach --connect A,B` failing over between cluster nodes.
+#[path = "kernel/cluster.rs"]
+mod cluster;
 
 use harness::Guest;
 use std::time::Duration;

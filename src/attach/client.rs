@@ -31,11 +31,24 @@ pub enum ServerSocket {
 }
 
 impl ServerSocket {
-    fn open(endpoint: &Endpoint) -> io::Result<ServerSocket> {
+    /// Connects; a TCP connect gives up after `timeout` (a dead host must
+    /// not hold a reconnect for the kernel's two minutes of SYN retries).
+    fn open(endpoint: &Endpoint, timeout: Duration) -> io::Result<ServerSocket> {
         Ok(match endpoint {
             Endpoint::Unix(path) => ServerSocket::Unix(UnixStream::connect(path)?),
             Endpoint::Tcp(addr) => {
-                let s = TcpStream::connect(addr)?;
+                let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{addr}: no address"));
+                let mut found = None;
+                for a in std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())? {
+                    match TcpStream::connect_timeout(&a, timeout) {
+                        Ok(s) => {
+                            found = Some(s);
+                            break;
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                let s = found.ok_or(last)?;
                 s.set_nodelay(true)?;
                 ServerSocket::Tcp(s)
             }
@@ -134,7 +147,7 @@ pub struct TlsTarget<'a> {
 pub fn connect(endpoint: &Endpoint, export: &str, timeout: Duration, tls: Option<&TlsTarget<'_>>) -> Result<(Connection, ExportInfo), AttachError> {
     let connect_err = |source| AttachError::Connect { endpoint: endpoint.to_string(), source };
     let handshake_err = |source| AttachError::Handshake { endpoint: endpoint.to_string(), source };
-    let mut s = ServerSocket::open(endpoint).map_err(connect_err)?;
+    let mut s = ServerSocket::open(endpoint, timeout).map_err(connect_err)?;
     s.set_timeouts(Some(timeout)).map_err(connect_err)?;
     greet(&mut s).map_err(handshake_err)?;
     match tls {

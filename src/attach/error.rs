@@ -9,6 +9,9 @@ pub enum AttachError {
     NotNbdDevice(String),
     #[error("connect {endpoint}: {source}")]
     Connect { endpoint: String, source: io::Error },
+    /// Every server of a `--connect` list failed (each one's reason).
+    #[error("no server of the list could be used: {0}")]
+    NoServer(String),
     #[error("{endpoint}: {source}")]
     Handshake { endpoint: String, source: HandshakeError },
     #[error("export '{0}' does not allow several connections (no CAN_MULTI_CONN)")]

@@ -13,19 +13,20 @@
 //! (`memory` keeps that process runnable under memory pressure).
 
 pub mod client;
+mod endpoints;
 mod error;
 mod ioctl;
 pub mod memory;
 pub mod netlink;
 pub mod relay;
 
+pub use endpoints::parse_list as parse_endpoints;
 pub use error::{AttachError, HandshakeError};
 pub use relay::Relays;
 
 use crate::endpoint::Endpoint;
-use crate::nbd::TFLAG_CAN_MULTI_CONN;
-use crate::tls::{TlsClient, TlsClientFiles};
-use client::{Connection, TlsTarget};
+use crate::tls::TlsClientFiles;
+use client::Connection;
 use netlink::{NbdAttr, NbdCmd, NbdFamily, Notifications, NbdRequest};
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
@@ -45,7 +46,8 @@ pub struct AttachOptions {
     pub volume: String,
     /// `Some(n)` for /dev/nbdN; `None` lets the kernel pick a free device.
     pub index: Option<u32>,
-    pub endpoint: Endpoint,
+    /// The server, or the cluster nodes to try in turn (never empty).
+    pub endpoints: Vec<Endpoint>,
     pub connections: u32,
     /// Request timeout (s): a request unanswered this long fails.
     pub timeout: u64,
@@ -58,23 +60,9 @@ pub struct AttachOptions {
     pub tls: Option<AttachTls>,
 }
 
-impl AttachOptions {
-    /// The hostname to check in the server's certificate.
-    fn tls_hostname(&self) -> Option<String> {
-        let tls = self.tls.as_ref()?;
-        if let Some(h) = &tls.hostname {
-            return Some(h.clone());
-        }
-        match &self.endpoint {
-            Endpoint::Tcp(addr) => addr.rsplit_once(':').map(|(host, _)| host.trim_start_matches('[').trim_end_matches(']').to_string()),
-            Endpoint::Unix(_) => None,
-        }
-    }
-}
-
 /// The backend identifier stored with the device (`/sys/block/nbdN/backend`).
-pub fn backend_identifier(volume: &str, endpoint: &Endpoint) -> String {
-    format!("nbdvirt:{volume}@{endpoint}")
+pub fn backend_identifier(volume: &str, endpoints: &[Endpoint]) -> String {
+    format!("nbdvirt:{volume}@{}", endpoints::joined(endpoints))
 }
 
 pub fn device_index(dev: &str) -> Result<u32, AttachError> {
@@ -82,25 +70,6 @@ pub fn device_index(dev: &str) -> Result<u32, AttachError> {
         .strip_prefix("nbd")
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| AttachError::NotNbdDevice(dev.to_string()))
-}
-
-/// Connects `n` sockets (with TLS: sessions) and checks the export allows
-/// it. The credential files are read at every call, so a reconnect uses
-/// rotated ones.
-pub fn connect_all(opts: &AttachOptions) -> Result<(Vec<Connection>, client::ExportInfo), AttachError> {
-    let tls_client = opts.tls.as_ref().map(|t| TlsClient::load(&t.files)).transpose().map_err(AttachError::TlsCredentials)?;
-    let hostname = opts.tls_hostname();
-    let target = tls_client.as_ref().map(|client| TlsTarget { client, hostname: hostname.as_deref() });
-    let connect = || client::connect(&opts.endpoint, &opts.volume, Duration::from_secs(10), target.as_ref());
-    let (first, info) = connect()?;
-    let mut conns = vec![first];
-    for _ in 1..opts.connections {
-        conns.push(connect()?.0);
-    }
-    if opts.connections > 1 && info.flags & TFLAG_CAN_MULTI_CONN == 0 {
-        return Err(AttachError::NoMultiConn(opts.volume.clone()));
-    }
-    Ok((conns, info))
 }
 
 /// The sockets to hand the kernel: plain connections as they are, a TLS
@@ -118,10 +87,14 @@ fn kernel_sockets(conns: Vec<Connection>, relays: &mut Relays) -> Result<Vec<Own
         .collect()
 }
 
-/// Connects and makes the kernel's sockets in one go.
-fn connect_for_kernel(opts: &AttachOptions, relays: &mut Relays) -> Result<(Vec<OwnedFd>, client::ExportInfo), AttachError> {
-    let (conns, info) = connect_all(opts)?;
-    Ok((kernel_sockets(conns, relays)?, info))
+/// Connects (to the first server of the list from `first` on that
+/// answers) and makes the kernel's sockets in one go; says which server.
+fn connect_for_kernel(opts: &AttachOptions, first: usize, relays: &mut Relays) -> Result<(Vec<OwnedFd>, client::ExportInfo, usize), AttachError> {
+    let (conns, info, used) = endpoints::connect_all(opts, first)?;
+    if opts.endpoints.len() > 1 {
+        tracing::info!(server = %opts.endpoints[used], "connected");
+    }
+    Ok((kernel_sockets(conns, relays)?, info, used))
 }
 
 /// A netlink socket and the resolved `nbd` family.
@@ -158,7 +131,7 @@ pub struct Attached {
 /// reported as such even where the kernel lacks the nbd module.
 pub fn attach(opts: &AttachOptions) -> Result<(Attached, Relays), AttachError> {
     let mut relays = Relays::new();
-    let (socks, info) = connect_for_kernel(opts, &mut relays)?;
+    let (socks, info, _) = connect_for_kernel(opts, 0, &mut relays)?;
     let (mut sock, family) = nbd_family()?;
     let block = opts.block_size.unwrap_or(info.preferred_block).clamp(512, 4096);
     let connect = || {
@@ -172,7 +145,7 @@ pub fn attach(opts: &AttachOptions) -> Result<(Attached, Relays), AttachError> {
             .attr(NbdAttr::Timeout, opts.timeout)?
             .attr(NbdAttr::DeadConnTimeout, opts.dead_conn_timeout)?
             .attr(NbdAttr::ClientFlags, 0u64)?
-            .attr(NbdAttr::BackendIdentifier, backend_identifier(&opts.volume, &opts.endpoint).as_str())?
+            .attr(NbdAttr::BackendIdentifier, backend_identifier(&opts.volume, &opts.endpoints).as_str())?
             .sockets(&socks)
     };
     let reply = connect().and_then(|req| req.send(&mut sock, &family)).map_err(|e| match (e.raw_os_error(), opts.index) {
@@ -200,7 +173,7 @@ pub fn attach_ioctl_blocking(opts: &AttachOptions, ready: impl FnOnce(&Attached)
         return Err(AttachError::IoctlOneConnection);
     }
     let mut relays = Relays::new();
-    let (socks, info) = connect_for_kernel(opts, &mut relays)?;
+    let (socks, info, _) = connect_for_kernel(opts, 0, &mut relays)?;
     let [sock] = <[OwnedFd; 1]>::try_from(socks).map_err(|_| AttachError::IoctlOneConnection)?;
     let index = match opts.index {
         Some(i) => i,
@@ -283,7 +256,9 @@ pub fn watch(opts: &AttachOptions, index: u32, relays: &mut Relays, stop: impl F
     let (mut sock, family) = nbd_family()?;
     let group = family.group.ok_or(AttachError::NoMulticastGroup)?;
     let mut notifications = Notifications::join(group).map_err(AttachError::JoinGroup)?;
-    let ident = backend_identifier(&opts.volume, &opts.endpoint);
+    let ident = backend_identifier(&opts.volume, &opts.endpoints);
+    // The server in use; after a dead link the next one is tried first.
+    let mut current = 0;
     let mut dead_since: Option<Instant> = None;
     let mut last_failure: Option<String> = None;
     tracing::info!(device = index, "watching for dead connections");
@@ -314,8 +289,9 @@ pub fn watch(opts: &AttachOptions, index: u32, relays: &mut Relays, stop: impl F
             if sysfs(index, "backend").is_some_and(|b| b != ident) {
                 return Err(AttachError::ForeignBackend(index));
             }
-            match connect_for_kernel(opts, relays) {
-                Ok((socks, info)) => {
+            let first = if opts.endpoints.len() > 1 { (current + 1) % opts.endpoints.len() } else { 0 };
+            match connect_for_kernel(opts, first, relays) {
+                Ok((socks, info, used)) => {
                     // A device attached with a backend identifier can only be
                     // reconfigured by naming the same one: the kernel answers
                     // EINVAL ("must specify backend") otherwise.
@@ -326,7 +302,8 @@ pub fn watch(opts: &AttachOptions, index: u32, relays: &mut Relays, stop: impl F
                         .and_then(|r| r.send(&mut sock, &family));
                     match reconfigure {
                         Ok(_) => {
-                            tracing::info!(device = index, size = info.size, after = ?since.elapsed(), "reconnected");
+                            current = used;
+                            tracing::info!(device = index, size = info.size, server = %opts.endpoints[used], after = ?since.elapsed(), "reconnected");
                             dead_since = None;
                             last_failure = None;
                         }

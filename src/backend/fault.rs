@@ -224,7 +224,7 @@ mod tests {
     use crate::backend::{open_backend, BackendSpec};
 
     fn store() -> (Arc<dyn Backend>, Arc<FaultSwitch>) {
-        let spec = BackendSpec { name: "m".into(), path: None, size: Some(1 << 20), direct: false, read_only: false, delay: None };
+        let spec = BackendSpec { name: "m".into(), path: None, size: Some(1 << 20), direct: false, read_only: false, delay: None, sharing: Default::default() };
         let switch = FaultSwitch::new();
         (FaultyBackend::wrap(open_backend(&spec).unwrap(), switch.clone()), switch)
     }

@@ -36,6 +36,11 @@ pub struct FdBackend {
     store_lock: Option<Flock<File>>,
     /// What BLOCK_STATUS learnt of the file's holes.
     allocation: AllocationMap,
+    /// Other processes (the cluster's other nodes) write the store too:
+    /// `dirty` knows only this one's writes, so every flush syncs.
+    others_write: bool,
+    /// fdatasync calls made by `flush`.
+    syncs: std::sync::atomic::AtomicU64,
 }
 
 /// Chunk size for writing zeros by hand when the kernel cannot do it.
@@ -51,7 +56,27 @@ fn unsupported(e: &io::Error) -> bool {
 
 impl FdBackend {
     pub fn new(file: File, info: StoreInfo) -> FdBackend {
-        FdBackend { file, info, dirty: AtomicBool::new(false), flush_lock: Mutex::new(()), store_lock: None, allocation: AllocationMap::default() }
+        FdBackend {
+            file,
+            info,
+            dirty: AtomicBool::new(false),
+            flush_lock: Mutex::new(()),
+            store_lock: None,
+            allocation: AllocationMap::default(),
+            others_write: false,
+            syncs: Default::default(),
+        }
+    }
+
+    /// Marks the store as written by other processes too (see `Sharing`).
+    pub fn written_by_others(mut self) -> FdBackend {
+        self.others_write = true;
+        self
+    }
+
+    /// How many times `flush` synced the store.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
     }
 
     /// Keeps `lock` (the store's flock) as long as this backend lives.
@@ -275,11 +300,12 @@ impl Backend for FdBackend {
 
     fn flush(&self) -> io::Result<()> {
         let _serial = lock(&self.flush_lock);
-        if self.dirty.swap(false, Ordering::AcqRel) {
+        if self.dirty.swap(false, Ordering::AcqRel) || self.others_write {
             if let Err(e) = nix::unistd::fdatasync(self.file.as_raw_fd()) {
                 self.mark_dirty();
                 return Err(errno(e));
             }
+            self.syncs.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }

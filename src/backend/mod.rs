@@ -18,7 +18,7 @@ mod open;
 pub use delay::DelayBackend;
 pub use fault::{Fault, FaultError, FaultScope, FaultSwitch, FaultyBackend};
 pub use fd::{FdBackend, StoreKind};
-pub use open::{file_identity, open_backend, BackendSpec, OpenError};
+pub use open::{file_identity, open_backend, BackendSpec, OpenError, Sharing};
 
 use std::io;
 use std::path::PathBuf;

@@ -21,6 +21,20 @@ pub struct BackendSpec {
     pub read_only: bool,
     /// Added latency per data operation (testing; see `DelayBackend`).
     pub delay: Option<std::time::Duration>,
+    pub sharing: Sharing,
+}
+
+/// Who else may write the store while this process has it open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sharing {
+    /// Nobody: an exclusive flock keeps a second server (or qemu) out.
+    #[default]
+    Exclusive,
+    /// The other nodes of this cluster: a shared flock (a server outside
+    /// the cluster, which locks exclusively, is still kept out), and every
+    /// FLUSH syncs, because writes another node answered are in the file
+    /// too and this node cannot know of them.
+    Cluster,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +124,11 @@ fn open_store(spec: &BackendSpec) -> Result<Arc<dyn Backend>, OpenError> {
         return Err(invalid(spec, format!("{} has size 0", path.display())));
     }
     let info = StoreInfo { kind, path: Some(path.clone()), size, rotational, direct: spec.direct, min_io };
-    Ok(Arc::new(FdBackend::new(file, info).holding(lock)))
+    let backend = FdBackend::new(file, info).holding(lock);
+    Ok(Arc::new(match spec.sharing {
+        Sharing::Exclusive => backend,
+        Sharing::Cluster => backend.written_by_others(),
+    }))
 }
 
 fn open_memory(spec: &BackendSpec) -> Result<Arc<dyn Backend>, OpenError> {
@@ -129,7 +147,7 @@ fn open_memory(spec: &BackendSpec) -> Result<Arc<dyn Backend>, OpenError> {
 /// duplicate descriptor, which shares the open file description and hence
 /// the lock; the backend keeps it for its lifetime.
 fn lock(spec: &BackendSpec, file: &File) -> Result<Flock<File>, OpenError> {
-    let arg = if spec.read_only { FlockArg::LockSharedNonblock } else { FlockArg::LockExclusiveNonblock };
+    let arg = if spec.read_only || spec.sharing == Sharing::Cluster { FlockArg::LockSharedNonblock } else { FlockArg::LockExclusiveNonblock };
     let dup = file.try_clone().map_err(|e| io_err(spec, e))?;
     Flock::lock(dup, arg).map_err(|(_, errno)| {
         if errno == Errno::EWOULDBLOCK {
@@ -155,11 +173,36 @@ mod tests {
     #[test]
     fn a_store_is_locked_while_open() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = BackendSpec { name: "s".into(), path: Some(dir.path().join("s.img")), size: Some(1 << 20), direct: false, read_only: false, delay: None };
+        let spec = BackendSpec { name: "s".into(), path: Some(dir.path().join("s.img")), size: Some(1 << 20), direct: false, read_only: false, delay: None, sharing: Default::default() };
         let first = open_backend(&spec).unwrap();
         let err = open_backend(&spec).unwrap_err();
         assert!(err.to_string().contains("locked by another process"), "{err}");
         drop(first);
         open_backend(&spec).expect("the lock goes with the backend");
+    }
+
+    #[test]
+    fn cluster_nodes_share_a_store_that_others_cannot_take() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = BackendSpec { name: "s".into(), path: Some(dir.path().join("s.img")), size: Some(1 << 20), direct: false, read_only: false, delay: None, sharing: Sharing::Cluster };
+        let a = open_backend(&spec).unwrap();
+        let _b = open_backend(&spec).expect("a second node opens it too");
+        let single = BackendSpec { sharing: Sharing::Exclusive, ..spec.clone() };
+        assert!(open_backend(&single).unwrap_err().to_string().contains("locked by another process"));
+        drop(a);
+    }
+
+    #[test]
+    fn a_store_written_by_others_syncs_at_every_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = || std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.path().join("f")).unwrap();
+        let info = || StoreInfo { kind: StoreKind::File, path: None, size: 4096, rotational: false, direct: false, min_io: 1 };
+        let alone = FdBackend::new(file(), info());
+        alone.flush().unwrap();
+        assert_eq!(alone.syncs(), 0, "nothing written here: nothing to sync");
+        let shared = FdBackend::new(file(), info()).written_by_others();
+        shared.flush().unwrap();
+        shared.flush().unwrap();
+        assert_eq!(shared.syncs(), 2, "another node may have written: always sync");
     }
 }

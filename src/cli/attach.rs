@@ -71,7 +71,9 @@ pub enum AttachCommand {
         /// Device to use (default: the first free one, printed).
         device: Option<String>,
         /// Server endpoint, unix:PATH or tcp:HOST:PORT (default: the config's
-        /// first listen endpoint, preferring a Unix socket).
+        /// first listen endpoint, preferring a Unix socket). Several, comma
+        /// separated (cluster nodes): the first that answers is used, and a
+        /// reconnect (--persist) moves on to the next.
         #[arg(long)]
         connect: Option<String>,
         /// Connections to open (needs CAN_MULTI_CONN, which nbdvirt offers).
@@ -115,13 +117,13 @@ pub enum AttachCommand {
 pub fn run(cmd: AttachCommand) -> CliResult {
     match cmd {
         AttachCommand::Attach { volume, device, connect, connections, timeout, dead_conn_timeout, block_size, persist, ioctl, tls, server, json } => {
-            let endpoint = match connect {
-                Some(c) => c.parse().map_err(|e| invalid(format!("--connect: {e}")))?,
-                None => default_endpoint(&server)?,
+            let endpoints = match connect {
+                Some(c) => attach::parse_endpoints(&c).map_err(|e| invalid(format!("--connect: {e}")))?,
+                None => vec![default_endpoint(&server)?],
             };
             let index = device.as_deref().map(attach::device_index).transpose().map_err(attach_failed)?;
             let tls = (*tls).options()?;
-            let opts = AttachOptions { volume, index, endpoint, connections, timeout, dead_conn_timeout, block_size, force_ioctl: ioctl, tls };
+            let opts = AttachOptions { volume, index, endpoints, connections, timeout, dead_conn_timeout, block_size, force_ioctl: ioctl, tls };
             attach_device(&opts, persist, json)
         }
         AttachCommand::Detach { device } => {
@@ -249,6 +251,7 @@ fn attach_failed(e: AttachError) -> ApiError {
         AttachError::Handshake { source: HandshakeError::UnknownExport(_), .. } => ErrorKind::NotFound,
         AttachError::Busy(_) | AttachError::ForeignBackend(_) => ErrorKind::Busy,
         AttachError::Connect { .. }
+        | AttachError::NoServer(_)
         | AttachError::Socket(_)
         | AttachError::Netlink { .. }
         | AttachError::OpenDevice { .. }

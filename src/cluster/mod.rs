@@ -67,7 +67,7 @@ fn lock_view(shared: &Shared) -> MutexGuard<'_, View> {
 }
 
 /// How long one etcd call may take: a renewal that takes longer than the
-/// renewal period is as good as lost.
+/// renewal period is as good as lost (and one lost renewal is survived).
 fn call_limit(cfg: &ClusterConfig) -> Duration {
     lease::renew_every(cfg.lease_ttl).min(Duration::from_secs(2))
 }

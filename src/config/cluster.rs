@@ -3,7 +3,7 @@
 //! lease's TTL. Parsed and checked here; `crate::cluster` runs it.
 
 use super::parse_ctx::{valid_name, ParseCtx, Quantity};
-use super::{ClusterConfig, ConfigError};
+use super::{ClusterConfig, ConfigError, VolumeConfig};
 use crate::defaults;
 use crate::endpoint::Endpoint;
 use serde::Deserialize;
@@ -11,7 +11,7 @@ use std::time::Duration;
 use toml::Spanned;
 
 /// etcd keeps leases of at least ~1.5 s whatever is asked (its election
-/// timeout); below 2 s the renewal rhythm (TTL/3) would race it.
+/// timeout); below 2 s the serving window would be too short to renew in.
 const LEASE_TTL_MIN: Duration = Duration::from_secs(2);
 /// Above this a dead node holds its membership, and a coordinator's
 /// fencing waits, longer than a Linux NBD client's 30 s request timeout.
@@ -27,7 +27,7 @@ pub(super) struct RawCluster {
     lease_ttl: Option<Spanned<Quantity>>,
 }
 
-pub(super) fn parse_cluster(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawCluster>>, pools: usize) -> Result<Option<ClusterConfig>, ConfigError> {
+pub(super) fn parse_cluster(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawCluster>>, pools: usize, volumes: &[VolumeConfig]) -> Result<Option<ClusterConfig>, ConfigError> {
     let Some(item) = raw else { return Ok(None) };
     let c = item.get_ref();
     let line = ctx.line(item.span().start);
@@ -64,6 +64,14 @@ pub(super) fn parse_cluster(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawCluster>
         // Thin allocation commits to a node-local metadata file; two nodes
         // allocating from one pool would hand out the same chunk.
         return Err(ctx.err_at(line, Some("cluster".into()), "storage pools ([[pool]]) are single-node: they cannot be used with [cluster] yet"));
+    }
+    // Each node would track, resync and replace its legs on its own (a
+    // spare taking over swaps one node's table): mirrors need the barrier.
+    for v in volumes {
+        if let Some(i) = v.extents.iter().position(|e| e.target.legs().is_some()) {
+            let at = v.extent_lines.get(i).copied().unwrap_or(v.line);
+            return Err(ctx.err_at(at, Some("volume.extent.mirror".into()), format!("volume '{}': mirrors cannot be used with [cluster] yet (each node would resync and replace legs on its own)", v.name)));
+        }
     }
     Ok(Some(ClusterConfig { etcd, name: c.name.get_ref().clone(), node: c.node.get_ref().clone(), peer, lease_ttl, line }))
 }
@@ -121,6 +129,14 @@ mod tests {
         }
         let e = parse(&OK.replace("peer = \"tcp:127.0.0.1:10910\"\n", "")).unwrap_err();
         assert!(e.message.contains("peer"), "{e}");
+    }
+
+    #[test]
+    fn mirrors_are_refused_in_cluster_mode() {
+        let text = format!("{OK}[[backend]]\nname = \"a\"\npath = \"/tmp/a\"\nsize = \"1GiB\"\n[[backend]]\nname = \"b\"\npath = \"/tmp/b\"\nsize = \"1GiB\"\n[[volume]]\nname = \"v\"\n[[volume.extent]]\nlength = \"1MiB\"\nmirror = [ {{ backend = \"a\" }}, {{ backend = \"b\" }} ]\n");
+        let e = parse(&text).unwrap_err();
+        assert_eq!((e.line, e.field.as_deref()), (Some(16), Some("volume.extent.mirror")), "{e}");
+        assert!(e.message.contains("mirrors cannot be used with [cluster]"), "{e}");
     }
 
     #[test]

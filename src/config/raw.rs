@@ -77,7 +77,14 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError>
     let volumes = parse_volumes(&ctx, &raw.volume, &backends)?;
     let pools = super::pool::parse_pools(&ctx, &raw.pool, &backends)?;
     check_default_export(&ctx, raw.server.as_ref(), &server, &volumes)?;
-    let cluster = super::cluster::parse_cluster(&ctx, raw.cluster.as_ref(), pools.len())?;
+    let cluster = super::cluster::parse_cluster(&ctx, raw.cluster.as_ref(), pools.len(), &volumes)?;
+    let mut backends = backends;
+    if cluster.is_some() {
+        // The nodes of a cluster serve the same stores.
+        for b in &mut backends {
+            b.spec.sharing = crate::backend::Sharing::Cluster;
+        }
+    }
     Ok(Config { source: None, server, backends, volumes, pools, cluster })
 }
 
@@ -115,6 +122,7 @@ fn parse_backends(ctx: &ParseCtx<'_>, raw: &[Spanned<RawBackend>]) -> Result<Vec
                 direct: b.direct,
                 read_only: b.read_only,
                 delay: b.delay.as_ref().map(|d| ctx.duration(d, "backend.delay")).transpose()?,
+                sharing: Default::default(),
             },
             shared: b.shared,
             spare: b.spare,

@@ -99,6 +99,10 @@ pub enum DaemonError {
     NotClustered,
     #[error("{at}: [cluster] cannot change by a reload; restart the node to change it")]
     ClusterChange { at: String },
+    /// A table change on one node only would make the nodes translate the
+    /// same volume differently.
+    #[error("{what}: in a cluster, volume tables change on every node at once, which needs the cluster barrier (not built yet); change every node's config and restart the nodes")]
+    ClusterWide { what: String },
 
     #[error(transparent)]
     Swap(#[from] SwapError),
@@ -143,7 +147,7 @@ impl DaemonError {
                 crate::cluster::ClusterError::DuplicateNode { .. } | crate::cluster::ClusterError::StaleEpoch { .. } => ErrorKind::Conflict,
                 _ => ErrorKind::Io,
             },
-            NotClustered | ClusterChange { .. } => ErrorKind::Invalid,
+            NotClustered | ClusterChange { .. } | ClusterWide { .. } => ErrorKind::Invalid,
             Swap(_) => ErrorKind::SwapFailed,
             ReloadPartial { swap_failed: true, .. } => ErrorKind::SwapFailed,
             ReloadPartial { swap_failed: false, .. } => ErrorKind::Io,

@@ -95,6 +95,7 @@ impl Daemon {
 
     /// Starts moving (a range of) a volume onto another store.
     pub fn migrate_start(&self, req: MigrateRequest) -> Result<MigrationStatus, DaemonError> {
+        self.local_table_change("migrate start")?;
         let _admin = lock(&self.admin);
         let catalog = self.catalog();
         let volume = self.volume(&req.volume)?;

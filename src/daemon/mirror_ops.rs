@@ -70,6 +70,7 @@ impl Daemon {
     /// Adds a leg on another store to every extent in the range; it
     /// resyncs in the background.
     pub fn mirror_add(&self, req: MirrorAddRequest) -> Result<MirrorStatus, DaemonError> {
+        self.local_table_change("mirror add")?;
         let _admin = lock(&self.admin);
         let volume = self.mirror_checks(&req.volume)?;
         let name = req.volume.clone();
@@ -92,6 +93,7 @@ impl Daemon {
 
     /// Drops a leg from every extent of the volume.
     pub fn mirror_remove(&self, name: &str, leg: &str, force: bool) -> Result<MirrorStatus, DaemonError> {
+        self.local_table_change("mirror remove")?;
         let _admin = lock(&self.admin);
         let volume = self.mirror_checks(name)?;
         self.remove_leg_locked(&volume, leg, force, &format!("mirror remove {leg}"))?;
@@ -128,6 +130,7 @@ impl Daemon {
     /// Brings a failed leg back: it resyncs the regions written while it
     /// was away (and those in doubt when it failed).
     pub fn mirror_readd(&self, name: &str, leg: &str, rate: Option<u64>) -> Result<MirrorStatus, DaemonError> {
+        self.local_table_change("mirror re-add")?;
         let _admin = lock(&self.admin);
         let volume = self.mirror_checks(name)?;
         let red = volume.translation().redundancy().clone();

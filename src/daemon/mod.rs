@@ -222,6 +222,15 @@ impl Daemon {
         Ok(())
     }
 
+    /// Refuses an operation that changes a volume's table on this node
+    /// alone, in cluster mode.
+    fn local_table_change(&self, what: &str) -> Result<(), DaemonError> {
+        match self.cluster.get() {
+            Some(_) => Err(DaemonError::ClusterWide { what: what.into() }),
+            None => Ok(()),
+        }
+    }
+
     /// `cluster status`: this node's view of the cluster.
     pub fn cluster_status(&self) -> Result<crate::api::ClusterStatus, DaemonError> {
         self.cluster.get().map(|c| c.status()).ok_or(DaemonError::NotClustered)

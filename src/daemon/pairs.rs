@@ -70,6 +70,7 @@ impl Daemon {
     }
 
     pub fn split(&self, name: &str, leg: &str, as_name: &str, read_only: bool) -> Result<PairReport, DaemonError> {
+        self.local_table_change("split")?;
         let _admin = lock(&self.admin);
         let volume = self.volume(name)?;
         self.not_pool_volume(name)?;
@@ -144,6 +145,7 @@ impl Daemon {
     }
 
     pub fn merge(&self, split: &str, into: &str, keep: MergeKeep, force: bool, rate: Option<u64>) -> Result<PairReport, DaemonError> {
+        self.local_table_change("merge")?;
         let _admin = lock(&self.admin);
         let volume = self.volume(into)?;
         let copy = self.volume(split)?;

@@ -131,7 +131,7 @@ pub fn fixture() -> &'static Fixture {
 }
 
 fn build() -> Result<Fixture, String> {
-    let spec = BackendSpec { name: "fuzz".into(), path: None, size: Some(16 << 20), direct: false, read_only: false, delay: None };
+    let spec = BackendSpec { name: "fuzz".into(), path: None, size: Some(16 << 20), direct: false, read_only: false, delay: None, sharing: Default::default() };
     let store = open_backend(&spec).map_err(|e| e.to_string())?;
     let stores: HashMap<String, Arc<dyn Backend>> = HashMap::from([("fuzz".to_string(), store)]);
     let mut volumes = BTreeMap::new();

@@ -197,7 +197,7 @@ mod tests {
 
     #[test]
     fn regions_marked_stale_during_the_pass_are_copied_too() {
-        let mem = |name: &str| open_backend(&BackendSpec { name: name.into(), path: None, size: Some(4 << 20), direct: false, read_only: false, delay: None }).unwrap();
+        let mem = |name: &str| open_backend(&BackendSpec { name: name.into(), path: None, size: Some(4 << 20), direct: false, read_only: false, delay: None, sharing: Default::default() }).unwrap();
         let stores = HashMap::from([("a".to_string(), mem("a")), ("b".to_string(), mem("b"))]);
         let legs = vec![Leg { store: "a".into(), offset: 0 }, Leg { store: "b".into(), offset: 0 }];
         let table = MappingTable::new(1, vec![Extent { start: 0, length: 4 << 20, target: TargetSpec::Mirror { legs, region: DEFAULT_REGION } }]).unwrap();

@@ -258,7 +258,7 @@ mod tests {
     fn chunks_are_taken_once_and_reserved_ranges_skipped() {
         let s = StoreSpace::new("a", None, None, 4, 1 << 20, &[]);
         assert_eq!(s.free_count, 0, "a store without a handle offers nothing");
-        let spec = crate::backend::BackendSpec { name: "a".into(), path: None, size: Some(8 << 20), direct: false, read_only: false, delay: None };
+        let spec = crate::backend::BackendSpec { name: "a".into(), path: None, size: Some(8 << 20), direct: false, read_only: false, delay: None, sharing: Default::default() };
         let mem = crate::backend::open_backend(&spec).unwrap();
         let mut s = StoreSpace::new("a", Some(mem), None, 8, 1 << 20, &[Range::new(1 << 20, 4096)]);
         assert_eq!((s.free_count, s.reserved), (7, 1));

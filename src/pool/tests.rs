@@ -8,7 +8,7 @@ use crate::config::OnFull;
 use std::time::Duration;
 
 fn store(name: &str, size: u64) -> PoolStore {
-    let spec = BackendSpec { name: name.into(), path: None, size: Some(size), direct: false, read_only: false, delay: None };
+    let spec = BackendSpec { name: name.into(), path: None, size: Some(size), direct: false, read_only: false, delay: None, sharing: Default::default() };
     PoolStore { backend: name.into(), handle: open_backend(&spec).unwrap(), path: None, reserved: Vec::new() }
 }
 

@@ -213,7 +213,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn stores() -> HashMap<String, Arc<dyn Backend>> {
-        let mem = |name: &str| open_backend(&BackendSpec { name: name.into(), path: None, size: Some(1 << 20), direct: false, read_only: false, delay: None }).unwrap();
+        let mem = |name: &str| open_backend(&BackendSpec { name: name.into(), path: None, size: Some(1 << 20), direct: false, read_only: false, delay: None, sharing: Default::default() }).unwrap();
         HashMap::from([("a".to_string(), mem("a")), ("b".to_string(), mem("b"))])
     }
 

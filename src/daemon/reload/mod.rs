@@ -51,6 +51,9 @@ impl Daemon {
         let security = super::security(&new)?;
         let mut report = ReloadReport { needs_restart: needs_restart(&lock(&self.config), &new), ..ReloadReport::default() };
         let plan = self.plan_reload(&new, force)?;
+        if !plan.removed.is_empty() || plan.plans.iter().any(|p| !matches!(p, plan::Plan::Keep(_))) {
+            self.local_table_change("a reload that changes, adds or removes volumes")?;
+        }
         let staged = self.stage_reload(&new, plan)?;
         let swap_failed = self.apply_reload(new, staged, &mut report);
         lock(&self.server).set_security(security);

@@ -198,7 +198,7 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     fn mem() -> Arc<dyn Backend> {
-        open_backend(&BackendSpec { name: "m".into(), path: None, size: Some(4 << 20), direct: false, read_only: false, delay: None }).unwrap()
+        open_backend(&BackendSpec { name: "m".into(), path: None, size: Some(4 << 20), direct: false, read_only: false, delay: None, sharing: Default::default() }).unwrap()
     }
 
     /// A store that fails every call while `broken` is set.

@@ -136,7 +136,7 @@ mod tests {
     const CHUNK: u64 = 4096;
 
     fn mem(name: &str) -> Arc<dyn Backend> {
-        open_backend(&BackendSpec { name: name.into(), path: None, size: Some(1 << 20), direct: false, read_only: false, delay: None }).unwrap()
+        open_backend(&BackendSpec { name: name.into(), path: None, size: Some(1 << 20), direct: false, read_only: false, delay: None, sharing: Default::default() }).unwrap()
     }
 
     /// Members c (from 0) and d (from 64KiB), chunk 4KiB.

@@ -47,7 +47,7 @@ struct FakeMap {
 
 impl FakeMap {
     fn new(broken: Option<u64>) -> Arc<FakeMap> {
-        let spec = BackendSpec { name: "pool".into(), path: None, size: Some(SLOTS * CHUNK), direct: false, read_only: false, delay: None };
+        let spec = BackendSpec { name: "pool".into(), path: None, size: Some(SLOTS * CHUNK), direct: false, read_only: false, delay: None, sharing: Default::default() };
         let store = open_backend(&spec).unwrap();
         // Old data everywhere: a chunk mapped without punching would show it.
         store.write_at(&vec![0xee; (SLOTS * CHUNK) as usize], 0, false).unwrap();
