@@ -5,7 +5,7 @@
 mod common;
 
 use common::cli::*;
-use common::etcd::TestEtcd;
+use common::etcd::{cluster_section, TestEtcd};
 use common::{free_port, run_timeout, TestServer, BIN};
 use serde_json::Value;
 use std::process::Command;
@@ -13,13 +13,7 @@ use std::time::Duration;
 
 fn node_body(etcd: &str, node: &str, ttl: u32) -> String {
     format!(
-        r#"[cluster]
-etcd = ["{etcd}"]
-name = "t"
-node = "{node}"
-peer = "tcp:127.0.0.1:{peer}"
-lease_ttl = "{ttl}s"
-
+        r#"{cluster}
 [[backend]]
 name = "b"
 path = "{{dir}}/b.img"
@@ -32,7 +26,7 @@ length = "16MiB"
 backend = "b"
 backend_offset = 0
 "#,
-        peer = free_port()
+        cluster = cluster_section(etcd, node, ttl)
     )
 }
 
@@ -230,8 +224,9 @@ fn attach_tries_each_server_of_a_connect_list() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--connect: 'bogus'"), "{}", text(&out));
 }
 
-/// Until the cluster barrier exists, nothing may change one node's table
-/// alone: its clients and another node's would see different mappings.
+/// Nothing may change one node's table alone (its clients and another
+/// node's would see different mappings): a reload says to use `cluster
+/// apply`, which does it on every node; migrate and the like are refused.
 #[test]
 fn a_table_change_on_one_node_alone_is_refused() {
     let etcd = TestEtcd::start();
@@ -242,12 +237,51 @@ fn a_table_change_on_one_node_alone_is_refused() {
     std::fs::write(&node.config, recut).unwrap();
     let out = cli(&node, &["reload"]);
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("needs the cluster barrier"), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use `nbdvirt cluster apply --config FILE`"), "{}", text(&out));
     assert_eq!(generation(&node, "v"), 1, "the table must not have changed");
+    // cluster apply of the same file: every node (here one) swaps.
+    let report = json(&cli_ok_via(Via::Config, &node, &["cluster", "apply", "--json"]));
+    assert_eq!(report["volumes"][0]["generation"], 2, "{report}");
+    assert_eq!(generation(&node, "v"), 2);
+    // The file's own backends may not change under cluster apply.
+    let moved = std::fs::read_to_string(&node.config).unwrap().replace("{dir}/b.img", "{dir}/c.img").replace(&format!("{}/b.img", node.dir.path().display()), &format!("{}/c.img", node.dir.path().display()));
+    std::fs::write(&node.config, &moved).unwrap();
+    let out = cli_via(Via::Config, &node, &["cluster", "apply"]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("backend 'b' has another path"), "{}", text(&out));
     // A reload that changes no table (e.g. new TLS files) still works.
-    std::fs::write(&node.config, config).unwrap();
+    std::fs::write(&node.config, std::fs::read_to_string(&node.config).unwrap().replace("c.img", "b.img")).unwrap();
     cli_ok(&node, &["reload"]);
     let out = cli(&node, &["migrate", "start", "v", "--to", "b"]);
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("migrate start: in a cluster"), "{}", text(&out));
+}
+
+/// A node frozen (SIGSTOP) for longer than its lease serves nothing when
+/// it thaws: its open connection is closed, not answered, even though the
+/// membership lease it renewed before the freeze is the last thing it
+/// heard from etcd; then it joins again with a new lease.
+#[test]
+fn a_node_frozen_past_its_lease_serves_nothing_when_it_thaws() {
+    let etcd = TestEtcd::start();
+    let node = start(&node_body(&etcd.url, "n1", 3));
+    let flag = node.path("go");
+    let script = format!(
+        "import os, time\nh.pread(4096, 0)\nwhile not os.path.exists('{}'):\n    time.sleep(0.05)\ntry:\n    h.pwrite(b'S' * 4096, 0)\n    print('answered')\nexcept nbd.Error as e:\n    print('dead' if h.aio_is_dead() or h.aio_is_closed() else 'error reply: ' + str(e))\n",
+        flag.display()
+    );
+    let client = {
+        let uri = node.uri("v");
+        std::thread::spawn(move || common::nbdsh(&uri, &script))
+    };
+    wait_until(&node, "the client connected", Duration::from_secs(20), || vol(&node, "v")["connections"].as_u64() >= Some(1));
+    unsafe { libc::kill(node.pid(), libc::SIGSTOP) };
+    // etcd expires the 3 s lease meanwhile.
+    std::thread::sleep(Duration::from_secs(6));
+    unsafe { libc::kill(node.pid(), libc::SIGCONT) };
+    std::fs::write(&flag, b"").unwrap();
+    assert_eq!(client.join().unwrap().trim(), "dead", "a thawed node past its lease answered a write");
+    assert!(common::read_at(&node.path("b.img"), 0, 4096).iter().all(|b| *b == 0), "the write reached the store");
+    wait_until(&node, "the node serving again", Duration::from_secs(20), || cluster_status(&node)["state"] == "serving");
+    assert!(node.log().contains("membership lease expired in etcd"), "{}", node.log());
 }

@@ -22,6 +22,9 @@ pub enum Request {
     Status,
     /// This node's view of its cluster (`[cluster]` nodes only).
     ClusterStatus,
+    /// Changes the tables of the volumes in `config` (a config file the
+    /// server reads) on every node of the cluster, one barrier per volume.
+    ClusterApply { config: std::path::PathBuf },
     Reload {
         #[serde(default)]
         force: bool,
@@ -165,6 +168,7 @@ impl Request {
             | Request::PoolUsage { .. } => false,
             // `pool_check` returns leaked chunks to the free list.
             Request::PoolCheck { .. }
+            | Request::ClusterApply { .. }
             | Request::Reload { .. }
             | Request::Pause { .. }
             | Request::Resume { .. }

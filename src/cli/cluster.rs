@@ -1,8 +1,10 @@
-//! `cluster status`: the cluster as the local node sees it in etcd.
+//! `cluster status`: the cluster as the local node sees it in etcd;
+//! `cluster apply`: new volume tables on every node, one barrier each.
 
 use super::{render, CliResult, ServerAddress};
 use clap::Subcommand;
-use nbdvirt::api::{ClusterStatus, Request};
+use super::invalid;
+use nbdvirt::api::{ApplyReport, ClusterStatus, Request};
 
 #[derive(Subcommand)]
 pub enum ClusterCommand {
@@ -12,6 +14,15 @@ pub enum ClusterCommand {
         #[command(flatten)]
         server: ServerAddress,
         /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the tables of the volumes of --config FILE on every node at
+    /// once (hold, drain, commit in etcd, swap, resume), through the
+    /// node whose control socket FILE names (or --control).
+    Apply {
+        #[command(flatten)]
+        server: ServerAddress,
         #[arg(long)]
         json: bool,
     },
@@ -25,6 +36,30 @@ pub fn run(cmd: ClusterCommand) -> CliResult {
                 render::json(&status);
             } else {
                 print(&status);
+            }
+            Ok(())
+        }
+        ClusterCommand::Apply { server, json } => {
+            let file = server.config_path().ok_or_else(|| invalid("cluster apply needs --config FILE (the volumes to apply)"))?;
+            let config = std::fs::canonicalize(&file).map_err(|e| invalid(format!("{}: {e}", file.display())))?;
+            let report: ApplyReport = server.call(&Request::ClusterApply { config })?;
+            if json {
+                render::json(&report);
+            } else if report.volumes.is_empty() {
+                println!("nothing to change: every volume already has these tables");
+            } else {
+                for v in &report.volumes {
+                    let fenced = if v.fenced.is_empty() { String::new() } else { format!("; fenced: {}", v.fenced.join(", ")) };
+                    println!(
+                        "{}: generation {} on {} (hold {:.1} ms, etcd commit {:.1} ms, attempt {}{fenced})",
+                        v.volume,
+                        v.generation,
+                        v.nodes.join(", "),
+                        v.hold_us as f64 / 1000.0,
+                        v.commit_us as f64 / 1000.0,
+                        v.attempts
+                    );
+                }
             }
             Ok(())
         }

@@ -41,6 +41,11 @@ impl ServerAddress {
         }
     }
 
+    /// The `--config` given (or $NBDVIRT_CONFIG), if any.
+    pub fn config_path(&self) -> Option<PathBuf> {
+        self.config.clone()
+    }
+
     pub fn control_path(&self) -> Result<PathBuf, ApiError> {
         if let Some(p) = &self.control {
             return Ok(p.clone());

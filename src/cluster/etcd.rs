@@ -2,7 +2,7 @@
 //! etcd (stopped, partitioned) must cost a timeout, never a hung thread.
 
 use etcdv3client::pb::{self, compare, response_op};
-use etcdv3client::{EtcdClient, LeaseKeepAliver};
+use etcdv3client::EtcdClient;
 use std::future::Future;
 use std::time::Duration;
 
@@ -70,20 +70,20 @@ impl Etcd {
         Ok((r.id, r.ttl))
     }
 
-    pub async fn keeper(&self, lease: i64) -> Result<LeaseKeepAliver, EtcdError> {
-        let mut c = self.client.clone();
-        self.bounded("a keep-alive stream", c.keep_lease_alive(lease)).await
-    }
-
     /// One renewal: the TTL etcd restarted the lease with, 0 if it had
-    /// already expired.
-    pub async fn renew(&self, keeper: &mut LeaseKeepAliver) -> Result<i64, EtcdError> {
-        let call = async {
-            keeper.keep_alive().await?;
-            keeper.message().await
+    /// already expired. Each renewal opens its own keep-alive stream and
+    /// reads the one answer to the request that opening it sends: on a
+    /// long-lived stream an answer read late is an old one (a TTL granted
+    /// before a freeze would reopen the fence of a node whose lease is gone).
+    pub async fn renew(&self, lease: i64) -> Result<i64, EtcdError> {
+        let mut c = self.client.clone();
+        let call = async move {
+            let mut stream = c.keep_lease_alive(lease).await?;
+            stream.message().await
         };
         match self.bounded("a lease renewal", call).await? {
-            Some(r) => Ok(r.ttl),
+            Some(r) if r.id == lease => Ok(r.ttl),
+            Some(r) => Err(EtcdError::Request { what: "a lease renewal", detail: format!("answer for lease {:x}, not {lease:x}", r.id) }),
             None => Err(EtcdError::Request { what: "a lease renewal", detail: "the keep-alive stream ended".into() }),
         }
     }
@@ -102,46 +102,108 @@ impl Etcd {
 
     /// Creates `key` (bound to `lease`, 0 = none) only if it does not exist.
     pub async fn create(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<Created, EtcdError> {
-        let absent = pb::Compare {
-            result: compare::CompareResult::Equal as i32,
-            target: compare::CompareTarget::Create as i32,
-            key: key.as_bytes().to_vec(),
-            range_end: Vec::new(),
-            target_union: Some(compare::TargetUnion::CreateRevision(0)),
-        };
-        let put = pb::PutRequest { key: key.as_bytes().to_vec(), value, lease, ..Default::default() };
-        let txn = pb::TxnRequest {
-            compare: vec![absent],
-            success: vec![put.into()],
-            failure: vec![pb::RangeRequest::new(key.as_bytes().to_vec()).into()],
-        };
+        let (ok, found, revision) = self.txn(vec![created_at(key, compare::CompareResult::Equal, 0)], vec![put(key, value, lease)], key).await?;
+        if ok {
+            return Ok(Ok(revision));
+        }
+        // Deleted between the compare and the read: as if created by
+        // nobody; the caller tries again at its next tick.
+        found.map(Err).ok_or_else(|| EtcdError::Request { what: "a transaction", detail: format!("'{key}' changed during the transaction") })
+    }
+
+    /// The coordinator's commit of a barrier: writes `decision` = "commit"
+    /// and `record` at `record_key`, only if the coordinator key is still
+    /// the one created at `epoch`, nobody decided the barrier yet, and no
+    /// node joined after `listed` (the revision its node list was read at:
+    /// a node that joined since would not have held).
+    pub async fn commit(&self, c: &CommitKeys<'_>, record: Vec<u8>) -> Result<bool, EtcdError> {
+        let mut joined_since = created_at(c.nodes, compare::CompareResult::Less, c.listed + 1);
+        joined_since.range_end = prefix_end(c.nodes);
+        let compares = vec![created_at(c.coordinator, compare::CompareResult::Equal, c.epoch), created_at(c.decision, compare::CompareResult::Equal, 0), joined_since];
+        let writes = vec![put(c.decision, b"commit".to_vec(), 0), put(c.record_key, record, 0)];
+        Ok(self.txn(compares, writes, c.decision).await?.0)
+    }
+
+    /// A node whose hold outlived its wait: decides the barrier "abort"
+    /// unless it is decided already. Returns whether it was committed.
+    pub async fn settle(&self, decision: &str) -> Result<bool, EtcdError> {
+        let (aborted_now, found, _) = self.txn(vec![created_at(decision, compare::CompareResult::Equal, 0)], vec![put(decision, b"abort".to_vec(), 0)], decision).await?;
+        Ok(!aborted_now && found.is_some_and(|e| e.value == b"commit"))
+    }
+
+    /// Runs `compares` → `writes`, else reads `key`: (succeeded, what `key`
+    /// held when it failed, the revision).
+    async fn txn(&self, compares: Vec<pb::Compare>, writes: Vec<pb::RequestOp>, key: &str) -> Result<(bool, Option<Entry>, i64), EtcdError> {
+        let txn = pb::TxnRequest { compare: compares, success: writes, failure: vec![pb::RangeRequest::new(key.as_bytes().to_vec()).into()] };
         let mut kv = self.client.kv.clone();
         let r = self.bounded("a transaction", kv.txn(txn)).await?;
-        if r.succeeded {
-            return Ok(Ok(r.header.map_or(0, |h| h.revision)));
-        }
+        let revision = r.header.map_or(0, |h| h.revision);
         let found = r.responses.into_iter().find_map(|op| match op.response {
-            Some(response_op::Response::ResponseRange(range)) => range.kvs.into_iter().next(),
+            Some(response_op::Response::ResponseRange(range)) => range.kvs.into_iter().next().map(Entry::from),
             _ => None,
         });
-        match found {
-            Some(kv) => Ok(Err(kv.into())),
-            // Deleted between the compare and the read: as if created by
-            // nobody; the caller tries again at its next tick.
-            None => Err(EtcdError::Request { what: "a transaction", detail: format!("'{key}' changed during the transaction") }),
-        }
+        Ok((r.succeeded, found, revision))
     }
 
     pub async fn put(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<(), EtcdError> {
         let mut kv = self.client.kv.clone();
-        let put = pb::PutRequest { key: key.as_bytes().to_vec(), value, lease, ..Default::default() };
-        self.bounded("a put", kv.put(put)).await.map(drop)
+        let request = pb::PutRequest { key: key.as_bytes().to_vec(), value, lease, ..Default::default() };
+        self.bounded("a put", kv.put(request)).await.map(drop)
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<Entry>, EtcdError> {
+        let mut kv = self.client.kv.clone();
+        let r = self.bounded("a read", kv.range(pb::RangeRequest::new(key.as_bytes().to_vec()))).await?;
+        Ok(r.kvs.into_iter().next().map(Entry::from))
     }
 
     /// Every key under `prefix`, in key order.
     pub async fn list(&self, prefix: &str) -> Result<Vec<Entry>, EtcdError> {
+        Ok(self.list_at(prefix).await?.0)
+    }
+
+    /// `list`, and the revision it was read at.
+    pub async fn list_at(&self, prefix: &str) -> Result<(Vec<Entry>, i64), EtcdError> {
         let mut kv = self.client.kv.clone();
         let r = self.bounded("a read", kv.range(pb::RangeRequest::new(prefix.as_bytes().to_vec()).with_prefix())).await?;
-        Ok(r.kvs.into_iter().map(Entry::from).collect())
+        Ok((r.kvs.into_iter().map(Entry::from).collect(), r.header.map_or(0, |h| h.revision)))
     }
+}
+
+/// The keys a barrier's commit checks and writes.
+pub struct CommitKeys<'a> {
+    pub coordinator: &'a str,
+    pub epoch: i64,
+    pub nodes: &'a str,
+    pub listed: i64,
+    pub decision: &'a str,
+    pub record_key: &'a str,
+}
+
+/// `key`'s create revision compared with `revision` (0: the key is absent).
+fn created_at(key: &str, result: compare::CompareResult, revision: i64) -> pb::Compare {
+    pb::Compare {
+        result: result as i32,
+        target: compare::CompareTarget::Create as i32,
+        key: key.as_bytes().to_vec(),
+        range_end: Vec::new(),
+        target_union: Some(compare::TargetUnion::CreateRevision(revision)),
+    }
+}
+
+fn put(key: &str, value: Vec<u8>, lease: i64) -> pb::RequestOp {
+    pb::PutRequest { key: key.as_bytes().to_vec(), value, lease, ..Default::default() }.into()
+}
+
+/// The end of the range of every key starting with `prefix` (etcd's
+/// convention: the prefix with its last byte incremented).
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
 }

@@ -36,6 +36,33 @@ pub fn coordinator(cluster: &str) -> String {
     format!("{}coordinator", prefix(cluster))
 }
 
+/// A barrier's decision ("commit" or "abort"), written once.
+pub fn decision(cluster: &str, barrier: &str) -> String {
+    format!("{}barriers/{barrier}", prefix(cluster))
+}
+
+/// A volume's committed generation.
+pub fn volume(cluster: &str, volume: &str) -> String {
+    format!("{}{volume}", volumes(cluster))
+}
+
+pub fn volumes(cluster: &str) -> String {
+    format!("{}volumes/", prefix(cluster))
+}
+
+/// A node committed past (its lease expired while it held a barrier up).
+pub fn fenced(cluster: &str, node: &str) -> String {
+    format!("{}fenced/{node}", prefix(cluster))
+}
+
+/// The committed table of a volume, as every node must serve it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub volume: String,
+    pub generation: u64,
+    pub extents: Vec<crate::map::Extent>,
+}
+
 /// A live node, as it publishes itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
@@ -56,6 +83,8 @@ pub struct MemberRecord {
 }
 
 /// The highest coordinator epoch a node has seen (`STATE_DIR/cluster/epoch.json`).
+/// Older epochs are refused: etcd's revisions only grow, so an older one
+/// means a replaced etcd cluster or a stale coordinator.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpochRecord {
     pub highest: i64,

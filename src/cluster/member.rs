@@ -4,37 +4,31 @@
 //! to become coordinator) and observe (what `cluster status` shows).
 
 use super::etcd::{Etcd, EtcdError};
-use super::keys::{self, EpochRecord, MemberRecord, NodeRecord};
-use super::{lease, ClusterError, Generations, Shared};
+use super::keys::{self, MemberRecord, NodeRecord, VolumeRecord};
+use super::{lease, ClusterError, LocalTables, Shared};
 use crate::api::{CoordinatorView, NodeView};
-use crate::persist::StateDir;
-use etcdv3client::LeaseKeepAliver;
-use std::path::Path;
+use crate::sync::lock;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// A node registered in etcd under its lease.
 struct Joined {
     lease: i64,
-    keeper: Option<LeaseKeepAliver>,
     published: NodeRecord,
 }
 
 pub(super) struct Member {
-    pub(super) shared: std::sync::Arc<Shared>,
-    pub(super) state: StateDir,
-    pub(super) generations: Generations,
-    pub(super) etcd: Option<Etcd>,
+    pub(super) shared: Arc<Shared>,
+    local: Arc<dyn LocalTables>,
+    etcd: Option<Etcd>,
     joined: Option<Joined>,
-    highest_epoch: i64,
     /// Ever joined: a node that loses its lease is fenced, not joining.
     was_joined: bool,
 }
 
 impl Member {
-    pub(super) fn new(shared: std::sync::Arc<Shared>, state: StateDir, generations: Generations) -> Result<Member, ClusterError> {
-        let highest = state.read_json::<EpochRecord>(Path::new(keys::EPOCH_FILE)).map_err(|e| ClusterError::State(e.to_string()))?.unwrap_or_default();
-        super::lock_view(&shared).highest_epoch = highest.highest;
-        Ok(Member { shared, state, generations, etcd: None, joined: None, highest_epoch: highest.highest, was_joined: false })
+    pub(super) fn new(shared: Arc<Shared>, local: Arc<dyn LocalTables>) -> Member {
+        Member { shared, local, etcd: None, joined: None, was_joined: false }
     }
 
     fn cfg(&self) -> &crate::config::ClusterConfig {
@@ -49,6 +43,7 @@ impl Member {
             None => {
                 let e = Etcd::connect(&self.cfg().etcd, super::call_limit(self.cfg())).await?;
                 self.etcd = Some(e.clone());
+                *lock(&self.shared.etcd) = Some(e.clone());
                 e
             }
         };
@@ -67,7 +62,7 @@ impl Member {
             peer: self.cfg().peer.to_string(),
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").into(),
-            generations: (self.generations)(),
+            generations: self.local.generations(),
         }
     }
 
@@ -89,29 +84,40 @@ impl Member {
             }
         }
         let member = serde_json::to_vec(&MemberRecord { node: cfg.node.clone(), peer: cfg.peer.to_string() }).expect("serializes");
-        etcd.put(&keys::member(&cfg.name, &cfg.node), member, 0).await?;
+        if let Err(e) = self.catch_up(etcd, &cfg).await.and(etcd.put(&keys::member(&cfg.name, &cfg.node), member, 0).await.map_err(Into::into)) {
+            let _ = etcd.revoke(id).await;
+            return Err(e);
+        }
         tracing::info!(cluster = %cfg.name, node = %cfg.node, lease = format!("{id:x}"), "joined the cluster");
-        self.joined = Some(Joined { lease: id, keeper: None, published: record });
+        self.joined = Some(Joined { lease: id, published: record });
         self.was_joined = true;
         Ok(())
     }
 
+    /// Brings this node's tables to the committed ones. Read after the
+    /// node's key exists: a barrier committed later either listed this
+    /// node (it holds too) or fails its check that no node joined since.
+    async fn catch_up(&self, etcd: &Etcd, cfg: &crate::config::ClusterConfig) -> Result<(), ClusterError> {
+        let mut records = Vec::new();
+        for entry in etcd.list(&keys::volumes(&cfg.name)).await? {
+            records.push(serde_json::from_slice::<VolumeRecord>(&entry.value).map_err(|e| ClusterError::BadRecord(e.to_string()))?);
+        }
+        let local = self.local.clone();
+        // On a blocking thread: a swap may wait for a hold to end, and a
+        // hold may need etcd, whose I/O this thread drives.
+        tokio::task::spawn_blocking(move || local.catch_up(&records))
+            .await
+            .map_err(|e| ClusterError::CatchUp(e.to_string()))?
+            .map_err(ClusterError::CatchUp)
+    }
+
     async fn renew(&mut self, etcd: &Etcd) -> Result<(), ClusterError> {
         let ttl = self.cfg().lease_ttl;
-        let joined = self.joined.as_mut().expect("renew after join");
-        if joined.keeper.is_none() {
-            joined.keeper = Some(etcd.keeper(joined.lease).await?);
-        }
+        let joined = self.joined.as_ref().expect("renew after join");
         let sent = Instant::now();
-        let granted = match etcd.renew(joined.keeper.as_mut().expect("just set")).await {
-            Ok(g) => g,
-            Err(e) => {
-                // The stream may be broken: a new one at the next tick.
-                joined.keeper = None;
-                return Err(e.into());
-            }
-        };
+        let granted = etcd.renew(joined.lease).await?;
         match lease::serve_until(sent, granted, ttl) {
+            Some(_) if self.shared.fenced_for_good.load(std::sync::atomic::Ordering::SeqCst) => self.shared.fence.close(),
             Some(deadline) => self.shared.fence.open_until(deadline),
             None => {
                 self.shared.fence.close();
@@ -143,25 +149,16 @@ impl Member {
             Ok(revision) => (cfg.node.clone(), revision),
             Err(entry) => (String::from_utf8_lossy(&entry.value).into_owned(), entry.create_revision),
         };
-        if epoch < self.highest_epoch {
-            // etcd's revisions only grow: an older epoch means a replaced
-            // etcd cluster or a stale answer; never follow it.
-            return Err(ClusterError::StaleEpoch { epoch, highest: self.highest_epoch });
-        }
-        if epoch > self.highest_epoch {
-            self.state
-                .write_json(Path::new(keys::EPOCH_FILE), &EpochRecord { highest: epoch })
-                .map_err(|e| ClusterError::State(e.to_string()))?;
-            self.highest_epoch = epoch;
+        let newer = epoch > super::lock_view(&self.shared).highest_epoch;
+        self.shared.note_epoch(epoch)?;
+        if newer {
             if node == cfg.node {
                 tracing::info!(epoch, "this node is now the coordinator");
             } else {
                 tracing::info!(coordinator = %node, epoch, "coordinator");
             }
         }
-        let mut view = super::lock_view(&self.shared);
-        view.highest_epoch = self.highest_epoch;
-        view.coordinator = Some(CoordinatorView { node, epoch });
+        super::lock_view(&self.shared).coordinator = Some(CoordinatorView { node, epoch });
         Ok(())
     }
 

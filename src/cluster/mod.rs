@@ -9,12 +9,17 @@
 //! `lease` (the serving deadline), `member` (join, renew, publish, elect,
 //! observe).
 
+mod barrier;
 mod etcd;
 mod keys;
 mod lease;
 mod member;
+pub mod peer;
+mod store;
 
+pub use barrier::BarrierTiming;
 pub use etcd::EtcdError;
+pub use keys::VolumeRecord;
 
 use crate::api::{ClusterStatus, CoordinatorView, NodeState, NodeView};
 use crate::config::ClusterConfig;
@@ -40,16 +45,57 @@ pub enum ClusterError {
     State(String),
     #[error("cannot start the cluster thread: {0}")]
     Thread(String),
+    #[error("not connected to etcd yet")]
+    NoEtcd,
+    #[error("this node is not the coordinator ({0})")]
+    NotCoordinator(String),
+    #[error("volume '{volume}': the barrier failed: {reason}")]
+    Barrier { volume: String, reason: String },
+    #[error("a committed table in etcd is unreadable: {0}")]
+    BadRecord(String),
+    #[error("catching up with the committed tables: {0}")]
+    CatchUp(String),
 }
 
-/// The generation of each volume this node serves, read at every tick.
-pub type Generations = Arc<dyn Fn() -> BTreeMap<String, u64> + Send + Sync>;
+/// What the cluster needs of the node's volumes (the daemon provides it).
+pub trait LocalTables: Send + Sync {
+    /// The generation of each volume this node serves (published at every tick).
+    fn generations(&self) -> BTreeMap<String, u64>;
+    /// Brings the node's volumes to the committed tables (a node joining
+    /// or re-joining, before it serves).
+    fn catch_up(&self, committed: &[VolumeRecord]) -> Result<(), String>;
+}
 
-/// What the cluster thread shares with `status`.
+/// What the cluster thread shares with `status` and the barrier.
 struct Shared {
     cfg: ClusterConfig,
     fence: Arc<ServeFence>,
     view: Mutex<View>,
+    state: StateDir,
+    /// The connection, once made (the barrier's calls use it from other
+    /// threads, through the runtime's handle).
+    etcd: Mutex<Option<etcd::Etcd>>,
+    /// A local commit of a barrier failed: the node must not serve again
+    /// (its table is not the cluster's) until restarted.
+    fenced_for_good: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    /// Records a coordinator epoch: refused if older than the highest seen,
+    /// persisted if newer.
+    fn note_epoch(&self, epoch: i64) -> Result<(), ClusterError> {
+        let mut view = lock_view(self);
+        if epoch < view.highest_epoch {
+            return Err(ClusterError::StaleEpoch { epoch, highest: view.highest_epoch });
+        }
+        if epoch > view.highest_epoch {
+            self.state
+                .write_json(std::path::Path::new(keys::EPOCH_FILE), &keys::EpochRecord { highest: epoch })
+                .map_err(|e| ClusterError::State(e.to_string()))?;
+            view.highest_epoch = epoch;
+        }
+        Ok(())
+    }
 }
 
 struct View {
@@ -77,6 +123,9 @@ pub struct Cluster {
     shared: Arc<Shared>,
     stop: tokio::sync::watch::Sender<bool>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Runs etcd calls of other threads (the barrier's) on the cluster
+    /// thread's runtime, which drives their I/O.
+    handle: tokio::runtime::Handle,
 }
 
 impl Cluster {
@@ -84,18 +133,20 @@ impl Cluster {
     /// etcd cannot be reached, or the node id is held by a live node,
     /// for longer than a lease (a previous run of this node killed a
     /// moment ago still holds its id until its lease expires).
-    pub fn start(cfg: ClusterConfig, state: StateDir, fence: Arc<ServeFence>, generations: Generations) -> Result<Cluster, ClusterError> {
-        let view = View { joined: false, was_joined: false, etcd_error: None, observed: Instant::now(), coordinator: None, highest_epoch: 0, nodes: Vec::new() };
-        let shared = Arc::new(Shared { cfg, fence, view: Mutex::new(view) });
-        let mut member = member::Member::new(shared.clone(), state, generations)?;
+    pub fn start(cfg: ClusterConfig, state: StateDir, fence: Arc<ServeFence>, local: Arc<dyn LocalTables>) -> Result<Cluster, ClusterError> {
+        let highest = state.read_json::<keys::EpochRecord>(std::path::Path::new(keys::EPOCH_FILE)).map_err(|e| ClusterError::State(e.to_string()))?.unwrap_or_default();
+        let view = View { joined: false, was_joined: false, etcd_error: None, observed: Instant::now(), coordinator: None, highest_epoch: highest.highest, nodes: Vec::new() };
+        let shared = Arc::new(Shared { cfg, fence, view: Mutex::new(view), state, etcd: Mutex::new(None), fenced_for_good: Default::default() });
+        let mut member = member::Member::new(shared.clone(), local);
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let (first_tx, first_rx) = std::sync::mpsc::channel();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| ClusterError::Thread(e.to_string()))?;
+        let handle = runtime.handle().clone();
         let thread = std::thread::Builder::new()
             .name("nbdvirt-cluster".into())
             .spawn(move || runtime.block_on(run(&mut member, stopped, first_tx)))
             .map_err(|e| ClusterError::Thread(e.to_string()))?;
-        let cluster = Cluster { shared, stop, thread: Mutex::new(Some(thread)) };
+        let cluster = Cluster { shared, stop, thread: Mutex::new(Some(thread)), handle };
         match first_rx.recv() {
             Ok(Ok(())) => Ok(cluster),
             Ok(Err(e)) => {
@@ -128,6 +179,12 @@ impl Cluster {
             highest_epoch: view.highest_epoch,
             nodes: view.nodes.clone(),
         }
+    }
+
+    /// Closes the fence for as long as the process lives.
+    pub fn fence_for_good(&self) {
+        self.shared.fenced_for_good.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.shared.fence.close();
     }
 
     /// Leaves the cluster (revokes the lease) and ends the thread. Called

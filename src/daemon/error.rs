@@ -101,8 +101,14 @@ pub enum DaemonError {
     ClusterChange { at: String },
     /// A table change on one node only would make the nodes translate the
     /// same volume differently.
-    #[error("{what}: in a cluster, volume tables change on every node at once, which needs the cluster barrier (not built yet); change every node's config and restart the nodes")]
+    #[error("{what}: in a cluster, volume tables change on every node at once: use `nbdvirt cluster apply --config FILE`")]
     ClusterWide { what: String },
+    /// A table `cluster apply` or a barrier cannot use.
+    #[error("{}{reason}", if volume.is_empty() { String::new() } else { format!("volume '{volume}': ") })]
+    ClusterTable { volume: String, reason: String },
+    /// What another node answered.
+    #[error("{}", .0.message)]
+    Peer(ApiError),
 
     #[error(transparent)]
     Swap(#[from] SwapError),
@@ -143,11 +149,17 @@ impl DaemonError {
                 MigrateErrorKind::Invalid => ErrorKind::Invalid,
                 MigrateErrorKind::Io => ErrorKind::Io,
             },
-            Cluster(e) => match e {
-                crate::cluster::ClusterError::DuplicateNode { .. } | crate::cluster::ClusterError::StaleEpoch { .. } => ErrorKind::Conflict,
-                _ => ErrorKind::Io,
-            },
-            NotClustered | ClusterChange { .. } | ClusterWide { .. } => ErrorKind::Invalid,
+            Cluster(e) => {
+                use crate::cluster::ClusterError as C;
+                match e {
+                    C::DuplicateNode { .. } | C::StaleEpoch { .. } => ErrorKind::Conflict,
+                    C::NotCoordinator(_) => ErrorKind::Busy,
+                    C::Barrier { .. } => ErrorKind::SwapFailed,
+                    _ => ErrorKind::Io,
+                }
+            }
+            NotClustered | ClusterChange { .. } | ClusterWide { .. } | ClusterTable { .. } => ErrorKind::Invalid,
+            Peer(e) => e.kind,
             Swap(_) => ErrorKind::SwapFailed,
             ReloadPartial { swap_failed: true, .. } => ErrorKind::SwapFailed,
             ReloadPartial { swap_failed: false, .. } => ErrorKind::Io,

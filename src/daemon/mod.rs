@@ -10,6 +10,7 @@
 //! (injected store errors for drills), `status` (API views), `error`.
 
 pub mod assemble;
+mod cluster_node;
 mod error;
 mod faults;
 mod metrics;
@@ -62,6 +63,12 @@ pub struct Daemon {
     metrics: Mutex<Option<crate::metrics::MetricsServer>>,
     /// This node's membership, when `[cluster]` is set.
     cluster: std::sync::OnceLock<crate::cluster::Cluster>,
+    /// The node-to-node link (cluster mode).
+    peer: Mutex<Option<crate::cluster::peer::PeerServer>>,
+    /// Barriers this node holds, waiting for their decision.
+    holds: Mutex<HashMap<String, std::sync::mpsc::Sender<bool>>>,
+    /// One `cluster apply` at a time (on the coordinator).
+    cluster_applying: Mutex<()>,
 }
 
 fn options(config: &Config, fence: Arc<crate::server::ServeFence>) -> ServerOptions {
@@ -152,6 +159,9 @@ impl Daemon {
             admin: Mutex::new(()),
             metrics: Mutex::new(None),
             cluster: std::sync::OnceLock::new(),
+            peer: Mutex::new(None),
+            holds: Mutex::new(HashMap::new()),
+            cluster_applying: Mutex::new(()),
         });
         if let Some(cfg) = cluster {
             daemon.join_cluster(cfg, fence)?;
@@ -195,6 +205,7 @@ impl Daemon {
         if let Some(cluster) = self.cluster.get() {
             cluster.stop();
         }
+        lock(&self.peer).take();
         // Nothing is in flight any more: a clean stop leaves no region in
         // doubt, so the next start resyncs nothing.
         for volume in self.catalog().volumes.values() {
@@ -211,13 +222,15 @@ impl Daemon {
     }
 
     /// Joins the cluster of `[cluster]`; returns once this node may serve.
+    /// The peer link listens first: a barrier may order this node to hold
+    /// as soon as its key exists.
     fn join_cluster(self: &Arc<Self>, cfg: crate::config::ClusterConfig, fence: Arc<crate::server::ServeFence>) -> Result<(), DaemonError> {
-        let weak = Arc::downgrade(self);
-        let generations: crate::cluster::Generations = Arc::new(move || {
-            weak.upgrade().map(|d| d.catalog().volumes.iter().map(|(name, v)| (name.clone(), v.generation())).collect()).unwrap_or_default()
-        });
+        let node = Arc::new(cluster_node::ClusterNode(Arc::downgrade(self)));
+        let crate::endpoint::Endpoint::Tcp(addr) = &cfg.peer else { unreachable!("the config allows tcp: peers only") };
+        let peer = crate::cluster::peer::PeerServer::start(addr, node.clone()).map_err(|e| DaemonError::io("cluster peer link", e))?;
+        *lock(&self.peer) = Some(peer);
         let state = StateDir::open(self.state.root()).map_err(|e| DaemonError::io("state_dir", e))?;
-        let cluster = crate::cluster::Cluster::start(cfg, state, fence, generations)?;
+        let cluster = crate::cluster::Cluster::start(cfg, state, fence, node)?;
         let _ = self.cluster.set(cluster);
         Ok(())
     }

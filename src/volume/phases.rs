@@ -193,6 +193,11 @@ impl Paused<'_> {
     }
 
     /// Releases the hold; the old translation stays in force.
+    /// How long the drain took.
+    pub fn drain(&self) -> Duration {
+        self.drain
+    }
+
     pub fn abort(mut self) {
         self.release();
     }

@@ -4,9 +4,21 @@
 
 use super::{free_port, require};
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// A `[cluster]` section for node `node` of cluster "t" on `etcd`, on a
+/// free peer port.
+pub fn cluster_section(etcd: &str, node: &str, ttl_secs: u32) -> String {
+    format!("[cluster]\netcd = [\"{etcd}\"]\nname = \"t\"\nnode = \"{node}\"\npeer = \"tcp:127.0.0.1:{}\"\nlease_ttl = \"{ttl_secs}s\"\n", super::free_port())
+}
+
+/// Backends `a` and `b`: two names of one file, `size` bytes.
+pub fn twin_backends(file: &Path, size: u64) -> String {
+    let f = file.display();
+    format!("[[backend]]\nname = \"a\"\npath = \"{f}\"\nsize = {size}\nshared = true\n\n[[backend]]\nname = \"b\"\npath = \"{f}\"\nsize = {size}\nshared = true\n")
+}
 
 pub struct TestEtcd {
     child: Option<Child>,

@@ -14,6 +14,8 @@ pub mod nbd_client;
 pub mod pki;
 /// A real etcd for cluster tests (opt in: `use common::etcd::*;`).
 pub mod etcd;
+/// fio write+verify runs (`common::fio::verify_run`).
+pub mod fio;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

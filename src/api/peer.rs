@@ -1,0 +1,71 @@
+//! What nodes of a cluster say to each other on their `peer` endpoints
+//! (one JSON request per TCP connection, answered with a `Response`), and
+//! what `cluster apply` reports.
+
+use crate::map::Extent;
+use serde::{Deserialize, Serialize};
+
+/// One volume's new table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableChange {
+    pub volume: String,
+    pub extents: Vec<Extent>,
+}
+
+/// The coordinator's order to take part in a barrier: stage the volume's
+/// new table, prepare it, hold and drain the ranges it changes, answer
+/// `Held`, then wait for `Decide` (or, past `decide_within_ms`, ask etcd).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HoldOrder {
+    pub epoch: i64,
+    /// Names the barrier, and its decision key in etcd.
+    pub barrier: String,
+    pub volume: String,
+    pub generation: u64,
+    pub extents: Vec<Extent>,
+    pub decide_within_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum PeerRequest {
+    /// To the coordinator: change these tables on every node.
+    Apply { changes: Vec<TableChange> },
+    Hold(HoldOrder),
+    /// Ends a hold: commit (swap and resume) or abort (resume on the old table).
+    Decide { epoch: i64, barrier: String, commit: bool },
+}
+
+/// A node's answer to `Hold`: its ranges are held and drained.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    pub node: String,
+    pub drain_us: u64,
+}
+
+/// One volume's barrier, as the coordinator saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BarrierReport {
+    pub volume: String,
+    pub generation: u64,
+    /// The nodes that swapped.
+    pub nodes: Vec<String>,
+    /// Nodes that did not answer and were committed past once their lease
+    /// had expired in etcd.
+    #[serde(default)]
+    pub fenced: Vec<String>,
+    pub attempts: u32,
+    /// From the first `Hold` sent to the last `Decide` answered: the
+    /// longest any node held (µs).
+    pub hold_us: u64,
+    /// The commit transaction in etcd (µs).
+    pub commit_us: u64,
+}
+
+/// `cluster apply`: one report per changed volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApplyReport {
+    pub coordinator: String,
+    pub epoch: i64,
+    pub volumes: Vec<BarrierReport>,
+}

@@ -1,0 +1,175 @@
+//! The coordinator's side of a cluster-wide swap of one volume's table:
+//! hold everywhere, commit in etcd, swap everywhere.
+//!
+//! 1. Every live node is ordered to `Hold`: it stages the new table,
+//!    prepares it, holds and drains the ranges it changes, answers `Held`,
+//!    and waits for a decision until `decide_within`.
+//! 2. When all have answered, one etcd transaction commits: the decision
+//!    key becomes "commit" and the volume's record the new table, only if
+//!    the coordinator key is still the one of this epoch, nobody decided
+//!    the barrier yet and no node joined since the nodes were listed.
+//! 3. Every node is told `Decide`. A node that hears nothing by its wait
+//!    settles the barrier in etcd itself (abort unless decided), so a
+//!    commit and an abort can never both happen.
+//!
+//! A node that does not answer is never committed past while its lease
+//! lives: the holds are aborted, and once etcd has expired its lease (so it
+//! serves nothing: see the serving fence) the barrier runs again without
+//! it, and the node is recorded as fenced.
+
+use super::keys::VolumeRecord;
+use super::peer;
+use super::store::LiveNode;
+use super::{Cluster, ClusterError};
+use crate::api::{ApiError, BarrierReport, ErrorKind, Held, HoldOrder, PeerRequest, TableChange};
+use std::time::{Duration, Instant};
+
+/// How long each phase may take.
+#[derive(Debug, Clone, Copy)]
+pub struct BarrierTiming {
+    /// A node's drain (`server.pause_timeout`).
+    pub pause_timeout: Duration,
+    /// Further attempts after a failed one.
+    pub retries: u32,
+    pub backoff: Duration,
+}
+
+impl BarrierTiming {
+    /// How long the coordinator waits for a node's `Held`: its drain, and
+    /// the stage and prepare before it.
+    fn hold_limit(&self) -> Duration {
+        self.pause_timeout + Duration::from_secs(2)
+    }
+
+    /// How long a holding node waits for the decision before it settles
+    /// with etcd: longer than the coordinator waits for the slowest node's
+    /// `Held`, so the commit that follows the last `Held` comes in time
+    /// (if it does not, etcd says who won).
+    fn decide_within(&self) -> Duration {
+        self.hold_limit() + Duration::from_secs(1)
+    }
+}
+
+enum Attempt {
+    Done(BarrierReport),
+    /// Holds aborted; `silent` nodes gave no answer.
+    Retry { reason: String, silent: Vec<LiveNode>, invalid: bool },
+}
+
+impl Cluster {
+    /// Runs the barrier of `change` at `generation` on every live node.
+    pub fn run_barrier(&self, change: &TableChange, generation: u64, timing: BarrierTiming) -> Result<BarrierReport, ClusterError> {
+        let fail = |reason: String| ClusterError::Barrier { volume: change.volume.clone(), reason };
+        let mut fenced = Vec::new();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (me, epoch, _) = self.coordinator().ok_or_else(|| ClusterError::NotCoordinator("none yet".into()))?;
+            if me != self.node() {
+                return Err(ClusterError::NotCoordinator(format!("the coordinator is {me}")));
+            }
+            match self.attempt(change, generation, epoch, attempt, timing)? {
+                Attempt::Done(mut report) => {
+                    report.attempts = attempt;
+                    report.fenced = fenced;
+                    return Ok(report);
+                }
+                Attempt::Retry { reason, invalid: true, .. } => return Err(fail(reason)),
+                Attempt::Retry { reason, silent, .. } => {
+                    tracing::warn!(volume = %change.volume, generation, attempt, %reason, "barrier aborted");
+                    for node in silent {
+                        // Committing past a node is safe only once etcd has
+                        // expired its lease: it serves nothing from then on.
+                        let deadline = Instant::now() + self.shared.cfg.lease_ttl + Duration::from_secs(2);
+                        while !self.lease_expired(node.lease)? {
+                            if Instant::now() > deadline {
+                                return Err(fail(format!("node {} does not answer but its lease is alive", node.node)));
+                            }
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                        tracing::warn!(node = %node.node, "node fenced: its lease expired while it did not answer");
+                        self.record_fenced(&node.node, &format!("{}-{generation}", change.volume));
+                        fenced.push(node.node);
+                    }
+                    if attempt > timing.retries {
+                        return Err(fail(format!("{reason} (after {attempt} attempts)")));
+                    }
+                    std::thread::sleep(timing.backoff * attempt);
+                }
+            }
+        }
+    }
+
+    fn attempt(&self, change: &TableChange, generation: u64, epoch: i64, attempt: u32, timing: BarrierTiming) -> Result<Attempt, ClusterError> {
+        let (nodes, listed) = self.live_nodes()?;
+        let barrier = format!("{}-e{epoch}-g{generation}-a{attempt}", change.volume);
+        let order = HoldOrder {
+            epoch,
+            barrier: barrier.clone(),
+            volume: change.volume.clone(),
+            generation,
+            extents: change.extents.clone(),
+            decide_within_ms: timing.decide_within().as_millis() as u64,
+        };
+        let started = Instant::now();
+        let limit = timing.hold_limit();
+        let answers: Vec<Result<Held, ApiError>> = on_every(&nodes, |n| peer::call(&n.peer, &PeerRequest::Hold(order.clone()), limit));
+        let held: Vec<&LiveNode> = nodes.iter().zip(&answers).filter(|(_, a)| a.is_ok()).map(|(n, _)| n).collect();
+        if held.len() == nodes.len() {
+            let committing = Instant::now();
+            let record = VolumeRecord { volume: change.volume.clone(), generation, extents: change.extents.clone() };
+            let committed = self.commit(epoch, listed, &barrier, &record);
+            let commit_us = committing.elapsed().as_micros() as u64;
+            match committed {
+                Ok(true) => {
+                    decide(&held, epoch, &barrier, true);
+                    let hold_us = started.elapsed().as_micros() as u64;
+                    let nodes = held.iter().map(|n| n.node.clone()).collect();
+                    let report = BarrierReport { volume: change.volume.clone(), generation, nodes, fenced: Vec::new(), attempts: attempt, hold_us, commit_us };
+                    return Ok(Attempt::Done(report));
+                }
+                Ok(false) => {
+                    decide(&held, epoch, &barrier, false);
+                    return Ok(Attempt::Retry { reason: "the commit was refused (a node settled the barrier, joined, or the coordinator changed)".into(), silent: Vec::new(), invalid: false });
+                }
+                // The outcome is unknown: the nodes settle it with etcd
+                // themselves; telling them anything could contradict it.
+                Err(e) => return Err(e),
+            }
+        }
+        decide(&held, epoch, &barrier, false);
+        let mut silent = Vec::new();
+        let mut reasons = Vec::new();
+        let mut invalid = false;
+        for (n, a) in nodes.iter().zip(answers) {
+            if let Err(e) = a {
+                reasons.push(format!("{}: {}", n.node, e.message));
+                invalid |= matches!(e.kind, ErrorKind::Invalid | ErrorKind::NotFound);
+                if e.kind == ErrorKind::Io {
+                    silent.push(n.clone());
+                }
+            }
+        }
+        Ok(Attempt::Retry { reason: reasons.join("; "), silent, invalid })
+    }
+}
+
+/// Tells every node in `nodes` the decision (best effort: a node that does
+/// not hear it settles with etcd when its wait ends).
+fn decide(nodes: &[&LiveNode], epoch: i64, barrier: &str, commit: bool) {
+    let request = PeerRequest::Decide { epoch, barrier: barrier.to_string(), commit };
+    let owned: Vec<LiveNode> = nodes.iter().map(|n| (*n).clone()).collect();
+    for (n, r) in owned.iter().zip(on_every(&owned, |n| peer::call::<serde_json::Value>(&n.peer, &request, Duration::from_secs(10)))) {
+        if let Err(e) = r {
+            tracing::warn!(node = %n.node, barrier, commit, error = %e.message, "decision not delivered; the node settles with etcd");
+        }
+    }
+}
+
+/// `call` on every node at once; the answers in the nodes' order.
+fn on_every<T: Send>(nodes: &[LiveNode], call: impl Fn(&LiveNode) -> T + Sync) -> Vec<T> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = nodes.iter().map(|n| s.spawn(|| call(n))).collect();
+        handles.into_iter().map(|h| h.join().expect("a peer call does not panic")).collect()
+    })
+}

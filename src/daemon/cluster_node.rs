@@ -1,0 +1,227 @@
+//! This node's part in the cluster: what the cluster thread asks of its
+//! volumes (generations, catching up with committed tables), the peer
+//! link's requests (hold and decide a barrier; apply, on the coordinator),
+//! and `cluster apply`.
+
+use super::assemble::build_translation;
+use super::{Daemon, DaemonError};
+use crate::api::{ApiError, ApplyReport, ErrorKind, Held, HoldOrder, PeerRequest, Response, TableChange};
+use crate::cluster::{peer, BarrierTiming, Cluster, LocalTables, VolumeRecord};
+use crate::config::{Config, VolumeConfig};
+use crate::map::MappingTable;
+use crate::persist::GenerationCommit;
+use crate::sync::lock;
+use crate::volume::{Translation, Volume};
+use std::collections::BTreeMap;
+use std::sync::mpsc;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+/// The daemon as the cluster thread and the peer link see it.
+pub(super) struct ClusterNode(pub(super) Weak<Daemon>);
+
+impl LocalTables for ClusterNode {
+    fn generations(&self) -> BTreeMap<String, u64> {
+        self.0.upgrade().map(|d| d.catalog().volumes.iter().map(|(name, v)| (name.clone(), v.generation())).collect()).unwrap_or_default()
+    }
+
+    fn catch_up(&self, committed: &[VolumeRecord]) -> Result<(), String> {
+        let daemon = self.0.upgrade().ok_or("the daemon is stopping")?;
+        committed.iter().try_for_each(|r| daemon.catch_up(r).map_err(|e| e.to_string()))
+    }
+}
+
+impl peer::PeerHandler for ClusterNode {
+    fn handle(&self, request: PeerRequest) -> Response {
+        let Some(daemon) = self.0.upgrade() else { return Response::err(ApiError::new(ErrorKind::Io, "the node is stopping")) };
+        let answer = match request {
+            PeerRequest::Apply { changes } => daemon.apply_changes(changes).map(Response::ok),
+            PeerRequest::Hold(order) => daemon.cluster_hold(order).map(Response::ok),
+            PeerRequest::Decide { epoch, barrier, commit } => daemon.cluster_decide(epoch, &barrier, commit).map(|()| Response::ok(())),
+        };
+        answer.unwrap_or_else(|e| Response::err(e.into()))
+    }
+}
+
+impl Daemon {
+    fn member(&self) -> Result<&Cluster, DaemonError> {
+        self.cluster.get().ok_or(DaemonError::NotClustered)
+    }
+
+    /// The config entry of `name` (for the messages of a table it builds).
+    fn volume_config(&self, name: &str) -> Result<(String, VolumeConfig), DaemonError> {
+        let config = lock(&self.config);
+        let v = config.volumes.iter().find(|v| v.name == name).cloned().ok_or_else(|| DaemonError::NoVolume(name.into()))?;
+        Ok((config.file_name(), v))
+    }
+
+    fn translation_for(&self, volume: &Volume, generation: u64, extents: Vec<crate::map::Extent>) -> Result<(VolumeConfig, Translation), DaemonError> {
+        let (file, v) = self.volume_config(volume.name())?;
+        let table = MappingTable::new(generation, extents).map_err(|e| DaemonError::ClusterTable { volume: volume.name().into(), reason: e.to_string() })?;
+        let translation = build_translation(&file, &v, table, &self.catalog().stores, volume.translation().redundancy())?;
+        Ok((v, translation))
+    }
+
+    /// Swaps `record`'s volume to the committed table if this node is
+    /// behind (a node joining, or re-joining after it was fenced).
+    fn catch_up(&self, record: &VolumeRecord) -> Result<(), DaemonError> {
+        let volume = self.volume(&record.volume)?;
+        let current = volume.table();
+        if current.extents() == record.extents.as_slice() {
+            return Ok(());
+        }
+        let generation = record.generation.max(current.generation() + 1);
+        let (_, translation) = self.translation_for(&volume, generation, record.extents.clone())?;
+        let swap = lock(&self.swap).clone();
+        // The cluster's table is this node's config from now on (see `hold`).
+        let mut commit = GenerationCommit::new(&self.state, volume.name(), record.extents.clone(), "cluster catch-up");
+        volume.swap(translation, &swap, &mut commit)?;
+        tracing::info!(volume = volume.name(), generation, "caught up with the cluster's committed table");
+        Ok(())
+    }
+
+    /// `cluster apply --config FILE`: the tables of FILE's volumes, on
+    /// every node; run by the coordinator (forwarded to it from elsewhere).
+    pub fn cluster_apply(&self, path: &std::path::Path) -> Result<ApplyReport, DaemonError> {
+        let cluster = self.member()?;
+        let new = Config::load(path)?;
+        let changes = self.table_changes(&new)?;
+        match cluster.coordinator() {
+            Some((node, _, _)) if node == cluster.node() => self.apply_changes(changes),
+            Some((node, _, Some(peer))) => {
+                tracing::info!(coordinator = %node, "cluster apply: forwarded to the coordinator");
+                peer::call(&peer, &PeerRequest::Apply { changes }, Duration::from_secs(600)).map_err(DaemonError::Peer)
+            }
+            _ => Err(crate::cluster::ClusterError::NotCoordinator("no coordinator is known yet".into()).into()),
+        }
+    }
+
+    /// The volumes of `new` whose table differs from this node's.
+    fn table_changes(&self, new: &Config) -> Result<Vec<TableChange>, DaemonError> {
+        let catalog = self.catalog();
+        let what = |m: String| DaemonError::ClusterTable { volume: String::new(), reason: m };
+        for name in catalog.volumes.keys() {
+            if !new.volumes.iter().any(|v| &v.name == name) {
+                return Err(what(format!("{}: volume '{name}' is missing; cluster apply cannot remove volumes yet", new.file_name())));
+            }
+        }
+        // Stores are opened at start; a table may only use them as they are.
+        let open = lock(&self.stores);
+        for b in &new.backends {
+            match open.get(&b.spec.name) {
+                None => return Err(what(format!("{}:{}: backend '{}' is not open on this node; cluster apply cannot add backends yet", new.file_name(), b.line, b.spec.name))),
+                Some(s) if s.config.spec.path != b.spec.path => {
+                    return Err(what(format!("{}:{}: backend '{}' has another path than the open one; cluster apply cannot change backends yet", new.file_name(), b.line, b.spec.name)))
+                }
+                Some(_) => {}
+            }
+        }
+        drop(open);
+        let mut changes = Vec::new();
+        for v in &new.volumes {
+            let Some(current) = catalog.volumes.get(&v.name) else {
+                return Err(what(format!("{}:{}: volume '{}' is new; cluster apply cannot add volumes yet", new.file_name(), v.line, v.name)));
+            };
+            if v.extents != current.table().extents() {
+                changes.push(TableChange { volume: v.name.clone(), extents: v.extents.clone() });
+            }
+        }
+        Ok(changes)
+    }
+
+    /// On the coordinator: one barrier per change, one apply at a time.
+    fn apply_changes(&self, changes: Vec<TableChange>) -> Result<ApplyReport, DaemonError> {
+        let cluster = self.member()?;
+        let _one = lock(&self.cluster_applying);
+        let (node, epoch, _) = cluster.coordinator().ok_or_else(|| crate::cluster::ClusterError::NotCoordinator("none yet".into()))?;
+        let swap = lock(&self.swap).clone();
+        let timing = BarrierTiming { pause_timeout: swap.pause_timeout, retries: swap.retries, backoff: swap.backoff };
+        let mut volumes = Vec::new();
+        for change in changes {
+            let local = self.volume(&change.volume)?.generation();
+            let committed = cluster.committed(&change.volume)?.map_or(0, |r| r.generation);
+            let published = cluster.status().nodes.iter().filter_map(|n| n.generations.get(&change.volume).copied()).max().unwrap_or(0);
+            let generation = local.max(committed).max(published) + 1;
+            volumes.push(cluster.run_barrier(&change, generation, timing)?);
+        }
+        Ok(ApplyReport { coordinator: node, epoch, volumes })
+    }
+
+    /// A barrier's hold on this node: answers once the ranges are held and
+    /// drained; a thread keeps the hold until the decision.
+    fn cluster_hold(self: &Arc<Self>, order: HoldOrder) -> Result<Held, DaemonError> {
+        let cluster = self.member()?;
+        cluster.accept_epoch(order.epoch)?;
+        let volume = self.volume(&order.volume)?;
+        let (_, translation) = self.translation_for(&volume, order.generation, order.extents.clone())?;
+        let (held_tx, held_rx) = mpsc::channel();
+        let (decide_tx, decide_rx) = mpsc::channel();
+        lock(&self.holds).insert(order.barrier.clone(), decide_tx);
+        let daemon = self.clone();
+        let spawned = std::thread::Builder::new().name("nbdvirt-hold".into()).spawn(move || daemon.hold(volume, translation, order, held_tx, decide_rx));
+        if let Err(e) = spawned {
+            return Err(DaemonError::io("starting a hold thread", e));
+        }
+        held_rx.recv().unwrap_or_else(|_| Err(DaemonError::ClusterTable { volume: String::new(), reason: "the hold thread ended".into() }))
+    }
+
+    fn hold(&self, volume: Arc<Volume>, translation: Translation, order: HoldOrder, held: mpsc::Sender<Result<Held, DaemonError>>, decided: mpsc::Receiver<bool>) {
+        let cluster = self.member().expect("holds exist only in cluster mode");
+        let pause_timeout = lock(&self.swap).pause_timeout;
+        // Recorded as the config's extents: the cluster's table is what this
+        // node's config says from now on (a node's file that still has the
+        // old extents is overruled at its next start: see `catch_up`).
+        let mut commit = GenerationCommit::new(&self.state, volume.name(), order.extents.clone(), "cluster");
+        let paused = volume.stage(translation).map_err(DaemonError::from).and_then(|mut staged| {
+            staged.prepare(&mut commit)?;
+            staged.pause(pause_timeout).map_err(|t| DaemonError::from(t.error))
+        });
+        let paused = match paused {
+            Ok(p) => p,
+            Err(e) => {
+                lock(&self.holds).remove(&order.barrier);
+                let _ = held.send(Err(e));
+                return;
+            }
+        };
+        let _ = held.send(Ok(Held { node: cluster.node().to_string(), drain_us: paused.drain().as_micros() as u64 }));
+        let commit_it = match decided.recv_timeout(Duration::from_millis(order.decide_within_ms)) {
+            Ok(c) => c,
+            Err(_) => self.settle(cluster, &order.barrier),
+        };
+        lock(&self.holds).remove(&order.barrier);
+        if !commit_it {
+            paused.abort();
+            return;
+        }
+        if let Err(e) = paused.commit(&mut commit) {
+            // The others swapped: this node must not serve the old table.
+            tracing::error!(volume = volume.name(), error = %e, "committing a cluster barrier failed here: fencing this node");
+            cluster.fence_for_good();
+        }
+    }
+
+    /// No decision came in time: etcd decides (abort unless committed).
+    /// While etcd cannot say, the hold stays, until this node's lease could
+    /// have expired: then it serves nothing anyway, and aborts.
+    fn settle(&self, cluster: &Cluster, barrier: &str) -> bool {
+        loop {
+            match cluster.settle(barrier) {
+                Ok(commit) => return commit,
+                Err(e) if cluster.serving() => {
+                    tracing::warn!(barrier, error = %e, "cannot settle a barrier with etcd yet; holding");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(_) => return false,
+            }
+        }
+    }
+
+    fn cluster_decide(&self, epoch: i64, barrier: &str, commit: bool) -> Result<(), DaemonError> {
+        self.member()?.accept_epoch(epoch)?;
+        match lock(&self.holds).remove(barrier) {
+            Some(tx) => tx.send(commit).map_err(|_| DaemonError::ClusterTable { volume: String::new(), reason: format!("barrier {barrier}: the hold ended") }),
+            None => Err(DaemonError::ClusterTable { volume: String::new(), reason: format!("no hold of barrier {barrier} (settled with etcd already?)") }),
+        }
+    }
+}

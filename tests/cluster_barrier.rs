@@ -1,0 +1,198 @@
+//! The cluster-wide pause–drain–swap: `nbdvirt cluster apply` re-cuts a
+//! volume's table on three nodes at once (hold everywhere, commit in etcd,
+//! swap everywhere) while fio writes and verifies through two of them.
+
+mod common;
+
+use common::cli::*;
+use common::etcd::{cluster_section, twin_backends, TestEtcd};
+use common::{require, TestServer, BIN};
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 16 * MIB;
+const APPLIES: u64 = 20;
+
+/// A node of cluster "t" serving `v` over `shared`/d.img (backends `a` and
+/// `b` are two names of that file), cut at `cut` with the head through
+/// `first`: every cut maps the same bytes, but each changes the table.
+fn node_body(etcd: &str, node: &str, shared: &Path, cut: u64, first: &str) -> String {
+    format!(
+        "{}\n{}\n[[volume]]\nname = \"v\"\n[[volume.extent]]\nlength = {cut}\nbackend = \"{first}\"\nbackend_offset = 0\n[[volume.extent]]\nlength = {}\nbackend = \"a\"\nbackend_offset = {cut}\n",
+        cluster_section(etcd, node, 3),
+        twin_backends(&shared.join("d.img"), SIZE),
+        SIZE - cut
+    )
+}
+
+/// Replaces the backends and volumes of `node`'s config with those of
+/// `body` (its [server] and [cluster] stay).
+fn recut(node: &TestServer, body: &str) {
+    let old = std::fs::read_to_string(&node.config).unwrap();
+    let head = old.split_once("\n[[backend]]").unwrap().0;
+    let tail = body.split_once("\n[[backend]]").unwrap().1;
+    std::fs::write(&node.config, format!("{head}\n[[backend]]{tail}")).unwrap();
+}
+
+fn apply(node: &TestServer) -> Value {
+    let out = common::run_timeout(Command::new(BIN).args(["cluster", "apply", "--json", "--config"]).arg(&node.config).env_remove("NBDVIRT_CONFIG"), Duration::from_secs(120));
+    assert!(out.status.success(), "cluster apply failed: {}\n--- log ---\n{}", text(&out), node.log());
+    json(&String::from_utf8_lossy(&out.stdout))
+}
+
+#[test]
+fn twenty_cluster_applies_under_fio_verify_through_two_nodes() {
+    require("fio", "fio");
+    let etcd = TestEtcd::start();
+    let shared = tempfile::tempdir().unwrap();
+    let nodes: Vec<TestServer> = ["n1", "n2", "n3"].iter().map(|n| start(&node_body(&etcd.url, n, shared.path(), 4 * MIB, "a"))).collect();
+    for node in &nodes {
+        wait_until(node, "three nodes alive and a coordinator", Duration::from_secs(15), || {
+            let s = json(&cli_ok(node, &["cluster", "status", "--json"]));
+            s["nodes"].as_array().unwrap().iter().filter(|n| n["alive"] == true).count() == 3 && !s["coordinator"].is_null()
+        });
+    }
+    // fio through n1 on the first half and through n2 on the second,
+    // back to back until the applies are done.
+    let stop = Arc::new(AtomicBool::new(false));
+    let fio = |i: usize, offset: u64| {
+        let (dir, uri, stop) = (nodes[i].dir.path().to_path_buf(), nodes[i].uri("v"), stop.clone());
+        std::thread::spawn(move || -> Result<u64, String> {
+            let mut verified = 0;
+            loop {
+                verified += common::fio::verify_run(&dir, &uri, 3, offset, SIZE / 2)?.1;
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(verified);
+                }
+            }
+        })
+    };
+    let writers = [fio(0, 0), fio(1, SIZE / 2)];
+    for node in &nodes[..2] {
+        wait_until(node, "fio connected", Duration::from_secs(30), || vol(node, "v")["connections"].as_u64() >= Some(1));
+    }
+    let mut holds = Vec::new();
+    for i in 1..=APPLIES {
+        let cut = (1 + i % 15) * MIB;
+        let first = if i % 2 == 0 { "a" } else { "b" };
+        // Applied through a different node each time: n1 forwards to the
+        // coordinator when it is not the coordinator itself.
+        let via = &nodes[(i % 3) as usize];
+        recut(via, &node_body(&etcd.url, "-", shared.path(), cut, first));
+        let report = apply(via);
+        let v = &report["volumes"][0];
+        assert_eq!(v["generation"], i + 1, "apply {i}: {report}");
+        assert_eq!(v["nodes"].as_array().unwrap().len(), 3, "apply {i}: every node swapped: {report}");
+        holds.push(v["hold_us"].as_u64().unwrap());
+    }
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        let verified = w.join().unwrap().unwrap_or_else(|e| panic!("fio through a node failed: {e}"));
+        assert!(verified > 0);
+    }
+    // Every node ends on the same generation and table.
+    let tables: Vec<Value> = nodes.iter().map(|n| vol(n, "v")).collect();
+    for t in &tables {
+        assert_eq!(t["generation"], APPLIES + 1, "{t}");
+        assert_eq!(t["extents"], tables[0]["extents"], "the nodes' tables differ");
+    }
+    holds.sort_unstable();
+    eprintln!("cluster apply hold (first Hold sent to last Decide answered): p50 {} µs, max {} µs over {APPLIES}", holds[holds.len() / 2], holds[holds.len() - 1]);
+}
+
+/// Volume `v` of 16 MiB: the first half over `shared`/d.img (through the
+/// name `head`), the second over backend `tail` (`x` = x.img or `y` =
+/// y.img, files of their own).
+fn split_body(etcd: &str, node: &str, shared: &Path, head: &str, tail: &str) -> String {
+    let half = SIZE / 2;
+    let file = |name: &str, f: &str| format!("[[backend]]\nname = \"{name}\"\npath = \"{}\"\nsize = {half}\n", shared.join(f).display());
+    format!(
+        "{}\n{}\n{}\n{}\n[[volume]]\nname = \"v\"\n[[volume.extent]]\nlength = {half}\nbackend = \"{head}\"\nbackend_offset = 0\n[[volume.extent]]\nlength = {half}\nbackend = \"{tail}\"\nbackend_offset = 0\n",
+        cluster_section(etcd, node, 3),
+        twin_backends(&shared.join("d.img"), half),
+        file("x", "x.img"),
+        file("y", "y.img"),
+    )
+}
+
+/// A node frozen (SIGSTOP) during a cluster apply: the barrier completes
+/// once etcd has expired its lease, I/O through another node never fails,
+/// and the frozen node, once thawed, serves nothing with the old table
+/// (its old table maps the volume's second half to a file the new one no
+/// longer uses: a stale write would show there) and re-joins current.
+#[test]
+fn a_frozen_node_is_committed_past_once_its_lease_expires_and_never_serves_the_old_table() {
+    require("fio", "fio");
+    let etcd = TestEtcd::start();
+    let shared = tempfile::tempdir().unwrap();
+    let nodes: Vec<TestServer> = ["n1", "n2", "n3"].iter().map(|n| start(&split_body(&etcd.url, n, shared.path(), "a", "x"))).collect();
+    for node in &nodes {
+        wait_until(node, "three nodes alive and a coordinator", Duration::from_secs(15), || {
+            let s = json(&cli_ok(node, &["cluster", "status", "--json"]));
+            s["nodes"].as_array().unwrap().iter().filter(|n| n["alive"] == true).count() == 3 && !s["coordinator"].is_null()
+        });
+    }
+    // Freeze a node that is not the coordinator.
+    let s = json(&cli_ok(&nodes[0], &["cluster", "status", "--json"]));
+    let frozen = (0..3).rev().find(|i| s["coordinator"]["node"] != format!("n{}", i + 1)).unwrap();
+    let via = (frozen + 1) % 3;
+    let other = 3 - frozen - via;
+    // A client of the frozen node, connected before the freeze, writes
+    // into the second half once thawed.
+    let flag = shared.path().join("go");
+    let script = format!(
+        "import os, time\nh.pread(4096, 0)\nwhile not os.path.exists('{flag}'):\n    time.sleep(0.05)\ntry:\n    h.pwrite(b'S' * 4096, {off})\n    h.flush()\n    print('answered')\nexcept nbd.Error as e:\n    print('failed')\n",
+        flag = flag.display(),
+        off = SIZE / 2
+    );
+    let stale = {
+        let uri = nodes[frozen].uri("v");
+        std::thread::spawn(move || common::nbdsh(&uri, &script))
+    };
+    wait_until(&nodes[frozen], "the client connected", Duration::from_secs(20), || vol(&nodes[frozen], "v")["connections"].as_u64() >= Some(1));
+    // fio through another node on the first half, all along.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (dir, uri, stop) = (nodes[other].dir.path().to_path_buf(), nodes[other].uri("v"), stop.clone());
+        std::thread::spawn(move || -> Result<u64, String> {
+            let mut verified = 0;
+            loop {
+                verified += common::fio::verify_run(&dir, &uri, 3, 0, SIZE / 2)?.1;
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(verified);
+                }
+            }
+        })
+    };
+    wait_until(&nodes[other], "fio connected", Duration::from_secs(30), || vol(&nodes[other], "v")["connections"].as_u64() >= Some(1));
+    unsafe { libc::kill(nodes[frozen].pid(), libc::SIGSTOP) };
+    recut(&nodes[via], &split_body(&etcd.url, "-", shared.path(), "b", "y"));
+    let report = apply(&nodes[via]);
+    let v = &report["volumes"][0];
+    let frozen_name = format!("n{}", frozen + 1);
+    assert_eq!(v["fenced"], serde_json::json!([frozen_name]), "{report}");
+    assert_eq!(v["nodes"].as_array().unwrap().len(), 2, "{report}");
+    assert!(v["attempts"].as_u64().unwrap() >= 2, "{report}");
+    let generation = v["generation"].as_u64().unwrap();
+    // The node is thawed; its client writes.
+    unsafe { libc::kill(nodes[frozen].pid(), libc::SIGCONT) };
+    std::fs::write(&flag, b"").unwrap();
+    let said = stale.join().unwrap();
+    // Nothing reached the old table's file, whatever the client was told.
+    let x = std::fs::read(shared.path().join("x.img")).unwrap();
+    assert!(x.iter().all(|b| *b == 0), "a write reached the old table's file through the thawed node ({})\n--- its log ---\n{}", said.trim(), nodes[frozen].log());
+    // It re-joins on the committed table.
+    wait_until(&nodes[frozen], "the thawed node current and serving", Duration::from_secs(30), || {
+        let s = json(&cli_ok(&nodes[frozen], &["cluster", "status", "--json"]));
+        s["state"] == "serving" && vol(&nodes[frozen], "v")["generation"] == generation
+    });
+    assert_eq!(vol(&nodes[frozen], "v")["extents"], vol(&nodes[via], "v")["extents"]);
+    stop.store(true, Ordering::SeqCst);
+    let verified = writer.join().unwrap().unwrap_or_else(|e| panic!("fio through node {other} failed: {e}"));
+    assert!(verified > 0);
+}
