@@ -7,6 +7,7 @@ mod common;
 use common::cli::*;
 use common::etcd::{cluster_section, twin_backends, TestEtcd};
 use common::{require, TestServer, BIN};
+use common::cli::Via;
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
@@ -195,4 +196,78 @@ fn a_frozen_node_is_committed_past_once_its_lease_expires_and_never_serves_the_o
     stop.store(true, Ordering::SeqCst);
     let verified = writer.join().unwrap().unwrap_or_else(|e| panic!("fio through node {other} failed: {e}"));
     assert!(verified > 0);
+}
+
+/// The coordinator killed (abort, like kill -9) at each phase of a
+/// barrier: the holding nodes settle it with etcd and converge on one
+/// generation (the old one unless the commit reached etcd), a new
+/// coordinator takes over and applies again, the killed node rejoins on
+/// the committed table, and writes acknowledged before are intact.
+#[test]
+fn a_coordinator_killed_at_each_barrier_phase_leaves_one_generation() {
+    require("fio", "fio");
+    for (phase, committed) in [("held", false), ("committed", true), ("decided", true)] {
+        let etcd = TestEtcd::start();
+        let shared = tempfile::tempdir().unwrap();
+        let server_keys = "pause_timeout = \"1s\"";
+        let body = |node: &str, cut: u64, first: &str| node_body(&etcd.url, node, shared.path(), cut, first);
+        // n1 starts first, so it coordinates; it dies at `phase`.
+        let mut n1 = TestServer::prepare_with_server(server_keys, &body("n1", 4 * MIB, "a"));
+        n1.runner = vec!["env".into(), format!("NBDVIRT_TEST_BARRIER_CRASH={phase}")];
+        n1.spawn();
+        wait_control(&n1);
+        wait_until(&n1, "n1 coordinating", Duration::from_secs(15), || json(&cli_ok(&n1, &["cluster", "status", "--json"]))["coordinator"]["node"] == "n1");
+        let mut rest: Vec<TestServer> = ["n2", "n3"].iter().map(|n| TestServer::start_with_server(server_keys, &body(n, 4 * MIB, "a"))).collect();
+        for node in &rest {
+            wait_control(node);
+            wait_until(node, "three nodes alive", Duration::from_secs(15), || {
+                json(&cli_ok(node, &["cluster", "status", "--json"]))["nodes"].as_array().unwrap().iter().filter(|n| n["alive"] == true).count() == 3
+            });
+        }
+        common::nbdsh(&rest[0].uri("v"), &format!("h.pwrite(b'W' * 4096, {}); h.flush()", 12 * MIB));
+        // fio through n3 all along.
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (dir, uri, stop) = (rest[1].dir.path().to_path_buf(), rest[1].uri("v"), stop.clone());
+            std::thread::spawn(move || -> Result<u64, String> {
+                let mut verified = 0;
+                loop {
+                    verified += common::fio::verify_run(&dir, &uri, 8, 0, SIZE / 2)?.1;
+                    if stop.load(Ordering::SeqCst) {
+                        return Ok(verified);
+                    }
+                }
+            })
+        };
+        // Applied through n2, forwarded to n1, which dies.
+        recut(&rest[0], &body("-", 6 * MIB, "b"));
+        let out = cli_via(Via::Config, &rest[0], &["cluster", "apply"]);
+        assert!(!out.status.success(), "{phase}: the apply cannot succeed with its coordinator killed: {}", text(&out));
+        let _ = n1.child.as_mut().unwrap().wait();
+        assert!(n1.log().contains("NBDVIRT_TEST_BARRIER_CRASH"), "{phase}: n1 did not crash where asked:\n{}", n1.log());
+        let want = if committed { 2 } else { 1 };
+        for node in &rest {
+            wait_until(node, "the survivors settled on one generation", Duration::from_secs(20), || vol(node, "v")["generation"] == want && vol(node, "v")["state"] == "running");
+        }
+        assert_eq!(vol(&rest[0], "v")["extents"], vol(&rest[1], "v")["extents"], "{phase}: the survivors' tables differ");
+        // A new coordinator takes over and applies.
+        wait_until(&rest[0], "a new coordinator", Duration::from_secs(20), || {
+            let s = json(&cli_ok(&rest[0], &["cluster", "status", "--json"]));
+            s["coordinator"]["node"] != "n1" && !s["coordinator"].is_null()
+        });
+        recut(&rest[0], &body("-", 2 * MIB, "a"));
+        let report = apply(&rest[0]);
+        assert_eq!(report["volumes"][0]["generation"], want + 1, "{phase}: {report}");
+        // The killed node restarts (without the hook) on the committed table.
+        n1.runner.clear();
+        respawn(&mut n1);
+        wait_until(&n1, "n1 current again", Duration::from_secs(20), || vol(&n1, "v")["extents"] == vol(&rest[0], "v")["extents"]);
+        stop.store(true, Ordering::SeqCst);
+        assert!(writer.join().unwrap().unwrap_or_else(|e| panic!("{phase}: fio through n3 failed: {e}")) > 0);
+        let out = common::nbdsh(&rest[1].uri("v"), &format!("print(h.pread(4096, {}) == b'W' * 4096)", 12 * MIB));
+        assert_eq!(out.trim(), "True", "{phase}: an acknowledged write is gone");
+        for node in rest.iter_mut() {
+            node.kill();
+        }
+    }
 }

@@ -50,6 +50,17 @@ impl BarrierTiming {
     }
 }
 
+/// Test hook (crash-consistency tests): the coordinator aborts the process
+/// at this point of a barrier (`NBDVIRT_TEST_BARRIER_CRASH` = `held`: all
+/// nodes hold, nothing committed; `committed`: committed in etcd, nobody
+/// told; `decided`: every node told).
+fn crash_point(here: &str) {
+    if std::env::var("NBDVIRT_TEST_BARRIER_CRASH").is_ok_and(|at| at == here) {
+        eprintln!("NBDVIRT_TEST_BARRIER_CRASH: aborting the coordinator at '{here}'");
+        std::process::abort();
+    }
+}
+
 enum Attempt {
     Done(BarrierReport),
     /// Holds aborted; `silent` nodes gave no answer.
@@ -116,13 +127,16 @@ impl Cluster {
         let answers: Vec<Result<Held, ApiError>> = on_every(&nodes, |n| peer::call(&n.peer, &PeerRequest::Hold(order.clone()), limit));
         let held: Vec<&LiveNode> = nodes.iter().zip(&answers).filter(|(_, a)| a.is_ok()).map(|(n, _)| n).collect();
         if held.len() == nodes.len() {
+            crash_point("held");
             let committing = Instant::now();
             let record = VolumeRecord { volume: change.volume.clone(), generation, extents: change.extents.clone() };
             let committed = self.commit(epoch, listed, &barrier, &record);
             let commit_us = committing.elapsed().as_micros() as u64;
             match committed {
                 Ok(true) => {
+                    crash_point("committed");
                     decide(&held, epoch, &barrier, true);
+                    crash_point("decided");
                     let hold_us = started.elapsed().as_micros() as u64;
                     let nodes = held.iter().map(|n| n.node.clone()).collect();
                     let report = BarrierReport { volume: change.volume.clone(), generation, nodes, fenced: Vec::new(), attempts: attempt, hold_us, commit_us };

@@ -5,7 +5,9 @@
 use crate::api::{ApiError, ErrorKind, PeerRequest, Response};
 use serde::de::DeserializeOwned;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use crate::endpoint::Endpoint;
+use crate::server::{Listener, Stream};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -29,18 +31,19 @@ pub struct PeerServer {
 impl PeerServer {
     /// Listens on `addr` (`HOST:PORT`) and answers with `handler`.
     pub fn start(addr: &str, handler: Arc<dyn PeerHandler>) -> std::io::Result<PeerServer> {
-        let listener = TcpListener::bind(addr).map_err(|e| std::io::Error::new(e.kind(), format!("[cluster] peer {addr}: {e}")))?;
-        listener.set_nonblocking(true)?;
+        let listener = Listener::bind(&Endpoint::Tcp(addr.to_string())).map_err(|e| std::io::Error::new(e.kind(), format!("[cluster] peer {addr}: {e}")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new().name("nbdvirt-peer".into()).spawn(move || {
             while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
+                // Woken by a connection at once (a barrier waits on every
+                // answer); the timeout only notices `stop`.
+                match listener.accept_timeout(Duration::from_millis(200)) {
+                    Ok(Some(Stream::Tcp(stream))) => {
                         let handler = handler.clone();
                         let _ = std::thread::Builder::new().name("nbdvirt-peer-req".into()).spawn(move || serve_one(stream, &*handler));
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
+                    Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "peer link: accept failed");
                         std::thread::sleep(Duration::from_millis(100));
@@ -88,6 +91,7 @@ pub fn call<T: DeserializeOwned>(peer: &str, request: &PeerRequest, limit: Durat
     let addr = peer.strip_prefix("tcp:").unwrap_or(peer);
     let target = addr.to_socket_addrs().map_err(|e| io("resolve", e))?.next().ok_or_else(|| ApiError::new(ErrorKind::Io, format!("peer {peer}: no address")))?;
     let stream = TcpStream::connect_timeout(&target, limit.min(Duration::from_secs(2))).map_err(|e| io("connect", e))?;
+    let _ = stream.set_nodelay(true);
     stream.set_read_timeout(Some(limit)).map_err(|e| io("socket", e))?;
     stream.set_write_timeout(Some(limit)).map_err(|e| io("socket", e))?;
     let mut line = serde_json::to_vec(request).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;

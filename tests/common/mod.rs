@@ -140,6 +140,11 @@ impl TestServer {
         Self::prepare_full("", body, &[])
     }
 
+    /// `prepare` with `server_keys` added to the `[server]` section.
+    pub fn prepare_with_server(server_keys: &str, body: &str) -> TestServer {
+        Self::prepare_full(server_keys, body, &[])
+    }
+
     fn prepare_full(server_keys: &str, body: &str, extra_listen: &[&str]) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path().display().to_string();
