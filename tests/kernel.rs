@@ -553,7 +553,7 @@ cat /tmp/persist.out /tmp/persist.err
 dmesg | grep -q "reconnected socket" || fail "the kernel did not log 'reconnected socket'"
 # A request in flight when the server died is requeued and sent again
 # after the reconnect (the checksums above prove it landed).
-check_dmesg_allowing 'Receive control failed|Dead connection, failed to find a fallback|Connection timed out|shutting down sockets|Attempted send on closed socket|Send control failed|Request send failed, requeueing'
+check_dmesg_allowing 'Receive control failed|Dead connection, failed to find a fallback|Connection timed out|shutting down sockets|Attempted send on closed socket|Send control failed|Send data failed|Request send failed, requeueing'
 stop_nbdvirt
 echo "MIGRATE RESTART OK"
 "#,

@@ -47,6 +47,13 @@ impl Member {
                 e
             }
         };
+        if self.shared.rejoin.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            if let Some(joined) = self.joined.take() {
+                tracing::warn!("a barrier's outcome is unknown here: leaving the cluster to join again on the committed tables");
+                // Best effort: if etcd cannot be told, the lease expires.
+                let _ = etcd.revoke(joined.lease).await;
+            }
+        }
         if self.joined.is_none() {
             self.join(&etcd).await?;
         }
@@ -117,8 +124,17 @@ impl Member {
         let sent = Instant::now();
         let granted = etcd.renew(joined.lease).await?;
         match lease::serve_until(sent, granted, ttl) {
-            Some(_) if self.shared.fenced_for_good.load(std::sync::atomic::Ordering::SeqCst) => self.shared.fence.close(),
-            Some(deadline) => self.shared.fence.open_until(deadline),
+            Some(deadline) => {
+                let barred = || self.shared.fenced_for_good.load(std::sync::atomic::Ordering::SeqCst) || self.shared.rejoin.load(std::sync::atomic::Ordering::SeqCst);
+                if !barred() {
+                    self.shared.fence.open_until(deadline);
+                    // Checked again after opening: whoever raises either flag
+                    // raises it before closing the fence, so a close wins.
+                    if barred() {
+                        self.shared.fence.close();
+                    }
+                }
+            }
             None => {
                 self.shared.fence.close();
                 tracing::warn!(lease = format!("{:x}", joined.lease), "membership lease expired in etcd: fenced, serving nothing until re-joined");

@@ -78,6 +78,9 @@ struct Shared {
     /// A local commit of a barrier failed: the node must not serve again
     /// (its table is not the cluster's) until restarted.
     fenced_for_good: std::sync::atomic::AtomicBool,
+    /// A hold ended without knowing its barrier's decision: the node must
+    /// leave and join again (catching up) before it serves.
+    rejoin: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -136,7 +139,7 @@ impl Cluster {
     pub fn start(cfg: ClusterConfig, state: StateDir, fence: Arc<ServeFence>, local: Arc<dyn LocalTables>) -> Result<Cluster, ClusterError> {
         let highest = state.read_json::<keys::EpochRecord>(std::path::Path::new(keys::EPOCH_FILE)).map_err(|e| ClusterError::State(e.to_string()))?.unwrap_or_default();
         let view = View { joined: false, was_joined: false, etcd_error: None, observed: Instant::now(), coordinator: None, highest_epoch: highest.highest, nodes: Vec::new() };
-        let shared = Arc::new(Shared { cfg, fence, view: Mutex::new(view), state, etcd: Mutex::new(None), fenced_for_good: Default::default() });
+        let shared = Arc::new(Shared { cfg, fence, view: Mutex::new(view), state, etcd: Mutex::new(None), fenced_for_good: Default::default(), rejoin: Default::default() });
         let mut member = member::Member::new(shared.clone(), local);
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let (first_tx, first_rx) = std::sync::mpsc::channel();
@@ -179,6 +182,19 @@ impl Cluster {
             highest_epoch: view.highest_epoch,
             nodes: view.nodes.clone(),
         }
+    }
+
+    /// A hold gave up without learning its barrier's decision (etcd could
+    /// not be asked before the fence closed): the table this node went back
+    /// to may not be the committed one. Its membership ends at the next
+    /// tick, and it serves again only after joining anew, which catches up
+    /// with the committed tables first; a renewal of the old lease (etcd
+    /// back before it expired) must not reopen the fence on a stale table.
+    pub fn rejoin(&self) {
+        // Flag first, then close: a renewal that opens the fence in between
+        // sees the flag afterwards and closes it again (`Member::renew`).
+        self.shared.rejoin.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.shared.fence.close();
     }
 
     /// Closes the fence for as long as the process lives.

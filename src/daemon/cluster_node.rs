@@ -202,8 +202,9 @@ impl Daemon {
     }
 
     /// No decision came in time: etcd decides (abort unless committed).
-    /// While etcd cannot say, the hold stays, until this node's lease could
-    /// have expired: then it serves nothing anyway, and aborts.
+    /// While etcd cannot say, the hold stays, until this node's fence
+    /// closes: then it aborts, and serves again only after re-joining on
+    /// the committed tables (`Cluster::rejoin`).
     fn settle(&self, cluster: &Cluster, barrier: &str) -> bool {
         loop {
             match cluster.settle(barrier) {
@@ -212,7 +213,11 @@ impl Daemon {
                     tracing::warn!(barrier, error = %e, "cannot settle a barrier with etcd yet; holding");
                     std::thread::sleep(Duration::from_millis(200));
                 }
-                Err(_) => return false,
+                Err(e) => {
+                    tracing::warn!(barrier, error = %e, "fenced before the barrier's outcome was known: releasing the hold, re-joining before serving again");
+                    cluster.rejoin();
+                    return false;
+                }
             }
         }
     }

@@ -103,7 +103,7 @@ e2fsck -fn $dev
 nbdvirt detach $dev
 wait_for 15 test -e /tmp/persist.rc || fail "attach --persist did not end after the detach"
 [ "$(cat /tmp/persist.rc)" -eq 0 ] || { cat /tmp/persist.err; fail "attach --persist exited with status $(cat /tmp/persist.rc)"; }
-check_dmesg_allowing 'Receive control failed|Dead connection, failed to find a fallback|Connection timed out|shutting down sockets|Attempted send on closed socket|Send control failed|Request send failed, requeueing'
+check_dmesg_allowing 'Receive control failed|Dead connection, failed to find a fallback|Connection timed out|shutting down sockets|Attempted send on closed socket|Send control failed|Send data failed|Request send failed, requeueing'
 NBDVIRT_PID=$B_PID
 stop_nbdvirt
 echo "CLUSTER FAILOVER OK"

@@ -162,7 +162,7 @@ wait_for 10 nbd_is_free $dev || fail "$dev still has a size after SIGTERM to its
 echo "--- attach --persist (exit status $(cat /tmp/persist.rc))"
 cat /tmp/persist.out /tmp/persist.err
 [ "$(cat /tmp/persist.rc)" -eq 0 ] || fail "attach --persist exited with status $(cat /tmp/persist.rc)"
-check_dmesg_allowing 'Receive control failed|Dead connection, failed to find a fallback|Connection timed out|shutting down sockets|Attempted send on closed socket|Send control failed|Request send failed, requeueing|Send disconnect failed|nbdvirt-attach'
+check_dmesg_allowing 'Receive control failed|Dead connection, failed to find a fallback|Connection timed out|shutting down sockets|Attempted send on closed socket|Send control failed|Send data failed|Request send failed, requeueing|Send disconnect failed|nbdvirt-attach'
 stop_nbdvirt
 echo "TLS ATTACH OK"
 "#,
