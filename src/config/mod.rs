@@ -224,6 +224,13 @@ pub struct ClusterConfig {
     pub line: usize,
 }
 
+impl ClusterConfig {
+    /// The same settings (where the section stands in the file aside).
+    pub fn same_settings(&self, other: &ClusterConfig) -> bool {
+        (&self.etcd, &self.name, &self.node, &self.peer, self.lease_ttl) == (&other.etcd, &other.name, &other.node, &other.peer, other.lease_ttl)
+    }
+}
+
 impl Config {
     /// Reads and checks a configuration file. Relative paths inside it are
     /// relative to the file's directory.

@@ -29,7 +29,11 @@ pub struct ReloadPlan {
 impl Daemon {
     pub(super) fn plan_reload(&self, new: &Config, force: bool) -> Result<ReloadPlan, DaemonError> {
         let file = new.file_name();
-        if new.cluster != lock(&self.config).cluster {
+        let same = match (&new.cluster, &lock(&self.config).cluster) {
+            (Some(a), Some(b)) => a.same_settings(b),
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        if !same {
             let line = new.cluster.as_ref().map_or(1, |c| c.line);
             return Err(DaemonError::ClusterChange { at: format!("{file}:{line}") });
         }
