@@ -1,13 +1,16 @@
 //! Cluster mode on etcd: this node's membership lease (which bounds how
 //! long it may serve: the server's `ServeFence`), the coordinator election
-//! (a key created only if absent; its creation revision is the epoch), and
-//! the view `nbdvirt cluster status` shows.
+//! (a key created only if absent; its creation revision is the epoch), the
+//! barrier that changes a table on every node at once, and the view
+//! `nbdvirt cluster status` shows.
 //!
-//! Everything here runs on one thread of its own with a current-thread
-//! tokio runtime (the etcd client is async); the data path never waits on
-//! it. Rooms: `etcd` (bounded calls), `keys` (the key layout and records),
-//! `lease` (the serving deadline), `member` (join, renew, publish, elect,
-//! observe).
+//! The etcd client is async: it runs on one thread of its own with a
+//! current-thread tokio runtime, and other threads reach it through the
+//! runtime's handle (`store`); the data path never waits on it. Rooms:
+//! `etcd` (bounded calls), `store` (those calls for other threads), `keys`
+//! (the key layout and records), `lease` (the serving deadline), `member`
+//! (join, catch up, renew, publish, elect, observe), `peer` (the
+//! node-to-node link), `barrier` (the coordinator's side of a barrier).
 
 mod barrier;
 mod etcd;
