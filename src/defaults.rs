@@ -51,3 +51,9 @@ pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
 
 /// `[cluster] lease_ttl`: how long etcd keeps a silent node's membership.
 pub const CLUSTER_LEASE_TTL: Duration = Duration::from_secs(5);
+
+/// `[cluster] failsafe`: how long past its lease a node serves on while
+/// etcd does not answer but every peer does. Rides out an etcd leader
+/// election or restart; a node that died delays the next cluster change
+/// by its lease plus this.
+pub const CLUSTER_FAILSAFE: Duration = Duration::from_secs(30);

@@ -146,13 +146,16 @@ fn an_unreachable_etcd_fails_the_start_naming_it() {
     assert!(err.contains("not in a cluster"), "{err}");
 }
 
-/// Without etcd a node cannot renew its lease: it stops serving before the
-/// lease could expire (a live connection is closed, not answered with an
-/// error; new ones are refused), and serves again once it has renewed.
+/// Without etcd (and failsafe off) a node cannot renew its lease: it
+/// stops serving before the lease could expire (a live connection is
+/// closed, not answered with an error; new ones are refused), and serves
+/// again once it has renewed. (With failsafe: tests/cluster_failsafe.rs.)
 #[test]
 fn a_node_that_loses_etcd_stops_serving_before_its_lease_ends_and_comes_back() {
     let mut etcd = TestEtcd::start();
-    let node = start(&node_body(&etcd.url, "n1", 2));
+    let body = node_body(&etcd.url, "n1", 2).replace("failsafe = \"2s\"", "failsafe = \"0s\"");
+    assert!(body.contains("failsafe = \"0s\""), "{body}");
+    let node = start(&body);
     let uri = node.uri("v");
     common::nbdsh(&uri, "h.pwrite(b'a' * 4096, 0); h.flush()");
     // A client connected before etcd stops; it reads once before and once after.

@@ -61,18 +61,7 @@ fn twenty_cluster_applies_under_fio_verify_through_two_nodes() {
     // fio through n1 on the first half and through n2 on the second,
     // back to back until the applies are done.
     let stop = Arc::new(AtomicBool::new(false));
-    let fio = |i: usize, offset: u64| {
-        let (dir, uri, stop) = (nodes[i].dir.path().to_path_buf(), nodes[i].uri("v"), stop.clone());
-        std::thread::spawn(move || -> Result<u64, String> {
-            let mut verified = 0;
-            loop {
-                verified += common::fio::verify_run(&dir, &uri, 3, offset, SIZE / 2)?.1;
-                if stop.load(Ordering::SeqCst) {
-                    return Ok(verified);
-                }
-            }
-        })
-    };
+    let fio = |i: usize, offset: u64| common::fio::verify_until(nodes[i].dir.path(), &nodes[i].uri("v"), 3, offset, SIZE / 2, &stop);
     let writers = [fio(0, 0), fio(1, SIZE / 2)];
     for node in &nodes[..2] {
         wait_until(node, "fio connected", Duration::from_secs(30), || vol(node, "v")["connections"].as_u64() >= Some(1));
@@ -158,18 +147,7 @@ fn a_frozen_node_is_committed_past_once_its_lease_expires_and_never_serves_the_o
     wait_until(&nodes[frozen], "the client connected", Duration::from_secs(20), || vol(&nodes[frozen], "v")["connections"].as_u64() >= Some(1));
     // fio through another node on the first half, all along.
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (dir, uri, stop) = (nodes[other].dir.path().to_path_buf(), nodes[other].uri("v"), stop.clone());
-        std::thread::spawn(move || -> Result<u64, String> {
-            let mut verified = 0;
-            loop {
-                verified += common::fio::verify_run(&dir, &uri, 3, 0, SIZE / 2)?.1;
-                if stop.load(Ordering::SeqCst) {
-                    return Ok(verified);
-                }
-            }
-        })
-    };
+    let writer = common::fio::verify_until(nodes[other].dir.path(), &nodes[other].uri("v"), 3, 0, SIZE / 2, &stop);
     wait_until(&nodes[other], "fio connected", Duration::from_secs(30), || vol(&nodes[other], "v")["connections"].as_u64() >= Some(1));
     unsafe { libc::kill(nodes[frozen].pid(), libc::SIGSTOP) };
     recut(&nodes[via], &split_body(&etcd.url, "-", shared.path(), "b", "y"));
@@ -227,18 +205,7 @@ fn a_coordinator_killed_at_each_barrier_phase_leaves_one_generation() {
         common::nbdsh(&rest[0].uri("v"), &format!("h.pwrite(b'W' * 4096, {}); h.flush()", 12 * MIB));
         // fio through n3 all along.
         let stop = Arc::new(AtomicBool::new(false));
-        let writer = {
-            let (dir, uri, stop) = (rest[1].dir.path().to_path_buf(), rest[1].uri("v"), stop.clone());
-            std::thread::spawn(move || -> Result<u64, String> {
-                let mut verified = 0;
-                loop {
-                    verified += common::fio::verify_run(&dir, &uri, 8, 0, SIZE / 2)?.1;
-                    if stop.load(Ordering::SeqCst) {
-                        return Ok(verified);
-                    }
-                }
-            })
-        };
+        let writer = common::fio::verify_until(rest[1].dir.path(), &rest[1].uri("v"), 8, 0, SIZE / 2, &stop);
         // Applied through n2, forwarded to n1, which dies.
         recut(&rest[0], &body("-", 6 * MIB, "b"));
         let out = cli_via(Via::Config, &rest[0], &["cluster", "apply"]);

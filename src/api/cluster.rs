@@ -12,6 +12,9 @@ pub enum NodeState {
     Joining,
     /// Its lease is certainly valid: serves.
     Serving,
+    /// etcd does not answer but every peer does: serves on, for at most
+    /// `[cluster] failsafe` past its lease.
+    Failsafe,
     /// Its lease lapsed (or may have): serves nothing until it re-joins.
     Fenced,
 }
@@ -21,6 +24,7 @@ impl std::fmt::Display for NodeState {
         f.write_str(match self {
             NodeState::Joining => "joining",
             NodeState::Serving => "serving",
+            NodeState::Failsafe => "failsafe",
             NodeState::Fenced => "fenced",
         })
     }

@@ -34,6 +34,15 @@ pub enum PeerRequest {
     Hold(HoldOrder),
     /// Ends a hold: commit (swap and resume) or abort (resume on the old table).
     Decide { epoch: i64, barrier: String, commit: bool },
+    /// From a node that cannot reach etcd: are you there? It serves on
+    /// only while every peer answers (`crate::cluster::failsafe`).
+    Failsafe { node: String },
+}
+
+/// The answer to `Failsafe`: the node that answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailsafeAck {
+    pub node: String,
 }
 
 /// A node's answer to `Hold`: its ranges are held and drained.

@@ -12,10 +12,11 @@
 //!    settles the barrier in etcd itself (abort unless decided), so a
 //!    commit and an abort can never both happen.
 //!
-//! A node that does not answer is never committed past while its lease
-//! lives: the holds are aborted, and once etcd has expired its lease (so it
-//! serves nothing: see the serving fence) the barrier runs again without
-//! it, and the node is recorded as fenced.
+//! A node that does not answer is never committed past while it may
+//! serve: the holds are aborted, and once etcd has expired its lease and
+//! its failsafe window has passed (`failsafe.rs`) the barrier runs again
+//! without it, and the node is recorded as fenced. Members without a live
+//! lease that may still serve in failsafe are held like live ones.
 
 use super::keys::VolumeRecord;
 use super::peer;
@@ -90,14 +91,17 @@ impl Cluster {
                     tracing::warn!(volume = %change.volume, generation, attempt, %reason, "barrier aborted");
                     for node in silent {
                         // Committing past a node is safe only once etcd has
-                        // expired its lease: it serves nothing from then on.
+                        // expired its lease (lease 0: it had none already)
+                        // and its failsafe window is over: it serves
+                        // nothing from then on.
                         let deadline = Instant::now() + self.shared.cfg.lease_ttl + Duration::from_secs(2);
-                        while !self.lease_expired(node.lease)? {
+                        while node.lease != 0 && !self.lease_expired(node.lease)? {
                             if Instant::now() > deadline {
                                 return Err(fail(format!("node {} does not answer but its lease is alive", node.node)));
                             }
                             std::thread::sleep(Duration::from_millis(100));
                         }
+                        self.wait_out_failsafe(&node.node);
                         tracing::warn!(node = %node.node, "node fenced: its lease expired while it did not answer");
                         self.record_fenced(&node.node, &format!("{}-{generation}", change.volume));
                         fenced.push(node.node);
@@ -112,7 +116,9 @@ impl Cluster {
     }
 
     fn attempt(&self, change: &TableChange, generation: u64, epoch: i64, attempt: u32, timing: BarrierTiming) -> Result<Attempt, ClusterError> {
-        let (nodes, listed) = self.live_nodes()?;
+        let (mut nodes, listed) = self.live_nodes()?;
+        let live = nodes.len();
+        nodes.extend(self.maybe_serving(&nodes)?);
         let barrier = format!("{}-e{epoch}-g{generation}-a{attempt}", change.volume);
         let order = HoldOrder {
             epoch,
@@ -155,9 +161,15 @@ impl Cluster {
         let mut silent = Vec::new();
         let mut reasons = Vec::new();
         let mut invalid = false;
-        for (n, a) in nodes.iter().zip(answers) {
+        for (i, (n, a)) in nodes.iter().zip(answers).enumerate() {
             if let Err(e) = a {
                 reasons.push(format!("{}: {}", n.node, e.message));
+                if i >= live {
+                    // No lease, maybe serving in failsafe: whatever it says,
+                    // it is committed past only once its window is over.
+                    silent.push(n.clone());
+                    continue;
+                }
                 invalid |= matches!(e.kind, ErrorKind::Invalid | ErrorKind::NotFound);
                 if e.kind == ErrorKind::Io {
                     silent.push(n.clone());

@@ -31,6 +31,16 @@ pub fn serve_until(sent: Instant, granted_secs: i64, ttl: Duration) -> Option<In
     granted.checked_sub(margin(ttl)).map(|left| sent + left)
 }
 
+/// The serving deadline after a failsafe round sent at `sent` that every
+/// peer answered: a serving window like a renewal's, but never past the
+/// deadline of the last renewal etcd granted plus `failsafe` (the longest
+/// a coordinator waits past a silent node's lease before committing past
+/// it: see `super::failsafe`).
+pub fn failsafe_until(sent: Instant, ttl: Duration, leased_until: Instant, failsafe: Duration) -> Instant {
+    let window = ttl.saturating_sub(margin(ttl));
+    (sent + window).min(leased_until + failsafe)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,6 +57,21 @@ mod tests {
         assert_eq!(serve_until(t0, 0, ttl), None);
         assert_eq!(serve_until(t0, 1, Duration::from_secs(2)), Some(t0));
         assert_eq!(serve_until(t0, 1, ttl), None);
+    }
+
+    #[test]
+    fn failsafe_rounds_serve_a_window_at_a_time_up_to_the_bound() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(2);
+        let leased = t0 + Duration::from_secs(1);
+        let f = Duration::from_secs(10);
+        // A round early in the window: one serving window (TTL - margin).
+        assert_eq!(failsafe_until(t0 + Duration::from_secs(2), ttl, leased, f), t0 + Duration::from_secs(3));
+        // Near the bound: the bound, never later.
+        assert_eq!(failsafe_until(t0 + Duration::from_millis(10_500), ttl, leased, f), t0 + Duration::from_secs(11));
+        assert_eq!(failsafe_until(t0 + Duration::from_secs(20), ttl, leased, f), t0 + Duration::from_secs(11));
+        // Failsafe off: never past the lease.
+        assert_eq!(failsafe_until(t0, ttl, leased, Duration::ZERO), leased);
     }
 
     #[test]

@@ -24,11 +24,16 @@ pub(super) struct Member {
     joined: Option<Joined>,
     /// Ever joined: a node that loses its lease is fenced, not joining.
     was_joined: bool,
+    /// The serving deadline of the last renewal etcd granted: failsafe
+    /// serves at most `failsafe` past it.
+    pub(super) leased_until: Option<Instant>,
+    /// The peers the last failsafe round missed (logged when it changes).
+    pub(super) failsafe_missing: Option<Vec<String>>,
 }
 
 impl Member {
     pub(super) fn new(shared: Arc<Shared>, local: Arc<dyn LocalTables>) -> Member {
-        Member { shared, local, etcd: None, joined: None, was_joined: false }
+        Member { shared, local, etcd: None, joined: None, was_joined: false, leased_until: None, failsafe_missing: None }
     }
 
     fn cfg(&self) -> &crate::config::ClusterConfig {
@@ -54,13 +59,34 @@ impl Member {
                 let _ = etcd.revoke(joined.lease).await;
             }
         }
-        if self.joined.is_none() {
-            self.join(&etcd).await?;
+        match self.keep_membership(&etcd).await {
+            Ok(()) => self.set_failsafe(false),
+            Err(ClusterError::Etcd(e)) => {
+                self.ride_out().await;
+                return Err(ClusterError::Etcd(e));
+            }
+            Err(e) => return Err(e),
         }
-        self.renew(&etcd).await?;
         self.publish(&etcd).await?;
         self.elect(&etcd).await?;
         self.observe(&etcd).await
+    }
+
+    /// Joins if not a member, and renews. A lease that expired while the
+    /// node served on in failsafe is replaced at once, the fence left open:
+    /// inside the failsafe window no barrier commits past this node.
+    async fn keep_membership(&mut self, etcd: &Etcd) -> Result<(), ClusterError> {
+        if self.joined.is_none() {
+            self.join(etcd).await?;
+        }
+        match self.renew(etcd).await {
+            Err(ClusterError::LeaseExpired) if self.riding_out() => {
+                tracing::info!("etcd answers again; the lease expired meanwhile: joining anew while serving on in failsafe");
+                self.join(etcd).await?;
+                self.renew(etcd).await
+            }
+            r => r,
+        }
     }
 
     fn record(&self) -> NodeRecord {
@@ -125,19 +151,15 @@ impl Member {
         let granted = etcd.renew(joined.lease).await?;
         match lease::serve_until(sent, granted, ttl) {
             Some(deadline) => {
-                let barred = || self.shared.fenced_for_good.load(std::sync::atomic::Ordering::SeqCst) || self.shared.rejoin.load(std::sync::atomic::Ordering::SeqCst);
-                if !barred() {
-                    self.shared.fence.open_until(deadline);
-                    // Checked again after opening: whoever raises either flag
-                    // raises it before closing the fence, so a close wins.
-                    if barred() {
-                        self.shared.fence.close();
-                    }
-                }
+                self.leased_until = Some(deadline);
+                self.shared.open_fence(deadline);
             }
             None => {
-                self.shared.fence.close();
-                tracing::warn!(lease = format!("{:x}", joined.lease), "membership lease expired in etcd: fenced, serving nothing until re-joined");
+                // In failsafe the fence stays: `keep_membership` joins anew.
+                if !self.riding_out() {
+                    self.shared.fence.close();
+                    tracing::warn!(lease = format!("{:x}", joined.lease), "membership lease expired in etcd: fenced, serving nothing until re-joined");
+                }
                 self.joined = None;
                 return Err(ClusterError::LeaseExpired);
             }
@@ -205,8 +227,20 @@ impl Member {
         }
         nodes.sort_by(|a, b| a.node.cmp(&b.node));
         let mut view = super::lock_view(&self.shared);
+        // A lease lives at least a TTL: looks less than half a TTL apart see
+        // every lease alive at least once, so a member seen dead at both
+        // has been dead since the first. After a longer gap it may have
+        // joined and died in between: dead since now, to be sure.
+        let continuous = observed.duration_since(view.observed) < cfg.lease_ttl / 2;
         for n in &mut nodes {
             n.coordinator = view.coordinator.as_ref().is_some_and(|c| c.node == n.node && n.alive);
+            if n.alive {
+                view.dead_since.remove(&n.node);
+            } else if continuous {
+                view.dead_since.entry(n.node.clone()).or_insert(observed);
+            } else {
+                view.dead_since.insert(n.node.clone(), observed);
+            }
         }
         view.nodes = nodes;
         view.observed = observed;

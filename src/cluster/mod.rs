@@ -10,10 +10,13 @@
 //! `etcd` (bounded calls), `store` (those calls for other threads), `keys`
 //! (the key layout and records), `lease` (the serving deadline), `member`
 //! (join, catch up, renew, publish, elect, observe), `peer` (the
-//! node-to-node link), `barrier` (the coordinator's side of a barrier).
+//! node-to-node link), `barrier` (the coordinator's side of a barrier),
+//! `failsafe` (serving on while etcd does not answer, and what a barrier
+//! waits for because of it).
 
 mod barrier;
 mod etcd;
+mod failsafe;
 mod keys;
 mod lease;
 mod member;
@@ -58,6 +61,8 @@ pub enum ClusterError {
     BadRecord(String),
     #[error("catching up with the committed tables: {0}")]
     CatchUp(String),
+    #[error("etcd does not answer ({0}): cluster changes are refused until it does; the nodes serve on with the tables they have (failsafe)")]
+    EtcdDown(String),
 }
 
 /// What the cluster needs of the node's volumes (the daemon provides it).
@@ -87,6 +92,24 @@ struct Shared {
 }
 
 impl Shared {
+    /// Whether the fence must stay closed whatever etcd or the peers say.
+    fn barred(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.fenced_for_good.load(SeqCst) || self.rejoin.load(SeqCst)
+    }
+
+    /// Opens the fence up to `deadline`, unless barred.
+    fn open_fence(&self, deadline: Instant) {
+        if !self.barred() {
+            self.fence.open_until(deadline);
+            // Checked again after opening: whoever raises either flag
+            // raises it before closing the fence, so a close wins.
+            if self.barred() {
+                self.fence.close();
+            }
+        }
+    }
+
     /// Records a coordinator epoch: refused if older than the highest seen,
     /// persisted if newer.
     fn note_epoch(&self, epoch: i64) -> Result<(), ClusterError> {
@@ -112,6 +135,11 @@ struct View {
     coordinator: Option<CoordinatorView>,
     highest_epoch: i64,
     nodes: Vec<NodeView>,
+    /// The fence is open on the peers' word, not etcd's.
+    failsafe: bool,
+    /// Since when this node has seen each member without a live lease (a
+    /// coordinator commits past one only `failsafe` after: `failsafe.rs`).
+    dead_since: BTreeMap<String, Instant>,
 }
 
 fn lock_view(shared: &Shared) -> MutexGuard<'_, View> {
@@ -141,7 +169,7 @@ impl Cluster {
     /// moment ago still holds its id until its lease expires).
     pub fn start(cfg: ClusterConfig, state: StateDir, fence: Arc<ServeFence>, local: Arc<dyn LocalTables>) -> Result<Cluster, ClusterError> {
         let highest = state.read_json::<keys::EpochRecord>(std::path::Path::new(keys::EPOCH_FILE)).map_err(|e| ClusterError::State(e.to_string()))?.unwrap_or_default();
-        let view = View { joined: false, was_joined: false, etcd_error: None, observed: Instant::now(), coordinator: None, highest_epoch: highest.highest, nodes: Vec::new() };
+        let view = View { joined: false, was_joined: false, etcd_error: None, observed: Instant::now(), coordinator: None, highest_epoch: highest.highest, nodes: Vec::new(), failsafe: false, dead_since: BTreeMap::new() };
         let shared = Arc::new(Shared { cfg, fence, view: Mutex::new(view), state, etcd: Mutex::new(None), fenced_for_good: Default::default(), rejoin: Default::default() });
         let mut member = member::Member::new(shared.clone(), local);
         let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -168,6 +196,7 @@ impl Cluster {
         let view = lock_view(&self.shared);
         let open = self.shared.fence.is_open();
         let state = match (view.joined, view.was_joined) {
+            _ if open && view.failsafe => NodeState::Failsafe,
             (true, _) if open => NodeState::Serving,
             (_, true) => NodeState::Fenced,
             _ => NodeState::Joining,

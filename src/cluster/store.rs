@@ -8,7 +8,8 @@ use super::{Cluster, ClusterError};
 use crate::sync::lock;
 use std::future::Future;
 
-/// A live node: its id, peer endpoint and lease.
+/// A node a barrier holds: its id, peer endpoint and lease (0: a member
+/// without a live lease that may serve in failsafe).
 #[derive(Debug, Clone)]
 pub struct LiveNode {
     pub node: String,
@@ -53,6 +54,20 @@ impl Cluster {
             })
             .collect();
         Ok((nodes, revision))
+    }
+
+    /// Every node that ever joined the cluster.
+    pub(super) fn members(&self) -> Result<Vec<keys::MemberRecord>, ClusterError> {
+        let prefix = keys::members(self.name());
+        let entries = self.run(|e| async move { e.list(&prefix).await })??;
+        Ok(entries.into_iter().filter_map(|e| serde_json::from_slice(&e.value).ok()).collect())
+    }
+
+    /// Reads the coordinator key: whether etcd answers now.
+    pub(super) fn coordinator_record(&self) -> Result<(), ClusterError> {
+        let key = keys::coordinator(self.name());
+        self.run(|e| async move { e.get(&key).await })??;
+        Ok(())
     }
 
     /// Whether `lease` has expired in etcd (so its node serves nothing).

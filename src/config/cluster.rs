@@ -1,6 +1,6 @@
 //! `[cluster]`: the etcd endpoints, the cluster's name (its key prefix),
-//! this node's id and its node-to-node endpoint, and the membership
-//! lease's TTL. Parsed and checked here; `crate::cluster` runs it.
+//! this node's id and its node-to-node endpoint, the membership lease's
+//! TTL and the failsafe window. Parsed and checked here; `crate::cluster` runs it.
 
 use super::parse_ctx::{valid_name, ParseCtx, Quantity};
 use super::{ClusterConfig, ConfigError, VolumeConfig};
@@ -16,6 +16,9 @@ const LEASE_TTL_MIN: Duration = Duration::from_secs(2);
 /// Above this a dead node holds its membership, and a coordinator's
 /// fencing waits, longer than a Linux NBD client's 30 s request timeout.
 const LEASE_TTL_MAX: Duration = Duration::from_secs(20);
+/// A dead node delays cluster changes by its lease plus the failsafe
+/// window: ten minutes is already far past any etcd restart.
+const FAILSAFE_MAX: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,6 +28,7 @@ pub(super) struct RawCluster {
     node: Spanned<String>,
     peer: Spanned<String>,
     lease_ttl: Option<Spanned<Quantity>>,
+    failsafe: Option<Spanned<Quantity>>,
 }
 
 pub(super) fn parse_cluster(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawCluster>>, pools: usize, volumes: &[VolumeConfig]) -> Result<Option<ClusterConfig>, ConfigError> {
@@ -60,6 +64,16 @@ pub(super) fn parse_cluster(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawCluster>
             d
         }
     };
+    let failsafe = match &c.failsafe {
+        None => defaults::CLUSTER_FAILSAFE,
+        Some(q) => {
+            let d = ctx.duration(q, "cluster.failsafe")?;
+            if d > FAILSAFE_MAX {
+                return Err(ctx.err(q, "cluster.failsafe", format!("{d:?} is longer than {FAILSAFE_MAX:?} (\"0s\" turns failsafe off)")));
+            }
+            d
+        }
+    };
     if pools > 0 {
         // Thin allocation commits to a node-local metadata file; two nodes
         // allocating from one pool would hand out the same chunk.
@@ -73,7 +87,7 @@ pub(super) fn parse_cluster(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawCluster>
             return Err(ctx.err_at(at, Some("volume.extent.mirror".into()), format!("volume '{}': mirrors cannot be used with [cluster] yet (each node would resync and replace legs on its own)", v.name)));
         }
     }
-    Ok(Some(ClusterConfig { etcd, name: c.name.get_ref().clone(), node: c.node.get_ref().clone(), peer, lease_ttl, line }))
+    Ok(Some(ClusterConfig { etcd, name: c.name.get_ref().clone(), node: c.node.get_ref().clone(), peer, lease_ttl, failsafe, line }))
 }
 
 /// `http://HOST:PORT` (etcd's client URL). TLS to etcd is not built in yet.
@@ -107,6 +121,8 @@ mod tests {
         assert_eq!((c.name.as_str(), c.node.as_str(), c.etcd[0].as_str()), ("prod", "n1", "http://127.0.0.1:2379"));
         assert_eq!(c.lease_ttl, std::time::Duration::from_secs(5));
         assert_eq!(parse(OK).unwrap().cluster.unwrap().lease_ttl, crate::defaults::CLUSTER_LEASE_TTL);
+        assert_eq!(parse(OK).unwrap().cluster.unwrap().failsafe, crate::defaults::CLUSTER_FAILSAFE);
+        assert_eq!(parse(&format!("{OK}failsafe = \"0s\"\n")).unwrap().cluster.unwrap().failsafe, std::time::Duration::ZERO);
         assert!(parse("").unwrap().cluster.is_none());
     }
 
@@ -121,6 +137,7 @@ mod tests {
             (format!("{OK}lease_ttl = \"1500ms\"\n"), 6, "cluster.lease_ttl", "whole seconds"),
             (format!("{OK}lease_ttl = \"1s\"\n"), 6, "cluster.lease_ttl", "out of range"),
             (format!("{OK}lease_ttl = 60\n"), 6, "cluster.lease_ttl", "out of range"),
+            (format!("{OK}failsafe = 700\n"), 6, "cluster.failsafe", "longer than"),
         ];
         for (text, line, field, words) in cases {
             let e = parse(&text).unwrap_err();

@@ -221,13 +221,16 @@ pub struct ClusterConfig {
     pub peer: Endpoint,
     /// The membership lease's TTL (whole seconds, 2–20 s).
     pub lease_ttl: Duration,
+    /// How long past its lease a node may serve while etcd does not answer
+    /// and every peer does (0: never; see `crate::cluster::failsafe`).
+    pub failsafe: Duration,
     pub line: usize,
 }
 
 impl ClusterConfig {
     /// The same settings (where the section stands in the file aside).
     pub fn same_settings(&self, other: &ClusterConfig) -> bool {
-        (&self.etcd, &self.name, &self.node, &self.peer, self.lease_ttl) == (&other.etcd, &other.name, &other.node, &other.peer, other.lease_ttl)
+        (&self.etcd, &self.name, &self.node, &self.peer, self.lease_ttl, self.failsafe) == (&other.etcd, &other.name, &other.node, &other.peer, other.lease_ttl, other.failsafe)
     }
 }
 

@@ -5,7 +5,7 @@
 
 use super::assemble::build_translation;
 use super::{Daemon, DaemonError};
-use crate::api::{ApiError, ApplyReport, ErrorKind, Held, HoldOrder, PeerRequest, Response, TableChange};
+use crate::api::{ApiError, ApplyReport, ErrorKind, FailsafeAck, Held, HoldOrder, PeerRequest, Response, TableChange};
 use crate::cluster::{peer, BarrierTiming, Cluster, LocalTables, VolumeRecord};
 use crate::config::{Config, VolumeConfig};
 use crate::map::MappingTable;
@@ -16,6 +16,14 @@ use std::collections::BTreeMap;
 use std::sync::mpsc;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
+
+/// A barrier's decision for a holding node, and where it says that it
+/// has swapped (or resumed on the old table).
+pub(super) type Decision = (bool, mpsc::Sender<()>);
+
+/// How long `Decide` waits for the node to swap and resume (the
+/// coordinator waits 10 s for the answer).
+const SWAP_LIMIT: Duration = Duration::from_secs(8);
 
 /// The daemon as the cluster thread and the peer link see it.
 pub(super) struct ClusterNode(pub(super) Weak<Daemon>);
@@ -38,6 +46,8 @@ impl peer::PeerHandler for ClusterNode {
             PeerRequest::Apply { changes } => daemon.apply_changes(changes).map(Response::ok),
             PeerRequest::Hold(order) => daemon.cluster_hold(order).map(Response::ok),
             PeerRequest::Decide { epoch, barrier, commit } => daemon.cluster_decide(epoch, &barrier, commit).map(|()| Response::ok(())),
+            // Answering is the whole answer: the asker learns it is reachable.
+            PeerRequest::Failsafe { .. } => daemon.member().map(|c| Response::ok(FailsafeAck { node: c.node().to_string() })),
         };
         answer.unwrap_or_else(|e| Response::err(e.into()))
     }
@@ -134,6 +144,8 @@ impl Daemon {
         let cluster = self.member()?;
         let _one = lock(&self.cluster_applying);
         let (node, epoch, _) = cluster.coordinator().ok_or_else(|| crate::cluster::ClusterError::NotCoordinator("none yet".into()))?;
+        // Before any node holds: without etcd nothing could commit.
+        cluster.etcd_answers()?;
         let swap = lock(&self.swap).clone();
         let timing = BarrierTiming { pause_timeout: swap.pause_timeout, retries: swap.retries, backoff: swap.backoff };
         let mut volumes = Vec::new();
@@ -165,7 +177,7 @@ impl Daemon {
         held_rx.recv().unwrap_or_else(|_| Err(DaemonError::ClusterTable { volume: String::new(), reason: "the hold thread ended".into() }))
     }
 
-    fn hold(&self, volume: Arc<Volume>, translation: Translation, order: HoldOrder, held: mpsc::Sender<Result<Held, DaemonError>>, decided: mpsc::Receiver<bool>) {
+    fn hold(&self, volume: Arc<Volume>, translation: Translation, order: HoldOrder, held: mpsc::Sender<Result<Held, DaemonError>>, decided: mpsc::Receiver<Decision>) {
         let cluster = self.member().expect("holds exist only in cluster mode");
         let pause_timeout = lock(&self.swap).pause_timeout;
         // Recorded as the config's extents: the cluster's table is what this
@@ -185,9 +197,11 @@ impl Daemon {
             }
         };
         let _ = held.send(Ok(Held { node: cluster.node().to_string(), drain_us: paused.drain().as_micros() as u64 }));
-        let commit_it = match decided.recv_timeout(Duration::from_millis(order.decide_within_ms)) {
-            Ok(c) => c,
-            Err(_) => self.settle(cluster, &order.barrier),
+        // `_done` is dropped once the node swapped or resumed: the
+        // coordinator's `Decide` returns then.
+        let (commit_it, _done) = match decided.recv_timeout(Duration::from_millis(order.decide_within_ms)) {
+            Ok((c, done)) => (c, Some(done)),
+            Err(_) => (self.settle(cluster, &order.barrier), None),
         };
         lock(&self.holds).remove(&order.barrier);
         if !commit_it {
@@ -224,8 +238,20 @@ impl Daemon {
 
     fn cluster_decide(&self, epoch: i64, barrier: &str, commit: bool) -> Result<(), DaemonError> {
         self.member()?.accept_epoch(epoch)?;
-        match lock(&self.holds).remove(barrier) {
-            Some(tx) => tx.send(commit).map_err(|_| DaemonError::ClusterTable { volume: String::new(), reason: format!("barrier {barrier}: the hold ended") }),
+        let ended = || DaemonError::ClusterTable { volume: String::new(), reason: format!("barrier {barrier}: the hold ended") };
+        let hold = lock(&self.holds).remove(barrier);
+        match hold {
+            Some(tx) => {
+                let (done_tx, done_rx) = mpsc::channel();
+                tx.send((commit, done_tx)).map_err(|_| ended())?;
+                // Answered once this node serves the decided table (the
+                // hold thread drops `done_tx` then), so that `cluster
+                // apply` returns with every node swapped.
+                match done_rx.recv_timeout(SWAP_LIMIT) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => Err(DaemonError::ClusterTable { volume: String::new(), reason: format!("barrier {barrier}: the swap took longer than {SWAP_LIMIT:?}") }),
+                    _ => Ok(()),
+                }
+            }
             None => Err(DaemonError::ClusterTable { volume: String::new(), reason: format!("no hold of barrier {barrier} (settled with etcd already?)") }),
         }
     }

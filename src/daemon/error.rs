@@ -153,7 +153,7 @@ impl DaemonError {
                 use crate::cluster::ClusterError as C;
                 match e {
                     C::DuplicateNode { .. } | C::StaleEpoch { .. } => ErrorKind::Conflict,
-                    C::NotCoordinator(_) => ErrorKind::Busy,
+                    C::NotCoordinator(_) | C::EtcdDown(_) => ErrorKind::Busy,
                     C::Barrier { .. } => ErrorKind::SwapFailed,
                     _ => ErrorKind::Io,
                 }

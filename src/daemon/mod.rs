@@ -66,7 +66,7 @@ pub struct Daemon {
     /// The node-to-node link (cluster mode).
     peer: Mutex<Option<crate::cluster::peer::PeerServer>>,
     /// Barriers this node holds, waiting for their decision.
-    holds: Mutex<HashMap<String, std::sync::mpsc::Sender<bool>>>,
+    holds: Mutex<HashMap<String, std::sync::mpsc::Sender<cluster_node::Decision>>>,
     /// One `cluster apply` at a time (on the coordinator).
     cluster_applying: Mutex<()>,
 }

@@ -9,9 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A `[cluster]` section for node `node` of cluster "t" on `etcd`, on a
-/// free peer port.
+/// free peer port; a failsafe window of 2 s (a silent node delays a
+/// change by its lease plus this).
 pub fn cluster_section(etcd: &str, node: &str, ttl_secs: u32) -> String {
-    format!("[cluster]\netcd = [\"{etcd}\"]\nname = \"t\"\nnode = \"{node}\"\npeer = \"tcp:127.0.0.1:{}\"\nlease_ttl = \"{ttl_secs}s\"\n", super::free_port())
+    format!("[cluster]\netcd = [\"{etcd}\"]\nname = \"t\"\nnode = \"{node}\"\npeer = \"tcp:127.0.0.1:{}\"\nlease_ttl = \"{ttl_secs}s\"\nfailsafe = \"2s\"\n", super::free_port())
 }
 
 /// Backends `a` and `b`: two names of one file, `size` bytes.

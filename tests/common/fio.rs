@@ -54,3 +54,18 @@ pub fn verify_run(dir: &Path, uri: &str, secs: u32, offset: u64, size: u64) -> R
     }
     Ok((written, verified))
 }
+
+/// `verify_run` of `secs` seconds back to back on a thread until `stop`
+/// is set; the thread returns the bytes verified, or the first failure.
+pub fn verify_until(dir: &Path, uri: &str, secs: u32, offset: u64, size: u64, stop: &std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<Result<u64, String>> {
+    let (dir, uri, stop) = (dir.to_path_buf(), uri.to_string(), stop.clone());
+    std::thread::spawn(move || {
+        let mut verified = 0;
+        loop {
+            verified += verify_run(&dir, &uri, secs, offset, size)?.1;
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(verified);
+            }
+        }
+    })
+}

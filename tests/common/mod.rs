@@ -16,6 +16,8 @@ pub mod pki;
 pub mod etcd;
 /// fio write+verify runs (`common::fio::verify_run`).
 pub mod fio;
+/// A TCP relay that can be cut (one node's way to etcd).
+pub mod proxy;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
