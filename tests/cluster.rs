@@ -228,8 +228,9 @@ fn attach_tries_each_server_of_a_connect_list() {
 }
 
 /// Nothing may change one node's table alone (its clients and another
-/// node's would see different mappings): a reload says to use `cluster
-/// apply`, which does it on every node; migrate and the like are refused.
+/// node's would see different mappings): a reload's new tables go to
+/// every node (as `cluster apply` of the file), a reload adding a volume
+/// is refused, and so are migrate and the like.
 #[test]
 fn a_table_change_on_one_node_alone_is_refused() {
     let etcd = TestEtcd::start();
@@ -237,15 +238,21 @@ fn a_table_change_on_one_node_alone_is_refused() {
     let config = std::fs::read_to_string(&node.config).unwrap();
     let recut = config.replace("length = \"16MiB\"\nbackend = \"b\"\nbackend_offset = 0\n", "length = \"8MiB\"\nbackend = \"b\"\nbackend_offset = \"8MiB\"\n[[volume.extent]]\nlength = \"8MiB\"\nbackend = \"b\"\nbackend_offset = 0\n");
     assert_ne!(recut, config);
-    std::fs::write(&node.config, recut).unwrap();
+    std::fs::write(&node.config, &recut).unwrap();
+    let report = json(&cli_ok(&node, &["reload", "--json"]));
+    assert_eq!((&report["swapped"][0]["volume"], &report["swapped"][0]["generation"]), (&Value::from("v"), &Value::from(2)), "{report}");
+    assert_eq!(generation(&node, "v"), 2);
+    // cluster apply of a file: every node (here one) swaps.
+    std::fs::write(&node.config, &config).unwrap();
+    let report = json(&cli_ok_via(Via::Config, &node, &["cluster", "apply", "--json"]));
+    assert_eq!(report["volumes"][0]["generation"], 3, "{report}");
+    assert_eq!(generation(&node, "v"), 3);
+    // Adding a volume by a reload: refused, nothing changes.
+    std::fs::write(&node.config, format!("{config}\n[[backend]]\nname = \"c\"\npath = \"{}/c.img\"\nsize = \"1MiB\"\n\n[[volume]]\nname = \"w\"\n[[volume.extent]]\nlength = \"1MiB\"\nbackend = \"c\"\nbackend_offset = 0\n", node.dir.path().display())).unwrap();
     let out = cli(&node, &["reload"]);
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("use `nbdvirt cluster apply --config FILE`"), "{}", text(&out));
-    assert_eq!(generation(&node, "v"), 1, "the table must not have changed");
-    // cluster apply of the same file: every node (here one) swaps.
-    let report = json(&cli_ok_via(Via::Config, &node, &["cluster", "apply", "--json"]));
-    assert_eq!(report["volumes"][0]["generation"], 2, "{report}");
-    assert_eq!(generation(&node, "v"), 2);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a reload cannot add or remove volumes in a cluster yet"), "{}", text(&out));
+    std::fs::write(&node.config, &config).unwrap();
     // The file's own backends may not change under cluster apply.
     let moved = std::fs::read_to_string(&node.config).unwrap().replace("{dir}/b.img", "{dir}/c.img").replace(&format!("{}/b.img", node.dir.path().display()), &format!("{}/c.img", node.dir.path().display()));
     std::fs::write(&node.config, &moved).unwrap();
@@ -289,4 +296,38 @@ fn a_node_frozen_past_its_lease_serves_nothing_when_it_thaws() {
     assert!(common::read_at(&node.path("b.img"), 0, 4096).iter().all(|b| *b == 0), "the write reached the store");
     wait_until(&node, "the node serving again", Duration::from_secs(20), || cluster_status(&node)["state"] == "serving");
     assert!(node.log().contains("membership lease expired in etcd"), "{}", node.log());
+}
+
+/// `cluster apply --etcd URL --cluster NAME`: from a machine with no node
+/// (a file naming no control socket), straight to the coordinator that
+/// etcd names; a cluster without a coordinator and a bad URL are clear
+/// errors.
+#[test]
+fn cluster_apply_from_anywhere_finds_the_coordinator_in_etcd() {
+    let etcd = TestEtcd::start();
+    let node = start(&node_body(&etcd.url, "n1", 2));
+    wait_until(&node, "a coordinator", Duration::from_secs(15), || !cluster_status(&node)["coordinator"].is_null());
+    let elsewhere = tempfile::tempdir().unwrap();
+    let file = elsewhere.path().join("tables.toml");
+    let b = node.dir.path().join("b.img");
+    std::fs::write(&file, format!("[[backend]]\nname = \"b\"\npath = \"{}\"\nsize = \"16MiB\"\n\n[[volume]]\nname = \"v\"\n[[volume.extent]]\nlength = \"8MiB\"\nbackend = \"b\"\nbackend_offset = \"8MiB\"\n[[volume.extent]]\nlength = \"8MiB\"\nbackend = \"b\"\nbackend_offset = 0\n", b.display())).unwrap();
+    let apply = |extra: &[&str]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["cluster", "apply", "--json", "--config"]).arg(&file).args(extra).env_remove("NBDVIRT_CONFIG");
+        run_timeout(&mut cmd, Duration::from_secs(60))
+    };
+    let out = apply(&["--etcd", &etcd.url, "--cluster", "t"]);
+    assert!(out.status.success(), "{}\n--- log ---\n{}", text(&out), node.log());
+    let report = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!((&report["coordinator"], &report["volumes"][0]["generation"]), (&Value::from("n1"), &Value::from(2)), "{report}");
+    assert_eq!(generation(&node, "v"), 2);
+    let out = apply(&["--etcd", &etcd.url, "--cluster", "nope"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(text(&out).contains("cluster 'nope' has no coordinator"), "{}", text(&out));
+    let out = apply(&["--etcd", "127.0.0.1:1", "--cluster", "t"]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert!(text(&out).contains("--etcd"), "{}", text(&out));
+    let out = apply(&["--etcd", &etcd.url]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert!(text(&out).contains("--cluster NAME"), "{}", text(&out));
 }

@@ -93,6 +93,17 @@ fn twenty_cluster_applies_under_fio_verify_through_two_nodes() {
     }
     holds.sort_unstable();
     eprintln!("cluster apply hold (first Hold sent to last Decide answered): p50 {} µs, max {} µs over {APPLIES}", holds[holds.len() / 2], holds[holds.len() - 1]);
+    // A reload of a node whose file lags behind the cluster (n1 applied its
+    // file at apply 18; two more came through the others) reverts nothing;
+    // a table edited in the file and reloaded goes to every node.
+    let report = json(&cli_ok(&nodes[0], &["reload", "--json"]));
+    assert_eq!(report["swapped"], serde_json::json!([]), "a stale file reverted the cluster: {report}");
+    assert!(nodes.iter().all(|n| generation(n, "v") == APPLIES + 1));
+    recut(&nodes[0], &node_body(&etcd.url, "-", shared.path(), 5 * MIB, "b"));
+    let report = json(&cli_ok(&nodes[0], &["reload", "--json"]));
+    assert_eq!(report["swapped"][0]["generation"], APPLIES + 2, "{report}");
+    let tables: Vec<Value> = nodes.iter().map(|n| vol(n, "v")).collect();
+    assert!(tables.iter().all(|t| t["generation"] == APPLIES + 2 && t["extents"] == tables[0]["extents"]), "{tables:?}");
 }
 
 /// Volume `v` of 16 MiB: the first half over `shared`/d.img (through the
@@ -151,10 +162,29 @@ fn a_frozen_node_is_committed_past_once_its_lease_expires_and_never_serves_the_o
     wait_until(&nodes[other], "fio connected", Duration::from_secs(30), || vol(&nodes[other], "v")["connections"].as_u64() >= Some(1));
     unsafe { libc::kill(nodes[frozen].pid(), libc::SIGSTOP) };
     recut(&nodes[via], &split_body(&etcd.url, "-", shared.path(), "b", "y"));
-    let report = apply(&nodes[via]);
+    let report = std::thread::scope(|s| {
+        let applying = s.spawn(|| apply(&nodes[via]));
+        // While it waits for the frozen node's lease, the coordinator shows
+        // the barrier in progress.
+        let coordinator = [&nodes[via], &nodes[other]].into_iter().find(|n| {
+            let st = json(&cli_ok(n, &["cluster", "status", "--json"]));
+            st["coordinator"]["node"] == st["node"]
+        });
+        let coordinator = coordinator.expect("the frozen node is not the coordinator");
+        wait_until(coordinator, "the barrier shown in progress", Duration::from_secs(10), || {
+            json(&cli_ok(coordinator, &["cluster", "status", "--json"]))["barriers"].as_array().unwrap().iter().any(|b| b["role"] == "coordinating" && b["volume"] == "v")
+        });
+        applying.join().unwrap()
+    });
     let v = &report["volumes"][0];
     let frozen_name = format!("n{}", frozen + 1);
     assert_eq!(v["fenced"], serde_json::json!([frozen_name]), "{report}");
+    let fenced_by = |s: &Value| s["nodes"].as_array().unwrap().iter().find(|n| n["node"] == frozen_name).unwrap()["fenced_by"].clone();
+    // (The view is refreshed at every renewal.)
+    wait_until(&nodes[via], "the frozen node shown fenced", Duration::from_secs(5), || {
+        fenced_by(&json(&cli_ok(&nodes[via], &["cluster", "status", "--json"]))).as_str().is_some_and(|b| b.starts_with("v-"))
+    });
+    assert_eq!(json(&cli_ok(&nodes[via], &["cluster", "status", "--json"]))["barriers"], serde_json::json!([]), "no barrier left in progress");
     assert_eq!(v["nodes"].as_array().unwrap().len(), 2, "{report}");
     assert!(v["attempts"].as_u64().unwrap() >= 2, "{report}");
     let generation = v["generation"].as_u64().unwrap();
@@ -171,6 +201,7 @@ fn a_frozen_node_is_committed_past_once_its_lease_expires_and_never_serves_the_o
         s["state"] == "serving" && vol(&nodes[frozen], "v")["generation"] == generation
     });
     assert_eq!(vol(&nodes[frozen], "v")["extents"], vol(&nodes[via], "v")["extents"]);
+    wait_until(&nodes[via], "the re-joined node no longer shown fenced", Duration::from_secs(10), || fenced_by(&json(&cli_ok(&nodes[via], &["cluster", "status", "--json"]))).is_null());
     stop.store(true, Ordering::SeqCst);
     let verified = writer.join().unwrap().unwrap_or_else(|e| panic!("fio through node {other} failed: {e}"));
     assert!(verified > 0);

@@ -53,6 +53,23 @@ pub struct NodeView {
     /// The generation of each volume it serves, as it last published.
     #[serde(default)]
     pub generations: BTreeMap<String, u64>,
+    /// The barrier that was committed past it (it did not answer), until
+    /// it joins again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced_by: Option<String>,
+}
+
+/// A barrier this node takes part in now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BarrierView {
+    pub barrier: String,
+    pub volume: String,
+    /// The generation it would commit.
+    pub generation: u64,
+    /// `coordinating` (this node runs it) or `holding` (its ranges are
+    /// held here, waiting for the decision).
+    pub role: String,
+    pub running_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,4 +94,7 @@ pub struct ClusterStatus {
     /// epochs are refused).
     pub highest_epoch: i64,
     pub nodes: Vec<NodeView>,
+    /// Barriers in progress on this node.
+    #[serde(default)]
+    pub barriers: Vec<BarrierView>,
 }

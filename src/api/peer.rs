@@ -31,6 +31,10 @@ pub struct HoldOrder {
 pub enum PeerRequest {
     /// To the coordinator: change these tables on every node.
     Apply { changes: Vec<TableChange> },
+    /// To the coordinator, from `cluster apply --etcd` (no node at hand):
+    /// a config file's text, named `file`, its relative paths relative to
+    /// `base`; its volumes' tables are applied as by `cluster apply`.
+    ApplyConfig { file: String, base: std::path::PathBuf, text: String },
     Hold(HoldOrder),
     /// Ends a hold: commit (swap and resume) or abort (resume on the old table).
     Decide { epoch: i64, barrier: String, commit: bool },

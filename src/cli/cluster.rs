@@ -4,7 +4,11 @@
 use super::{render, CliResult, ServerAddress};
 use clap::Subcommand;
 use super::invalid;
-use nbdvirt::api::{ApplyReport, ClusterStatus, Request};
+use nbdvirt::api::{ApiError, ApplyReport, ClusterStatus, ErrorKind, PeerRequest, Request};
+use nbdvirt::cluster::{coordinator_of, peer, ClusterError};
+use nbdvirt::config::{etcd_endpoint, Config};
+use std::path::Path;
+use std::time::Duration;
 
 #[derive(Subcommand)]
 pub enum ClusterCommand {
@@ -19,12 +23,20 @@ pub enum ClusterCommand {
     },
     /// Change the tables of the volumes of --config FILE on every node at
     /// once (hold, drain, commit in etcd, swap, resume), through the
-    /// node whose control socket FILE names (or --control).
+    /// node whose control socket FILE names (or --control); with --etcd,
+    /// from any machine: straight to the coordinator found in etcd.
     Apply {
         #[command(flatten)]
         server: ServerAddress,
         #[arg(long)]
         json: bool,
+        /// etcd client URLs (comma-separated or repeated): find the
+        /// coordinator there instead of going through a local node.
+        #[arg(long, value_delimiter = ',')]
+        etcd: Vec<String>,
+        /// The cluster's name, with --etcd (default: FILE's [cluster] name).
+        #[arg(long, requires = "etcd")]
+        cluster: Option<String>,
     },
 }
 
@@ -39,10 +51,10 @@ pub fn run(cmd: ClusterCommand) -> CliResult {
             }
             Ok(())
         }
-        ClusterCommand::Apply { server, json } => {
+        ClusterCommand::Apply { server, json, etcd, cluster } => {
             let file = server.config_path().ok_or_else(|| invalid("cluster apply needs --config FILE (the volumes to apply)"))?;
             let config = std::fs::canonicalize(&file).map_err(|e| invalid(format!("{}: {e}", file.display())))?;
-            let report: ApplyReport = server.call(&Request::ClusterApply { config })?;
+            let report: ApplyReport = if etcd.is_empty() { server.call(&Request::ClusterApply { config })? } else { apply_via_etcd(&config, &etcd, cluster)? };
             if json {
                 render::json(&report);
             } else if report.volumes.is_empty() {
@@ -66,6 +78,22 @@ pub fn run(cmd: ClusterCommand) -> CliResult {
     }
 }
 
+/// `cluster apply --etcd`: FILE's text to the coordinator's peer link
+/// (its backends and volumes are checked there, against the open ones).
+fn apply_via_etcd(file: &Path, etcd: &[String], cluster: Option<String>) -> Result<ApplyReport, ApiError> {
+    let endpoints = etcd.iter().map(|e| etcd_endpoint(e).map_err(|m| invalid(format!("--etcd: {m}")))).collect::<Result<Vec<_>, _>>()?;
+    let config = Config::load(file).map_err(|e| invalid(e.to_string()))?;
+    let name = cluster.or_else(|| config.cluster.as_ref().map(|c| c.name.clone())).ok_or_else(|| invalid(format!("{}: no [cluster] name in the file: give --cluster NAME", file.display())))?;
+    let (node, _, peer) = coordinator_of(&endpoints, &name, Duration::from_secs(5)).map_err(|e| match e {
+        ClusterError::NotCoordinator(m) => ApiError::new(ErrorKind::Busy, m),
+        other => ApiError::new(ErrorKind::Io, other.to_string()),
+    })?;
+    let text = std::fs::read_to_string(file).map_err(|e| invalid(format!("{}: {e}", file.display())))?;
+    let base = file.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let request = PeerRequest::ApplyConfig { file: file.display().to_string(), base, text };
+    peer::call(&peer, &request, Duration::from_secs(600)).map_err(|e| ApiError::new(e.kind, format!("coordinator {node} ({peer}): {}", e.message)))
+}
+
 fn print(s: &ClusterStatus) {
     let coordinator = s.coordinator.as_ref().map_or_else(|| "none".to_string(), |c| format!("{} (epoch {})", c.node, c.epoch));
     println!("cluster {} on etcd {}: coordinator {coordinator}", s.name, s.etcd.join(", "));
@@ -74,13 +102,16 @@ fn print(s: &ClusterStatus) {
     if let Some(e) = &s.etcd_error {
         println!("etcd: {e}");
     }
-    let mut t = render::table(&["NODE", "PEER", "ALIVE", "LEASE LEFT", "ROLE", "GENERATIONS"]);
+    let mut t = render::table(&["NODE", "PEER", "ALIVE", "LEASE LEFT", "ROLE", "GENERATIONS", "FENCED BY"]);
     for n in &s.nodes {
         let lease = n.lease_left_ms.map_or_else(|| "-".to_string(), |ms| format!("{} s", ms / 1000));
         let role = if n.coordinator { "coordinator" } else { "" };
         let gens = n.generations.iter().map(|(v, g)| format!("{v}={g}")).collect::<Vec<_>>().join(" ");
-        t.add_row(vec![n.node.clone(), n.peer.clone(), if n.alive { "yes" } else { "no" }.into(), lease, role.into(), gens]);
+        t.add_row(vec![n.node.clone(), n.peer.clone(), if n.alive { "yes" } else { "no" }.into(), lease, role.into(), gens, n.fenced_by.clone().unwrap_or_default()]);
     }
     println!("{t}");
+    for b in &s.barriers {
+        println!("barrier {} in progress here: {} volume {} to generation {} for {} ms", b.barrier, b.role, b.volume, b.generation, b.running_ms);
+    }
     println!("(as of {:.1} s ago)", s.observed_ms_ago as f64 / 1000.0);
 }

@@ -19,6 +19,7 @@ pub enum EtcdError {
 /// One key as etcd holds it.
 #[derive(Debug, Clone)]
 pub struct Entry {
+    pub key: Vec<u8>,
     pub value: Vec<u8>,
     /// The revision that created the key (a coordinator's epoch).
     pub create_revision: i64,
@@ -27,7 +28,7 @@ pub struct Entry {
 
 impl From<pb::KeyValue> for Entry {
     fn from(kv: pb::KeyValue) -> Entry {
-        Entry { value: kv.value, create_revision: kv.create_revision, lease: kv.lease }
+        Entry { key: kv.key, value: kv.value, create_revision: kv.create_revision, lease: kv.lease }
     }
 }
 
@@ -149,6 +150,12 @@ impl Etcd {
         let mut kv = self.client.kv.clone();
         let request = pb::PutRequest { key: key.as_bytes().to_vec(), value, lease, ..Default::default() };
         self.bounded("a put", kv.put(request)).await.map(drop)
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), EtcdError> {
+        let mut kv = self.client.kv.clone();
+        let request = pb::DeleteRangeRequest { key: key.as_bytes().to_vec(), ..Default::default() };
+        self.bounded("a delete", kv.delete_range(request)).await.map(drop)
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<Entry>, EtcdError> {

@@ -50,9 +50,14 @@ pub fn volumes(cluster: &str) -> String {
     format!("{}volumes/", prefix(cluster))
 }
 
-/// A node committed past (its lease expired while it held a barrier up).
+/// A node committed past (its lease expired while it held a barrier up),
+/// until it joins again; the value is the barrier's name.
 pub fn fenced(cluster: &str, node: &str) -> String {
-    format!("{}fenced/{node}", prefix(cluster))
+    format!("{}{node}", fenced_all(cluster))
+}
+
+pub fn fenced_all(cluster: &str) -> String {
+    format!("{}fenced/", prefix(cluster))
 }
 
 /// The committed table of a volume, as every node must serve it.

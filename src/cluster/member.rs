@@ -117,7 +117,13 @@ impl Member {
             }
         }
         let member = serde_json::to_vec(&MemberRecord { node: cfg.node.clone(), peer: cfg.peer.to_string() }).expect("serializes");
-        if let Err(e) = self.catch_up(etcd, &cfg).await.and(etcd.put(&keys::member(&cfg.name, &cfg.node), member, 0).await.map_err(Into::into)) {
+        // Current again: no longer shown as fenced.
+        let joined = async {
+            self.catch_up(etcd, &cfg).await?;
+            etcd.put(&keys::member(&cfg.name, &cfg.node), member, 0).await?;
+            etcd.delete(&keys::fenced(&cfg.name, &cfg.node)).await.map_err(ClusterError::from)
+        };
+        if let Err(e) = joined.await {
             let _ = etcd.revoke(id).await;
             return Err(e);
         }
@@ -206,7 +212,7 @@ impl Member {
         let mut nodes: Vec<NodeView> = Vec::new();
         for entry in etcd.list(&keys::members(&cfg.name)).await? {
             if let Ok(m) = serde_json::from_slice::<MemberRecord>(&entry.value) {
-                nodes.push(NodeView { node: m.node, peer: m.peer, alive: false, lease_left_ms: None, coordinator: false, generations: Default::default() });
+                nodes.push(NodeView { node: m.node, peer: m.peer, alive: false, lease_left_ms: None, coordinator: false, generations: Default::default(), fenced_by: None });
             }
         }
         for entry in etcd.list(&keys::nodes(&cfg.name)).await? {
@@ -215,7 +221,7 @@ impl Member {
             let i = match nodes.iter().position(|n| n.node == record.node) {
                 Some(i) => i,
                 None => {
-                    nodes.push(NodeView { node: record.node.clone(), peer: String::new(), alive: false, lease_left_ms: None, coordinator: false, generations: Default::default() });
+                    nodes.push(NodeView { node: record.node.clone(), peer: String::new(), alive: false, lease_left_ms: None, coordinator: false, generations: Default::default(), fenced_by: None });
                     nodes.len() - 1
                 }
             };
@@ -224,6 +230,12 @@ impl Member {
             n.alive = left.is_some();
             n.lease_left_ms = left.map(|s| s as u64 * 1000);
             n.generations = record.generations;
+        }
+        for entry in etcd.list(&keys::fenced_all(&cfg.name)).await? {
+            let node = String::from_utf8_lossy(&entry.key[keys::fenced_all(&cfg.name).len()..]).into_owned();
+            if let Some(n) = nodes.iter_mut().find(|n| n.node == node) {
+                n.fenced_by = Some(String::from_utf8_lossy(&entry.value).into_owned());
+            }
         }
         nodes.sort_by(|a, b| a.node.cmp(&b.node));
         let mut view = super::lock_view(&self.shared);

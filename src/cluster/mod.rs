@@ -12,20 +12,25 @@
 //! (join, catch up, renew, publish, elect, observe), `peer` (the
 //! node-to-node link), `barrier` (the coordinator's side of a barrier),
 //! `failsafe` (serving on while etcd does not answer, and what a barrier
-//! waits for because of it).
+//! waits for because of it), `progress` (barriers in progress, for
+//! status), `lookup` (the coordinator, for a process that is no node).
 
 mod barrier;
 mod etcd;
 mod failsafe;
 mod keys;
 mod lease;
+mod lookup;
 mod member;
 pub mod peer;
+mod progress;
 mod store;
 
 pub use barrier::BarrierTiming;
 pub use etcd::EtcdError;
 pub use keys::VolumeRecord;
+pub use lookup::coordinator_of;
+pub use progress::BarrierMark;
 
 use crate::api::{ClusterStatus, CoordinatorView, NodeState, NodeView};
 use crate::config::ClusterConfig;
@@ -89,6 +94,8 @@ struct Shared {
     /// A hold ended without knowing its barrier's decision: the node must
     /// leave and join again (catching up) before it serves.
     rejoin: std::sync::atomic::AtomicBool,
+    /// Barriers in progress here (`cluster status`).
+    in_progress: progress::InProgress,
 }
 
 impl Shared {
@@ -170,7 +177,7 @@ impl Cluster {
     pub fn start(cfg: ClusterConfig, state: StateDir, fence: Arc<ServeFence>, local: Arc<dyn LocalTables>) -> Result<Cluster, ClusterError> {
         let highest = state.read_json::<keys::EpochRecord>(std::path::Path::new(keys::EPOCH_FILE)).map_err(|e| ClusterError::State(e.to_string()))?.unwrap_or_default();
         let view = View { joined: false, was_joined: false, etcd_error: None, observed: Instant::now(), coordinator: None, highest_epoch: highest.highest, nodes: Vec::new(), failsafe: false, dead_since: BTreeMap::new() };
-        let shared = Arc::new(Shared { cfg, fence, view: Mutex::new(view), state, etcd: Mutex::new(None), fenced_for_good: Default::default(), rejoin: Default::default() });
+        let shared = Arc::new(Shared { cfg, fence, view: Mutex::new(view), state, etcd: Mutex::new(None), fenced_for_good: Default::default(), rejoin: Default::default(), in_progress: Default::default() });
         let mut member = member::Member::new(shared.clone(), local);
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let (first_tx, first_rx) = std::sync::mpsc::channel();
@@ -213,6 +220,7 @@ impl Cluster {
             coordinator: view.coordinator.clone(),
             highest_epoch: view.highest_epoch,
             nodes: view.nodes.clone(),
+            barriers: self.shared.in_progress.list(),
         }
     }
 

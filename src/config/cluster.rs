@@ -90,8 +90,9 @@ pub(super) fn parse_cluster(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawCluster>
     Ok(Some(ClusterConfig { etcd, name: c.name.get_ref().clone(), node: c.node.get_ref().clone(), peer, lease_ttl, failsafe, line }))
 }
 
-/// `http://HOST:PORT` (etcd's client URL). TLS to etcd is not built in yet.
-fn etcd_endpoint(url: &str) -> Result<String, String> {
+/// `http://HOST:PORT` (etcd's client URL), normalized. TLS to etcd is not
+/// built in yet.
+pub fn etcd_endpoint(url: &str) -> Result<String, String> {
     let rest = match url.split_once("://") {
         Some(("http", rest)) => rest,
         Some(("https", _)) => return Err(format!("'{url}': TLS to etcd is not supported yet; use http:// on a trusted network")),

@@ -12,6 +12,7 @@ mod security;
 mod server;
 mod units;
 
+pub use cluster::etcd_endpoint;
 pub use parse_ctx::valid_name;
 pub use security::ServerSecurity;
 pub use units::{parse_duration, parse_size, UnitError};

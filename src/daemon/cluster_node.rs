@@ -5,7 +5,7 @@
 
 use super::assemble::build_translation;
 use super::{Daemon, DaemonError};
-use crate::api::{ApiError, ApplyReport, ErrorKind, FailsafeAck, Held, HoldOrder, PeerRequest, Response, TableChange};
+use crate::api::{ApiError, ApplyReport, ErrorKind, FailsafeAck, Held, HoldOrder, PeerRequest, Response, SwapOutcome, TableChange};
 use crate::cluster::{peer, BarrierTiming, Cluster, LocalTables, VolumeRecord};
 use crate::config::{Config, VolumeConfig};
 use crate::map::MappingTable;
@@ -44,6 +44,10 @@ impl peer::PeerHandler for ClusterNode {
         let Some(daemon) = self.0.upgrade() else { return Response::err(ApiError::new(ErrorKind::Io, "the node is stopping")) };
         let answer = match request {
             PeerRequest::Apply { changes } => daemon.apply_changes(changes).map(Response::ok),
+            PeerRequest::ApplyConfig { file, base, text } => {
+                let config = Config::parse(&text, &file, &base).map_err(DaemonError::from);
+                config.and_then(|c| daemon.table_changes(&c)).and_then(|changes| daemon.apply_changes(changes)).map(Response::ok)
+            }
             PeerRequest::Hold(order) => daemon.cluster_hold(order).map(Response::ok),
             PeerRequest::Decide { epoch, barrier, commit } => daemon.cluster_decide(epoch, &barrier, commit).map(|()| Response::ok(())),
             // Answering is the whole answer: the asker learns it is reachable.
@@ -96,6 +100,19 @@ impl Daemon {
         let cluster = self.member()?;
         let new = Config::load(path)?;
         let changes = self.table_changes(&new)?;
+        let report = self.apply_anywhere(cluster, changes)?;
+        // This node's own file applied: it counts as read (a reload
+        // applies only tables edited since: `reload_cluster_wide`).
+        let own = self.config_path.as_ref().and_then(|p| std::fs::canonicalize(p).ok());
+        if own.is_some() && own == std::fs::canonicalize(path).ok() {
+            lock(&self.config).volumes = new.volumes;
+        }
+        Ok(report)
+    }
+
+    /// `changes` on every node: run here on the coordinator, else
+    /// forwarded to it.
+    fn apply_anywhere(&self, cluster: &Cluster, changes: Vec<TableChange>) -> Result<ApplyReport, DaemonError> {
         match cluster.coordinator() {
             Some((node, _, _)) if node == cluster.node() => self.apply_changes(changes),
             Some((node, _, Some(peer))) => {
@@ -104,6 +121,28 @@ impl Daemon {
             }
             _ => Err(crate::cluster::ClusterError::NotCoordinator("no coordinator is known yet".into()).into()),
         }
+    }
+
+    /// A reload's table changes in a cluster: the volumes whose extents
+    /// `new` changed since the file was last read, on every node at once;
+    /// reported as the reload's swaps.
+    pub(super) fn reload_cluster_wide(&self, new: &Config) -> Result<Vec<SwapOutcome>, DaemonError> {
+        let before: BTreeMap<String, u64> = self.catalog().volumes.iter().map(|(name, v)| (name.clone(), v.generation())).collect();
+        let edited = {
+            let old = lock(&self.config);
+            let edited = |v: &&VolumeConfig| old.volumes.iter().find(|o| o.name == v.name).is_none_or(|o| o.extents != v.extents);
+            new.volumes.iter().filter(edited).map(|v| v.name.clone()).collect::<Vec<_>>()
+        };
+        let changes: Vec<TableChange> = self.table_changes(new)?.into_iter().filter(|c| edited.contains(&c.volume)).collect();
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let report = self.apply_anywhere(self.member()?, changes)?;
+        Ok(report
+            .volumes
+            .into_iter()
+            .map(|v| SwapOutcome { from_generation: before.get(&v.volume).copied().unwrap_or(0), generation: v.generation, ranges: Vec::new(), attempts: v.attempts, hold: v.hold_us, drain: 0, volume: v.volume })
+            .collect())
     }
 
     /// The volumes of `new` whose table differs from this node's.
@@ -179,6 +218,7 @@ impl Daemon {
 
     fn hold(&self, volume: Arc<Volume>, translation: Translation, order: HoldOrder, held: mpsc::Sender<Result<Held, DaemonError>>, decided: mpsc::Receiver<Decision>) {
         let cluster = self.member().expect("holds exist only in cluster mode");
+        let _shown = cluster.mark_barrier(&order.barrier, volume.name(), order.generation, "holding");
         let pause_timeout = lock(&self.swap).pause_timeout;
         // Recorded as the config's extents: the cluster's table is what this
         // node's config says from now on (a node's file that still has the

@@ -50,12 +50,28 @@ impl Daemon {
         // anything changes.
         let security = super::security(&new)?;
         let mut report = ReloadReport { needs_restart: needs_restart(&lock(&self.config), &new), ..ReloadReport::default() };
-        let plan = self.plan_reload(&new, force)?;
-        if !plan.removed.is_empty() || plan.plans.iter().any(|p| !matches!(p, plan::Plan::Keep(_))) {
-            self.local_table_change("a reload that changes, adds or removes volumes")?;
+        let mut plan = self.plan_reload(&new, force)?;
+        if self.cluster.get().is_some() && plan.plans.iter().any(|p| matches!(p, plan::Plan::Swap(..))) {
+            // In a cluster the tables edited in this file since it was last
+            // read change on every node at once (as `cluster apply`); a
+            // table the file merely lags behind (the cluster changed it
+            // since) stays: a reload for new TLS files must not revert it.
+            report.swapped = self.reload_cluster_wide(&new)?;
+            plan = self.plan_reload(&new, force)?;
+            for p in &mut plan.plans {
+                if let plan::Plan::Swap(volume, _) = p {
+                    tracing::info!(volume = volume.name(), "reload: the file's table for this volume is older than the cluster's; the cluster's stays");
+                    *p = plan::Plan::Keep(volume.clone());
+                }
+            }
+        }
+        if self.cluster.get().is_some() && (!plan.removed.is_empty() || plan.plans.iter().any(|p| !matches!(p, plan::Plan::Keep(_)))) {
+            return Err(DaemonError::ClusterTable { volume: String::new(), reason: "a reload cannot add or remove volumes in a cluster yet (every node would need the change at once)".into() });
         }
         let staged = self.stage_reload(&new, plan)?;
+        let swapped_cluster_wide = std::mem::take(&mut report.swapped);
         let swap_failed = self.apply_reload(new, staged, &mut report);
+        report.swapped.extend(swapped_cluster_wide);
         lock(&self.server).set_security(security);
         tracing::info!(?report, "reload applied");
         if report.errors.is_empty() {
