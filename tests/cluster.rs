@@ -331,3 +331,26 @@ fn cluster_apply_from_anywhere_finds_the_coordinator_in_etcd() {
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
     assert!(text(&out).contains("--cluster NAME"), "{}", text(&out));
 }
+
+/// `cluster forget NODE`: a node gone for good leaves the records, but not
+/// while it is alive or may still serve in failsafe (2 s here).
+#[test]
+fn a_member_gone_for_good_is_forgotten_once_its_failsafe_window_is_over() {
+    let etcd = TestEtcd::start();
+    let n1 = start(&node_body(&etcd.url, "n1", 2));
+    let mut n2 = start(&node_body(&etcd.url, "n2", 2));
+    let alive = |name: &str| cluster_status(&n1)["nodes"].as_array().unwrap().iter().any(|n| n["node"] == name && n["alive"] == true);
+    wait_until(&n1, "n2 alive", Duration::from_secs(15), || alive("n2"));
+    let out = cli(&n1, &["cluster", "forget", "n2"]);
+    assert_eq!(out.status.code(), Some(4), "a live node: {}", text(&out));
+    assert!(text(&out).contains("is alive"), "{}", text(&out));
+    let out = cli(&n1, &["cluster", "forget", "n9"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    n2.stop();
+    wait_until(&n1, "n2 gone", Duration::from_secs(15), || !alive("n2"));
+    let out = cli(&n1, &["cluster", "forget", "n2"]);
+    assert_eq!(out.status.code(), Some(4), "just gone: {}", text(&out));
+    assert!(text(&out).contains("may still serve in failsafe"), "{}", text(&out));
+    wait_until(&n1, "n2 forgotten", Duration::from_secs(10), || cli(&n1, &["cluster", "forget", "n2"]).status.success());
+    wait_until(&n1, "n2 no longer listed", Duration::from_secs(5), || !cluster_status(&n1)["nodes"].as_array().unwrap().iter().any(|n| n["node"] == "n2"));
+}

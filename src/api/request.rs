@@ -25,6 +25,8 @@ pub enum Request {
     /// Changes the tables of the volumes in `config` (a config file the
     /// server reads) on every node of the cluster, one barrier per volume.
     ClusterApply { config: std::path::PathBuf },
+    /// Removes a member that is gone for good from the cluster's records.
+    ClusterForget { node: String },
     Reload {
         #[serde(default)]
         force: bool,
@@ -169,6 +171,7 @@ impl Request {
             // `pool_check` returns leaked chunks to the free list.
             Request::PoolCheck { .. }
             | Request::ClusterApply { .. }
+            | Request::ClusterForget { .. }
             | Request::Reload { .. }
             | Request::Pause { .. }
             | Request::Resume { .. }

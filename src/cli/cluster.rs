@@ -21,6 +21,13 @@ pub enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Remove a node gone for good from the cluster's records (refused
+    /// while it is alive or may still serve in failsafe).
+    Forget {
+        node: String,
+        #[command(flatten)]
+        server: ServerAddress,
+    },
     /// Change the tables of the volumes of --config FILE on every node at
     /// once (hold, drain, commit in etcd, swap, resume), through the
     /// node whose control socket FILE names (or --control); with --etcd,
@@ -49,6 +56,11 @@ pub fn run(cmd: ClusterCommand) -> CliResult {
             } else {
                 print(&status);
             }
+            Ok(())
+        }
+        ClusterCommand::Forget { node, server } => {
+            server.call::<serde_json::Value>(&Request::ClusterForget { node: node.clone() })?;
+            println!("node {node} forgotten");
             Ok(())
         }
         ClusterCommand::Apply { server, json, etcd, cluster } => {

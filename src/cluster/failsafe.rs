@@ -116,6 +116,27 @@ impl Cluster {
         }
     }
 
+    /// `cluster forget NODE`: drops the records of a member gone for good
+    /// (else a new coordinator's first change waits `failsafe` for it).
+    /// Refused while it is alive, and while it may still serve in failsafe.
+    pub fn forget(&self, node: &str) -> Result<(), ClusterError> {
+        let (live, _) = self.live_nodes()?;
+        if live.iter().any(|l| l.node == node) || node == self.node() {
+            return Err(ClusterError::MemberAlive(node.into()));
+        }
+        if !self.members()?.iter().any(|m| m.node == node) {
+            return Err(ClusterError::NoMember(node.into()));
+        }
+        let left = self.shared.cfg.failsafe.saturating_sub(dead_for(&mut lock_view(&self.shared), node, Instant::now()));
+        if !left.is_zero() {
+            return Err(ClusterError::MemberMayServe { node: node.into(), left_ms: left.as_millis() as u64 });
+        }
+        self.drop_member(node)?;
+        lock_view(&self.shared).dead_since.remove(node);
+        tracing::info!(node, "member forgotten");
+        Ok(())
+    }
+
     /// Fails with `EtcdDown` unless etcd answers now (a change started
     /// without etcd would hold every node and could not commit).
     pub fn etcd_answers(&self) -> Result<(), ClusterError> {

@@ -68,6 +68,12 @@ pub enum ClusterError {
     CatchUp(String),
     #[error("etcd does not answer ({0}): cluster changes are refused until it does; the nodes serve on with the tables they have (failsafe)")]
     EtcdDown(String),
+    #[error("node '{0}' is not a member of this cluster")]
+    NoMember(String),
+    #[error("node '{0}' is alive: stop it first (only a node gone for good is forgotten)")]
+    MemberAlive(String),
+    #[error("node '{node}' may still serve in failsafe for {left_ms} ms more: forget it after that")]
+    MemberMayServe { node: String, left_ms: u64 },
 }
 
 /// What the cluster needs of the node's volumes (the daemon provides it).

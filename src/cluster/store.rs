@@ -63,6 +63,14 @@ impl Cluster {
         Ok(entries.into_iter().filter_map(|e| serde_json::from_slice(&e.value).ok()).collect())
     }
 
+    /// Deletes `node`'s member record and fenced mark.
+    pub(super) fn drop_member(&self, node: &str) -> Result<(), ClusterError> {
+        for key in [keys::member(self.name(), node), keys::fenced(self.name(), node)] {
+            self.run(|e| async move { e.delete(&key).await })??;
+        }
+        Ok(())
+    }
+
     /// Reads the coordinator key: whether etcd answers now.
     pub(super) fn coordinator_record(&self) -> Result<(), ClusterError> {
         let key = keys::coordinator(self.name());

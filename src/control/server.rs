@@ -198,6 +198,7 @@ pub fn handle(daemon: &Arc<Daemon>, request: Request) -> Response {
         Request::Status => Response::ok(daemon.status()),
         Request::ClusterStatus => answer(daemon.cluster_status()),
         Request::ClusterApply { config } => answer(daemon.cluster_apply(&config)),
+        Request::ClusterForget { node } => answer(daemon.cluster_forget(&node)),
         Request::Reload { force } => answer(daemon.reload(force)),
         Request::Pause { volume, range, timeout_ms } => {
             let range = range.map(|r| Range::new(r.start, r.length));

@@ -153,7 +153,9 @@ impl DaemonError {
                 use crate::cluster::ClusterError as C;
                 match e {
                     C::DuplicateNode { .. } | C::StaleEpoch { .. } => ErrorKind::Conflict,
-                    C::NotCoordinator(_) | C::EtcdDown(_) => ErrorKind::Busy,
+                    C::NotCoordinator(_) | C::EtcdDown(_) | C::MemberMayServe { .. } => ErrorKind::Busy,
+                    C::MemberAlive(_) => ErrorKind::Conflict,
+                    C::NoMember(_) => ErrorKind::NotFound,
                     C::Barrier { .. } => ErrorKind::SwapFailed,
                     _ => ErrorKind::Io,
                 }

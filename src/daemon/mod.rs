@@ -244,6 +244,11 @@ impl Daemon {
         }
     }
 
+    /// `cluster forget NODE`.
+    pub fn cluster_forget(&self, node: &str) -> Result<(), DaemonError> {
+        Ok(self.cluster.get().ok_or(DaemonError::NotClustered)?.forget(node)?)
+    }
+
     /// `cluster status`: this node's view of the cluster.
     pub fn cluster_status(&self) -> Result<crate::api::ClusterStatus, DaemonError> {
         self.cluster.get().map(|c| c.status()).ok_or(DaemonError::NotClustered)
