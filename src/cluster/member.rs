@@ -53,6 +53,8 @@ impl Member {
             }
         };
         if self.shared.rejoin.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            // No failsafe on the old table: only a fresh renewal opens.
+            self.leased_until = None;
             if let Some(joined) = self.joined.take() {
                 tracing::warn!("a barrier's outcome is unknown here: leaving the cluster to join again on the committed tables");
                 // Best effort: if etcd cannot be told, the lease expires.
@@ -164,6 +166,8 @@ impl Member {
                 // In failsafe the fence stays: `keep_membership` joins anew.
                 if !self.riding_out() {
                     self.shared.fence.close();
+                    // No failsafe either until a renewal of the next lease.
+                    self.leased_until = None;
                     tracing::warn!(lease = format!("{:x}", joined.lease), "membership lease expired in etcd: fenced, serving nothing until re-joined");
                 }
                 self.joined = None;
