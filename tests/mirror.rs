@@ -147,6 +147,9 @@ fn kill_9_during_a_write_storm_resyncs_only_dirty_regions() {
     let recovered = m["recovered_regions"].as_u64().unwrap();
     assert!((1..=8).contains(&recovered), "only regions of the 8 MiB written can be dirty (1 MiB regions): {m}");
     eprintln!("crash recovery resynced {recovered} of 64 regions");
+    // The first in-sync leg is the source; it may be either (both were in
+    // sync): wait for both, not for one that may be the source already.
+    wait_in_sync(&server, "v", "a");
     wait_in_sync(&server, "v", "b");
     same(&server, "a.img", "b.img", 64 * MIB);
 }
