@@ -136,13 +136,4 @@ impl Cluster {
         tracing::info!(node, "member forgotten");
         Ok(())
     }
-
-    /// Fails with `EtcdDown` unless etcd answers now (a change started
-    /// without etcd would hold every node and could not commit).
-    pub fn etcd_answers(&self) -> Result<(), ClusterError> {
-        self.coordinator_record().map_err(|e| match e {
-            ClusterError::Etcd(e) => ClusterError::EtcdDown(e.to_string()),
-            other => other,
-        })
-    }
 }

@@ -235,8 +235,9 @@ impl Member {
             n.lease_left_ms = left.map(|s| s as u64 * 1000);
             n.generations = record.generations;
         }
-        for entry in etcd.list(&keys::fenced_all(&cfg.name)).await? {
-            let node = String::from_utf8_lossy(&entry.key[keys::fenced_all(&cfg.name).len()..]).into_owned();
+        let fenced = keys::fenced_all(&cfg.name);
+        for entry in etcd.list(&fenced).await? {
+            let node = String::from_utf8_lossy(&entry.key[fenced.len()..]).into_owned();
             if let Some(n) = nodes.iter_mut().find(|n| n.node == node) {
                 n.fenced_by = Some(String::from_utf8_lossy(&entry.value).into_owned());
             }

@@ -71,13 +71,6 @@ impl Cluster {
         Ok(())
     }
 
-    /// Reads the coordinator key: whether etcd answers now.
-    pub(super) fn coordinator_record(&self) -> Result<(), ClusterError> {
-        let key = keys::coordinator(self.name());
-        self.run(|e| async move { e.get(&key).await })??;
-        Ok(())
-    }
-
     /// Whether `lease` has expired in etcd (so its node serves nothing).
     pub(crate) fn lease_expired(&self, lease: i64) -> Result<bool, ClusterError> {
         Ok(self.run(|e| async move { e.ttl_left(lease).await })??.is_none())
@@ -101,10 +94,11 @@ impl Cluster {
         self.run(|e| async move { e.settle(&decision).await })?.map_err(Into::into)
     }
 
-    /// The committed table of `volume`, if a barrier ever committed one.
+    /// The committed table of `volume`, if a barrier ever committed one;
+    /// `EtcdDown` if etcd does not answer (a change is refused then).
     pub fn committed(&self, volume: &str) -> Result<Option<VolumeRecord>, ClusterError> {
         let key = keys::volume(self.name(), volume);
-        let found = self.run(|e| async move { e.get(&key).await })??;
+        let found = self.run(|e| async move { e.get(&key).await })?.map_err(|e| ClusterError::EtcdDown(e.to_string()))?;
         match found {
             Some(entry) => serde_json::from_slice(&entry.value).map(Some).map_err(|e| ClusterError::BadRecord(e.to_string())),
             None => Ok(None),

@@ -183,13 +183,13 @@ impl Daemon {
         let cluster = self.member()?;
         let _one = lock(&self.cluster_applying);
         let (node, epoch, _) = cluster.coordinator().ok_or_else(|| crate::cluster::ClusterError::NotCoordinator("none yet".into()))?;
-        // Before any node holds: without etcd nothing could commit.
-        cluster.etcd_answers()?;
         let swap = lock(&self.swap).clone();
         let timing = BarrierTiming { pause_timeout: swap.pause_timeout, retries: swap.retries, backoff: swap.backoff };
         let mut volumes = Vec::new();
         for change in changes {
             let local = self.volume(&change.volume)?.generation();
+            // Read before any node holds: without etcd nothing could
+            // commit, so `EtcdDown` refuses the change here.
             let committed = cluster.committed(&change.volume)?.map_or(0, |r| r.generation);
             let published = cluster.status().nodes.iter().filter_map(|n| n.generations.get(&change.volume).copied()).max().unwrap_or(0);
             let generation = local.max(committed).max(published) + 1;
