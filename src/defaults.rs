@@ -57,3 +57,11 @@ pub const CLUSTER_LEASE_TTL: Duration = Duration::from_secs(5);
 /// election or restart; a node that died delays the next cluster change
 /// by its lease plus this.
 pub const CLUSTER_FAILSAFE: Duration = Duration::from_secs(30);
+
+/// `remote::RemoteOptions`: connections a forwarding client keeps open.
+pub const FORWARD_CONNECTIONS: usize = 4;
+/// Longest a forwarded request may take, resends and failover included.
+pub const FORWARD_BOUND: Duration = Duration::from_secs(30);
+/// Per connect attempt of a forwarding client (and per handshake read or
+/// write): a dead node costs this much before the next candidate.
+pub const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);

@@ -4,7 +4,8 @@
 //! Layers, data flowing one way (a lower layer never imports a higher one):
 //! `nbd` (wire codec) → `server` (listeners, handshake, request pipeline) →
 //! `volume` (translation) → `backend` (files, block devices, memory).
-//! Beside them: `map` (pure tables and checks) and `config`.
+//! Beside them: `map` (pure tables and checks) and `config`; `remote` is
+//! the node's own NBD client, forwarding I/O to another node.
 //! See docs/ARCHITECTURE.md.
 
 pub mod access;
@@ -25,6 +26,7 @@ pub mod mirror;
 pub mod nbd;
 pub mod persist;
 pub mod pool;
+pub mod remote;
 pub mod server;
 pub mod sync;
 pub mod tls;

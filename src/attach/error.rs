@@ -1,6 +1,7 @@
 //! Why an attach, detach, listing or reconnect failed. The messages are what
 //! the CLI prints, so each says what was being done and to which device.
 
+pub use crate::remote::handshake::HandshakeError;
 use std::io;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,39 +52,4 @@ pub enum AttachError {
     /// The socket pair or the thread of a TLS relay could not be made.
     #[error("TLS relay: {0}")]
     Relay(io::Error),
-}
-
-/// Why the client half of the NBD handshake failed.
-#[derive(Debug, thiserror::Error)]
-pub enum HandshakeError {
-    #[error("{what}: {source}")]
-    Io { what: &'static str, source: io::Error },
-    #[error("not an NBD newstyle server")]
-    NotNewstyle,
-    #[error("server does not speak fixed newstyle")]
-    NotFixedNewstyle,
-    #[error("option reply of {0} bytes")]
-    ReplyTooLong(u32),
-    #[error("{0}")]
-    Protocol(String),
-    #[error("server acknowledged GO without export information")]
-    NoExportInfo,
-    #[error("server: {0}")]
-    UnknownExport(String),
-    #[error("server refused: {0}")]
-    Refused(String),
-    #[error("server refused NBD_OPT_STARTTLS: {0}")]
-    StartTlsRefused(String),
-    /// `credentials` says which file and identity were used.
-    #[error("TLS handshake failed ({credentials}): {message}")]
-    Tls { credentials: String, message: String },
-    #[error("server requires TLS ({0}): give --tls-psk FILE or --tls-certificates DIR")]
-    TlsRequired(String),
-}
-
-impl HandshakeError {
-    /// An I/O failure while `what` was being done.
-    pub fn io(what: &'static str) -> impl FnOnce(io::Error) -> HandshakeError {
-        move |source| HandshakeError::Io { what, source }
-    }
 }

@@ -162,7 +162,7 @@ pub fn export_name_reply(size: u64, flags: u16, no_zeroes: bool) -> Vec<u8> {
     out
 }
 
-// ---- Client side (used by `attach`) ----
+// ---- Client side (used by `remote` and `attach`) ----
 
 /// An option request as a client sends it.
 pub fn encode_option(option: u32, data: &[u8]) -> Vec<u8> {
@@ -182,6 +182,21 @@ pub fn encode_info_request(export: &str, infos: &[u16]) -> Vec<u8> {
     out.extend_from_slice(&(infos.len() as u16).to_be_bytes());
     for i in infos {
         out.extend_from_slice(&i.to_be_bytes());
+    }
+    out
+}
+
+/// Payload of NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT for
+/// `export` with `queries` (the inverse of `decode_meta_context_request`).
+pub fn encode_meta_context_request(export: &str, queries: &[&str]) -> Vec<u8> {
+    let strings: usize = queries.iter().map(|q| 4 + q.len()).sum();
+    let mut out = Vec::with_capacity(8 + export.len() + strings);
+    out.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    out.extend_from_slice(export.as_bytes());
+    out.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        out.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        out.extend_from_slice(q.as_bytes());
     }
     out
 }
@@ -239,6 +254,18 @@ mod tests {
         data.extend_from_slice(&0u32.to_be_bytes());
         data.extend_from_slice(&u32::MAX.to_be_bytes());
         assert!(decode_meta_context_request(&data).is_err());
+    }
+
+    #[test]
+    fn meta_context_request_round_trip() {
+        let data = encode_meta_context_request("vol", &["nbdvirt:generation=7", "base:allocation"]);
+        let req = decode_meta_context_request(&data).unwrap();
+        assert_eq!(req.export, "vol");
+        assert_eq!(req.queries, vec!["nbdvirt:generation=7".to_string(), "base:allocation".to_string()]);
+        // Export length, "vol", count, then each query with its length.
+        assert_eq!(&data[..7], &[0, 0, 0, 3, b'v', b'o', b'l']);
+        assert_eq!(&data[7..15], &[0, 0, 0, 2, 0, 0, 0, 20]);
+        assert_eq!(decode_meta_context_request(&encode_meta_context_request("", &[])).unwrap().queries, Vec::<String>::new());
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub mod etcd;
 pub mod fio;
 /// A TCP relay that can be cut (one node's way to etcd).
 pub mod proxy;
+/// nbdkit servers (opt in: `use common::nbdkit::Nbdkit;`).
+pub mod nbdkit;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

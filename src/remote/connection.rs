@@ -1,0 +1,290 @@
+//! One connection to the server in the transmission phase (a `Link`):
+//! callers write requests under a lock and wait for their own reply; one
+//! reader thread per link takes the replies off the socket and hands each
+//! to its waiter by cookie. A link that breaks is dead for good: its
+//! waiters are told at once (they resend elsewhere) and the socket is shut
+//! down, which also ends the reader.
+
+use super::handshake::{connect_forwarding, ExportInfo, ServerSocket};
+use super::reply::{body_len, decode_chunk_header, decode_simple_reply, parse_chunk, Chunk, Progress, Span, MAX_SMALL_CHUNK};
+use crate::endpoint::Endpoint;
+use crate::nbd::*;
+use crate::sync::lock;
+use std::collections::HashMap;
+use std::io::{self, IoSlice, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// One request as sent: `payload` only for WRITE.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    pub command: u16,
+    pub flags: u16,
+    pub offset: u64,
+    pub length: u32,
+    pub payload: &'a [u8],
+}
+
+/// Why a call got no answer from the server.
+#[derive(Debug)]
+pub enum CallError {
+    /// The link broke (the reason): the request may go elsewhere.
+    Lost(String),
+    /// No reply before the deadline; the link has been killed.
+    TimedOut,
+}
+
+/// The server's answer: the data of a READ (empty otherwise), or its NBD
+/// error and message.
+pub type Answer = Result<Vec<u8>, (u32, String)>;
+
+/// What the reader hands a waiter.
+enum Outcome {
+    Done(Answer),
+    Lost(String),
+}
+
+/// A request waiting for its reply; a READ's data are assembled in `data`.
+struct Waiter {
+    span: Span,
+    data: Vec<u8>,
+    progress: Progress,
+    tx: SyncSender<Outcome>,
+}
+
+/// Waiters by cookie, and once dead, why (no waiter is added then).
+#[derive(Default)]
+struct Inbox {
+    dead: Option<String>,
+    waiting: HashMap<u64, Waiter>,
+}
+
+/// What the reader thread shares with the callers.
+struct LinkState {
+    inbox: Mutex<Inbox>,
+    dead: AtomicBool,
+    /// A handle on the socket to shut it down from any thread.
+    socket: ServerSocket,
+}
+
+impl LinkState {
+    /// Marks the link dead, tells every waiter, shuts the socket (the
+    /// reader wakes with EOF). Only the first reason counts.
+    fn kill(&self, why: &str) {
+        let waiting = {
+            let mut inbox = lock(&self.inbox);
+            if inbox.dead.is_some() {
+                return;
+            }
+            inbox.dead = Some(why.to_string());
+            self.dead.store(true, Ordering::Release);
+            std::mem::take(&mut inbox.waiting)
+        };
+        for w in waiting.into_values() {
+            let _ = w.tx.try_send(Outcome::Lost(why.to_string()));
+        }
+        let _ = self.socket.shutdown();
+    }
+
+    /// Takes a waiter's span and buffer out to fill them without the lock.
+    fn checkout(&self, cookie: u64) -> Result<(Span, Vec<u8>), String> {
+        let mut inbox = lock(&self.inbox);
+        let w = inbox.waiting.get_mut(&cookie).ok_or_else(|| format!("reply to unknown cookie {cookie}"))?;
+        Ok((w.span, std::mem::take(&mut w.data)))
+    }
+
+    /// Puts the buffer back with the chunk's effect; at DONE, answers the
+    /// waiter (an incomplete READ is the server's fault: `Err`).
+    fn checkin(&self, cookie: u64, data: Vec<u8>, chunk: &Chunk, done: bool) -> Result<(), String> {
+        let mut inbox = lock(&self.inbox);
+        // Gone only if the link was killed meanwhile: nothing to answer.
+        let Some(w) = inbox.waiting.get_mut(&cookie) else { return Ok(()) };
+        w.data = data;
+        w.progress.apply(chunk);
+        if done {
+            let w = inbox.waiting.remove(&cookie).expect("present");
+            match w.progress.finish(&w.span) {
+                Ok(answer) => {
+                    let _ = w.tx.try_send(Outcome::Done(answer.map(|()| w.data)));
+                }
+                Err(why) => {
+                    // Left waiting: the kill that follows tells it why.
+                    inbox.waiting.insert(cookie, w);
+                    return Err(why);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One connection: writer, reader thread, waiters.
+pub struct Link {
+    pub endpoint: Endpoint,
+    pub info: ExportInfo,
+    state: Arc<LinkState>,
+    writer: Mutex<ServerSocket>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+    next_cookie: AtomicU64,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Link({}, dead: {})", self.endpoint, self.is_dead())
+    }
+}
+
+impl Link {
+    /// Connects and negotiates (`timeout` per connect, read and write of the
+    /// handshake), then starts the reader. A write that blocks longer than
+    /// `write_timeout` (the server stopped reading) kills the link.
+    pub fn open(endpoint: &Endpoint, export: &str, stamp: Option<u64>, timeout: Duration, write_timeout: Duration) -> Result<Link, String> {
+        let (socket, info) = connect_forwarding(endpoint, export, stamp, timeout).map_err(|e| e.to_string())?;
+        let setup = |e: io::Error| format!("setting up the connection: {e}");
+        socket.set_write_timeout(Some(write_timeout)).map_err(setup)?;
+        let reader_socket = socket.try_clone().map_err(setup)?;
+        let state = Arc::new(LinkState { inbox: Mutex::default(), dead: AtomicBool::new(false), socket: socket.try_clone().map_err(setup)? });
+        let shared = Arc::clone(&state);
+        let reader = std::thread::Builder::new()
+            .name("nbdvirt-fwd".into())
+            .spawn(move || {
+                let Err(why) = read_replies(&shared, reader_socket);
+                shared.kill(&why);
+            })
+            .map_err(|e| format!("starting the reply reader: {e}"))?;
+        Ok(Link {
+            endpoint: endpoint.clone(),
+            info,
+            state,
+            writer: Mutex::new(socket),
+            reader: Mutex::new(Some(reader)),
+            next_cookie: AtomicU64::new(1),
+        })
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.state.dead.load(Ordering::Acquire)
+    }
+
+    /// Closes the link for `why`: its waiters are answered `Lost`.
+    pub fn kill(&self, why: &str) {
+        self.state.kill(why);
+    }
+
+    /// Sends `ask` and waits for its reply until `deadline`.
+    pub fn call(&self, ask: &Ask<'_>, deadline: Instant) -> Result<Answer, CallError> {
+        let span = Span { offset: ask.offset, length: ask.length, read: ask.command == CMD_READ };
+        // The read buffer is made here, outside the inbox lock.
+        let data = if span.read { vec![0u8; ask.length as usize] } else { Vec::new() };
+        let (tx, rx) = sync_channel(1);
+        let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut inbox = lock(&self.state.inbox);
+            if let Some(why) = &inbox.dead {
+                return Err(CallError::Lost(why.clone()));
+            }
+            inbox.waiting.insert(cookie, Waiter { span, data, progress: Progress::default(), tx });
+        }
+        let header = RequestHeader { flags: ask.flags, command: ask.command, cookie, offset: ask.offset, length: ask.length }.encode();
+        let sent = write_all_vectored(&mut *lock(&self.writer), &mut [IoSlice::new(&header), IoSlice::new(ask.payload)]);
+        if let Err(e) = sent {
+            // A part-written request leaves the stream unusable; the kill
+            // answers our own waiter too.
+            self.kill(&format!("sending: {e}"));
+        }
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Outcome::Done(answer)) => Ok(answer),
+            Ok(Outcome::Lost(why)) => Err(CallError::Lost(why)),
+            Err(RecvTimeoutError::Timeout) => {
+                self.kill("no reply in time");
+                Err(CallError::TimedOut)
+            }
+            // Every waiter is answered before it is dropped; still, never hang.
+            Err(RecvTimeoutError::Disconnected) => Err(CallError::Lost("reply reader ended".into())),
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.kill("closed");
+        // The socket is shut down: the reader's next read returns at once.
+        if let Some(reader) = lock(&self.reader).take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+/// `write_all` over several buffers: one sendmsg(2) for header and payload
+/// when the socket takes them whole.
+fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn read_fully(s: &mut impl Read, buf: &mut [u8], what: &str) -> Result<(), String> {
+    s.read_exact(buf).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => "the server closed the connection".to_string(),
+        _ => format!("reading {what}: {e}"),
+    })
+}
+
+/// `data[at..at + len]`; `parse_chunk` placed it inside the request, and
+/// a READ's buffer is the request's length, but a slip must not panic.
+fn region(data: &mut [u8], at: usize, len: usize) -> Result<&mut [u8], String> {
+    let size = data.len();
+    at.checked_add(len).and_then(|end| data.get_mut(at..end)).ok_or_else(|| format!("chunk at {at}+{len} outside a {size}-byte buffer"))
+}
+
+/// The reader thread: replies until the link breaks; returns why.
+fn read_replies(state: &LinkState, mut s: ServerSocket) -> Result<std::convert::Infallible, String> {
+    let mut body = Vec::with_capacity(MAX_SMALL_CHUNK as usize);
+    loop {
+        let mut magic = [0u8; 4];
+        read_fully(&mut s, &mut magic, "a reply")?;
+        match u32::from_be_bytes(magic) {
+            SIMPLE_REPLY_MAGIC => {
+                let mut rest = [0u8; 12];
+                read_fully(&mut s, &mut rest, "a reply")?;
+                let (error, cookie) = decode_simple_reply(&rest);
+                let (span, mut data) = state.checkout(cookie)?;
+                // Only a successful READ carries data after a simple reply.
+                let chunk = if error != 0 {
+                    Chunk::Error { code: error, message: String::new() }
+                } else if span.read {
+                    read_fully(&mut s, &mut data, "read data")?;
+                    Chunk::Data { at: 0, len: data.len() }
+                } else {
+                    Chunk::None
+                };
+                state.checkin(cookie, data, &chunk, true)?;
+            }
+            STRUCTURED_REPLY_MAGIC => {
+                let mut rest = [0u8; 16];
+                read_fully(&mut s, &mut rest, "a reply chunk")?;
+                let h = decode_chunk_header(&rest);
+                body.resize(body_len(&h)?, 0);
+                read_fully(&mut s, &mut body, "a reply chunk")?;
+                let (span, mut data) = state.checkout(h.cookie)?;
+                let chunk = parse_chunk(&h, &body, &span)?;
+                match chunk {
+                    Chunk::Data { at, len } => read_fully(&mut s, region(&mut data, at, len)?, "read data")?,
+                    Chunk::Hole { at, len } => region(&mut data, at, len)?.fill(0),
+                    Chunk::None | Chunk::Error { .. } => {}
+                }
+                state.checkin(h.cookie, data, &chunk, h.flags & REPLY_FLAG_DONE != 0)?;
+            }
+            other => return Err(format!("bad reply magic {other:#x}")),
+        }
+    }
+}
