@@ -60,8 +60,10 @@ pub const CLUSTER_FAILSAFE: Duration = Duration::from_secs(30);
 
 /// `remote::RemoteOptions`: connections a forwarding client keeps open.
 pub const FORWARD_CONNECTIONS: usize = 4;
-/// Longest a forwarded request may take, resends and failover included.
-pub const FORWARD_BOUND: Duration = Duration::from_secs(30);
+/// Longest a forwarded request may take, resends and failover included:
+/// a third of the Linux NBD client's 30 s, so that the client of the
+/// forwarding node sees an error, not a dead connection.
+pub const FORWARD_BOUND: Duration = Duration::from_secs(10);
 /// Per connect attempt of a forwarding client (and per handshake read or
 /// write): a dead node costs this much before the next candidate.
 pub const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);

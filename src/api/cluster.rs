@@ -57,6 +57,9 @@ pub struct NodeView {
     /// it joins again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fenced_by: Option<String>,
+    /// Where it serves NBD (nodes forward to it there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serve: Option<String>,
 }
 
 /// A barrier this node takes part in now.

@@ -30,4 +30,4 @@ pub use fault::{FaultErrorArg, FaultReport, FaultScopeArg};
 pub use report::{GenerationRecord, MigrationList, MigrationState, MigrationStatus, ReloadReport, SwapOutcome};
 pub use request::{RangeArg, Request};
 pub use response::Response;
-pub use status::{BackendKind, BackendStatus, ExtentStatus, LegView, RangeStatus, Status, VolumeStatus};
+pub use status::{BackendKind, BackendStatus, ExtentStatus, ForwardView, LegView, RangeStatus, Status, VolumeStatus};

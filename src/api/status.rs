@@ -4,6 +4,21 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+/// The link of a forwarded extent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardView {
+    /// The node's NBD endpoint the link is connected to now.
+    pub to: Option<String>,
+    pub connections: usize,
+    /// Requests sent over it, sent-again ones included.
+    pub requests: u64,
+    /// Requests sent again after a lost connection.
+    pub retries: u64,
+    /// Requests that failed (after the forwarding bound).
+    pub failed: u64,
+    pub last_error: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExtentStatus {
     pub start: u64,
@@ -26,6 +41,10 @@ pub struct ExtentStatus {
     /// Mirror region size (the write-intent bitmap's unit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<u64>,
+    /// Set when this node cannot reach the extent's stores and forwards
+    /// its I/O to a node that can (cluster mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarded: Option<ForwardView>,
 }
 
 /// One mirror leg or stripe member of an extent.
@@ -127,6 +146,7 @@ mod tests {
             legs: vec![LegView { backend: "c".into(), backend_offset: 0, state: None }],
             chunk: Some(4096),
             region: None,
+            forwarded: None,
         };
         let json = serde_json::to_string(&stripe).unwrap();
         assert!(!json.contains("region") && !json.contains("state"), "{json}");

@@ -54,6 +54,17 @@ fn leg_of(l: &LegView) -> String {
 
 /// `a @ 1MiB`, `zero`, `stripe c@0,d@0 chunk 64KiB`, `mirror a@0,b@0 region 1MiB`.
 fn target_of(e: &ExtentStatus) -> String {
+    match &e.forwarded {
+        None => placement_of(e),
+        Some(f) => {
+            let to = f.to.as_deref().unwrap_or("(not connected)");
+            let error = f.last_error.as_ref().map_or(String::new(), |m| format!(", last error: {m}"));
+            format!("{} forwarded to {to} ({} conns, {} requests, {} failed{error})", placement_of(e), f.connections, f.requests, f.failed)
+        }
+    }
+}
+
+fn placement_of(e: &ExtentStatus) -> String {
     if matches!(e.layout.as_str(), "mirror" | "stripe") {
         let legs: Vec<String> = e.legs.iter().map(leg_of).collect();
         let mut s = format!("{} {}", e.layout, legs.join(","));
@@ -195,6 +206,7 @@ mod tests {
             legs: Vec::new(),
             chunk: None,
             region: None,
+            forwarded: None,
         };
         assert_eq!(target_of(&e), "a @ 1MiB");
         e = ExtentStatus { backend: None, backend_offset: None, layout: "stripe".into(), legs: vec![leg("c", 0, None), leg("d", 0, None)], chunk: Some(65536), ..e };

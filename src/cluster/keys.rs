@@ -78,6 +78,9 @@ pub struct NodeRecord {
     /// The generation of each volume it serves.
     #[serde(default)]
     pub generations: BTreeMap<String, u64>,
+    /// Where it serves NBD: nodes that cannot reach a store forward to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serve: Option<String>,
 }
 
 /// A node that joined once.

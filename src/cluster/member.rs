@@ -98,6 +98,7 @@ impl Member {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").into(),
             generations: self.local.generations(),
+            serve: self.cfg().serve.as_ref().map(ToString::to_string),
         }
     }
 
@@ -216,7 +217,7 @@ impl Member {
         let mut nodes: Vec<NodeView> = Vec::new();
         for entry in etcd.list(&keys::members(&cfg.name)).await? {
             if let Ok(m) = serde_json::from_slice::<MemberRecord>(&entry.value) {
-                nodes.push(NodeView { node: m.node, peer: m.peer, alive: false, lease_left_ms: None, coordinator: false, generations: Default::default(), fenced_by: None });
+                nodes.push(NodeView { node: m.node, peer: m.peer, alive: false, lease_left_ms: None, coordinator: false, generations: Default::default(), fenced_by: None, serve: None });
             }
         }
         for entry in etcd.list(&keys::nodes(&cfg.name)).await? {
@@ -225,7 +226,7 @@ impl Member {
             let i = match nodes.iter().position(|n| n.node == record.node) {
                 Some(i) => i,
                 None => {
-                    nodes.push(NodeView { node: record.node.clone(), peer: String::new(), alive: false, lease_left_ms: None, coordinator: false, generations: Default::default(), fenced_by: None });
+                    nodes.push(NodeView { node: record.node.clone(), peer: String::new(), alive: false, lease_left_ms: None, coordinator: false, generations: Default::default(), fenced_by: None, serve: None });
                     nodes.len() - 1
                 }
             };
@@ -234,6 +235,7 @@ impl Member {
             n.alive = left.is_some();
             n.lease_left_ms = left.map(|s| s as u64 * 1000);
             n.generations = record.generations;
+            n.serve = record.serve;
         }
         let fenced = keys::fenced_all(&cfg.name);
         for entry in etcd.list(&fenced).await? {

@@ -230,6 +230,12 @@ impl Cluster {
         }
     }
 
+    /// The members as this node last saw them, for threads that ask often
+    /// (forwarding picks a serving node at each connect).
+    pub fn member_handle(&self) -> Members {
+        Members(self.shared.clone())
+    }
+
     /// A hold gave up without learning its barrier's decision (etcd could
     /// not be asked before the fence closed): the table this node went back
     /// to may not be the committed one. Its membership ends at the next
@@ -262,6 +268,25 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A handle on the members this node last saw (see `Cluster::members`).
+#[derive(Clone)]
+pub struct Members(Arc<Shared>);
+
+impl Members {
+    /// Every other node holding a live lease that says where it serves
+    /// NBD: (node, endpoint), in node order.
+    pub fn serving(&self) -> Vec<(String, String)> {
+        let me = &self.0.cfg.node;
+        lock_view(&self.0).nodes.iter().filter(|n| n.alive && &n.node != me).filter_map(|n| Some((n.node.clone(), n.serve.clone()?))).collect()
+    }
+}
+
+impl std::fmt::Debug for Members {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Members({})", self.0.cfg.name)
     }
 }
 

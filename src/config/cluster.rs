@@ -3,7 +3,7 @@
 //! TTL and the failsafe window. Parsed and checked here; `crate::cluster` runs it.
 
 use super::parse_ctx::{valid_name, ParseCtx, Quantity};
-use super::{ClusterConfig, ConfigError, VolumeConfig};
+use super::{BackendConfig, ClusterConfig, ConfigError, VolumeConfig};
 use crate::defaults;
 use crate::endpoint::Endpoint;
 use serde::Deserialize;
@@ -87,7 +87,43 @@ pub(super) fn parse_cluster(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawCluster>
             return Err(ctx.err_at(at, Some("volume.extent.mirror".into()), format!("volume '{}': mirrors cannot be used with [cluster] yet (each node would resync and replace legs on its own)", v.name)));
         }
     }
-    Ok(Some(ClusterConfig { etcd, name: c.name.get_ref().clone(), node: c.node.get_ref().clone(), peer, lease_ttl, failsafe, line }))
+    Ok(Some(ClusterConfig { etcd, name: c.name.get_ref().clone(), node: c.node.get_ref().clone(), peer, lease_ttl, failsafe, serve: None, line }))
+}
+
+/// `nodes = [...]` on backends: only with `[cluster]`, and every extent
+/// must have a node that reaches all of its stores (that node serves it;
+/// the others forward to it).
+pub(super) fn check_reach(ctx: &ParseCtx<'_>, cluster: Option<&ClusterConfig>, backends: &[BackendConfig], volumes: &[VolumeConfig]) -> Result<(), ConfigError> {
+    let limited = backends.iter().find(|b| b.nodes.is_some());
+    if cluster.is_none() {
+        return match limited {
+            Some(b) => Err(ctx.err_at(b.line, Some(format!("backend '{}': nodes", b.spec.name)), "`nodes` says which cluster nodes reach a store: it needs a [cluster] section")),
+            None => Ok(()),
+        };
+    }
+    if limited.is_none() {
+        return Ok(());
+    }
+    for v in volumes {
+        for (i, e) in v.extents.iter().enumerate() {
+            let stores: Vec<&BackendConfig> = e.target.store_ranges(e.length).into_iter().filter_map(|(s, _)| backends.iter().find(|b| b.spec.name == s)).collect();
+            let mut common: Option<Vec<&String>> = None;
+            for b in &stores {
+                if let Some(nodes) = &b.nodes {
+                    common = Some(match common {
+                        None => nodes.iter().collect(),
+                        Some(c) => c.into_iter().filter(|n| nodes.contains(n)).collect(),
+                    });
+                }
+            }
+            if common.is_some_and(|c| c.is_empty()) {
+                let reach: Vec<String> = stores.iter().map(|b| format!("'{}' on {}", b.spec.name, b.nodes.as_ref().map_or("every node".into(), |n| n.join(", ")))).collect();
+                let at = v.extent_lines.get(i).copied().unwrap_or(v.line);
+                return Err(ctx.err_at(at, Some(format!("volume '{}' extent {i}", v.name)), format!("no node reaches every store of the extent ({})", reach.join("; "))));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `http://HOST:PORT` (etcd's client URL), normalized. TLS to etcd is not
@@ -163,5 +199,26 @@ mod tests {
         let e = parse(&text).unwrap_err();
         assert_eq!((e.line, e.field.as_deref()), (Some(1), Some("cluster")), "{e}");
         assert!(e.message.contains("single-node"), "{e}");
+    }
+
+    #[test]
+    fn backend_nodes_need_a_cluster_and_a_node_reaching_every_store_of_an_extent() {
+        let stores = "[[backend]]\nname = \"a\"\npath = \"/tmp/a\"\nsize = \"1GiB\"\nnodes = [\"n1\"]\n[[backend]]\nname = \"b\"\npath = \"/tmp/b\"\nsize = \"1GiB\"\nnodes = [\"n2\", \"n3\"]\n";
+        let stripe = "[[volume]]\nname = \"v\"\n[[volume.extent]]\nlength = \"2MiB\"\nstripe = [ { backend = \"a\" }, { backend = \"b\" } ]\nchunk = \"64KiB\"\n";
+        let c = parse(&format!("{OK}{stores}")).unwrap();
+        assert_eq!(c.backends[0].nodes.as_deref(), Some(&["n1".to_string()][..]));
+        assert!(c.backends[0].reachable_from("n1") && !c.backends[0].reachable_from("n2"));
+        assert_eq!(c.cluster.unwrap().serve.map(|e| e.to_string()).as_deref(), Some("tcp:127.0.0.1:10809"), "the default listener is published");
+        let e = parse(&format!("{OK}{stores}{stripe}")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("volume 'v' extent 0"), "{e}");
+        assert!(e.message.contains("no node reaches every store") && e.message.contains("'a' on n1; 'b' on n2, n3"), "{e}");
+        let e = parse(stores).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("backend 'a': nodes"), "{e}");
+        assert!(e.message.contains("needs a [cluster]"), "{e}");
+        for (list, words) in [("[]", "an empty list"), ("[\"n1\", \"n1\"]", "listed twice"), ("[\"n/1\"]", "not a valid node id")] {
+            let e = parse(&format!("{OK}{}", stores.replacen("[\"n1\"]", list, 1))).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("backend.nodes"), "{e}");
+            assert!(e.message.contains(words), "{e}");
+        }
     }
 }

@@ -104,7 +104,17 @@ pub struct BackendConfig {
     /// Held in reserve: a mirror leg that fails is replaced by a spare
     /// (see [`LegFailurePolicy`]).
     pub spare: bool,
+    /// The cluster nodes that can reach the store (`None`: every node).
+    /// The others forward the pieces on it to one that can.
+    pub nodes: Option<Vec<String>>,
     pub line: usize,
+}
+
+impl BackendConfig {
+    /// Whether node `node` can reach the store.
+    pub fn reachable_from(&self, node: &str) -> bool {
+        self.nodes.as_ref().is_none_or(|n| n.iter().any(|x| x == node))
+    }
 }
 
 /// What a mirror does when a leg fails (`on_leg_failure`).
@@ -225,13 +235,16 @@ pub struct ClusterConfig {
     /// How long past its lease a node may serve while etcd does not answer
     /// and every peer does (0: never; see `crate::cluster::failsafe`).
     pub failsafe: Duration,
+    /// Where this node serves NBD, published for nodes that forward to it
+    /// (its first TCP listener, else its first listener).
+    pub serve: Option<Endpoint>,
     pub line: usize,
 }
 
 impl ClusterConfig {
     /// The same settings (where the section stands in the file aside).
     pub fn same_settings(&self, other: &ClusterConfig) -> bool {
-        (&self.etcd, &self.name, &self.node, &self.peer, self.lease_ttl, self.failsafe) == (&other.etcd, &other.name, &other.node, &other.peer, other.lease_ttl, other.failsafe)
+        (&self.etcd, &self.name, &self.node, &self.peer, self.lease_ttl, self.failsafe, &self.serve) == (&other.etcd, &other.name, &other.node, &other.peer, other.lease_ttl, other.failsafe, &other.serve)
     }
 }
 

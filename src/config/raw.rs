@@ -43,6 +43,8 @@ struct RawBackend {
     /// Held in reserve to replace a failed mirror leg.
     #[serde(default)]
     spare: bool,
+    /// Cluster nodes that can reach the store (default: all).
+    nodes: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,7 +79,11 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError>
     let volumes = parse_volumes(&ctx, &raw.volume, &backends)?;
     let pools = super::pool::parse_pools(&ctx, &raw.pool, &backends)?;
     check_default_export(&ctx, raw.server.as_ref(), &server, &volumes)?;
-    let cluster = super::cluster::parse_cluster(&ctx, raw.cluster.as_ref(), pools.len(), &volumes)?;
+    let mut cluster = super::cluster::parse_cluster(&ctx, raw.cluster.as_ref(), pools.len(), &volumes)?;
+    if let Some(c) = &mut cluster {
+        c.serve = server.listen.iter().find(|e| matches!(e, crate::endpoint::Endpoint::Tcp(_))).or(server.listen.first()).cloned();
+    }
+    super::cluster::check_reach(&ctx, cluster.as_ref(), &backends, &volumes)?;
     let mut backends = backends;
     if cluster.is_some() {
         // The nodes of a cluster serve the same stores.
@@ -126,10 +132,30 @@ fn parse_backends(ctx: &ParseCtx<'_>, raw: &[Spanned<RawBackend>]) -> Result<Vec
             },
             shared: b.shared,
             spare: b.spare,
+            nodes: parse_nodes(ctx, b.nodes.as_ref())?,
             line: ctx.line(item.span().start),
         });
     }
     Ok(out)
+}
+
+/// `nodes = ["n1", …]`: node ids, at least one, each once.
+fn parse_nodes(ctx: &ParseCtx<'_>, raw: Option<&Spanned<Vec<Spanned<String>>>>) -> Result<Option<Vec<String>>, ConfigError> {
+    let Some(list) = raw else { return Ok(None) };
+    if list.get_ref().is_empty() {
+        return Err(ctx.err(list, "backend.nodes", "an empty list: no node could reach the store (leave `nodes` out for all nodes)"));
+    }
+    let mut out: Vec<String> = Vec::new();
+    for n in list.get_ref() {
+        if !valid_name(n.get_ref()) {
+            return Err(ctx.err(n, "backend.nodes", format!("'{}' is not a valid node id", n.get_ref())));
+        }
+        if out.contains(n.get_ref()) {
+            return Err(ctx.err(n, "backend.nodes", format!("node '{}' is listed twice", n.get_ref())));
+        }
+        out.push(n.get_ref().clone());
+    }
+    Ok(Some(out))
 }
 
 fn parse_volumes(ctx: &ParseCtx<'_>, raw: &[Spanned<RawVolume>], backends: &[BackendConfig]) -> Result<Vec<VolumeConfig>, ConfigError> {

@@ -5,7 +5,7 @@
 use crate::backend::{file_identity, open_backend, Backend, FaultSwitch, FaultyBackend};
 use crate::config::{BackendConfig, Config, ConfigError, VolumeConfig};
 use crate::map::{validate_stores, MapError, MappingTable, Range};
-use crate::volume::{Catalog, Redundancy, Translation, Volume, VolumeSpec};
+use crate::volume::{Catalog, Forwarder, Redundancy, Translation, Volume, VolumeSpec};
 use std::path::Path;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,6 +35,11 @@ pub fn open_stores(config: &Config, existing: &HashMap<String, OpenStore>) -> Re
         }
     }
     for b in &config.backends {
+        // A cluster node opens only the stores it reaches (`nodes`); it
+        // forwards the extents on the others (`forwarding.rs`).
+        if config.cluster.as_ref().is_some_and(|c| !b.reachable_from(&c.node)) {
+            continue;
+        }
         let at = |message: String| ConfigError {
             file: file.clone(),
             line: Some(b.line),
@@ -88,8 +93,17 @@ pub fn build_translation(
     table: MappingTable,
     stores: &HashMap<String, Arc<dyn Backend>>,
     redundancy: &Arc<Redundancy>,
+    forward: Option<&dyn Forwarder>,
 ) -> Result<Translation, ConfigError> {
-    let sizes: HashMap<String, u64> = stores.iter().map(|(n, s)| (n.clone(), s.size())).collect();
+    let mut sizes: HashMap<String, u64> = stores.iter().map(|(n, s)| (n.clone(), s.size())).collect();
+    if forward.is_some() {
+        // Stores reached only elsewhere: the node serving them checks.
+        for e in table.extents() {
+            for (s, _) in e.target.store_ranges(e.length) {
+                sizes.entry(s.to_string()).or_insert(u64::MAX);
+            }
+        }
+    }
     validate_stores(&table, &sizes).map_err(|err| {
         let (index, lines, key) = match &err {
             MapError::OutsideStore { index, .. } => (*index, &v.extent_offset_lines, "backend_offset"),
@@ -103,7 +117,7 @@ pub fn build_translation(
             message: format!("generation {}: {err}", table.generation()),
         }
     })?;
-    let translation = Translation::open(table, stores, redundancy).map_err(|e| ConfigError {
+    let translation = Translation::open_forwarding(table, stores, redundancy, forward).map_err(|e| ConfigError {
         file: file.into(),
         line: Some(v.line),
         field: Some(format!("volume '{}'", v.name)),
@@ -159,9 +173,10 @@ pub fn build_volume(
     table: MappingTable,
     stores: &HashMap<String, Arc<dyn Backend>>,
     state_dir: Option<&Path>,
+    forward: Option<&dyn Forwarder>,
 ) -> Result<Volume, ConfigError> {
     let redundancy = open_redundancy(file, &v.name, &table, state_dir)?;
-    let translation = build_translation(file, v, table, stores, &redundancy)?;
+    let translation = build_translation(file, v, table, stores, &redundancy, forward)?;
     let spec = VolumeSpec { name: v.name.clone(), description: v.description.clone(), read_only: v.read_only, block_size: v.block_size };
     Ok(Volume::new(spec, translation))
 }
@@ -171,9 +186,13 @@ pub fn build_volume(
 pub fn build_catalog(config: &Config) -> Result<Catalog, ConfigError> {
     let file = config.file_name();
     let stores = handles(&open_stores(config, &HashMap::new())?);
+    // A cluster node's extents on stores it does not reach get a link that
+    // connects only when used (here: never).
+    let forward = config.cluster.as_ref().map(|_| super::forwarding::ForwardRoutes::new(&config.backends));
     let mut volumes = std::collections::BTreeMap::new();
     for v in &config.volumes {
-        volumes.insert(v.name.clone(), Arc::new(build_volume(&file, v, v.table(1), &stores, None)?));
+        let forwarder = forward.as_ref().map(|f| f.for_volume(&v.name));
+        volumes.insert(v.name.clone(), Arc::new(build_volume(&file, v, v.table(1), &stores, None, forwarder.as_deref())?));
     }
     Ok(Catalog { stores, volumes, default_export: default_export(config) })
 }

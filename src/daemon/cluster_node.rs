@@ -72,7 +72,8 @@ impl Daemon {
     fn translation_for(&self, volume: &Volume, generation: u64, extents: Vec<crate::map::Extent>) -> Result<(VolumeConfig, Translation), DaemonError> {
         let (file, v) = self.volume_config(volume.name())?;
         let table = MappingTable::new(generation, extents).map_err(|e| DaemonError::ClusterTable { volume: volume.name().into(), reason: e.to_string() })?;
-        let translation = build_translation(&file, &v, table, &self.catalog().stores, volume.translation().redundancy())?;
+        let forwarder = self.forwarder(volume.name());
+        let translation = build_translation(&file, &v, table, &self.catalog().stores, volume.translation().redundancy(), forwarder.as_deref())?;
         Ok((v, translation))
     }
 
@@ -154,18 +155,19 @@ impl Daemon {
                 return Err(what(format!("{}: volume '{name}' is missing; cluster apply cannot remove volumes yet", new.file_name())));
             }
         }
-        // Stores are opened at start; a table may only use them as they are.
-        let open = lock(&self.stores);
+        // Stores are opened at start (those this node reaches); a table may
+        // only use the configured ones as they are.
+        let config = lock(&self.config);
         for b in &new.backends {
-            match open.get(&b.spec.name) {
-                None => return Err(what(format!("{}:{}: backend '{}' is not open on this node; cluster apply cannot add backends yet", new.file_name(), b.line, b.spec.name))),
-                Some(s) if s.config.spec.path != b.spec.path => {
-                    return Err(what(format!("{}:{}: backend '{}' has another path than the open one; cluster apply cannot change backends yet", new.file_name(), b.line, b.spec.name)))
+            match config.backends.iter().find(|c| c.spec.name == b.spec.name) {
+                None => return Err(what(format!("{}:{}: backend '{}' is not a backend of this node; cluster apply cannot add backends yet", new.file_name(), b.line, b.spec.name))),
+                Some(c) if c.spec.path != b.spec.path || c.nodes != b.nodes => {
+                    return Err(what(format!("{}:{}: backend '{}' has another path or nodes than this node's; cluster apply cannot change backends yet", new.file_name(), b.line, b.spec.name)))
                 }
                 Some(_) => {}
             }
         }
-        drop(open);
+        drop(config);
         let mut changes = Vec::new();
         for v in &new.volumes {
             let Some(current) = catalog.volumes.get(&v.name) else {

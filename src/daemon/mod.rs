@@ -11,6 +11,7 @@
 
 pub mod assemble;
 mod cluster_node;
+mod forwarding;
 mod error;
 mod faults;
 mod metrics;
@@ -69,6 +70,9 @@ pub struct Daemon {
     holds: Mutex<HashMap<String, std::sync::mpsc::Sender<cluster_node::Decision>>>,
     /// One `cluster apply` at a time (on the coordinator).
     cluster_applying: Mutex<()>,
+    /// Who serves the extents on stores this node does not reach (cluster
+    /// mode).
+    forward: Option<Arc<forwarding::ForwardRoutes>>,
 }
 
 fn options(config: &Config, fence: Arc<crate::server::ServeFence>) -> ServerOptions {
@@ -121,9 +125,12 @@ impl Daemon {
         let handles = handles(&stores);
         let (tables, pending) = reconcile::startup_tables(&config, &state)?;
         let file = config.file_name();
+        let forward = config.cluster.as_ref().map(|_| forwarding::ForwardRoutes::new(&config.backends));
         let mut volumes = BTreeMap::new();
         for (v, table) in config.volumes.iter().zip(tables) {
-            volumes.insert(v.name.clone(), Arc::new(build_volume(&file, v, table, &handles, Some(state.root()))?));
+            let forwarder = forward.as_ref().map(|f| f.for_volume(&v.name));
+            let volume = build_volume(&file, v, table, &handles, Some(state.root()), forwarder.as_deref())?;
+            volumes.insert(v.name.clone(), Arc::new(volume));
         }
         pairs::add_split_volumes(&state, &mut volumes, &handles)?;
         let pools = pools::open_pools(state.root(), &config, &stores, &volumes)?;
@@ -162,6 +169,7 @@ impl Daemon {
             peer: Mutex::new(None),
             holds: Mutex::new(HashMap::new()),
             cluster_applying: Mutex::new(()),
+            forward,
         });
         if let Some(cfg) = cluster {
             daemon.join_cluster(cfg, fence)?;
@@ -231,8 +239,16 @@ impl Daemon {
         *lock(&self.peer) = Some(peer);
         let state = StateDir::open(self.state.root()).map_err(|e| DaemonError::io("state_dir", e))?;
         let cluster = crate::cluster::Cluster::start(cfg, state, fence, node)?;
+        if let Some(f) = &self.forward {
+            f.joined(cluster.member_handle());
+        }
         let _ = self.cluster.set(cluster);
         Ok(())
+    }
+
+    /// The forwarder of volume `name` (cluster mode).
+    fn forwarder(&self, name: &str) -> Option<Box<dyn crate::volume::Forwarder>> {
+        self.forward.as_ref().map(|f| f.for_volume(name))
     }
 
     /// Refuses an operation that changes a volume's table on this node

@@ -1,7 +1,7 @@
 //! The daemon's state as API views (`status`, `history`, jobs, reports).
 
 use super::{Daemon, DaemonError};
-use crate::api::{self, BackendKind, ExtentStatus, LegView, RangeStatus, VolumeStatus};
+use crate::api::{self, BackendKind, ExtentStatus, ForwardView, LegView, RangeStatus, VolumeStatus};
 use crate::backend::StoreKind;
 use crate::map::{Extent, Leg, TargetSpec};
 use crate::sync::lock;
@@ -22,6 +22,7 @@ fn extent_status(e: &Extent, leg_state: &dyn Fn(&str) -> Option<String>) -> Exte
         legs: Vec::new(),
         chunk: None,
         region: None,
+        forwarded: None,
     };
     // The view spells out each layout's settings, so it names the variants.
     match &e.target {
@@ -77,7 +78,11 @@ impl Daemon {
                     extents: {
                         let red = v.translation().redundancy().clone();
                         let state = |store: &str| red.leg(store).map(|l| l.condition().as_str().to_string());
-                        table.extents().iter().map(|e| extent_status(e, &state)).collect()
+                        let mut extents: Vec<ExtentStatus> = table.extents().iter().map(|e| extent_status(e, &state)).collect();
+                        for (i, _, link) in v.translation().forwarding() {
+                            extents[i].forwarded = Some(ForwardView { to: link.endpoint, connections: link.connections, requests: link.sent, retries: link.retries, failed: link.failed, last_error: link.last_error });
+                        }
+                        extents
                     },
                     held_ranges: gate.held_ranges.iter().map(|r| RangeStatus { start: r.start, length: r.len() }).collect(),
                     in_flight: gate.in_flight,

@@ -98,6 +98,8 @@ pub const META_QEMU_NAMESPACE: &str = "qemu:";
 /// Prefix of qemu's dirty-bitmap contexts, `qemu:dirty-bitmap:NAME`
 /// (qemu docs/interop/nbd.txt); alone, a LIST query for all bitmaps.
 pub const META_DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+/// nbdvirt's forwarding stamp: `nbdvirt:generation=N` (see server/meta.rs).
+pub const META_STAMP_PREFIX: &str = "nbdvirt:generation=";
 
 // qemu:dirty-bitmap flags: the one bit qemu defines.
 pub const STATE_DIRTY: u32 = 1 << 0;

@@ -12,6 +12,7 @@ use super::pool::Pools;
 use super::recv::RecvBuf;
 use super::sink::ReplySink;
 use super::execute::{execute, reply_error, Admitted, ConnectionCtx};
+use super::forwarded::{self, Admission};
 use super::request_check::check_request;
 use super::stream::Stream;
 use crate::nbd::*;
@@ -59,6 +60,7 @@ pub fn serve(
     // connection's flusher takes over (which then waits up to 60 s).
     stream.set_write_timeout(Some(super::outgoing::WORKER_WAIT))?;
     ReplySink::on_reader_thread();
+    let stamp = negotiated.meta.stamp();
     let ctx = Arc::new(ConnectionCtx {
         volume: negotiated.volume,
         structured: negotiated.structured,
@@ -69,6 +71,7 @@ pub fn serve(
         shard: id as usize,
         max_request: limits.max_request,
         fence: options.fence.clone(),
+        stamp,
     });
     let _counted = ConnectionCounted::new(&ctx.volume);
     let budget = Budget::new(limits.max_inflight_bytes, limits.max_inflight_requests);
@@ -276,6 +279,22 @@ fn reader_loop(ctx: &Arc<ConnectionCtx>, budget: &Arc<Budget>, reader: &mut Read
         // Through the volume's gate: admitted now, or parked behind a pause
         // and run (translated against the new table) when it is released.
         let range = Range::new(req.offset, req.length as u64);
+        if let Some(stamp) = ctx.stamp {
+            match forwarded::admission(stamp, ctx.volume.generation()) {
+                Admission::Gate => {}
+                Admission::Now => {
+                    let ticket = ctx.volume.gate().enter_now(range, ctx.shard);
+                    ctx.pool_for(req.command).spawn(move || execute(ctx2, req, data, permit, Some(ticket)));
+                    continue;
+                }
+                Admission::Stale => {
+                    tracing::warn!(stamp, generation = ctx.volume.generation(), volume = ctx.volume.name(), "forwarded request from a node on another generation: closing its connection");
+                    ctx.sink.close();
+                    reply_error(ctx, &req, NbdError::Shutdown, "stale forwarding stamp", permit);
+                    continue;
+                }
+            }
+        }
         match ctx.volume.gate().try_enter(range, ctx.shard) {
             // Small reads and writes to stores that never block for long run
             // right here: a hand-off to the pool costs more than a 4 KiB

@@ -63,12 +63,21 @@ pub(super) struct ConnectionCtx {
     pub(super) max_request: u32,
     /// Past its deadline no request runs (`fence.rs`).
     pub(super) fence: Arc<super::ServeFence>,
+    /// The generation a forwarding cluster node routed this connection's
+    /// requests with (`forwarded.rs`); `None` for every other client.
+    pub(super) stamp: Option<u64>,
 }
 
 impl ConnectionCtx {
     /// The pool for `command` on this volume now (see [`Pools`]).
+    ///
+    /// Forwarded requests (a stamped connection) always take the CPU pool:
+    /// they touch only stores this node reaches, and on the blocking pool
+    /// they could queue behind this node's own requests that wait on the
+    /// forwarding node, which may be waiting on us in turn (two nodes that
+    /// each forward to the other).
     pub(super) fn pool_for(&self, command: u16) -> &Arc<WorkerPool> {
-        if matches!(command, CMD_READ | CMD_WRITE) && !self.volume.translation().may_block() {
+        if self.stamp.is_some() || (matches!(command, CMD_READ | CMD_WRITE) && !self.volume.translation().may_block()) {
             &self.pools.cpu
         } else {
             &self.pools.blocking
@@ -274,6 +283,9 @@ pub(super) fn block_status(ctx: &ConnectionCtx, req: &RequestHeader, permit: Adm
                 let runs = ctx.volume.dirty_runs(name, req.offset, req.length as u64, max);
                 dirty_descriptors(runs.as_deref(), req.length, max)
             }
+            // A stamp says nothing about the data, but proto.md wants one
+            // chunk per selected context.
+            Context::Stamp(_) => vec![Descriptor { length: req.length, flags: 0 }],
         };
         chunks.push((*id, descriptors));
     }

@@ -19,6 +19,11 @@ pub enum Context {
     BaseAllocation,
     /// A change tracker of the volume, by its tracker name (`split-NEWVOL`).
     DirtyBitmap(String),
+    /// `nbdvirt:generation=N`: not a status context but a stamp. A cluster
+    /// node forwarding pieces of a volume selects it with the generation of
+    /// the table it routed them with, and this node checks every request of
+    /// the connection against its own (`forwarded.rs`).
+    Stamp(u64),
 }
 
 impl Context {
@@ -27,6 +32,7 @@ impl Context {
         match self {
             Context::BaseAllocation => META_BASE_ALLOCATION.to_string(),
             Context::DirtyBitmap(name) => format!("{META_DIRTY_BITMAP_PREFIX}{name}"),
+            Context::Stamp(generation) => format!("{META_STAMP_PREFIX}{generation}"),
         }
     }
 }
@@ -46,6 +52,14 @@ impl MetaContexts {
 
     pub fn is_empty(&self) -> bool {
         self.selected.is_empty()
+    }
+
+    /// The forwarding stamp the connection selected, if any.
+    pub fn stamp(&self) -> Option<u64> {
+        self.selected.iter().find_map(|(_, c)| match c {
+            Context::Stamp(g) => Some(*g),
+            _ => None,
+        })
     }
 
     pub fn base_allocation(&self) -> Option<u32> {
@@ -77,6 +91,12 @@ pub fn matching_contexts(list: bool, queries: &[String], bitmaps: &[String]) -> 
         if all_bitmaps || named() {
             out.push(Context::DirtyBitmap(name.clone()));
         }
+    }
+    // Selected only by SET and only by its full name: a stamp means
+    // something only to the node that sets it, so LIST never offers one.
+    if !list {
+        let stamp = queries.iter().filter_map(|q| q.strip_prefix(META_STAMP_PREFIX)?.parse::<u64>().ok()).next_back();
+        out.extend(stamp.map(Context::Stamp));
     }
     out
 }
@@ -202,5 +222,15 @@ mod tests {
         let all = [Descriptor { length: 65536, flags: STATE_DIRTY }];
         assert_eq!(dirty_descriptors(None, 65536, 100), all);
         assert_eq!(dirty_descriptors(Some(&[]), 65536, 1), all);
+    }
+
+    #[test]
+    fn a_forwarding_stamp_is_selected_by_set_only_and_listed_never() {
+        let set = MetaContexts::numbered(matching_contexts(false, &q(&["base:allocation", "nbdvirt:generation=17"]), &[]));
+        assert_eq!(set.stamp(), Some(17));
+        assert_eq!(names(&set.selected.iter().map(|(_, c)| c.clone()).collect::<Vec<_>>()), ["base:allocation", "nbdvirt:generation=17"]);
+        assert!(matching_contexts(true, &q(&["nbdvirt:generation=17"]), &[]).is_empty());
+        assert!(matching_contexts(false, &q(&["nbdvirt:generation=x", "nbdvirt:generation="]), &[]).is_empty());
+        assert_eq!(MetaContexts::numbered(matching_contexts(false, &q(&["base:allocation"]), &[])).stamp(), None);
     }
 }

@@ -12,6 +12,7 @@ pub mod counters;
 mod execute;
 mod exports;
 mod fence;
+mod forwarded;
 pub mod handshake;
 mod idle_poll;
 mod listener;

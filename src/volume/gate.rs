@@ -159,6 +159,14 @@ impl Gate {
         None
     }
 
+    /// Admits the request for `range` now whatever is held: drains count
+    /// it, but it never parks. Only for requests whose order the caller
+    /// has already settled elsewhere (a forwarded request, admitted by the
+    /// forwarding node's own gate: see `server/forwarded.rs`).
+    pub fn enter_now(self: &Arc<Self>, range: Range, shard: usize) -> Ticket {
+        self.register(range, shard % SHARDS)
+    }
+
     /// Admits the request for `range` and runs `job` with its ticket now, or
     /// parks it until the holds it overlaps are released. `shard` spreads
     /// registrations (e.g. the connection id).

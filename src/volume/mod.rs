@@ -26,7 +26,7 @@ pub use phases::{DrainTimedOut, Paused, Staged};
 pub use swap::{SwapError, SwapOptions, SwapPhase, SwapReport, UnknownSwapPhase};
 pub use stats::{HistogramSnapshot, Op, Stamp, StatsSnapshot, SwapResult, VolumeStats, BUCKETS};
 pub use redundancy::{DirtyRun, LegCondition, LegEvent, LegState, Redundancy, RegionBitmap};
-pub use target::{open_target, Target, TargetCtx, TargetError};
+pub use target::{open_target, Forwarder, Target, TargetCtx, TargetError};
 pub use translation::{Route, TranslateError, Translation};
 
 use crate::backend::Backend;

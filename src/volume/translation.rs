@@ -1,5 +1,6 @@
 use super::redundancy::Redundancy;
-use super::target::{open_target, Target, TargetCtx, TargetError};
+use super::target::{open_target, Forwarder, Target, TargetCtx, TargetError};
+use crate::remote::RemoteStatus;
 use crate::backend::{Allocation, Backend, ZeroMode};
 use crate::map::{MappingTable, Piece};
 use std::collections::HashMap;
@@ -25,8 +26,9 @@ pub struct Translation {
     /// Each distinct store of a non-redundant target once: a FLUSH fails
     /// if any of them cannot flush.
     strict_stores: Vec<Arc<dyn Backend>>,
-    /// Targets that flush their stores themselves, tolerating a lost leg.
-    redundant: Vec<Arc<dyn Target>>,
+    /// Targets that flush themselves: mirrors (tolerating a lost leg) and
+    /// remote targets (FLUSH on the node that has the data).
+    self_flushing: Vec<Arc<dyn Target>>,
     min_io: u32,
     rotational: bool,
     /// Some store may block for long: never run I/O inline on a reader.
@@ -53,18 +55,30 @@ impl Translation {
         stores: &HashMap<String, Arc<dyn Backend>>,
         redundancy: &Arc<Redundancy>,
     ) -> Result<Translation, TranslateError> {
+        Translation::open_forwarding(table, stores, redundancy, None)
+    }
+
+    /// As `open`; an extent on a store not in `stores` goes to `forward`
+    /// (a remote target) instead of failing.
+    pub fn open_forwarding(
+        table: MappingTable,
+        stores: &HashMap<String, Arc<dyn Backend>>,
+        redundancy: &Arc<Redundancy>,
+        forward: Option<&dyn Forwarder>,
+    ) -> Result<Translation, TranslateError> {
+        let generation = table.generation();
         let targets = table
             .extents()
             .iter()
             .enumerate()
             .map(|(index, e)| {
-                let ctx = TargetCtx { stores, extent_start: e.start, length: e.length, redundancy };
+                let ctx = TargetCtx { stores, extent_start: e.start, length: e.length, redundancy, generation, forward };
                 open_target(&e.target, &ctx).map_err(|source| TranslateError { index, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let distinct = distinct_stores(targets.iter());
         let strict_stores = distinct_stores(targets.iter().filter(|t| !t.redundant()));
-        let redundant = targets.iter().filter(|t| t.redundant()).cloned().collect();
+        let self_flushing = targets.iter().filter(|t| t.flushes_itself()).cloned().collect();
         let min_io = targets.iter().map(|t| t.min_io()).max().unwrap_or(1);
         let rotational = targets.iter().any(|t| t.rotational());
         let may_block = targets.iter().any(|t| t.may_block());
@@ -74,7 +88,7 @@ impl Translation {
             targets,
             stores: distinct,
             strict_stores,
-            redundant,
+            self_flushing,
             min_io,
             rotational,
             may_block,
@@ -117,10 +131,16 @@ impl Translation {
         for store in &self.strict_stores {
             store.flush()?;
         }
-        for target in &self.redundant {
+        for target in &self.self_flushing {
             target.flush()?;
         }
         Ok(())
+    }
+
+    /// The extents forwarded to another node: (extent index, the stores
+    /// it needs, the link's state).
+    pub fn forwarding(&self) -> Vec<(usize, Vec<String>, RemoteStatus)> {
+        self.targets.iter().enumerate().filter_map(|(i, t)| t.forwarding().map(|(stores, link)| (i, stores, link))).collect()
     }
 
     fn target(&self, piece: &Piece) -> &dyn Target {

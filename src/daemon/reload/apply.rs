@@ -43,9 +43,13 @@ impl Daemon {
                 Plan::Keep(volume) => VolumeStep::Keep(volume),
                 Plan::Swap(volume, table) => {
                     let redundancy = volume.translation().redundancy().clone();
-                    VolumeStep::Swap(volume, build_translation(&file, v, table, &handles, &redundancy)?)
+                    let forwarder = self.forwarder(&v.name);
+                    VolumeStep::Swap(volume, build_translation(&file, v, table, &handles, &redundancy, forwarder.as_deref())?)
                 }
-                Plan::Add(table) => VolumeStep::Add(Arc::new(build_volume(&file, v, table.clone(), &handles, Some(self.state.root()))?), table),
+                Plan::Add(table) => {
+                    let forwarder = self.forwarder(&v.name);
+                    VolumeStep::Add(Arc::new(build_volume(&file, v, table.clone(), &handles, Some(self.state.root()), forwarder.as_deref())?), table)
+                }
             });
         }
         // What the non-pool volumes will map stays theirs; the pools take
@@ -136,6 +140,9 @@ impl Daemon {
         }
         drop(server);
         *lock(&self.stores) = stores;
+        if let Some(f) = &self.forward {
+            f.set_backends(&new.backends);
+        }
         *lock(&self.config) = new;
         swap_failed
     }

@@ -13,12 +13,14 @@
 
 mod linear;
 mod mirror;
+mod remote;
 mod stripe;
 mod thin;
 mod zero;
 
 pub use linear::LinearTarget;
 pub use mirror::MirrorTarget;
+pub use remote::{Forwarder, RemoteTarget};
 pub use stripe::StripeTarget;
 pub use thin::{ChunkMap, ChunkPlace, ThinTarget};
 pub use zero::ZeroTarget;
@@ -37,6 +39,8 @@ pub enum TargetError {
     MissingStore { store: String },
     #[error("mirror state: {message}")]
     State { message: String },
+    #[error("forwarding: {message}")]
+    Forward { message: String },
 }
 
 /// What opening a target needs besides its spec.
@@ -49,6 +53,11 @@ pub struct TargetCtx<'a> {
     /// Length of the extent.
     pub length: u64,
     pub redundancy: &'a Arc<Redundancy>,
+    /// The generation of the table being opened (stamps forwarding).
+    pub generation: u64,
+    /// Where extents on stores not open here go (a cluster node); `None`:
+    /// such an extent is an error.
+    pub forward: Option<&'a dyn Forwarder>,
 }
 
 /// One extent's mapping, opened. Every offset is within the extent.
@@ -71,6 +80,17 @@ pub trait Target: Send + Sync + Debug {
     /// `flush` decides, and the translation does not flush its stores).
     fn redundant(&self) -> bool {
         false
+    }
+    /// Whether the translation calls this target's `flush` on FLUSH
+    /// (rather than flushing its stores): redundant targets, and those
+    /// whose data lives elsewhere.
+    fn flushes_itself(&self) -> bool {
+        self.redundant()
+    }
+    /// What a remote target forwards: the stores it needs and the link's
+    /// state (status). `None` for every target that serves locally.
+    fn forwarding(&self) -> Option<(Vec<String>, crate::remote::RemoteStatus)> {
+        None
     }
 
     /// Smallest I/O unit this target accepts: its stores' largest.
@@ -107,6 +127,13 @@ pub trait Target: Send + Sync + Debug {
 /// Opens `spec` against the open stores.
 pub fn open_target(spec: &TargetSpec, ctx: &TargetCtx<'_>) -> Result<Arc<dyn Target>, TargetError> {
     let store = |name: &str| ctx.stores.get(name).cloned().ok_or_else(|| TargetError::MissingStore { store: name.into() });
+    if let Some(forward) = ctx.forward {
+        let needed: Vec<&str> = spec.store_ranges(ctx.length).into_iter().map(|(s, _)| s).collect();
+        if needed.iter().any(|s| !ctx.stores.contains_key(*s)) {
+            let export = forward.export_for(ctx.generation, &needed).map_err(|message| TargetError::Forward { message })?;
+            return Ok(Arc::new(RemoteTarget::new(export, ctx.extent_start, needed.iter().map(|s| s.to_string()).collect())));
+        }
+    }
     Ok(match spec {
         TargetSpec::Linear { store: name, offset } => Arc::new(LinearTarget::new(store(name)?, *offset)),
         TargetSpec::Zero => Arc::new(ZeroTarget),
