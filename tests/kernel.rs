@@ -443,23 +443,34 @@ fn migrate_and_server_restart_under_mounted_ext4() {
     assert!(config.contains("name = \"d2\""), "config:\n{config}");
     Guest::new()
         .name("migrate-restart")
+        // /tmp (half the memory) holds d0, d1 and d2: up to 256 + 256 MiB
+        // once the volume is full and copied.
+        .memory_mib(1536)
         .tool("jq")
         .write("/etc/nbdvirt/nbdvirt.toml", &config)
         .script(
             r#"
-# writer TAG: files /mnt/v/TAG<i> of random data with fsync, until
-# /tmp/stop; each checksum goes to /tmp/sums, each completed write is a
-# line in /tmp/written.TAG.
+# writer TAG: rewrites files /mnt/v/TAG0..TAG63 in turn with random data
+# and fsync until /tmp/stop; the latest checksum of each file goes to
+# /tmp/sum.d/, each completed write is a line in /tmp/written.TAG. The
+# files are rewritten, not added, so that however fast the guest writes
+# the data stays bounded (CI saw a fast writer fill the 256 MiB volume and
+# the guest's /tmp, which holds the backing files and is half its memory).
 writer() {
 	i=0
+	mkdir -p /tmp/sum.d
 	while [ ! -e /tmp/stop ]; do
 		i=$((i + 1))
+		f=$1$((i % 64))
 		dd if=/dev/urandom of=/tmp/src.$1 bs=16k count=$((1 + i % 16)) 2>/dev/null
-		dd if=/tmp/src.$1 of=/mnt/v/$1$i bs=16k conv=fsync 2>/dev/null || { echo "writer: write $1$i failed"; touch /tmp/writer.failed; return 1; }
-		echo "$(sha256sum </tmp/src.$1 | cut -d' ' -f1)  $1$i" >>/tmp/sums
+		dd if=/tmp/src.$1 of=/mnt/v/$f bs=16k conv=fsync 2>/dev/null || { echo "writer: write $f ($i) failed"; touch /tmp/writer.failed; return 1; }
+		echo "$(sha256sum </tmp/src.$1 | cut -d' ' -f1)  $f" >/tmp/sum.d/$f
 		echo $i >>/tmp/written.$1
 	done
 }
+# Checks /tmp/sums (the big files) and the latest checksum of every
+# writer file.
+sums_hold() { cat /tmp/sums /tmp/sum.d/* 2>/dev/null >/tmp/all.sums; (cd /mnt/v && sha256sum -c -s /tmp/all.sums); }
 start_writer() { rm -f /tmp/stop; writer $1 & WPID=$!; }
 stop_writer() {
 	touch /tmp/stop
@@ -499,7 +510,7 @@ jq_assert /tmp/mstatus.json '.migrations[] | select(.volume == "vol0") | .state 
 nbdvirt status --json >/tmp/status.json
 jq_assert /tmp/status.json '[.volumes[] | select(.name == "vol0") | .extents[].backend] | unique == ["d2"]' "vol0 is not entirely on d2 after the migration"
 echo "vol0 on $(vol0_backends); d2.img: $(du -k /tmp/d2.img | cut -f1) KiB allocated"
-(cd /mnt/v && sha256sum -c -s /tmp/sums) || fail "checksums differ after the migration"
+sums_hold || fail "checksums differ after the migration"
 umount /mnt/v
 e2fsck -fn $dev
 nbdvirt detach $dev
@@ -520,7 +531,7 @@ dev=$(head -n 1 /tmp/persist.out)
 echo "attached $dev (persist)"
 wait_for 10 nbd_has_size $dev || fail "$dev has no size"
 mount -t ext4 $dev /mnt/v
-(cd /mnt/v && sha256sum -c -s /tmp/sums) || fail "checksums differ after re-attach (from d2 only)"
+sums_hold || fail "checksums differ after re-attach (from d2 only)"
 
 step "kill -9 the server under writes, restart it"
 start_writer k
@@ -541,7 +552,7 @@ echo "vol0 on $(vol0_backends) after the restart"
 [ "$(vol0_backends)" = '["d2"]' ] || fail "the restarted server does not map vol0 onto d2"
 
 step "verify, fsck, detach"
-(cd /mnt/v && sha256sum -c -s /tmp/sums) || fail "checksums differ after the restart"
+sums_hold || fail "checksums differ after the restart"
 umount /mnt/v
 e2fsck -fn $dev
 nbdvirt detach vol0
