@@ -8,7 +8,7 @@ mod common;
 use common::nbdkit::Nbdkit;
 use common::{free_port, pattern};
 use nbdvirt::endpoint::Endpoint;
-use nbdvirt::remote::{RemoteExport, RemoteOptions};
+use nbdvirt::remote::{RemoteExport, RemoteOptions, Started};
 use std::io::ErrorKind;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -283,4 +283,64 @@ fn drop_ends_every_reader_thread() {
         assert!(Instant::now() < deadline, "{} reader threads left after drop", reader_threads());
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Requests started without waiting (the forwarding node's fast path):
+/// many at once over the open links, each answered once with its own data,
+/// FUA writes included; before any link is open they come back `Resend`.
+#[test]
+fn started_reads_and_writes_are_answered_by_the_reader() {
+    let _g = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Nbdkit::start(dir.path(), Some("s.sock"), &["memory", "16M"]);
+    let remote = Arc::new(client(options(Duration::from_secs(20)), vec![server.endpoint.clone()]));
+    let (tx, rx) = std::sync::mpsc::channel::<(u64, Started)>();
+    let send = |tag: u64| {
+        let tx = tx.clone();
+        Box::new(move |s: Started| tx.send((tag, s)).unwrap())
+    };
+    remote.start(0, 4096, None, send(0));
+    assert!(matches!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), (0, Started::Resend)), "no link open yet");
+    // Open the links (the blocking way dials), then start 64 writes.
+    remote.write(0, &pattern(99, 4096), false).unwrap();
+    for _ in 0..8 {
+        remote.flush().unwrap();
+    }
+    let n = 64u64;
+    for i in 0..n {
+        let data = pattern(i + 1, 8192);
+        remote.start(i * 8192, 8192, Some((&data, i % 3 == 0)), send(i));
+    }
+    let mut resent = 0;
+    for _ in 0..n {
+        match rx.recv_timeout(Duration::from_secs(10)).expect("every started write is answered") {
+            (_, Started::Done(r)) => assert_eq!(r.unwrap().len(), 0),
+            (i, Started::Resend) => {
+                // A slot without an open link: the blocking way.
+                resent += 1;
+                remote.write(i * 8192, &pattern(i + 1, 8192), i % 3 == 0).unwrap();
+            }
+        }
+    }
+    for i in 0..n {
+        remote.start(i * 8192, 8192, None, send(i));
+    }
+    let mut answered = vec![false; n as usize];
+    for _ in 0..n {
+        let (i, started) = rx.recv_timeout(Duration::from_secs(10)).expect("every started read is answered");
+        let data = match started {
+            Started::Done(r) => r.unwrap(),
+            Started::Resend => {
+                let mut back = vec![0u8; 8192];
+                remote.read(i * 8192, &mut back).unwrap();
+                back
+            }
+        };
+        assert!(data == pattern(i + 1, 8192), "read {i} differs");
+        assert!(!std::mem::replace(&mut answered[i as usize], true), "read {i} answered twice");
+    }
+    assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "no answer beyond one per request");
+    let status = remote.status();
+    assert_eq!(status.failed, 0, "{status:?}");
+    assert!(status.sent >= 2 * n - resent, "{status:?}");
 }

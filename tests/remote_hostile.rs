@@ -2,7 +2,10 @@
 //! misbehaves after a correct handshake: each malformed reply must close
 //! the connection (the request resent on a new one, never a panic or a
 //! wrong answer) until the bound; ESHUTDOWN must move the client to the
-//! next candidate (a real nbdkit, Debian package `nbdkit`).
+//! next candidate (a real nbdkit, Debian package `nbdkit`). Requests
+//! started without waiting (`RemoteExport::start`) time out within their
+//! bound on a server that stops answering, and come back `Resend` when
+//! their link breaks.
 
 mod common;
 
@@ -10,7 +13,7 @@ use common::nbdkit::Nbdkit;
 use common::pattern;
 use nbdvirt::endpoint::Endpoint;
 use nbdvirt::nbd::*;
-use nbdvirt::remote::{RemoteExport, RemoteOptions};
+use nbdvirt::remote::{RemoteExport, RemoteOptions, Started};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -149,4 +152,60 @@ fn eshutdown_moves_to_the_next_candidate() {
     assert_eq!(status.endpoint, Some(good.endpoint.to_string()), "{status:?}");
     assert!(status.retries >= 1 && status.failed == 0, "{status:?}");
     assert!(fenced.accepted.load(Ordering::Relaxed) >= 1);
+}
+
+/// Answers FLUSH (so that a link opens) and nothing else.
+fn flush_only(h: &RequestHeader) -> Vec<u8> {
+    if h.command == CMD_FLUSH {
+        simple_reply(h.cookie, 0).to_vec()
+    } else {
+        Vec::new()
+    }
+}
+
+/// Starts a 4 KiB READ at 0 and waits (at most 10 s) for its outcome.
+fn start_read(remote: &Arc<RemoteExport>) -> (Started, Duration) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t0 = Instant::now();
+    remote.start(0, 4096, None, Box::new(move |s| tx.send(s).unwrap()));
+    let started = rx.recv_timeout(Duration::from_secs(10)).expect("a started request is always answered");
+    (started, t0.elapsed())
+}
+
+#[test]
+fn started_request_times_out_within_its_bound_on_a_silent_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::start(dir.path(), flush_only);
+    let bound = Duration::from_millis(700);
+    let remote = Arc::new(client(bound, vec![fake.endpoint.clone()]));
+    // No link is open yet: nothing is sent, the caller goes the blocking way.
+    let (started, _) = start_read(&remote);
+    assert!(matches!(started, Started::Resend), "{started:?}");
+    assert_eq!(remote.status().sent, 0);
+    remote.flush().unwrap();
+    let (started, took) = start_read(&remote);
+    match started {
+        Started::Done(Err(e)) => assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}"),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    // Found by the reader's tick (200 ms) after the bound.
+    assert!(took >= bound && took < bound + Duration::from_secs(2), "took {took:?}");
+    let status = remote.status();
+    assert_eq!(status.failed, 1, "{status:?}");
+    assert!(status.last_error.unwrap_or_default().contains("no reply within"));
+}
+
+#[test]
+fn started_request_on_a_link_that_breaks_comes_back_to_resend() {
+    let dir = tempfile::tempdir().unwrap();
+    // READ answered with garbage: the link is closed under the request.
+    let fake = Fake::start(dir.path(), |h| if h.command == CMD_FLUSH { simple_reply(h.cookie, 0).to_vec() } else { vec![0xde; 20] });
+    let remote = Arc::new(client(Duration::from_secs(5), vec![fake.endpoint.clone()]));
+    remote.flush().unwrap();
+    let (started, took) = start_read(&remote);
+    assert!(matches!(started, Started::Resend), "{started:?}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    let status = remote.status();
+    assert_eq!((status.retries, status.failed), (1, 0), "{status:?}");
+    assert!(status.last_error.unwrap_or_default().contains("bad reply magic"));
 }

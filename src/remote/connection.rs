@@ -1,5 +1,6 @@
 //! One connection to the server in the transmission phase (a `Link`):
-//! callers write requests under a lock and wait for their own reply; one
+//! callers write requests under a lock and wait for their own reply
+//! (`call`), or leave a completion that the reader runs (`start`); one
 //! reader thread per link takes the replies off the socket and hands each
 //! to its waiter by cookie. A link that breaks is dead for good: its
 //! waiters are told at once (they resend elsewhere) and the socket is shut
@@ -11,11 +12,11 @@ use crate::endpoint::Endpoint;
 use crate::nbd::*;
 use crate::sync::lock;
 use std::collections::HashMap;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
 /// One request as sent: `payload` only for WRITE.
@@ -41,10 +42,39 @@ pub enum CallError {
 /// error and message.
 pub type Answer = Result<Vec<u8>, (u32, String)>;
 
-/// What the reader hands a waiter.
-enum Outcome {
+/// What a waiter is told.
+#[derive(Debug)]
+pub enum Outcome {
     Done(Answer),
+    /// The link broke: the request may go elsewhere.
     Lost(String),
+    /// A started request got no reply by its deadline (the link is killed).
+    TimedOut,
+    /// Nothing was sent: no link was open for it (`Links::start`).
+    NotSent,
+}
+
+/// Runs once with a started request's outcome, on the link's reader
+/// thread (or the thread that kills the link): it must not block.
+pub type OnOutcome = Box<dyn FnOnce(Outcome) + Send>;
+
+/// How a waiter is told its outcome.
+enum Notify {
+    /// A caller blocked in `call` (which keeps its own deadline).
+    Caller(SyncSender<Outcome>),
+    /// A request sent by `start`; the reader enforces its deadline.
+    Started { deadline: Instant, done: OnOutcome },
+}
+
+impl Notify {
+    fn tell(self, outcome: Outcome) {
+        match self {
+            Notify::Caller(tx) => {
+                let _ = tx.try_send(outcome);
+            }
+            Notify::Started { done, .. } => done(outcome),
+        }
+    }
 }
 
 /// A request waiting for its reply; a READ's data are assembled in `data`.
@@ -52,8 +82,14 @@ struct Waiter {
     span: Span,
     data: Vec<u8>,
     progress: Progress,
-    tx: SyncSender<Outcome>,
+    notify: Notify,
 }
+
+/// How often the reader looks for started requests past their deadline
+/// (also the reader's socket timeout, so an idle link is looked at too).
+const OVERDUE_TICK: Duration = Duration::from_millis(200);
+/// The reader's buffer: several small replies per recv(2).
+const READ_BUFFER: usize = 64 * 1024;
 
 /// Waiters by cookie, and once dead, why (no waiter is added then).
 #[derive(Default)]
@@ -83,10 +119,34 @@ impl LinkState {
             self.dead.store(true, Ordering::Release);
             std::mem::take(&mut inbox.waiting)
         };
-        for w in waiting.into_values() {
-            let _ = w.tx.try_send(Outcome::Lost(why.to_string()));
-        }
         let _ = self.socket.shutdown();
+        for w in waiting.into_values() {
+            w.notify.tell(Outcome::Lost(why.to_string()));
+        }
+    }
+
+    /// Answers started requests past their deadline `TimedOut` and, if
+    /// there were any, fails the link (the server is not answering: the
+    /// other waiters are resent on a fresh link, as `call` does).
+    fn expire_overdue(&self) -> Result<(), String> {
+        let now = Instant::now();
+        let overdue: Vec<Waiter> = {
+            let mut inbox = lock(&self.inbox);
+            let late: Vec<u64> = inbox
+                .waiting
+                .iter()
+                .filter(|(_, w)| matches!(w.notify, Notify::Started { deadline, .. } if deadline <= now))
+                .map(|(c, _)| *c)
+                .collect();
+            late.iter().filter_map(|c| inbox.waiting.remove(c)).collect()
+        };
+        if overdue.is_empty() {
+            return Ok(());
+        }
+        for w in overdue {
+            w.notify.tell(Outcome::TimedOut);
+        }
+        Err("no reply in time".into())
     }
 
     /// Takes a waiter's span and buffer out to fill them without the lock.
@@ -99,24 +159,27 @@ impl LinkState {
     /// Puts the buffer back with the chunk's effect; at DONE, answers the
     /// waiter (an incomplete READ is the server's fault: `Err`).
     fn checkin(&self, cookie: u64, data: Vec<u8>, chunk: &Chunk, done: bool) -> Result<(), String> {
-        let mut inbox = lock(&self.inbox);
-        // Gone only if the link was killed meanwhile: nothing to answer.
-        let Some(w) = inbox.waiting.get_mut(&cookie) else { return Ok(()) };
-        w.data = data;
-        w.progress.apply(chunk);
-        if done {
+        let (notify, answer) = {
+            let mut inbox = lock(&self.inbox);
+            // Gone only if the link was killed meanwhile: nothing to answer.
+            let Some(w) = inbox.waiting.get_mut(&cookie) else { return Ok(()) };
+            w.data = data;
+            w.progress.apply(chunk);
+            if !done {
+                return Ok(());
+            }
             let w = inbox.waiting.remove(&cookie).expect("present");
             match w.progress.finish(&w.span) {
-                Ok(answer) => {
-                    let _ = w.tx.try_send(Outcome::Done(answer.map(|()| w.data)));
-                }
+                Ok(answer) => (w.notify, answer.map(|()| w.data)),
                 Err(why) => {
                     // Left waiting: the kill that follows tells it why.
                     inbox.waiting.insert(cookie, w);
                     return Err(why);
                 }
             }
-        }
+        };
+        // Outside the lock: a completion sends the client its reply.
+        notify.tell(Outcome::Done(answer));
         Ok(())
     }
 }
@@ -128,6 +191,7 @@ pub struct Link {
     state: Arc<LinkState>,
     writer: Mutex<ServerSocket>,
     reader: Mutex<Option<JoinHandle<()>>>,
+    reader_id: ThreadId,
     next_cookie: AtomicU64,
 }
 
@@ -146,6 +210,9 @@ impl Link {
         let setup = |e: io::Error| format!("setting up the connection: {e}");
         socket.set_write_timeout(Some(write_timeout)).map_err(setup)?;
         let reader_socket = socket.try_clone().map_err(setup)?;
+        // Shared with the writer's handle (one socket): reads only wake
+        // the reader to look for overdue requests.
+        reader_socket.set_read_timeout(Some(OVERDUE_TICK)).map_err(setup)?;
         let state = Arc::new(LinkState { inbox: Mutex::default(), dead: AtomicBool::new(false), socket: socket.try_clone().map_err(setup)? });
         let shared = Arc::clone(&state);
         let reader = std::thread::Builder::new()
@@ -156,6 +223,7 @@ impl Link {
             })
             .map_err(|e| format!("starting the reply reader: {e}"))?;
         Ok(Link {
+            reader_id: reader.thread().id(),
             endpoint: endpoint.clone(),
             info,
             state,
@@ -174,19 +242,20 @@ impl Link {
         self.state.kill(why);
     }
 
-    /// Sends `ask` and waits for its reply until `deadline`.
-    pub fn call(&self, ask: &Ask<'_>, deadline: Instant) -> Result<Answer, CallError> {
+    /// Sends `ask`; `notify` is told its outcome (`Lost` at once if the
+    /// link is dead).
+    fn post(&self, ask: &Ask<'_>, notify: Notify) {
         let span = Span { offset: ask.offset, length: ask.length, read: ask.command == CMD_READ };
         // The read buffer is made here, outside the inbox lock.
         let data = if span.read { vec![0u8; ask.length as usize] } else { Vec::new() };
-        let (tx, rx) = sync_channel(1);
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
         {
             let mut inbox = lock(&self.state.inbox);
-            if let Some(why) = &inbox.dead {
-                return Err(CallError::Lost(why.clone()));
+            if let Some(why) = inbox.dead.clone() {
+                drop(inbox);
+                return notify.tell(Outcome::Lost(why));
             }
-            inbox.waiting.insert(cookie, Waiter { span, data, progress: Progress::default(), tx });
+            inbox.waiting.insert(cookie, Waiter { span, data, progress: Progress::default(), notify });
         }
         let header = RequestHeader { flags: ask.flags, command: ask.command, cookie, offset: ask.offset, length: ask.length }.encode();
         let sent = write_all_vectored(&mut *lock(&self.writer), &mut [IoSlice::new(&header), IoSlice::new(ask.payload)]);
@@ -195,9 +264,23 @@ impl Link {
             // answers our own waiter too.
             self.kill(&format!("sending: {e}"));
         }
+    }
+
+    /// Sends `ask` without waiting: `done` runs with its outcome, on the
+    /// reader thread; past `deadline` it is told `TimedOut`.
+    pub fn start(&self, ask: &Ask<'_>, deadline: Instant, done: OnOutcome) {
+        self.post(ask, Notify::Started { deadline, done });
+    }
+
+    /// Sends `ask` and waits for its reply until `deadline`.
+    pub fn call(&self, ask: &Ask<'_>, deadline: Instant) -> Result<Answer, CallError> {
+        let (tx, rx) = sync_channel(1);
+        self.post(ask, Notify::Caller(tx));
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(Outcome::Done(answer)) => Ok(answer),
             Ok(Outcome::Lost(why)) => Err(CallError::Lost(why)),
+            Ok(Outcome::TimedOut) => Err(CallError::TimedOut),
+            Ok(Outcome::NotSent) => Err(CallError::Lost("not sent".into())),
             Err(RecvTimeoutError::Timeout) => {
                 self.kill("no reply in time");
                 Err(CallError::TimedOut)
@@ -212,8 +295,12 @@ impl Drop for Link {
     fn drop(&mut self) {
         self.kill("closed");
         // The socket is shut down: the reader's next read returns at once.
+        // A completion run by the reader may drop the last handle on the
+        // link (a swapped-out table): the reader then ends by itself.
         if let Some(reader) = lock(&self.reader).take() {
-            let _ = reader.join();
+            if std::thread::current().id() != self.reader_id {
+                let _ = reader.join();
+            }
         }
     }
 }
@@ -232,11 +319,19 @@ fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> io::R
     Ok(())
 }
 
-fn read_fully(s: &mut impl Read, buf: &mut [u8], what: &str) -> Result<(), String> {
-    s.read_exact(buf).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => "the server closed the connection".to_string(),
-        _ => format!("reading {what}: {e}"),
-    })
+/// Fills `buf`; a read timeout (every `OVERDUE_TICK`) only looks for
+/// started requests past their deadline.
+fn read_fully(s: &mut impl Read, buf: &mut [u8], what: &str, state: &LinkState) -> Result<(), String> {
+    let mut got = 0;
+    while got < buf.len() {
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err("the server closed the connection".into()),
+            Ok(n) => got += n,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => state.expire_overdue()?,
+            Err(e) => return Err(format!("reading {what}: {e}")),
+        }
+    }
+    Ok(())
 }
 
 /// `data[at..at + len]`; `parse_chunk` placed it inside the request, and
@@ -247,22 +342,30 @@ fn region(data: &mut [u8], at: usize, len: usize) -> Result<&mut [u8], String> {
 }
 
 /// The reader thread: replies until the link breaks; returns why.
-fn read_replies(state: &LinkState, mut s: ServerSocket) -> Result<std::convert::Infallible, String> {
+fn read_replies(state: &LinkState, socket: ServerSocket) -> Result<std::convert::Infallible, String> {
+    let mut s = BufReader::with_capacity(READ_BUFFER, socket);
     let mut body = Vec::with_capacity(MAX_SMALL_CHUNK as usize);
+    let mut next_check = Instant::now() + OVERDUE_TICK;
     loop {
+        // A server answering others but never one request: found here.
+        let now = Instant::now();
+        if now >= next_check {
+            state.expire_overdue()?;
+            next_check = now + OVERDUE_TICK;
+        }
         let mut magic = [0u8; 4];
-        read_fully(&mut s, &mut magic, "a reply")?;
+        read_fully(&mut s, &mut magic, "a reply", state)?;
         match u32::from_be_bytes(magic) {
             SIMPLE_REPLY_MAGIC => {
                 let mut rest = [0u8; 12];
-                read_fully(&mut s, &mut rest, "a reply")?;
+                read_fully(&mut s, &mut rest, "a reply", state)?;
                 let (error, cookie) = decode_simple_reply(&rest);
                 let (span, mut data) = state.checkout(cookie)?;
                 // Only a successful READ carries data after a simple reply.
                 let chunk = if error != 0 {
                     Chunk::Error { code: error, message: String::new() }
                 } else if span.read {
-                    read_fully(&mut s, &mut data, "read data")?;
+                    read_fully(&mut s, &mut data, "read data", state)?;
                     Chunk::Data { at: 0, len: data.len() }
                 } else {
                     Chunk::None
@@ -271,14 +374,14 @@ fn read_replies(state: &LinkState, mut s: ServerSocket) -> Result<std::convert::
             }
             STRUCTURED_REPLY_MAGIC => {
                 let mut rest = [0u8; 16];
-                read_fully(&mut s, &mut rest, "a reply chunk")?;
+                read_fully(&mut s, &mut rest, "a reply chunk", state)?;
                 let h = decode_chunk_header(&rest);
                 body.resize(body_len(&h)?, 0);
-                read_fully(&mut s, &mut body, "a reply chunk")?;
+                read_fully(&mut s, &mut body, "a reply chunk", state)?;
                 let (span, mut data) = state.checkout(h.cookie)?;
                 let chunk = parse_chunk(&h, &body, &span)?;
                 match chunk {
-                    Chunk::Data { at, len } => read_fully(&mut s, region(&mut data, at, len)?, "read data")?,
+                    Chunk::Data { at, len } => read_fully(&mut s, region(&mut data, at, len)?, "read data", state)?,
                     Chunk::Hole { at, len } => region(&mut data, at, len)?.fill(0),
                     Chunk::None | Chunk::Error { .. } => {}
                 }

@@ -4,7 +4,7 @@
 //! preference, the endpoint in use first), and the request is resent until
 //! its bound has passed.
 
-use super::connection::{Answer, Ask, CallError, Link};
+use super::connection::{Answer, Ask, CallError, Link, OnOutcome, Outcome};
 use super::handshake::ExportInfo;
 use super::reply::nbd_error;
 use super::{RemoteOptions, RemoteStatus};
@@ -15,6 +15,14 @@ use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+/// Largest READ or WRITE to send: the server's maximum, within ours.
+pub fn payload_piece(info: &ExportInfo) -> u64 {
+    match info.maximum_block {
+        0 => MAX_PAYLOAD as u64,
+        m => m.min(MAX_PAYLOAD) as u64,
+    }
+}
 
 /// Candidates, asked at each dial.
 pub type Candidates = Arc<dyn Fn() -> Vec<Endpoint> + Send + Sync>;
@@ -161,6 +169,40 @@ impl Links {
                 }
             }
         }
+    }
+
+    /// Sends `ask` on an open link without waiting: `done` runs with the
+    /// outcome on the link's reader. `Lost` at once when the turn's slot
+    /// has no open link (the caller then takes `submit`, which dials).
+    pub fn start(&self, ask: &Ask<'_>, done: OnOutcome) {
+        let width = self.width.load(Ordering::Relaxed);
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % width;
+        match self.live(i) {
+            Some(link) => {
+                self.sent.fetch_add(1, Ordering::Relaxed);
+                link.start(ask, Instant::now() + self.options.bound, done);
+            }
+            None => done(Outcome::NotSent),
+        }
+    }
+
+    /// The flags and largest payload of the export, once a link told them.
+    pub fn known_limits(&self) -> Option<(u16, u64)> {
+        lock(&self.place).info.as_ref().map(|i| (i.flags, payload_piece(i)))
+    }
+
+    /// A started request that goes the blocking way after all.
+    pub fn resent(&self, why: Option<String>) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+        if let Some(why) = why {
+            self.note(format!("forwarding: {why}"));
+        }
+    }
+
+    /// The error of a started request that got no reply in its bound.
+    pub fn timed_out(&self) -> io::Error {
+        self.note(format!("forwarding: no reply within {:?}", self.options.bound));
+        self.give_up()
     }
 
     /// A live link, dialing when the slot's turn has none; waits between

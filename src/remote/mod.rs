@@ -19,8 +19,9 @@ pub use handshake::{ExportInfo, HandshakeError};
 
 use crate::endpoint::Endpoint;
 use crate::nbd::*;
-use connection::Ask;
-use links::Links;
+use connection::{Ask, Outcome};
+use links::{payload_piece, Links};
+use reply::nbd_error;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,7 +47,7 @@ impl Default for RemoteOptions {
         RemoteOptions {
             export: String::new(),
             stamp: None,
-            connections: crate::defaults::FORWARD_CONNECTIONS,
+            connections: crate::defaults::forward_connections(),
             bound: crate::defaults::FORWARD_BOUND,
             connect_timeout: crate::defaults::FORWARD_CONNECT_TIMEOUT,
         }
@@ -67,6 +68,18 @@ pub struct RemoteStatus {
     pub failed: u64,
     pub last_error: Option<String>,
 }
+
+/// What a started READ or WRITE comes to (`RemoteExport::start`).
+#[derive(Debug)]
+pub enum Started {
+    /// The answer: a READ's data (empty for a WRITE), or the error.
+    Done(io::Result<Vec<u8>>),
+    /// Not sent, or its link broke: send it the blocking way.
+    Resend,
+}
+
+/// Runs once with a started request's outcome; must not block.
+pub type OnStarted = Box<dyn FnOnce(Started) + Send>;
 
 /// An export on another server, reached through the candidates' NBD.
 pub struct RemoteExport {
@@ -100,11 +113,45 @@ impl RemoteExport {
         RemoteExport { links: Links::new(options, candidates) }
     }
 
-    /// Largest READ or WRITE to send: the server's maximum, within ours.
-    fn payload_piece(info: &ExportInfo) -> u64 {
-        match info.maximum_block {
-            0 => MAX_PAYLOAD as u64,
-            m => m.min(MAX_PAYLOAD) as u64,
+    /// Starts a READ (`write` None) or a WRITE (data, FUA) of one piece
+    /// without waiting for it: `done` runs with the outcome on the
+    /// connection's reader thread, so it must not block. Only on a link
+    /// already open, within the server's limits and flags; otherwise, or
+    /// when the link breaks, `done` is told `Resend` and the caller sends
+    /// the request the blocking way (dialing, resending, failing over).
+    pub fn start(self: &Arc<Self>, offset: u64, length: u32, write: Option<(&[u8], bool)>, done: OnStarted) {
+        let fits = self.links.known_limits().is_some_and(|(flags, piece)| {
+            length > 0 && length as u64 <= piece && write.is_none_or(|(_, fua)| !fua || flags & TFLAG_SEND_FUA != 0)
+        });
+        if !fits {
+            return done(Started::Resend);
+        }
+        let (command, flags, payload) = match write {
+            None => (CMD_READ, 0, &[][..]),
+            Some((data, fua)) => (CMD_WRITE, if fua { CMD_FLAG_FUA } else { 0 }, data),
+        };
+        let export = Arc::clone(self);
+        self.links.start(&Ask { command, flags, offset, length, payload }, Box::new(move |outcome| done(export.settle(outcome))));
+    }
+
+    fn settle(&self, outcome: Outcome) -> Started {
+        match outcome {
+            Outcome::Done(Ok(data)) => Started::Done(Ok(data)),
+            // Stopping or fenced: `submit` moves elsewhere.
+            Outcome::Done(Err((code, _))) if code == NbdError::Shutdown.code() => {
+                self.links.resent(None);
+                Started::Resend
+            }
+            Outcome::Done(Err((code, message))) => {
+                tracing::debug!(export = %self.links.export(), code, %message, "forwarded request failed");
+                Started::Done(self.links.tally(Err(nbd_error(code))))
+            }
+            Outcome::Lost(why) => {
+                self.links.resent(Some(why));
+                Started::Resend
+            }
+            Outcome::TimedOut => Started::Done(self.links.tally(Err(self.links.timed_out()))),
+            Outcome::NotSent => Started::Resend,
         }
     }
 
@@ -117,7 +164,7 @@ impl RemoteExport {
         if buf.is_empty() {
             return Ok(());
         }
-        let piece = Self::payload_piece(&self.links.info()?);
+        let piece = payload_piece(&self.links.info()?);
         let mut rest = &mut buf[..];
         for (at, len) in pieces(offset, rest.len() as u64, piece)? {
             let data = self.links.submit(&Ask { command: CMD_READ, flags: 0, offset: at, length: len, payload: &[] })?;
@@ -141,7 +188,7 @@ impl RemoteExport {
         }
         let info = self.links.info()?;
         let flags = self.fua_flag(&info, fua);
-        for (at, len) in pieces(offset, data.len() as u64, Self::payload_piece(&info))? {
+        for (at, len) in pieces(offset, data.len() as u64, payload_piece(&info))? {
             let start = (at - offset) as usize;
             let payload = &data[start..start + len as usize];
             self.links.submit(&Ask { command: CMD_WRITE, flags, offset: at, length: len, payload })?;

@@ -13,6 +13,7 @@ use super::recv::RecvBuf;
 use super::sink::ReplySink;
 use super::execute::{execute, reply_error, Admitted, ConnectionCtx};
 use super::forwarded::{self, Admission};
+use super::remote_io;
 use super::request_check::check_request;
 use super::stream::Stream;
 use crate::nbd::*;
@@ -279,23 +280,20 @@ fn reader_loop(ctx: &Arc<ConnectionCtx>, budget: &Arc<Budget>, reader: &mut Read
         // Through the volume's gate: admitted now, or parked behind a pause
         // and run (translated against the new table) when it is released.
         let range = Range::new(req.offset, req.length as u64);
-        if let Some(stamp) = ctx.stamp {
-            match forwarded::admission(stamp, ctx.volume.generation()) {
-                Admission::Gate => {}
-                Admission::Now => {
-                    let ticket = ctx.volume.gate().enter_now(range, ctx.shard);
-                    ctx.pool_for(req.command).spawn(move || execute(ctx2, req, data, permit, Some(ticket)));
-                    continue;
-                }
-                Admission::Stale => {
-                    tracing::warn!(stamp, generation = ctx.volume.generation(), volume = ctx.volume.name(), "forwarded request from a node on another generation: closing its connection");
-                    ctx.sink.close();
-                    reply_error(ctx, &req, NbdError::Shutdown, "stale forwarding stamp", permit);
-                    continue;
-                }
+        // A forwarding node's request on the current table (or the one
+        // before) is admitted at once, never parked behind a hold
+        // (`forwarded.rs`); then it runs like any other.
+        let admitted = match ctx.stamp.map(|stamp| (stamp, forwarded::admission(stamp, ctx.volume.generation()))) {
+            Some((_, Admission::Now)) => Some(ctx.volume.gate().enter_now(range, ctx.shard)),
+            Some((stamp, Admission::Stale)) => {
+                tracing::warn!(stamp, generation = ctx.volume.generation(), volume = ctx.volume.name(), "forwarded request from a node on another generation: closing its connection");
+                ctx.sink.close();
+                reply_error(ctx, &req, NbdError::Shutdown, "stale forwarding stamp", permit);
+                continue;
             }
-        }
-        match ctx.volume.gate().try_enter(range, ctx.shard) {
+            Some((_, Admission::Gate)) | None => ctx.volume.gate().try_enter(range, ctx.shard),
+        };
+        match admitted {
             // Small reads and writes to stores that never block for long run
             // right here: a hand-off to the pool costs more than a 4 KiB
             // pread from the page cache (context switches), and replies still
@@ -310,7 +308,10 @@ fn reader_loop(ctx: &Arc<ConnectionCtx>, budget: &Arc<Budget>, reader: &mut Read
                 }
                 execute(ctx2, req, data, permit, Some(ticket))
             }
-            Some(ticket) => ctx.pool_for(req.command).spawn(move || execute(ctx2, req, data, permit, Some(ticket))),
+            Some(ticket) => match remote_io::whole_remote_route(&ctx2, &req) {
+                Some(route) => remote_io::start(ctx2, req, data, permit, ticket, route),
+                None => ctx.pool_for(req.command).spawn(move || execute(ctx2, req, data, permit, Some(ticket))),
+            },
             None => ctx.volume.gate().enter(
                 range,
                 ctx.shard,

@@ -215,6 +215,13 @@ fn write_read_header(ctx: &ConnectionCtx, req: &RequestHeader, out: &mut [u8]) {
     }
 }
 
+/// A successful READ's reply: its header and `data`, in one writev.
+pub(super) fn reply_read(ctx: &ConnectionCtx, req: &RequestHeader, data: Bytes, permit: Admitted) {
+    let mut header = vec![0u8; read_prefix(ctx.structured)];
+    write_read_header(ctx, req, &mut header);
+    ctx.sink.send(Reply { parts: vec![Bytes::from(header), data], permit: permit.done(ctx, req, true) });
+}
+
 pub(super) fn read(ctx: Arc<ConnectionCtx>, req: RequestHeader, permit: Admitted, ticket: Option<Ticket>) {
     let route = ctx.volume.route(req.offset, req.length as u64);
     if let Some(err) = past_end(&route, &req) {
@@ -229,11 +236,7 @@ pub(super) fn read(ctx: Arc<ConnectionCtx>, req: RequestHeader, permit: Admitted
         let result = route.translation.read(&route.pieces[0], &mut buf);
         drop(ticket);
         match result {
-            Ok(()) => {
-                let mut header = vec![0u8; prefix];
-                write_read_header(&ctx, &req, &mut header);
-                ctx.sink.send(Reply { parts: vec![Bytes::from(header), Bytes::from(buf)], permit: permit.done(&ctx, &req, true) });
-            }
+            Ok(()) => reply_read(&ctx, &req, Bytes::from(buf), permit),
             Err(e) => reply_error(&ctx, &req, NbdError::from_io(&e), &format!("READ: {e}"), permit),
         }
         return;

@@ -20,6 +20,7 @@ pub mod meta;
 mod outgoing;
 mod pool;
 mod reaper;
+mod remote_io;
 mod recv;
 mod request_check;
 pub mod security;

@@ -24,6 +24,21 @@ thread_local! {
     pub(super) static ON_READER: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Runs `f` writing replies like the reader: never waiting for a full
+/// socket (the flusher takes over). For a thread that answers many
+/// connections (a forwarding link's reader): one client that does not
+/// read must not hold up the others' replies.
+pub(super) fn never_waiting<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ON_READER.set(self.0);
+        }
+    }
+    let _restore = Restore(ON_READER.replace(true));
+    f()
+}
+
 /// Who holds the writer role, which decides how long it waits.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Writer {

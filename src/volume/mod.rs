@@ -106,6 +106,12 @@ impl Volume {
         self.current.load_full()
     }
 
+    /// Whether some extent of the current table goes to another node
+    /// (cheap: no route is built).
+    pub fn forwards_any(&self) -> bool {
+        self.current.load().forwards_any()
+    }
+
     pub fn table(&self) -> MappingTable {
         self.current.load().table().clone()
     }

@@ -1,5 +1,5 @@
 use super::redundancy::Redundancy;
-use super::target::{open_target, Forwarder, Target, TargetCtx, TargetError};
+use super::target::{open_target, Forwarder, OnStarted, Started, Target, TargetCtx, TargetError};
 use crate::remote::RemoteStatus;
 use crate::backend::{Allocation, Backend, ZeroMode};
 use crate::map::{MappingTable, Piece};
@@ -33,6 +33,8 @@ pub struct Translation {
     rotational: bool,
     /// Some store may block for long: never run I/O inline on a reader.
     may_block: bool,
+    /// Some extent goes to another node (asked per request before routing).
+    forwards_any: bool,
     /// Targets that may have to wait at times (thin volumes of a pool
     /// short of space): asked per request.
     waiting: Vec<Arc<dyn Target>>,
@@ -82,6 +84,7 @@ impl Translation {
         let min_io = targets.iter().map(|t| t.min_io()).max().unwrap_or(1);
         let rotational = targets.iter().any(|t| t.rotational());
         let may_block = targets.iter().any(|t| t.may_block());
+        let forwards_any = targets.iter().any(|t| t.as_remote().is_some());
         let waiting = targets.iter().filter(|t| t.can_wait()).cloned().collect();
         Ok(Translation {
             table,
@@ -92,6 +95,7 @@ impl Translation {
             min_io,
             rotational,
             may_block,
+            forwards_any,
             waiting,
             redundancy: redundancy.clone(),
         })
@@ -149,6 +153,32 @@ impl Translation {
 
     pub fn read(&self, piece: &Piece, buf: &mut [u8]) -> io::Result<()> {
         self.target(piece).read(piece.extent_offset, buf)
+    }
+
+    /// Whether some extent goes to another node.
+    pub fn forwards_any(&self) -> bool {
+        self.forwards_any
+    }
+
+    /// Whether `piece` goes to another node: then `start_forwarded` can
+    /// send it without waiting.
+    pub fn forwards(&self, piece: &Piece) -> bool {
+        self.target(piece).as_remote().is_some()
+    }
+
+    /// Starts a READ (`write` None) or WRITE of a piece that `forwards`;
+    /// `done` runs with the outcome, `Resend` when the caller must run it
+    /// the blocking way (`read`/`write`).
+    pub fn start_forwarded(&self, piece: &Piece, write: Option<(&[u8], bool)>, done: OnStarted) {
+        let (Some(remote), Ok(length)) = (self.target(piece).as_remote(), u32::try_from(piece.length)) else {
+            return done(Started::Resend);
+        };
+        if write.is_some() {
+            if let Err(e) = self.redundancy.track(piece.volume_offset, piece.length) {
+                return done(Started::Done(Err(e)));
+            }
+        }
+        remote.start(piece.extent_offset, length, write, done)
     }
 
     pub fn write(&self, piece: &Piece, data: &[u8], fua: bool) -> io::Result<()> {

@@ -20,7 +20,7 @@ mod zero;
 
 pub use linear::LinearTarget;
 pub use mirror::MirrorTarget;
-pub use remote::{Forwarder, RemoteTarget};
+pub use remote::{Forwarder, OnStarted, RemoteTarget, Started};
 pub use stripe::StripeTarget;
 pub use thin::{ChunkMap, ChunkPlace, ThinTarget};
 pub use zero::ZeroTarget;
@@ -86,6 +86,11 @@ pub trait Target: Send + Sync + Debug {
     /// whose data lives elsewhere.
     fn flushes_itself(&self) -> bool {
         self.redundant()
+    }
+    /// This target as a remote one (its requests can be started without
+    /// waiting); `None` for every target that serves locally.
+    fn as_remote(&self) -> Option<&RemoteTarget> {
+        None
     }
     /// What a remote target forwards: the stores it needs and the link's
     /// state (status). `None` for every target that serves locally.

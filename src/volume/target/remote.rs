@@ -12,6 +12,7 @@
 
 use super::Target;
 use crate::backend::{Allocation, Backend, ZeroMode};
+pub use crate::remote::{OnStarted, Started};
 use crate::remote::{RemoteExport, RemoteStatus};
 use std::fmt::Debug;
 use std::io;
@@ -37,6 +38,14 @@ pub struct RemoteTarget {
 impl RemoteTarget {
     pub fn new(export: Arc<RemoteExport>, start: u64, stores: Vec<String>) -> RemoteTarget {
         RemoteTarget { export, start, stores }
+    }
+
+    /// Starts a READ or WRITE of `length` bytes at `offset` in the extent
+    /// without waiting (see `RemoteExport::start`): the request's thread
+    /// goes on while the other node works, and the reply is sent from the
+    /// link's reader, with no I/O thread parked on it.
+    pub fn start(&self, offset: u64, length: u32, write: Option<(&[u8], bool)>, done: OnStarted) {
+        self.export.start(self.start + offset, length, write, done)
     }
 }
 
@@ -97,6 +106,10 @@ impl Target for RemoteTarget {
 
     fn stores(&self) -> &[Arc<dyn Backend>] {
         &[]
+    }
+
+    fn as_remote(&self) -> Option<&RemoteTarget> {
+        Some(self)
     }
 
     fn forwarding(&self) -> Option<(Vec<String>, RemoteStatus)> {
