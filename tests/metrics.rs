@@ -297,7 +297,7 @@ fn pool_and_usage_families_pass_promtool() {
         volumes: vec![VolumeUsage { volume: "t".into(), pool: "fast".into(), rate: "low".into(), allocated: 3 << 20, written_bytes: 5 << 20, allocation_byte_seconds: 31457280.0 }],
     };
     let status = Status { config: None, listen: Vec::new(), volumes: Vec::new(), backends: Vec::new() };
-    let text = render(&Views { status, counters: Vec::new(), mirrors: Vec::new(), migrations: Vec::new(), pools: vec![pool], server: Default::default(), usage: Some(usage) });
+    let text = render(&Views { status, counters: Vec::new(), mirrors: Vec::new(), migrations: Vec::new(), pools: vec![pool], server: Default::default(), usage: Some(usage), cluster: None });
     promtool_check(&text);
     assert_eq!(value(&text, "nbdvirt_pool_size_bytes{pool=\"fast\"}"), (64u64 << 20) as f64);
     assert_eq!(value(&text, "nbdvirt_pool_free_bytes{pool=\"fast\"}"), (61u64 << 20) as f64);
@@ -348,4 +348,65 @@ fn in_flight_gauge_and_a_drain_timeout_are_reported() {
     assert_eq!(count(&page, "v", "write", "ok"), 1.0);
     // The write took the store's 1 s delay: it is past the 0.5 s bucket.
     assert_eq!(value(&page, "nbdvirt_request_duration_seconds_bucket{volume=\"v\",op=\"write\",le=\"0.5\"}"), 0.0);
+}
+
+/// Cluster mode: n1 reaches store `a`, n2 forwards to it. Each node's page
+/// shows its state, one coordinator between them, both members alive, and
+/// on n2 the forwarding link's counters (what the client did, nothing
+/// failed); n1 killed → n2 shows it gone once its lease ends in etcd, and
+/// the reads that then fail are counted. promtool accepts every page.
+#[test]
+fn cluster_membership_and_forwarding_are_reported_and_promtool_accepts_them() {
+    require("promtool", "prometheus");
+    let etcd = common::etcd::TestEtcd::start();
+    let shared = tempfile::tempdir().unwrap();
+    let file = shared.path().join("d.img");
+    std::fs::write(&file, vec![7u8; 1 << 20]).unwrap();
+    let node = |name: &str, port: u16| {
+        let config = format!(
+            "{}\n[[backend]]\nname = \"a\"\npath = \"{}\"\nsize = \"1MiB\"\nnodes = [\"n1\"]\n\n[[volume]]\nname = \"v\"\n[[volume.extent]]\nlength = \"1MiB\"\nbackend = \"a\"\nbackend_offset = 0\n",
+            common::etcd::cluster_section(&etcd.url, name, 2),
+            file.display()
+        );
+        let server = TestServer::start_with(&body(port, &config), &[&format!("tcp:127.0.0.1:{}", free_port())]);
+        wait_control(&server);
+        server
+    };
+    let ports = [free_port(), free_port()];
+    let mut nodes = [node("n1", ports[0]), node("n2", ports[1])];
+    for (n, port) in nodes.iter().zip(ports) {
+        wait_until(n, "both members alive", Duration::from_secs(20), || {
+            let page = scrape(port);
+            page.contains("nbdvirt_cluster_member_alive{node=\"n1\"} 1") && page.contains("nbdvirt_cluster_member_alive{node=\"n2\"} 1")
+        });
+    }
+    nbdsh(&nodes[1].uri("v"), "for i in range(10): assert h.pread(4096, i * 4096) == b'\\x07' * 4096");
+    let pages = ports.map(scrape);
+    for page in &pages {
+        promtool_check(page);
+        assert_eq!(value(page, "nbdvirt_cluster_node_state{state=\"serving\"}"), 1.0);
+        assert_eq!(value(page, "nbdvirt_cluster_node_state{state=\"fenced\"}"), 0.0);
+        let left = value(page, "nbdvirt_cluster_serving_left_seconds");
+        assert!(left > 0.0 && left <= 2.0, "a 2 s lease leaves 0–2 s to serve: {left}");
+        assert!(value(page, "nbdvirt_cluster_epoch") > 0.0);
+        assert_eq!(value(page, "nbdvirt_cluster_member_fenced{node=\"n1\"}"), 0.0);
+        assert_eq!(value(page, "nbdvirt_cluster_barriers{role=\"holding\"}"), 0.0);
+    }
+    let coordinators: f64 = pages.iter().map(|p| value(p, "nbdvirt_cluster_coordinator")).sum();
+    assert_eq!(coordinators, 1.0, "one coordinator between the two nodes");
+    assert!(!pages[0].contains("nbdvirt_forwarded_"), "n1 reaches its store and forwards nothing:\n{}", pages[0]);
+    let link = |page: &str, what: &str| value(page, &format!("nbdvirt_forwarded_{what}{{volume=\"v\",stores=\"a\"}}"));
+    // The ten reads, and what the client's handshake may have read.
+    assert!(link(&pages[1], "requests_total") >= 10.0, "{}", pages[1]);
+    assert_eq!(link(&pages[1], "failures_total"), 0.0);
+    assert!(link(&pages[1], "connections") >= 1.0);
+
+    nodes[0].kill();
+    wait_until(&nodes[1], "n1 gone from n2's page", Duration::from_secs(20), || scrape(ports[1]).contains("nbdvirt_cluster_member_alive{node=\"n1\"} 0"));
+    let out = Command::new("nbdsh").env("PATH", debian_path()).args(["-u", &nodes[1].uri("v"), "-c", "h.pread(4096, 0)"]).output().expect("run nbdsh");
+    assert!(!out.status.success(), "a read with the only node reaching the store dead answered");
+    let page = scrape(ports[1]);
+    promtool_check(&page);
+    assert!(link(&page, "failures_total") >= 1.0, "{page}");
+    assert_eq!(value(&page, "nbdvirt_cluster_coordinator"), 1.0, "n2 took over coordinating");
 }

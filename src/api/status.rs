@@ -9,6 +9,10 @@ use std::path::PathBuf;
 pub struct ForwardView {
     /// The node's NBD endpoint the link is connected to now.
     pub to: Option<String>,
+    /// The stores the extent needs (extents needing the same stores share
+    /// one link).
+    #[serde(default)]
+    pub stores: Vec<String>,
     pub connections: usize,
     /// Requests sent over it, sent-again ones included.
     pub requests: u64,

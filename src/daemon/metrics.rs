@@ -50,6 +50,7 @@ impl Daemon {
             pools,
             usage,
             server: lock(&self.server).counters(),
+            cluster: self.cluster_status().ok(),
         }
     }
 }

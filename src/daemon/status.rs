@@ -79,8 +79,8 @@ impl Daemon {
                         let red = v.translation().redundancy().clone();
                         let state = |store: &str| red.leg(store).map(|l| l.condition().as_str().to_string());
                         let mut extents: Vec<ExtentStatus> = table.extents().iter().map(|e| extent_status(e, &state)).collect();
-                        for (i, _, link) in v.translation().forwarding() {
-                            extents[i].forwarded = Some(ForwardView { to: link.endpoint, connections: link.connections, requests: link.sent, retries: link.retries, failed: link.failed, last_error: link.last_error });
+                        for (i, stores, link) in v.translation().forwarding() {
+                            extents[i].forwarded = Some(ForwardView { to: link.endpoint, stores, connections: link.connections, requests: link.sent, retries: link.retries, failed: link.failed, last_error: link.last_error });
                         }
                         extents
                     },

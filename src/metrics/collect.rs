@@ -26,6 +26,8 @@ pub struct Views {
     pub usage: Option<api::UsageReport>,
     /// Handshakes, access refusals and limit trips.
     pub server: crate::server::ServerCountersView,
+    /// This node's view of its cluster (cluster mode only).
+    pub cluster: Option<api::ClusterStatus>,
 }
 
 /// The `/metrics` body.
@@ -39,6 +41,10 @@ pub fn render(v: &Views) -> String {
     pools(&mut e, &v.pools);
     usage(&mut e, &v.pools, v.usage.as_ref());
     guards(&mut e, &v.server);
+    if let Some(c) = &v.cluster {
+        super::cluster::membership(&mut e, c);
+    }
+    super::cluster::forwarding(&mut e, &v.status);
     e.finish()
 }
 
