@@ -354,3 +354,37 @@ fn a_member_gone_for_good_is_forgotten_once_its_failsafe_window_is_over() {
     wait_until(&n1, "n2 forgotten", Duration::from_secs(10), || cli(&n1, &["cluster", "forget", "n2"]).status.success());
     wait_until(&n1, "n2 no longer listed", Duration::from_secs(5), || !cluster_status(&n1)["nodes"].as_array().unwrap().iter().any(|n| n["node"] == "n2"));
 }
+
+/// A node that held but cannot record the committed table (its state
+/// directory fails the rename) fences itself, and `cluster apply` says so
+/// with exit code 5 (io) instead of reporting every node on the new
+/// table; the other node serves it.
+#[test]
+fn a_node_that_cannot_record_the_committed_table_fences_itself_and_apply_says_so() {
+    let etcd = TestEtcd::start();
+    let n1 = start(&node_body(&etcd.url, "n1", 2));
+    wait_until(&n1, "n1 coordinating", Duration::from_secs(15), || cluster_status(&n1)["coordinator"]["node"] == "n1");
+    let n2 = start(&node_body(&etcd.url, "n2", 2));
+    wait_until(&n2, "n2 serving", Duration::from_secs(15), || cluster_status(&n2)["state"] == "serving");
+    // `current.json` as a non-empty directory: renaming the prepared
+    // record over it fails (EISDIR), after the hold.
+    let current = n2.dir.path().join("state/volumes/v/current.json");
+    assert!(current.is_file(), "{} is where the generation lives", current.display());
+    std::fs::remove_file(&current).unwrap();
+    std::fs::create_dir(&current).unwrap();
+    std::fs::write(current.join("keep"), b"x").unwrap();
+    let file = n1.dir.path().join("recut.toml");
+    let b = n1.dir.path().join("b.img");
+    std::fs::write(&file, format!("[[backend]]\nname = \"b\"\npath = \"{}\"\nsize = \"16MiB\"\n\n[[volume]]\nname = \"v\"\n[[volume.extent]]\nlength = \"8MiB\"\nbackend = \"b\"\nbackend_offset = \"8MiB\"\n[[volume.extent]]\nlength = \"8MiB\"\nbackend = \"b\"\nbackend_offset = 0\n", b.display())).unwrap();
+    let out = cli(&n1, &["cluster", "apply", "--json", "--config", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(5), "{}\n--- n2 log ---\n{}", text(&out), n2.log());
+    let said = text(&out);
+    assert!(said.contains("not confirmed") && said.contains("n2:") && said.contains("fenced itself"), "{said}");
+    let report = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(report["volumes"][0]["nodes"], serde_json::json!(["n1"]), "{report}");
+    assert_eq!(generation(&n1, "v"), 2);
+    assert_eq!(cluster_status(&n2)["state"], "fenced");
+    let refused = Command::new("nbdsh").env("PATH", common::debian_path()).args(["-u", &n2.uri("v"), "-c", "h.pread(512, 0)"]).output().expect("run nbdsh");
+    assert!(!refused.status.success(), "a fenced node served a read");
+    common::nbdsh(&n1.uri("v"), "assert len(h.pread(512, 0)) == 512");
+}

@@ -67,6 +67,11 @@ pub struct BarrierReport {
     /// had expired in etcd.
     #[serde(default)]
     pub fenced: Vec<String>,
+    /// Nodes that held but did not confirm the committed table: `node:
+    /// why` (one that could not take it fenced itself; one the decision
+    /// did not reach settles with etcd and takes it then).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unconfirmed: Vec<String>,
     pub attempts: u32,
     /// From the first `Hold` sent to the last `Decide` answered: the
     /// longest any node held (µs).

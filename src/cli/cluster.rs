@@ -85,7 +85,14 @@ pub fn run(cmd: ClusterCommand) -> CliResult {
                     );
                 }
             }
-            Ok(())
+            // Committed, but a node did not take the table: it fenced
+            // itself (or settles with etcd): not a success for scripts.
+            let unconfirmed: Vec<String> = report.volumes.iter().flat_map(|v| v.unconfirmed.iter().map(move |u| format!("volume '{}' generation {}: {u}", v.volume, v.generation))).collect();
+            if unconfirmed.is_empty() {
+                Ok(())
+            } else {
+                Err(ApiError::new(ErrorKind::Io, format!("committed, but not confirmed by every node that held: {}", unconfirmed.join("; "))))
+            }
         }
     }
 }

@@ -143,11 +143,12 @@ impl Cluster {
             match committed {
                 Ok(true) => {
                     crash_point("committed");
-                    decide(&held, epoch, &barrier, true);
+                    let failed = decide(&held, epoch, &barrier, true);
                     crash_point("decided");
                     let hold_us = started.elapsed().as_micros() as u64;
-                    let nodes = held.iter().map(|n| n.node.clone()).collect();
-                    let report = BarrierReport { volume: change.volume.clone(), generation, nodes, fenced: Vec::new(), attempts: attempt, hold_us, commit_us };
+                    let nodes = held.iter().map(|n| n.node.clone()).filter(|n| !failed.iter().any(|(f, _)| f == n)).collect();
+                    let unconfirmed = failed.into_iter().map(|(node, message)| format!("{node}: {message}")).collect();
+                    let report = BarrierReport { volume: change.volume.clone(), generation, nodes, fenced: Vec::new(), unconfirmed, attempts: attempt, hold_us, commit_us };
                     return Ok(Attempt::Done(report));
                 }
                 Ok(false) => {
@@ -183,15 +184,19 @@ impl Cluster {
 }
 
 /// Tells every node in `nodes` the decision (best effort: a node that does
-/// not hear it settles with etcd when its wait ends).
-fn decide(nodes: &[&LiveNode], epoch: i64, barrier: &str, commit: bool) {
+/// not hear it settles with etcd when its wait ends). The nodes that did
+/// not confirm it, with what they or the link said.
+fn decide(nodes: &[&LiveNode], epoch: i64, barrier: &str, commit: bool) -> Vec<(String, String)> {
     let request = PeerRequest::Decide { epoch, barrier: barrier.to_string(), commit };
     let owned: Vec<LiveNode> = nodes.iter().map(|n| (*n).clone()).collect();
+    let mut failed = Vec::new();
     for (n, r) in owned.iter().zip(on_every(&owned, |n| peer::call::<serde_json::Value>(&n.peer, &request, Duration::from_secs(10)))) {
         if let Err(e) = r {
-            tracing::warn!(node = %n.node, barrier, commit, error = %e.message, "decision not delivered; the node settles with etcd");
+            tracing::warn!(node = %n.node, barrier, commit, error = %e.message, "decision not confirmed");
+            failed.push((n.node.clone(), e.message));
         }
     }
+    failed
 }
 
 /// `call` on every node at once; the answers in the nodes' order.

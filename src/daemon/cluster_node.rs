@@ -5,7 +5,7 @@
 
 use super::assemble::build_translation;
 use super::{Daemon, DaemonError};
-use crate::api::{ApiError, ApplyReport, ErrorKind, FailsafeAck, Held, HoldOrder, PeerRequest, Response, SwapOutcome, TableChange};
+use crate::api::{ApiError, ApplyReport, ErrorKind, FailsafeAck, Held, HoldOrder, PeerRequest, ReloadReport, Response, SwapOutcome, TableChange};
 use crate::cluster::{peer, BarrierTiming, Cluster, LocalTables, VolumeRecord};
 use crate::config::{Config, VolumeConfig};
 use crate::map::MappingTable;
@@ -18,8 +18,9 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 /// A barrier's decision for a holding node, and where it says that it
-/// has swapped (or resumed on the old table).
-pub(super) type Decision = (bool, mpsc::Sender<()>);
+/// has swapped (or resumed on the old table): dropped when done, an `Err`
+/// when this node could not take the committed table.
+pub(super) type Decision = (bool, mpsc::Sender<Result<(), String>>);
 
 /// How long `Decide` waits for the node to swap and resume (the
 /// coordinator waits 10 s for the answer).
@@ -127,7 +128,7 @@ impl Daemon {
     /// A reload's table changes in a cluster: the volumes whose extents
     /// `new` changed since the file was last read, on every node at once;
     /// reported as the reload's swaps.
-    pub(super) fn reload_cluster_wide(&self, new: &Config) -> Result<Vec<SwapOutcome>, DaemonError> {
+    pub(super) fn reload_cluster_wide(&self, new: &Config, report: &mut ReloadReport) -> Result<(), DaemonError> {
         let before: BTreeMap<String, u64> = self.catalog().volumes.iter().map(|(name, v)| (name.clone(), v.generation())).collect();
         let edited = {
             let old = lock(&self.config);
@@ -136,14 +137,14 @@ impl Daemon {
         };
         let changes: Vec<TableChange> = self.table_changes(new)?.into_iter().filter(|c| edited.contains(&c.volume)).collect();
         if changes.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
-        let report = self.apply_anywhere(self.member()?, changes)?;
-        Ok(report
-            .volumes
-            .into_iter()
-            .map(|v| SwapOutcome { from_generation: before.get(&v.volume).copied().unwrap_or(0), generation: v.generation, ranges: Vec::new(), attempts: v.attempts, hold: v.hold_us, drain: 0, volume: v.volume })
-            .collect())
+        for v in self.apply_anywhere(self.member()?, changes)?.volumes {
+            // Committed, but a node did not take it: the reload is partial.
+            report.errors.extend(v.unconfirmed.iter().map(|u| format!("volume '{}' generation {}: not confirmed by {u}", v.volume, v.generation)));
+            report.swapped.push(SwapOutcome { from_generation: before.get(&v.volume).copied().unwrap_or(0), generation: v.generation, ranges: Vec::new(), attempts: v.attempts, hold: v.hold_us, drain: 0, volume: v.volume });
+        }
+        Ok(())
     }
 
     /// The volumes of `new` whose table differs from this node's.
@@ -254,6 +255,11 @@ impl Daemon {
             // The others swapped: this node must not serve the old table.
             tracing::error!(volume = volume.name(), error = %e, "committing a cluster barrier failed here: fencing this node");
             cluster.fence_for_good();
+            // The coordinator's `Decide` says so: `cluster apply` must not
+            // report this node as on the new table.
+            if let Some(done) = &_done {
+                let _ = done.send(Err(format!("{e}; node {} fenced itself and serves nothing until it is restarted", cluster.node())));
+            }
         }
     }
 
@@ -291,7 +297,8 @@ impl Daemon {
                 // apply` returns with every node swapped.
                 match done_rx.recv_timeout(SWAP_LIMIT) {
                     Err(mpsc::RecvTimeoutError::Timeout) => Err(DaemonError::ClusterTable { volume: String::new(), reason: format!("barrier {barrier}: the swap took longer than {SWAP_LIMIT:?}") }),
-                    _ => Ok(()),
+                    Ok(Err(failed)) => Err(DaemonError::ClusterTable { volume: String::new(), reason: format!("barrier {barrier}: committed, but not taken here: {failed}") }),
+                    Ok(Ok(())) | Err(mpsc::RecvTimeoutError::Disconnected) => Ok(()),
                 }
             }
             None => Err(DaemonError::ClusterTable { volume: String::new(), reason: format!("no hold of barrier {barrier} (settled with etcd already?)") }),

@@ -56,7 +56,7 @@ impl Daemon {
             // read change on every node at once (as `cluster apply`); a
             // table the file merely lags behind (the cluster changed it
             // since) stays: a reload for new TLS files must not revert it.
-            report.swapped = self.reload_cluster_wide(&new)?;
+            self.reload_cluster_wide(&new, &mut report)?;
             plan = self.plan_reload(&new, force)?;
             for p in &mut plan.plans {
                 if let plan::Plan::Swap(volume, _) = p {
