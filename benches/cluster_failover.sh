@@ -30,7 +30,7 @@ W=$(mktemp -d /dev/shm/nbdvirt-failover-bench.XXXXXX)
 PIDS=()
 stop_all() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; PIDS=(); }
 trap 'stop_all; rm -rf "$W"' EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source benches/cluster_etcd.sh
 
 node_config() { # NODE ETCD_PORT DIR
   cat <<CFG
@@ -64,12 +64,7 @@ CFG
 
 round() { # N
   local d="$W/r$1"; mkdir -p "$d"
-  local ep pp; ep=$(port); pp=$(port)
-  etcd --name b --data-dir "$d/etcd" --listen-client-urls "http://127.0.0.1:$ep" --advertise-client-urls "http://127.0.0.1:$ep" \
-    --listen-peer-urls "http://127.0.0.1:$pp" --initial-advertise-peer-urls "http://127.0.0.1:$pp" \
-    --initial-cluster "b=http://127.0.0.1:$pp" --log-level error >"$d/etcd.log" 2>&1 &
-  PIDS+=($!)
-  for _ in $(seq 100); do python3 -c "import urllib.request,sys; sys.exit(0 if b'true' in urllib.request.urlopen('http://127.0.0.1:$ep/health', timeout=1).read() else 1)" 2>/dev/null && break; sleep 0.1; done
+  start_etcd "$d"; local ep=$EP
   truncate -s 64M "$d/d.img"
   local n1pid=
   for n in n1 n2 n3; do

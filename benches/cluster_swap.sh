@@ -30,14 +30,9 @@ W=$(mktemp -d /dev/shm/nbdvirt-cluster-bench.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
 trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source benches/cluster_etcd.sh
 
-EP=$(port); PP=$(port)
-etcd --name b --data-dir "$W/etcd" --listen-client-urls "http://127.0.0.1:$EP" --advertise-client-urls "http://127.0.0.1:$EP" \
-  --listen-peer-urls "http://127.0.0.1:$PP" --initial-advertise-peer-urls "http://127.0.0.1:$PP" \
-  --initial-cluster "b=http://127.0.0.1:$PP" --log-level error >"$W/etcd.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 100); do python3 -c "import urllib.request,sys; sys.exit(0 if b'true' in urllib.request.urlopen('http://127.0.0.1:$EP/health', timeout=1).read() else 1)" 2>/dev/null && break; sleep 0.1; done
+start_etcd "$W"
 
 # tables FLIP: 8 extents of 32 MiB mapped 1:1; with FLIP=1 the odd ones go
 # through "b", else the even ones.
