@@ -300,7 +300,7 @@ fn started_reads_and_writes_are_answered_by_the_reader() {
         Box::new(move |s: Started| tx.send((tag, s)).unwrap())
     };
     remote.start(0, 4096, None, send(0));
-    assert!(matches!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), (0, Started::Resend)), "no link open yet");
+    assert!(matches!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), (0, Started::Resend { .. })), "no link open yet");
     // Open the links (the blocking way dials), then start 64 writes.
     remote.write(0, &pattern(99, 4096), false).unwrap();
     for _ in 0..8 {
@@ -315,7 +315,7 @@ fn started_reads_and_writes_are_answered_by_the_reader() {
     for _ in 0..n {
         match rx.recv_timeout(Duration::from_secs(10)).expect("every started write is answered") {
             (_, Started::Done(r)) => assert_eq!(r.unwrap().len(), 0),
-            (i, Started::Resend) => {
+            (i, Started::Resend { .. }) => {
                 // A slot without an open link: the blocking way.
                 resent += 1;
                 remote.write(i * 8192, &pattern(i + 1, 8192), i % 3 == 0).unwrap();
@@ -330,7 +330,7 @@ fn started_reads_and_writes_are_answered_by_the_reader() {
         let (i, started) = rx.recv_timeout(Duration::from_secs(10)).expect("every started read is answered");
         let data = match started {
             Started::Done(r) => r.unwrap(),
-            Started::Resend => {
+            Started::Resend { .. } => {
                 let mut back = vec![0u8; 8192];
                 remote.read(i * 8192, &mut back).unwrap();
                 back

@@ -180,7 +180,7 @@ fn started_request_times_out_within_its_bound_on_a_silent_server() {
     let remote = Arc::new(client(bound, vec![fake.endpoint.clone()]));
     // No link is open yet: nothing is sent, the caller goes the blocking way.
     let (started, _) = start_read(&remote);
-    assert!(matches!(started, Started::Resend), "{started:?}");
+    assert!(matches!(started, Started::Resend { .. }), "{started:?}");
     assert_eq!(remote.status().sent, 0);
     remote.flush().unwrap();
     let (started, took) = start_read(&remote);
@@ -195,6 +195,38 @@ fn started_request_times_out_within_its_bound_on_a_silent_server() {
     assert!(status.last_error.unwrap_or_default().contains("no reply within"));
 }
 
+/// A started request that comes back `Resend` keeps its deadline: sent
+/// again the blocking way (`within`) on a server that has stopped
+/// answering, it fails by that deadline, not a whole bound later.
+#[test]
+fn a_resend_keeps_the_deadline_it_was_started_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::start(dir.path(), flush_only);
+    let bound = Duration::from_secs(20);
+    let remote = Arc::new(client(bound, vec![fake.endpoint.clone()]));
+    let t0 = Instant::now();
+    // No link is open yet: `Resend`, with the deadline of a request
+    // started now.
+    let (started, _) = start_read(&remote);
+    let Started::Resend { deadline: Some(deadline) } = started else { panic!("expected a resend with its deadline, got {started:?}") };
+    assert!(deadline >= t0 + bound && deadline <= Instant::now() + bound, "the bound from when it was started");
+    // The resend with a deadline 700 ms away on the silent server.
+    let soon = Instant::now() + Duration::from_millis(700);
+    let mut buf = vec![0u8; 4096];
+    let err = nbdvirt::remote::within(Some(soon), || remote.read(0, &mut buf)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TimedOut, "{err}");
+    let late = Instant::now().saturating_duration_since(soon);
+    assert!(late < Duration::from_secs(5), "failed {late:?} after its deadline; the bound is {bound:?}");
+    // Past its deadline nothing is sent at all.
+    let sent = remote.status().sent;
+    let err = nbdvirt::remote::within(Some(Instant::now()), || remote.read(0, &mut buf)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TimedOut, "{err}");
+    assert_eq!(remote.status().sent, sent);
+    // Outside `within`, requests have their own bound again.
+    let flushed = remote.flush();
+    assert!(flushed.is_ok(), "{flushed:?}");
+}
+
 #[test]
 fn started_request_on_a_link_that_breaks_comes_back_to_resend() {
     let dir = tempfile::tempdir().unwrap();
@@ -203,7 +235,7 @@ fn started_request_on_a_link_that_breaks_comes_back_to_resend() {
     let remote = Arc::new(client(Duration::from_secs(5), vec![fake.endpoint.clone()]));
     remote.flush().unwrap();
     let (started, took) = start_read(&remote);
-    assert!(matches!(started, Started::Resend), "{started:?}");
+    assert!(matches!(started, Started::Resend { .. }), "{started:?}");
     assert!(took < Duration::from_secs(2), "took {took:?}");
     let status = remote.status();
     assert_eq!((status.retries, status.failed), (1, 0), "{status:?}");

@@ -121,7 +121,12 @@ impl Links {
     /// error comes back as the caller's error, except ESHUTDOWN (the server
     /// is stopping or fenced), which is retried elsewhere like a lost link.
     pub fn submit(&self, ask: &Ask<'_>) -> io::Result<Vec<u8>> {
-        let deadline = Instant::now() + self.options.bound;
+        let deadline = self.deadline();
+        if deadline <= Instant::now() {
+            // A resend past its bound: nothing is sent (a call with no time
+            // left would kill a healthy link).
+            return Err(self.give_up());
+        }
         let mut attempts = 0u64;
         let mut backoff = BACKOFF_FIRST;
         loop {
@@ -174,16 +179,22 @@ impl Links {
     /// Sends `ask` on an open link without waiting: `done` runs with the
     /// outcome on the link's reader. `Lost` at once when the turn's slot
     /// has no open link (the caller then takes `submit`, which dials).
-    pub fn start(&self, ask: &Ask<'_>, done: OnOutcome) {
+    pub fn start(&self, ask: &Ask<'_>, deadline: Instant, done: OnOutcome) {
         let width = self.width.load(Ordering::Relaxed);
         let i = self.next.fetch_add(1, Ordering::Relaxed) % width;
         match self.live(i) {
             Some(link) => {
                 self.sent.fetch_add(1, Ordering::Relaxed);
-                link.start(ask, Instant::now() + self.options.bound, done);
+                link.start(ask, deadline, done);
             }
             None => done(Outcome::NotSent),
         }
+    }
+
+    /// The deadline of a request sent now: the bound from now, or the
+    /// one `within` set on this thread.
+    pub fn deadline(&self) -> Instant {
+        super::deadline::current().unwrap_or_else(|| Instant::now() + self.options.bound)
     }
 
     /// The flags and largest payload of the export, once a link told them.

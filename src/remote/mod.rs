@@ -11,6 +11,7 @@
 //! may take in all; an NBD error from the server is the caller's answer.
 
 mod connection;
+mod deadline;
 pub mod handshake;
 mod links;
 mod reply;
@@ -20,11 +21,12 @@ pub use handshake::{ExportInfo, HandshakeError};
 use crate::endpoint::Endpoint;
 use crate::nbd::*;
 use connection::{Ask, Outcome};
+pub use deadline::within;
 use links::{payload_piece, Links};
 use reply::nbd_error;
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How to reach the export and how long to try.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,8 +76,10 @@ pub struct RemoteStatus {
 pub enum Started {
     /// The answer: a READ's data (empty for a WRITE), or the error.
     Done(io::Result<Vec<u8>>),
-    /// Not sent, or its link broke: send it the blocking way.
-    Resend,
+    /// Not sent, or its link broke: send it the blocking way, within
+    /// `deadline` (the bound it had since it was started; `None`: its own
+    /// bound from now) by running it inside `within(deadline, ..)`.
+    Resend { deadline: Option<Instant> },
 }
 
 /// Runs once with a started request's outcome; must not block.
@@ -123,24 +127,27 @@ impl RemoteExport {
         let fits = self.links.known_limits().is_some_and(|(flags, piece)| {
             length > 0 && length as u64 <= piece && write.is_none_or(|(_, fua)| !fua || flags & TFLAG_SEND_FUA != 0)
         });
+        let deadline = self.links.deadline();
         if !fits {
-            return done(Started::Resend);
+            return done(Started::Resend { deadline: Some(deadline) });
         }
         let (command, flags, payload) = match write {
             None => (CMD_READ, 0, &[][..]),
             Some((data, fua)) => (CMD_WRITE, if fua { CMD_FLAG_FUA } else { 0 }, data),
         };
         let export = Arc::clone(self);
-        self.links.start(&Ask { command, flags, offset, length, payload }, Box::new(move |outcome| done(export.settle(outcome))));
+        let ask = Ask { command, flags, offset, length, payload };
+        self.links.start(&ask, deadline, Box::new(move |outcome| done(export.settle(outcome, deadline))));
     }
 
-    fn settle(&self, outcome: Outcome) -> Started {
+    fn settle(&self, outcome: Outcome, deadline: Instant) -> Started {
+        let resend = Started::Resend { deadline: Some(deadline) };
         match outcome {
             Outcome::Done(Ok(data)) => Started::Done(Ok(data)),
             // Stopping or fenced: `submit` moves elsewhere.
             Outcome::Done(Err((code, _))) if code == NbdError::Shutdown.code() => {
                 self.links.resent(None);
-                Started::Resend
+                resend
             }
             Outcome::Done(Err((code, message))) => {
                 tracing::debug!(export = %self.links.export(), code, %message, "forwarded request failed");
@@ -148,10 +155,10 @@ impl RemoteExport {
             }
             Outcome::Lost(why) => {
                 self.links.resent(Some(why));
-                Started::Resend
+                resend
             }
             Outcome::TimedOut => Started::Done(self.links.tally(Err(self.links.timed_out()))),
-            Outcome::NotSent => Started::Resend,
+            Outcome::NotSent => resend,
         }
     }
 

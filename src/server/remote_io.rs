@@ -9,7 +9,7 @@
 use super::execute::{execute, finish, reply_error, reply_read, Admitted, ConnectionCtx};
 use super::outgoing::never_waiting;
 use crate::nbd::*;
-use crate::volume::target::{OnStarted, Started};
+use crate::volume::target::{within, OnStarted, Started};
 use crate::volume::{Route, Ticket};
 use bytes::Bytes;
 use std::sync::Arc;
@@ -45,9 +45,10 @@ pub(super) fn start(ctx: Arc<ConnectionCtx>, req: RequestHeader, payload: Bytes,
                 (_, result) => finish(&ctx, &req, result.map(drop), permit),
             })
         }
-        Started::Resend => {
+        // Within the bound it had since it was started, not a new one.
+        Started::Resend { deadline } => {
             let pool = Arc::clone(&ctx.pools.blocking);
-            pool.spawn(move || execute(ctx, req, payload, permit, Some(ticket)));
+            pool.spawn(move || within(deadline, || execute(ctx, req, payload, permit, Some(ticket))));
         }
     });
     translation.start_forwarded(&piece, write.as_ref().map(|(data, fua)| (&data[..], *fua)), done);

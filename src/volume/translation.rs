@@ -171,7 +171,7 @@ impl Translation {
     /// the blocking way (`read`/`write`).
     pub fn start_forwarded(&self, piece: &Piece, write: Option<(&[u8], bool)>, done: OnStarted) {
         let (Some(remote), Ok(length)) = (self.target(piece).as_remote(), u32::try_from(piece.length)) else {
-            return done(Started::Resend);
+            return done(Started::Resend { deadline: None });
         };
         if write.is_some() {
             if let Err(e) = self.redundancy.track(piece.volume_offset, piece.length) {
