@@ -59,7 +59,7 @@ fn target_of(e: &ExtentStatus) -> String {
         Some(f) => {
             let to = f.to.as_deref().unwrap_or("(not connected)");
             let error = f.last_error.as_ref().map_or(String::new(), |m| format!(", last error: {m}"));
-            format!("{} forwarded to {to} ({} conns, {} requests, {} failed{error})", placement_of(e), f.connections, f.requests, f.failed)
+            format!("{} forwarded to {to} ({} connection{}, {} requests, {} failed{error})", placement_of(e), f.connections, if f.connections == 1 { "" } else { "s" }, f.requests, f.failed)
         }
     }
 }

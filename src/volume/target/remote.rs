@@ -66,9 +66,10 @@ impl Target for RemoteTarget {
         self.export.write_zeroes(self.start + offset, length, !mode.may_trim, mode.fast_only, fua)
     }
 
-    /// Reported allocated: always true enough (a copy reads it), and a
-    /// status round trip to the other node per query would cost more than
-    /// the holes it could save.
+    /// Reported allocated, which is never wrong (a reader of the map reads
+    /// the range and gets its zeros). Not forwarded yet: the remote client
+    /// does not negotiate `base:allocation`, so a sparse copy through a
+    /// forwarding node reads holes as data.
     fn block_status(&self, _offset: u64, length: u64, _max_runs: usize) -> io::Result<Vec<Allocation>> {
         Ok(vec![Allocation { length, hole: false }])
     }
