@@ -33,20 +33,8 @@ trap 'stop_all; rm -rf "$W"' EXIT
 source benches/cluster_etcd.sh
 
 node_config() { # NODE ETCD_PORT DIR
+  node_sections "$3" "$1" "$2" "$TTL" "tcp:127.0.0.1:$(port)"
   cat <<CFG
-[server]
-listen = ["unix:$3/$1.sock", "tcp:127.0.0.1:$(port)"]
-control = "$3/$1-control.sock"
-state_dir = "$3/$1-state"
-shutdown_grace = "1s"
-
-[cluster]
-etcd = ["http://127.0.0.1:$2"]
-name = "bench"
-node = "$1"
-peer = "tcp:127.0.0.1:$(port)"
-lease_ttl = "$TTL"
-
 [[backend]]
 name = "a"
 path = "$3/d.img"

@@ -8,7 +8,7 @@
 #   benches/cluster_forward.sh
 #   ROUNDS=5 RUNTIME=10 benches/cluster_forward.sh
 #   PERF_DIR=/tmp/p ROUNDS=1 benches/cluster_forward.sh   # + perf of both nodes, forwarded round
-#   N1_SERVER_TOML='busy_poll = 0' N2_SERVER_TOML=... # extra [server] lines per node
+#   N1_SERVER_TOML='busy_poll = 0' N2_SERVER_TOML=... # extra [server] lines per node (cluster_etcd.sh)
 #
 # Reported: IOPS per round and path, medians and spread, forwarded/direct,
 # and each server's CPU time per I/O (both nbdvirt nodes count for a
@@ -31,21 +31,8 @@ start_etcd "$W"
 
 head -c 256M /dev/urandom >"$W/d.img"
 node_config() { # NODE
+  node_sections "$W" "$1" "$EP" 5s "tcp:127.0.0.1:$(port)"
   cat <<CFG
-[server]
-listen = ["unix:$W/$1.sock", "tcp:127.0.0.1:$(port)"]
-control = "$W/$1-control.sock"
-state_dir = "$W/$1-state"
-shutdown_grace = "1s"
-$(v=${1^^}_SERVER_TOML; echo "${!v:-}")
-
-[cluster]
-etcd = ["http://127.0.0.1:$EP"]
-name = "bench"
-node = "$1"
-peer = "tcp:127.0.0.1:$(port)"
-lease_ttl = "5s"
-
 [[backend]]
 name = "a"
 path = "$W/d.img"

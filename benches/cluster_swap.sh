@@ -43,20 +43,8 @@ tables() {
   done
 }
 node_config() { # NODE FLIP
+  node_sections "$W" "$1" "$EP" 5s
   cat <<CFG
-[server]
-listen = ["unix:$W/$1.sock"]
-control = "$W/$1-control.sock"
-state_dir = "$W/$1-state"
-shutdown_grace = "1s"
-
-[cluster]
-etcd = ["http://127.0.0.1:$EP"]
-name = "bench"
-node = "$1"
-peer = "tcp:127.0.0.1:$(port)"
-lease_ttl = "5s"
-
 [[backend]]
 name = "a"
 path = "$W/d.img"
