@@ -240,9 +240,9 @@ impl Daemon {
             }
         };
         let _ = held.send(Ok(Held { node: cluster.node().to_string(), drain_us: paused.drain().as_micros() as u64 }));
-        // `_done` is dropped once the node swapped or resumed: the
+        // `done` is dropped once the node swapped or resumed: the
         // coordinator's `Decide` returns then.
-        let (commit_it, _done) = match decided.recv_timeout(Duration::from_millis(order.decide_within_ms)) {
+        let (commit_it, done) = match decided.recv_timeout(Duration::from_millis(order.decide_within_ms)) {
             Ok((c, done)) => (c, Some(done)),
             Err(_) => (self.settle(cluster, &order.barrier), None),
         };
@@ -257,7 +257,7 @@ impl Daemon {
             cluster.fence_for_good();
             // The coordinator's `Decide` says so: `cluster apply` must not
             // report this node as on the new table.
-            if let Some(done) = &_done {
+            if let Some(done) = &done {
                 let _ = done.send(Err(format!("{e}; node {} fenced itself and serves nothing until it is restarted", cluster.node())));
             }
         }

@@ -18,14 +18,7 @@ thread_local! {
 /// `deadline` as their deadline when given: a started request sent again
 /// keeps the bound it had since it was started, never a fresh one.
 pub fn within<T>(deadline: Option<Instant>, f: impl FnOnce() -> T) -> T {
-    struct Restore(Option<Instant>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            DEADLINE.set(self.0);
-        }
-    }
-    let _restore = Restore(DEADLINE.replace(deadline.or(DEADLINE.get())));
-    f()
+    crate::sync::with_local(&DEADLINE, deadline.or(DEADLINE.get()), f)
 }
 
 /// The deadline `within` set on this thread, if any.

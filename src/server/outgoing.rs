@@ -29,14 +29,7 @@ thread_local! {
 /// connections (a forwarding link's reader): one client that does not
 /// read must not hold up the others' replies.
 pub(super) fn never_waiting<T>(f: impl FnOnce() -> T) -> T {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            ON_READER.set(self.0);
-        }
-    }
-    let _restore = Restore(ON_READER.replace(true));
-    f()
+    crate::sync::with_local(&ON_READER, true, f)
 }
 
 /// Who holds the writer role, which decides how long it waits.
