@@ -52,7 +52,7 @@
 //! and `attach --connect A,B --persist` failing over from a killed cluster
 //! node to another (tests/kernel/cluster.rs, with etcd in the guest).
 //! Extra helpers for such scripts: `check_dmesg_allowing ERE` (expected
-//! kernel messages, e.g. a dead link), `jq_assert FILE FILTER MSG` (with
+//! kernel messages, e.g. a dead link), `jq_assert FILE FILTER MSG`, `CMD | jq_true FILTER` (with
 //! `.tool("jq")`), `count_lines FILE`.
 mod common;
 #[path = "kernel/harness.rs"]
@@ -216,7 +216,7 @@ fn reload_swaps_tables_under_mounted_ext4() {
         .script(
             r#"
 render() { sed "s/@STORE@/$1/" /cfg/template.toml > /cfg/nbdvirt.toml.new && mv /cfg/nbdvirt.toml.new /cfg/nbdvirt.toml; }
-generation() { nbdvirt status --config /cfg/nbdvirt.toml --json | jq -e '.volumes[] | select(.name == "vol0") | .generation'; }
+generation() { nbdvirt status --config /cfg/nbdvirt.toml --json | jq_true '.volumes[] | select(.name == "vol0") | .generation'; }
 
 step "serve, attach, mkfs, mount"
 render a
@@ -313,7 +313,7 @@ fn netlink_attach_ext4_multiconn_and_ioctl() {
         .script(
             r#"
 IDENT=nbdvirt:vol0@unix:/run/nbd.sock
-vol0_connections() { nbdvirt status --json | jq -e ".volumes[] | select(.name == \"vol0\") | .connections == $1" >/dev/null; }
+vol0_connections() { nbdvirt status --json | jq_true ".volumes[] | select(.name == \"vol0\") | .connections == $1" >/dev/null; }
 start_nbdvirt /etc/nbdvirt/nbdvirt.toml /run/nbd.sock
 
 step "nbdvirt attach vol0 (netlink)"
@@ -622,7 +622,7 @@ fn mirror_leg_fault_and_spare_under_mounted_ext4() {
         .write("/etc/nbdvirt/nbdvirt.toml", MIRROR_CONFIG)
         .script(
             r#"
-leg_is() { nbdvirt mirror status vol0 --json | jq -e ".mirrors[0].legs[] | select(.backend == \"$1\") | .state == \"$2\"" >/dev/null; }
+leg_is() { nbdvirt mirror status vol0 --json | jq_true ".mirrors[0].legs[] | select(.backend == \"$1\") | .state == \"$2\"" >/dev/null; }
 legs() { nbdvirt mirror status vol0 --json | jq -c '[.mirrors[0].legs[] | [.backend, .state]]'; }
 
 step "serve (b resyncs from a), attach, mkfs, fill"

@@ -51,7 +51,7 @@ fn attach_fails_over_to_another_cluster_node_under_mounted_ext4() {
             r#"
 ip link set lo up
 etcd_healthy() { wget -q -O - http://127.0.0.1:2379/health 2>/dev/null | grep -q '"health":"true"'; }
-alive() { nbdvirt cluster status --json --control /run/b-control.sock | jq -e ".nodes[] | select(.node == \"$1\") | .alive == $2" >/dev/null; }
+alive() { nbdvirt cluster status --json --control /run/b-control.sock | jq_true ".nodes[] | select(.node == \"$1\") | .alive == $2" >/dev/null; }
 
 step "etcd and two nodes serving one file"
 etcd --name g --data-dir /tmp/etcd --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \

@@ -90,10 +90,19 @@ check_dmesg_allowing() {
 	return 0
 }
 
+# jq_true FILTER: `jq -e FILTER` on standard input, but false when the
+# input is empty (jq 1.6 exits 0 on empty input: a command that failed
+# and printed nothing would pass). Prints what jq prints. Needs
+# `.tool("jq")` in the guest.
+jq_true() {
+	_jq_in=$(cat)
+	[ -n "$_jq_in" ] && printf '%s' "$_jq_in" | jq -e "$1"
+}
+
 # jq_assert FILE FILTER MESSAGE: fail with MESSAGE (and print FILE) unless
-# `jq -e FILTER FILE` is true. Needs `.tool("jq")` in the guest.
+# `jq -e FILTER FILE` is true (an empty FILE is not).
 jq_assert() {
-	jq -e "$2" "$1" >/dev/null || { cat "$1"; fail "$3"; }
+	jq_true "$2" <"$1" >/dev/null || { cat "$1"; fail "$3"; }
 }
 
 # count_lines FILE: the number of lines in FILE (0 if it does not exist).
