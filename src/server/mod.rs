@@ -298,6 +298,9 @@ fn run_connection(id: u64, mut stream: Stream, shared: &ServerState) {
         Ok(Some(n)) => n,
         Ok(None) => return,
         Err(e) => {
+            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+                reaper::timed_out(shared, id);
+            }
             tracing::debug!(error = %e, "handshake failed");
             return;
         }
