@@ -317,16 +317,7 @@ copy_run() { # dir round method
       tput=$(mig_field throughput)
       c1=$(cpu_ticks "$SERVER_PID")
       stop_server
-      server_s=$(python3 - "$logf" <<'EOF'
-import re, sys, datetime
-t = {}
-for line in open(sys.argv[1]):
-    m = re.match(r"(\S+Z)\s+\w+\s+nbdvirt::migrate: migration (started|completed)", line)
-    if m:
-        t[m.group(2)] = datetime.datetime.fromisoformat(m.group(1).replace("Z", "+00:00"))
-print(f"{(t['completed'] - t['started']).total_seconds():.3f}")
-EOF
-      )
+      server_s=$(python3 "$REPO/benches/migration_seconds.py" "$logf")
       ;;
   esac
   if [[ $round == 1 ]]; then

@@ -230,7 +230,7 @@ fn attach_tries_each_server_of_a_connect_list() {
 /// Nothing may change one node's table alone (its clients and another
 /// node's would see different mappings): a reload's new tables go to
 /// every node (as `cluster apply` of the file), a reload adding a volume
-/// is refused, and so are migrate and the like.
+/// is refused, and so are mirror add and the like.
 #[test]
 fn a_table_change_on_one_node_alone_is_refused() {
     let etcd = TestEtcd::start();
@@ -264,9 +264,10 @@ fn a_table_change_on_one_node_alone_is_refused() {
     let back = std::fs::read_to_string(&node.config).unwrap().replace("c.img", "b.img").replace("[cluster]", "# moved\n[cluster]");
     std::fs::write(&node.config, back).unwrap();
     cli_ok(&node, &["reload"]);
-    let out = cli(&node, &["migrate", "start", "v", "--to", "b"]);
+    // (A migration is a cluster-wide change: tests/cluster_migrate.rs.)
+    let out = cli(&node, &["mirror", "add", "v", "--to", "b"]);
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("migrate start: in a cluster"), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mirror add: in a cluster"), "{}", text(&out));
 }
 
 /// A node frozen (SIGSTOP) for longer than its lease serves nothing when

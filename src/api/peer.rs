@@ -41,6 +41,12 @@ pub enum PeerRequest {
     /// From a node that cannot reach etcd: are you there? It serves on
     /// only while every peer answers (`crate::cluster::failsafe`).
     Failsafe { node: String },
+    /// The migrations whose job runs on the asked node (`migrate status`
+    /// through another node), answered with a `MigrationList`.
+    Migrations { volume: Option<String> },
+    /// Aborts the migration of `volume` whose job runs on the asked node,
+    /// answered with its `MigrationStatus`.
+    MigrateAbort { volume: String },
 }
 
 /// The answer to `Failsafe`: the node that answered.

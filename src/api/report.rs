@@ -91,6 +91,9 @@ pub struct MigrationStatus {
     /// Copy throughput since this process started the job, bytes/s.
     pub throughput: u64,
     pub generation: Option<u64>,
+    /// The cluster node whose job copies (cluster mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// The result of every `migrate_*` request: `{"migrations":[JOB...]}`.

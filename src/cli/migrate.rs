@@ -29,6 +29,9 @@ pub enum MigrateCommand {
         /// Wait for the end, showing progress.
         #[arg(long)]
         wait: bool,
+        /// Print the started job as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         server: ServerAddress,
     },
@@ -43,6 +46,8 @@ pub enum MigrateCommand {
     /// Stop a migration; the volume stays on its source.
     Abort {
         volume: String,
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         server: ServerAddress,
     },
@@ -50,7 +55,7 @@ pub enum MigrateCommand {
 
 pub fn run(cmd: MigrateCommand) -> CliResult {
     match cmd {
-        MigrateCommand::Start { volume, to, range, rate, chunk, discard_source, wait, server } => {
+        MigrateCommand::Start { volume, to, range, rate, chunk, discard_source, wait, json, server } => {
             let (to, to_offset) = match to.split_once(':') {
                 Some((b, off)) => (b.to_string(), Some(parse_size(off, "--to offset")?)),
                 None => (to, None),
@@ -65,7 +70,11 @@ pub fn run(cmd: MigrateCommand) -> CliResult {
                 discard_source,
             };
             let list: MigrationList = server.call(&request)?;
-            render::migrations(&list.migrations);
+            if json {
+                render::json(&list)
+            } else {
+                render::migrations(&list.migrations)
+            }
             if wait {
                 wait_migration(&server, &volume)?;
             }
@@ -78,9 +87,13 @@ pub fn run(cmd: MigrateCommand) -> CliResult {
                 render::migrations(&list.migrations)
             }
         }
-        MigrateCommand::Abort { volume, server } => {
+        MigrateCommand::Abort { volume, json, server } => {
             let list: MigrationList = server.call(&Request::MigrateAbort { volume })?;
-            render::migrations(&list.migrations);
+            if json {
+                render::json(&list)
+            } else {
+                render::migrations(&list.migrations)
+            }
         }
     }
     Ok(())

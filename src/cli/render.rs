@@ -165,7 +165,11 @@ pub fn migrations(jobs: &[MigrationStatus]) {
         let pct = m.copied_bytes as f64 * 100.0 / m.total_bytes.max(1) as f64;
         t.add_row(vec![
             m.volume.clone(),
-            m.state.as_str().into(),
+            // In a cluster: the node whose job copies.
+            match &m.node {
+                Some(node) => format!("{} ({node})", m.state.as_str()),
+                None => m.state.as_str().into(),
+            },
             format!("{}/{} ({pct:.1}%)", human(m.copied_bytes), human(m.total_bytes)),
             format!("{} @ {}", m.dest, m.dest_offset),
             m.reason.clone().unwrap_or_default(),

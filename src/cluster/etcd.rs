@@ -158,6 +158,20 @@ impl Etcd {
         self.bounded("a delete", kv.delete_range(request)).await.map(drop)
     }
 
+    /// Deletes `key` only if it is bound to `lease` (a claim of ours, not
+    /// one another node made after ours went with an old lease).
+    pub async fn delete_if_lease(&self, key: &str, lease: i64) -> Result<(), EtcdError> {
+        let compare = pb::Compare {
+            result: compare::CompareResult::Equal as i32,
+            target: compare::CompareTarget::Lease as i32,
+            key: key.as_bytes().to_vec(),
+            range_end: Vec::new(),
+            target_union: Some(compare::TargetUnion::Lease(lease)),
+        };
+        let delete: pb::RequestOp = pb::DeleteRangeRequest { key: key.as_bytes().to_vec(), ..Default::default() }.into();
+        self.txn(vec![compare], vec![delete], key).await.map(drop)
+    }
+
     pub async fn get(&self, key: &str) -> Result<Option<Entry>, EtcdError> {
         let mut kv = self.client.kv.clone();
         let r = self.bounded("a read", kv.range(pb::RangeRequest::new(key.as_bytes().to_vec()))).await?;

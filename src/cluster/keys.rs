@@ -50,6 +50,12 @@ pub fn volumes(cluster: &str) -> String {
     format!("{}volumes/", prefix(cluster))
 }
 
+/// The node whose job migrates `volume` (its copier), bound to that
+/// node's lease: created only if absent, so one copier at a time.
+pub fn migration(cluster: &str, volume: &str) -> String {
+    format!("{}migrations/{volume}", prefix(cluster))
+}
+
 /// A node committed past (its lease expired while it held a barrier up),
 /// until it joins again; the value is the barrier's name.
 pub fn fenced(cluster: &str, node: &str) -> String {

@@ -56,6 +56,7 @@ impl Member {
             // No failsafe on the old table: only a fresh renewal opens.
             self.leased_until = None;
             if let Some(joined) = self.joined.take() {
+                self.shared.lease.store(0, std::sync::atomic::Ordering::SeqCst);
                 tracing::warn!("a barrier's outcome is unknown here: leaving the cluster to join again on the committed tables");
                 // Best effort: if etcd cannot be told, the lease expires.
                 let _ = etcd.revoke(joined.lease).await;
@@ -132,6 +133,7 @@ impl Member {
         }
         tracing::info!(cluster = %cfg.name, node = %cfg.node, lease = format!("{id:x}"), "joined the cluster");
         self.joined = Some(Joined { lease: id, published: record });
+        self.shared.lease.store(id, std::sync::atomic::Ordering::SeqCst);
         self.was_joined = true;
         Ok(())
     }
@@ -172,6 +174,7 @@ impl Member {
                     tracing::warn!(lease = format!("{:x}", joined.lease), "membership lease expired in etcd: fenced, serving nothing until re-joined");
                 }
                 self.joined = None;
+                self.shared.lease.store(0, std::sync::atomic::Ordering::SeqCst);
                 return Err(ClusterError::LeaseExpired);
             }
         }
@@ -275,6 +278,7 @@ impl Member {
     /// if it held it, the coordinator key.
     pub(super) async fn leave(&mut self) {
         if let (Some(etcd), Some(joined)) = (&self.etcd, self.joined.take()) {
+            self.shared.lease.store(0, std::sync::atomic::Ordering::SeqCst);
             match etcd.revoke(joined.lease).await {
                 Ok(()) => tracing::info!("left the cluster"),
                 Err(e) => tracing::warn!(error = %e, "could not revoke the membership lease: it expires by itself"),

@@ -13,9 +13,11 @@
 //! node-to-node link), `barrier` (the coordinator's side of a barrier),
 //! `failsafe` (serving on while etcd does not answer, and what a barrier
 //! waits for because of it), `progress` (barriers in progress, for
-//! status), `lookup` (the coordinator, for a process that is no node).
+//! status), `lookup` (the coordinator, for a process that is no node),
+//! `claims` (keys bound to this node's lease: a migration's copier).
 
 mod barrier;
+mod claims;
 mod etcd;
 mod failsafe;
 mod keys;
@@ -74,6 +76,8 @@ pub enum ClusterError {
     MemberAlive(String),
     #[error("node '{node}' may still serve in failsafe for {left_ms} ms more: forget it after that")]
     MemberMayServe { node: String, left_ms: u64 },
+    #[error("volume '{volume}' is being migrated by node {node} (it holds the migration's claim in etcd)")]
+    Claimed { volume: String, node: String },
 }
 
 /// What the cluster needs of the node's volumes (the daemon provides it).
@@ -102,6 +106,8 @@ struct Shared {
     rejoin: std::sync::atomic::AtomicBool,
     /// Barriers in progress here (`cluster status`).
     in_progress: progress::InProgress,
+    /// The membership lease while joined, else 0 (claims bind to it).
+    lease: std::sync::atomic::AtomicI64,
 }
 
 impl Shared {
@@ -183,7 +189,7 @@ impl Cluster {
     pub fn start(cfg: ClusterConfig, state: StateDir, fence: Arc<ServeFence>, local: Arc<dyn LocalTables>) -> Result<Cluster, ClusterError> {
         let highest = state.read_json::<keys::EpochRecord>(std::path::Path::new(keys::EPOCH_FILE)).map_err(|e| ClusterError::State(e.to_string()))?.unwrap_or_default();
         let view = View { joined: false, was_joined: false, etcd_error: None, observed: Instant::now(), coordinator: None, highest_epoch: highest.highest, nodes: Vec::new(), failsafe: false, dead_since: BTreeMap::new() };
-        let shared = Arc::new(Shared { cfg, fence, view: Mutex::new(view), state, etcd: Mutex::new(None), fenced_for_good: Default::default(), rejoin: Default::default(), in_progress: Default::default() });
+        let shared = Arc::new(Shared { cfg, fence, view: Mutex::new(view), state, etcd: Mutex::new(None), fenced_for_good: Default::default(), rejoin: Default::default(), in_progress: Default::default(), lease: Default::default() });
         let mut member = member::Member::new(shared.clone(), local);
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let (first_tx, first_rx) = std::sync::mpsc::channel();

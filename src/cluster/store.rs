@@ -18,7 +18,7 @@ pub struct LiveNode {
 }
 
 impl Cluster {
-    fn run<T>(&self, call: impl FnOnce(Etcd) -> T) -> Result<T::Output, ClusterError>
+    pub(super) fn run<T>(&self, call: impl FnOnce(Etcd) -> T) -> Result<T::Output, ClusterError>
     where
         T: Future,
     {

@@ -9,6 +9,7 @@ use crate::api::{ApiError, ApplyReport, ErrorKind, FailsafeAck, Held, HoldOrder,
 use crate::cluster::{peer, BarrierTiming, Cluster, LocalTables, VolumeRecord};
 use crate::config::{Config, VolumeConfig};
 use crate::map::MappingTable;
+use crate::migrate::MigrateError;
 use crate::persist::GenerationCommit;
 use crate::sync::lock;
 use crate::volume::{Translation, Volume};
@@ -40,6 +41,50 @@ impl LocalTables for ClusterNode {
     }
 }
 
+/// A migration's table changes (destination leg added, cutover, leg
+/// dropped): one barrier each, run by the coordinator.
+impl crate::migrate::ClusterTables for ClusterNode {
+    fn apply(&self, volume: &str, extents: Vec<crate::map::Extent>) -> Result<u64, MigrateError> {
+        use crate::migrate::MigrateErrorKind as Kind;
+        let failed = |e: DaemonError| {
+            let e = ApiError::from(e);
+            let kind = match e.kind {
+                ErrorKind::NotFound => Kind::NotFound,
+                ErrorKind::Busy | ErrorKind::Conflict | ErrorKind::SwapFailed => Kind::Busy,
+                ErrorKind::Invalid => Kind::Invalid,
+                _ => Kind::Io,
+            };
+            MigrateError::Cluster { kind, message: e.message }
+        };
+        let daemon = self.0.upgrade().ok_or_else(|| failed(DaemonError::NotClustered))?;
+        let change = TableChange { volume: volume.into(), extents };
+        let report = daemon.apply_anywhere(daemon.member().map_err(failed)?, vec![change]).map_err(failed)?;
+        let applied = report.volumes.into_iter().find(|v| v.volume == volume);
+        let applied = applied.ok_or_else(|| MigrateError::Cluster { kind: Kind::Io, message: format!("the coordinator's report lacks volume '{volume}'") })?;
+        for u in &applied.unconfirmed {
+            // Committed all the same: that node fenced itself or settles.
+            tracing::warn!(volume, generation = applied.generation, node = %u, "a node did not confirm the migration's table change");
+        }
+        Ok(applied.generation)
+    }
+
+    fn claim(&self, volume: &str) -> Result<(), MigrateError> {
+        use crate::migrate::MigrateErrorKind as Kind;
+        let daemon = self.0.upgrade().ok_or_else(|| MigrateError::Cluster { kind: Kind::Io, message: "the node is stopping".into() })?;
+        let cluster = daemon.member().map_err(|e| MigrateError::Cluster { kind: Kind::Io, message: e.to_string() })?;
+        cluster.claim_migration(volume).map_err(|e| {
+            let kind = if matches!(e, crate::cluster::ClusterError::Claimed { .. }) { Kind::Taken } else { Kind::Io };
+            MigrateError::Cluster { kind, message: e.to_string() }
+        })
+    }
+
+    fn release(&self, volume: &str) {
+        if let Some(cluster) = self.0.upgrade().as_ref().and_then(|d| d.cluster.get()) {
+            cluster.release_migration(volume);
+        }
+    }
+}
+
 impl peer::PeerHandler for ClusterNode {
     fn handle(&self, request: PeerRequest) -> Response {
         let Some(daemon) = self.0.upgrade() else { return Response::err(ApiError::new(ErrorKind::Io, "the node is stopping")) };
@@ -53,6 +98,9 @@ impl peer::PeerHandler for ClusterNode {
             PeerRequest::Decide { epoch, barrier, commit } => daemon.cluster_decide(epoch, &barrier, commit).map(|()| Response::ok(())),
             // Answering is the whole answer: the asker learns it is reachable.
             PeerRequest::Failsafe { .. } => daemon.member().map(|c| Response::ok(FailsafeAck { node: c.node().to_string() })),
+            // This node's own jobs only: never asks on (no loops).
+            PeerRequest::Migrations { volume } => Ok(Response::ok(crate::api::MigrationList { migrations: daemon.migrations_here(volume.as_deref()) })),
+            PeerRequest::MigrateAbort { volume } => daemon.migrate_abort_here(&volume).map(Response::ok),
         };
         answer.unwrap_or_else(|e| Response::err(e.into()))
     }

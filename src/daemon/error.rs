@@ -148,12 +148,13 @@ impl DaemonError {
                 MigrateErrorKind::Busy => ErrorKind::SwapFailed,
                 MigrateErrorKind::Invalid => ErrorKind::Invalid,
                 MigrateErrorKind::Io => ErrorKind::Io,
+                MigrateErrorKind::Taken => ErrorKind::Busy,
             },
             Cluster(e) => {
                 use crate::cluster::ClusterError as C;
                 match e {
                     C::DuplicateNode { .. } | C::StaleEpoch { .. } => ErrorKind::Conflict,
-                    C::NotCoordinator(_) | C::EtcdDown(_) | C::MemberMayServe { .. } => ErrorKind::Busy,
+                    C::NotCoordinator(_) | C::EtcdDown(_) | C::MemberMayServe { .. } | C::Claimed { .. } => ErrorKind::Busy,
                     C::MemberAlive(_) => ErrorKind::Conflict,
                     C::NoMember(_) => ErrorKind::NotFound,
                     C::Barrier { .. } => ErrorKind::SwapFailed,

@@ -15,6 +15,7 @@ mod forwarding;
 mod error;
 mod faults;
 mod metrics;
+mod cluster_migrations;
 mod migrations;
 mod mirror_error;
 mod mirror_ops;
@@ -64,6 +65,8 @@ pub struct Daemon {
     metrics: Mutex<Option<crate::metrics::MetricsServer>>,
     /// This node's membership, when `[cluster]` is set.
     cluster: std::sync::OnceLock<crate::cluster::Cluster>,
+    /// This node as the cluster and migration jobs see it (cluster mode).
+    cluster_node: std::sync::OnceLock<Arc<cluster_node::ClusterNode>>,
     /// The node-to-node link (cluster mode).
     peer: Mutex<Option<crate::cluster::peer::PeerServer>>,
     /// Barriers this node holds, waiting for their decision.
@@ -130,6 +133,8 @@ impl Daemon {
         for (v, table) in config.volumes.iter().zip(tables) {
             let forwarder = forward.as_ref().map(|f| f.for_volume(&v.name));
             let volume = build_volume(&file, v, table, &handles, Some(state.root()), forwarder.as_deref())?;
+            // The other nodes write the same legs (a migration's destination).
+            volume.translation().redundancy().set_other_writers(config.cluster.is_some());
             volumes.insert(v.name.clone(), Arc::new(volume));
         }
         pairs::add_split_volumes(&state, &mut volumes, &handles)?;
@@ -139,9 +144,14 @@ impl Daemon {
             state.commit(rec).map_err(|e| DaemonError::io(format!("persisting volume '{}'", rec.volume), e))?;
         }
         let catalog = Catalog { stores: handles, volumes, default_export: default_export(&config) };
-        // Resume interrupted migrations before anyone can connect.
+        // Resume interrupted migrations before anyone can connect; a
+        // cluster node's once it has joined (their table changes are
+        // barriers, and its tables may have to catch up first).
         let swap = swap_options(&config, crash_at);
-        let migrations = migrations::resume_all(&state, &catalog, &swap)?;
+        let migrations = match config.cluster {
+            None => migrations::resume_all(&state, &catalog, &swap, None)?,
+            Some(_) => migrations::Registry::new(),
+        };
         let security = security(&config)?;
         // A cluster node serves nothing before it has joined (`cluster`).
         let fence = Arc::new(match config.cluster {
@@ -166,6 +176,7 @@ impl Daemon {
             admin: Mutex::new(()),
             metrics: Mutex::new(None),
             cluster: std::sync::OnceLock::new(),
+            cluster_node: std::sync::OnceLock::new(),
             peer: Mutex::new(None),
             holds: Mutex::new(HashMap::new()),
             cluster_applying: Mutex::new(()),
@@ -173,6 +184,9 @@ impl Daemon {
         });
         if let Some(cfg) = cluster {
             daemon.join_cluster(cfg, fence)?;
+            let tables = daemon.cluster_node.get().map(|n| n.clone() as Arc<dyn crate::migrate::ClusterTables>);
+            let resumed = migrations::resume_all(&daemon.state, &daemon.catalog(), &lock(&daemon.swap).clone(), tables)?;
+            *lock(&daemon.migrations) = resumed;
         }
         daemon.start_metrics()?;
         daemon.start_mirrors();
@@ -234,6 +248,7 @@ impl Daemon {
     /// as soon as its key exists.
     fn join_cluster(self: &Arc<Self>, cfg: crate::config::ClusterConfig, fence: Arc<crate::server::ServeFence>) -> Result<(), DaemonError> {
         let node = Arc::new(cluster_node::ClusterNode(Arc::downgrade(self)));
+        let _ = self.cluster_node.set(node.clone());
         let crate::endpoint::Endpoint::Tcp(addr) = &cfg.peer else { unreachable!("the config allows tcp: peers only") };
         let peer = crate::cluster::peer::PeerServer::start(addr, node.clone()).map_err(|e| DaemonError::io("cluster peer link", e))?;
         *lock(&self.peer) = Some(peer);

@@ -5,7 +5,7 @@
 use super::{MigrateError, MigrationJob};
 use crate::map::{add_leg, drop_leg, remap, Extent, MappingTable, Range, TargetSpec};
 use crate::persist::GenerationCommit;
-use crate::volume::{CommitError, SwapOptions, SwapReport, Translation};
+use crate::volume::{CommitError, SwapOptions, Translation};
 use std::sync::atomic::Ordering;
 
 impl MigrationJob {
@@ -28,10 +28,21 @@ impl MigrationJob {
     }
 
     /// Swaps the volume onto `extents`, persisted with `reason`; `check`
-    /// runs while held, before the commit.
+    /// runs while held, before the commit; returns the new generation.
     /// Only the cutover carries the crash injection of `self.swap`.
-    fn swap_to(&self, extents: Vec<Extent>, reason: &str, cutover: bool, check: impl FnMut() -> Result<(), CommitError>) -> Result<SwapReport, MigrateError> {
+    /// In a cluster the change is a barrier on every node, and `check`
+    /// runs before it (its writes reach the destination through every
+    /// node; what this node must make durable is its own copy).
+    fn swap_to(&self, extents: Vec<Extent>, reason: &str, cutover: bool, mut check: impl FnMut() -> Result<(), CommitError>) -> Result<u64, MigrateError> {
         let old = self.volume.translation();
+        if let Some(cluster) = self.cluster.get() {
+            check().map_err(|reason| MigrateError::Cutover(crate::volume::SwapError::Commit { volume: self.spec.volume.clone(), reason, generation: old.table().generation() }))?;
+            let generation = cluster.apply(&self.spec.volume, extents)?;
+            if let Err(e) = old.redundancy().retain_legs(&self.volume.table()) {
+                tracing::warn!(volume = %self.spec.volume, error = %e, "forgetting dropped legs' state failed");
+            }
+            return Ok(generation);
+        }
         let table = MappingTable::new(old.table().generation() + 1, extents)?;
         let translation = Translation::open(table, &self.stores, old.redundancy())?;
         let record = self.state_dir.load(&self.spec.volume)?;
@@ -42,7 +53,7 @@ impl MigrationJob {
         if let Err(e) = old.redundancy().retain_legs(&self.volume.table()) {
             tracing::warn!(volume = %self.spec.volume, error = %e, "forgetting dropped legs' state failed");
         }
-        Ok(report)
+        Ok(report.generation)
     }
 
     /// Adds the destination as a resyncing leg of every extent in the
@@ -93,7 +104,7 @@ impl MigrationJob {
         let extents = remap(old.table().extents(), range, &onto)?;
         let store = self.stores.get(dest).cloned().ok_or_else(|| MigrateError::UnknownStore(dest.clone()))?;
         let abort = &self.abort;
-        let report = self.swap_to(extents, &format!("migration to {dest}"), true, || {
+        let generation = self.swap_to(extents, &format!("migration to {dest}"), true, || {
             // Held and drained: an abort now keeps the source.
             if abort.load(Ordering::SeqCst) {
                 return Err(CommitError::Refused("aborted".into()));
@@ -117,6 +128,6 @@ impl MigrationJob {
                 Err(e) => tracing::warn!(volume = %self.spec.volume, error = %e, "discarding the source range failed"),
             }
         }
-        Ok(report.generation)
+        Ok(generation)
     }
 }

@@ -27,6 +27,11 @@ pub enum MigrateError {
     State(#[from] PersistError),
     #[error("starting the copier thread: {0}")]
     Spawn(io::Error),
+    /// A change of the table on every node of the cluster failed (no
+    /// coordinator, etcd down, a node that did not hold …), or another
+    /// node holds the migration's claim.
+    #[error("cluster: {message}")]
+    Cluster { kind: MigrateErrorKind, message: String },
 }
 
 /// What a caller can do about a [`MigrateError`].
@@ -40,6 +45,8 @@ pub enum MigrateErrorKind {
     Invalid,
     /// Reading or writing a store or the state directory failed.
     Io,
+    /// Another cluster node's job migrates the volume.
+    Taken,
 }
 
 impl MigrateError {
@@ -53,6 +60,7 @@ impl MigrateError {
             },
             MigrateError::Table(_) | MigrateError::Translate(_) => MigrateErrorKind::Invalid,
             MigrateError::Progress(_) | MigrateError::State(_) | MigrateError::Spawn(_) => MigrateErrorKind::Io,
+            MigrateError::Cluster { kind, .. } => *kind,
         }
     }
 }

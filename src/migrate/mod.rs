@@ -21,10 +21,12 @@
 mod checkpoint;
 mod cutover;
 mod error;
+mod tables;
 mod watch;
 
 pub use checkpoint::Checkpoint;
 pub use error::{MigrateError, MigrateErrorKind};
+pub use tables::ClusterTables;
 
 use crate::api::{MigrationState, MigrationStatus};
 use crate::backend::Backend;
@@ -90,6 +92,7 @@ fn status_of(
             finished_at,
             throughput: 0,
             generation,
+            node: None,
         }
     }
 
@@ -108,6 +111,8 @@ pub struct MigrationJob {
     copied_bytes: AtomicU64,
     data_bytes: AtomicU64,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set in cluster mode: the table changes go to every node.
+    cluster: std::sync::OnceLock<Arc<dyn ClusterTables>>,
 }
 
 struct JobProgress {
@@ -161,7 +166,14 @@ impl MigrationJob {
             copied_bytes: AtomicU64::new(copied_bytes),
             data_bytes: AtomicU64::new(0),
             thread: Mutex::new(None),
+            cluster: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Makes the job change its volume's table on every node of a cluster
+    /// (before `start`).
+    pub fn in_cluster(&self, tables: Arc<dyn ClusterTables>) {
+        let _ = self.cluster.set(tables);
     }
 
     pub fn spec(&self) -> &MigrationSpec {
@@ -175,7 +187,13 @@ impl MigrationJob {
     /// Adds the destination leg (a pause–drain–swap of the range) and
     /// starts the thread that follows it. On failure nothing stays.
     pub fn start(self: &Arc<Self>) -> Result<(), MigrateError> {
-        self.add_leg()?;
+        if let Some(cluster) = self.cluster.get() {
+            cluster.claim(&self.spec.volume)?;
+        }
+        if let Err(e) = self.add_leg() {
+            self.release();
+            return Err(e);
+        }
         let job = self.clone();
         let started = self.save_checkpoint().map_err(MigrateError::Progress).and_then(|()| {
             std::thread::Builder::new()
@@ -187,6 +205,7 @@ impl MigrationJob {
             Ok(handle) => handle,
             Err(e) => {
                 self.drop_leg("the migration could not start");
+                self.release();
                 return Err(e);
             }
         };
@@ -239,6 +258,13 @@ impl MigrationJob {
         )
     }
 
+    /// Ends this node's claim on the migration (cluster mode).
+    fn release(&self) {
+        if let Some(cluster) = self.cluster.get() {
+            cluster.release(&self.spec.volume);
+        }
+    }
+
     fn save_checkpoint(&self) -> std::io::Result<()> {
         self.checkpoint().save(&self.state_dir)
     }
@@ -256,6 +282,7 @@ impl MigrationJob {
         if let Err(e) = self.save_checkpoint() {
             tracing::error!(volume = %self.spec.volume, error = %e, "persisting the final migration state failed");
         }
+        self.release();
         match state {
             MigrationState::Completed => tracing::info!(volume = %self.spec.volume, "migration completed"),
             MigrationState::Aborted => tracing::warn!(volume = %self.spec.volume, "migration aborted; mapping stays on the source"),

@@ -18,7 +18,15 @@ enum CopyError {
     Source(Arc<LegState>, io::Error),
     /// No leg has the region.
     NoSource(usize),
+    /// The source changed under the copy (another node wrote it): the
+    /// region is copied again, outside the copy exclusion.
+    Changed,
 }
+
+/// How often a region is copied again because the source changed under
+/// the copy before the resync gives up (the migration fails, its source
+/// stays the mapping): a region written without pause by other nodes.
+const CHANGED_TRIES: u32 = 50;
 
 /// Where the last data run seen on a source store ends, so the allocation
 /// map is asked once per data run rather than per region (SEEK_HOLE on
@@ -47,6 +55,8 @@ impl ResyncJob {
         };
         let mut limiter = RateLimiter::new(self.rate);
         let mut buf = AlignedBuf::zeroed(COPY_IO as usize);
+        // Where the copier re-reads what it copied (other writers only).
+        let mut check = red.other_writers().then(|| AlignedBuf::zeroed(COPY_IO as usize));
         let mut known: Option<KnownData> = None;
         let (mut last_checkpoint, mut window_bytes) = (Instant::now(), 0u64);
         // Passes over snapshots of the stale map until it is empty. One pass
@@ -66,9 +76,10 @@ impl ResyncJob {
                     return ResyncEnd::Failed(leg.reason().unwrap_or_else(|| "the leg left the mirror".into()));
                 }
                 limiter.wait_due();
+                let mut changed = 0;
                 let copied = loop {
                     red.intent().begin_copy(r);
-                    let result = self.copy_region(&red, &leg, r, buf.as_mut_slice(), &mut known);
+                    let result = self.copy_region(&red, &leg, r, buf.as_mut_slice(), check.as_mut().map(|c| c.as_mut_slice()), &mut known);
                     if result.is_ok() {
                         // Still inside the copy's exclusion: a write admitted
                         // after it must see the region as the leg's (writes
@@ -88,6 +99,14 @@ impl ResyncJob {
                             return ResyncEnd::Failed(reason);
                         }
                         Err(CopyError::NoSource(r)) => return ResyncEnd::Failed(format!("no in-sync leg has region {r}")),
+                        Err(CopyError::Changed) if changed < CHANGED_TRIES => {
+                            changed += 1;
+                            known = None;
+                            std::thread::sleep(std::time::Duration::from_millis(changed.into()));
+                        }
+                        Err(CopyError::Changed) => {
+                            return ResyncEnd::Failed(format!("region {r} changed on the source during each of {CHANGED_TRIES} copies (written by other nodes without pause)"))
+                        }
                     }
                 };
                 leg.copied.fetch_add(copied, Ordering::Relaxed);
@@ -132,7 +151,16 @@ impl ResyncJob {
     /// Copies region `r` onto the leg from a leg that has it, extent by
     /// extent (only mirror extents with this leg have anything to copy):
     /// data is copied, holes are punched. Returns the bytes covered.
-    fn copy_region(&self, red: &Redundancy, leg: &LegState, r: usize, buf: &mut [u8], known: &mut Option<KnownData>) -> Result<u64, CopyError> {
+    ///
+    /// With `check` (other nodes write the legs, unexcluded by this copy),
+    /// each piece copied is read from the source again and must be what
+    /// was copied, else `Changed`. Why that suffices, per block: the
+    /// other nodes write the source before the destination. A write whose
+    /// destination half landed before this copy's write landed its source
+    /// half before too, so before the re-read, which then differs (or the
+    /// copy already carried its bytes); a write whose destination half
+    /// lands after this copy's write overwrites it with its own bytes.
+    fn copy_region(&self, red: &Redundancy, leg: &LegState, r: usize, buf: &mut [u8], mut check: Option<&mut [u8]>, known: &mut Option<KnownData>) -> Result<u64, CopyError> {
         let t = self.volume.translation();
         let (start, end) = red.region_range(r);
         let end = end.min(t.table().size());
@@ -168,12 +196,29 @@ impl ResyncJob {
                 };
                 if hole {
                     dest.write_zeroes(to + done, len, ZeroMode { may_trim: true, fast_only: false }, false).map_err(CopyError::Dest)?;
+                    if let Some(check) = check.as_deref_mut() {
+                        let mut off = 0;
+                        while off < len {
+                            let n = (len - off).min(COPY_IO) as usize;
+                            src.read_at(&mut check[..n], at + off).map_err(src_err)?;
+                            if check[..n].iter().any(|&b| b != 0) {
+                                return Err(CopyError::Changed);
+                            }
+                            off += n as u64;
+                        }
+                    }
                 } else {
                     let mut off = 0;
                     while off < len {
                         let n = (len - off).min(COPY_IO) as usize;
                         src.read_at(&mut buf[..n], at + off).map_err(src_err)?;
                         dest.write_at(&buf[..n], to + done + off, false).map_err(CopyError::Dest)?;
+                        if let Some(check) = check.as_deref_mut() {
+                            src.read_at(&mut check[..n], at + off).map_err(src_err)?;
+                            if check[..n] != buf[..n] {
+                                return Err(CopyError::Changed);
+                            }
+                        }
                         leg.data.fetch_add(n as u64, Ordering::Relaxed);
                         off += n as u64;
                     }
@@ -187,45 +232,5 @@ impl ResyncJob {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backend::{open_backend, BackendSpec};
-    use crate::map::{Extent, Leg, MappingTable, TargetSpec, DEFAULT_REGION};
-    use crate::volume::{Translation, Volume, VolumeSpec};
-    use std::collections::HashMap;
-    use std::time::Duration;
-
-    #[test]
-    fn regions_marked_stale_during_the_pass_are_copied_too() {
-        let mem = |name: &str| open_backend(&BackendSpec { name: name.into(), path: None, size: Some(4 << 20), direct: false, read_only: false, delay: None, sharing: Default::default() }).unwrap();
-        let stores = HashMap::from([("a".to_string(), mem("a")), ("b".to_string(), mem("b"))]);
-        let legs = vec![Leg { store: "a".into(), offset: 0 }, Leg { store: "b".into(), offset: 0 }];
-        let table = MappingTable::new(1, vec![Extent { start: 0, length: 4 << 20, target: TargetSpec::Mirror { legs, region: DEFAULT_REGION } }]).unwrap();
-        let spec = VolumeSpec { name: "v".into(), description: String::new(), read_only: false, block_size: 4096 };
-        let volume = Arc::new(Volume::new(spec, Translation::new(table, &stores).unwrap()));
-        stores["a"].write_at(&[7; 4096], 3 << 20, false).unwrap();
-        let red = volume.translation().redundancy().clone();
-        let b = red.leg("b").unwrap();
-        assert_eq!(b.condition(), LegCondition::Resyncing);
-        // b lacks regions 0 and 2 when the job starts.
-        b.stale().clear(1);
-        b.stale().clear(3);
-        // 2 MiB/s: half a second between the 1 MiB regions.
-        let job = ResyncJob::start(volume.clone(), "b", 2 << 20);
-        let t0 = Instant::now();
-        while b.copied.load(Ordering::Relaxed) == 0 {
-            assert!(t0.elapsed() < Duration::from_secs(10), "region 0 not copied");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        // Region 3 becomes stale after the job's snapshot (a write that saw
-        // the leg failed, marking it late).
-        b.stale().set_volatile(3..4);
-        job.join();
-        assert_eq!(job.end(), Some(ResyncEnd::InSync));
-        assert_eq!(b.stale().count(), 0, "region 3 was copied too");
-        assert_eq!(b.condition(), LegCondition::InSync);
-        let mut buf = [0u8; 4096];
-        stores["b"].read_at(&mut buf, 3 << 20).unwrap();
-        assert_eq!(buf, [7; 4096]);
-    }
-}
+#[path = "resync_tests.rs"]
+mod tests;

@@ -67,6 +67,10 @@ pub struct Redundancy {
     /// by the pool when the volume is built. It lives here because it is
     /// per-volume state every translation of the volume shares.
     chunk_map: std::sync::OnceLock<Arc<dyn crate::volume::target::ChunkMap>>,
+    /// Other processes (the other nodes of a cluster) write these legs
+    /// too, so no write may skip a resyncing leg and a resync copy checks
+    /// its work (see `set_other_writers`).
+    other_writers: std::sync::atomic::AtomicBool,
 }
 
 impl Redundancy {
@@ -88,7 +92,23 @@ impl Redundancy {
             events: Mutex::new(Events::default()),
             recovered: AtomicUsize::new(0),
             chunk_map: std::sync::OnceLock::new(),
+            other_writers: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Says that other processes write this volume's legs too (cluster
+    /// mode). A resync copy excludes only this process's writes of a
+    /// region (`begin_copy`), so then: every write goes to a resyncing leg
+    /// as well, after the legs before it (the source first), even to
+    /// regions the leg still lacks (another node may have copied them
+    /// already); and the copier re-reads what it copied from the source
+    /// and copies again if it changed (`mirror::resync`).
+    pub fn set_other_writers(&self, yes: bool) {
+        self.other_writers.store(yes, Ordering::Relaxed);
+    }
+
+    pub fn other_writers(&self) -> bool {
+        self.other_writers.load(Ordering::Relaxed)
     }
 
     /// Gives a chunk-mapped volume its map (once; later calls are ignored).

@@ -101,7 +101,9 @@ impl MirrorTarget {
             // A resyncing leg that lacks every region here gets them by the
             // resync copy, which cannot run while this write holds them
             // (`begin_write`) and reads them from a leg that has this write.
-            if leg.state.condition() == LegCondition::Resyncing && leg.state.stale().all(rs.clone()) {
+            // Not when other nodes write these legs: their copies are not
+            // excluded by this write (`Redundancy::set_other_writers`).
+            if leg.state.condition() == LegCondition::Resyncing && !self.redundancy.other_writers() && leg.state.stale().all(rs.clone()) {
                 continue;
             }
             // Whether the leg had every region before this change.
