@@ -142,3 +142,45 @@ fn a_node_forwards_what_it_cannot_reach_and_fails_cleanly_when_the_owner_is_gone
         nbdsh_try(&nodes[2].uri("v"), &format!("h.pread(4096, {})", 12 * MIB)).status.success()
     });
 }
+
+/// `nbdinfo --map` of v through `node`: (offset, length, hole) runs, with
+/// neighbours of one kind merged (two servers may cut runs differently).
+fn map(node: &TestServer) -> Vec<(u64, u64, bool)> {
+    common::require("nbdinfo", "libnbd-bin");
+    let out = common::run_ok(Command::new("nbdinfo").env("PATH", common::debian_path()).args(["--map", "--json", &node.uri("v")]));
+    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+    for e in json(&out).as_array().unwrap() {
+        let (offset, length, hole) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap(), e["type"].as_u64().unwrap() & 1 != 0);
+        match runs.last_mut() {
+            Some(last) if last.2 == hole && last.0 + last.1 == offset => last.1 += length,
+            _ => runs.push((offset, length, hole)),
+        }
+    }
+    runs
+}
+
+/// BLOCK_STATUS through a link: the map n3 shows of the half it forwards is
+/// the owner's, holes and all, so a sparse copy through n3 skips them too.
+#[test]
+fn the_map_through_a_forwarding_node_shows_the_owners_holes() {
+    let etcd = TestEtcd::start();
+    let shared = tempfile::tempdir().unwrap();
+    let file = shared.path().join("d.img");
+    std::fs::File::create(&file).unwrap().set_len(SIZE).unwrap();
+    for (at, len) in [(MIB, 64 * 1024), (9 * MIB, 64 * 1024), (13 * MIB, 128 * 1024)] {
+        common::write_at(&file, at, &vec![0xab; len]);
+    }
+    let nodes: Vec<TestServer> = ["n1", "n3"].iter().map(|n| node(&etcd.url, n, shared.path())).collect();
+    for n in &nodes {
+        wait_until(n, "both serving", Duration::from_secs(20), || {
+            let s = json(&cli_ok(n, &["cluster", "status", "--json"]));
+            s["state"] == "serving" && s["nodes"].as_array().unwrap().iter().filter(|m| m["alive"] == true && m["serve"].is_string()).count() == 2
+        });
+    }
+    let direct = map(&nodes[0]);
+    assert!(direct.iter().any(|r| r.2 && r.0 >= 8 * MIB), "the file has holes in the forwarded half: {direct:?}");
+    assert!(direct.iter().any(|r| !r.2 && r.0 <= 9 * MIB && r.0 + r.1 > 9 * MIB), "data at 9 MiB: {direct:?}");
+    assert_eq!(map(&nodes[1]), direct, "the map through the forwarding node");
+    let links = forwarded(&nodes[1]);
+    assert!(links.len() == 1 && links[0]["requests"].as_u64() > Some(0) && links[0]["failed"] == 0, "{links:?}");
+}

@@ -245,7 +245,12 @@ impl Link {
     /// Sends `ask`; `notify` is told its outcome (`Lost` at once if the
     /// link is dead).
     fn post(&self, ask: &Ask<'_>, notify: Notify) {
-        let span = Span { offset: ask.offset, length: ask.length, read: ask.command == CMD_READ };
+        let status = (ask.command == CMD_BLOCK_STATUS).then_some(self.info.allocation);
+        let span = Span { offset: ask.offset, length: ask.length, read: ask.command == CMD_READ, status: status.flatten() };
+        if status == Some(None) {
+            // No base:allocation from this server: empty reads as all data.
+            return notify.tell(Outcome::Done(Ok(Vec::new())));
+        }
         // The read buffer is made here, outside the inbox lock.
         let data = if span.read { vec![0u8; ask.length as usize] } else { Vec::new() };
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
@@ -383,7 +388,8 @@ fn read_replies(state: &LinkState, socket: ServerSocket) -> Result<std::convert:
                 match chunk {
                     Chunk::Data { at, len } => read_fully(&mut s, region(&mut data, at, len)?, "read data", state)?,
                     Chunk::Hole { at, len } => region(&mut data, at, len)?.fill(0),
-                    Chunk::None | Chunk::Error { .. } => {}
+                    Chunk::Status { ref descriptors } => data.extend_from_slice(descriptors),
+                    Chunk::None | Chunk::OtherStatus | Chunk::Error { .. } => {}
                 }
                 state.checkin(h.cookie, data, &chunk, h.flags & REPLY_FLAG_DONE != 0)?;
             }

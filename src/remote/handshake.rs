@@ -62,6 +62,9 @@ pub struct ExportInfo {
     pub preferred_block: u32,
     /// Largest READ or WRITE the server takes (32 MiB unless it said).
     pub maximum_block: u32,
+    /// The id of `base:allocation` if the server selected it (forwarding
+    /// asks for it beside the stamp): BLOCK_STATUS answers then.
+    pub allocation: Option<u32>,
 }
 
 /// A connected socket to the server, of either family.
@@ -235,7 +238,7 @@ pub fn refusal(reply: u32, data: &[u8]) -> String {
 /// NBD_OPT_GO for `export`; what the server said about it.
 pub fn go(s: &mut (impl Read + Write), export: &str) -> Result<ExportInfo, HandshakeError> {
     s.write_all(&encode_option(OPT_GO, &encode_info_request(export, &[INFO_BLOCK_SIZE]))).map_err(HandshakeError::io("sending NBD_OPT_GO"))?;
-    let mut info = ExportInfo { size: 0, flags: 0, preferred_block: 4096, maximum_block: MAX_PAYLOAD };
+    let mut info = ExportInfo { size: 0, flags: 0, preferred_block: 4096, maximum_block: MAX_PAYLOAD, allocation: None };
     let mut have_export = false;
     loop {
         let (reply, data) = read_reply(s)?;
@@ -281,24 +284,27 @@ pub fn stamp_query(stamp: u64) -> String {
     format!("nbdvirt:generation={stamp}")
 }
 
-/// NBD_OPT_SET_META_CONTEXT with the single query `nbdvirt:generation=N`.
-/// The server must select exactly that context: a server that ignores the
-/// query (it does not know stamps) would serve a stale forward unchecked.
-pub fn set_stamp(s: &mut (impl Read + Write), export: &str, stamp: u64) -> Result<(), HandshakeError> {
+/// NBD_OPT_SET_META_CONTEXT with the queries `nbdvirt:generation=N` and
+/// `base:allocation`; returns the id of the latter if selected. The server
+/// must select the stamp: a server that ignores the query (it does not
+/// know stamps) would serve a stale forward unchecked.
+pub fn set_stamp(s: &mut (impl Read + Write), export: &str, stamp: u64) -> Result<Option<u32>, HandshakeError> {
     let query = stamp_query(stamp);
-    let payload = encode_meta_context_request(export, &[&query]);
+    let payload = encode_meta_context_request(export, &[&query, "base:allocation"]);
     s.write_all(&encode_option(OPT_SET_META_CONTEXT, &payload)).map_err(HandshakeError::io("sending NBD_OPT_SET_META_CONTEXT"))?;
-    let mut selected = false;
+    let (mut selected, mut allocation) = (false, None);
     loop {
         match read_reply(s)? {
             (REP_META_CONTEXT, data) => {
                 let name = data.get(4..).map(String::from_utf8_lossy).unwrap_or_default();
-                if data.len() < 4 || name != query || selected {
-                    return Err(HandshakeError::Protocol(format!("server selected metadata context '{name}' for query '{query}'")));
+                match name.as_ref() {
+                    _ if data.len() < 4 => return Err(HandshakeError::Protocol("a metadata context reply of fewer than 4 bytes".into())),
+                    n if n == query && !selected => selected = true,
+                    "base:allocation" if allocation.is_none() => allocation = Some(u32::from_be_bytes(data[..4].try_into().expect("len 4"))),
+                    _ => return Err(HandshakeError::Protocol(format!("server selected metadata context '{name}' for queries '{query}', 'base:allocation'"))),
                 }
-                selected = true;
             }
-            (REP_ACK, _) if selected => return Ok(()),
+            (REP_ACK, _) if selected => return Ok(allocation),
             (REP_ACK, _) => return Err(HandshakeError::NoStamp),
             // The option itself is unknown to the server.
             (REP_ERR_UNSUP, _) => return Err(HandshakeError::NoStamp),
@@ -313,10 +319,11 @@ pub fn set_stamp(s: &mut (impl Read + Write), export: &str, stamp: u64) -> Resul
 pub fn negotiate_forwarding(s: &mut (impl Read + Write), export: &str, stamp: Option<u64>) -> Result<ExportInfo, HandshakeError> {
     greet(s)?;
     structured_reply(s)?;
-    if let Some(stamp) = stamp {
-        set_stamp(s, export, stamp)?;
-    }
-    go(s, export)
+    let allocation = match stamp {
+        Some(stamp) => set_stamp(s, export, stamp)?,
+        None => None,
+    };
+    Ok(ExportInfo { allocation, ..go(s, export)? })
 }
 
 /// Connects to `endpoint` (plain TCP or Unix: forwarding runs between

@@ -49,17 +49,18 @@ fn structured_replies_stamp_and_go() {
         vec![
             option_reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]),
             rep_meta_context(OPT_SET_META_CONTEXT, 1, "nbdvirt:generation=42"),
+            rep_meta_context(OPT_SET_META_CONTEXT, 9, "base:allocation"),
             option_reply(OPT_SET_META_CONTEXT, REP_ACK, &[]),
         ],
         go_replies(),
     );
     let mut s = server(&replies);
     let info = negotiate_forwarding(&mut s, "vol", Some(42)).unwrap();
-    assert_eq!(info, ExportInfo { size: 1 << 20, flags: TFLAG_HAS_FLAGS | TFLAG_CAN_MULTI_CONN, preferred_block: 4096, maximum_block: 1 << 20 });
+    assert_eq!(info, ExportInfo { size: 1 << 20, flags: TFLAG_HAS_FLAGS | TFLAG_CAN_MULTI_CONN, preferred_block: 4096, maximum_block: 1 << 20, allocation: Some(9) });
     // Client flags, then STRUCTURED_REPLY, SET_META_CONTEXT and GO in order.
     let out = &s.output;
     assert_eq!(&out[..4], &(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
-    let meta = encode_option(OPT_SET_META_CONTEXT, &encode_meta_context_request("vol", &["nbdvirt:generation=42"]));
+    let meta = encode_option(OPT_SET_META_CONTEXT, &encode_meta_context_request("vol", &["nbdvirt:generation=42", "base:allocation"]));
     let expected: Vec<u8> = [encode_option(OPT_STRUCTURED_REPLY, &[]), meta, encode_option(OPT_GO, &encode_info_request("vol", &[INFO_BLOCK_SIZE]))].concat();
     assert_eq!(&out[4..], &expected[..]);
 }
@@ -95,6 +96,9 @@ fn a_server_that_ignores_the_stamp_is_refused() {
     let mut s = server(&[ack.clone(), rep_meta_context(OPT_SET_META_CONTEXT, 1, "nbdvirt:generation=8"), option_reply(OPT_SET_META_CONTEXT, REP_ACK, &[])]);
     let e = negotiate_forwarding(&mut s, "vol", Some(7)).unwrap_err();
     assert!(e.to_string().contains("nbdvirt:generation=8"), "{e}");
+    // base:allocation without the stamp is not enough.
+    let mut s = server(&[ack.clone(), rep_meta_context(OPT_SET_META_CONTEXT, 2, "base:allocation"), option_reply(OPT_SET_META_CONTEXT, REP_ACK, &[])]);
+    assert!(matches!(negotiate_forwarding(&mut s, "vol", Some(7)).unwrap_err(), HandshakeError::NoStamp));
     // A refusal keeps the server's text.
     let mut s = server(&[ack, option_error(OPT_SET_META_CONTEXT, REP_ERR_POLICY, "stamp 7 is stale (volume at 9)")]);
     let e = negotiate_forwarding(&mut s, "vol", Some(7)).unwrap_err();

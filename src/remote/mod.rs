@@ -287,6 +287,34 @@ impl RemoteExport {
         self.links.submit(&Ask { command: CMD_FLUSH, flags: 0, offset: 0, length: 0, payload: &[] }).map(drop)
     }
 
+    /// The allocation of `[offset, offset + length)` as the server's
+    /// `base:allocation` says: (length, hole) runs from `offset`, at most
+    /// `max_runs`, covering a prefix of the range (at most `BIG_PIECE`).
+    /// A server that gave no such context reports all data, which is never
+    /// wrong (a reader gets the zeros it would have skipped).
+    pub fn block_status(&self, offset: u64, length: u64, max_runs: usize) -> io::Result<Vec<(u64, bool)>> {
+        self.links.tally(self.block_status_inner(offset, length, max_runs))
+    }
+
+    fn block_status_inner(&self, offset: u64, length: u64, max_runs: usize) -> io::Result<Vec<(u64, bool)>> {
+        let Some((at, len)) = pieces(offset, length, BIG_PIECE)?.next() else { return Ok(Vec::new()) };
+        let raw = self.links.submit(&Ask { command: CMD_BLOCK_STATUS, flags: 0, offset: at, length: len, payload: &[] })?;
+        if raw.is_empty() {
+            return Ok(vec![(length, false)]);
+        }
+        let be32 = |b: &[u8]| u32::from_be_bytes(b[..4].try_into().expect("len 4"));
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        for d in raw.chunks_exact(8) {
+            let (len, hole) = (be32(d) as u64, be32(&d[4..]) & STATE_HOLE != 0);
+            match runs.last_mut() {
+                Some(last) if last.1 == hole => last.0 += len,
+                _ => runs.push((len, hole)),
+            }
+        }
+        runs.truncate(max_runs.max(1));
+        Ok(runs)
+    }
+
     /// A hint: a server without CACHE is not asked.
     pub fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
         self.links.tally(self.cache_inner(offset, length))

@@ -7,9 +7,13 @@
 use crate::nbd::*;
 use std::io;
 
-/// Longest chunk other than OFFSET_DATA we accept: an error carries at
-/// most a 4096-byte message (proto.md string limit) after 14 bytes.
+/// Longest chunk other than OFFSET_DATA and BLOCK_STATUS we accept: an
+/// error carries at most a 4096-byte message (proto.md string limit) after
+/// 14 bytes.
 pub const MAX_SMALL_CHUNK: u32 = 4096 + 14;
+/// Longest BLOCK_STATUS chunk we accept: a context id and 8192
+/// descriptors (a run per 128 KiB of a 1 GiB request).
+pub const MAX_STATUS_CHUNK: u32 = 4 + 8 * 8192;
 
 /// What a request asked for: the chunks answering it must lie inside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +22,8 @@ pub struct Span {
     pub length: u32,
     /// Only a READ may be answered with data or holes.
     pub read: bool,
+    /// A BLOCK_STATUS: the id of the `base:allocation` context it wants.
+    pub status: Option<u32>,
 }
 
 /// The 16 bytes after a structured reply's magic.
@@ -51,6 +57,10 @@ pub enum Chunk {
     /// `len` bytes of data follow on the wire, for `buf[at..at + len]`.
     Data { at: usize, len: usize },
     Hole { at: usize, len: usize },
+    /// `base:allocation` descriptors (8 bytes each, as on the wire).
+    Status { descriptors: Vec<u8> },
+    /// Another selected context's status (the stamp's): not ours to keep.
+    OtherStatus,
     Error { code: u32, message: String },
 }
 
@@ -61,7 +71,8 @@ pub fn body_len(h: &ChunkHeader) -> Result<usize, String> {
     if h.kind == REPLY_TYPE_OFFSET_DATA {
         return Ok(8);
     }
-    if h.length > MAX_SMALL_CHUNK {
+    let max = if h.kind == REPLY_TYPE_BLOCK_STATUS { MAX_STATUS_CHUNK } else { MAX_SMALL_CHUNK };
+    if h.length > max {
         return Err(format!("reply chunk of type {} has {} bytes", h.kind, h.length));
     }
     Ok(h.length as usize)
@@ -113,9 +124,36 @@ pub fn parse_chunk(h: &ChunkHeader, body: &[u8], span: &Span) -> Result<Chunk, S
                 _ => bad(format!("hole at {offset}+{len} outside the request {}+{}", span.offset, span.length)),
             }
         }
+        REPLY_TYPE_BLOCK_STATUS => parse_status(body, span).or_else(bad),
         kind if kind & (1 << 15) != 0 => parse_error(h, body, span).or_else(bad),
         _ => bad("unexpected type".into()),
     }
+}
+
+/// BLOCK_STATUS: a context id, then (length, flags) descriptors, none
+/// empty, together no longer than the request (proto.md lets the last
+/// one run past it; it is cut at the request's end).
+fn parse_status(body: &[u8], span: &Span) -> Result<Chunk, String> {
+    let Some(want) = span.status else { return Err("status for a request that is no BLOCK_STATUS".into()) };
+    if body.len() < 12 || (body.len() - 4) % 8 != 0 {
+        return Err("not a context id and whole descriptors".into());
+    }
+    if be32(body) != want {
+        return Ok(Chunk::OtherStatus);
+    }
+    let mut descriptors = Vec::with_capacity(body.len() - 4);
+    let mut covered = 0u64;
+    for d in body[4..].chunks_exact(8) {
+        let (len, flags) = (be32(d) as u64, be32(&d[4..]));
+        if len == 0 || covered >= span.length as u64 {
+            return Err(format!("descriptor of {len} bytes at {covered} of a {}-byte request", span.length));
+        }
+        let len = len.min(span.length as u64 - covered);
+        covered += len;
+        descriptors.extend_from_slice(&(len as u32).to_be_bytes());
+        descriptors.extend_from_slice(&flags.to_be_bytes());
+    }
+    Ok(Chunk::Status { descriptors })
 }
 
 /// ERROR and ERROR_OFFSET (and error types we do not know, which proto.md
@@ -144,18 +182,21 @@ fn parse_error(h: &ChunkHeader, body: &[u8], span: &Span) -> Result<Chunk, Strin
     Ok(Chunk::Error { code, message: String::from_utf8_lossy(&body[6..6 + mlen]).into_owned() })
 }
 
-/// What has arrived for one request: data bytes placed, the first error.
+/// What has arrived for one request: data bytes placed, `base:allocation`
+/// chunks, the first error.
 #[derive(Debug, Default)]
 pub struct Progress {
     pub received: u64,
+    pub statuses: u32,
     pub error: Option<(u32, String)>,
 }
 
 impl Progress {
     pub fn apply(&mut self, chunk: &Chunk) {
         match chunk {
-            Chunk::None => {}
+            Chunk::None | Chunk::OtherStatus => {}
             Chunk::Data { len, .. } | Chunk::Hole { len, .. } => self.received += *len as u64,
+            Chunk::Status { .. } => self.statuses += 1,
             Chunk::Error { code, message } => {
                 self.error.get_or_insert_with(|| (*code, message.clone()));
             }
@@ -172,6 +213,9 @@ impl Progress {
         let want = if span.read { span.length as u64 } else { 0 };
         if self.received != want {
             return Err(format!("reply covers {} of {want} bytes", self.received));
+        }
+        if self.statuses != u32::from(span.status.is_some()) {
+            return Err(format!("{} base:allocation chunks for a request that wants {}", self.statuses, u32::from(span.status.is_some())));
         }
         Ok(Ok(()))
     }
@@ -202,7 +246,7 @@ pub fn nbd_error(code: u32) -> io::Error {
 mod tests {
     use super::*;
 
-    const READ: Span = Span { offset: 4096, length: 8192, read: true };
+    const READ: Span = Span { offset: 4096, length: 8192, read: true, status: None };
 
     fn header(kind: u16, length: u32) -> ChunkHeader {
         ChunkHeader { flags: REPLY_FLAG_DONE, kind, cookie: 1, length }
@@ -291,6 +335,28 @@ mod tests {
         p.apply(&Chunk::Error { code: 28, message: "later".into() });
         assert_eq!(p.finish(&READ), Ok(Err((5, "disk".into()))));
         assert_eq!(Progress::default().finish(&Span { read: false, ..READ }), Ok(Ok(())));
+    }
+
+    #[test]
+    fn block_status_keeps_our_context_cut_at_the_request() {
+        let bs = Span { offset: 0, length: 8192, read: false, status: Some(3) };
+        let chunk = |id: u32, ds: &[(u32, u32)]| [id.to_be_bytes().to_vec(), ds.iter().flat_map(|(l, f)| [l.to_be_bytes(), f.to_be_bytes()].concat()).collect()].concat();
+        let body = chunk(3, &[(4096, 3), (65536, 0)]);
+        let got = parse(REPLY_TYPE_BLOCK_STATUS, &body, body.len() as u32, &bs).unwrap();
+        assert_eq!(got, Chunk::Status { descriptors: chunk(3, &[(4096, 3), (4096, 0)])[4..].to_vec() }, "the last run cut at the request's end");
+        let stamp = chunk(1, &[(8192, 0)]);
+        assert_eq!(parse(REPLY_TYPE_BLOCK_STATUS, &stamp, 12, &bs).unwrap(), Chunk::OtherStatus);
+        for bad in [chunk(3, &[(0, 0)]), chunk(3, &[(8192, 0), (4096, 0)]), chunk(3, &[]), [chunk(3, &[(4096, 0)]), vec![0]].concat()] {
+            assert!(parse(REPLY_TYPE_BLOCK_STATUS, &bad, bad.len() as u32, &bs).is_err(), "{bad:?}");
+        }
+        assert!(body_len(&header(REPLY_TYPE_BLOCK_STATUS, MAX_STATUS_CHUNK + 8)).is_err());
+        // Exactly one chunk of our context makes the reply whole.
+        let mut p = Progress::default();
+        assert!(p.finish(&bs).is_err());
+        p.apply(&Chunk::Status { descriptors: vec![] });
+        assert_eq!(p.finish(&bs), Ok(Ok(())));
+        p.apply(&Chunk::Status { descriptors: vec![] });
+        assert!(p.finish(&bs).is_err());
     }
 
     #[test]

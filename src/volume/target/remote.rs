@@ -66,12 +66,11 @@ impl Target for RemoteTarget {
         self.export.write_zeroes(self.start + offset, length, !mode.may_trim, mode.fast_only, fua)
     }
 
-    /// Reported allocated, which is never wrong (a reader of the map reads
-    /// the range and gets its zeros). Not forwarded yet: the remote client
-    /// does not negotiate `base:allocation`, so a sparse copy through a
-    /// forwarding node reads holes as data.
-    fn block_status(&self, _offset: u64, length: u64, _max_runs: usize) -> io::Result<Vec<Allocation>> {
-        Ok(vec![Allocation { length, hole: false }])
+    /// The other node's `base:allocation` of the range (its table places
+    /// it), so a sparse copy through this node skips the holes too.
+    fn block_status(&self, offset: u64, length: u64, max_runs: usize) -> io::Result<Vec<Allocation>> {
+        let runs = self.export.block_status(self.start + offset, length, max_runs)?;
+        Ok(runs.into_iter().map(|(length, hole)| Allocation { length, hole }).collect())
     }
 
     fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
