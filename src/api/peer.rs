@@ -47,6 +47,11 @@ pub enum PeerRequest {
     /// Aborts the migration of `volume` whose job runs on the asked node,
     /// answered with its `MigrationStatus`.
     MigrateAbort { volume: String },
+    /// `pause` through another node: pause `volume` here too (answered
+    /// with the message, once held and drained).
+    Pause { volume: String, range: Option<crate::map::Range>, timeout_ms: u64 },
+    /// `resume` through another node: end this node's pause of `volume`.
+    Resume { volume: String },
 }
 
 /// The answer to `Failsafe`: the node that answered.

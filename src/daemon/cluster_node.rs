@@ -101,6 +101,8 @@ impl peer::PeerHandler for ClusterNode {
             // This node's own jobs only: never asks on (no loops).
             PeerRequest::Migrations { volume } => Ok(Response::ok(crate::api::MigrationList { migrations: daemon.migrations_here(volume.as_deref()) })),
             PeerRequest::MigrateAbort { volume } => daemon.migrate_abort_here(&volume).map(Response::ok),
+            PeerRequest::Pause { volume, range, timeout_ms } => daemon.pause_here(&volume, range, Duration::from_millis(timeout_ms)).map(Response::ok),
+            PeerRequest::Resume { volume } => daemon.resume_here(&volume).map(Response::ok),
         };
         answer.unwrap_or_else(|e| Response::err(e.into()))
     }

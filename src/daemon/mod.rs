@@ -16,6 +16,7 @@ mod error;
 mod faults;
 mod metrics;
 mod cluster_migrations;
+mod cluster_pauses;
 mod migrations;
 mod mirror_error;
 mod mirror_ops;

@@ -70,8 +70,25 @@ impl PauseRegistry {
 
 impl Daemon {
     /// Holds `range` (the whole volume if `None`) of `volume` until `resume`
-    /// or until `timeout` passes, whichever is first.
+    /// or until `timeout` passes, whichever is first; in a cluster on every
+    /// live node (`cluster_pauses.rs`).
     pub fn pause(self: &Arc<Self>, volume: &str, range: Option<Range>, timeout: Duration) -> Result<String, DaemonError> {
+        match self.cluster.get() {
+            Some(_) => self.pause_everywhere(volume, range, timeout),
+            None => self.pause_here(volume, range, timeout),
+        }
+    }
+
+    /// Ends the pause of `volume`; in a cluster on every live node.
+    pub fn resume(&self, volume: &str) -> Result<String, DaemonError> {
+        match self.cluster.get() {
+            Some(_) => self.resume_everywhere(volume),
+            None => self.resume_here(volume),
+        }
+    }
+
+    /// The pause on this node alone.
+    pub(super) fn pause_here(self: &Arc<Self>, volume: &str, range: Option<Range>, timeout: Duration) -> Result<String, DaemonError> {
         let _admin = lock(&self.admin);
         let v = self.volume(volume)?;
         if self.pauses.contains(volume) {
@@ -97,7 +114,7 @@ impl Daemon {
         Ok(format!("volume '{volume}' paused (automatic resume after {timeout:?})"))
     }
 
-    pub fn resume(&self, volume: &str) -> Result<String, DaemonError> {
+    pub(super) fn resume_here(&self, volume: &str) -> Result<String, DaemonError> {
         let _admin = lock(&self.admin);
         self.volume(volume)?;
         if !self.pauses.end(volume, None) {
