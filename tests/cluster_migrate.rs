@@ -283,3 +283,54 @@ fn an_abort_through_another_node_leaves_every_node_on_the_source() {
     let out = cli(&nodes[0], &["migrate", "abort", "v"]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
 }
+
+/// Moving a volume off a store only n1 reaches (`nodes = ["n1"]`) onto a
+/// store every node reaches: started through n2, which does not reach the
+/// source, it is refused (the copier reads the source itself); through n1
+/// it runs while n2 forwards its clients' writes to n1 (the mirror extent
+/// needs both stores), and after the cutover n2 serves the volume itself.
+#[test]
+fn a_volume_moves_off_a_store_one_node_reaches() {
+    require("nbdcopy", "libnbd-bin");
+    let etcd = TestEtcd::start();
+    let shared = tempfile::tempdir().unwrap();
+    let body = |node: &str| {
+        node_body(&etcd.url, node, shared.path()).replacen("size = 16777216\nshared = true\n", "size = 16777216\nshared = true\nnodes = [\"n1\"]\n", 1)
+    };
+    assert!(body("n1").contains("nodes = [\"n1\"]"), "{}", body("n1"));
+    let nodes: Vec<TestServer> = ["n1", "n2"]
+        .iter()
+        .map(|n| {
+            let s = TestServer::start_with(&body(n), &[&format!("tcp:127.0.0.1:{}", common::free_port())]);
+            wait_control(&s);
+            s
+        })
+        .collect();
+    for n in &nodes {
+        wait_until(n, "both serving", Duration::from_secs(20), || {
+            let s = json(&cli_ok(n, &["cluster", "status", "--json"]));
+            s["state"] == "serving" && s["nodes"].as_array().unwrap().iter().filter(|m| m["alive"] == true && m["serve"].is_string()).count() == 2
+        });
+    }
+    let fill = nodes[1].path("fill.img");
+    std::fs::write(&fill, prefill()).unwrap();
+    run_ok(Command::new("nbdcopy").arg("--flush").arg(&fill).arg(nodes[1].uri("v")));
+    let out = cli(&nodes[1], &["migrate", "start", "v", "--to", "dst"]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert!(text(&out).contains("does not reach store 'src'"), "{}", text(&out));
+    cli_ok(&nodes[0], &["migrate", "start", "v", "--to", "dst", "--rate", "8MiB"]);
+    // Written through n2 while n1 copies: forwarded to n1, which mirrors.
+    let mut want = prefill();
+    for (i, at) in [(0u8, 0usize), (1, 5 << 20), (2, 11 << 20), (3, 15 << 20)] {
+        let block = vec![0xd0 + i; 4096];
+        common::nbdsh(&nodes[1].uri("v"), &format!("h.pwrite(bytes([{}]) * 4096, {at})\nh.flush()\n", 0xd0 + i));
+        want[at..at + 4096].copy_from_slice(&block);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let job = wait_ended(&nodes[1]);
+    assert_eq!(job["state"], "completed", "{job}\n--- n1's log ---\n{}", nodes[0].log());
+    all_on(&nodes, "dst");
+    assert!(vol(&nodes[1], "v")["extents"].as_array().unwrap().iter().all(|e| e.get("forwarded").is_none()), "n2 still forwards after the cutover");
+    assert_same("the volume read through n2", &read_volume(&nodes[1]), &want);
+    assert_same("dst.img", &std::fs::read(shared.path().join("dst.img")).unwrap(), &want);
+}
