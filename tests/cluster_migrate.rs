@@ -334,3 +334,32 @@ fn a_volume_moves_off_a_store_one_node_reaches() {
     assert_same("the volume read through n2", &read_volume(&nodes[1]), &want);
     assert_same("dst.img", &std::fs::read(shared.path().join("dst.img")).unwrap(), &want);
 }
+
+/// The destination fails on a node that does not copy (an injected EIO on
+/// n3): n3's writes still succeed (on the source) but miss the
+/// destination, so n3 refuses the cutover; the migration fails, every
+/// node stays on the source, and nothing written is lost.
+#[test]
+fn a_destination_failing_on_another_node_stops_the_cutover() {
+    require("nbdcopy", "libnbd-bin");
+    let etcd = TestEtcd::start();
+    let shared = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(&etcd, shared.path());
+    cli_ok(&nodes[1], &["migrate", "start", "v", "--to", "dst", "--rate", "8MiB"]);
+    cli_ok(&nodes[2], &["fault", "dst", "--error", "eio", "--writes"]);
+    let mut want = prefill();
+    common::nbdsh(&nodes[2].uri("v"), "h.pwrite(b'F' * 4096, 65536)\nh.flush()\n");
+    want[65536..65536 + 4096].copy_from_slice(&[b'F'; 4096]);
+    let job = wait_ended(&nodes[0]);
+    assert_eq!(job["state"], "failed", "{job}");
+    let reason = job["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("node n3") && reason.contains("mirror leg on 'dst' failed"), "{job}");
+    all_on(&nodes, "src");
+    cli_ok(&nodes[2], &["fault", "dst", "--error", "off"]);
+    assert_same("the volume after the failed migration", &read_volume(&nodes[0]), &want);
+    // With the fault gone, the next migration succeeds (n3 forgot the leg).
+    cli_ok(&nodes[1], &["migrate", "start", "v", "--to", "dst", "--rate", "0"]);
+    assert_eq!(wait_ended(&nodes[0])["state"], "completed");
+    all_on(&nodes, "dst");
+    assert_same("the volume after the second migration", &read_volume(&nodes[2]), &want);
+}

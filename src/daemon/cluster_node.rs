@@ -257,6 +257,7 @@ impl Daemon {
         let cluster = self.member()?;
         cluster.accept_epoch(order.epoch)?;
         let volume = self.volume(&order.volume)?;
+        refuse_failed_legs(&volume, &order.extents, cluster.node())?;
         let (_, translation) = self.translation_for(&volume, order.generation, order.extents.clone())?;
         let (held_tx, held_rx) = mpsc::channel();
         let (decide_tx, decide_rx) = mpsc::channel();
@@ -301,7 +302,16 @@ impl Daemon {
             paused.abort();
             return;
         }
-        if let Err(e) = paused.commit(&mut commit) {
+        let committed = paused.commit(&mut commit);
+        if committed.is_ok() {
+            // Legs the table dropped (a migration's, after its cutover or
+            // abort) are forgotten, failed ones too: a later migration to
+            // that store starts afresh.
+            if let Err(e) = volume.translation().redundancy().retain_legs(&volume.table()) {
+                tracing::warn!(volume = volume.name(), error = %e, "forgetting dropped legs' state failed");
+            }
+        }
+        if let Err(e) = committed {
             // The others swapped: this node must not serve the old table.
             tracing::error!(volume = volume.name(), error = %e, "committing a cluster barrier failed here: fencing this node");
             cluster.fence_for_good();
@@ -354,4 +364,22 @@ impl Daemon {
             None => Err(DaemonError::ClusterTable { volume: String::new(), reason: format!("no hold of barrier {barrier} (settled with etcd already?)") }),
         }
     }
+}
+
+/// A mirror leg that failed on this node missed writes its clients made
+/// here (they went to the other legs only): a table that still uses its
+/// store (a migration's cutover onto it) would serve those blocks without
+/// them, so this node refuses to hold for it. The migration then fails and
+/// drops the leg, and the source, which took every write, stays.
+fn refuse_failed_legs(volume: &Volume, extents: &[crate::map::Extent], node: &str) -> Result<(), DaemonError> {
+    for leg in volume.translation().redundancy().legs().into_iter().filter(|l| l.condition() == crate::volume::LegCondition::Failed) {
+        if extents.iter().any(|e| e.target.store_ranges(e.length).iter().any(|(s, _)| *s == leg.store())) {
+            let why = leg.reason().unwrap_or_default();
+            return Err(DaemonError::ClusterTable {
+                volume: volume.name().into(),
+                reason: format!("node {node}: its mirror leg on '{}' failed ({why}) and missed writes made here: refusing a table that still uses that store", leg.store()),
+            });
+        }
+    }
+    Ok(())
 }

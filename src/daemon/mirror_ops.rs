@@ -228,6 +228,13 @@ impl Daemon {
             tracing::warn!(volume = event.volume, leg = event.leg, "leg failed during a migration; no spare is added");
             return;
         }
+        if self.cluster.get().is_some() {
+            // Another node's migration: its cutover is refused here
+            // (`cluster_node::refuse_failed_legs`); a spare would change
+            // this node's table alone.
+            tracing::warn!(volume = event.volume, leg = event.leg, "leg failed on this cluster node; writes go on to the other legs, and no table that uses it is taken here");
+            return;
+        }
         if !self.spare_policy(&event.volume) {
             tracing::warn!(volume = event.volume, leg = event.leg, "leg failed; on_leg_failure = \"degrade\": running degraded");
             return;

@@ -37,11 +37,8 @@ impl MigrationJob {
         let old = self.volume.translation();
         if let Some(cluster) = self.cluster.get() {
             check().map_err(|reason| MigrateError::Cutover(crate::volume::SwapError::Commit { volume: self.spec.volume.clone(), reason, generation: old.table().generation() }))?;
-            let generation = cluster.apply(&self.spec.volume, extents)?;
-            if let Err(e) = old.redundancy().retain_legs(&self.volume.table()) {
-                tracing::warn!(volume = %self.spec.volume, error = %e, "forgetting dropped legs' state failed");
-            }
-            return Ok(generation);
+            // Every node's hold forgets the legs the table dropped.
+            return cluster.apply(&self.spec.volume, extents);
         }
         let table = MappingTable::new(old.table().generation() + 1, extents)?;
         let translation = Translation::open(table, &self.stores, old.redundancy())?;
