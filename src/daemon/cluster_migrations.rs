@@ -1,11 +1,12 @@
 //! Migrations in a cluster. The job runs on one node, the copier, which
 //! holds the migration's claim in etcd (`Cluster::claim_migration`, bound
 //! to its lease); `migrate abort` through any other node goes to the
-//! claimant over the peer link, and `migrate status` asks every node. `migrate start` of a volume whose committed table has a
-//! destination leg that no live node copies (the copier died) takes the
-//! migration over here, as `pvmove` is run again after a crash: the spec
-//! comes from the table, and the copy checks its work (other nodes may
-//! still copy or write), so a second copier is safe.
+//! claimant over the peer link, and `migrate status` asks every node.
+//! `migrate start` of a volume whose committed table has a destination
+//! leg that no live node copies (the copier died) takes the migration
+//! over here, as `pvmove` is run again after a crash: the spec comes from
+//! the table, and the copy checks its work (other nodes may still copy or
+//! write), so a second copier is safe.
 
 use super::migrations::MigrateRequest;
 use super::{Daemon, DaemonError};
@@ -101,9 +102,7 @@ impl Daemon {
         tracing::info!(volume = volume.name(), dest = %spec.dest, "migrate start: the table shows a migration this node does not run; taking it over unless another node holds its claim");
         Ok(Some(spec))
     }
-}
 
-impl Daemon {
     /// The copier reads the range's stores and writes the destination
     /// itself, so it must reach them all (which also leaves every extent of
     /// the migration's tables a node that serves it: the copier).

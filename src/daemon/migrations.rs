@@ -195,9 +195,8 @@ impl Daemon {
 
     /// `migrate abort` sent by another node: this node's job only.
     pub(super) fn migrate_abort_here(&self, volume: &str) -> Result<MigrationStatus, DaemonError> {
-        match lock(&self.migrations).get(volume).and_then(JobEntry::running) {
-            Some(_) => {}
-            None => return Err(DaemonError::NoRunningMigration(volume.into())),
+        if lock(&self.migrations).get(volume).and_then(JobEntry::running).is_none() {
+            return Err(DaemonError::NoRunningMigration(volume.into()));
         }
         self.migrate_abort(volume)
     }

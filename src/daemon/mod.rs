@@ -6,17 +6,18 @@
 //! Rooms: `assemble` (stores, translations, volumes from a config),
 //! `reconcile` (config vs persisted generation), `reload` (plan → stage →
 //! apply; generations made durable by `persist::GenerationCommit`),
-//! `pauses` (manual pauses), `migrations` (the job registry), `faults`
+//! `pauses` (manual pauses; in a cluster on every node: `cluster_pauses`),
+//! `migrations` (the job registry; in a cluster: `cluster_migrations`), `faults`
 //! (injected store errors for drills), `status` (API views), `error`.
 
 pub mod assemble;
+mod cluster_migrations;
 mod cluster_node;
+mod cluster_pauses;
 mod forwarding;
 mod error;
 mod faults;
 mod metrics;
-mod cluster_migrations;
-mod cluster_pauses;
 mod migrations;
 mod mirror_error;
 mod mirror_ops;

@@ -135,7 +135,7 @@ pub fn parse_chunk(h: &ChunkHeader, body: &[u8], span: &Span) -> Result<Chunk, S
 /// one run past it; it is cut at the request's end).
 fn parse_status(body: &[u8], span: &Span) -> Result<Chunk, String> {
     let Some(want) = span.status else { return Err("status for a request that is no BLOCK_STATUS".into()) };
-    if body.len() < 12 || (body.len() - 4) % 8 != 0 {
+    if body.len() < 12 || !(body.len() - 4).is_multiple_of(8) {
         return Err("not a context id and whole descriptors".into());
     }
     if be32(body) != want {
