@@ -363,3 +363,27 @@ fn a_destination_failing_on_another_node_stops_the_cutover() {
     all_on(&nodes, "dst");
     assert_same("the volume after the second migration", &read_volume(&nodes[2]), &want);
 }
+
+/// etcd stops answering just as the copy ends: the cutover is refused for
+/// now (no change can commit), the job tries again instead of failing,
+/// and completes once etcd is back.
+#[test]
+fn a_cutover_waits_out_a_short_etcd_outage() {
+    require("nbdcopy", "libnbd-bin");
+    let mut etcd = TestEtcd::start();
+    let shared = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(&etcd, shared.path());
+    cli_ok(&nodes[1], &["migrate", "start", "v", "--to", "dst", "--rate", "2MiB"]);
+    wait_until(&nodes[1], "the copy nearly done", Duration::from_secs(30), || job_via(&nodes[1])["copied_bytes"].as_u64() >= Some(15 * MIB));
+    etcd.freeze();
+    let refused = std::time::Instant::now() + Duration::from_secs(20);
+    while !nodes[1].log().contains("cutover refused for now") {
+        assert!(std::time::Instant::now() < refused, "no refused cutover while etcd was frozen:\n{}", nodes[1].log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    etcd.thaw();
+    let job = wait_ended(&nodes[0]);
+    assert_eq!(job["state"], "completed", "{job}\n--- copier's log ---\n{}", nodes[1].log());
+    all_on(&nodes, "dst");
+    assert_same("the volume after the migration", &read_volume(&nodes[2]), &prefill());
+}

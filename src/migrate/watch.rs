@@ -2,14 +2,18 @@
 //! ends the job — cutover when the leg is in sync, the source kept on
 //! abort or when the leg fails, suspended (still running) on shutdown.
 
-use super::{MigrationJob, CHECKPOINT_EVERY, POLL};
+use super::{MigrateError, MigrateErrorKind, MigrationJob, CHECKPOINT_EVERY, POLL};
 use crate::api::MigrationState;
 use crate::mirror::{ResyncEnd, ResyncJob};
 use crate::sync::lock;
 use crate::volume::{LegCondition, LegState};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// How long a cluster cutover refused for now is tried again.
+const CUTOVER_PATIENCE: Duration = Duration::from_secs(60);
+const CUTOVER_RETRY: Duration = Duration::from_secs(1);
 
 impl MigrationJob {
     pub(super) fn run(self: Arc<Self>) {
@@ -53,13 +57,40 @@ impl MigrationJob {
             std::thread::sleep(POLL);
         }
         self.track(&leg);
-        match self.cutover() {
+        match self.cutover_patiently() {
             Ok(generation) => {
                 lock(&self.status).generation = Some(generation);
                 self.completed();
             }
             Err(_) if self.abort.load(Ordering::SeqCst) => self.finish(MigrationState::Aborted, None),
+            // Shutdown while the cutover waited: still running, resumed at
+            // the next start (its copy is checkpointed).
+            Err(_) if self.suspend.load(Ordering::SeqCst) => {
+                if let Err(e) = self.save_checkpoint() {
+                    tracing::error!(volume = %self.spec.volume, error = %e, "final checkpoint before shutdown failed");
+                }
+            }
             Err(e) => self.finish(MigrationState::Failed, Some(e.to_string())),
+        }
+    }
+
+    /// The cutover; in a cluster, one refused for now (etcd does not
+    /// answer, no coordinator yet, a barrier that timed out) is tried again
+    /// for `CUTOVER_PATIENCE`, since the copy is done and every node keeps
+    /// writing both legs meanwhile. Abort and shutdown still end it.
+    fn cutover_patiently(&self) -> Result<u64, MigrateError> {
+        let started = Instant::now();
+        loop {
+            match self.cutover() {
+                Err(e) if e.kind() == MigrateErrorKind::Busy && self.cluster.get().is_some() && started.elapsed() < CUTOVER_PATIENCE => {
+                    if self.abort.load(Ordering::SeqCst) || self.suspend.load(Ordering::SeqCst) {
+                        return Err(e);
+                    }
+                    tracing::warn!(volume = %self.spec.volume, error = %e, "cutover refused for now; trying again");
+                    std::thread::sleep(CUTOVER_RETRY);
+                }
+                other => return other,
+            }
         }
     }
 
