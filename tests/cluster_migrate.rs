@@ -354,6 +354,7 @@ fn a_destination_failing_on_another_node_stops_the_cutover() {
     assert_eq!(job["state"], "failed", "{job}");
     let reason = job["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("node n3") && reason.contains("mirror leg on 'dst' failed"), "{job}");
+    assert!(!nodes[1].log().contains("cutover refused for now"), "a refusal is final, not tried again");
     all_on(&nodes, "src");
     cli_ok(&nodes[2], &["fault", "dst", "--error", "off"]);
     assert_same("the volume after the failed migration", &read_volume(&nodes[0]), &want);

@@ -88,7 +88,7 @@ impl Cluster {
                     report.fenced = fenced;
                     return Ok(report);
                 }
-                Attempt::Retry { reason, invalid: true, .. } => return Err(fail(reason)),
+                Attempt::Retry { reason, invalid: true, .. } => return Err(ClusterError::BarrierRefused { volume: change.volume.clone(), reason }),
                 Attempt::Retry { reason, silent, .. } => {
                     tracing::warn!(volume = %change.volume, generation, attempt, %reason, "barrier aborted");
                     for node in silent {

@@ -64,6 +64,10 @@ pub enum ClusterError {
     NotCoordinator(String),
     #[error("volume '{volume}': the barrier failed: {reason}")]
     Barrier { volume: String, reason: String },
+    /// A node refused the table itself (invalid there, or unknown volume):
+    /// trying again cannot help.
+    #[error("volume '{volume}': the barrier was refused: {reason}")]
+    BarrierRefused { volume: String, reason: String },
     #[error("a committed table in etcd is unreadable: {0}")]
     BadRecord(String),
     #[error("catching up with the committed tables: {0}")]

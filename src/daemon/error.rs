@@ -158,6 +158,7 @@ impl DaemonError {
                     C::MemberAlive(_) => ErrorKind::Conflict,
                     C::NoMember(_) => ErrorKind::NotFound,
                     C::Barrier { .. } => ErrorKind::SwapFailed,
+                    C::BarrierRefused { .. } => ErrorKind::Invalid,
                     _ => ErrorKind::Io,
                 }
             }
