@@ -132,7 +132,7 @@ impl Cluster {
         };
         let started = Instant::now();
         let limit = timing.hold_limit();
-        let answers: Vec<Result<Held, ApiError>> = on_every(&nodes, |n| peer::call(&n.peer, &PeerRequest::Hold(order.clone()), limit));
+        let answers: Vec<Result<Held, ApiError>> = peer::on_every(&nodes, |n| peer::call(&n.peer, &PeerRequest::Hold(order.clone()), limit));
         let held: Vec<&LiveNode> = nodes.iter().zip(&answers).filter(|(_, a)| a.is_ok()).map(|(n, _)| n).collect();
         if held.len() == nodes.len() {
             crash_point("held");
@@ -190,19 +190,11 @@ fn decide(nodes: &[&LiveNode], epoch: i64, barrier: &str, commit: bool) -> Vec<(
     let request = PeerRequest::Decide { epoch, barrier: barrier.to_string(), commit };
     let owned: Vec<LiveNode> = nodes.iter().map(|n| (*n).clone()).collect();
     let mut failed = Vec::new();
-    for (n, r) in owned.iter().zip(on_every(&owned, |n| peer::call::<serde_json::Value>(&n.peer, &request, Duration::from_secs(10)))) {
+    for (n, r) in owned.iter().zip(peer::on_every(&owned, |n| peer::call::<serde_json::Value>(&n.peer, &request, Duration::from_secs(10)))) {
         if let Err(e) = r {
             tracing::warn!(node = %n.node, barrier, commit, error = %e.message, "decision not confirmed");
             failed.push((n.node.clone(), e.message));
         }
     }
     failed
-}
-
-/// `call` on every node at once; the answers in the nodes' order.
-fn on_every<T: Send>(nodes: &[LiveNode], call: impl Fn(&LiveNode) -> T + Sync) -> Vec<T> {
-    std::thread::scope(|s| {
-        let handles: Vec<_> = nodes.iter().map(|n| s.spawn(|| call(n))).collect();
-        handles.into_iter().map(|h| h.join().expect("a peer call does not panic")).collect()
-    })
 }

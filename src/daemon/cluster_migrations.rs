@@ -42,10 +42,11 @@ impl Daemon {
     /// with a warning: status must not fail because one node is slow.
     pub(super) fn migrations_elsewhere(&self, volume: Option<&str>) -> Vec<MigrationStatus> {
         let Some(cluster) = self.cluster.get() else { return Vec::new() };
+        let others: Vec<_> = cluster.status().nodes.into_iter().filter(|n| n.alive && n.node != cluster.node()).collect();
+        let ask = PeerRequest::Migrations { volume: volume.map(String::from) };
         let mut found = Vec::new();
-        for n in cluster.status().nodes.into_iter().filter(|n| n.alive && n.node != cluster.node()) {
-            let ask = PeerRequest::Migrations { volume: volume.map(String::from) };
-            match peer::call::<MigrationList>(&n.peer, &ask, ASK_LIMIT) {
+        for (n, answer) in others.iter().zip(peer::on_every(&others, |n| peer::call::<MigrationList>(&n.peer, &ask, ASK_LIMIT))) {
+            match answer {
                 Ok(list) => found.extend(list.migrations),
                 Err(e) => tracing::warn!(node = %n.node, error = %e, "cannot ask a node for its migrations"),
             }

@@ -27,10 +27,7 @@ impl Daemon {
         self.pause_here(volume, range, timeout)?;
         let limit = crate::sync::lock(&self.config).server.pause_timeout + PEER_SLACK;
         let request = PeerRequest::Pause { volume: volume.into(), range, timeout_ms: timeout.as_millis() as u64 };
-        let answers = std::thread::scope(|s| {
-            let calls: Vec<_> = others.iter().map(|(_, p)| s.spawn(|| peer::call::<String>(p, &request, limit))).collect();
-            calls.into_iter().map(|c| c.join().expect("a peer call does not panic")).collect::<Vec<_>>()
-        });
+        let answers = peer::on_every(&others, |(_, p)| peer::call::<String>(p, &request, limit));
         let failed: Vec<String> = others.iter().zip(&answers).filter_map(|((n, _), a)| a.as_ref().err().map(|e| format!("{n}: {}", e.message))).collect();
         if !failed.is_empty() {
             // All or nothing: undo the pauses that took.
@@ -50,10 +47,7 @@ impl Daemon {
         let others = self.other_live_nodes()?;
         let here = self.resume_here(volume);
         let request = PeerRequest::Resume { volume: volume.into() };
-        let answers = std::thread::scope(|s| {
-            let calls: Vec<_> = others.iter().map(|(_, p)| s.spawn(|| peer::call::<String>(p, &request, PEER_SLACK))).collect();
-            calls.into_iter().map(|c| c.join().expect("a peer call does not panic")).collect::<Vec<_>>()
-        });
+        let answers = peer::on_every(&others, |(_, p)| peer::call::<String>(p, &request, PEER_SLACK));
         let mut resumed: Vec<&str> = others.iter().zip(&answers).filter(|(_, a)| a.is_ok()).map(|((n, _), _)| n.as_str()).collect();
         if here.is_ok() {
             resumed.push(self.cluster.get().expect("cluster mode").node());

@@ -302,15 +302,7 @@ impl RemoteExport {
         if raw.is_empty() {
             return Ok(vec![(length, false)]);
         }
-        let be32 = |b: &[u8]| u32::from_be_bytes(b[..4].try_into().expect("len 4"));
-        let mut runs: Vec<(u64, bool)> = Vec::new();
-        for d in raw.chunks_exact(8) {
-            let (len, hole) = (be32(d) as u64, be32(&d[4..]) & STATE_HOLE != 0);
-            match runs.last_mut() {
-                Some(last) if last.1 == hole => last.0 += len,
-                _ => runs.push((len, hole)),
-            }
-        }
+        let mut runs = reply::allocation_runs(&raw);
         runs.truncate(max_runs.max(1));
         Ok(runs)
     }

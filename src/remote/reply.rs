@@ -156,6 +156,20 @@ fn parse_status(body: &[u8], span: &Span) -> Result<Chunk, String> {
     Ok(Chunk::Status { descriptors })
 }
 
+/// The (length, hole) runs of `base:allocation` descriptors as
+/// `parse_status` kept them, neighbours of one kind merged.
+pub fn allocation_runs(descriptors: &[u8]) -> Vec<(u64, bool)> {
+    let mut runs: Vec<(u64, bool)> = Vec::new();
+    for d in descriptors.chunks_exact(8) {
+        let (len, hole) = (be32(d) as u64, be32(&d[4..]) & STATE_HOLE != 0);
+        match runs.last_mut() {
+            Some(last) if last.1 == hole => last.0 += len,
+            _ => runs.push((len, hole)),
+        }
+    }
+    runs
+}
+
 /// ERROR and ERROR_OFFSET (and error types we do not know, which proto.md
 /// says to treat as errors): u32 error, u16 message length, message, and
 /// for ERROR_OFFSET the u64 offset it concerns.
@@ -344,6 +358,7 @@ mod tests {
         let body = chunk(3, &[(4096, 3), (65536, 0)]);
         let got = parse(REPLY_TYPE_BLOCK_STATUS, &body, body.len() as u32, &bs).unwrap();
         assert_eq!(got, Chunk::Status { descriptors: chunk(3, &[(4096, 3), (4096, 0)])[4..].to_vec() }, "the last run cut at the request's end");
+        assert_eq!(allocation_runs(&chunk(3, &[(4096, 3), (4096, 1), (4096, 0)])[4..]), [(8192, true), (4096, false)], "holes merged, data apart");
         let stamp = chunk(1, &[(8192, 0)]);
         assert_eq!(parse(REPLY_TYPE_BLOCK_STATUS, &stamp, 12, &bs).unwrap(), Chunk::OtherStatus);
         for bad in [chunk(3, &[(0, 0)]), chunk(3, &[(8192, 0), (4096, 0)]), chunk(3, &[]), [chunk(3, &[(4096, 0)]), vec![0]].concat()] {
