@@ -251,7 +251,7 @@ fn a_table_change_on_one_node_alone_is_refused() {
     std::fs::write(&node.config, format!("{config}\n[[backend]]\nname = \"c\"\npath = \"{}/c.img\"\nsize = \"1MiB\"\n\n[[volume]]\nname = \"w\"\n[[volume.extent]]\nlength = \"1MiB\"\nbackend = \"c\"\nbackend_offset = 0\n", node.dir.path().display())).unwrap();
     let out = cli(&node, &["reload"]);
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("a reload cannot add or remove volumes in a cluster yet"), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a reload cannot add or remove volumes or backends in a cluster"), "{}", text(&out));
     std::fs::write(&node.config, &config).unwrap();
     // The file's own backends may not change under cluster apply.
     let moved = std::fs::read_to_string(&node.config).unwrap().replace("{dir}/b.img", "{dir}/c.img").replace(&format!("{}/b.img", node.dir.path().display()), &format!("{}/c.img", node.dir.path().display()));

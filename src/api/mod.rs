@@ -20,7 +20,7 @@ mod status;
 
 pub use cluster::{BarrierView, ClusterStatus, CoordinatorView, NodeState, NodeView};
 pub use error::{ApiError, ErrorKind, ExitCode};
-pub use peer::{ApplyReport, BarrierReport, FailsafeAck, Held, HoldOrder, PeerRequest, TableChange};
+pub use peer::{ApplyReport, BarrierReport, CatalogChange, FailsafeAck, Held, HoldOrder, PeerRequest, TableChange, VolumeRecord, CATALOG};
 pub use mirror::{LegStatus, MergeKeep, MirrorList, MirrorStatus, PairReport, TrackerStatus};
 pub use pool::{
     PoolCheckList, PoolCheckReport, PoolChoice, PoolLayout, PoolList, PoolStatus, PoolStoreStatus, PoolVolumeInfo, ResizeReport, UsageReport,

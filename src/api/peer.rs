@@ -5,11 +5,50 @@
 use crate::map::Extent;
 use serde::{Deserialize, Serialize};
 
-/// One volume's new table.
+/// One volume's new table; or, with `catalog`, the cluster's set of
+/// volumes and backends (`volume` is then [`CATALOG`], `extents` empty).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TableChange {
     pub volume: String,
     pub extents: Vec<Extent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog: Option<CatalogChange>,
+}
+
+/// The committed table of a volume, as every node must serve it (etcd's
+/// `volumes/<volume>`); `removed`: a tombstone, kept so that a volume of
+/// the same name added again continues its generations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub volume: String,
+    pub generation: u64,
+    pub extents: Vec<Extent>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removed: bool,
+}
+
+/// The name a catalog barrier goes by where a volume's would (no volume
+/// name can contain parentheses).
+pub const CATALOG: &str = "(catalog)";
+
+/// A `cluster apply` that adds or removes volumes or backends: the file
+/// whose `[[backend]]`s and `[[volume]]`s become the cluster's (its other
+/// sections are ignored; each node keeps its own), as text, so that every
+/// node, and one joining later, reads the same.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CatalogChange {
+    /// The file's name (in messages) and the directory its relative paths
+    /// are relative to.
+    pub file: String,
+    pub base: std::path::PathBuf,
+    pub text: String,
+    /// Disconnect the clients of removed volumes (else refused while any node has one).
+    #[serde(default)]
+    pub force: bool,
+    /// Written with the commit (set by the coordinator): the added
+    /// volumes' first tables and the removed ones' tombstones.
+    #[serde(default)]
+    pub records: Vec<VolumeRecord>,
 }
 
 /// The coordinator's order to take part in a barrier: stage the volume's
@@ -24,6 +63,10 @@ pub struct HoldOrder {
     pub generation: u64,
     pub extents: Vec<Extent>,
     pub decide_within_ms: u64,
+    /// A catalog barrier: add and remove volumes and backends (`volume`
+    /// is [`CATALOG`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog: Option<CatalogChange>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,7 +77,14 @@ pub enum PeerRequest {
     /// To the coordinator, from `cluster apply --etcd` (no node at hand):
     /// a config file's text, named `file`, its relative paths relative to
     /// `base`; its volumes' tables are applied as by `cluster apply`.
-    ApplyConfig { file: String, base: std::path::PathBuf, text: String },
+    ApplyConfig {
+        file: String,
+        base: std::path::PathBuf,
+        text: String,
+        /// Disconnect the clients of volumes the file removes.
+        #[serde(default)]
+        force: bool,
+    },
     Hold(HoldOrder),
     /// Ends a hold: commit (swap and resume) or abort (resume on the old table).
     Decide { epoch: i64, barrier: String, commit: bool },
@@ -89,6 +139,12 @@ pub struct BarrierReport {
     pub hold_us: u64,
     /// The commit transaction in etcd (µs).
     pub commit_us: u64,
+    /// A catalog barrier (`volume` is [`CATALOG`]): the volumes it added
+    /// and removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub added: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
 }
 
 /// `cluster apply`: one report per changed volume.

@@ -22,9 +22,15 @@ pub enum Request {
     Status,
     /// This node's view of its cluster (`[cluster]` nodes only).
     ClusterStatus,
-    /// Changes the tables of the volumes in `config` (a config file the
-    /// server reads) on every node of the cluster, one barrier per volume.
-    ClusterApply { config: std::path::PathBuf },
+    /// Makes `config`'s volumes and backends (a config file the server
+    /// reads) the cluster's: adds and removes them on every node (one
+    /// barrier), then changes each table that differs (one barrier per
+    /// volume). `force` disconnects the clients of removed volumes.
+    ClusterApply {
+        config: std::path::PathBuf,
+        #[serde(default)]
+        force: bool,
+    },
     /// Removes a member that is gone for good from the cluster's records.
     ClusterForget { node: String },
     Reload {

@@ -73,9 +73,18 @@ fn open_store(spec: &BackendSpec) -> Result<Arc<dyn Backend>, OpenError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| io_err(spec, e))?;
         }
-        let file = OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| io_err(spec, e))?;
-        file.set_len(size).map_err(|e| io_err(spec, e))?;
-        tracing::info!(backend = %spec.name, path = %path.display(), size, "created sparse file");
+        // Sized under a temporary name, then linked into place (which
+        // fails if the name exists): a cluster's nodes may create the same
+        // shared file at once, and none may open it half made.
+        let tmp = path.with_file_name(format!(".{}.{}.new", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), std::process::id()));
+        let file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| io_err(spec, e))?;
+        let linked = file.set_len(size).and_then(|()| std::fs::hard_link(&tmp, path));
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => tracing::info!(backend = %spec.name, path = %path.display(), size, "created sparse file"),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(spec, e)),
+        }
     }
     let mut options = OpenOptions::new();
     options.read(true).write(!spec.read_only);

@@ -1,5 +1,5 @@
 //! `cluster status`: the cluster as the local node sees it in etcd;
-//! `cluster apply`: new volume tables on every node, one barrier each.
+//! `cluster apply`: a file's volumes, backends and tables on every node.
 
 use super::{render, CliResult, ServerAddress};
 use clap::Subcommand;
@@ -28,15 +28,19 @@ pub enum ClusterCommand {
         #[command(flatten)]
         server: ServerAddress,
     },
-    /// Change the tables of the volumes of --config FILE on every node at
-    /// once (hold, drain, commit in etcd, swap, resume), through the
-    /// node whose control socket FILE names (or --control); with --etcd,
-    /// from any machine: straight to the coordinator found in etcd.
+    /// Make the volumes and backends of --config FILE the cluster's (add
+    /// and remove them on every node at once) and their tables (hold,
+    /// drain, commit in etcd, swap, resume), through the node whose
+    /// control socket FILE names (or --control); with --etcd, from any
+    /// machine: straight to the coordinator found in etcd.
     Apply {
         #[command(flatten)]
         server: ServerAddress,
         #[arg(long)]
         json: bool,
+        /// Remove volumes that still have clients (they are disconnected).
+        #[arg(long)]
+        force: bool,
         /// etcd client URLs (comma-separated or repeated): find the
         /// coordinator there instead of going through a local node.
         #[arg(long, value_delimiter = ',')]
@@ -63,20 +67,24 @@ pub fn run(cmd: ClusterCommand) -> CliResult {
             println!("node {node} forgotten");
             Ok(())
         }
-        ClusterCommand::Apply { server, json, etcd, cluster } => {
+        ClusterCommand::Apply { server, json, force, etcd, cluster } => {
             let file = server.config_path().ok_or_else(|| invalid("cluster apply needs --config FILE (the volumes to apply)"))?;
             let config = std::fs::canonicalize(&file).map_err(|e| invalid(format!("{}: {e}", file.display())))?;
-            let report: ApplyReport = if etcd.is_empty() { server.call(&Request::ClusterApply { config })? } else { apply_via_etcd(&config, &etcd, cluster)? };
+            let report: ApplyReport = if etcd.is_empty() { server.call(&Request::ClusterApply { config, force })? } else { apply_via_etcd(&config, &etcd, cluster, force)? };
             if json {
                 render::json(&report);
             } else if report.volumes.is_empty() {
-                println!("nothing to change: every volume already has these tables");
+                println!("nothing to change: the cluster already has these volumes, backends and tables");
             } else {
                 for v in &report.volumes {
                     let fenced = if v.fenced.is_empty() { String::new() } else { format!("; fenced: {}", v.fenced.join(", ")) };
+                    let what = match v.volume == nbdvirt::api::CATALOG {
+                        true => format!("volumes and backends (added: {}; removed: {})", list(&v.added), list(&v.removed)),
+                        false => v.volume.clone(),
+                    };
                     println!(
                         "{}: generation {} on {} (hold {:.1} ms, etcd commit {:.1} ms, attempt {}{fenced})",
-                        v.volume,
+                        what,
                         v.generation,
                         v.nodes.join(", "),
                         v.hold_us as f64 / 1000.0,
@@ -99,7 +107,7 @@ pub fn run(cmd: ClusterCommand) -> CliResult {
 
 /// `cluster apply --etcd`: FILE's text to the coordinator's peer link
 /// (its backends and volumes are checked there, against the open ones).
-fn apply_via_etcd(file: &Path, etcd: &[String], cluster: Option<String>) -> Result<ApplyReport, ApiError> {
+fn apply_via_etcd(file: &Path, etcd: &[String], cluster: Option<String>, force: bool) -> Result<ApplyReport, ApiError> {
     let endpoints = etcd.iter().map(|e| etcd_endpoint(e).map_err(|m| invalid(format!("--etcd: {m}")))).collect::<Result<Vec<_>, _>>()?;
     let config = Config::load(file).map_err(|e| invalid(e.to_string()))?;
     let name = cluster.or_else(|| config.cluster.as_ref().map(|c| c.name.clone())).ok_or_else(|| invalid(format!("{}: no [cluster] name in the file: give --cluster NAME", file.display())))?;
@@ -109,8 +117,12 @@ fn apply_via_etcd(file: &Path, etcd: &[String], cluster: Option<String>) -> Resu
     })?;
     let text = std::fs::read_to_string(file).map_err(|e| invalid(format!("{}: {e}", file.display())))?;
     let base = file.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let request = PeerRequest::ApplyConfig { file: file.display().to_string(), base, text };
+    let request = PeerRequest::ApplyConfig { file: file.display().to_string(), base, text, force };
     peer::call(&peer, &request, Duration::from_secs(600)).map_err(|e| ApiError::new(e.kind, format!("coordinator {node} ({peer}): {}", e.message)))
+}
+
+fn list(names: &[String]) -> String {
+    if names.is_empty() { "none".into() } else { names.join(", ") }
 }
 
 fn print(s: &ClusterStatus) {

@@ -18,7 +18,7 @@
 //! without it, and the node is recorded as fenced. Members without a live
 //! lease that may still serve in failsafe are held like live ones.
 
-use super::keys::VolumeRecord;
+use super::keys::{self, VolumeRecord};
 use super::peer;
 use super::store::LiveNode;
 use super::{Cluster, ClusterError};
@@ -129,6 +129,7 @@ impl Cluster {
             generation,
             extents: change.extents.clone(),
             decide_within_ms: timing.decide_within().as_millis() as u64,
+            catalog: change.catalog.clone(),
         };
         let started = Instant::now();
         let limit = timing.hold_limit();
@@ -137,8 +138,7 @@ impl Cluster {
         if held.len() == nodes.len() {
             crash_point("held");
             let committing = Instant::now();
-            let record = VolumeRecord { volume: change.volume.clone(), generation, extents: change.extents.clone() };
-            let committed = self.commit(epoch, listed, &barrier, &record);
+            let committed = self.commit(epoch, listed, &barrier, self.commit_writes(change, generation));
             let commit_us = committing.elapsed().as_micros() as u64;
             match committed {
                 Ok(true) => {
@@ -148,7 +148,7 @@ impl Cluster {
                     let hold_us = started.elapsed().as_micros() as u64;
                     let nodes = held.iter().map(|n| n.node.clone()).filter(|n| !failed.iter().any(|(f, _)| f == n)).collect();
                     let unconfirmed = failed.into_iter().map(|(node, message)| format!("{node}: {message}")).collect();
-                    let report = BarrierReport { volume: change.volume.clone(), generation, nodes, fenced: Vec::new(), unconfirmed, attempts: attempt, hold_us, commit_us };
+                    let report = BarrierReport { volume: change.volume.clone(), generation, nodes, fenced: Vec::new(), unconfirmed, attempts: attempt, hold_us, commit_us, added: Vec::new(), removed: Vec::new() };
                     return Ok(Attempt::Done(report));
                 }
                 Ok(false) => {
@@ -180,6 +180,24 @@ impl Cluster {
             }
         }
         Ok(Attempt::Retry { reason: reasons.join("; "), silent, invalid })
+    }
+}
+
+impl Cluster {
+    /// What the commit of `change` writes besides its decision: the
+    /// volume's record; for a catalog, the file and the records of the
+    /// volumes it adds and removes.
+    fn commit_writes(&self, change: &TableChange, generation: u64) -> Vec<(String, Vec<u8>)> {
+        let record = |r: &VolumeRecord| (keys::volume(self.name(), &r.volume), serde_json::to_vec(r).expect("a volume record serializes"));
+        match &change.catalog {
+            None => vec![record(&VolumeRecord { volume: change.volume.clone(), generation, extents: change.extents.clone(), removed: false })],
+            Some(c) => {
+                let file = keys::CatalogRecord { file: c.file.clone(), base: c.base.clone(), text: c.text.clone() };
+                let mut writes = vec![(keys::catalog(self.name()), serde_json::to_vec(&file).expect("a catalog record serializes"))];
+                writes.extend(c.records.iter().map(record));
+                writes
+            }
+        }
     }
 }
 

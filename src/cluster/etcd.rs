@@ -117,11 +117,12 @@ impl Etcd {
     /// the one created at `epoch`, nobody decided the barrier yet, and no
     /// node joined after `listed` (the revision its node list was read at:
     /// a node that joined since would not have held).
-    pub async fn commit(&self, c: &CommitKeys<'_>, record: Vec<u8>) -> Result<bool, EtcdError> {
+    pub async fn commit(&self, c: &CommitKeys<'_>, records: Vec<(String, Vec<u8>)>) -> Result<bool, EtcdError> {
         let mut joined_since = created_at(c.nodes, compare::CompareResult::Less, c.listed + 1);
         joined_since.range_end = prefix_end(c.nodes);
         let compares = vec![created_at(c.coordinator, compare::CompareResult::Equal, c.epoch), created_at(c.decision, compare::CompareResult::Equal, 0), joined_since];
-        let writes = vec![put(c.decision, b"commit".to_vec(), 0), put(c.record_key, record, 0)];
+        let mut writes = vec![put(c.decision, b"commit".to_vec(), 0)];
+        writes.extend(records.into_iter().map(|(key, value)| put(&key, value, 0)));
         Ok(self.txn(compares, writes, c.decision).await?.0)
     }
 
@@ -191,14 +192,13 @@ impl Etcd {
     }
 }
 
-/// The keys a barrier's commit checks and writes.
+/// The keys a barrier's commit checks (and its decision, which it writes).
 pub struct CommitKeys<'a> {
     pub coordinator: &'a str,
     pub epoch: i64,
     pub nodes: &'a str,
     pub listed: i64,
     pub decision: &'a str,
-    pub record_key: &'a str,
 }
 
 /// `key`'s create revision compared with `revision` (0: the key is absent).

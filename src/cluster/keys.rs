@@ -66,12 +66,20 @@ pub fn fenced_all(cluster: &str) -> String {
     format!("{}fenced/", prefix(cluster))
 }
 
-/// The committed table of a volume, as every node must serve it.
+pub use crate::api::VolumeRecord;
+
+/// The cluster's volumes and backends: the last `cluster apply` that
+/// added or removed any (absent: each node's own config's).
+pub fn catalog(cluster: &str) -> String {
+    format!("{}catalog", prefix(cluster))
+}
+
+/// The file a catalog came from (see `api::CatalogChange`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VolumeRecord {
-    pub volume: String,
-    pub generation: u64,
-    pub extents: Vec<crate::map::Extent>,
+pub struct CatalogRecord {
+    pub file: String,
+    pub base: std::path::PathBuf,
+    pub text: String,
 }
 
 /// A live node, as it publishes itself.

@@ -146,10 +146,14 @@ impl Member {
         for entry in etcd.list(&keys::volumes(&cfg.name)).await? {
             records.push(serde_json::from_slice::<VolumeRecord>(&entry.value).map_err(|e| ClusterError::BadRecord(e.to_string()))?);
         }
+        let catalog = match etcd.get(&keys::catalog(&cfg.name)).await? {
+            Some(entry) => Some(serde_json::from_slice::<keys::CatalogRecord>(&entry.value).map_err(|e| ClusterError::BadRecord(e.to_string()))?),
+            None => None,
+        };
         let local = self.local.clone();
         // On a blocking thread: a swap may wait for a hold to end, and a
         // hold may need etcd, whose I/O this thread drives.
-        tokio::task::spawn_blocking(move || local.catch_up(&records))
+        tokio::task::spawn_blocking(move || local.catch_up(catalog.as_ref(), &records))
             .await
             .map_err(|e| ClusterError::CatchUp(e.to_string()))?
             .map_err(ClusterError::CatchUp)

@@ -30,7 +30,7 @@ mod store;
 
 pub use barrier::BarrierTiming;
 pub use etcd::EtcdError;
-pub use keys::VolumeRecord;
+pub use keys::{CatalogRecord, VolumeRecord};
 pub use lookup::coordinator_of;
 pub use progress::BarrierMark;
 
@@ -88,9 +88,10 @@ pub enum ClusterError {
 pub trait LocalTables: Send + Sync {
     /// The generation of each volume this node serves (published at every tick).
     fn generations(&self) -> BTreeMap<String, u64>;
-    /// Brings the node's volumes to the committed tables (a node joining
-    /// or re-joining, before it serves).
-    fn catch_up(&self, committed: &[VolumeRecord]) -> Result<(), String>;
+    /// Brings the node's volumes to the cluster's (a node joining or
+    /// re-joining, before it serves): the catalog's volumes and backends,
+    /// if a `cluster apply` set one, on the committed tables.
+    fn catch_up(&self, catalog: Option<&keys::CatalogRecord>, committed: &[VolumeRecord]) -> Result<(), String>;
 }
 
 /// What the cluster thread shares with `status` and the barrier.

@@ -77,13 +77,12 @@ impl Cluster {
     }
 
     /// The coordinator's commit of barrier `barrier` (see `Etcd::commit`).
-    pub(crate) fn commit(&self, epoch: i64, listed: i64, barrier: &str, record: &VolumeRecord) -> Result<bool, ClusterError> {
+    pub(crate) fn commit(&self, epoch: i64, listed: i64, barrier: &str, writes: Vec<(String, Vec<u8>)>) -> Result<bool, ClusterError> {
         let cluster = self.name();
-        let (coordinator, nodes, decision, record_key) = (keys::coordinator(cluster), keys::nodes(cluster), keys::decision(cluster, barrier), keys::volume(cluster, &record.volume));
-        let value = serde_json::to_vec(record).expect("a volume record serializes");
+        let (coordinator, nodes, decision) = (keys::coordinator(cluster), keys::nodes(cluster), keys::decision(cluster, barrier));
         self.run(|e| async move {
-            let keys = CommitKeys { coordinator: &coordinator, epoch, nodes: &nodes, listed, decision: &decision, record_key: &record_key };
-            e.commit(&keys, value).await
+            let keys = CommitKeys { coordinator: &coordinator, epoch, nodes: &nodes, listed, decision: &decision };
+            e.commit(&keys, writes).await
         })?
         .map_err(Into::into)
     }
@@ -103,6 +102,14 @@ impl Cluster {
             Some(entry) => serde_json::from_slice(&entry.value).map(Some).map_err(|e| ClusterError::BadRecord(e.to_string())),
             None => Ok(None),
         }
+    }
+
+    /// The cluster's catalog, if a `cluster apply` ever added or removed
+    /// volumes or backends.
+    pub fn catalog(&self) -> Result<Option<keys::CatalogRecord>, ClusterError> {
+        let key = keys::catalog(self.name());
+        let found = self.run(|e| async move { e.get(&key).await })?.map_err(|e| ClusterError::EtcdDown(e.to_string()))?;
+        found.map(|entry| serde_json::from_slice(&entry.value).map_err(|e| ClusterError::BadRecord(e.to_string()))).transpose()
     }
 
     /// Notes that `node` was committed past during `barrier`.

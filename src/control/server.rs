@@ -197,7 +197,7 @@ pub fn handle(daemon: &Arc<Daemon>, request: Request) -> Response {
     match request {
         Request::Status => Response::ok(daemon.status()),
         Request::ClusterStatus => answer(daemon.cluster_status()),
-        Request::ClusterApply { config } => answer(daemon.cluster_apply(&config)),
+        Request::ClusterApply { config, force } => answer(daemon.cluster_apply(&config, force)),
         Request::ClusterForget { node } => answer(daemon.cluster_forget(&node)),
         Request::Reload { force } => answer(daemon.reload(force)),
         Request::Pause { volume, range, timeout_ms } => {

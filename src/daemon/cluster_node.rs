@@ -5,8 +5,8 @@
 
 use super::assemble::build_translation;
 use super::{Daemon, DaemonError};
-use crate::api::{ApiError, ApplyReport, ErrorKind, FailsafeAck, Held, HoldOrder, PeerRequest, ReloadReport, Response, SwapOutcome, TableChange};
-use crate::cluster::{peer, BarrierTiming, Cluster, LocalTables, VolumeRecord};
+use crate::api::{ApiError, ErrorKind, FailsafeAck, Held, HoldOrder, PeerRequest, Response, TableChange};
+use crate::cluster::{peer, CatalogRecord, Cluster, LocalTables, VolumeRecord};
 use crate::config::{Config, VolumeConfig};
 use crate::map::MappingTable;
 use crate::migrate::MigrateError;
@@ -35,9 +35,15 @@ impl LocalTables for ClusterNode {
         self.0.upgrade().map(|d| d.catalog().volumes.iter().map(|(name, v)| (name.clone(), v.generation())).collect()).unwrap_or_default()
     }
 
-    fn catch_up(&self, committed: &[VolumeRecord]) -> Result<(), String> {
+    fn catch_up(&self, catalog: Option<&CatalogRecord>, committed: &[VolumeRecord]) -> Result<(), String> {
         let daemon = self.0.upgrade().ok_or("the daemon is stopping")?;
-        committed.iter().try_for_each(|r| daemon.catch_up(r).map_err(|e| e.to_string()))
+        if let Some(catalog) = catalog {
+            daemon.catch_up_catalog(catalog, committed).map_err(|e| e.to_string())?;
+        }
+        // A tombstone's volume is gone with the catalog; one the catalog
+        // has (or, without one, this node's file) takes its committed table.
+        let present = daemon.catalog();
+        committed.iter().filter(|r| !r.removed && present.volumes.contains_key(&r.volume)).try_for_each(|r| daemon.catch_up(r).map_err(|e| e.to_string()))
     }
 }
 
@@ -57,7 +63,7 @@ impl crate::migrate::ClusterTables for ClusterNode {
             MigrateError::Cluster { kind, message: e.message }
         };
         let daemon = self.0.upgrade().ok_or_else(|| failed(DaemonError::NotClustered))?;
-        let change = TableChange { volume: volume.into(), extents };
+        let change = TableChange { volume: volume.into(), extents, catalog: None };
         let report = daemon.apply_anywhere(daemon.member().map_err(failed)?, vec![change]).map_err(failed)?;
         let applied = report.volumes.into_iter().find(|v| v.volume == volume);
         let applied = applied.ok_or_else(|| MigrateError::Cluster { kind: Kind::Io, message: format!("the coordinator's report lacks volume '{volume}'") })?;
@@ -90,9 +96,10 @@ impl peer::PeerHandler for ClusterNode {
         let Some(daemon) = self.0.upgrade() else { return Response::err(ApiError::new(ErrorKind::Io, "the node is stopping")) };
         let answer = match request {
             PeerRequest::Apply { changes } => daemon.apply_changes(changes).map(Response::ok),
-            PeerRequest::ApplyConfig { file, base, text } => {
-                let config = Config::parse(&text, &file, &base).map_err(DaemonError::from);
-                config.and_then(|c| daemon.table_changes(&c)).and_then(|changes| daemon.apply_changes(changes)).map(Response::ok)
+            PeerRequest::ApplyConfig { file, base, text, force } => {
+                let config = Config::parse(&text, &file, &base).map(|c| Config { source: Some(file.clone().into()), ..c }).map_err(DaemonError::from);
+                let source = CatalogRecord { file, base, text };
+                config.and_then(|c| daemon.file_changes(&c, source, force)).and_then(|changes| daemon.apply_changes(changes)).map(Response::ok)
             }
             PeerRequest::Hold(order) => daemon.cluster_hold(order).map(Response::ok),
             PeerRequest::Decide { epoch, barrier, commit } => daemon.cluster_decide(epoch, &barrier, commit).map(|()| Response::ok(())),
@@ -109,7 +116,7 @@ impl peer::PeerHandler for ClusterNode {
 }
 
 impl Daemon {
-    fn member(&self) -> Result<&Cluster, DaemonError> {
+    pub(super) fn member(&self) -> Result<&Cluster, DaemonError> {
         self.cluster.get().ok_or(DaemonError::NotClustered)
     }
 
@@ -146,114 +153,12 @@ impl Daemon {
         Ok(())
     }
 
-    /// `cluster apply --config FILE`: the tables of FILE's volumes, on
-    /// every node; run by the coordinator (forwarded to it from elsewhere).
-    pub fn cluster_apply(&self, path: &std::path::Path) -> Result<ApplyReport, DaemonError> {
-        let cluster = self.member()?;
-        let new = Config::load(path)?;
-        let changes = self.table_changes(&new)?;
-        let report = self.apply_anywhere(cluster, changes)?;
-        // This node's own file applied: it counts as read (a reload
-        // applies only tables edited since: `reload_cluster_wide`).
-        let own = self.config_path.as_ref().and_then(|p| std::fs::canonicalize(p).ok());
-        if own.is_some() && own == std::fs::canonicalize(path).ok() {
-            lock(&self.config).volumes = new.volumes;
-        }
-        Ok(report)
-    }
-
-    /// `changes` on every node: run here on the coordinator, else
-    /// forwarded to it.
-    fn apply_anywhere(&self, cluster: &Cluster, changes: Vec<TableChange>) -> Result<ApplyReport, DaemonError> {
-        match cluster.coordinator() {
-            Some((node, _, _)) if node == cluster.node() => self.apply_changes(changes),
-            Some((node, _, Some(peer))) => {
-                tracing::info!(coordinator = %node, "cluster apply: forwarded to the coordinator");
-                peer::call(&peer, &PeerRequest::Apply { changes }, Duration::from_secs(600)).map_err(DaemonError::Peer)
-            }
-            _ => Err(crate::cluster::ClusterError::NotCoordinator("no coordinator is known yet".into()).into()),
-        }
-    }
-
-    /// A reload's table changes in a cluster: the volumes whose extents
-    /// `new` changed since the file was last read, on every node at once;
-    /// reported as the reload's swaps.
-    pub(super) fn reload_cluster_wide(&self, new: &Config, report: &mut ReloadReport) -> Result<(), DaemonError> {
-        let before: BTreeMap<String, u64> = self.catalog().volumes.iter().map(|(name, v)| (name.clone(), v.generation())).collect();
-        let edited = {
-            let old = lock(&self.config);
-            let edited = |v: &&VolumeConfig| old.volumes.iter().find(|o| o.name == v.name).is_none_or(|o| o.extents != v.extents);
-            new.volumes.iter().filter(edited).map(|v| v.name.clone()).collect::<Vec<_>>()
-        };
-        let changes: Vec<TableChange> = self.table_changes(new)?.into_iter().filter(|c| edited.contains(&c.volume)).collect();
-        if changes.is_empty() {
-            return Ok(());
-        }
-        for v in self.apply_anywhere(self.member()?, changes)?.volumes {
-            // Committed, but a node did not take it: the reload is partial.
-            report.errors.extend(v.unconfirmed.iter().map(|u| format!("volume '{}' generation {}: not confirmed by {u}", v.volume, v.generation)));
-            report.swapped.push(SwapOutcome { from_generation: before.get(&v.volume).copied().unwrap_or(0), generation: v.generation, ranges: Vec::new(), attempts: v.attempts, hold: v.hold_us, drain: 0, volume: v.volume });
-        }
-        Ok(())
-    }
-
-    /// The volumes of `new` whose table differs from this node's.
-    fn table_changes(&self, new: &Config) -> Result<Vec<TableChange>, DaemonError> {
-        let catalog = self.catalog();
-        let what = |m: String| DaemonError::ClusterTable { volume: String::new(), reason: m };
-        for name in catalog.volumes.keys() {
-            if !new.volumes.iter().any(|v| &v.name == name) {
-                return Err(what(format!("{}: volume '{name}' is missing; cluster apply cannot remove volumes yet", new.file_name())));
-            }
-        }
-        // Stores are opened at start (those this node reaches); a table may
-        // only use the configured ones as they are.
-        let config = lock(&self.config);
-        for b in &new.backends {
-            match config.backends.iter().find(|c| c.spec.name == b.spec.name) {
-                None => return Err(what(format!("{}:{}: backend '{}' is not a backend of this node; cluster apply cannot add backends yet", new.file_name(), b.line, b.spec.name))),
-                Some(c) if c.spec.path != b.spec.path || c.nodes != b.nodes => {
-                    return Err(what(format!("{}:{}: backend '{}' has another path or nodes than this node's; cluster apply cannot change backends yet", new.file_name(), b.line, b.spec.name)))
-                }
-                Some(_) => {}
-            }
-        }
-        drop(config);
-        let mut changes = Vec::new();
-        for v in &new.volumes {
-            let Some(current) = catalog.volumes.get(&v.name) else {
-                return Err(what(format!("{}:{}: volume '{}' is new; cluster apply cannot add volumes yet", new.file_name(), v.line, v.name)));
-            };
-            if v.extents != current.table().extents() {
-                changes.push(TableChange { volume: v.name.clone(), extents: v.extents.clone() });
-            }
-        }
-        Ok(changes)
-    }
-
-    /// On the coordinator: one barrier per change, one apply at a time.
-    fn apply_changes(&self, changes: Vec<TableChange>) -> Result<ApplyReport, DaemonError> {
-        let cluster = self.member()?;
-        let _one = lock(&self.cluster_applying);
-        let (node, epoch, _) = cluster.coordinator().ok_or_else(|| crate::cluster::ClusterError::NotCoordinator("none yet".into()))?;
-        let swap = lock(&self.swap).clone();
-        let timing = BarrierTiming { pause_timeout: swap.pause_timeout, retries: swap.retries, backoff: swap.backoff };
-        let mut volumes = Vec::new();
-        for change in changes {
-            let local = self.volume(&change.volume)?.generation();
-            // Read before any node holds: without etcd nothing could
-            // commit, so `EtcdDown` refuses the change here.
-            let committed = cluster.committed(&change.volume)?.map_or(0, |r| r.generation);
-            let published = cluster.status().nodes.iter().filter_map(|n| n.generations.get(&change.volume).copied()).max().unwrap_or(0);
-            let generation = local.max(committed).max(published) + 1;
-            volumes.push(cluster.run_barrier(&change, generation, timing)?);
-        }
-        Ok(ApplyReport { coordinator: node, epoch, volumes })
-    }
-
     /// A barrier's hold on this node: answers once the ranges are held and
     /// drained; a thread keeps the hold until the decision.
     fn cluster_hold(self: &Arc<Self>, order: HoldOrder) -> Result<Held, DaemonError> {
+        if order.catalog.is_some() {
+            return self.catalog_hold(order);
+        }
         let cluster = self.member()?;
         cluster.accept_epoch(order.epoch)?;
         let volume = self.volume(&order.volume)?;
@@ -291,13 +196,7 @@ impl Daemon {
             }
         };
         let _ = held.send(Ok(Held { node: cluster.node().to_string(), drain_us: paused.drain().as_micros() as u64 }));
-        // `done` is dropped once the node swapped or resumed: the
-        // coordinator's `Decide` returns then.
-        let (commit_it, done) = match decided.recv_timeout(Duration::from_millis(order.decide_within_ms)) {
-            Ok((c, done)) => (c, Some(done)),
-            Err(_) => (self.settle(cluster, &order.barrier), None),
-        };
-        lock(&self.holds).remove(&order.barrier);
+        let (commit_it, done) = self.await_decision(cluster, &order, decided);
         if !commit_it {
             paused.abort();
             return;
@@ -321,6 +220,18 @@ impl Daemon {
                 let _ = done.send(Err(format!("{e}; node {} fenced itself and serves nothing until it is restarted", cluster.node())));
             }
         }
+    }
+
+    /// Waits for the decision of the barrier `order` holds for (past its
+    /// wait, etcd's). `done` is dropped once the node swapped or resumed:
+    /// the coordinator's `Decide` returns then.
+    pub(super) fn await_decision(&self, cluster: &Cluster, order: &HoldOrder, decided: mpsc::Receiver<Decision>) -> (bool, Option<mpsc::Sender<Result<(), String>>>) {
+        let decision = match decided.recv_timeout(Duration::from_millis(order.decide_within_ms)) {
+            Ok((c, done)) => (c, Some(done)),
+            Err(_) => (self.settle(cluster, &order.barrier), None),
+        };
+        lock(&self.holds).remove(&order.barrier);
+        decision
     }
 
     /// No decision came in time: etcd decides (abort unless committed).

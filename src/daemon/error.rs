@@ -106,6 +106,9 @@ pub enum DaemonError {
     /// A table `cluster apply` or a barrier cannot use.
     #[error("{}{reason}", if volume.is_empty() { String::new() } else { format!("volume '{volume}': ") })]
     ClusterTable { volume: String, reason: String },
+    /// A barrier this node cannot take part in now (tried again later).
+    #[error("{0}")]
+    ClusterBusy(String),
     /// What another node answered.
     #[error("{}", .0.message)]
     Peer(ApiError),
@@ -127,7 +130,7 @@ impl DaemonError {
         match self {
             Mirror(e) => e.as_ref().kind(),
             Pool(e) => e.as_ref().kind(),
-            VolumeInUse { .. } => ErrorKind::Busy,
+            VolumeInUse { .. } | ClusterBusy(_) => ErrorKind::Busy,
             PoolVolume(_) | PoolConflict(_) => ErrorKind::Conflict,
             NoVolume(_) | NoBackend(_) | NoMigration(_) | NoRunningMigration(_) => ErrorKind::NotFound,
             AlreadyPaused(_) | Paused(_) | Migrating(_) | MappingLocked { .. } | ClientsConnected { .. } => ErrorKind::Busy,

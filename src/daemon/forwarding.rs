@@ -41,6 +41,13 @@ impl ForwardRoutes {
         *lock(&self.reach) = backends.iter().map(|b| (b.spec.name.clone(), b.nodes.clone())).collect();
     }
 
+    /// Adds `backends` to the known ones, keeping the others: a catalog
+    /// being staged builds its volumes before it is in force (and an
+    /// aborted one leaves only names nothing uses).
+    pub fn learn_backends(&self, backends: &[BackendConfig]) {
+        lock(&self.reach).extend(backends.iter().map(|b| (b.spec.name.clone(), b.nodes.clone())));
+    }
+
     pub fn joined(&self, members: Members) {
         let _ = self.members.set(members);
     }

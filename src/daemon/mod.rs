@@ -11,6 +11,8 @@
 //! (injected store errors for drills), `status` (API views), `error`.
 
 pub mod assemble;
+mod cluster_apply;
+mod cluster_catalog;
 mod cluster_migrations;
 mod cluster_node;
 mod cluster_pauses;
@@ -47,7 +49,12 @@ use std::sync::{Arc, Mutex};
 
 pub struct Daemon {
     config_path: Option<PathBuf>,
+    /// The running config: in a cluster, its volumes and backends are the
+    /// cluster's (`cluster_catalog.rs`), which may differ from the file's.
     config: Mutex<Config>,
+    /// The config file as last read (start, reload, `cluster apply` of
+    /// it): a reload in a cluster applies only what the file changed since.
+    file_read: Mutex<Config>,
     stores: Mutex<HashMap<String, OpenStore>>,
     server: Mutex<Server>,
     state: StateDir,
@@ -170,6 +177,7 @@ impl Daemon {
             pools,
             pool_written: Mutex::new(HashMap::new()),
             swap: Mutex::new(swap),
+            file_read: Mutex::new(config.clone()),
             config: Mutex::new(config),
             stores: Mutex::new(stores),
             server: Mutex::new(server),

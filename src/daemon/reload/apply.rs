@@ -17,13 +17,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// What a volume becomes, ready to apply.
-pub(super) enum VolumeStep {
+pub(in crate::daemon) enum VolumeStep {
     Keep(Arc<Volume>),
     Swap(Arc<Volume>, Translation),
     Add(Arc<Volume>, MappingTable),
 }
 
-pub(super) struct StagedReload {
+pub(in crate::daemon) struct StagedReload {
     steps: Vec<VolumeStep>,
     removed: Vec<String>,
     stores: HashMap<String, OpenStore>,
@@ -32,7 +32,7 @@ pub(super) struct StagedReload {
 }
 
 impl Daemon {
-    pub(super) fn stage_reload(&self, new: &Config, plan: ReloadPlan) -> Result<StagedReload, DaemonError> {
+    pub(in crate::daemon) fn stage_reload(&self, new: &Config, plan: ReloadPlan) -> Result<StagedReload, DaemonError> {
         let file = new.file_name();
         let existing = lock(&self.stores).clone();
         let stores = open_stores(new, &existing)?;
@@ -74,7 +74,7 @@ impl Daemon {
 
     /// Applies a staged reload; failures go to `report.errors`. True if a
     /// swap failed.
-    pub(super) fn apply_reload(&self, new: Config, staged: StagedReload, report: &mut ReloadReport) -> bool {
+    pub(in crate::daemon) fn apply_reload(&self, new: Config, staged: StagedReload, report: &mut ReloadReport) -> bool {
         let StagedReload { steps, removed, mut stores, mut handles, existing } = staged;
         // The new pause settings apply to this reload's swaps already.
         let swap = {

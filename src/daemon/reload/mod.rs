@@ -4,6 +4,8 @@
 //! atomic and persisted, then the new catalog).
 
 mod apply;
+pub(super) use apply::StagedReload;
+pub(super) use plan::{Plan, ReloadPlan};
 mod plan;
 
 use super::{Daemon, DaemonError};
@@ -41,38 +43,58 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
 }
 
 impl Daemon {
+    /// In a cluster the volumes and backends are the cluster's: `new` (the
+    /// file, whose names are those last read: `reload_cluster_wide`) keeps
+    /// the running ones, with the file's settings where it has them.
+    fn keep_cluster_catalog(&self, new: &mut Config) {
+        let running = lock(&self.config);
+        let volumes = running.volumes.iter().map(|r| new.volumes.iter().find(|v| v.name == r.name).unwrap_or(r).clone()).collect();
+        let backends = running.backends.iter().map(|r| new.backends.iter().find(|b| b.spec.name == r.spec.name).unwrap_or(r).clone()).collect();
+        new.volumes = volumes;
+        new.backends = backends;
+    }
+
     /// Re-reads the config file and applies it under live I/O.
     pub fn reload(&self, force: bool) -> Result<ReloadReport, DaemonError> {
         let _admin = lock(&self.admin);
         let path = self.config_path.clone().ok_or(DaemonError::NoConfigFile)?;
-        let new = Config::load(&path)?;
+        let mut new = Config::load(&path)?;
         // Credentials first: a bad certificate fails the reload before
         // anything changes.
-        let security = super::security(&new)?;
+        let mut security = super::security(&new)?;
         let mut report = ReloadReport { needs_restart: needs_restart(&lock(&self.config), &new), ..ReloadReport::default() };
-        let mut plan = self.plan_reload(&new, force)?;
-        if self.cluster.get().is_some() && plan.plans.iter().any(|p| matches!(p, plan::Plan::Swap(..))) {
+        let clustered = self.cluster.get().is_some();
+        let mut file = None;
+        if clustered {
             // In a cluster the tables edited in this file since it was last
             // read change on every node at once (as `cluster apply`); a
             // table the file merely lags behind (the cluster changed it
             // since) stays: a reload for new TLS files must not revert it.
             self.reload_cluster_wide(&new, &mut report)?;
-            plan = self.plan_reload(&new, force)?;
+            file = Some(new.clone());
+            self.keep_cluster_catalog(&mut new);
+            security = super::security(&new)?;
+        }
+        let mut plan = self.plan_reload(&new, force)?;
+        if clustered {
             for p in &mut plan.plans {
                 if let plan::Plan::Swap(volume, _) = p {
                     tracing::info!(volume = volume.name(), "reload: the file's table for this volume is older than the cluster's; the cluster's stays");
                     *p = plan::Plan::Keep(volume.clone());
                 }
             }
-        }
-        if self.cluster.get().is_some() && (!plan.removed.is_empty() || plan.plans.iter().any(|p| !matches!(p, plan::Plan::Keep(_)))) {
-            return Err(DaemonError::ClusterTable { volume: String::new(), reason: "a reload cannot add or remove volumes in a cluster yet (every node would need the change at once)".into() });
+            if !plan.removed.is_empty() || plan.plans.iter().any(|p| !matches!(p, plan::Plan::Keep(_))) {
+                return Err(DaemonError::ClusterTable { volume: String::new(), reason: "a reload cannot add or remove volumes in a cluster (`nbdvirt cluster apply` can)".into() });
+            }
         }
         let staged = self.stage_reload(&new, plan)?;
         let swapped_cluster_wide = std::mem::take(&mut report.swapped);
         let swap_failed = self.apply_reload(new, staged, &mut report);
         report.swapped.extend(swapped_cluster_wide);
         lock(&self.server).set_security(security);
+        if let Some(file) = file {
+            *lock(&self.file_read) = file;
+        }
         tracing::info!(?report, "reload applied");
         if report.errors.is_empty() {
             Ok(report)
