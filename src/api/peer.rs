@@ -13,6 +13,10 @@ pub struct TableChange {
     pub extents: Vec<Extent>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub catalog: Option<CatalogChange>,
+    /// A node that does not answer fails the barrier rather than being
+    /// committed past once its lease expired (a migration's cutover).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub strict: bool,
 }
 
 /// The committed table of a volume, as every node must serve it (etcd's

@@ -94,6 +94,14 @@ pub struct MigrationStatus {
     /// The cluster node whose job copies (cluster mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// How often the copy started over because a node left the cluster
+    /// while it ran (it may have half-written behind the copy).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub recopies: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The result of every `migrate_*` request: `{"migrations":[JOB...]}`.

@@ -89,6 +89,10 @@ impl Cluster {
                     return Ok(report);
                 }
                 Attempt::Retry { reason, invalid: true, .. } => return Err(ClusterError::BarrierRefused { volume: change.volume.clone(), reason }),
+                Attempt::Retry { reason, silent, .. } if change.strict && !silent.is_empty() => {
+                    let nodes: Vec<&str> = silent.iter().map(|n| n.node.as_str()).collect();
+                    return Err(fail(format!("{reason}; not committed past {} (a strict barrier: the caller acts on a node's leaving first)", nodes.join(", "))));
+                }
                 Attempt::Retry { reason, silent, .. } => {
                     tracing::warn!(volume = %change.volume, generation, attempt, %reason, "barrier aborted");
                     for node in silent {

@@ -101,7 +101,7 @@ impl Daemon {
         let catalog = self.catalog();
         for v in &new.volumes {
             if catalog.volumes.get(&v.name).is_some_and(|current| v.extents != current.table().extents()) {
-                changes.push(TableChange { volume: v.name.clone(), extents: v.extents.clone(), catalog: None });
+                changes.push(TableChange { volume: v.name.clone(), extents: v.extents.clone(), catalog: None, strict: false });
             }
         }
         Ok(changes)

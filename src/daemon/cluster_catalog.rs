@@ -42,7 +42,7 @@ impl Daemon {
             return Err(DaemonError::ClusterTable { volume: String::new(), reason });
         }
         let CatalogRecord { file, base, text } = source;
-        Ok(Some(TableChange { volume: CATALOG.into(), extents: Vec::new(), catalog: Some(CatalogChange { file, base, text, force, records: Vec::new() }) }))
+        Ok(Some(TableChange { volume: CATALOG.into(), extents: Vec::new(), catalog: Some(CatalogChange { file, base, text, force, records: Vec::new() }), strict: false }))
     }
 
     /// On the coordinator, before the barrier: the records its commit

@@ -50,7 +50,7 @@ impl LocalTables for ClusterNode {
 /// A migration's table changes (destination leg added, cutover, leg
 /// dropped): one barrier each, run by the coordinator.
 impl crate::migrate::ClusterTables for ClusterNode {
-    fn apply(&self, volume: &str, extents: Vec<crate::map::Extent>) -> Result<u64, MigrateError> {
+    fn apply(&self, volume: &str, extents: Vec<crate::map::Extent>, strict: bool) -> Result<u64, MigrateError> {
         use crate::migrate::MigrateErrorKind as Kind;
         let failed = |e: DaemonError| {
             let e = ApiError::from(e);
@@ -63,7 +63,7 @@ impl crate::migrate::ClusterTables for ClusterNode {
             MigrateError::Cluster { kind, message: e.message }
         };
         let daemon = self.0.upgrade().ok_or_else(|| failed(DaemonError::NotClustered))?;
-        let change = TableChange { volume: volume.into(), extents, catalog: None };
+        let change = TableChange { volume: volume.into(), extents, catalog: None, strict };
         let report = daemon.apply_anywhere(daemon.member().map_err(failed)?, vec![change]).map_err(failed)?;
         let applied = report.volumes.into_iter().find(|v| v.volume == volume);
         let applied = applied.ok_or_else(|| MigrateError::Cluster { kind: Kind::Io, message: format!("the coordinator's report lacks volume '{volume}'") })?;
@@ -72,6 +72,14 @@ impl crate::migrate::ClusterTables for ClusterNode {
             tracing::warn!(volume, generation = applied.generation, node = %u, "a node did not confirm the migration's table change");
         }
         Ok(applied.generation)
+    }
+
+    fn writers(&self) -> Result<Vec<(String, i64)>, MigrateError> {
+        use crate::migrate::MigrateErrorKind as Kind;
+        let gone = |message: String| MigrateError::Cluster { kind: Kind::Busy, message };
+        let daemon = self.0.upgrade().ok_or_else(|| gone("the node is stopping".into()))?;
+        let (nodes, _) = daemon.member().map_err(|e| gone(e.to_string()))?.live_nodes().map_err(|e| gone(e.to_string()))?;
+        Ok(nodes.into_iter().map(|n| (n.node, n.lease)).collect())
     }
 
     fn claim(&self, volume: &str) -> Result<(), MigrateError> {

@@ -38,7 +38,7 @@ impl MigrationJob {
         if let Some(cluster) = self.cluster.get() {
             check().map_err(|reason| MigrateError::Cutover(crate::volume::SwapError::Commit { volume: self.spec.volume.clone(), reason, generation: old.table().generation() }))?;
             // Every node's hold forgets the legs the table dropped.
-            return cluster.apply(&self.spec.volume, extents);
+            return cluster.apply(&self.spec.volume, extents, cutover);
         }
         let table = MappingTable::new(old.table().generation() + 1, extents)?;
         let translation = Translation::open(table, &self.stores, old.redundancy())?;

@@ -93,6 +93,7 @@ fn status_of(
             throughput: 0,
             generation,
             node: None,
+            recopies: 0,
         }
     }
 
@@ -113,6 +114,8 @@ pub struct MigrationJob {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Set in cluster mode: the table changes go to every node.
     cluster: std::sync::OnceLock<Arc<dyn ClusterTables>>,
+    /// Copies started over because a node left meanwhile (`watch.rs`).
+    recopies: std::sync::atomic::AtomicU32,
 }
 
 struct JobProgress {
@@ -167,6 +170,7 @@ impl MigrationJob {
             data_bytes: AtomicU64::new(0),
             thread: Mutex::new(None),
             cluster: std::sync::OnceLock::new(),
+            recopies: Default::default(),
         }))
     }
 
@@ -238,6 +242,7 @@ impl MigrationJob {
         let elapsed = s.began.elapsed().as_secs_f64().max(0.001);
         let mut status = status_of(&self.spec, s.state, s.reason.clone(), copied, s.started_at, s.finished_at, s.generation);
         status.data_bytes = self.data_bytes.load(Ordering::Relaxed);
+        status.recopies = self.recopies.load(Ordering::Relaxed);
         status.throughput = (copied.saturating_sub(s.resumed_bytes) as f64 / elapsed) as u64;
         status
     }

@@ -23,29 +23,71 @@ impl MigrationJob {
         let Some(leg) = self.leg() else {
             return self.finish(MigrationState::Failed, Some(format!("volume '{}' has no leg on '{}'", self.spec.volume, self.spec.dest)));
         };
+        loop {
+            // In a cluster, who may write before the copy starts: one that
+            // leaves before the cutover may have left a write half done
+            // behind the copy (source written, destination not), so the
+            // copy runs again (see ARCHITECTURE, "Migration in a cluster").
+            let writers = self.cluster.get().and_then(|c| c.writers().ok());
+            if !self.copy(&leg) {
+                return;
+            }
+            self.track(&leg);
+            match self.cutover_patiently(writers.as_deref()) {
+                Ok(Some(generation)) => {
+                    lock(&self.status).generation = Some(generation);
+                    return self.completed();
+                }
+                Ok(None) => {
+                    if let Err(e) = self.copy_again(&leg) {
+                        return self.finish(MigrationState::Failed, Some(format!("marking the range to copy again: {e}")));
+                    }
+                }
+                Err(_) if self.abort.load(Ordering::SeqCst) => return self.finish(MigrationState::Aborted, None),
+                // Shutdown while the cutover waited: still running, resumed
+                // at the next start (its copy is checkpointed).
+                Err(_) if self.suspend.load(Ordering::SeqCst) => {
+                    if let Err(e) = self.save_checkpoint() {
+                        tracing::error!(volume = %self.spec.volume, error = %e, "final checkpoint before shutdown failed");
+                    }
+                    return;
+                }
+                Err(e) => return self.finish(MigrationState::Failed, Some(e.to_string())),
+            }
+        }
+    }
+
+    /// Copies until the destination leg is in sync: true then; false if
+    /// the job ended (aborted, failed, suspended).
+    fn copy(&self, leg: &Arc<LegState>) -> bool {
         let job = ResyncJob::start(self.volume.clone(), &self.spec.dest, self.spec.rate);
         *lock(&self.resync) = Some(job.clone());
         let mut last_checkpoint = Instant::now();
         loop {
-            self.track(&leg);
+            self.track(leg);
             if self.abort.load(Ordering::SeqCst) {
-                return self.finish(MigrationState::Aborted, None);
+                self.finish(MigrationState::Aborted, None);
+                return false;
             }
             if self.suspend.load(Ordering::SeqCst) {
                 job.stop();
-                self.track(&leg);
+                self.track(leg);
                 if let Err(e) = self.save_checkpoint() {
                     tracing::error!(volume = %self.spec.volume, error = %e, "final checkpoint before shutdown failed");
                 }
-                return;
+                return false;
             }
             if leg.condition() == LegCondition::Failed {
                 let reason = leg.reason().unwrap_or_else(|| "the destination failed".into());
-                return self.finish(MigrationState::Failed, Some(reason));
+                self.finish(MigrationState::Failed, Some(reason));
+                return false;
             }
             match job.end() {
-                Some(ResyncEnd::InSync) => break,
-                Some(ResyncEnd::Failed(reason)) => return self.finish(MigrationState::Failed, Some(leg.reason().unwrap_or(reason))),
+                Some(ResyncEnd::InSync) => return true,
+                Some(ResyncEnd::Failed(reason)) => {
+                    self.finish(MigrationState::Failed, Some(leg.reason().unwrap_or(reason)));
+                    return false;
+                }
                 Some(ResyncEnd::Stopped) | None => {}
             }
             if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
@@ -56,32 +98,43 @@ impl MigrationJob {
             }
             std::thread::sleep(POLL);
         }
-        self.track(&leg);
-        match self.cutover_patiently() {
-            Ok(generation) => {
-                lock(&self.status).generation = Some(generation);
-                self.completed();
-            }
-            Err(_) if self.abort.load(Ordering::SeqCst) => self.finish(MigrationState::Aborted, None),
-            // Shutdown while the cutover waited: still running, resumed at
-            // the next start (its copy is checkpointed).
-            Err(_) if self.suspend.load(Ordering::SeqCst) => {
-                if let Err(e) = self.save_checkpoint() {
-                    tracing::error!(volume = %self.spec.volume, error = %e, "final checkpoint before shutdown failed");
-                }
-            }
-            Err(e) => self.finish(MigrationState::Failed, Some(e.to_string())),
-        }
+    }
+
+    /// The whole range stale again on the destination leg (durably), for
+    /// the next copy pass.
+    fn copy_again(&self, leg: &LegState) -> std::io::Result<()> {
+        let red = self.volume.translation().redundancy().clone();
+        leg.stale().set_durable(red.regions_of(self.spec.range.start, self.spec.range.len()))?;
+        leg.set_condition(LegCondition::Resyncing, None);
+        red.save_legs()?;
+        self.recopies.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The cutover; in a cluster, one refused for now (etcd does not
-    /// answer, no coordinator yet, a barrier that timed out) is tried again
-    /// for `CUTOVER_PATIENCE`, since the copy is done and every node keeps
-    /// writing both legs meanwhile. Abort and shutdown still end it.
-    fn cutover_patiently(&self) -> Result<u64, MigrateError> {
+    /// answer, no coordinator yet, a barrier that timed out or a node that
+    /// did not answer) is tried again for `CUTOVER_PATIENCE`, since the
+    /// copy is done and every node keeps writing both legs meanwhile.
+    /// Abort and shutdown still end it. `Ok(None)`: a node of `writers`
+    /// (those that could write when the copy began; `None`: unknown) has
+    /// left since: the copy must run again first. The cutover barrier
+    /// itself never commits past a node for the same reason (`strict`).
+    fn cutover_patiently(&self, writers: Option<&[(String, i64)]>) -> Result<Option<u64>, MigrateError> {
         let started = Instant::now();
         loop {
-            match self.cutover() {
+            let attempt = match self.cluster.get().map(|c| c.writers()) {
+                Some(Ok(now)) => match writers.map(|before| before.iter().filter(|w| !now.contains(w)).map(|(n, _)| n.as_str()).collect::<Vec<_>>()) {
+                    Some(left) if left.is_empty() => self.cutover(),
+                    left => {
+                        let left = left.map_or_else(|| "unknown (etcd did not answer when it began)".into(), |l| l.join(", "));
+                        tracing::warn!(volume = %self.spec.volume, left = %left, "nodes left the cluster during the copy: copying the range again before the cutover");
+                        return Ok(None);
+                    }
+                },
+                Some(Err(e)) => Err(e),
+                None => self.cutover(),
+            };
+            match attempt {
                 Err(e) if e.kind() == MigrateErrorKind::Busy && self.cluster.get().is_some() && started.elapsed() < CUTOVER_PATIENCE => {
                     if self.abort.load(Ordering::SeqCst) || self.suspend.load(Ordering::SeqCst) {
                         return Err(e);
@@ -89,7 +142,7 @@ impl MigrationJob {
                     tracing::warn!(volume = %self.spec.volume, error = %e, "cutover refused for now; trying again");
                     std::thread::sleep(CUTOVER_RETRY);
                 }
-                other => return other,
+                other => return other.map(Some),
             }
         }
     }
