@@ -77,13 +77,21 @@ fn open_store(spec: &BackendSpec) -> Result<Arc<dyn Backend>, OpenError> {
         // fails if the name exists): a cluster's nodes may create the same
         // shared file at once, and none may open it half made.
         let tmp = path.with_file_name(format!(".{}.{}.new", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), std::process::id()));
+        // One a crash left behind (a process of the same pid) is ours.
+        let _ = std::fs::remove_file(&tmp);
         let file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| io_err(spec, e))?;
         let linked = file.set_len(size).and_then(|()| std::fs::hard_link(&tmp, path));
         let _ = std::fs::remove_file(&tmp);
         match linked {
             Ok(()) => tracing::info!(backend = %spec.name, path = %path.display(), size, "created sparse file"),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io_err(spec, e)),
+            // A filesystem without hard links: created in place, as before
+            // (only nodes sharing one such file at once could race).
+            Err(_) => {
+                let file = OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| io_err(spec, e))?;
+                file.set_len(size).map_err(|e| io_err(spec, e))?;
+                tracing::info!(backend = %spec.name, path = %path.display(), size, "created sparse file");
+            }
         }
     }
     let mut options = OpenOptions::new();
