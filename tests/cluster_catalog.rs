@@ -163,3 +163,30 @@ fn volumes_and_backends_are_added_and_removed_on_every_node() {
     }
     let _ = n2.stop();
 }
+
+/// A node restarted on a file edited while it was down starts on its last
+/// committed table (numbered like the other nodes', which forward by that
+/// number), not on a table of its own; `reload` then applies the edit on
+/// every node.
+#[test]
+fn a_file_edited_while_the_node_was_down_is_applied_by_reload_on_every_node() {
+    let etcd = TestEtcd::start();
+    let shared = tempfile::tempdir().unwrap();
+    let (n1, mut n2) = (node(&etcd.url, "n1", shared.path()), node(&etcd.url, "n2", shared.path()));
+    all_alive(&[&n1, &n2], 2);
+    n2.stop();
+    let file = std::fs::read_to_string(&n2.config).unwrap();
+    let edited = file.replace("length = 16777216\nbackend = \"a\"", "length = 16777216\nbackend = \"b\"");
+    assert_ne!(edited, file);
+    std::fs::write(&n2.config, &edited).unwrap();
+    respawn(&mut n2);
+    all_alive(&[&n1, &n2], 2);
+    assert_eq!(vol(&n2, "v")["extents"], vol(&n1, "v")["extents"], "n2 serves a table of its own\n{}", n2.log());
+    assert_eq!(generation(&n2, "v"), generation(&n1, "v"));
+    assert!(n2.log().contains("`nbdvirt reload` applies the file's on every node"), "{}", n2.log());
+    cli_ok(&n2, &["reload"]);
+    for n in [&n1, &n2] {
+        assert_eq!(extents_of(&vol(n, "v")), [(0, SIZE, "b".to_string(), 0)], "{}", n.log());
+    }
+    assert_eq!(generation(&n2, "v"), generation(&n1, "v"));
+}

@@ -123,6 +123,19 @@ fn security(config: &Config) -> Result<crate::server::Security, DaemonError> {
     })
 }
 
+/// The file as last read, where a cluster node started on its committed
+/// tables rather than the file's: as if it still said those, so that the
+/// next reload applies the edit (on every node).
+fn read_as_committed(config: &Config, unapplied: &[(String, Vec<crate::map::Extent>)]) -> Config {
+    let mut read = config.clone();
+    for v in &mut read.volumes {
+        if let Some((_, extents)) = unapplied.iter().find(|(n, _)| *n == v.name) {
+            v.extents = extents.clone();
+        }
+    }
+    read
+}
+
 fn swap_options(config: &Config, crash_at: Option<SwapPhase>) -> SwapOptions {
     SwapOptions { pause_timeout: config.server.pause_timeout, retries: config.server.pause_retries, backoff: crate::defaults::SWAP_BACKOFF, crash_at }
 }
@@ -135,7 +148,7 @@ impl Daemon {
         let state = StateDir::open(&config.server.state_dir).map_err(|e| DaemonError::io("state_dir", e))?;
         let stores = open_stores(&config, &HashMap::new())?;
         let handles = handles(&stores);
-        let (tables, pending) = reconcile::startup_tables(&config, &state)?;
+        let reconcile::StartupTables { tables, pending, unapplied } = reconcile::startup_tables(&config, &state)?;
         let file = config.file_name();
         let forward = config.cluster.as_ref().map(|_| forwarding::ForwardRoutes::new(&config.backends));
         let mut volumes = BTreeMap::new();
@@ -177,7 +190,7 @@ impl Daemon {
             pools,
             pool_written: Mutex::new(HashMap::new()),
             swap: Mutex::new(swap),
-            file_read: Mutex::new(config.clone()),
+            file_read: Mutex::new(read_as_committed(&config, &unapplied)),
             config: Mutex::new(config),
             stores: Mutex::new(stores),
             server: Mutex::new(server),

@@ -44,17 +44,36 @@ pub fn decide(at: &str, v: &VolumeConfig, record: Option<&GenerationRecord>) -> 
     Ok(Decision::Commit(table, "config"))
 }
 
+/// What a node starts on: each volume's table, the generations to commit
+/// before serving them, and (cluster mode) the volumes whose file was
+/// edited while the node was down, with the extents it last committed.
+pub struct StartupTables {
+    pub tables: Vec<MappingTable>,
+    pub pending: Vec<GenerationRecord>,
+    pub unapplied: Vec<(String, Vec<crate::map::Extent>)>,
+}
+
 /// The tables every volume starts on, and the generations to commit before
 /// serving them. Never silently reverts run-time changes: a volume whose
 /// config diverged from them keeps its persisted mapping, with a warning.
-pub fn startup_tables(config: &Config, state: &StateDir) -> Result<(Vec<MappingTable>, Vec<GenerationRecord>), DaemonError> {
+/// A cluster node keeps its last committed table when its file was edited
+/// meanwhile: a table of its own would be numbered apart from the others'
+/// (whose forwarded requests it would then refuse); the cluster's tables
+/// come at the join, and a reload applies the edit on every node.
+pub fn startup_tables(config: &Config, state: &StateDir) -> Result<StartupTables, DaemonError> {
     let file = config.file_name();
     let mut tables = Vec::new();
     let mut pending = Vec::new();
+    let mut unapplied = Vec::new();
     for v in &config.volumes {
         let rec = state.load(&v.name)?;
         let decision = decide(&format!("{file}:{}", v.line), v, rec.as_ref());
         let table = match (decision, &rec) {
+            (Ok(Decision::Commit(_, "config")), Some(rec)) if config.cluster.is_some() => {
+                tracing::warn!(volume = %v.name, generation = rec.generation, "the file's table changed while this node was down: starting on its last committed table (the cluster's comes at the join); `nbdvirt reload` applies the file's on every node");
+                unapplied.push((v.name.clone(), rec.config_extents.clone()));
+                persisted_table(rec)?
+            }
             (Ok(Decision::Commit(t, reason)), _) => {
                 pending.push(GenerationRecord::new(&v.name, &t, &v.extents, reason));
                 t
@@ -89,7 +108,7 @@ pub fn startup_tables(config: &Config, state: &StateDir) -> Result<(Vec<MappingT
         tables.push(table);
     }
     config.validate_tables(&tables)?;
-    Ok((tables, pending))
+    Ok(StartupTables { tables, pending, unapplied })
 }
 
 /// `table` with the mirror legs on stores `known` does not know dropped,
