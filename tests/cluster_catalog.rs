@@ -88,6 +88,11 @@ fn volumes_and_backends_are_added_and_removed_on_every_node() {
     assert_eq!(catalog["volume"], "(catalog)", "{report}");
     assert_eq!(catalog["added"], serde_json::json!(["w"]), "{report}");
     assert_eq!(catalog["fenced"], serde_json::json!(["n3"]), "{report}");
+    // Seen at n2's next look at etcd.
+    wait_until(&n2, "the catalog in cluster status", Duration::from_secs(10), || !json(&cli_ok(&n2, &["cluster", "status", "--json"]))["catalog"].is_null());
+    let status = json(&cli_ok(&n2, &["cluster", "status", "--json"]));
+    assert_eq!(status["catalog"]["file"], n1.config.display().to_string(), "{status}");
+    assert_eq!(status["catalog"]["node"], report["coordinator"], "{status}");
     for n in [&n1, &n2] {
         assert_eq!(volumes(n), ["v", "w"], "{}", n.log());
         assert!(backends(n).contains(&"c".to_string()), "{}", poll_status(n));

@@ -30,6 +30,17 @@ impl std::fmt::Display for NodeState {
     }
 }
 
+/// Where the cluster's volumes and backends come from: the last `cluster
+/// apply` that added or removed any.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogView {
+    /// The file it applied (as named where it was read).
+    pub file: String,
+    /// The coordinator that committed it, and when (Unix seconds).
+    pub node: String,
+    pub applied_at: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CoordinatorView {
     pub node: String,
@@ -100,4 +111,7 @@ pub struct ClusterStatus {
     /// Barriers in progress on this node.
     #[serde(default)]
     pub barriers: Vec<BarrierView>,
+    /// `None`: every node serves its own config's volumes and backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog: Option<CatalogView>,
 }

@@ -18,7 +18,7 @@ mod request;
 mod response;
 mod status;
 
-pub use cluster::{BarrierView, ClusterStatus, CoordinatorView, NodeState, NodeView};
+pub use cluster::{BarrierView, CatalogView, ClusterStatus, CoordinatorView, NodeState, NodeView};
 pub use error::{ApiError, ErrorKind, ExitCode};
 pub use peer::{ApplyReport, BarrierReport, CatalogChange, FailsafeAck, Held, HoldOrder, PeerRequest, TableChange, VolumeRecord, CATALOG};
 pub use mirror::{LegStatus, MergeKeep, MirrorList, MirrorStatus, PairReport, TrackerStatus};

@@ -133,6 +133,13 @@ fn print(s: &ClusterStatus) {
     if let Some(e) = &s.etcd_error {
         println!("etcd: {e}");
     }
+    match &s.catalog {
+        Some(c) => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            println!("volumes and backends: {} (cluster apply committed by {}, {} s ago)", c.file, c.node, now.saturating_sub(c.applied_at));
+        }
+        None => println!("volumes and backends: each node's config (no cluster apply added or removed any)"),
+    }
     let mut t = render::table(&["NODE", "PEER", "ALIVE", "LEASE LEFT", "ROLE", "GENERATIONS", "FENCED BY"]);
     for n in &s.nodes {
         let lease = n.lease_left_ms.map_or_else(|| "-".to_string(), |ms| format!("{} s", ms / 1000));

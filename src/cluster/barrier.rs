@@ -196,7 +196,8 @@ impl Cluster {
         match &change.catalog {
             None => vec![record(&VolumeRecord { volume: change.volume.clone(), generation, extents: change.extents.clone(), removed: false })],
             Some(c) => {
-                let file = keys::CatalogRecord { file: c.file.clone(), base: c.base.clone(), text: c.text.clone() };
+                let applied_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                let file = keys::CatalogRecord { file: c.file.clone(), base: c.base.clone(), text: c.text.clone(), node: self.node().to_string(), applied_at };
                 let mut writes = vec![(keys::catalog(self.name()), serde_json::to_vec(&file).expect("a catalog record serializes"))];
                 writes.extend(c.records.iter().map(record));
                 writes

@@ -75,11 +75,16 @@ pub fn catalog(cluster: &str) -> String {
 }
 
 /// The file a catalog came from (see `api::CatalogChange`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CatalogRecord {
     pub file: String,
     pub base: std::path::PathBuf,
     pub text: String,
+    /// The coordinator that committed it, and when (Unix seconds).
+    #[serde(default)]
+    pub node: String,
+    #[serde(default)]
+    pub applied_at: u64,
 }
 
 /// A live node, as it publishes itself.

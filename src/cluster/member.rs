@@ -252,7 +252,9 @@ impl Member {
             }
         }
         nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        let catalog = etcd.get(&keys::catalog(&cfg.name)).await?.and_then(|e| serde_json::from_slice::<keys::CatalogRecord>(&e.value).ok());
         let mut view = super::lock_view(&self.shared);
+        view.catalog = catalog.map(|c| crate::api::CatalogView { file: c.file, node: c.node, applied_at: c.applied_at });
         // A lease lives at least a TTL: looks less than half a TTL apart see
         // every lease alive at least once, so a member seen dead at both
         // has been dead since the first. After a longer gap it may have

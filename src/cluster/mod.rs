@@ -164,6 +164,7 @@ struct View {
     /// Since when this node has seen each member without a live lease (a
     /// coordinator commits past one only `failsafe` after: `failsafe.rs`).
     dead_since: BTreeMap<String, Instant>,
+    catalog: Option<crate::api::CatalogView>,
 }
 
 fn lock_view(shared: &Shared) -> MutexGuard<'_, View> {
@@ -193,7 +194,7 @@ impl Cluster {
     /// moment ago still holds its id until its lease expires).
     pub fn start(cfg: ClusterConfig, state: StateDir, fence: Arc<ServeFence>, local: Arc<dyn LocalTables>) -> Result<Cluster, ClusterError> {
         let highest = state.read_json::<keys::EpochRecord>(std::path::Path::new(keys::EPOCH_FILE)).map_err(|e| ClusterError::State(e.to_string()))?.unwrap_or_default();
-        let view = View { joined: false, was_joined: false, etcd_error: None, observed: Instant::now(), coordinator: None, highest_epoch: highest.highest, nodes: Vec::new(), failsafe: false, dead_since: BTreeMap::new() };
+        let view = View { joined: false, was_joined: false, etcd_error: None, observed: Instant::now(), coordinator: None, highest_epoch: highest.highest, nodes: Vec::new(), failsafe: false, dead_since: BTreeMap::new(), catalog: None };
         let shared = Arc::new(Shared { cfg, fence, view: Mutex::new(view), state, etcd: Mutex::new(None), fenced_for_good: Default::default(), rejoin: Default::default(), in_progress: Default::default(), lease: Default::default() });
         let mut member = member::Member::new(shared.clone(), local);
         let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -238,6 +239,7 @@ impl Cluster {
             highest_epoch: view.highest_epoch,
             nodes: view.nodes.clone(),
             barriers: self.shared.in_progress.list(),
+            catalog: view.catalog.clone(),
         }
     }
 

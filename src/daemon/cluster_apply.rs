@@ -17,7 +17,7 @@ use std::time::Duration;
 pub(super) fn read_source(path: &Path) -> Result<CatalogRecord, ConfigError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError { file: file.clone(), line: None, field: None, message: format!("cannot read: {e}") })?;
-    Ok(CatalogRecord { file, base: path.parent().map(Path::to_path_buf).unwrap_or_default(), text })
+    Ok(CatalogRecord { file, base: path.parent().map(Path::to_path_buf).unwrap_or_default(), text, ..Default::default() })
 }
 
 impl Daemon {
@@ -69,7 +69,7 @@ impl Daemon {
             let edited = |v: &&crate::config::VolumeConfig| read.volumes.iter().find(|o| o.name == v.name).is_none_or(|o| o.extents != v.extents);
             new.volumes.iter().filter(edited).map(|v| v.name.clone()).collect::<Vec<_>>()
         };
-        let source = CatalogRecord { file: new.file_name(), base: Default::default(), text: String::new() };
+        let source = CatalogRecord { file: new.file_name(), ..Default::default() };
         let changes: Vec<TableChange> = self.file_changes(new, source, false)?.into_iter().filter(|c| c.catalog.is_none() && edited.contains(&c.volume)).collect();
         if changes.is_empty() {
             return Ok(());

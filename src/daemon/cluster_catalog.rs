@@ -41,7 +41,7 @@ impl Daemon {
             let reason = format!("{}: adds or removes volumes or backends but has no [cluster] section; the cluster's volumes are checked as a cluster node's", new.file_name());
             return Err(DaemonError::ClusterTable { volume: String::new(), reason });
         }
-        let CatalogRecord { file, base, text } = source;
+        let CatalogRecord { file, base, text, .. } = source;
         Ok(Some(TableChange { volume: CATALOG.into(), extents: Vec::new(), catalog: Some(CatalogChange { file, base, text, force, records: Vec::new() }), strict: false }))
     }
 

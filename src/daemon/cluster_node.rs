@@ -106,7 +106,7 @@ impl peer::PeerHandler for ClusterNode {
             PeerRequest::Apply { changes } => daemon.apply_changes(changes).map(Response::ok),
             PeerRequest::ApplyConfig { file, base, text, force } => {
                 let config = Config::parse(&text, &file, &base).map(|c| Config { source: Some(file.clone().into()), ..c }).map_err(DaemonError::from);
-                let source = CatalogRecord { file, base, text };
+                let source = CatalogRecord { file, base, text, ..Default::default() };
                 config.and_then(|c| daemon.file_changes(&c, source, force)).and_then(|changes| daemon.apply_changes(changes)).map(Response::ok)
             }
             PeerRequest::Hold(order) => daemon.cluster_hold(order).map(Response::ok),
