@@ -87,7 +87,7 @@ fn volumes_and_backends_are_added_and_removed_on_every_node() {
     let catalog = &report["volumes"][0];
     assert_eq!(catalog["volume"], "(catalog)", "{report}");
     assert_eq!(catalog["added"], serde_json::json!(["w"]), "{report}");
-    assert_eq!(catalog["fenced"], serde_json::json!(["n3"]), "{report}");
+    assert_eq!(catalog["nodes"], serde_json::json!(["n1", "n2"]), "{report}");
     // Seen at n2's next look at etcd.
     wait_until(&n2, "the catalog in cluster status", Duration::from_secs(10), || !json(&cli_ok(&n2, &["cluster", "status", "--json"]))["catalog"].is_null());
     let status = json(&cli_ok(&n2, &["cluster", "status", "--json"]));
