@@ -185,9 +185,7 @@ impl Cluster {
         }
         Ok(Attempt::Retry { reason: reasons.join("; "), silent, invalid })
     }
-}
 
-impl Cluster {
     /// What the commit of `change` writes besides its decision: the
     /// volume's record; for a catalog, the file and the records of the
     /// volumes it adds and removes.

@@ -104,14 +104,6 @@ impl Cluster {
         }
     }
 
-    /// The cluster's catalog, if a `cluster apply` ever added or removed
-    /// volumes or backends.
-    pub fn catalog(&self) -> Result<Option<keys::CatalogRecord>, ClusterError> {
-        let key = keys::catalog(self.name());
-        let found = self.run(|e| async move { e.get(&key).await })?.map_err(|e| ClusterError::EtcdDown(e.to_string()))?;
-        found.map(|entry| serde_json::from_slice(&entry.value).map_err(|e| ClusterError::BadRecord(e.to_string()))).transpose()
-    }
-
     /// Notes that `node` was committed past during `barrier`.
     pub(crate) fn record_fenced(&self, node: &str, barrier: &str) {
         let key = keys::fenced(self.name(), node);
