@@ -115,7 +115,8 @@ fn volumes_and_backends_are_added_and_removed_on_every_node() {
     // volumes (n2's file never had w).
     cli_ok(&n2, &["reload"]);
     assert_eq!(volumes(&n2), ["v", "w"]);
-    // A reload whose file adds a volume is refused: that is cluster apply's.
+    // A reload whose file adds a volume while it lags behind the cluster's
+    // (no w) is refused: it would drop w; that is cluster apply's.
     let n2_file = std::fs::read_to_string(&n2.config).unwrap();
     std::fs::write(&n2.config, format!("{n2_file}{}", added(shared.path()).replace("\"w\"", "\"x\"").replace("name = \"c\"", "name = \"c2\"").replace("backend = \"c\"", "backend = \"c2\""))).unwrap();
     let out = cli(&n2, &["reload"]);
@@ -172,7 +173,7 @@ fn volumes_and_backends_are_added_and_removed_on_every_node() {
 /// A node restarted on a file edited while it was down starts on its last
 /// committed table (numbered like the other nodes', which forward by that
 /// number), not on a table of its own; `reload` then applies the edit on
-/// every node.
+/// every node, and so it does volumes the file adds or removes.
 #[test]
 fn a_file_edited_while_the_node_was_down_is_applied_by_reload_on_every_node() {
     let etcd = TestEtcd::start();
@@ -194,4 +195,20 @@ fn a_file_edited_while_the_node_was_down_is_applied_by_reload_on_every_node() {
         assert_eq!(extents_of(&vol(n, "v")), [(0, SIZE, "b".to_string(), 0)], "{}", n.log());
     }
     assert_eq!(generation(&n2, "v"), generation(&n1, "v"));
+
+    // n2's file has the cluster's volumes: a reload of it adding volume w
+    // (on a new backend) adds it on every node, and one removing it again
+    // removes it everywhere.
+    std::fs::write(&n2.config, format!("{edited}{}", added(shared.path()))).unwrap();
+    let report = json(&cli_ok(&n2, &["reload", "--json"]));
+    assert_eq!(report["added"], serde_json::json!(["w"]), "{report}");
+    for n in [&n1, &n2] {
+        assert_eq!(volumes(n), ["v", "w"], "{}", n.log());
+    }
+    std::fs::write(&n2.config, &edited).unwrap();
+    let report = json(&cli_ok(&n2, &["reload", "--json"]));
+    assert_eq!(report["removed"], serde_json::json!(["w"]), "{report}");
+    for n in [&n1, &n2] {
+        assert_eq!(volumes(n), ["v"], "{}", n.log());
+    }
 }

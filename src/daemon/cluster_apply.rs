@@ -53,30 +53,44 @@ impl Daemon {
         }
     }
 
-    /// A reload's changes in a cluster: the tables that `new` edited since
-    /// the file was last read, on every node at once, reported as the
-    /// reload's swaps. A file that adds or removes volumes or backends is
-    /// refused: `cluster apply` makes a file's catalog the cluster's.
-    pub(super) fn reload_cluster_wide(&self, new: &Config, report: &mut ReloadReport) -> Result<(), DaemonError> {
+    /// A reload's changes in a cluster, on every node at once: the tables
+    /// that `new` edited since the file was last read (reported as the
+    /// reload's swaps), and the volumes and backends it added or removed
+    /// since (the file becomes the cluster's catalog: allowed only while
+    /// the file as last read had the cluster's volumes and backends, so
+    /// that it drops nothing added through another node).
+    pub(super) fn reload_cluster_wide(&self, source: CatalogRecord, new: &Config, force: bool, report: &mut ReloadReport) -> Result<(), DaemonError> {
         let before: BTreeMap<String, u64> = self.catalog().volumes.iter().map(|(name, v)| (name.clone(), v.generation())).collect();
-        let edited = {
-            let read = lock(&self.file_read);
-            let names = |c: &Config| (c.volumes.iter().map(|v| v.name.clone()).collect::<BTreeSet<_>>(), c.backends.iter().map(|b| b.spec.name.clone()).collect::<BTreeSet<_>>());
-            if names(new) != names(&read) {
-                let reason = format!("{}: a reload cannot add or remove volumes or backends in a cluster: `nbdvirt cluster apply --config FILE` makes FILE's volumes and backends the cluster's", new.file_name());
-                return Err(DaemonError::ClusterTable { volume: String::new(), reason });
-            }
-            let edited = |v: &&crate::config::VolumeConfig| read.volumes.iter().find(|o| o.name == v.name).is_none_or(|o| o.extents != v.extents);
-            new.volumes.iter().filter(edited).map(|v| v.name.clone()).collect::<Vec<_>>()
+        let read = lock(&self.file_read).clone();
+        let names = |volumes: &[crate::config::VolumeConfig], backends: &[crate::config::BackendConfig]| {
+            (volumes.iter().map(|v| v.name.clone()).collect::<BTreeSet<_>>(), backends.iter().map(|b| b.spec.name.clone()).collect::<BTreeSet<_>>())
         };
-        let source = CatalogRecord { file: new.file_name(), ..Default::default() };
-        let changes: Vec<TableChange> = self.file_changes(new, source, false)?.into_iter().filter(|c| c.catalog.is_none() && edited.contains(&c.volume)).collect();
+        let running = {
+            let config = lock(&self.config);
+            names(&config.volumes, &config.backends)
+        };
+        let catalog_edited = names(&new.volumes, &new.backends) != names(&read.volumes, &read.backends);
+        if catalog_edited && names(&read.volumes, &read.backends) != running {
+            let reason = format!(
+                "{}: adds or removes volumes or backends, but the cluster's differ from this file's as last read (changed through `cluster apply` since): a reload would drop them; `nbdvirt cluster apply --config FILE` makes FILE's volumes and backends the cluster's",
+                new.file_name()
+            );
+            return Err(DaemonError::ClusterTable { volume: String::new(), reason });
+        }
+        let edited: Vec<String> = new.volumes.iter().filter(|v| read.volumes.iter().find(|o| o.name == v.name).is_none_or(|o| o.extents != v.extents)).map(|v| v.name.clone()).collect();
+        let wanted = |c: &TableChange| if c.catalog.is_some() { catalog_edited } else { edited.contains(&c.volume) };
+        let changes: Vec<TableChange> = self.file_changes(new, source, force)?.into_iter().filter(wanted).collect();
         if changes.is_empty() {
             return Ok(());
         }
         for v in self.apply_anywhere(self.member()?, changes)?.volumes {
             // Committed, but a node did not take it: the reload is partial.
             report.errors.extend(v.unconfirmed.iter().map(|u| format!("volume '{}' generation {}: not confirmed by {u}", v.volume, v.generation)));
+            if v.volume == crate::api::CATALOG {
+                report.added.extend(v.added);
+                report.removed.extend(v.removed);
+                continue;
+            }
             report.swapped.push(SwapOutcome { from_generation: before.get(&v.volume).copied().unwrap_or(0), generation: v.generation, ranges: Vec::new(), attempts: v.attempts, hold: v.hold_us, drain: 0, volume: v.volume });
         }
         Ok(())

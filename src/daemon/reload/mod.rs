@@ -56,9 +56,10 @@ impl Daemon {
 
     /// Re-reads the config file and applies it under live I/O.
     pub fn reload(&self, force: bool) -> Result<ReloadReport, DaemonError> {
-        let _admin = lock(&self.admin);
         let path = self.config_path.clone().ok_or(DaemonError::NoConfigFile)?;
-        let mut new = Config::load(&path)?;
+        // Read once: in a cluster its text may become the cluster's catalog.
+        let source = super::cluster_apply::read_source(&path)?;
+        let mut new = Config { source: Some(path.clone()), ..Config::parse(&source.text, &source.file, &source.base)? };
         // Credentials first: a bad certificate fails the reload before
         // anything changes.
         let mut security = super::security(&new)?;
@@ -66,11 +67,15 @@ impl Daemon {
         let clustered = self.cluster.get().is_some();
         let mut file = None;
         if clustered {
-            // In a cluster the tables edited in this file since it was last
-            // read change on every node at once (as `cluster apply`); a
-            // table the file merely lags behind (the cluster changed it
-            // since) stays: a reload for new TLS files must not revert it.
-            self.reload_cluster_wide(&new, &mut report)?;
+            // In a cluster what this file changed since it was last read
+            // changes on every node at once (as `cluster apply`); what it
+            // merely lags behind (the cluster changed it since) stays: a
+            // reload for new TLS files must not revert it. Before the admin
+            // lock: a catalog barrier's hold takes it on every node.
+            self.reload_cluster_wide(source, &new, force, &mut report)?;
+        }
+        let _admin = lock(&self.admin);
+        if clustered {
             file = Some(new.clone());
             self.keep_cluster_catalog(&mut new);
             security = super::security(&new)?;
