@@ -211,4 +211,11 @@ fn a_file_edited_while_the_node_was_down_is_applied_by_reload_on_every_node() {
     for n in [&n1, &n2] {
         assert_eq!(volumes(n), ["v"], "{}", n.log());
     }
+    // A file too large for etcd to keep as the catalog is refused up front.
+    let comment = format!("# {}\n", "x".repeat(1 << 20));
+    std::fs::write(&n2.config, format!("{edited}{comment}{}", added(shared.path()))).unwrap();
+    let out = apply(&n2, &[]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert!(text(&out).contains("at most 1048576 bytes"), "{}", text(&out));
+    assert_eq!(volumes(&n1), ["v"]);
 }

@@ -22,6 +22,11 @@ use crate::sync::lock;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{mpsc, Arc};
 
+/// The largest file a catalog may come from: its text goes into one etcd
+/// transaction with the volume records, and etcd refuses requests over
+/// 1.5 MiB by default.
+const MAX_CATALOG_TEXT: usize = 1 << 20;
+
 /// A staged catalog: the config this node runs with it, and what reload
 /// applies.
 type StagedCatalog = (Config, StagedReload, crate::server::Security);
@@ -39,6 +44,11 @@ impl Daemon {
             // Its volumes must pass the checks a cluster node's config does
             // (no mirrors, every extent reachable from some node).
             let reason = format!("{}: adds or removes volumes or backends but has no [cluster] section; the cluster's volumes are checked as a cluster node's", new.file_name());
+            return Err(DaemonError::ClusterTable { volume: String::new(), reason });
+        }
+        if source.text.len() > MAX_CATALOG_TEXT {
+            // Refused here, not by etcd at the commit after every node staged it.
+            let reason = format!("{}: {} bytes; the cluster's volumes and backends are kept in etcd as the file's text, at most {MAX_CATALOG_TEXT} bytes (etcd's requests are limited)", new.file_name(), source.text.len());
             return Err(DaemonError::ClusterTable { volume: String::new(), reason });
         }
         let CatalogRecord { file, base, text, .. } = source;
