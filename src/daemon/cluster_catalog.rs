@@ -82,17 +82,8 @@ impl Daemon {
     pub(super) fn catalog_hold(self: &Arc<Self>, order: HoldOrder) -> Result<Held, DaemonError> {
         let cluster = self.member()?;
         cluster.accept_epoch(order.epoch)?;
-        let (held_tx, held_rx) = mpsc::channel();
-        let (decide_tx, decide_rx) = mpsc::channel();
         let barrier = order.barrier.clone();
-        lock(&self.holds).insert(barrier.clone(), decide_tx);
-        let daemon = self.clone();
-        let spawned = std::thread::Builder::new().name("nbdvirt-hold".into()).spawn(move || daemon.hold_catalog(order, held_tx, decide_rx));
-        if let Err(e) = spawned {
-            lock(&self.holds).remove(&barrier);
-            return Err(DaemonError::io("starting a hold thread", e));
-        }
-        held_rx.recv().unwrap_or_else(|_| Err(DaemonError::ClusterTable { volume: String::new(), reason: "the hold thread ended".into() }))
+        self.spawn_hold(&barrier, move |daemon, held, decided| daemon.hold_catalog(order, held, decided))
     }
 
     fn hold_catalog(&self, order: HoldOrder, held: mpsc::Sender<Result<Held, DaemonError>>, decided: mpsc::Receiver<super::cluster_node::Decision>) {
@@ -140,7 +131,7 @@ impl Daemon {
         // While staged, messages name the catalog's file (its lines); the
         // running config stays this node's file's.
         let own = new.source.replace(change.file.clone().into());
-        let running = lock(&self.config).volumes.clone();
+        let running = std::mem::take(&mut new.volumes);
         new.backends = file.backends;
         // A running volume keeps its own entry (its lines, for messages);
         // the file may not change its settings (checked in the plan).

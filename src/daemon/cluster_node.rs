@@ -172,12 +172,20 @@ impl Daemon {
         let volume = self.volume(&order.volume)?;
         refuse_failed_legs(&volume, &order.extents, cluster.node())?;
         let (_, translation) = self.translation_for(&volume, order.generation, order.extents.clone())?;
+        let barrier = order.barrier.clone();
+        self.spawn_hold(&barrier, move |daemon, held, decided| daemon.hold(volume, translation, order, held, decided))
+    }
+
+    /// Registers the hold of `barrier` and starts its thread: `run` stages,
+    /// answers on the sender, then waits for the decision on the receiver.
+    /// Returns that answer.
+    pub(super) fn spawn_hold(self: &Arc<Self>, barrier: &str, run: impl FnOnce(Arc<Self>, mpsc::Sender<Result<Held, DaemonError>>, mpsc::Receiver<Decision>) + Send + 'static) -> Result<Held, DaemonError> {
         let (held_tx, held_rx) = mpsc::channel();
         let (decide_tx, decide_rx) = mpsc::channel();
-        lock(&self.holds).insert(order.barrier.clone(), decide_tx);
+        lock(&self.holds).insert(barrier.to_string(), decide_tx);
         let daemon = self.clone();
-        let spawned = std::thread::Builder::new().name("nbdvirt-hold".into()).spawn(move || daemon.hold(volume, translation, order, held_tx, decide_rx));
-        if let Err(e) = spawned {
+        if let Err(e) = std::thread::Builder::new().name("nbdvirt-hold".into()).spawn(move || run(daemon, held_tx, decide_rx)) {
+            lock(&self.holds).remove(barrier);
             return Err(DaemonError::io("starting a hold thread", e));
         }
         held_rx.recv().unwrap_or_else(|_| Err(DaemonError::ClusterTable { volume: String::new(), reason: "the hold thread ended".into() }))
