@@ -139,14 +139,26 @@ impl Daemon {
                 volumes.push(report);
                 continue;
             }
-            let local = self.volume(&change.volume)?.generation();
-            // Read before any node holds: without etcd nothing could
-            // commit, so `EtcdDown` refuses the change here.
-            let committed = cluster.committed(&change.volume)?.map_or(0, |r| r.generation);
-            let published = cluster.status().nodes.iter().filter_map(|n| n.generations.get(&change.volume).copied()).max().unwrap_or(0);
-            let generation = local.max(committed).max(published) + 1;
+            self.volume(&change.volume)?;
+            let generation = self.generation_above(cluster, std::slice::from_ref(&change.volume))?;
             volumes.push(cluster.run_barrier(&change, generation, timing)?);
         }
         Ok(ApplyReport { coordinator: node, epoch, volumes })
+    }
+
+    /// One above every generation `names` had: here, committed in etcd
+    /// (tombstones too) or published by any node. Read before any node
+    /// holds: without etcd nothing could commit, so `EtcdDown` refuses the
+    /// change here.
+    pub(super) fn generation_above(&self, cluster: &Cluster, names: &[String]) -> Result<u64, DaemonError> {
+        let (catalog, published) = (self.catalog(), cluster.status().nodes);
+        let mut highest = 0;
+        for name in names {
+            let committed = cluster.committed(name)?.map_or(0, |r| r.generation);
+            let seen = published.iter().filter_map(|n| n.generations.get(name).copied()).max().unwrap_or(0);
+            let local = catalog.volumes.get(name).map_or(0, |v| v.generation());
+            highest = highest.max(committed).max(seen).max(local);
+        }
+        Ok(highest + 1)
     }
 }

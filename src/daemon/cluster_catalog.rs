@@ -63,15 +63,8 @@ impl Daemon {
         let catalog = self.catalog();
         let added: Vec<_> = new.volumes.iter().filter(|v| !catalog.volumes.contains_key(&v.name)).collect();
         let removed: Vec<String> = catalog.volumes.keys().filter(|n| !new.volumes.iter().any(|v| &v.name == *n)).cloned().collect();
-        let published = cluster.status().nodes;
-        let mut generation = 0;
-        for name in added.iter().map(|v| &v.name).chain(&removed) {
-            let committed = cluster.committed(name)?.map_or(0, |r| r.generation);
-            let seen = published.iter().filter_map(|n| n.generations.get(name).copied()).max().unwrap_or(0);
-            let local = catalog.volumes.get(name).map_or(0, |v| v.generation());
-            generation = generation.max(committed).max(seen).max(local);
-        }
-        let generation = generation + 1;
+        let names: Vec<String> = added.iter().map(|v| v.name.clone()).chain(removed.iter().cloned()).collect();
+        let generation = self.generation_above(cluster, &names)?;
         change.records = added.iter().map(|v| VolumeRecord { volume: v.name.clone(), generation, extents: v.extents.clone(), removed: false }).collect();
         change.records.extend(removed.into_iter().map(|volume| VolumeRecord { volume, generation, extents: Vec::new(), removed: true }));
         Ok(generation)
