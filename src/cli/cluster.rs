@@ -6,7 +6,7 @@ use clap::Subcommand;
 use super::invalid;
 use nbdvirt::api::{ApiError, ApplyReport, ClusterStatus, ErrorKind, PeerRequest, Request};
 use nbdvirt::cluster::{coordinator_of, peer, ClusterError};
-use nbdvirt::config::{etcd_endpoint, Config};
+use nbdvirt::config::{etcd_endpoint, ConfigText};
 use std::path::Path;
 use std::time::Duration;
 
@@ -109,15 +109,15 @@ pub fn run(cmd: ClusterCommand) -> CliResult {
 /// (its backends and volumes are checked there, against the open ones).
 fn apply_via_etcd(file: &Path, etcd: &[String], cluster: Option<String>, force: bool) -> Result<ApplyReport, ApiError> {
     let endpoints = etcd.iter().map(|e| etcd_endpoint(e).map_err(|m| invalid(format!("--etcd: {m}")))).collect::<Result<Vec<_>, _>>()?;
-    let config = Config::load(file).map_err(|e| invalid(e.to_string()))?;
+    let read = ConfigText::read(file).map_err(|e| invalid(e.to_string()))?;
+    let config = read.parse().map_err(|e| invalid(e.to_string()))?;
     let name = cluster.or_else(|| config.cluster.as_ref().map(|c| c.name.clone())).ok_or_else(|| invalid(format!("{}: no [cluster] name in the file: give --cluster NAME", file.display())))?;
     let (node, _, peer) = coordinator_of(&endpoints, &name, Duration::from_secs(5)).map_err(|e| match e {
         ClusterError::NotCoordinator(m) => ApiError::new(ErrorKind::Busy, m),
         other => ApiError::new(ErrorKind::Io, other.to_string()),
     })?;
-    let text = std::fs::read_to_string(file).map_err(|e| invalid(format!("{}: {e}", file.display())))?;
-    let base = file.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let request = PeerRequest::ApplyConfig { file: file.display().to_string(), base, text, force };
+    // The text checked here is the text the coordinator parses.
+    let request = PeerRequest::ApplyConfig { file: read.file, base: read.base, text: read.text, force };
     peer::call(&peer, &request, Duration::from_secs(600)).map_err(|e| ApiError::new(e.kind, format!("coordinator {node} ({peer}): {}", e.message)))
 }
 

@@ -204,6 +204,32 @@ impl VolumeConfig {
     }
 }
 
+/// A configuration file's text as read, with its name and the directory
+/// its relative paths are relative to: what a cluster node sends on, so
+/// that every node parses exactly what was checked.
+#[derive(Debug, Clone)]
+pub struct ConfigText {
+    pub path: PathBuf,
+    pub file: String,
+    pub base: PathBuf,
+    pub text: String,
+}
+
+impl ConfigText {
+    pub fn read(path: &Path) -> Result<ConfigText, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError { file: file.clone(), line: None, field: None, message: format!("cannot read: {e}") })?;
+        Ok(ConfigText { path: path.to_path_buf(), file, base: path.parent().map(Path::to_path_buf).unwrap_or_default(), text })
+    }
+
+    /// Parses and checks it (`Config::load` of the file).
+    pub fn parse(&self) -> Result<Config, ConfigError> {
+        let mut config = raw::parse(&self.text, &self.file, &self.base)?;
+        config.source = Some(self.path.clone());
+        Ok(config)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// File the configuration came from; `None` for the embedded default.
@@ -252,16 +278,7 @@ impl Config {
     /// Reads and checks a configuration file. Relative paths inside it are
     /// relative to the file's directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.display().to_string(),
-            line: None,
-            field: None,
-            message: format!("cannot read: {e}"),
-        })?;
-        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let mut config = raw::parse(&text, &path.display().to_string(), &base)?;
-        config.source = Some(path.to_path_buf());
-        Ok(config)
+        ConfigText::read(path)?.parse()
     }
 
     /// The embedded default, with paths relative to the current directory.

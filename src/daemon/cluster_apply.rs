@@ -6,18 +6,15 @@
 use super::{Daemon, DaemonError};
 use crate::api::{ApplyReport, PeerRequest, ReloadReport, SwapOutcome, TableChange};
 use crate::cluster::{peer, BarrierTiming, CatalogRecord, Cluster};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigText};
 use crate::sync::lock;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-/// A config file's name, base directory and text, read once: what is
-/// checked here is what every node parses.
-pub(super) fn read_source(path: &Path) -> Result<CatalogRecord, ConfigError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError { file: file.clone(), line: None, field: None, message: format!("cannot read: {e}") })?;
-    Ok(CatalogRecord { file, base: path.parent().map(Path::to_path_buf).unwrap_or_default(), text, ..Default::default() })
+/// What a catalog change sends on: the file as read here.
+pub(super) fn catalog_source(read: ConfigText) -> CatalogRecord {
+    CatalogRecord { file: read.file, base: read.base, text: read.text, ..Default::default() }
 }
 
 impl Daemon {
@@ -26,10 +23,9 @@ impl Daemon {
     /// to it from elsewhere). `force` disconnects removed volumes' clients.
     pub fn cluster_apply(&self, path: &Path, force: bool) -> Result<ApplyReport, DaemonError> {
         let cluster = self.member()?;
-        let source = read_source(path)?;
-        let mut new = Config::parse(&source.text, &source.file, &source.base)?;
-        new.source = Some(path.to_path_buf());
-        let changes = self.file_changes(&new, source, force)?;
+        let read = ConfigText::read(path)?;
+        let new = read.parse()?;
+        let changes = self.file_changes(&new, catalog_source(read), force)?;
         let report = self.apply_anywhere(cluster, changes)?;
         // This node's own file applied: it counts as read (a reload
         // applies only what the file changed since: `reload_cluster_wide`).

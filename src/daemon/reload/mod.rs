@@ -58,8 +58,8 @@ impl Daemon {
     pub fn reload(&self, force: bool) -> Result<ReloadReport, DaemonError> {
         let path = self.config_path.clone().ok_or(DaemonError::NoConfigFile)?;
         // Read once: in a cluster its text may become the cluster's catalog.
-        let source = super::cluster_apply::read_source(&path)?;
-        let mut new = Config { source: Some(path.clone()), ..Config::parse(&source.text, &source.file, &source.base)? };
+        let read = crate::config::ConfigText::read(&path)?;
+        let mut new = read.parse()?;
         // Credentials first: a bad certificate fails the reload before
         // anything changes.
         let mut security = super::security(&new)?;
@@ -72,7 +72,7 @@ impl Daemon {
             // merely lags behind (the cluster changed it since) stays: a
             // reload for new TLS files must not revert it. Before the admin
             // lock: a catalog barrier's hold takes it on every node.
-            self.reload_cluster_wide(source, &new, force, &mut report)?;
+            self.reload_cluster_wide(super::cluster_apply::catalog_source(read), &new, force, &mut report)?;
         }
         let _admin = lock(&self.admin);
         if clustered {
