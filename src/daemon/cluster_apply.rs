@@ -8,7 +8,8 @@ use crate::api::{ApplyReport, PeerRequest, ReloadReport, SwapOutcome, TableChang
 use crate::cluster::{peer, BarrierTiming, CatalogRecord, Cluster};
 use crate::config::{Config, ConfigText};
 use crate::sync::lock;
-use std::collections::{BTreeMap, BTreeSet};
+use super::cluster_catalog::catalog_names;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -58,15 +59,9 @@ impl Daemon {
     pub(super) fn reload_cluster_wide(&self, source: CatalogRecord, new: &Config, force: bool, report: &mut ReloadReport) -> Result<(), DaemonError> {
         let before: BTreeMap<String, u64> = self.catalog().volumes.iter().map(|(name, v)| (name.clone(), v.generation())).collect();
         let read = lock(&self.file_read).clone();
-        let names = |volumes: &[crate::config::VolumeConfig], backends: &[crate::config::BackendConfig]| {
-            (volumes.iter().map(|v| v.name.clone()).collect::<BTreeSet<_>>(), backends.iter().map(|b| b.spec.name.clone()).collect::<BTreeSet<_>>())
-        };
-        let running = {
-            let config = lock(&self.config);
-            names(&config.volumes, &config.backends)
-        };
-        let catalog_edited = names(&new.volumes, &new.backends) != names(&read.volumes, &read.backends);
-        if catalog_edited && names(&read.volumes, &read.backends) != running {
+        let running = catalog_names(&lock(&self.config));
+        let catalog_edited = catalog_names(new) != catalog_names(&read);
+        if catalog_edited && catalog_names(&read) != running {
             let reason = format!(
                 "{}: adds or removes volumes or backends, but the cluster's differ from this file's as last read (changed through `cluster apply` since): a reload would drop them; `nbdvirt cluster apply --config FILE` makes FILE's volumes and backends the cluster's",
                 new.file_name()

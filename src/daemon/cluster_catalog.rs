@@ -35,9 +35,10 @@ impl Daemon {
     /// The catalog barrier `file` (parsed as `new`) needs: `None` if it has
     /// this node's volumes and backends.
     pub(super) fn catalog_change(&self, new: &Config, source: CatalogRecord, force: bool) -> Result<Option<TableChange>, DaemonError> {
-        let running: BTreeSet<String> = self.catalog().volumes.keys().cloned().collect();
-        let backends: BTreeSet<String> = lock(&self.config).backends.iter().map(|b| b.spec.name.clone()).collect();
-        if running == new.volumes.iter().map(|v| v.name.clone()).collect() && backends == new.backends.iter().map(|b| b.spec.name.clone()).collect() {
+        // The volumes served (one this node failed to add is not), the
+        // backends configured.
+        let running = (self.catalog().volumes.keys().cloned().collect(), catalog_names(&lock(&self.config)).1);
+        if running == catalog_names(new) {
             return Ok(None);
         }
         if new.cluster.is_none() {
@@ -214,6 +215,12 @@ impl Daemon {
             false => Err(DaemonError::ClusterTable { volume: String::new(), reason: format!("taking the cluster's catalog: {}", report.errors.join("; ")) }),
         }
     }
+}
+
+/// The names of `config`'s volumes and of its backends: what a catalog
+/// change changes.
+pub(super) fn catalog_names(config: &Config) -> (BTreeSet<String>, BTreeSet<String>) {
+    (config.volumes.iter().map(|v| v.name.clone()).collect(), config.backends.iter().map(|b| b.spec.name.clone()).collect())
 }
 
 /// Whether a running volume's entry can stand for the file's: the same

@@ -46,12 +46,7 @@ impl MigrationJob {
                 Err(_) if self.abort.load(Ordering::SeqCst) => return self.finish(MigrationState::Aborted, None),
                 // Shutdown while the cutover waited: still running, resumed
                 // at the next start (its copy is checkpointed).
-                Err(_) if self.suspend.load(Ordering::SeqCst) => {
-                    if let Err(e) = self.save_checkpoint() {
-                        tracing::error!(volume = %self.spec.volume, error = %e, "final checkpoint before shutdown failed");
-                    }
-                    return;
-                }
+                Err(_) if self.suspend.load(Ordering::SeqCst) => return self.final_checkpoint(),
                 Err(e) => return self.finish(MigrationState::Failed, Some(e.to_string())),
             }
         }
@@ -72,9 +67,7 @@ impl MigrationJob {
             if self.suspend.load(Ordering::SeqCst) {
                 job.stop();
                 self.track(leg);
-                if let Err(e) = self.save_checkpoint() {
-                    tracing::error!(volume = %self.spec.volume, error = %e, "final checkpoint before shutdown failed");
-                }
+                self.final_checkpoint();
                 return false;
             }
             if leg.condition() == LegCondition::Failed {
@@ -97,6 +90,14 @@ impl MigrationJob {
                 last_checkpoint = Instant::now();
             }
             std::thread::sleep(POLL);
+        }
+    }
+
+    /// The record saved as the job stops for a shutdown (it stays
+    /// running and resumes at the next start).
+    fn final_checkpoint(&self) {
+        if let Err(e) = self.save_checkpoint() {
+            tracing::error!(volume = %self.spec.volume, error = %e, "final checkpoint before shutdown failed");
         }
     }
 
