@@ -1,12 +1,12 @@
-//! The one lock helper of the crate, and a scoped setting of a
-//! thread-local.
+//! The one lock helper of the crate, a scoped setting of a thread-local,
+//! and work a thread puts off until it is about to wait.
 //!
 //! A panic while a lock is held (a bug, never an I/O error: those are
 //! values) must not take every later request down with a poisoned lock:
 //! the data behind our locks stays consistent between statements, so the
 //! guard is taken over as it is.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::thread::LocalKey;
 use std::time::Duration;
@@ -41,4 +41,74 @@ pub fn with_local<T: Copy + 'static, R>(key: &'static LocalKey<Cell<T>>, value: 
     }
     let _restore = Restore(key, key.replace(value));
     f()
+}
+
+/// Work put off until a thread waits, in the order it was put off.
+type Deferred = Vec<Box<dyn FnOnce()>>;
+
+thread_local! {
+    /// This thread's deferred work; `None` on a thread that never said it
+    /// runs such work (`runs_deferred_work`).
+    static BEFORE_WAIT: RefCell<Option<Deferred>> = const { RefCell::new(None) };
+}
+
+/// Declares that this thread calls [`run_deferred`] before every wait
+/// (a read that may sleep), so that [`defer_until_wait`] may put work off
+/// on it.
+pub fn runs_deferred_work() {
+    BEFORE_WAIT.with(|b| b.borrow_mut().get_or_insert_with(Vec::new).clear());
+}
+
+/// Puts `f` off until this thread is about to wait, if it runs deferred
+/// work; otherwise returns false and the caller does what `f` would
+/// (at once). Lets a thread that answers several requests in a row (a
+/// forwarding link's reader) write their replies together.
+pub fn defer_until_wait(f: impl FnOnce() + 'static) -> bool {
+    BEFORE_WAIT.with(|b| match b.borrow_mut().as_mut() {
+        Some(list) => {
+            list.push(Box::new(f));
+            true
+        }
+        None => false,
+    })
+}
+
+/// Runs the work put off on this thread, in the order it was put off.
+pub fn run_deferred() {
+    loop {
+        // Taken out first: deferred work may put off more.
+        let work = BEFORE_WAIT.with(|b| b.borrow_mut().as_mut().map(std::mem::take).unwrap_or_default());
+        if work.is_empty() {
+            return;
+        }
+        work.into_iter().for_each(|f| f());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deferred_work_waits_for_run_deferred_only_where_the_thread_runs_it() {
+        std::thread::spawn(|| {
+            assert!(!defer_until_wait(|| unreachable!("not deferred")), "a thread that never said it runs deferred work");
+            runs_deferred_work();
+            let done = std::rc::Rc::new(Cell::new(0));
+            let (d1, d2) = (done.clone(), done.clone());
+            assert!(defer_until_wait(move || {
+                d1.set(d1.get() * 10 + 1);
+                let d3 = d1.clone();
+                assert!(defer_until_wait(move || d3.set(d3.get() * 10 + 3)));
+            }));
+            assert!(defer_until_wait(move || d2.set(d2.get() * 10 + 2)));
+            assert_eq!(done.get(), 0, "nothing ran yet");
+            run_deferred();
+            assert_eq!(done.get(), 123, "in order, and work deferred by deferred work too");
+            run_deferred();
+            assert_eq!(done.get(), 123);
+        })
+        .join()
+        .unwrap();
+    }
 }

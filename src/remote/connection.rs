@@ -1,18 +1,20 @@
 //! One connection to the server in the transmission phase (a `Link`):
 //! callers write requests under a lock and wait for their own reply
-//! (`call`), or leave a completion that the reader runs (`start`); one
-//! reader thread per link takes the replies off the socket and hands each
-//! to its waiter by cookie. A link that breaks is dead for good: its
+//! (`call`), or leave a completion that the reader runs (`start`; a
+//! corked thread's requests leave together, `held.rs`); one reader thread
+//! per link takes the replies off the socket and hands each to its waiter
+//! by cookie (`reply_reader.rs`). A link that breaks is dead for good: its
 //! waiters are told at once (they resend elsewhere) and the socket is shut
 //! down, which also ends the reader.
 
 use super::handshake::{connect_forwarding, ExportInfo, ServerSocket};
-use super::reply::{body_len, decode_chunk_header, decode_simple_reply, parse_chunk, Chunk, Progress, Span, MAX_SMALL_CHUNK};
+use super::reply::{Chunk, Progress, Span};
+use super::reply_reader::read_replies;
 use crate::endpoint::Endpoint;
 use crate::nbd::*;
 use crate::sync::lock;
 use std::collections::HashMap;
-use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -87,9 +89,7 @@ struct Waiter {
 
 /// How often the reader looks for started requests past their deadline
 /// (also the reader's socket timeout, so an idle link is looked at too).
-const OVERDUE_TICK: Duration = Duration::from_millis(200);
-/// The reader's buffer: several small replies per recv(2).
-const READ_BUFFER: usize = 64 * 1024;
+pub(super) const OVERDUE_TICK: Duration = Duration::from_millis(200);
 
 /// Waiters by cookie, and once dead, why (no waiter is added then).
 #[derive(Default)]
@@ -99,7 +99,7 @@ struct Inbox {
 }
 
 /// What the reader thread shares with the callers.
-struct LinkState {
+pub(super) struct LinkState {
     inbox: Mutex<Inbox>,
     dead: AtomicBool,
     /// A handle on the socket to shut it down from any thread.
@@ -128,7 +128,7 @@ impl LinkState {
     /// Answers started requests past their deadline `TimedOut` and, if
     /// there were any, fails the link (the server is not answering: the
     /// other waiters are resent on a fresh link, as `call` does).
-    fn expire_overdue(&self) -> Result<(), String> {
+    pub(super) fn expire_overdue(&self) -> Result<(), String> {
         let now = Instant::now();
         let overdue: Vec<Waiter> = {
             let mut inbox = lock(&self.inbox);
@@ -150,7 +150,7 @@ impl LinkState {
     }
 
     /// Takes a waiter's span and buffer out to fill them without the lock.
-    fn checkout(&self, cookie: u64) -> Result<(Span, Vec<u8>), String> {
+    pub(super) fn checkout(&self, cookie: u64) -> Result<(Span, Vec<u8>), String> {
         let mut inbox = lock(&self.inbox);
         let w = inbox.waiting.get_mut(&cookie).ok_or_else(|| format!("reply to unknown cookie {cookie}"))?;
         Ok((w.span, std::mem::take(&mut w.data)))
@@ -158,7 +158,7 @@ impl LinkState {
 
     /// Puts the buffer back with the chunk's effect; at DONE, answers the
     /// waiter (an incomplete READ is the server's fault: `Err`).
-    fn checkin(&self, cookie: u64, data: Vec<u8>, chunk: &Chunk, done: bool) -> Result<(), String> {
+    pub(super) fn checkin(&self, cookie: u64, data: Vec<u8>, chunk: &Chunk, done: bool) -> Result<(), String> {
         let (notify, answer) = {
             let mut inbox = lock(&self.inbox);
             // Gone only if the link was killed meanwhile: nothing to answer.
@@ -244,7 +244,7 @@ impl Link {
 
     /// Sends `ask`; `notify` is told its outcome (`Lost` at once if the
     /// link is dead).
-    fn post(&self, ask: &Ask<'_>, notify: Notify) {
+    fn post(self: &Arc<Self>, ask: &Ask<'_>, notify: Notify) {
         let status = (ask.command == CMD_BLOCK_STATUS).then_some(self.info.allocation);
         let span = Span { offset: ask.offset, length: ask.length, read: ask.command == CMD_READ, status: status.flatten() };
         if status == Some(None) {
@@ -263,22 +263,43 @@ impl Link {
             inbox.waiting.insert(cookie, Waiter { span, data, progress: Progress::default(), notify });
         }
         let header = RequestHeader { flags: ask.flags, command: ask.command, cookie, offset: ask.offset, length: ask.length }.encode();
-        let sent = write_all_vectored(&mut *lock(&self.writer), &mut [IoSlice::new(&header), IoSlice::new(ask.payload)]);
+        super::held::send(self, &header, ask.payload);
+    }
+
+    /// Writes a request (header and payload in one sendmsg(2) when the
+    /// socket takes them whole).
+    pub(super) fn write_parts(&self, header: &[u8], payload: &[u8]) {
+        let sent = write_all_vectored(&mut *lock(&self.writer), &mut [IoSlice::new(header), IoSlice::new(payload)]);
+        self.kill_unless_sent(sent);
+    }
+
+    /// Writes requests held back together (`held`); on a dead link their
+    /// waiters were already told.
+    pub(super) fn write_now(&self, bytes: &[u8]) {
+        if !self.is_dead() {
+            let sent = lock(&self.writer).write_all(bytes);
+            self.kill_unless_sent(sent);
+        }
+    }
+
+    fn kill_unless_sent(&self, sent: io::Result<()>) {
         if let Err(e) = sent {
             // A part-written request leaves the stream unusable; the kill
-            // answers our own waiter too.
+            // answers the waiters of what was not answered yet.
             self.kill(&format!("sending: {e}"));
         }
     }
 
     /// Sends `ask` without waiting: `done` runs with its outcome, on the
     /// reader thread; past `deadline` it is told `TimedOut`.
-    pub fn start(&self, ask: &Ask<'_>, deadline: Instant, done: OnOutcome) {
+    pub fn start(self: &Arc<Self>, ask: &Ask<'_>, deadline: Instant, done: OnOutcome) {
         self.post(ask, Notify::Started { deadline, done });
     }
 
     /// Sends `ask` and waits for its reply until `deadline`.
-    pub fn call(&self, ask: &Ask<'_>, deadline: Instant) -> Result<Answer, CallError> {
+    pub fn call(self: &Arc<Self>, ask: &Ask<'_>, deadline: Instant) -> Result<Answer, CallError> {
+        // Nothing this thread held back waits while it does.
+        super::held::uncork();
         let (tx, rx) = sync_channel(1);
         self.post(ask, Notify::Caller(tx));
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -322,78 +343,4 @@ fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> io::R
         }
     }
     Ok(())
-}
-
-/// Fills `buf`; a read timeout (every `OVERDUE_TICK`) only looks for
-/// started requests past their deadline.
-fn read_fully(s: &mut impl Read, buf: &mut [u8], what: &str, state: &LinkState) -> Result<(), String> {
-    let mut got = 0;
-    while got < buf.len() {
-        match s.read(&mut buf[got..]) {
-            Ok(0) => return Err("the server closed the connection".into()),
-            Ok(n) => got += n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => state.expire_overdue()?,
-            Err(e) => return Err(format!("reading {what}: {e}")),
-        }
-    }
-    Ok(())
-}
-
-/// `data[at..at + len]`; `parse_chunk` placed it inside the request, and
-/// a READ's buffer is the request's length, but a slip must not panic.
-fn region(data: &mut [u8], at: usize, len: usize) -> Result<&mut [u8], String> {
-    let size = data.len();
-    at.checked_add(len).and_then(|end| data.get_mut(at..end)).ok_or_else(|| format!("chunk at {at}+{len} outside a {size}-byte buffer"))
-}
-
-/// The reader thread: replies until the link breaks; returns why.
-fn read_replies(state: &LinkState, socket: ServerSocket) -> Result<std::convert::Infallible, String> {
-    let mut s = BufReader::with_capacity(READ_BUFFER, socket);
-    let mut body = Vec::with_capacity(MAX_SMALL_CHUNK as usize);
-    let mut next_check = Instant::now() + OVERDUE_TICK;
-    loop {
-        // A server answering others but never one request: found here.
-        let now = Instant::now();
-        if now >= next_check {
-            state.expire_overdue()?;
-            next_check = now + OVERDUE_TICK;
-        }
-        let mut magic = [0u8; 4];
-        read_fully(&mut s, &mut magic, "a reply", state)?;
-        match u32::from_be_bytes(magic) {
-            SIMPLE_REPLY_MAGIC => {
-                let mut rest = [0u8; 12];
-                read_fully(&mut s, &mut rest, "a reply", state)?;
-                let (error, cookie) = decode_simple_reply(&rest);
-                let (span, mut data) = state.checkout(cookie)?;
-                // Only a successful READ carries data after a simple reply.
-                let chunk = if error != 0 {
-                    Chunk::Error { code: error, message: String::new() }
-                } else if span.read {
-                    read_fully(&mut s, &mut data, "read data", state)?;
-                    Chunk::Data { at: 0, len: data.len() }
-                } else {
-                    Chunk::None
-                };
-                state.checkin(cookie, data, &chunk, true)?;
-            }
-            STRUCTURED_REPLY_MAGIC => {
-                let mut rest = [0u8; 16];
-                read_fully(&mut s, &mut rest, "a reply chunk", state)?;
-                let h = decode_chunk_header(&rest);
-                body.resize(body_len(&h)?, 0);
-                read_fully(&mut s, &mut body, "a reply chunk", state)?;
-                let (span, mut data) = state.checkout(h.cookie)?;
-                let chunk = parse_chunk(&h, &body, &span)?;
-                match chunk {
-                    Chunk::Data { at, len } => read_fully(&mut s, region(&mut data, at, len)?, "read data", state)?,
-                    Chunk::Hole { at, len } => region(&mut data, at, len)?.fill(0),
-                    Chunk::Status { ref descriptors } => data.extend_from_slice(descriptors),
-                    Chunk::None | Chunk::OtherStatus | Chunk::Error { .. } => {}
-                }
-                state.checkin(h.cookie, data, &chunk, h.flags & REPLY_FLAG_DONE != 0)?;
-            }
-            other => return Err(format!("bad reply magic {other:#x}")),
-        }
-    }
 }

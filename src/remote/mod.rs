@@ -13,8 +13,10 @@
 mod connection;
 mod deadline;
 pub mod handshake;
+mod held;
 mod links;
 mod reply;
+mod reply_reader;
 
 pub use handshake::{ExportInfo, HandshakeError};
 
@@ -22,6 +24,7 @@ use crate::endpoint::Endpoint;
 use crate::nbd::*;
 use connection::{Ask, Outcome};
 pub use deadline::within;
+pub use held::{cork as hold_forwarded_sends, uncork as send_held_forwards};
 use links::{payload_piece, Links};
 use reply::nbd_error;
 use std::io;

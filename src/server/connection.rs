@@ -18,6 +18,7 @@ use super::request_check::check_request;
 use super::stream::Stream;
 use crate::nbd::*;
 use crate::map::Range;
+use crate::volume::target::{hold_forwarded_sends, send_held_forwards};
 use bytes::Bytes;
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
@@ -85,7 +86,7 @@ pub fn serve(
         sink: &ctx.sink,
     };
     let result = reader_loop(&ctx, &budget, &mut reader);
-    ctx.sink.uncork();
+    uncork(&ctx.sink);
     // Finish what was accepted (DISC, EOF or stop): in-flight requests
     // complete and their replies are sent before the socket closes.
     budget.wait_idle(Duration::from_secs(3600));
@@ -116,8 +117,9 @@ struct Reader<'a> {
     stop_seen: Option<Instant>,
     grace: Duration,
     idle_poll: IdlePoll,
-    /// Uncorked before every read that may sleep: held-back replies must
-    /// never wait on the client, who may be waiting on them.
+    /// Uncorked before every read that may sleep (with the forwarded
+    /// requests held back, `uncork`): held-back replies must never wait on
+    /// the client, who may be waiting on them.
     sink: &'a ReplySink,
 }
 
@@ -143,7 +145,7 @@ impl Reader<'_> {
         // flight, so the wait lasts until the client sends again.
         let mut idle_since = None;
         if self.inner.buffer().is_empty() {
-            self.sink.uncork();
+            uncork(self.sink);
             if budget.in_flight() == 0 && !self.inner.get_ref().tls_pending() {
                 let since = Instant::now();
                 idle_since = Some((since, self.idle_poll.poll(self.inner.get_ref().as_raw_fd())));
@@ -175,7 +177,7 @@ impl Reader<'_> {
         let mut got = 0;
         while got < buf.len() {
             if self.inner.buffer().is_empty() {
-                self.sink.uncork();
+                uncork(self.sink);
             }
             match self.inner.read(&mut buf[got..]) {
                 Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "client closed mid-request")),
@@ -196,6 +198,12 @@ impl Reader<'_> {
         }
         Ok(())
     }
+}
+
+/// Writes the replies and the forwarded requests the reader held back.
+fn uncork(sink: &ReplySink) {
+    sink.uncork();
+    send_held_forwards();
 }
 
 fn is_timeout(e: &io::Error) -> bool {
@@ -304,12 +312,18 @@ fn reader_loop(ctx: &Arc<ConnectionCtx>, budget: &Arc<Budget>, reader: &mut Read
                 if reader.inner.buffer().len() >= REQUEST_HEADER_LEN {
                     ctx.sink.cork();
                 } else {
-                    ctx.sink.uncork();
+                    uncork(&ctx.sink);
                 }
                 execute(ctx2, req, data, permit, Some(ticket))
             }
             Some(ticket) => match remote_io::whole_remote_route(&ctx2, &req) {
-                Some(route) => remote_io::start(ctx2, req, data, permit, ticket, route),
+                Some(route) => {
+                    // Held back until the reader has nothing buffered (it
+                    // uncorks before every read that may sleep), then sent
+                    // with the requests behind it in one write.
+                    hold_forwarded_sends();
+                    remote_io::start(ctx2, req, data, permit, ticket, route)
+                }
                 None => ctx.pool_for(req.command).spawn(move || execute(ctx2, req, data, permit, Some(ticket))),
             },
             None => ctx.volume.gate().enter(
@@ -334,7 +348,7 @@ impl Reader<'_> {
         if let Some(permit) = budget.try_acquire(payload) {
             return permit;
         }
-        self.sink.uncork();
+        uncork(self.sink);
         // A socket error shows again at the next read, which ends the
         // connection; this request still gets its reply (or is dropped
         // with the connection's output).

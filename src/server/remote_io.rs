@@ -39,6 +39,7 @@ pub(super) fn start(ctx: Arc<ConnectionCtx>, req: RequestHeader, payload: Bytes,
     let done: OnStarted = Box::new(move |started| match started {
         Started::Done(result) => {
             drop(ticket);
+            cork_until_wait(&ctx);
             never_waiting(|| match (req.command, result) {
                 (CMD_READ, Ok(data)) => reply_read(&ctx, &req, Bytes::from(data), permit),
                 (CMD_READ, Err(e)) => reply_error(&ctx, &req, NbdError::from_io(&e), &format!("READ: {e}"), permit),
@@ -52,4 +53,15 @@ pub(super) fn start(ctx: Arc<ConnectionCtx>, req: RequestHeader, payload: Bytes,
         }
     });
     translation.start_forwarded(&piece, write.as_ref().map(|(data, fua)| (&data[..], *fua)), done);
+}
+
+/// Holds the replies the link's reader writes to `ctx`'s client back
+/// until that reader has no more replies buffered (up to the sink's cork
+/// limit): several replies then leave in one write and one wakeup of the
+/// client. A thread that does not run deferred work writes at once.
+fn cork_until_wait(ctx: &Arc<ConnectionCtx>) {
+    let later = Arc::clone(ctx);
+    if crate::sync::defer_until_wait(move || never_waiting(|| later.sink.uncork())) {
+        ctx.sink.cork();
+    }
 }
