@@ -93,6 +93,18 @@ fn twenty_cluster_applies_under_fio_verify_through_two_nodes() {
     }
     holds.sort_unstable();
     eprintln!("cluster apply hold (first Hold sent to last Decide answered): p50 {} µs, max {} µs over {APPLIES}", holds[holds.len() / 2], holds[holds.len() - 1]);
+    // The barrier's threads ran at real-time priority (the tests run as
+    // root); nothing else did or does: no I/O thread inherited it.
+    // (A `Decide`'s thread may still be ending after its answer.)
+    let expected: &[&str] = if is_root() { &["nbdvirt-peer"] } else { &[] };
+    for node in &nodes {
+        let raised = || thread_policies(node.pid()).into_iter().filter(|(_, policy)| *policy != 0).map(|(name, _)| name).collect::<Vec<_>>();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while raised() != expected && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(raised(), expected, "threads not at normal priority");
+    }
     // A reload of a node whose file lags behind the cluster (n1 applied its
     // file at apply 18; two more came through the others) reverts nothing;
     // a table edited in the file and reloaded goes to every node.
@@ -268,4 +280,21 @@ fn a_coordinator_killed_at_each_barrier_phase_leaves_one_generation() {
             node.kill();
         }
     }
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").unwrap().lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+}
+
+/// Each thread's name and scheduling policy (0 normal, 2 round-robin),
+/// from /proc (field 41 of a task's stat).
+fn thread_policies(pid: i32) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        let (name, rest) = (&stat[stat.find('(').unwrap() + 1..stat.rfind(')').unwrap()], &stat[stat.rfind(')').unwrap() + 2..]);
+        let policy = rest.split_whitespace().nth(41 - 3).unwrap().parse().unwrap();
+        out.push((name.to_string(), policy));
+    }
+    out
 }

@@ -71,6 +71,7 @@ enum Attempt {
 impl Cluster {
     /// Runs the barrier of `change` at `generation` on every live node.
     pub fn run_barrier(&self, change: &TableChange, generation: u64, timing: BarrierTiming) -> Result<BarrierReport, ClusterError> {
+        let _on_barrier_path = super::BarrierPriority::raise_with_calls();
         let fail = |reason: String| ClusterError::Barrier { volume: change.volume.clone(), reason };
         // Shown from the first attempt to the last, waits included.
         let _shown = self.mark_barrier(&format!("{}-g{generation}", change.volume), &change.volume, generation, "coordinating");

@@ -25,6 +25,7 @@ mod lease;
 mod lookup;
 mod member;
 pub mod peer;
+mod priority;
 mod progress;
 mod store;
 
@@ -32,6 +33,7 @@ pub use barrier::BarrierTiming;
 pub use etcd::EtcdError;
 pub use keys::{CatalogRecord, VolumeRecord};
 pub use lookup::coordinator_of;
+pub use priority::BarrierPriority;
 pub use progress::BarrierMark;
 
 use crate::api::{ClusterStatus, CoordinatorView, NodeState, NodeView};

@@ -2,6 +2,7 @@
 //! TCP connection, answered with one `Response` line. Plain threads (a
 //! request may hold for seconds); every read and write is bounded.
 
+use super::priority::BarrierPriority;
 use crate::api::{ApiError, ErrorKind, PeerRequest, Response};
 use serde::de::DeserializeOwned;
 use std::io::{BufRead, BufReader, Write};
@@ -35,6 +36,8 @@ impl PeerServer {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new().name("nbdvirt-peer".into()).spawn(move || {
+            // Accepts a barrier's `Hold` and `Decide` connections.
+            BarrierPriority::raise_inherited();
             while !flag.load(Ordering::Relaxed) {
                 // Woken by a connection at once (a barrier waits on every
                 // answer); the timeout only notices `stop`.
@@ -74,7 +77,13 @@ fn serve_one(stream: TcpStream, handler: &dyn PeerHandler) {
         return;
     }
     let answer = match serde_json::from_str::<PeerRequest>(&line) {
-        Ok(request) => handler.handle(request),
+        Ok(request) => {
+            // Started at the accept thread's priority (`priority.rs`).
+            if !matches!(request, PeerRequest::Hold(_) | PeerRequest::Decide { .. }) {
+                BarrierPriority::normal();
+            }
+            handler.handle(request)
+        }
         Err(e) => Response::err(ApiError::new(ErrorKind::Invalid, format!("peer link: bad request: {e}"))),
     };
     let mut out = serde_json::to_vec(&answer).unwrap_or_default();

@@ -184,7 +184,10 @@ impl Daemon {
         let (decide_tx, decide_rx) = mpsc::channel();
         lock(&self.holds).insert(barrier.to_string(), decide_tx);
         let daemon = self.clone();
-        if let Err(e) = std::thread::Builder::new().name("nbdvirt-hold".into()).spawn(move || run(daemon, held_tx, decide_rx)) {
+        if let Err(e) = std::thread::Builder::new().name("nbdvirt-hold".into()).spawn(move || {
+            let _on_barrier_path = crate::cluster::BarrierPriority::raise();
+            run(daemon, held_tx, decide_rx)
+        }) {
             lock(&self.holds).remove(barrier);
             return Err(DaemonError::io("starting a hold thread", e));
         }
