@@ -61,8 +61,9 @@ pub fn runs_deferred_work() {
 
 /// Puts `f` off until this thread is about to wait, if it runs deferred
 /// work; otherwise returns false and the caller does what `f` would
-/// (at once). Lets a thread that answers several requests in a row (a
-/// forwarding link's reader) write their replies together.
+/// (at once). Lets a thread that handles several requests in a row write
+/// their output together: a forwarding link's reader its replies, a
+/// connection's reader its forwarded requests (`remote/held.rs`).
 pub fn defer_until_wait(f: impl FnOnce() + 'static) -> bool {
     BEFORE_WAIT.with(|b| match b.borrow_mut().as_mut() {
         Some(list) => {

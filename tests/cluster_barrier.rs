@@ -96,14 +96,11 @@ fn twenty_cluster_applies_under_fio_verify_through_two_nodes() {
     // The barrier's threads ran at real-time priority (the tests run as
     // root); nothing else did or does: no I/O thread inherited it.
     // (A `Decide`'s thread may still be ending after its answer.)
-    let expected: &[&str] = if is_root() { &["nbdvirt-peer"] } else { &[] };
+    // SAFETY: geteuid has no preconditions.
+    let expected: &[&str] = if unsafe { libc::geteuid() } == 0 { &["nbdvirt-peer"] } else { &[] };
     for node in &nodes {
         let raised = || thread_policies(node.pid()).into_iter().filter(|(_, policy)| *policy != 0).map(|(name, _)| name).collect::<Vec<_>>();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while raised() != expected && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert_eq!(raised(), expected, "threads not at normal priority");
+        wait_until(node, &format!("threads not at normal priority to be {expected:?}"), Duration::from_secs(5), || raised() == expected);
     }
     // A reload of a node whose file lags behind the cluster (n1 applied its
     // file at apply 18; two more came through the others) reverts nothing;
@@ -280,10 +277,6 @@ fn a_coordinator_killed_at_each_barrier_phase_leaves_one_generation() {
             node.kill();
         }
     }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status").unwrap().lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
 }
 
 /// Each thread's name and scheduling policy (0 normal, 2 round-robin),

@@ -1,7 +1,7 @@
 //! One connection to the server in the transmission phase (a `Link`):
 //! callers write requests under a lock and wait for their own reply
 //! (`call`), or leave a completion that the reader runs (`start`; a
-//! corked thread's requests leave together, `held.rs`); one reader thread
+//! reader's requests leave together, `held.rs`); one reader thread
 //! per link takes the replies off the socket and hands each to its waiter
 //! by cookie (`reply_reader.rs`). A link that breaks is dead for good: its
 //! waiters are told at once (they resend elsewhere) and the socket is shut
@@ -299,7 +299,7 @@ impl Link {
     /// Sends `ask` and waits for its reply until `deadline`.
     pub fn call(self: &Arc<Self>, ask: &Ask<'_>, deadline: Instant) -> Result<Answer, CallError> {
         // Nothing this thread held back waits while it does.
-        super::held::uncork();
+        crate::sync::run_deferred();
         let (tx, rx) = sync_channel(1);
         self.post(ask, Notify::Caller(tx));
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {

@@ -4,10 +4,12 @@
 //! runs them back to back and corks its replies (`server/sink.rs`), so one
 //! wakeup on each side carries several requests instead of one: the same
 //! cork the serving side has for replies, here for the forwarding side's
-//! sends. Only a thread that called [`cork`] holds sends back, and only
-//! until [`uncork`], which the reader calls before anything that may block
-//! it; every other thread (the blocking pool's `call`s, link readers)
-//! writes at once. docs/PERFORMANCE.md §17e.
+//! sends. Only a thread that runs deferred work holds sends back
+//! (`crate::sync::runs_deferred_work`: a connection's reader, which runs
+//! it before anything that may block it); the first send it holds puts
+//! off the write of everything held until then. Every other thread (the
+//! blocking pool's `call`s, link readers) writes at once.
+//! docs/PERFORMANCE.md §17e.
 
 use super::connection::Link;
 use std::cell::RefCell;
@@ -32,6 +34,7 @@ impl PartialEq for ByAddress {
 
 /// What one thread holds: bytes per destination, in the order held.
 struct Held<T> {
+    /// The write of what is held is put off until the thread waits.
     corked: bool,
     sends: Vec<(T, Vec<u8>)>,
 }
@@ -73,15 +76,9 @@ thread_local! {
     static HELD: RefCell<Held<ByAddress>> = const { RefCell::new(Held::new()) };
 }
 
-/// From now on this thread's sends on started requests are held back
-/// until [`uncork`]. The caller must uncork before it blocks.
-pub fn cork() {
-    HELD.with(|h| h.borrow_mut().corked = true);
-}
-
-/// Writes what this thread held back, one write per link, and ends the
-/// cork. Cheap when nothing is held.
-pub fn uncork() {
+/// Writes what this thread held back, one write per link (work put off
+/// until the thread waits).
+fn write_held() {
     let sends = HELD.with(|h| h.borrow_mut().uncork());
     for (ByAddress(link), bytes) in sends {
         link.write_now(&bytes);
@@ -89,10 +86,17 @@ pub fn uncork() {
 }
 
 /// Sends `header` and `payload` on `link`, or holds them if this thread
-/// is corked. The write (and a failed write's kill, which runs the
-/// waiters' completions) happens outside the thread's record.
+/// runs deferred work. The write (and a failed write's kill, which runs
+/// the waiters' completions) happens outside the thread's record.
 pub(super) fn send(link: &Arc<Link>, header: &[u8], payload: &[u8]) {
-    if !HELD.with(|h| h.borrow().corked) {
+    let corked = HELD.with(|h| {
+        let mut h = h.borrow_mut();
+        if !h.corked {
+            h.corked = crate::sync::defer_until_wait(write_held);
+        }
+        h.corked
+    });
+    if !corked {
         return link.write_parts(header, payload);
     }
     if let Some(bytes) = HELD.with(|h| h.borrow_mut().hold(&ByAddress(Arc::clone(link)), &[header, payload])) {

@@ -24,7 +24,6 @@ use crate::endpoint::Endpoint;
 use crate::nbd::*;
 use connection::{Ask, Outcome};
 pub use deadline::within;
-pub use held::{cork as hold_forwarded_sends, uncork as send_held_forwards};
 use links::{payload_piece, Links};
 use reply::nbd_error;
 use std::io;

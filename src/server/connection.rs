@@ -18,7 +18,6 @@ use super::request_check::check_request;
 use super::stream::Stream;
 use crate::nbd::*;
 use crate::map::Range;
-use crate::volume::target::{hold_forwarded_sends, send_held_forwards};
 use bytes::Bytes;
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
@@ -62,6 +61,9 @@ pub fn serve(
     // connection's flusher takes over (which then waits up to 60 s).
     stream.set_write_timeout(Some(super::outgoing::WORKER_WAIT))?;
     ReplySink::on_reader_thread();
+    // Forwarded requests started here are written before the reader
+    // waits (`uncork`), several in one write (`remote/held.rs`).
+    crate::sync::runs_deferred_work();
     let stamp = negotiated.meta.stamp();
     let ctx = Arc::new(ConnectionCtx {
         volume: negotiated.volume,
@@ -203,7 +205,7 @@ impl Reader<'_> {
 /// Writes the replies and the forwarded requests the reader held back.
 fn uncork(sink: &ReplySink) {
     sink.uncork();
-    send_held_forwards();
+    crate::sync::run_deferred();
 }
 
 fn is_timeout(e: &io::Error) -> bool {
@@ -317,13 +319,10 @@ fn reader_loop(ctx: &Arc<ConnectionCtx>, budget: &Arc<Budget>, reader: &mut Read
                 execute(ctx2, req, data, permit, Some(ticket))
             }
             Some(ticket) => match remote_io::whole_remote_route(&ctx2, &req) {
-                Some(route) => {
-                    // Held back until the reader has nothing buffered (it
-                    // uncorks before every read that may sleep), then sent
-                    // with the requests behind it in one write.
-                    hold_forwarded_sends();
-                    remote_io::start(ctx2, req, data, permit, ticket, route)
-                }
+                // Its send is held back until the reader has nothing
+                // buffered (it uncorks before every read that may sleep),
+                // then written with the requests behind it in one write.
+                Some(route) => remote_io::start(ctx2, req, data, permit, ticket, route),
                 None => ctx.pool_for(req.command).spawn(move || execute(ctx2, req, data, permit, Some(ticket))),
             },
             None => ctx.volume.gate().enter(

@@ -20,7 +20,7 @@ mod zero;
 
 pub use linear::LinearTarget;
 pub use mirror::MirrorTarget;
-pub use remote::{hold_forwarded_sends, send_held_forwards, within, Forwarder, OnStarted, RemoteTarget, Started};
+pub use remote::{within, Forwarder, OnStarted, RemoteTarget, Started};
 pub use stripe::StripeTarget;
 pub use thin::{ChunkMap, ChunkPlace, ThinTarget};
 pub use zero::ZeroTarget;

@@ -12,7 +12,7 @@
 
 use super::Target;
 use crate::backend::{Allocation, Backend, ZeroMode};
-pub use crate::remote::{hold_forwarded_sends, send_held_forwards, within, OnStarted, Started};
+pub use crate::remote::{within, OnStarted, Started};
 use crate::remote::{RemoteExport, RemoteStatus};
 use std::fmt::Debug;
 use std::io;
