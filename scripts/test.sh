@@ -26,6 +26,7 @@ declare -A PACKAGES=(
   [openssl]=openssl
   [gnutls-bin]=psktool
   [etcd-server]=etcd
+  [etcd-client]=etcdctl
 )
 
 missing=()

@@ -226,6 +226,18 @@ fn a_mirror_from_the_config_syncs_its_second_leg_first() {
 }
 
 #[test]
+fn a_leg_a_reload_adds_resyncs_without_a_restart() {
+    let server = start(TWO_FILES);
+    fill(&server, "v", 16);
+    let mirrored = TWO_FILES.replace("length = \"64MiB\"\nbackend = \"a\"", "length = \"64MiB\"\nmirror = [ { backend = \"a\", backend_offset = 0 }, { backend = \"b\", backend_offset = 0 } ]");
+    rewrite_config(&server, &mirrored);
+    cli_ok(&server, &["reload"]);
+    wait_in_sync(&server, "v", "b");
+    same(&server, "a.img", "b.img", 64 * MIB);
+    assert!(server.log().contains("resyncing a leg no job copies"), "{}", server.log());
+}
+
+#[test]
 fn bad_requests_get_clear_errors_and_exit_codes() {
     let server = start(TWO_FILES);
     let code = |args: &[&str]| {

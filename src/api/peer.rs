@@ -106,6 +106,9 @@ pub enum PeerRequest {
     Pause { volume: String, range: Option<crate::map::Range>, timeout_ms: u64 },
     /// `resume` through another node: end this node's pause of `volume`.
     Resume { volume: String },
+    /// Mirror leg `leg` of `volume` failed on `node`: use it no more here
+    /// (answered once marked; `cluster/legs.rs`).
+    LegFailed { volume: String, leg: String, node: String, reason: String },
 }
 
 /// The answer to `Failsafe`: the node that answered.

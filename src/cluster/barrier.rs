@@ -85,6 +85,7 @@ impl Cluster {
             }
             match self.attempt(change, generation, epoch, attempt, timing)? {
                 Attempt::Done(mut report) => {
+                    self.forget_dropped_legs(change);
                     report.attempts = attempt;
                     report.fenced = fenced;
                     return Ok(report);
@@ -97,20 +98,9 @@ impl Cluster {
                 Attempt::Retry { reason, silent, .. } => {
                     tracing::warn!(volume = %change.volume, generation, attempt, %reason, "barrier aborted");
                     for node in silent {
-                        // Committing past a node is safe only once etcd has
-                        // expired its lease (lease 0: it had none already)
-                        // and its failsafe window is over: it serves
-                        // nothing from then on.
-                        let deadline = Instant::now() + self.shared.cfg.lease_ttl + Duration::from_secs(2);
-                        while node.lease != 0 && !self.lease_expired(node.lease)? {
-                            if Instant::now() > deadline {
-                                return Err(fail(format!("node {} does not answer but its lease is alive", node.node)));
-                            }
-                            std::thread::sleep(Duration::from_millis(100));
+                        if !self.wait_fenced(&node, &format!("{}-{generation}", change.volume))? {
+                            return Err(fail(format!("node {} does not answer but its lease is alive", node.node)));
                         }
-                        self.wait_out_failsafe(&node.node);
-                        tracing::warn!(node = %node.node, "node fenced: its lease expired while it did not answer");
-                        self.record_fenced(&node.node, &format!("{}-{generation}", change.volume));
                         fenced.push(node.node);
                     }
                     if attempt > timing.retries {
@@ -120,6 +110,24 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// Returns once `node`, which did not answer, serves nothing: etcd has
+    /// expired its lease (lease 0: it had none already) and its failsafe
+    /// window is over. Recorded as fenced during `what`. Only then may the
+    /// others go on past it. False if its lease outlives TTL + 2 s.
+    pub(crate) fn wait_fenced(&self, node: &LiveNode, what: &str) -> Result<bool, ClusterError> {
+        let deadline = Instant::now() + self.shared.cfg.lease_ttl + Duration::from_secs(2);
+        while node.lease != 0 && !self.lease_expired(node.lease)? {
+            if Instant::now() > deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.wait_out_failsafe(&node.node);
+        tracing::warn!(node = %node.node, what, "node fenced: its lease expired while it did not answer");
+        self.record_fenced(&node.node, what);
+        Ok(true)
     }
 
     fn attempt(&self, change: &TableChange, generation: u64, epoch: i64, attempt: u32, timing: BarrierTiming) -> Result<Attempt, ClusterError> {

@@ -7,6 +7,8 @@
 //!                                 ever joined, so status shows dead ones
 //! /nbdvirt/<name>/coordinator     the coordinator's node id, bound to its
 //!                                 lease; its create revision is the epoch
+//! /nbdvirt/<name>/failed-legs/<volume>/<leg>
+//!                                 FailedLegRecord: a mirror leg no node uses
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -67,6 +69,25 @@ pub fn fenced_all(cluster: &str) -> String {
 }
 
 pub use crate::api::VolumeRecord;
+
+/// A mirror leg that failed on some node (`FailedLegRecord`): no node
+/// uses it, one joining later included, until it leaves the table.
+pub fn failed_leg(cluster: &str, volume: &str, leg: &str) -> String {
+    format!("{}{volume}/{leg}", failed_legs(cluster))
+}
+
+pub fn failed_legs(cluster: &str) -> String {
+    format!("{}failed-legs/", prefix(cluster))
+}
+
+/// Where and why a mirror leg failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedLegRecord {
+    pub volume: String,
+    pub leg: String,
+    pub node: String,
+    pub reason: String,
+}
 
 /// The cluster's volumes and backends: the last `cluster apply` that
 /// added or removed any (absent: each node's own config's).

@@ -156,6 +156,18 @@ impl Member {
         tokio::task::spawn_blocking(move || local.catch_up(catalog.as_ref(), &records))
             .await
             .map_err(|e| ClusterError::CatchUp(e.to_string()))?
+            .map_err(ClusterError::CatchUp)?;
+        // Read once the volumes are built: a node that announced a failure
+        // before this read either wrote its mark before it, or told this
+        // node after the volumes were here (`legs.rs`).
+        let mut marks = Vec::new();
+        for entry in etcd.list(&keys::failed_legs(&cfg.name)).await? {
+            marks.push(serde_json::from_slice::<keys::FailedLegRecord>(&entry.value).map_err(|e| ClusterError::BadRecord(e.to_string()))?);
+        }
+        let local = self.local.clone();
+        tokio::task::spawn_blocking(move || local.failed_legs(&marks))
+            .await
+            .map_err(|e| ClusterError::CatchUp(e.to_string()))?
             .map_err(ClusterError::CatchUp)
     }
 

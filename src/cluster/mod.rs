@@ -14,7 +14,8 @@
 //! `failsafe` (serving on while etcd does not answer, and what a barrier
 //! waits for because of it), `progress` (barriers in progress, for
 //! status), `lookup` (the coordinator, for a process that is no node),
-//! `claims` (keys bound to this node's lease: a migration's copier).
+//! `claims` (keys bound to this node's lease: a migration's copier),
+//! `legs` (a mirror leg failed on one node: every node stops using it).
 
 mod barrier;
 mod claims;
@@ -22,6 +23,7 @@ mod etcd;
 mod failsafe;
 mod keys;
 mod lease;
+mod legs;
 mod lookup;
 mod member;
 pub mod peer;
@@ -31,7 +33,7 @@ mod store;
 
 pub use barrier::BarrierTiming;
 pub use etcd::EtcdError;
-pub use keys::{CatalogRecord, VolumeRecord};
+pub use keys::{CatalogRecord, FailedLegRecord, VolumeRecord};
 pub use lookup::coordinator_of;
 pub use priority::BarrierPriority;
 pub use progress::BarrierMark;
@@ -94,6 +96,10 @@ pub trait LocalTables: Send + Sync {
     /// re-joining, before it serves): the catalog's volumes and backends,
     /// if a `cluster apply` set one, on the committed tables.
     fn catch_up(&self, catalog: Option<&keys::CatalogRecord>, committed: &[VolumeRecord]) -> Result<(), String>;
+    /// After `catch_up`: the mirror legs that failed on some node (their
+    /// marks in etcd) take no I/O here; a leg failed here without a mark
+    /// must be announced before I/O that missed it is answered.
+    fn failed_legs(&self, marks: &[keys::FailedLegRecord]) -> Result<(), String>;
 }
 
 /// What the cluster thread shares with `status` and the barrier.

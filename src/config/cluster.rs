@@ -31,7 +31,7 @@ pub(super) struct RawCluster {
     failsafe: Option<Spanned<Quantity>>,
 }
 
-pub(super) fn parse_cluster(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawCluster>>, pools: usize, volumes: &[VolumeConfig]) -> Result<Option<ClusterConfig>, ConfigError> {
+pub(super) fn parse_cluster(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawCluster>>, pools: usize) -> Result<Option<ClusterConfig>, ConfigError> {
     let Some(item) = raw else { return Ok(None) };
     let c = item.get_ref();
     let line = ctx.line(item.span().start);
@@ -78,14 +78,6 @@ pub(super) fn parse_cluster(ctx: &ParseCtx<'_>, raw: Option<&Spanned<RawCluster>
         // Thin allocation commits to a node-local metadata file; two nodes
         // allocating from one pool would hand out the same chunk.
         return Err(ctx.err_at(line, Some("cluster".into()), "storage pools ([[pool]]) are single-node: they cannot be used with [cluster] yet"));
-    }
-    // Each node would track, resync and replace its legs on its own (a
-    // spare taking over swaps one node's table): mirrors need the barrier.
-    for v in volumes {
-        if let Some(i) = v.extents.iter().position(|e| e.target.legs().is_some()) {
-            let at = v.extent_lines.get(i).copied().unwrap_or(v.line);
-            return Err(ctx.err_at(at, Some("volume.extent.mirror".into()), format!("volume '{}': mirrors cannot be used with [cluster] yet (each node would resync and replace legs on its own)", v.name)));
-        }
     }
     Ok(Some(ClusterConfig { etcd, name: c.name.get_ref().clone(), node: c.node.get_ref().clone(), peer, lease_ttl, failsafe, serve: None, line }))
 }
@@ -186,11 +178,10 @@ mod tests {
     }
 
     #[test]
-    fn mirrors_are_refused_in_cluster_mode() {
+    fn mirrors_are_allowed_in_cluster_mode() {
         let text = format!("{OK}[[backend]]\nname = \"a\"\npath = \"/tmp/a\"\nsize = \"1GiB\"\n[[backend]]\nname = \"b\"\npath = \"/tmp/b\"\nsize = \"1GiB\"\n[[volume]]\nname = \"v\"\n[[volume.extent]]\nlength = \"1MiB\"\nmirror = [ {{ backend = \"a\" }}, {{ backend = \"b\" }} ]\n");
-        let e = parse(&text).unwrap_err();
-        assert_eq!((e.line, e.field.as_deref()), (Some(16), Some("volume.extent.mirror")), "{e}");
-        assert!(e.message.contains("mirrors cannot be used with [cluster]"), "{e}");
+        let config = parse(&text).unwrap();
+        assert_eq!(config.volumes[0].extents[0].target.legs().map(<[_]>::len), Some(2));
     }
 
     #[test]

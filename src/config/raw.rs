@@ -79,7 +79,7 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError>
     let volumes = parse_volumes(&ctx, &raw.volume, &backends)?;
     let pools = super::pool::parse_pools(&ctx, &raw.pool, &backends)?;
     check_default_export(&ctx, raw.server.as_ref(), &server, &volumes)?;
-    let mut cluster = super::cluster::parse_cluster(&ctx, raw.cluster.as_ref(), pools.len(), &volumes)?;
+    let mut cluster = super::cluster::parse_cluster(&ctx, raw.cluster.as_ref(), pools.len())?;
     if let Some(c) = &mut cluster {
         c.serve = server.listen.iter().find(|e| matches!(e, crate::endpoint::Endpoint::Tcp(_))).or(server.listen.first()).cloned();
     }

@@ -28,6 +28,7 @@ pub(super) type Decision = (bool, mpsc::Sender<Result<(), String>>);
 const SWAP_LIMIT: Duration = Duration::from_secs(8);
 
 /// The daemon as the cluster thread and the peer link see it.
+#[derive(Debug)]
 pub(super) struct ClusterNode(pub(super) Weak<Daemon>);
 
 impl LocalTables for ClusterNode {
@@ -44,6 +45,11 @@ impl LocalTables for ClusterNode {
         // has (or, without one, this node's file) takes its committed table.
         let present = daemon.catalog();
         committed.iter().filter(|r| !r.removed && present.volumes.contains_key(&r.volume)).try_for_each(|r| daemon.catch_up(r).map_err(|e| e.to_string()))
+    }
+
+    fn failed_legs(&self, marks: &[crate::cluster::FailedLegRecord]) -> Result<(), String> {
+        let daemon = self.0.upgrade().ok_or("the daemon is stopping")?;
+        daemon.apply_failed_leg_marks(marks).map_err(|e| e.to_string())
     }
 }
 
@@ -118,6 +124,7 @@ impl peer::PeerHandler for ClusterNode {
             PeerRequest::MigrateAbort { volume } => daemon.migrate_abort_here(&volume).map(Response::ok),
             PeerRequest::Pause { volume, range, timeout_ms } => daemon.pause_here(&volume, range, Duration::from_millis(timeout_ms)).map(Response::ok),
             PeerRequest::Resume { volume } => daemon.resume_here(&volume).map(Response::ok),
+            PeerRequest::LegFailed { volume, leg, node, reason } => daemon.leg_failed_here(&volume, &leg, &node, &reason).map(|()| Response::ok(())),
         };
         answer.unwrap_or_else(|e| Response::err(e.into()))
     }

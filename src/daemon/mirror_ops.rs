@@ -229,10 +229,15 @@ impl Daemon {
             return;
         }
         if self.cluster.get().is_some() {
-            // Another node's migration: its cutover is refused here
-            // (`cluster_node::refuse_failed_legs`); a spare would change
-            // this node's table alone.
-            tracing::warn!(volume = event.volume, leg = event.leg, "leg failed on this cluster node; writes go on to the other legs, and no table that uses it is taken here");
+            // A spare would change this node's table alone; another node's
+            // migration onto the leg is refused its cutover here
+            // (`cluster_node::refuse_failed_legs`). Announced now, not only
+            // at the next write that misses the leg (a read found it).
+            tracing::warn!(volume = event.volume, leg = event.leg, "leg failed on this cluster node; I/O goes on to the other legs once every node knows, and no table that uses it is taken here");
+            let leg = self.volume(&event.volume).ok().and_then(|v| v.translation().redundancy().leg(&event.leg).map(|l| (v, l)));
+            if let Some((volume, leg)) = leg {
+                let _ = volume.translation().redundancy().ensure_announced(&leg);
+            }
             return;
         }
         if !self.spare_policy(&event.volume) {

@@ -8,7 +8,7 @@ use crate::map::{validate_stores, Extent, MappingTable};
 use crate::mirror::ResyncJob;
 use crate::persist::GenerationCommit;
 use crate::sync::lock;
-use crate::volume::{CommitError, LegCondition, LegEvent, Redundancy, SwapReport, Translation, Volume};
+use crate::volume::{CommitError, LegCondition, LegEvent, LegState, Redundancy, SwapReport, Translation, Volume};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, Weak};
@@ -24,12 +24,14 @@ pub(super) struct MirrorRegistry {
     events: Mutex<Option<mpsc::Sender<LegEvent>>>,
     /// Redundancy states already reporting to the supervisor.
     subscribed: Mutex<Vec<Weak<Redundancy>>>,
+    /// Resyncing legs whose resync the supervisor started (once per leg).
+    adopted: Mutex<Vec<Weak<LegState>>>,
     stop: AtomicBool,
 }
 
 impl MirrorRegistry {
     pub(super) fn new() -> MirrorRegistry {
-        MirrorRegistry { jobs: Mutex::new(HashMap::new()), events: Mutex::new(None), subscribed: Mutex::new(Vec::new()), stop: AtomicBool::new(false) }
+        MirrorRegistry { jobs: Mutex::new(HashMap::new()), events: Mutex::new(None), subscribed: Mutex::new(Vec::new()), adopted: Mutex::new(Vec::new()), stop: AtomicBool::new(false) }
     }
 
     /// Stops the resync of `leg` (at a checkpoint), if one runs.
@@ -62,16 +64,7 @@ impl Daemon {
     /// Resumes every resync left unfinished (restart, crash recovery) and
     /// starts the supervisor thread.
     pub(super) fn start_mirrors(self: &Arc<Self>) {
-        // A migration's destination leg is resynced by its job.
-        let migrating = self.running_migrations();
-        for volume in self.catalog().volumes.values() {
-            for leg in volume.translation().redundancy().legs() {
-                let owned = migrating.iter().any(|m| m.volume == volume.name() && m.dest == leg.store());
-                if leg.condition() == LegCondition::Resyncing && !owned {
-                    self.start_resync(volume, leg.store(), None);
-                }
-            }
-        }
+        self.adopt_resyncing_legs();
         let (tx, rx) = mpsc::channel();
         *lock(&self.mirrors.events) = Some(tx);
         let weak = Arc::downgrade(self);
@@ -81,8 +74,49 @@ impl Daemon {
         }
     }
 
+    /// Starts a resync of every resyncing leg that no job copies: left
+    /// unfinished by the last run, or added by a reload or a cluster
+    /// table change; once per leg (a resync that fails is not retried
+    /// here). A migration's destination leg is its job's: here, or in a
+    /// cluster wherever a node holds the migration's claim (a node that
+    /// has not joined yet leaves them all until it has).
+    fn adopt_resyncing_legs(&self) {
+        let clustered = lock(&self.config).cluster.is_some();
+        if clustered && self.cluster.get().is_none() {
+            return;
+        }
+        // Not while an operation adds a leg it copies itself (migrate
+        // start, mirror add): the next round sees its job.
+        let Ok(_admin) = self.admin.try_lock() else { return };
+        let migrating = self.running_migrations();
+        for volume in self.catalog().volumes.values() {
+            let jobless: Vec<Arc<LegState>> = {
+                let jobs = lock(&self.mirrors.jobs);
+                let adopted = lock(&self.mirrors.adopted);
+                let copied = |leg: &str| jobs.get(&(volume.name().to_string(), leg.to_string())).is_some_and(|j| j.end().is_none());
+                let owned = |leg: &str| migrating.iter().any(|m| m.volume == volume.name() && m.dest == leg);
+                let seen = |leg: &Arc<LegState>| adopted.iter().any(|w| w.as_ptr() == Arc::as_ptr(leg));
+                volume.translation().redundancy().legs().into_iter().filter(|l| l.condition() == LegCondition::Resyncing && !copied(l.store()) && !owned(l.store()) && !seen(l)).collect()
+            };
+            if jobless.is_empty() {
+                continue;
+            }
+            if let Some(cluster) = self.cluster.get() {
+                if !matches!(cluster.migration_claimant(volume.name()), Ok(None)) {
+                    continue;
+                }
+            }
+            for leg in jobless {
+                lock(&self.mirrors.adopted).push(Arc::downgrade(&leg));
+                tracing::info!(volume = volume.name(), leg = leg.store(), "resyncing a leg no job copies");
+                self.start_resync(volume, leg.store(), None);
+            }
+        }
+        lock(&self.mirrors.adopted).retain(|w| w.strong_count() > 0);
+    }
+
     /// One supervisor round: new volumes report their failures, idle
-    /// intent bits are cleared.
+    /// intent bits are cleared, resyncing legs without a job get one.
     fn mirror_tick(&self) {
         let Some(tx) = lock(&self.mirrors.events).clone() else { return };
         let mut subscribed = lock(&self.mirrors.subscribed);
@@ -99,6 +133,8 @@ impl Daemon {
                 }
             }
         }
+        drop(subscribed);
+        self.adopt_resyncing_legs();
     }
 
     /// Registers `leg` as resyncing with `stale` regions, swaps `volume`

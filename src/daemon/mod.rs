@@ -13,6 +13,7 @@
 pub mod assemble;
 mod cluster_apply;
 mod cluster_catalog;
+mod cluster_legs;
 mod cluster_migrations;
 mod cluster_node;
 mod cluster_pauses;
@@ -276,6 +277,11 @@ impl Daemon {
         let peer = crate::cluster::peer::PeerServer::start(addr, node.clone()).map_err(|e| DaemonError::io("cluster peer link", e))?;
         *lock(&self.peer) = Some(peer);
         let state = StateDir::open(self.state.root()).map_err(|e| DaemonError::io("state_dir", e))?;
+        // Before joining: catching up may mark legs failed, and a failure
+        // here must be announced from the first request on.
+        for volume in self.catalog().volumes.values() {
+            self.share_with_cluster(volume);
+        }
         let cluster = crate::cluster::Cluster::start(cfg, state, fence, node)?;
         if let Some(f) = &self.forward {
             f.joined(cluster.member_handle());

@@ -275,14 +275,16 @@ impl MigrationJob {
     }
 
     fn finish(&self, state: MigrationState, reason: Option<String>) {
+        // The leg goes first: once status says failed or aborted, every
+        // node serves the source alone.
+        if state != MigrationState::Completed {
+            self.drop_leg(&format!("migration {}", state.as_str()));
+        }
         {
             let mut s = lock(&self.status);
             s.state = state;
             s.reason = reason.clone();
             s.finished_at = Some(now_secs());
-        }
-        if state != MigrationState::Completed {
-            self.drop_leg(&format!("migration {}", state.as_str()));
         }
         if let Err(e) = self.save_checkpoint() {
             tracing::error!(volume = %self.spec.volume, error = %e, "persisting the final migration state failed");

@@ -25,7 +25,7 @@ pub use gate::{Gate, GateStatus, HoldId, Ticket};
 pub use phases::{DrainTimedOut, Paused, Staged};
 pub use swap::{SwapError, SwapOptions, SwapPhase, SwapReport, UnknownSwapPhase};
 pub use stats::{HistogramSnapshot, Op, Stamp, StatsSnapshot, SwapResult, VolumeStats, BUCKETS};
-pub use redundancy::{DirtyRun, LegCondition, LegEvent, LegState, Redundancy, RegionBitmap};
+pub use redundancy::{DirtyRun, LegAnnouncer, LegCondition, LegEvent, LegState, Redundancy, RegionBitmap};
 pub use target::{open_target, Forwarder, Target, TargetCtx, TargetError};
 pub use translation::{Route, TranslateError, Translation};
 

@@ -48,7 +48,9 @@ impl Daemon {
                 }
                 Plan::Add(table) => {
                     let forwarder = self.forwarder(&v.name);
-                    VolumeStep::Add(Arc::new(build_volume(&file, v, table.clone(), &handles, Some(self.state.root()), forwarder.as_deref())?), table)
+                    let volume = build_volume(&file, v, table.clone(), &handles, Some(self.state.root()), forwarder.as_deref())?;
+                    self.share_with_cluster(&volume);
+                    VolumeStep::Add(Arc::new(volume), table)
                 }
             });
         }

@@ -7,7 +7,7 @@ use crate::backend::Backend;
 use crate::sync::lock;
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +70,12 @@ pub struct LegState {
     pub copied: AtomicU64,
     pub data: AtomicU64,
     pub rate: AtomicU64,
+    /// Whether every other writer of the leg (the other nodes of a
+    /// cluster) knows it failed; false from a failure here until it is
+    /// announced (`Redundancy::ensure_announced`).
+    announced: AtomicBool,
+    /// Held by the one thread announcing the failure; others wait on it.
+    pub(super) announcing: Mutex<()>,
 }
 
 impl LegState {
@@ -84,6 +90,8 @@ impl LegState {
             copied: AtomicU64::new(0),
             data: AtomicU64::new(0),
             rate: AtomicU64::new(0),
+            announced: AtomicBool::new(true),
+            announcing: Mutex::new(()),
         }
     }
 
@@ -110,14 +118,26 @@ impl LegState {
     }
 
     /// Marks the leg failed unless it already is; true if this call did.
+    /// The other writers do not know yet.
     pub fn fail(&self, reason: String) -> bool {
+        self.fail_as(reason, false)
+    }
+
+    /// [`fail`](Self::fail), saying whether the other writers know already
+    /// (`announced`: one of them said so). `announced` is set before the
+    /// condition, so a writer that finds the leg failed finds it too.
+    pub fn fail_as(&self, reason: String, announced: bool) -> bool {
         let now = LegCondition::Failed.as_u8();
         let mut cur = self.condition.load(Ordering::SeqCst);
         loop {
             let c = LegCondition::from_u8(cur);
             if !matches!(c, LegCondition::InSync | LegCondition::Resyncing) {
+                if announced {
+                    self.set_announced(true);
+                }
                 return false;
             }
+            self.announced.store(announced, Ordering::SeqCst);
             match self.condition.compare_exchange(cur, now, Ordering::SeqCst, Ordering::SeqCst) {
                 Ok(_) => break,
                 Err(seen) => cur = seen,
@@ -125,6 +145,14 @@ impl LegState {
         }
         *lock(&self.reason) = Some(reason);
         true
+    }
+
+    pub fn announced(&self) -> bool {
+        self.announced.load(Ordering::SeqCst)
+    }
+
+    pub fn set_announced(&self, yes: bool) {
+        self.announced.store(yes, Ordering::SeqCst);
     }
 
     /// Takes writes (in sync or resyncing).

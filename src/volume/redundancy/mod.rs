@@ -11,6 +11,7 @@
 //! leg's condition and failure reason), `intent.bits`, `leg-STORE.stale`,
 //! `TRACKER.track` (see `bitmap.rs` for the format and durability rules).
 
+mod announce;
 mod bitmap;
 mod files;
 mod intent;
@@ -18,6 +19,7 @@ mod legs;
 mod recover;
 mod trackers;
 
+pub use announce::LegAnnouncer;
 pub use bitmap::RegionBitmap;
 pub use intent::{WriteGuard, WriteIntent};
 pub use legs::{LegCondition, LegRecord, LegState};
@@ -71,6 +73,8 @@ pub struct Redundancy {
     /// too, so no write may skip a resyncing leg and a resync copy checks
     /// its work (see `set_other_writers`).
     other_writers: std::sync::atomic::AtomicBool,
+    /// Who must hear of a leg failure before I/O that missed it is answered.
+    announcer: std::sync::OnceLock<Arc<dyn LegAnnouncer>>,
 }
 
 impl Redundancy {
@@ -93,6 +97,7 @@ impl Redundancy {
             recovered: AtomicUsize::new(0),
             chunk_map: std::sync::OnceLock::new(),
             other_writers: std::sync::atomic::AtomicBool::new(false),
+            announcer: std::sync::OnceLock::new(),
         }
     }
 

@@ -8,8 +8,11 @@
 //!   that has every region of the request took it. Legs that are failed
 //!   get the regions marked stale, so a re-add copies only those.
 //! - Reads: from the leg with the fewest reads in flight among those that
-//!   have the regions (never from a region a leg has not resynced yet). An
-//!   error marks the leg failed and the read is retried on another.
+//!   have the regions (never from a region a leg has not resynced yet); with
+//!   other writers (a cluster), from the first such leg. An error marks the
+//!   leg failed and the read is retried on another.
+//! - With other writers, a change a failed leg missed is answered only once
+//!   they all know it failed (`Redundancy::ensure_announced`).
 //! - Trims become zeroings that may punch holes, so every leg reads the
 //!   same afterwards (a trimmed block device range is unspecified).
 
@@ -64,10 +67,13 @@ impl MirrorTarget {
         // far fewer than 64 legs).
         let mut tried = 0u64;
         let mut last: Option<io::Error> = None;
+        // With other writers (cluster nodes), always the first leg that has
+        // the data: legs may differ where a node died mid-write (source
+        // written first), and a block must read the same every time.
+        let first = self.redundancy.other_writers();
         loop {
-            let pick = (0..self.legs.len().min(64))
-                .filter(|i| tried & (1 << i) == 0 && self.legs[*i].state.readable(rs.clone()))
-                .min_by_key(|i| self.legs[*i].state.reads());
+            let mut candidates = (0..self.legs.len().min(64)).filter(|i| tried & (1 << i) == 0 && self.legs[*i].state.readable(rs.clone()));
+            let pick = if first { candidates.next() } else { candidates.min_by_key(|i| self.legs[*i].state.reads()) };
             let Some(i) = pick else {
                 return Err(last.unwrap_or_else(|| io::Error::other(format!("{what}: no mirror leg has this range in sync"))));
             };
@@ -93,9 +99,12 @@ impl MirrorTarget {
         let _intent = self.redundancy.intent().begin_write(rs.clone())?;
         let mut complete = false;
         let mut first_error: Option<io::Error> = None;
-        for leg in &self.legs {
+        // Legs this change missed because they failed (as bits).
+        let mut missed = 0u64;
+        for (i, leg) in self.legs.iter().enumerate() {
             if !leg.state.writable() {
                 leg.state.stale().set_volatile(rs.clone());
+                missed |= 1 << i.min(63);
                 continue;
             }
             // A resyncing leg that lacks every region here gets them by the
@@ -113,15 +122,28 @@ impl MirrorTarget {
                 Err(e) => {
                     self.fail(leg, what, &e);
                     leg.state.stale().set_volatile(rs.clone());
+                    missed |= 1 << i.min(63);
                     first_error.get_or_insert(e);
                 }
             }
         }
-        if complete {
-            Ok(())
-        } else {
-            Err(first_error.unwrap_or_else(|| Errno::EIO.into()))
+        if !complete {
+            return Err(first_error.unwrap_or_else(|| Errno::EIO.into()));
         }
+        self.announce_missed(missed)
+    }
+
+    /// Before a change that failed legs missed is answered: every other
+    /// writer must know they failed, or it would read the old bytes there
+    /// (`Redundancy::ensure_announced`; at once when announced already).
+    fn announce_missed(&self, missed: u64) -> io::Result<()> {
+        // (Legs past the 64th share the last bit: they are all checked.)
+        for (_, leg) in self.legs.iter().enumerate().filter(|(i, _)| missed & (1 << (*i).min(63)) != 0) {
+            if leg.state.condition() == LegCondition::Failed {
+                self.redundancy.ensure_announced(&leg.state)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -162,18 +184,26 @@ impl Target for MirrorTarget {
     fn flush(&self) -> io::Result<()> {
         let mut complete = false;
         let mut first_error = None;
-        for leg in self.legs.iter().filter(|l| l.state.writable()) {
+        let mut missed = 0u64;
+        for (i, leg) in self.legs.iter().enumerate() {
+            if !leg.state.writable() {
+                missed |= 1 << i.min(63);
+                continue;
+            }
             let in_sync = leg.state.condition() == LegCondition::InSync;
             match leg.store.flush() {
                 Ok(()) => complete |= in_sync,
                 Err(e) => {
                     self.fail(leg, "flush", &e);
+                    missed |= 1 << i.min(63);
                     first_error.get_or_insert(e);
                 }
             }
         }
         match (complete, first_error) {
-            (true, _) => Ok(()),
+            // Writes answered earlier may not be durable on the failed
+            // legs: the others must stop reading them first.
+            (true, _) => self.announce_missed(missed),
             (false, Some(e)) => Err(e),
             (false, None) => Err(Errno::EIO.into()),
         }
@@ -296,5 +326,55 @@ mod tests {
         assert_eq!(err.raw_os_error(), Some(Errno::EIO as i32), "the resyncing leg lacks the region: no leg can serve it");
         assert_eq!(leg_a.condition(), LegCondition::Failed);
         assert!(m.write(0, &[1; 512], false).is_err(), "no leg with every region took the write");
+    }
+
+    #[test]
+    fn with_other_writers_reads_take_the_first_leg_that_has_the_data() {
+        let red = Redundancy::in_memory("v", 4 << 20, 1 << 20);
+        let (a, b) = (mem(), mem());
+        let leg_a = red.leg_for_target("a", true, 0..4).unwrap();
+        let leg_b = red.leg_for_target("b", true, 0..4).unwrap();
+        // The legs differ (a node died between its two halves of a write).
+        a.write_at(&[1; 512], 0, false).unwrap();
+        b.write_at(&[2; 512], 0, false).unwrap();
+        let m = MirrorTarget::new(vec![(leg_a.clone(), a, 0), (leg_b, b, 0)], 0, red.clone());
+        red.set_other_writers(true);
+        // a looks busiest; alone, reads would go to b.
+        leg_a.read_started();
+        for _ in 0..3 {
+            let mut buf = [0u8; 512];
+            m.read(0, &mut buf).unwrap();
+            assert_eq!(buf, [1; 512], "every read from a, the first leg");
+        }
+        red.set_other_writers(false);
+        let mut buf = [0u8; 512];
+        m.read(0, &mut buf).unwrap();
+        assert_eq!(buf, [2; 512], "alone: the least busy leg");
+    }
+
+    #[test]
+    fn a_write_a_failed_leg_missed_is_answered_only_once_announced() {
+        #[derive(Debug)]
+        struct Refuse;
+        impl crate::volume::LegAnnouncer for Refuse {
+            fn announce(&self, _: &str, _: &str, _: &str) -> Result<(), String> {
+                Err("etcd is down".into())
+            }
+        }
+        let red = Redundancy::in_memory("v", 4 << 20, 1 << 20);
+        let a = mem();
+        let b = Arc::new(Breakable { inner: mem(), broken: AtomicBool::new(true) });
+        let leg_a = red.leg_for_target("a", true, 0..4).unwrap();
+        let leg_b = red.leg_for_target("b", true, 0..4).unwrap();
+        red.set_announcer(Arc::new(Refuse));
+        let m = MirrorTarget::new(vec![(leg_a, a, 0), (leg_b.clone(), b, 0)], 0, red.clone());
+        let err = m.write(0, &[3; 512], false).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(Errno::EIO as i32));
+        assert_eq!(leg_b.condition(), LegCondition::Failed);
+        assert!(m.write(4096, &[3; 512], false).is_err(), "a later write that skips the leg fails too");
+        assert!(m.flush().is_err(), "and so does a flush");
+        leg_b.set_announced(true);
+        m.write(4096, &[3; 512], false).unwrap();
+        m.flush().unwrap();
     }
 }
