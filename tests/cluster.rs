@@ -230,7 +230,7 @@ fn attach_tries_each_server_of_a_connect_list() {
 /// Nothing may change one node's table alone (its clients and another
 /// node's would see different mappings): a reload's new tables go to
 /// every node (as `cluster apply` of the file), and so do the volumes it
-/// adds or removes; mirror add and the like are refused.
+/// adds or removes; split and merge are refused.
 #[test]
 fn a_table_change_on_one_node_alone_is_refused() {
     let etcd = TestEtcd::start();
@@ -267,9 +267,10 @@ fn a_table_change_on_one_node_alone_is_refused() {
     std::fs::write(&node.config, back).unwrap();
     cli_ok(&node, &["reload"]);
     // (A migration is a cluster-wide change: tests/cluster_migrate.rs.)
-    let out = cli(&node, &["mirror", "add", "v", "--to", "b"]);
+    // (So are mirror add, remove and readd: tests/cluster_mirror.rs.)
+    let out = cli(&node, &["split", "v", "--leg", "b", "--as", "vb"]);
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("mirror add: in a cluster"), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("split: not available in a cluster"), "{}", text(&out));
 }
 
 /// A node frozen (SIGSTOP) for longer than its lease serves nothing when

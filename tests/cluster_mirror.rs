@@ -4,8 +4,9 @@
 //! leg and return the bytes from before the write. Reads on a cluster
 //! node come from the first leg that has the data, so here, without that
 //! announcement, n2 would read leg `a` after n1 stopped writing it, and n3,
-//! down meanwhile, would too without the mark in etcd. The leg is dropped
-//! and added back through `cluster apply`, and resyncs on every node.
+//! down meanwhile, would too without the mark in etcd. `mirror remove`,
+//! `add` and `readd` through any node change the legs on every node, and
+//! a leg that comes back resyncs on every node.
 
 mod common;
 
@@ -121,27 +122,38 @@ fn a_leg_failed_on_one_node_is_read_by_none() {
     assert_reads(&nodes[2], &after, "n3 after it came back");
 
     // The operator drops the failed leg cluster-wide: its mark goes too.
-    let linear = nodes[0].path("linear.toml");
-    let body = node_body(&etcd.url, "n1", shared.path()).replace("mirror = [ { backend = \"a\" }, { backend = \"b\" } ]", "backend = \"b\"");
-    std::fs::write(&linear, &body).unwrap();
-    cli_ok(&nodes[0], &["cluster", "apply", "--config", linear.to_str().unwrap()]);
+    cli_ok(&nodes[0], &["mirror", "remove", "v", "--leg", "a"]);
     for node in &nodes {
         wait_until(node, "v linear on b", Duration::from_secs(15), || extents_of(&vol(node, "v")).iter().all(|e| e.2 == "b"));
         assert_reads(node, &after, "after the failed leg was dropped");
     }
     assert_eq!(failed_leg_marks(&etcd), "", "the mark is gone with the leg");
 
-    // Healed, it comes back the same way, as the second leg: every node
-    // resyncs it (no job was asked for), and it holds what was written.
+    // Healed, it comes back through another node, as the second leg:
+    // every node resyncs it, and it holds what was written.
     cli_ok(&nodes[0], &["fault", "a", "--error", "off"]);
-    let back = body.replace("backend = \"b\"\n", "mirror = [ { backend = \"b\" }, { backend = \"a\" } ]\n");
-    std::fs::write(&linear, &back).unwrap();
-    cli_ok(&nodes[0], &["cluster", "apply", "--config", linear.to_str().unwrap()]);
+    cli_ok(&nodes[1], &["mirror", "add", "v", "--to", "a"]);
     for node in &nodes {
         wait_leg(node, "a", "in_sync");
     }
     assert!(std::fs::read(shared.path().join("a.img")).unwrap() == after, "a.img holds what was written while it was away");
-    assert_reads(&nodes[2], &after, "n3 with a back");
+
+    // It fails again, on n3 this time; `mirror readd` through n1 brings it
+    // back on every node, with what n3 wrote meanwhile.
+    cli_ok(&nodes[2], &["fault", "a", "--error", "eio", "--writes"]);
+    let later = pattern(0x77);
+    write_through(&nodes[2], &later, "later.img");
+    for node in &nodes {
+        wait_leg(node, "a", "failed");
+    }
+    cli_ok(&nodes[2], &["fault", "a", "--error", "off"]);
+    cli_ok(&nodes[0], &["mirror", "readd", "v", "--leg", "a"]);
+    for node in &nodes {
+        wait_leg(node, "a", "in_sync");
+        assert_reads(node, &later, "after the re-add");
+    }
+    assert!(std::fs::read(shared.path().join("a.img")).unwrap() == later, "a.img after the re-add");
+    assert_eq!(failed_leg_marks(&etcd), "");
 }
 
 /// The keys of the failed-leg marks in etcd.

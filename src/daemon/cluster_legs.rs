@@ -1,13 +1,17 @@
-//! This node's part in mirror leg failures across the cluster
-//! (`cluster/legs.rs`): it announces its own before I/O that missed the
-//! leg is answered, marks those the other nodes announce, and, catching
-//! up, those recorded in etcd.
+//! This node's part in mirror legs across the cluster: it announces its
+//! own leg failures before I/O that missed the leg is answered
+//! (`cluster/legs.rs`), marks those the other nodes announce, and,
+//! catching up, those recorded in etcd; `mirror add|remove|readd` change
+//! the table on every node by a barrier.
 
 use super::cluster_node::ClusterNode;
 use super::mirror_error::MirrorError;
 use super::{Daemon, DaemonError};
+use crate::api::TableChange;
 use crate::cluster::FailedLegRecord;
+use crate::map::Extent;
 use crate::volume::{LegAnnouncer, LegCondition, Volume};
+use std::sync::Arc;
 
 impl LegAnnouncer for ClusterNode {
     fn announce(&self, volume: &str, leg: &str, reason: &str) -> Result<(), String> {
@@ -61,6 +65,51 @@ impl Daemon {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// A mirror operation's new table, on every node by one barrier. An
+    /// `added` leg joins resyncing on every node and each node's
+    /// supervisor copies it (checked copies); this node at `rate`.
+    pub(super) fn change_legs_cluster_wide(&self, volume: &Arc<Volume>, extents: Vec<Extent>, added: Option<(&str, Option<u64>)>) -> Result<(), DaemonError> {
+        let cluster = self.member()?;
+        // A migration's job (on any node) changes this volume's legs too.
+        if let Some(node) = cluster.migration_claimant(volume.name())? {
+            return Err(crate::cluster::ClusterError::Claimed { volume: volume.name().into(), node }.into());
+        }
+        let change = TableChange { volume: volume.name().into(), extents, catalog: None, strict: false };
+        let report = self.apply_anywhere(cluster, vec![change])?;
+        for v in &report.volumes {
+            for node in &v.unconfirmed {
+                // Committed all the same: that node fenced itself or settles.
+                tracing::warn!(volume = v.volume, generation = v.generation, node = %node, "a node did not confirm the mirror's table change");
+            }
+        }
+        if let Some((leg, Some(rate))) = added {
+            self.start_resync(volume, leg, Some(rate));
+        }
+        Ok(())
+    }
+
+    /// `mirror readd` in a cluster: each node's leg missed what that node
+    /// wrote, and no node knows what the others did, so the leg leaves the
+    /// table and comes back last in each extent (never first: a first leg
+    /// counts as in sync), resyncing on every node as a new leg does.
+    pub(super) fn readd_cluster_wide(&self, volume: &Arc<Volume>, leg: &str, rate: Option<u64>) -> Result<(), DaemonError> {
+        let with_leg = volume.table().extents().to_vec();
+        let without = crate::map::drop_leg(&with_leg, crate::map::Range::new(0, volume.size()), leg).map_err(|source| MirrorError::Table { volume: volume.name().into(), source })?;
+        self.change_legs_cluster_wide(volume, without, None)?;
+        let mut back = with_leg;
+        for e in &mut back {
+            if let crate::map::TargetSpec::Mirror { legs, .. } = &mut e.target {
+                if let Some(i) = legs.iter().position(|l| l.store == leg) {
+                    let l = legs.remove(i);
+                    legs.push(l);
+                }
+            }
+        }
+        self.change_legs_cluster_wide(volume, back, Some((leg, rate)))?;
+        tracing::info!(volume = volume.name(), leg, "failed leg re-added on every node; each resyncs all of it");
         Ok(())
     }
 }

@@ -101,7 +101,7 @@ pub enum DaemonError {
     ClusterChange { at: String },
     /// A table change on one node only would make the nodes translate the
     /// same volume differently.
-    #[error("{what}: in a cluster, volume tables change on every node at once: use `nbdvirt cluster apply --config FILE`")]
+    #[error("{what}: not available in a cluster (it would change one node's volumes alone; a split copy would be one node's)")]
     ClusterWide { what: String },
     /// A table `cluster apply` or a barrier cannot use.
     #[error("{}{reason}", if volume.is_empty() { String::new() } else { format!("volume '{volume}': ") })]

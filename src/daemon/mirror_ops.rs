@@ -70,7 +70,6 @@ impl Daemon {
     /// Adds a leg on another store to every extent in the range; it
     /// resyncs in the background.
     pub fn mirror_add(&self, req: MirrorAddRequest) -> Result<MirrorStatus, DaemonError> {
-        self.local_table_change("mirror add")?;
         let _admin = lock(&self.admin);
         let volume = self.mirror_checks(&req.volume)?;
         let name = req.volume.clone();
@@ -85,6 +84,11 @@ impl Daemon {
         let to = req.to.clone();
         let extents = add_leg(volume.table().extents(), range, &to, dest_offset, red.region())
             .map_err(|source| MirrorError::Table { volume: name.clone(), source })?;
+        if self.cluster.get().is_some() {
+            self.change_legs_cluster_wide(&volume, extents, Some((&to, req.rate)))?;
+            tracing::info!(volume = name, leg = to, offset = dest_offset, "mirror leg added on every node; each resyncs it");
+            return Ok(self.mirror_view(&volume));
+        }
         let stale = std::iter::once(red.regions_of(range.start, range.len()));
         self.add_leg_resyncing(&volume, &to, stale, extents, &format!("mirror add {to}"), req.rate)?;
         tracing::info!(volume = name, leg = to, offset = dest_offset, "mirror leg added; resyncing");
@@ -93,7 +97,6 @@ impl Daemon {
 
     /// Drops a leg from every extent of the volume.
     pub fn mirror_remove(&self, name: &str, leg: &str, force: bool) -> Result<MirrorStatus, DaemonError> {
-        self.local_table_change("mirror remove")?;
         let _admin = lock(&self.admin);
         let volume = self.mirror_checks(name)?;
         self.remove_leg_locked(&volume, leg, force, &format!("mirror remove {leg}"))?;
@@ -121,7 +124,13 @@ impl Daemon {
         }
         self.mirrors.stop_job(name, leg);
         let extents = drop_leg(table.extents(), Range::new(0, table.size()), leg).map_err(|source| MirrorError::Table { volume: name.into(), source })?;
-        self.swap_extents(volume, extents, reason)?;
+        match self.cluster.get() {
+            // Every node forgets the leg as its hold commits.
+            Some(_) => self.change_legs_cluster_wide(volume, extents, None)?,
+            None => {
+                self.swap_extents(volume, extents, reason)?;
+            }
+        }
         red.remove_leg(leg).map_err(|source| MirrorError::State { volume: name.into(), source })?;
         tracing::info!(volume = name, leg, "mirror leg removed");
         Ok(())
@@ -130,13 +139,16 @@ impl Daemon {
     /// Brings a failed leg back: it resyncs the regions written while it
     /// was away (and those in doubt when it failed).
     pub fn mirror_readd(&self, name: &str, leg: &str, rate: Option<u64>) -> Result<MirrorStatus, DaemonError> {
-        self.local_table_change("mirror re-add")?;
         let _admin = lock(&self.admin);
         let volume = self.mirror_checks(name)?;
         let red = volume.translation().redundancy().clone();
         let state = red.leg(leg).ok_or_else(|| MirrorError::NoLeg { volume: name.into(), leg: leg.into() })?;
         if state.condition() != LegCondition::Failed {
             return Err(MirrorError::NotFailed { volume: name.into(), leg: leg.into(), state: state.condition().as_str() }.into());
+        }
+        if self.cluster.get().is_some() {
+            self.readd_cluster_wide(&volume, leg, rate)?;
+            return Ok(self.mirror_view(&volume));
         }
         red.readd_leg(&state).map_err(|source| MirrorError::State { volume: name.into(), source })?;
         tracing::info!(volume = name, leg, stale_regions = state.stale().count(), "failed leg re-added; resyncing what it missed");
