@@ -4,7 +4,9 @@
 //! leg and return the bytes from before the write. Reads on a cluster
 //! node come from the first leg that has the data, so here, without that
 //! announcement, n2 would read leg `a` after n1 stopped writing it, and n3,
-//! down meanwhile, would too without the mark in etcd. `mirror remove`,
+//! down meanwhile and back without its own record of the legs, would too
+//! without the mark in etcd (and without the other nodes saying that `b`
+//! is in sync, it would have no leg to read). `mirror remove`,
 //! `add` and `readd` through any node change the legs on every node, and
 //! a leg that comes back resyncs on every node.
 
@@ -114,11 +116,15 @@ fn a_leg_failed_on_one_node_is_read_by_none() {
     write_through(&nodes[0], &after, "after.img");
     assert_reads(&nodes[1], &after, "n2 after n1's leg failed");
 
-    // n3's own record says both legs are in sync: catching up, it takes a
-    // as failed from etcd (else it would read a, the first leg).
+    // n3 comes back without its own record of the legs (as a new node
+    // would): it would take a, the first leg, as in sync and b as to be
+    // copied. Catching up, it learns from etcd that a failed and from the
+    // other nodes that b is in sync, and serves from b.
+    std::fs::remove_dir_all(nodes[2].path("state").join("mirror")).unwrap();
     respawn(&mut nodes[2]);
     wait_until(&nodes[2], "n3 serving again", Duration::from_secs(30), || json(&cli_ok(&nodes[2], &["cluster", "status", "--json"]))["state"] == "serving");
     assert_eq!(leg(&nodes[2], "a")["state"], "failed", "n3 after it came back");
+    assert_eq!(leg(&nodes[2], "b")["state"], "in_sync", "n3 after it came back");
     assert_reads(&nodes[2], &after, "n3 after it came back");
 
     // The operator drops the failed leg cluster-wide: its mark goes too.

@@ -109,6 +109,9 @@ pub enum PeerRequest {
     /// Mirror leg `leg` of `volume` failed on `node`: use it no more here
     /// (answered once marked; `cluster/legs.rs`).
     LegFailed { volume: String, leg: String, node: String, reason: String },
+    /// The legs of `volume` as the asked node sees them (a node catching
+    /// up without its own record of them), answered with a `MirrorStatus`.
+    MirrorStatus { volume: String },
 }
 
 /// The answer to `Failsafe`: the node that answered.

@@ -164,8 +164,16 @@ impl Member {
         for entry in etcd.list(&keys::failed_legs(&cfg.name)).await? {
             marks.push(serde_json::from_slice::<keys::FailedLegRecord>(&entry.value).map_err(|e| ClusterError::BadRecord(e.to_string()))?);
         }
+        let mut peers = Vec::new();
+        for entry in etcd.list(&keys::nodes(&cfg.name)).await? {
+            if let Ok(r) = serde_json::from_slice::<NodeRecord>(&entry.value) {
+                if r.node != cfg.node {
+                    peers.push((r.node, r.peer));
+                }
+            }
+        }
         let local = self.local.clone();
-        tokio::task::spawn_blocking(move || local.failed_legs(&marks))
+        tokio::task::spawn_blocking(move || local.mirror_legs(&marks, &peers))
             .await
             .map_err(|e| ClusterError::CatchUp(e.to_string()))?
             .map_err(ClusterError::CatchUp)

@@ -96,10 +96,12 @@ pub trait LocalTables: Send + Sync {
     /// re-joining, before it serves): the catalog's volumes and backends,
     /// if a `cluster apply` set one, on the committed tables.
     fn catch_up(&self, catalog: Option<&keys::CatalogRecord>, committed: &[VolumeRecord]) -> Result<(), String>;
-    /// After `catch_up`: the mirror legs that failed on some node (their
-    /// marks in etcd) take no I/O here; a leg failed here without a mark
-    /// must be announced before I/O that missed it is answered.
-    fn failed_legs(&self, marks: &[keys::FailedLegRecord]) -> Result<(), String>;
+    /// After `catch_up`: a leg resyncing here that a live node (`peers`:
+    /// node, peer endpoint) has in sync is in sync; the mirror legs that
+    /// failed on some node (their marks in etcd) take no I/O here; a leg
+    /// failed here without a mark must be announced before I/O that
+    /// missed it is answered.
+    fn mirror_legs(&self, marks: &[keys::FailedLegRecord], peers: &[(String, String)]) -> Result<(), String>;
 }
 
 /// What the cluster thread shares with `status` and the barrier.

@@ -7,11 +7,13 @@
 use super::cluster_node::ClusterNode;
 use super::mirror_error::MirrorError;
 use super::{Daemon, DaemonError};
-use crate::api::TableChange;
+use crate::api::{MirrorStatus, PeerRequest, TableChange};
+use crate::cluster::peer;
 use crate::cluster::FailedLegRecord;
 use crate::map::Extent;
 use crate::volume::{LegAnnouncer, LegCondition, Volume};
 use std::sync::Arc;
+use std::time::Duration;
 
 impl LegAnnouncer for ClusterNode {
     fn announce(&self, volume: &str, leg: &str, reason: &str) -> Result<(), String> {
@@ -47,6 +49,42 @@ impl Daemon {
             self.mirrors.stop_job(volume, leg);
         }
         Ok(())
+    }
+
+    /// Catching up, before the failed-leg marks: a leg resyncing here that
+    /// a live node has in sync is in sync here too. Every node writes every
+    /// writable leg, so a leg in sync on one node (its checked copy done,
+    /// or in sync since) has every write answered anywhere since, unless
+    /// it failed somewhere, which its mark then says. So a node that lost
+    /// its own record (new, or its `state_dir` gone) need not copy legs
+    /// again, and can serve when the first leg has failed. Best effort:
+    /// a node that does not answer leaves the leg to its resync.
+    pub(super) fn legs_in_sync_elsewhere(&self, peers: &[(String, String)]) {
+        for volume in self.catalog().volumes.values() {
+            let red = volume.translation().redundancy().clone();
+            let resyncing: Vec<_> = red.legs().into_iter().filter(|l| l.condition() == LegCondition::Resyncing).collect();
+            if resyncing.is_empty() {
+                continue;
+            }
+            let request = PeerRequest::MirrorStatus { volume: volume.name().into() };
+            let views = peer::on_every(peers, |(_, p)| peer::call::<MirrorStatus>(p, &request, Duration::from_secs(2)));
+            for leg in resyncing {
+                let elsewhere = peers.iter().zip(&views).find(|(_, v)| v.as_ref().is_ok_and(|v| v.legs.iter().any(|l| l.backend == leg.store() && l.state == "in_sync")));
+                let Some(((node, _), _)) = elsewhere else { continue };
+                {
+                    let _w = leg.stale().writer();
+                    leg.stale().clear_all();
+                }
+                let saved = leg.stale().sync().and_then(|()| {
+                    leg.set_condition(LegCondition::InSync, None);
+                    red.save_legs()
+                });
+                match saved {
+                    Ok(()) => tracing::info!(volume = volume.name(), leg = leg.store(), node = %node, "mirror leg in sync on another node: in sync here too"),
+                    Err(e) => tracing::warn!(volume = volume.name(), leg = leg.store(), error = %e, "could not record the leg as in sync; it resyncs"),
+                }
+            }
+        }
     }
 
     /// Catching up: the legs marked failed in etcd take no I/O here; a leg

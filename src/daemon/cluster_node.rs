@@ -47,8 +47,9 @@ impl LocalTables for ClusterNode {
         committed.iter().filter(|r| !r.removed && present.volumes.contains_key(&r.volume)).try_for_each(|r| daemon.catch_up(r).map_err(|e| e.to_string()))
     }
 
-    fn failed_legs(&self, marks: &[crate::cluster::FailedLegRecord]) -> Result<(), String> {
+    fn mirror_legs(&self, marks: &[crate::cluster::FailedLegRecord], peers: &[(String, String)]) -> Result<(), String> {
         let daemon = self.0.upgrade().ok_or("the daemon is stopping")?;
+        daemon.legs_in_sync_elsewhere(peers);
         daemon.apply_failed_leg_marks(marks).map_err(|e| e.to_string())
     }
 }
@@ -125,6 +126,7 @@ impl peer::PeerHandler for ClusterNode {
             PeerRequest::Pause { volume, range, timeout_ms } => daemon.pause_here(&volume, range, Duration::from_millis(timeout_ms)).map(Response::ok),
             PeerRequest::Resume { volume } => daemon.resume_here(&volume).map(Response::ok),
             PeerRequest::LegFailed { volume, leg, node, reason } => daemon.leg_failed_here(&volume, &leg, &node, &reason).map(|()| Response::ok(())),
+            PeerRequest::MirrorStatus { volume } => daemon.volume(&volume).map(|v| Response::ok(daemon.mirror_view(&v))),
         };
         answer.unwrap_or_else(|e| Response::err(e.into()))
     }
