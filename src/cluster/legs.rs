@@ -43,37 +43,34 @@ impl Cluster {
     }
 
     /// Every failed-leg mark in etcd.
-    pub fn failed_legs(&self) -> Result<Vec<FailedLegRecord>, ClusterError> {
+    fn failed_legs(&self) -> Result<Vec<FailedLegRecord>, ClusterError> {
         let prefix = keys::failed_legs(self.name());
         let entries = self.run(|e| async move { e.list(&prefix).await })??;
         entries.iter().map(|e| serde_json::from_slice(&e.value).map_err(|e| ClusterError::BadRecord(e.to_string()))).collect()
     }
 
-    /// Deletes the marks of `volume`'s legs on stores `table_stores` lacks
-    /// (its committed table dropped them; the volume is gone if empty), so
-    /// that a leg added there again starts afresh. A mark written for such
-    /// a leg after the listing stays: it only keeps that leg unused.
-    pub fn forget_failed_legs(&self, volume: &str, table_stores: &[String]) -> Result<(), ClusterError> {
-        for mark in self.failed_legs()?.into_iter().filter(|m| m.volume == volume && !table_stores.contains(&m.leg)) {
-            let key = keys::failed_leg(self.name(), &mark.volume, &mark.leg);
-            self.run(|e| async move { e.delete(&key).await })??;
-            tracing::info!(volume, leg = mark.leg, "failed-leg mark dropped: the leg left the table");
-        }
-        Ok(())
-    }
-
-    /// After `change` committed: the marks of legs its tables dropped
-    /// (best effort: a mark left over only keeps that store's leg unused).
+    /// After `change` committed: deletes the marks of legs its tables
+    /// dropped (a volume it removed keeps none), so that a leg added there
+    /// again starts afresh. One listing for the whole change. Best effort:
+    /// a mark left over, or written for such a leg after the listing, only
+    /// keeps that store's leg unused.
     pub(super) fn forget_dropped_legs(&self, change: &TableChange) {
         let stores = |extents: &[Extent]| -> Vec<String> { extents.iter().filter_map(|e| e.target.legs()).flatten().map(|l| l.store.clone()).collect() };
         let tables: Vec<(&str, Vec<String>)> = match &change.catalog {
             None => vec![(change.volume.as_str(), stores(&change.extents))],
             Some(c) => c.records.iter().map(|r| (r.volume.as_str(), if r.removed { Vec::new() } else { stores(&r.extents) })).collect(),
         };
-        for (volume, kept) in tables {
-            if let Err(e) = self.forget_failed_legs(volume, &kept) {
-                tracing::warn!(volume, error = %e, "could not drop the failed-leg marks of legs the table dropped");
+        let dropped = |m: &FailedLegRecord| tables.iter().any(|(volume, kept)| m.volume == *volume && !kept.contains(&m.leg));
+        let forgotten = self.failed_legs().and_then(|marks| {
+            for mark in marks.iter().filter(|m| dropped(m)) {
+                let key = keys::failed_leg(self.name(), &mark.volume, &mark.leg);
+                self.run(|e| async move { e.delete(&key).await })??;
+                tracing::info!(volume = mark.volume, leg = mark.leg, "failed-leg mark dropped: the leg left the table");
             }
+            Ok(())
+        });
+        if let Err(e) = forgotten {
+            tracing::warn!(volume = change.volume, error = %e, "could not drop the failed-leg marks of legs the table dropped");
         }
     }
 }
