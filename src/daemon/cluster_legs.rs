@@ -71,15 +71,7 @@ impl Daemon {
             for leg in resyncing {
                 let elsewhere = peers.iter().zip(&views).find(|(_, v)| v.as_ref().is_ok_and(|v| v.legs.iter().any(|l| l.backend == leg.store() && l.state == "in_sync")));
                 let Some(((node, _), _)) = elsewhere else { continue };
-                {
-                    let _w = leg.stale().writer();
-                    leg.stale().clear_all();
-                }
-                let saved = leg.stale().sync().and_then(|()| {
-                    leg.set_condition(LegCondition::InSync, None);
-                    red.save_legs()
-                });
-                match saved {
+                match leg.make_in_sync().and_then(|()| red.save_legs()) {
                     Ok(()) => tracing::info!(volume = volume.name(), leg = leg.store(), node = %node, "mirror leg in sync on another node: in sync here too"),
                     Err(e) => tracing::warn!(volume = volume.name(), leg = leg.store(), error = %e, "could not record the leg as in sync; it resyncs"),
                 }

@@ -231,9 +231,7 @@ impl Daemon {
         let leg = red.add_resyncing_leg(&rec.leg, changed.iter().cloned()).map_err(state_err)?;
         if keep == MergeKeep::Secondary {
             // The split copy wins: it is whole; the others lack the changes.
-            leg.stale().clear_all();
-            leg.stale().sync().map_err(state_err)?;
-            leg.set_condition(LegCondition::InSync, None);
+            leg.make_in_sync().map_err(state_err)?;
         }
         let reason = format!("merge {split} ({keep:?})").to_lowercase();
         let swapped = if keep == MergeKeep::Secondary {

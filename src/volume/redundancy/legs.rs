@@ -147,6 +147,18 @@ impl LegState {
         true
     }
 
+    /// Has every region from now on: its stale map cleared and synced,
+    /// then in sync (the caller persists the condition, `save_legs`).
+    pub fn make_in_sync(&self) -> std::io::Result<()> {
+        {
+            let _w = self.stale.writer();
+            self.stale.clear_all();
+        }
+        self.stale.sync()?;
+        self.set_condition(LegCondition::InSync, None);
+        Ok(())
+    }
+
     pub fn announced(&self) -> bool {
         self.announced.load(Ordering::SeqCst)
     }

@@ -104,7 +104,7 @@ impl MirrorTarget {
         for (i, leg) in self.legs.iter().enumerate() {
             if !leg.state.writable() {
                 leg.state.stale().set_volatile(rs.clone());
-                missed |= 1 << i.min(63);
+                missed |= leg_bit(i);
                 continue;
             }
             // A resyncing leg that lacks every region here gets them by the
@@ -122,7 +122,7 @@ impl MirrorTarget {
                 Err(e) => {
                     self.fail(leg, what, &e);
                     leg.state.stale().set_volatile(rs.clone());
-                    missed |= 1 << i.min(63);
+                    missed |= leg_bit(i);
                     first_error.get_or_insert(e);
                 }
             }
@@ -137,14 +137,19 @@ impl MirrorTarget {
     /// writer must know they failed, or it would read the old bytes there
     /// (`Redundancy::ensure_announced`; at once when announced already).
     fn announce_missed(&self, missed: u64) -> io::Result<()> {
-        // (Legs past the 64th share the last bit: they are all checked.)
-        for (_, leg) in self.legs.iter().enumerate().filter(|(i, _)| missed & (1 << (*i).min(63)) != 0) {
-            if leg.state.condition() == LegCondition::Failed {
+        for (i, leg) in self.legs.iter().enumerate() {
+            if missed & leg_bit(i) != 0 && leg.state.condition() == LegCondition::Failed {
                 self.redundancy.ensure_announced(&leg.state)?;
             }
         }
         Ok(())
     }
+}
+
+/// Leg `i`'s bit in a set of legs (legs past the 64th share the last bit:
+/// they are all checked).
+fn leg_bit(i: usize) -> u64 {
+    1 << i.min(63)
 }
 
 impl Target for MirrorTarget {
@@ -187,7 +192,7 @@ impl Target for MirrorTarget {
         let mut missed = 0u64;
         for (i, leg) in self.legs.iter().enumerate() {
             if !leg.state.writable() {
-                missed |= 1 << i.min(63);
+                missed |= leg_bit(i);
                 continue;
             }
             let in_sync = leg.state.condition() == LegCondition::InSync;
@@ -195,7 +200,7 @@ impl Target for MirrorTarget {
                 Ok(()) => complete |= in_sync,
                 Err(e) => {
                     self.fail(leg, "flush", &e);
-                    missed |= 1 << i.min(63);
+                    missed |= leg_bit(i);
                     first_error.get_or_insert(e);
                 }
             }
